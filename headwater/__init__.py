@@ -1,0 +1,1 @@
+"""Headwater: foundation (config, logging, metrics) and the CLI that wires the parts."""

@@ -1,0 +1,45 @@
+"""The ``headwater`` console script: wires the packages into processes; holds no logic of its own.
+
+Each module listed in ``COMMAND_MODULES`` has ``register(subparsers)`` adding its sub-commands;
+a command's handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+Benchmarks register in :mod:`headwater.cli.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from headwater.config import ConfigError
+from headwater.logs import setup_logging
+
+COMMAND_MODULES = [
+    "headwater.cli.config_cmd",
+    "headwater.cli.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headwater", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        parser.exit(2, f"headwater: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

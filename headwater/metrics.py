@@ -1,0 +1,33 @@
+"""Prometheus plumbing shared by every process.
+
+Components declare their metrics at module level with ``prometheus_client`` (names start with
+``hw_``) so that creating two instances in one process never registers a series twice; the CLI
+exposes them with :func:`serve_metrics`. The HTTP server mounts :func:`metrics_text` at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest, start_http_server
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONTENT_TYPE_LATEST", "metrics_text", "serve_metrics", "sample_value"]
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Starts the ``/metrics`` endpoint on a daemon thread; port 0 disables it."""
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+def metrics_text() -> bytes:
+    """The process's metrics in Prometheus text format."""
+    return generate_latest(REGISTRY)
+
+
+def sample_value(name: str, labels: dict[str, str] | None = None) -> float | None:
+    """Current value of one sample in the default registry (tests and the live view read it)."""
+    return REGISTRY.get_sample_value(name, labels or {})

@@ -1,0 +1,1 @@
+"""llm_engine package."""
