@@ -6,7 +6,8 @@ Key layout (raw bytes; big-endian times so that key order is time order):
     r <request_id>                           -> <close_ms:8>  (request is pending)
     a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms]
     o <expire_ms:8> <a-key>                  -> ""  (an action whose impression is not here yet)
-    m watermark                              -> <ms:8>
+    m watermark | m max_time                 -> <ms:8>
+    m <name>                                 -> msgpack (per-topic progress, watermarks)
 
 Reads see only what was written; callers batch their puts and deletes in a :class:`WriteBatch`
 and apply it at the points the commit protocol allows (see :mod:`streams.joiner`).
@@ -158,6 +159,15 @@ class JoinState:
     def put_times(wb: WriteBatch, watermark: int, max_time: int) -> None:
         wb.put(_WATERMARK, _BE64.pack(watermark))
         wb.put(_MAX_TIME, _BE64.pack(max_time))
+
+    def meta(self, name: str) -> object:
+        """A small msgpack value kept beside the state (e.g. per-topic progress)."""
+        raw = self.db.get(b"m" + name.encode())
+        return msgpack.unpackb(raw, raw=False) if raw else None
+
+    @staticmethod
+    def put_meta(wb: WriteBatch, name: str, value: object) -> None:
+        wb.put(b"m" + name.encode(), msgpack.packb(value))
 
     def close(self) -> None:
         self.db.close()
