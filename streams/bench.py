@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", type=int, default=400_000, help="input events to push (approx.)")
+    p.add_argument("--events", type=int, default=1_000_000, help="input events to push (approx.)")
     p.add_argument("--items-per-request", type=int, default=20)
     p.add_argument("--negative-rate", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
