@@ -4,7 +4,7 @@ Key layout (raw bytes; big-endian times so that key order is time order):
 
     i <close_ms:8> <request_id>              -> the impression message as received
     r <request_id>                           -> <close_ms:8>  (request is pending)
-    a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms]
+    a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms, user_id]
     o <expire_ms:8> <a-key>                  -> ""  (an action whose impression is not here yet)
     m watermark | m max_time                 -> <ms:8>
     m <name>                                 -> msgpack (per-topic progress, watermarks)
@@ -45,6 +45,7 @@ class PendingAction:
     kind: str
     value: float
     event_time_ms: int
+    user_id: int = 0
 
 
 class JoinState:
@@ -103,11 +104,12 @@ class JoinState:
                 key = it.key()
                 if not key.startswith(prefix):
                     break
-                value, t = msgpack.unpackb(it.value())
+                value, t, user = msgpack.unpackb(it.value())
                 item = _BE64.unpack_from(key, len(prefix))[0]
                 if item >= 1 << 63:
                     item -= 1 << 64
-                found.append((key, PendingAction(item, key[len(prefix) + 8:].decode(), value, t)))
+                found.append((key, PendingAction(item, key[len(prefix) + 8:].decode(), value, t,
+                                                   user)))
                 it.next()
             out.append(found)
         del it
@@ -142,9 +144,9 @@ class JoinState:
 
     @staticmethod
     def put_action(wb: WriteBatch, request_id: bytes, item_id: int, kind: str, value: float,
-                   event_time_ms: int, orphan_expire_ms: int | None = None) -> None:
+                   event_time_ms: int, user_id: int, orphan_expire_ms: int | None = None) -> None:
         key = action_key(request_id, item_id, kind)
-        wb.put(key, msgpack.packb([value, event_time_ms]))
+        wb.put(key, msgpack.packb([value, event_time_ms, user_id]))
         if orphan_expire_ms is not None:
             wb.put(b"o" + _BE64.pack(orphan_expire_ms) + key, b"")
 

@@ -111,6 +111,7 @@ class OnlineJoiner:
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
                                       group_id=cfg.group_id, client_id="hw-joiner")
         self._last_input = time.monotonic()
+        self._pending_refreshed = self._last_input
         # Progress of each input topic (event time seen, minus lateness, or explicit watermarks).
         inputs = (self.topics.impressions, self.topics.actions)
         saved = self.state.meta("inputs") or {}
@@ -135,6 +136,9 @@ class OnlineJoiner:
         self._close_due(stats)
         self.consumer.commit(next_offsets(records))
         metrics.WATERMARK.set(self.watermark)
+        if now - self._pending_refreshed > 1.0:  # a key scan: refreshed about once a second
+            self._pending_refreshed = now
+            metrics.PENDING.set(self.state.count_pending())
         return stats
 
     def _ingest(self, records: list[Record], stats: StepStats) -> None:
@@ -211,12 +215,13 @@ class OnlineJoiner:
         late = []
         for (rec, a), rid, is_pending in zip(actions, rids, pending):
             if is_pending or rid in new_requests:
-                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms)
+                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
+                                      a.user_id)
             elif a.event_time_ms < self.watermark:
                 late.append((rec, a, "closed"))
             else:  # its impression may still come: park it until the watermark passes
                 self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
-                                      orphan_expire_ms=a.event_time_ms + self.window_ms)
+                                      a.user_id, orphan_expire_ms=a.event_time_ms + self.window_ms)
         return late
 
     def _close_due(self, stats: StepStats) -> None:
@@ -252,14 +257,12 @@ class OnlineJoiner:
         metrics.EXAMPLES_OUT.labels("1").inc(positives)
         metrics.EXAMPLES_OUT.labels("0").inc(len(batch) - positives)
         metrics.NEGATIVES_DROPPED.inc(dropped)
-        if due:
-            metrics.PENDING.set(self.state.count_pending())
         stats.examples += len(batch)
         stats.closed = len(due)
         stats.late += len(late)
 
     def _send_late(self, request_id: str, pa: PendingAction, reason: str) -> None:
-        action = Action(request_id, 0, pa.item_id, pa.kind, pa.value, pa.event_time_ms)
+        action = Action(request_id, pa.user_id, pa.item_id, pa.kind, pa.value, pa.event_time_ms)
         self.producer.send(self.topics.late, encode_dead_letter(DeadLetter(
             reason, self.topics.actions, -1, -1, encode_actions([action]))))
         metrics.LATE.labels(reason).inc()
@@ -304,8 +307,8 @@ def _rid_of(akey: bytes) -> str:
 def _parse_action(akey: bytes, value: bytes) -> PendingAction:
     n = int.from_bytes(akey[1:3], "big")
     item = int.from_bytes(akey[3 + n:11 + n], "big", signed=True)
-    v, t = msgpack.unpackb(value)
-    return PendingAction(item, akey[11 + n:].decode(), v, t)
+    v, t, user = msgpack.unpackb(value)
+    return PendingAction(item, akey[11 + n:].decode(), v, t, user)
 
 
 def _reason_label(reason: str) -> str:
