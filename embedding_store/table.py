@@ -98,6 +98,10 @@ class EmbeddingTable:
         ids_np = _ids_np(ids)
         with self.lock:
             rows = self._rows(st, ids_np, train, now)
+            if st.device.type == "cpu":
+                # NumPy's single-threaded take: on par with torch's threaded index_select on an
+                # idle box, and it does not stall (5-10x) when the cores are shared.
+                return torch.from_numpy(st.values.numpy().take(rows, axis=0))
             return st.values.index_select(0, torch.from_numpy(rows).to(st.device))
 
     def lookup_bags(
