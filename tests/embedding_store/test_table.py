@@ -144,3 +144,14 @@ def test_lookup_bags_pools_sum_and_mean_with_weights():
     ws = t.lookup_bags("a", x, lengths, per_sample_weights=w)
     torch.testing.assert_close(ws[2], 0.5 * rows[2] + rows[4])
     assert np.isclose(float(ws[0].sum()), float((rows[0] + 2 * rows[1]).sum()), atol=1e-6)
+
+
+def test_large_read_batches_split_over_threads_return_the_same_vectors():
+    t = EmbeddingTable([SlotConfig("a", 8, init_std=1.0, default_value=3.0)])
+    keys = torch.randint(-(2**62), 2**62, (40_000,), generator=torch.Generator().manual_seed(0))
+    t.lookup("a", keys[:30_000], train=True)
+    got = t.lookup("a", keys)  # 40k ids: the two-thread path; the last 10k are unknown
+    st = t._stores["a"]
+    rows = torch.from_numpy(st.index.find(keys.numpy(), missing=0))
+    assert torch.equal(got, st.values.index_select(0, rows))
+    assert torch.equal(got[-1], torch.full((8,), 3.0)) or int(rows[-1]) != 0
