@@ -164,6 +164,8 @@ class EmbeddingTable:
         ids_np = _ids_np(ids)
         if grads.shape != (ids_np.size, st.cfg.dim):
             raise ValueError(f"grads must be [{ids_np.size}, {st.cfg.dim}], got {tuple(grads.shape)}")
+        if not bool(torch.isfinite(grads).all()):
+            raise ValueError("grads contain NaN or inf; refusing to poison the rows")
         uniq, inv = np.unique(ids_np, return_inverse=True)
         g = torch.zeros(uniq.size, st.cfg.dim, device=st.device)
         g.index_add_(0, torch.from_numpy(inv).to(st.device), grads.detach().to(st.device, torch.float32))

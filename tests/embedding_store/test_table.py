@@ -127,6 +127,11 @@ def test_bad_input_is_refused_clearly():
         t.lookup("a", torch.tensor([1], dtype=torch.int32))
     with pytest.raises(ValueError, match="grads must be"):
         t.apply_gradients("a", ids(1, 2), torch.ones(1, 4))
+    t.lookup("a", ids(1), train=True)
+    before = t.lookup("a", ids(1)).clone()
+    with pytest.raises(ValueError, match="NaN"):
+        t.apply_gradients("a", ids(1), torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    assert torch.equal(t.lookup("a", ids(1)), before)
     with pytest.raises(ValueError, match="bags cover 3 ids"):
         t.lookup_bags("a", ids(1, 2), torch.tensor([3]))
 
