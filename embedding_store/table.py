@@ -191,6 +191,15 @@ class EmbeddingTable:
             st.row_version[rows] = self.version
         return int(rows.size)
 
+    def apply_bag_gradients(
+        self, slot: str, ids: torch.Tensor, lengths: torch.Tensor, bag_grads: torch.Tensor, mode: str = "sum",
+        per_sample_weights: torch.Tensor | None = None, now: float | None = None,
+    ) -> int:
+        """Backward of :meth:`lookup_bags` plus the optimizer step: pooled-bag gradients
+        ``[num_bags, dim]`` are expanded to their ids, then applied as in :meth:`apply_gradients`."""
+        grads = kernels.bag_grads_to_ids(bag_grads, torch.as_tensor(lengths), mode, per_sample_weights)
+        return self.apply_gradients(slot, ids, grads, now=now)
+
     # ---- expiry --------------------------------------------------------------------------------
     def expire(self, now: float | None = None) -> int:
         """Reclaim rows not updated within their slot's TTL; returns how many were dropped."""
