@@ -31,3 +31,22 @@ def metrics_text() -> bytes:
 def sample_value(name: str, labels: dict[str, str] | None = None) -> float | None:
     """Current value of one sample in the default registry (tests and the live view read it)."""
     return REGISTRY.get_sample_value(name, labels or {})
+
+
+def scrape(url: str, timeout_s: float = 1.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Reads another process's ``/metrics``: sample name -> [(labels, value)]; {} if unreachable."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
+    return samples

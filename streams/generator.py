@@ -199,7 +199,9 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
         pacer.wait_for(int(block.event_time_ms[0]), stop)
         for topic, value in world.messages(block):
             producer.send(getattr(topics, topic), value)
-        events += world.count_events(block)
+        n = world.count_events(block)
+        metrics.PRODUCED.labels("generator").inc(n)  # live, so a watcher sees the rate
+        events += n
         requests += r
         last_t = max(last_t, int(block.click_time_ms.max()))
         if on_progress is not None:
@@ -207,5 +209,4 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
     if cfg.final_watermark and cfg.requests and events:
         send_final_watermark(producer, topics, last_t)
     producer.flush()
-    metrics.PRODUCED.labels("generator").inc(events)
     return events, requests

@@ -17,6 +17,7 @@ CONFIGS: dict[str, str] = {
     "joiner": "streams.joiner:JoinerConfig",
     "generator": "streams.generator:GeneratorConfig",
     "replay": "streams.replay:ReplayConfig",
+    "demo": "headwater.demo:DemoConfig",
 }
 
 

@@ -1,0 +1,181 @@
+"""``headwater demo``: the whole platform on one machine, as separate supervised processes.
+
+The demo starts the embedded broker, the synthetic generator (or a CSV replay), the joiner, the
+trainer and serving as children of one :class:`~headwater.supervisor.Supervisor`, watches them
+through their ``/metrics`` endpoints, and shows a live view. It holds no component logic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from headwater.metrics import scrape
+from headwater.supervisor import ChildSpec, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of ``headwater demo``."""
+
+    data_dir: Path = field(default=Path(".headwater"),
+                           metadata={"help": "state of every process (joiner, trainer, serving)"})
+    duration_s: float = field(default=0.0, metadata={"help": "stop after this many seconds (0 = until Ctrl-C)"})
+    bootstrap_servers: str = field(default="", metadata={
+        "help": "use this Kafka cluster instead of starting the embedded broker"})
+    broker_port: int = field(default=0, metadata={"help": "embedded broker port (0 = a free port)"})
+    topic_prefix: str = field(default="hw", metadata={"help": "Kafka topic prefix"})
+    dataset: Path | None = field(default=None, metadata={"help": "replay this CSV instead of the generator"})
+    events_per_s: float = field(default=4000.0, metadata={"help": "generator rate limit"})
+    seed: int = field(default=0, metadata={"help": "generator seed"})
+    request_interval_ms: float = field(default=50.0, metadata={
+        "help": "event-time gap between generated requests (event time runs faster than the clock)"})
+    join_window_s: float = field(default=60.0, metadata={"help": "joiner's event-time window"})
+    train: bool = field(default=True, metadata={"help": "run the online trainer"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@dataclass
+class Component:
+    """One child of the demo: its process spec and where its metrics are."""
+
+    spec: ChildSpec
+    metrics_port: int
+
+
+def plan(cfg: DemoConfig, bootstrap: str) -> list[Component]:
+    """The processes to run, in start order, each with its own metrics port and log file."""
+    hw = [sys.executable, "-m", "headwater"]
+    logs = cfg.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    common = ["--bootstrap-servers", bootstrap, "--topic-prefix", cfg.topic_prefix]
+    out: list[Component] = []
+
+    def add(name: str, argv: list[str]) -> None:
+        port = free_port()
+        out.append(Component(ChildSpec(name, hw + argv + ["--metrics-port", str(port)],
+                                       log_file=logs / f"{name}.log"), port))
+
+    add("joiner", ["join", *common, "--state-dir", str(cfg.data_dir / "joiner"),
+                   "--window-s", str(cfg.join_window_s)])
+    if cfg.train and _have("training.trainer"):
+        add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer")])
+    if cfg.dataset is not None:
+        out.append(Component(ChildSpec("replay", hw + ["replay", str(cfg.dataset), *common],
+                                       log_file=logs / "replay.log", max_restarts=0), 0))
+    else:
+        add("generator", ["generate", *common, "--seed", str(cfg.seed),
+                          "--events-per-s", str(cfg.events_per_s), "--no-final-watermark",
+                          "--request-interval-ms", str(cfg.request_interval_ms)])
+    return out
+
+
+class DemoMonitor:
+    """Samples the children's metrics once a second and keeps the series the summary needs."""
+
+    def __init__(self, components: list[Component]) -> None:
+        self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"
+                     for c in components if c.metrics_port}
+        self.history: list[dict[str, float]] = []
+
+    def sample(self) -> dict[str, float]:
+        s = {name: scrape(url, timeout_s=0.5) for name, url in self.urls.items()}
+        row: dict[str, float] = {"t": time.monotonic()}
+        row["events"] = _total(s.get("generator", {}), "hw_stream_produced_events_total")
+        row["examples"] = _total(s.get("joiner", {}), "hw_stream_examples_out_total")
+        row["dlq"] = _total(s.get("joiner", {}), "hw_stream_dlq_total")
+        trainer = s.get("trainer", {})
+        row["trained"] = _total(trainer, "hw_train_examples_total")
+        row["auc_window"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "learner"})
+        row["auc_truth"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "truth"})
+        row["logloss_window"] = _value(trainer, "hw_train_logloss", {"scope": "window"})
+        row["model_version"] = _value(trainer, "hw_train_published_version", {})
+        self.history.append(row)
+        return row
+
+    def rate(self, key: str, window_s: float = 5.0) -> float:
+        """Per-second rate of a counter over the last ``window_s`` seconds."""
+        if len(self.history) < 2:
+            return 0.0
+        last = self.history[-1]
+        first = next((r for r in self.history if last["t"] - r["t"] <= window_s), self.history[0])
+        dt = last["t"] - first["t"]
+        return (last[key] - first[key]) / dt if dt > 0 else 0.0
+
+    def summary(self) -> dict[str, float | int | None]:
+        aucs = [r["auc_window"] for r in self.history if not math.isnan(r["auc_window"])]
+        last = self.history[-1] if self.history else {}
+        return {
+            "events": int(last.get("events", 0)),
+            "examples": int(last.get("examples", 0)),
+            "trained": int(last.get("trained", 0)),
+            "dlq": int(last.get("dlq", 0)),
+            "auc_first_window": aucs[0] if aucs else None,
+            "auc_last_window": aucs[-1] if aucs else None,
+            "model_version": _none_if_nan(last.get("model_version", math.nan)),
+        }
+
+
+def _total(samples: dict, name: str) -> float:
+    return sum(v for _labels, v in samples.get(name, []))
+
+
+def _value(samples: dict, name: str, labels: dict[str, str]) -> float:
+    for lab, v in samples.get(name, []):
+        if all(lab.get(k) == val for k, val in labels.items()):
+            return v
+    return math.nan
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
+    """Runs the demo until ``stop`` is set or the duration passes; returns the summary."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    bootstrap = cfg.bootstrap_servers
+    if not bootstrap:
+        from streams.broker import BrokerConfig, EmbeddedBroker
+
+        broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix))
+        broker.start()
+        bootstrap = broker.bootstrap_servers
+    components = plan(cfg, bootstrap)
+    monitor = DemoMonitor(components)
+    sup = Supervisor([c.spec for c in components])
+    deadline = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else math.inf
+    try:
+        sup.start_all()
+        while not stop.wait(1.0) and time.monotonic() < deadline:
+            sup.poll()
+            row = monitor.sample()
+            if on_sample:
+                on_sample(monitor, row)
+    finally:
+        sup.stop()
+        if broker is not None:
+            broker.stop()
+    return monitor.summary()

@@ -1,0 +1,41 @@
+"""`headwater demo` runs the pipeline end to end as real processes and leaves none behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _processes_matching(*needles: str) -> set[int]:
+    """Live (non-zombie) pids whose command line contains any of ``needles``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(n in cmd for n in needles):
+            found.add(int(entry))
+    return found
+
+
+def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
+    brokers_before = _processes_matching("tansu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headwater", "demo", "--duration", "25", "--json",
+         "--data-dir", str(tmp_path / "hw")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["events"] > 10000
+    assert summary["examples"] > 1000
+    assert summary["dlq"] == 0
+    assert _processes_matching(str(tmp_path)) == set()
+    assert _processes_matching("tansu") - brokers_before == set()
+    assert (tmp_path / "hw" / "logs" / "joiner.log").exists()
