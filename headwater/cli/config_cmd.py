@@ -11,7 +11,10 @@ from rich.table import Table
 from headwater.config import describe
 
 # "module:Class" of each process config; packages add theirs here.
-CONFIGS: dict[str, str] = {}
+CONFIGS: dict[str, str] = {
+    "broker": "streams.broker:BrokerConfig",
+    "kafka": "streams.kafka_io:KafkaConfig",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
