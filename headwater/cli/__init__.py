@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "headwater.cli.config_cmd",
     "headwater.cli.bench",
     "headwater.cli.streams_cmd",
+    "headwater.cli.train",
 ]
 
 

@@ -14,6 +14,7 @@ from headwater.config import describe
 CONFIGS: dict[str, str] = {
     "broker": "streams.broker:BrokerConfig",
     "kafka": "streams.kafka_io:KafkaConfig",
+    "train": "training.config:TrainerConfig",
 }
 
 
