@@ -65,6 +65,7 @@ class OnlineTrainer:
         self.checkpoints = 0
         self.bad_messages = 0
         self.batches = 0
+        self.consume_s = self.decode_s = 0.0  # time in poll / in decoding (benchmark split)
         self._resume()
         self.consumer = GroupConsumer(kafka, [self.topics.examples], cfg.group_id,
                                       client_id="hw-trainer")
@@ -137,7 +138,9 @@ class OnlineTrainer:
 
     def step(self, poll_timeout_ms: int = 100) -> int:
         """One loop iteration; returns the number of examples trained in it."""
+        t0 = time.perf_counter()
         records = self.consumer.poll(timeout_ms=poll_timeout_ms, max_records=64)
+        t1 = time.perf_counter()
         now = time.monotonic()
         for r in records:
             if r.offset < self.resume_offsets.get((r.topic, r.partition), 0):
@@ -149,6 +152,8 @@ class OnlineTrainer:
                 self._bad(r, exc)
                 batch = ExampleBatch.empty()
             self.former.add(batch, r.topic, r.partition, r.offset, now)
+        self.consume_s += t1 - t0
+        self.decode_s += time.perf_counter() - t1
         trained = 0
         for mb in self.former.pop_ready(time.monotonic()):
             trained += self._train(mb)
@@ -247,5 +252,6 @@ class OnlineTrainer:
         }
         if ln is not None:
             out["eval"] = {k: v for k, v in ln.evaluator.summary().items() if k != "windows"}
-            out["times"] = ln.times.as_dict()
+            out["times"] = {"consume_s": self.consume_s, "decode_s": self.decode_s,
+                            **ln.times.as_dict()}
         return out
