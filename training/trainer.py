@@ -78,6 +78,7 @@ class OnlineTrainer:
         now = time.monotonic()
         self._last_checkpoint = self._last_expire = self._last_input = now
         self._started = now
+        self._assigned = False
 
     # -- set-up ---------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -142,6 +143,10 @@ class OnlineTrainer:
         records = self.consumer.poll(timeout_ms=poll_timeout_ms, max_records=64)
         t1 = time.perf_counter()
         now = time.monotonic()
+        if not self._assigned:
+            # Idle time counts from joining the group, not from the (slow) rebalance before it.
+            self._assigned = bool(records) or bool(self.consumer.assignment())
+            self._last_input = now
         for r in records:
             if r.offset < self.resume_offsets.get((r.topic, r.partition), 0):
                 continue  # already inside the checkpoint we resumed from
