@@ -96,6 +96,21 @@ Event = Union[Impression, list[Action], Watermark]
 
 
 @dataclass
+class DeadLetter:
+    """A message the joiner could not use (``hw.dlq``) or an action too late to join (``hw.late``).
+
+    ``payload`` is the original message bytes (or, for late actions, an actions message), so
+    nothing is lost: a fixed consumer can re-read it.
+    """
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    payload: bytes
+
+
+@dataclass
 class ExampleBatch:
     """Columnar training examples: the payload of ``hw.examples`` (see docs/contracts)."""
 
@@ -221,6 +236,12 @@ def _ints(name: str, xs: Any) -> list[int]:
     return xs
 
 
+def _time(x: Any) -> int:
+    if _int("event_time_ms", x) < 0:
+        raise SchemaError(f"event_time_ms must be >= 0 (ms since the epoch), got {x}")
+    return x
+
+
 def _str(name: str, x: Any) -> str:
     if not isinstance(x, str) or not x:
         raise SchemaError(f"{name} must be a non-empty string, got {x!r}")
@@ -237,7 +258,7 @@ def validate_impression(imp: Impression) -> Impression:
     """Checks types and shapes; raises :class:`SchemaError` naming the bad field."""
     _str("request_id", imp.request_id)
     _int("user_id", imp.user_id)
-    _int("event_time_ms", imp.event_time_ms)
+    _time(imp.event_time_ms)
     n = len(_ints("items", imp.items))
     if n == 0:
         raise SchemaError("impression lists no items")
@@ -276,7 +297,7 @@ def validate_action(a: Action) -> Action:
     _int("item_id", a.item_id)
     _str("kind", a.kind)
     _float("value", a.value)
-    _int("event_time_ms", a.event_time_ms)
+    _time(a.event_time_ms)
     return a
 
 
@@ -381,6 +402,22 @@ def encode_examples(batch: ExampleBatch) -> bytes:
     dense = np.ascontiguousarray(batch.dense, "<f4").reshape(n, -1) if n else batch.dense
     msg["dense"] = [int(dense.shape[1]) if dense.ndim == 2 else 0, dense.tobytes()]
     return _pack(msg)
+
+
+def encode_dead_letter(d: DeadLetter) -> bytes:
+    return _pack({"t": "dead", "reason": d.reason, "topic": d.topic, "partition": d.partition,
+                  "offset": d.offset, "payload": d.payload})
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    obj = _unpack(data)
+    if obj.get("t") != "dead":
+        raise SchemaError(f"not a dead letter (type {obj.get('t')!r})")
+    try:
+        return DeadLetter(str(obj["reason"]), str(obj["topic"]), int(obj["partition"]),
+                          int(obj["offset"]), bytes(obj["payload"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SchemaError(f"dead letter: {exc}") from None
 
 
 def _column(name: str, buf: Any, dtype: str, n: int | None) -> np.ndarray:

@@ -162,6 +162,23 @@ class GroupConsumer:
             self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
                                    for (t, p), o in next_offsets.items()})
 
+    def topics_behind(self) -> set[str]:
+        """Topics with an assigned partition that still has unread messages (lag > 0).
+
+        Uses the high watermark from the last fetch, so it costs no request; a partition not
+        fetched yet counts as behind (we cannot know it is caught up).
+        """
+        behind = set()
+        subs = self._consumer._subscription  # position/highwater without blocking requests
+        for tp in self._consumer.assignment():
+            state = subs.assignment.get(tp)
+            if state is None:
+                continue
+            if state.highwater is None or state.position is None or \
+                    state.highwater > state.position.offset:
+                behind.add(tp.topic)
+        return behind
+
     def assignment(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 

@@ -14,6 +14,9 @@ from headwater.config import describe
 CONFIGS: dict[str, str] = {
     "broker": "streams.broker:BrokerConfig",
     "kafka": "streams.kafka_io:KafkaConfig",
+    "joiner": "streams.joiner:JoinerConfig",
+    "generator": "streams.generator:GeneratorConfig",
+    "replay": "streams.replay:ReplayConfig",
     "train": "training.config:TrainerConfig",
 }
 

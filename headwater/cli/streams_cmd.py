@@ -4,19 +4,58 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
-from headwater.cli.runtime import stop_on_signals
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from headwater.cli.runtime import print_json, stop_on_signals
 from headwater.config import add_config_args, load_config
+from headwater.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from streams.broker import BrokerConfig
+    from streams.generator import GeneratorConfig
+    from streams.joiner import JoinerConfig
+    from streams.replay import ReplayConfig
 
     p = sub.add_parser("broker", help="run the embedded Tansu Kafka broker on 127.0.0.1")
     add_config_args(p, BrokerConfig)
     p.set_defaults(handler=_broker)
+
+    p = sub.add_parser("join", help="online joiner: impressions + actions -> hw.examples")
+    add_config_args(p, JoinerConfig)
+    _metrics_flag(p)
+    p.set_defaults(handler=_join)
+
+    p = sub.add_parser("generate", help="synthetic feedback with a hidden ground-truth model")
+    add_config_args(p, GeneratorConfig)
+    _metrics_flag(p)
+    p.set_defaults(handler=_generate)
+
+    p = sub.add_parser("replay", help="replay a CSV (user_id,item_id,label,ts,...) in event-time order")
+    p.add_argument("file", type=Path)
+    add_config_args(p, ReplayConfig)
+    p.set_defaults(handler=_replay)
+
+    p = sub.add_parser("produce", help="produce events given as JSON lines on stdin (or a file)")
+    p.add_argument("--json", action="store_true", required=True, help="input is JSON lines")
+    p.add_argument("file", nargs="?", type=Path, help="JSON-lines file (default: stdin)")
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--topic-prefix", default="hw")
+    p.set_defaults(handler=_produce)
+
+
+def _metrics_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0 = off)")
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    transient=True, console=None)
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -32,3 +71,84 @@ def _broker(args: argparse.Namespace) -> int:
                 log.error("broker exited: %s", broker.log_tail())
                 return 1
     return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    from streams.joiner import JoinerConfig, OnlineJoiner
+
+    cfg = load_config(JoinerConfig, args, section="joiner")
+    serve_metrics(args.metrics_port)
+    stop = stop_on_signals()
+    joiner = OnlineJoiner(cfg)
+    log.info("joiner consuming %s, %s -> %s (state %s)", joiner.topics.impressions,
+             joiner.topics.actions, joiner.topics.examples, cfg.state_dir)
+    totals = {"examples": 0, "dlq": 0, "late": 0}
+
+    def count(stats) -> None:
+        for k in totals:
+            totals[k] += getattr(stats, k)
+
+    joiner.run(stop, on_step=count)
+    log.info("joiner stopped: %s", totals)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from streams.generator import GeneratorConfig, produce_synthetic
+    from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
+
+    cfg = load_config(GeneratorConfig, args, section="generator")
+    serve_metrics(args.metrics_port)
+    stop = stop_on_signals()
+    producer = BatchProducer(KafkaConfig(bootstrap_servers=cfg.bootstrap_servers))
+    try:
+        with _progress() as progress:
+            task = progress.add_task("generating", total=None)
+            events, requests = produce_synthetic(
+                cfg, producer, topic_names(cfg.topic_prefix), stop,
+                on_progress=lambda n: progress.update(task, description=f"{n} events"))
+    finally:
+        producer.close()
+    print_json({"events": events, "requests": requests})
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from streams.events import SchemaError
+    from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
+    from streams.replay import ReplayConfig, load_csv, produce_requests
+
+    cfg = load_config(ReplayConfig, args, section="replay")
+    stop = stop_on_signals()
+    producer = BatchProducer(KafkaConfig(bootstrap_servers=cfg.bootstrap_servers))
+    try:
+        with _progress() as progress:
+            task = progress.add_task("replaying", total=None)
+            events = produce_requests(
+                load_csv(args.file), producer, topic_names(cfg.topic_prefix), cfg.speed,
+                cfg.final_watermark, stop,
+                on_progress=lambda n: progress.update(task, description=f"{n} events"))
+    except SchemaError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        producer.close()
+    print_json({"events": events})
+    return 0
+
+
+def _produce(args: argparse.Namespace) -> int:
+    from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
+    from streams.replay import produce_json_lines
+
+    producer = BatchProducer(KafkaConfig(bootstrap_servers=args.bootstrap_servers))
+    try:
+        if args.file:
+            with open(args.file) as fh:
+                sent, rejected = produce_json_lines(fh, producer, topic_names(args.topic_prefix))
+        else:
+            sent, rejected = produce_json_lines(sys.stdin, producer, topic_names(args.topic_prefix))
+    finally:
+        producer.close()
+    print_json({"sent": sent, "rejected": rejected})
+    return 1 if rejected else 0

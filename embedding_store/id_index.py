@@ -1,0 +1,166 @@
+"""Collision-free 64-bit id -> row index: an open-addressing hash table probed in NumPy batches.
+
+Why not ``dict``: a batch of 65k ids would cost a Python-level call per id. Why not modulo
+hashing into the embedding rows directly: two ids would share a row. Here the full 64-bit key is
+stored beside its row number, so a lookup only ever returns the row of an *equal* key; the hash
+only decides where probing starts.
+
+Layout: one ``(capacity, 2)`` int64 array, column 0 the key, column 1 the row (``EMPTY`` = -1,
+``TOMBSTONE`` = -2). Key and row share a cache line, so each probe costs one random access.
+Every key value is legal (the "empty" marker lives in the row column, not the key column).
+Linear probing, all pending keys advance one step per vectorised round; the number of rounds is
+the longest probe sequence of the batch, which stays short at load factor <= 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY = -1
+TOMBSTONE = -2
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(keys: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser over int64/uint64 keys -> uint64 (wrapping arithmetic, vectorised).
+
+    A full avalanche matters here: adversarial keys that agree in their low bits must still
+    spread over the table, or linear probing degrades to a scan.
+    """
+    z = keys.astype(np.uint64, copy=True)
+    z += _GOLDEN
+    z ^= z >> np.uint64(30)
+    z *= _M1
+    z ^= z >> np.uint64(27)
+    z *= _M2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+class IdIndex:
+    """Maps distinct int64 keys to int64 rows; batched ``find``/``insert``/``remove``."""
+
+    def __init__(self, capacity: int = 1024, max_load: float = 0.5) -> None:
+        if not 0.1 <= max_load <= 0.9:
+            raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
+        cap = 1 << max(4, int(capacity - 1).bit_length())
+        self.max_load = max_load
+        self._tab = np.empty((cap, 2), dtype=np.int64)
+        self._tab[:, 1] = EMPTY
+        self._size = 0  # live keys
+        self._used = 0  # live keys + tombstones
+
+    # ---- introspection -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._tab.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._tab.nbytes)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """All live (keys, rows), in table order."""
+        live = self._tab[:, 1] >= 0
+        return self._tab[live, 0].copy(), self._tab[live, 1].copy()
+
+    # ---- probing -------------------------------------------------------------------------
+    def _start(self, keys: np.ndarray) -> np.ndarray:
+        return (mix64(keys) & np.uint64(self.capacity - 1)).astype(np.int64)
+
+    def _probe(self, keys: np.ndarray) -> np.ndarray:
+        """Table position holding each key, or -1 when absent."""
+        n = keys.shape[0]
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self._size == 0:
+            return out
+        mask = self.capacity - 1
+        pos = self._start(keys)
+        pending = np.arange(n)
+        k = keys
+        while pending.size:
+            entry = self._tab[pos]
+            row = entry[:, 1]
+            hit = (row >= 0) & (entry[:, 0] == k)
+            if hit.any():
+                out[pending[hit]] = pos[hit]
+            go_on = ~hit & (row != EMPTY)
+            if not go_on.all():
+                pending, pos, k = pending[go_on], pos[go_on], k[go_on]
+            pos = (pos + 1) & mask
+        return out
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key, -1 where absent. ``keys`` int64[n], duplicates allowed."""
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        pos = self._probe(keys)
+        rows = np.full(keys.shape[0], -1, dtype=np.int64)
+        found = pos >= 0
+        rows[found] = self._tab[pos[found], 1]
+        return rows
+
+    def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Add distinct keys that are not yet present (the caller found them absent)."""
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        n = keys.shape[0]
+        if n == 0:
+            return
+        if (self._used + n) > self.max_load * self.capacity:
+            self._rebuild(max(self._size + n, 16))
+        self._place(keys, rows)
+
+    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        mask = self.capacity - 1
+        pos = self._start(keys)
+        pending = np.arange(keys.shape[0])
+        while pending.size:
+            free = self._tab[pos, 1] < 0  # empty or tombstone: both reusable for absent keys
+            cand = np.flatnonzero(free)
+            placed = np.zeros(pending.size, dtype=bool)
+            if cand.size:
+                # Several keys may aim at the same free slot this round: the first one wins.
+                _, first = np.unique(pos[cand], return_index=True)
+                win = cand[first]
+                p = pos[win]
+                was_empty = self._tab[p, 1] == EMPTY
+                self._tab[p, 0] = keys[pending[win]]
+                self._tab[p, 1] = rows[pending[win]]
+                self._used += int(was_empty.sum())
+                self._size += win.size
+                placed[win] = True
+            # Losers stay put (their slot is now taken and they advance next round).
+            keep = ~placed
+            pending, pos, free = pending[keep], pos[keep], free[keep]
+            pos = np.where(free, pos, (pos + 1) & mask)
+
+    def remove(self, keys: np.ndarray) -> np.ndarray:
+        """Remove keys; returns the rows they held (-1 for keys that were absent)."""
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        pos = self._probe(keys)
+        rows = np.full(keys.shape[0], -1, dtype=np.int64)
+        found = pos >= 0
+        p = np.unique(pos[found])
+        rows[found] = self._tab[pos[found], 1]
+        self._tab[p, 1] = TOMBSTONE
+        self._size -= p.size
+        # Tombstones lengthen probes; rebuild once they outnumber live keys.
+        if self._used - self._size > max(self._size, self.capacity // 8):
+            self._rebuild(max(self._size, 16))
+        return rows
+
+    def _rebuild(self, need: int) -> None:
+        keys, rows = self.items()
+        cap = 1 << max(4, int(np.ceil(need / self.max_load) - 1).bit_length())
+        self._tab = np.empty((cap, 2), dtype=np.int64)
+        self._tab[:, 1] = EMPTY
+        self._size = 0
+        self._used = 0
+        if keys.size:
+            self._place(keys, rows)

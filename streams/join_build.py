@@ -1,0 +1,102 @@
+"""Turns closed requests (an impression plus the actions that joined it) into an ExampleBatch.
+
+Python touches each request once to gather its lists; the per-example work (ids, hashing,
+labels, downsampling, ragged features) is NumPy over the whole step's examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from streams.events import ExampleBatch, Ragged, keep_negative, mix64, request_hash
+from streams.join_state import PendingAction
+
+RESERVED_SLOTS = ("user_id", "item_id")
+
+
+@dataclass
+class ClosedRequest:
+    """An impression whose window closed, as its wire map, with the actions stored for it."""
+
+    impression: dict
+    actions: list[PendingAction]
+
+
+@dataclass
+class Unjoined:
+    """An action that reached a request but could not label any of its items."""
+
+    request_id: str
+    action: PendingAction
+    reason: str  # "no_such_item" | "outside_window"
+
+
+def build_examples(closed: list[ClosedRequest], window_ms: int, positive_kinds: frozenset[str],
+                   negative_rate: float, dense_dim: int) -> tuple[ExampleBatch, list[Unjoined], int]:
+    """(examples kept, actions that matched nothing, negatives dropped by downsampling)."""
+    if not closed:
+        return ExampleBatch.empty(), [], 0
+    objs = [c.impression for c in closed]
+    counts = np.fromiter((len(o["items"]) for o in objs), np.int64, len(objs))
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    n = int(counts.sum())
+    items = np.fromiter(chain.from_iterable(o["items"] for o in objs), np.int64, n)
+    req_hash = np.fromiter((request_hash(o["request_id"]) for o in objs), np.uint64, len(objs))
+    with np.errstate(over="ignore"):
+        example_id = mix64(mix64(items.view(np.uint64)) ^ np.repeat(req_hash, counts)).view(np.int64)
+    user_id = np.repeat(np.fromiter((o["user_id"] for o in objs), np.int64, len(objs)), counts)
+    times = np.fromiter((o["event_time_ms"] for o in objs), np.int64, len(objs))
+
+    label = np.zeros(n, np.float32)
+    unjoined: list[Unjoined] = []
+    for r, c in enumerate(closed):
+        if not c.actions:
+            continue
+        its = objs[r]["items"]
+        for a in c.actions:
+            if a.event_time_ms - times[r] > window_ms:
+                unjoined.append(Unjoined(objs[r]["request_id"], a, "outside_window"))
+                continue
+            try:
+                k = its.index(a.item_id)
+            except ValueError:
+                unjoined.append(Unjoined(objs[r]["request_id"], a, "no_such_item"))
+                continue
+            if a.kind in positive_kinds:
+                label[starts[r] + k] = 1.0
+
+    truth: list[float] = []
+    for o, k in zip(objs, counts):
+        tp = o.get("truth_p")
+        truth.extend(tp if tp is not None else [np.nan] * int(k))
+    dense = np.zeros((n, dense_dim), np.float32)
+    if dense_dim:
+        for r, o in enumerate(objs):
+            if o.get("dense") is not None:
+                dense[starts[r]:starts[r] + counts[r]] = o["dense"]
+
+    row_request = np.repeat(np.arange(len(objs)), counts)
+    sparse = {"user_id": Ragged(user_id.copy(), np.ones(n, np.int32)),
+              "item_id": Ragged(items.copy(), np.ones(n, np.int32))}
+    for slot in sorted({s for o in objs for s in (o.get("user_sparse") or {})}):
+        lists = [(o.get("user_sparse") or {}).get(slot, []) for o in objs]
+        per_request = Ragged(np.fromiter(chain.from_iterable(lists), np.int64),
+                             np.fromiter(map(len, lists), np.int32, len(lists)))
+        sparse[slot] = per_request.take(row_request)
+    for slot in sorted({s for o in objs for s in (o.get("item_sparse") or {})}):
+        rows = list(chain.from_iterable((o.get("item_sparse") or {}).get(slot) or [[]] * len(o["items"])
+                                        for o in objs))
+        sparse[slot] = Ragged(np.fromiter(chain.from_iterable(rows), np.int64),
+                              np.fromiter(map(len, rows), np.int32, n))
+
+    batch = ExampleBatch(example_id=example_id, user_id=user_id, item_id=items, label=label,
+                         sample_rate=np.where(label > 0, 1.0, negative_rate).astype(np.float32),
+                         event_time_ms=np.repeat(times, counts), sparse=sparse, dense=dense,
+                         truth_p=np.asarray(truth, np.float32))
+    if negative_rate >= 1.0:
+        return batch, unjoined, 0
+    keep = (label > 0) | keep_negative(example_id, negative_rate)
+    return batch.take(keep), unjoined, int(n - keep.sum())

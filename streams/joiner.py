@@ -1,0 +1,297 @@
+"""The online joiner: impressions + actions -> labelled training examples on ``hw.examples``.
+
+Each impression request waits in RocksDB until the event-time watermark passes its
+``event_time + window``; actions for it are stored beside it as they arrive. When the window
+closes every shown item becomes one example: label 1 if a positive action joined it, else a
+negative, kept with probability ``negative_rate`` (recorded per example as ``sample_rate``).
+
+Watermark: the later of ``max impression event time - allowed_lateness`` and a producer's
+:class:`~streams.events.Watermark`, but held back by any input topic that still has unread
+messages (to that topic's own progress), so actions lagging behind impressions in the broker do
+not turn late; it never moves back. An action whose
+request is no longer pending and whose time is already behind the watermark is *late*: it is
+counted and routed to ``hw.late`` with its reason. An action whose impression has not arrived yet
+is parked until the watermark passes it (then it is late too, reason ``no_impression``).
+
+One step = poll -> ingest (write new state) -> close due windows -> produce and flush examples,
+DLQ and late -> delete closed state -> commit input offsets. Offsets are committed only once the
+output is acknowledged and the state durable, so kill -9 at any point replays input: no
+impression is lost, and a re-emitted example carries the same ``example_id`` (de-duplicate on it).
+The joiner owns its state directory; run one joiner per consumer group (partitions are not
+re-balanced between joiners with separate state).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from streams import metrics
+from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
+                            decode_event, encode_actions, encode_dead_letter, encode_examples)
+from streams.join_build import RESERVED_SLOTS, ClosedRequest, Unjoined, build_examples
+from streams.join_state import JoinState, PendingAction
+from streams.kafka_io import (BatchProducer, GroupConsumer, KafkaConfig, Record, next_offsets,
+                              topic_names)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JoinerConfig:
+    """Configuration of ``headwater join``."""
+
+    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"help": "Kafka bootstrap servers"})
+    topic_prefix: str = field(default="hw", metadata={"help": "topic name prefix"})
+    group_id: str = field(default="hw-joiner", metadata={"help": "consumer group of the joiner"})
+    state_dir: str = field(default="state/joiner", metadata={"help": "RocksDB directory of pending state"})
+    window_s: float = field(default=600.0, metadata={"help": "event-time join window after an impression"})
+    allowed_lateness_s: float = field(
+        default=5.0, metadata={"help": "watermark lag behind the newest impression time"})
+    negative_rate: float = field(
+        default=1.0, metadata={"help": "keep probability of negatives (recorded as sample_rate)"})
+    positive_kinds: str = field(default="click", metadata={"help": "comma-separated action kinds that label 1"})
+    dense_dim: int = field(default=0, metadata={"help": "width of impression dense features (0 = none)"})
+    examples_per_message: int = field(default=4096, metadata={"help": "examples per hw.examples message"})
+    poll_max_records: int = field(default=2000, metadata={"help": "input messages per step at most"})
+    max_close_per_step: int = field(default=20000, metadata={"help": "requests closed per step at most"})
+    idle_close_s: float = field(
+        default=0.0, metadata={"help": "close every window after this long without input (0 = never)"})
+    fsync: bool = field(default=False, metadata={"help": "fsync RocksDB writes (power-loss safety)"})
+    compression: str = field(default="lz4", metadata={"help": "producer compression"})
+    max_poll_interval_ms: int = field(default=3000, metadata={"help": "consumer-group rebalance timeout"})
+
+    def validate(self) -> None:
+        if not 0.0 < self.negative_rate <= 1.0:
+            raise ValueError("negative_rate must be in (0, 1]")
+        if self.window_s <= 0 or self.allowed_lateness_s < 0:
+            raise ValueError("window_s must be > 0 and allowed_lateness_s >= 0")
+
+    def kafka(self) -> KafkaConfig:
+        return KafkaConfig(bootstrap_servers=self.bootstrap_servers, topic_prefix=self.topic_prefix,
+                           compression=self.compression, max_poll_interval_ms=self.max_poll_interval_ms)
+
+
+@dataclass
+class StepStats:
+    """What one :meth:`OnlineJoiner.step` did."""
+
+    records: int = 0
+    impressions: int = 0
+    actions: int = 0
+    examples: int = 0
+    dlq: int = 0
+    late: int = 0
+    closed: int = 0
+
+
+class OnlineJoiner:
+    """Joins impressions with actions into examples; see the module docstring for the protocol."""
+
+    def __init__(self, cfg: JoinerConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.topics = topic_names(cfg.topic_prefix)
+        self.window_ms = int(cfg.window_s * 1000)
+        self.lateness_ms = int(cfg.allowed_lateness_s * 1000)
+        self.positive = frozenset(k.strip() for k in cfg.positive_kinds.split(",") if k.strip())
+        self.state = JoinState(cfg.state_dir, fsync=cfg.fsync)
+        self.watermark = self.state.watermark()
+        self.max_time = self.state.max_time()
+        kafka = cfg.kafka()
+        self.producer = BatchProducer(kafka, client_id="hw-joiner")
+        self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
+                                      group_id=cfg.group_id, client_id="hw-joiner")
+        self._last_input = time.monotonic()
+        # Progress of each input topic (event time seen, minus lateness, or explicit watermarks).
+        self._topic_progress = {self.topics.impressions: 0, self.topics.actions: 0}
+        self._explicit = 0
+        metrics.PENDING.set(self.state.count_pending())
+
+    # ------------------------------------------------------------ one step
+    def step(self, timeout_ms: int = 100) -> StepStats:
+        records = self.consumer.poll(timeout_ms, self.cfg.poll_max_records)
+        stats = StepStats(records=len(records))
+        now = time.monotonic()
+        if records:
+            self._last_input = now
+        elif self.cfg.idle_close_s and now - self._last_input > self.cfg.idle_close_s:
+            # A quiet stream: close everything instead of holding it until traffic returns.
+            self.watermark = max(self.watermark, self.max_time + self.window_ms)
+        self._ingest(records, stats)
+        self._close_due(stats)
+        self.consumer.commit(next_offsets(records))
+        metrics.WATERMARK.set(self.watermark)
+        return stats
+
+    def _ingest(self, records: list[Record], stats: StepStats) -> None:
+        wb = self.state.batch()
+        new_requests: set[bytes] = set()
+        actions: list[tuple[Record, Action]] = []
+        dead: list[DeadLetter] = []
+        for rec in records:
+            try:
+                event = decode_event(rec.value)
+                self._check(event, rec.topic)
+            except SchemaError as exc:
+                dead.append(DeadLetter(str(exc), rec.topic, rec.partition, rec.offset, rec.value))
+                continue
+            if isinstance(event, Impression):
+                rid = event.request_id.encode()
+                self.state.put_impression(wb, rid, event.event_time_ms + self.window_ms, rec.value)
+                new_requests.add(rid)
+                self.max_time = max(self.max_time, event.event_time_ms)
+                self._advance(rec.topic, event.event_time_ms - self.lateness_ms)
+                stats.impressions += len(event.items)
+            elif isinstance(event, Watermark):
+                self._explicit = max(self._explicit, event.event_time_ms)
+                self._advance(rec.topic, event.event_time_ms)
+            else:
+                actions.extend((rec, a) for a in event)
+                self._advance(rec.topic, max(a.event_time_ms for a in event) - self.lateness_ms)
+        stats.actions = len(actions)
+        metrics.EVENTS_IN.labels("impression").inc(stats.impressions)
+        metrics.EVENTS_IN.labels("action").inc(stats.actions)
+        late = self._ingest_actions(wb, actions, new_requests)
+        self._update_watermark()
+        self.state.put_times(wb, self.watermark, self.max_time)
+        # Adding state before the output is safe: a replay re-adds the same keys.
+        self.state.write(wb)
+        self._send_dead(dead, late, stats)
+
+    def _advance(self, topic: str, t: int) -> None:
+        if t > self._topic_progress.get(topic, t):
+            self._topic_progress[topic] = t
+
+    def _update_watermark(self) -> None:
+        candidate = max(self.max_time - self.lateness_ms, self._explicit)
+        for topic in self.consumer.topics_behind():
+            candidate = min(candidate, self._topic_progress.get(topic, candidate))
+        self.watermark = max(self.watermark, candidate)
+
+    def _check(self, event: object, topic: str) -> None:
+        if isinstance(event, Impression):
+            if topic != self.topics.impressions:
+                raise SchemaError(f"impression on topic {topic}")
+            width = len(event.dense[0]) if event.dense else 0
+            if event.dense is not None and width != self.cfg.dense_dim:
+                raise SchemaError(f"dense width {width}, joiner expects {self.cfg.dense_dim}")
+            for slot in RESERVED_SLOTS:
+                if slot in event.item_sparse or slot in event.user_sparse:
+                    raise SchemaError(f"slot name {slot!r} is reserved for the id itself")
+        elif isinstance(event, list) and topic != self.topics.actions:
+            raise SchemaError(f"actions on topic {topic}")
+
+    def _ingest_actions(self, wb, actions: list[tuple[Record, Action]],
+                        new_requests: set[bytes]) -> list[tuple[Record, Action, str]]:
+        rids = [a.request_id.encode() for _, a in actions]
+        pending = self.state.pending_requests(rids)
+        late = []
+        for (rec, a), rid, is_pending in zip(actions, rids, pending):
+            if is_pending or rid in new_requests:
+                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms)
+            elif a.event_time_ms < self.watermark:
+                late.append((rec, a, "closed"))
+            else:  # its impression may still come: park it until the watermark passes
+                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
+                                      orphan_expire_ms=a.event_time_ms + self.window_ms)
+        return late
+
+    def _close_due(self, stats: StepStats) -> None:
+        due = self.state.due_impressions(self.watermark, self.cfg.max_close_per_step)
+        rids = [key[9:] for key, _ in due]
+        stored = self.state.actions_of(rids)
+        closed = [ClosedRequest(msgpack.unpackb(msg, raw=False),
+                                [pa for _, pa in acts]) for (_, msg), acts in zip(due, stored)]
+        batch, unjoined, dropped = build_examples(closed, self.window_ms, self.positive,
+                                                  self.cfg.negative_rate, self.cfg.dense_dim)
+        orphans = list(self.state.expired_orphans(self.watermark, self.cfg.max_close_per_step))
+        orphan_values = self.state.get_many([a for _, a in orphans])
+        for start in range(0, len(batch), self.cfg.examples_per_message):
+            part = batch.take(np.arange(start, min(len(batch), start + self.cfg.examples_per_message)))
+            self.producer.send(self.topics.examples, encode_examples(part))
+        late = [(u.request_id, u.action, u.reason) for u in unjoined]
+        for (_, akey), value in zip(orphans, orphan_values):
+            if value is not None:  # not consumed by a request that closed in the meantime
+                late.append((_rid_of(akey), _parse_action(akey, value), "no_impression"))
+        for rid, pa, reason in late:
+            self._send_late(rid, pa, reason)
+        self.producer.flush()  # output durable before state is deleted and offsets committed
+        wb = self.state.batch()
+        for (key, _), acts in zip(due, stored):
+            self.state.delete_request(wb, key, [k for k, _ in acts])
+        for okey, akey in orphans:
+            wb.delete(okey)
+            wb.delete(akey)
+        self.state.write(wb)
+        positives = int(batch.label.sum()) if len(batch) else 0
+        metrics.EXAMPLES_OUT.labels("1").inc(positives)
+        metrics.EXAMPLES_OUT.labels("0").inc(len(batch) - positives)
+        metrics.NEGATIVES_DROPPED.inc(dropped)
+        if due:
+            metrics.PENDING.set(self.state.count_pending())
+        stats.examples += len(batch)
+        stats.closed = len(due)
+        stats.late += len(late)
+
+    def _send_late(self, request_id: str, pa: PendingAction, reason: str) -> None:
+        action = Action(request_id, 0, pa.item_id, pa.kind, pa.value, pa.event_time_ms)
+        self.producer.send(self.topics.late, encode_dead_letter(DeadLetter(
+            reason, self.topics.actions, -1, -1, encode_actions([action]))))
+        metrics.LATE.labels(reason).inc()
+
+    def _send_dead(self, dead: list[DeadLetter], late: list[tuple[Record, Action, str]],
+                   stats: StepStats) -> None:
+        for d in dead:
+            log.warning("dlq: %s (%s[%d]@%d)", d.reason, d.topic, d.partition, d.offset)
+            self.producer.send(self.topics.dlq, encode_dead_letter(d))
+            metrics.DLQ.labels(_reason_label(d.reason)).inc()
+        for rec, a, reason in late:
+            self.producer.send(self.topics.late, encode_dead_letter(DeadLetter(
+                reason, rec.topic, rec.partition, rec.offset, encode_actions([a]))))
+            metrics.LATE.labels(reason).inc()
+        stats.dlq += len(dead)
+        stats.late += len(late)
+
+    # ------------------------------------------------------------ lifecycle
+    def run(self, stop: threading.Event, on_step=None) -> None:
+        """Steps until ``stop`` is set, then closes cleanly (state and consumer)."""
+        try:
+            while not stop.is_set():
+                stats = self.step()
+                if on_step is not None:
+                    on_step(stats)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for closer in (self.consumer.close, self.producer.close, self.state.close):
+            try:
+                closer()
+            except Exception:  # closing must release the rest even if one part is broken
+                log.exception("error while closing the joiner")
+
+
+def _rid_of(akey: bytes) -> str:
+    n = int.from_bytes(akey[1:3], "big")
+    return akey[3:3 + n].decode()
+
+
+def _parse_action(akey: bytes, value: bytes) -> PendingAction:
+    n = int.from_bytes(akey[1:3], "big")
+    item = int.from_bytes(akey[3 + n:11 + n], "big", signed=True)
+    v, t = msgpack.unpackb(value)
+    return PendingAction(item, akey[11 + n:].decode(), v, t)
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded label set for the DLQ counter (the full reason travels in the message)."""
+    for key in ("undecodable", "version", "unknown event", "topic", "dense", "reserved"):
+        if key in reason:
+            return key.replace(" ", "_")
+    return "invalid"

@@ -1,0 +1,15 @@
+"""Prometheus metrics of the streams processes (module level: one registration per process)."""
+
+from prometheus_client import Counter, Gauge
+
+EVENTS_IN = Counter("hw_stream_events_in_total",
+                    "input events consumed (impression items and actions)", ["kind"])
+EXAMPLES_OUT = Counter("hw_stream_examples_out_total", "training examples produced", ["label"])
+NEGATIVES_DROPPED = Counter("hw_stream_negatives_dropped_total",
+                            "negatives dropped by downsampling")
+DLQ = Counter("hw_stream_dlq_total", "messages routed to the dead-letter topic", ["reason"])
+LATE = Counter("hw_stream_late_actions_total", "actions too late to join, routed to hw.late",
+               ["reason"])
+PENDING = Gauge("hw_stream_pending_requests", "impression requests waiting for their window")
+WATERMARK = Gauge("hw_stream_watermark_ms", "the joiner's event-time watermark")
+PRODUCED = Counter("hw_stream_produced_events_total", "events produced by sources", ["source"])
