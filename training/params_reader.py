@@ -3,18 +3,16 @@
 :func:`bootstrap_offset` finds where a new replica must start without replaying the topic (the
 last message's ``snapshot_offset``, see :mod:`training.params_wire`); :class:`ParamsFollower`
 tails the topic from an offset; :class:`ReplicaState` is a small in-memory replica (rows per slot
-plus the tower bytes) that applies messages with the documented semantics. Serving keeps its own
-tables, but uses the same two functions and semantics; tests use :class:`ReplicaState` to prove
-that snapshot + deltas reproduce the trainer's table exactly.
+and tower) that applies messages with the documented semantics; serving can use it as is, and
+the tests use it to prove that snapshot + deltas reproduce the trainer's table exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
-
-import numpy as np
 
 from training.params_wire import (DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE, ParamsMessage,
                                   ParamsWireError, decode_params, join_payload)
@@ -48,8 +46,6 @@ def bootstrap_offset(bootstrap_servers: str, topic: str, timeout_s: float = 10.0
         if end == 0:
             return 0
         consumer.seek(tp, end - 1)
-        import time
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for msgs in consumer.poll(timeout_ms=200, max_records=1).values():
@@ -86,16 +82,22 @@ class ParamsFollower:
 
 @dataclass
 class ReplicaState:
-    """An in-memory replica: sorted ids + rows per slot, the tower bytes, version and watermark."""
+    """A serving-side replica: an ``EmbeddingTable`` plus the :class:`DenseTower`, kept current.
+
+    Sparse messages go to ``table.import_delta``; dense chunks are joined and loaded into a new
+    tower. A snapshot is staged until its end marker, then *replaces* table and tower (the table
+    is rebuilt from the slots and dim in the snapshot's model config). Until the first complete
+    snapshot, live messages are ignored: a replica starts at :func:`bootstrap_offset`.
+    """
 
     model_id: str
-    ids: dict[str, np.ndarray] = field(default_factory=dict)
-    rows: dict[str, np.ndarray] = field(default_factory=dict)
-    tower: bytes = b""
+    table: Any = None
+    tower: Any = None
     version: int = -1
     watermark_ms: int = -1
     snapshot_id: int = -1
-    _loading: int = -1  # snapshot being loaded (its rows are staged until the end marker)
+    applied: int = 0
+    _loading: int = -1  # snapshot being loaded (its messages are staged until the end marker)
     _staged: list[ParamsMessage] = field(default_factory=list)
     _dense_chunks: dict[int, list[ParamsMessage]] = field(default_factory=dict)
 
@@ -120,43 +122,38 @@ class ReplicaState:
             self._apply_live(msg)
 
     def _finish_snapshot(self, end: ParamsMessage) -> None:
-        if len(self._staged) + 2 != end.chunk_count:
+        from embedding_store import EmbeddingTable, SlotConfig
+
+        from training.model import tower_from_safetensors
+
+        staged, self._loading, self._staged = self._staged, -1, []
+        if len(staged) + 2 != end.chunk_count:
             log.warning("snapshot %d incomplete (%d of %d messages); ignored", end.snapshot_id,
-                        len(self._staged) + 2, end.chunk_count)
-            self._loading = -1
+                        len(staged) + 2, end.chunk_count)
             return
-        self.ids, self.rows, self._dense_chunks = {}, {}, {}
-        for m in self._staged:
-            self._apply_live(m)
-        self.snapshot_id, self._loading, self._staged = end.snapshot_id, -1, []
+        dense = [m for m in staged if m.kind == DENSE]
+        tower, _ = tower_from_safetensors(join_payload(dense))
+        cfg = tower.cfg
+        table = EmbeddingTable([SlotConfig(name=s, dim=cfg.embedding_dim) for s in cfg.slots])
+        for m in staged:
+            if m.kind == SPARSE:
+                table.import_delta(m.table_delta())
+        self.table, self.tower, self._dense_chunks = table, tower, {}
+        self.snapshot_id = end.snapshot_id
         self.version, self.watermark_ms = end.version, end.watermark_ms
+        self.applied += len(staged) + 2
 
     def _apply_live(self, msg: ParamsMessage) -> None:
+        from training.model import tower_from_safetensors
+
         if msg.kind == SPARSE:
-            self._upsert(msg.slot, msg.ids, msg.values_f32(), msg.deleted_ids)
+            self.table.import_delta(msg.table_delta())
         elif msg.kind == DENSE:
             chunks = self._dense_chunks.setdefault(msg.publish_id, [])
             chunks.append(msg)
             if len(chunks) == msg.chunk_count:
-                self.tower = join_payload(chunks)
+                self.tower, _ = tower_from_safetensors(join_payload(chunks))
                 del self._dense_chunks[msg.publish_id]
         self.version = max(self.version, msg.version)
         self.watermark_ms = max(self.watermark_ms, msg.watermark_ms)
-
-    def _upsert(self, slot: str, ids: np.ndarray, values: np.ndarray, deleted: np.ndarray) -> None:
-        old_ids = self.ids.get(slot, np.zeros(0, np.int64))
-        old_rows = self.rows.get(slot, np.zeros((0, values.shape[1] if values.ndim == 2 else 0), np.float32))
-        if len(deleted):
-            keep = ~np.isin(old_ids, deleted)
-            old_ids, old_rows = old_ids[keep], old_rows[keep]
-        if len(ids):
-            if len(old_rows) == 0:
-                old_rows = np.zeros((0, values.shape[1]), np.float32)
-            all_ids = np.concatenate([ids, old_ids])  # new first: unique keeps the first
-            all_rows = np.concatenate([values, old_rows])
-            uniq, first = np.unique(all_ids, return_index=True)
-            old_ids, old_rows = uniq, all_rows[first]
-        self.ids[slot], self.rows[slot] = old_ids, old_rows
-
-    def row_count(self) -> int:
-        return sum(len(v) for v in self.ids.values())
+        self.applied += 1

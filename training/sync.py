@@ -17,15 +17,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 from prometheus_client import Counter, Gauge
 
-from training.params_wire import (DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE, ParamsMessage,
-                                  encode_params, payload_chunks, sparse_chunks)
+from embedding_store import SlotDelta, TableDelta, encode_delta
+
+from training.params_wire import (DENSE, HEADER_BYTES, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE,
+                                  ParamsMessage, encode_params, payload_chunks)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SyncConfig", "DeltaPublisher", "delta_slots"]
+__all__ = ["SyncConfig", "DeltaPublisher"]
 
 PUBLISHED_ROWS = Counter("hw_train_published_rows", "embedding rows published to hw.params", ["kind"])
 PUBLISHED_BYTES = Counter("hw_train_published_bytes", "bytes published to hw.params", ["kind"])
@@ -46,24 +47,6 @@ class SyncConfig:
     max_message_bytes: int = 1 << 20
 
 
-def delta_slots(delta: Any) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``{slot: (ids, values, deleted_ids)}`` as NumPy arrays from an ``embedding_store`` TableDelta."""
-    slots = getattr(delta, "slots", delta)
-    out = {}
-    for name, sd in slots.items():
-        ids = _np(sd.ids, np.int64)
-        values = _np(sd.values, np.float32)
-        deleted = _np(getattr(sd, "deleted_ids", np.zeros(0, np.int64)), np.int64)
-        out[name] = (ids, values.reshape(len(ids), -1), deleted)
-    return out
-
-
-def _np(x: Any, dtype: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
 class DeltaPublisher:
     """Publishes changed rows, dense weights and snapshots of one table + tower to ``hw.params``.
 
@@ -72,13 +55,12 @@ class DeltaPublisher:
     """
 
     def __init__(self, producer: Any, topic: str, table: Any, tower_bytes: Callable[[], bytes],
-                 cfg: SyncConfig, slot_dims: dict[str, int]) -> None:
+                 cfg: SyncConfig) -> None:
         self.producer = producer
         self.topic = topic
         self.table = table
         self.tower_bytes = tower_bytes
         self.cfg = cfg
-        self.slot_dims = slot_dims
         self.published_version = -1  # nothing published yet: the first publish is a snapshot
         self.snapshot_offset = -1
         self._publish_id = int(time.time() * 1000) << 8  # distinct across restarts
@@ -92,7 +74,7 @@ class DeltaPublisher:
     def _header(self, kind: str, watermark_ms: int, **kw: Any) -> ParamsMessage:
         return ParamsMessage(kind=kind, model_id=self.cfg.model_id, version=int(self.table.version),
                              watermark_ms=int(watermark_ms), snapshot_offset=self.snapshot_offset,
-                             dtype="f16" if self.cfg.fp16 else "f32", **kw)
+                             **kw)
 
     def _send(self, messages: list[ParamsMessage], kind: str) -> list[Any]:
         futures = []
@@ -101,7 +83,8 @@ class DeltaPublisher:
             futures.append(self.producer.send(self.topic, value=data,
                                               key=self.cfg.model_id.encode(), partition=PARTITION))
             PUBLISHED_BYTES.labels(kind=kind).inc(len(data))
-            PUBLISHED_ROWS.labels(kind=kind).inc(len(m.ids))
+            if m.chunk_index == 0:
+                PUBLISHED_ROWS.labels(kind=kind).inc(m.rows)
         return futures
 
     def _sync(self, futures: list[Any], timeout_s: float = 30.0) -> list[Any]:
@@ -138,9 +121,11 @@ class DeltaPublisher:
         if version == self.published_version:
             return False
         delta = self.table.export_delta(since_version=self.published_version)
-        msgs = self._row_messages(delta_slots(delta), watermark_ms, self.published_version, -1)
+        msgs = self._row_messages(delta, watermark_ms, -1)
         self._sync(self._send(msgs, "sparse"))
         self.published_version = version
+        # Every replica now has these deletions (or will load a later snapshot without them).
+        self.table.compact_deletions(version)
         PUBLISHED_VERSION.set(version)
         PUBLISHED_WATERMARK.set(watermark_ms)
         return True
@@ -159,8 +144,9 @@ class DeltaPublisher:
         (meta,) = self._sync(self._send([begin], "snapshot"))
         begin_offset = int(meta.offset)
         delta = self.table.export_delta(since_version=0)
-        rows = {s: (ids, vals, np.zeros(0, np.int64)) for s, (ids, vals, _) in delta_slots(delta).items()}
-        msgs = self._row_messages(rows, watermark_ms, 0, sid)
+        for name, sd in delta.slots.items():  # a snapshot is the full state: no deletions
+            delta.slots[name] = SlotDelta(ids=sd.ids, values=sd.values)
+        msgs = self._row_messages(delta, watermark_ms, sid)
         dense = payload_chunks(self._header(DENSE, watermark_ms, publish_id=self._next_id(),
                                             snapshot_id=sid),
                                self.tower_bytes(), self.cfg.max_message_bytes)
@@ -176,17 +162,21 @@ class DeltaPublisher:
                  len(body) + 2)
         return begin_offset
 
-    def _row_messages(self, slots: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                      watermark_ms: int, from_version: int, snapshot_id: int) -> list[ParamsMessage]:
+    def _row_messages(self, delta: TableDelta, watermark_ms: int, snapshot_id: int) -> list[ParamsMessage]:
+        """One publish per non-empty slot, each chunked by ``encode_delta`` under the size limit."""
         msgs: list[ParamsMessage] = []
-        for slot in sorted(slots):
-            ids, values, deleted = slots[slot]
-            if len(ids) == 0 and len(deleted) == 0:
+        for slot in sorted(delta.slots):
+            sd = delta.slots[slot]
+            if sd.ids.size == 0 and sd.deleted_ids.size == 0:
                 continue
-            base = self._header(SPARSE, watermark_ms, publish_id=self._next_id(), slot=slot,
-                                from_version=max(from_version, 0), snapshot_id=snapshot_id,
-                                dim=self.slot_dims.get(slot, values.shape[1] if values.ndim == 2 else 0))
-            if len(ids) == 0:
-                values = np.zeros((0, base.dim), np.float32)
-            msgs += sparse_chunks(base, ids, values, deleted, self.cfg.max_message_bytes)
+            one = TableDelta(from_version=max(delta.from_version, 0), to_version=delta.to_version,
+                             slots={slot: sd})
+            chunks = encode_delta(one, fp16=self.cfg.fp16,
+                                  max_bytes=self.cfg.max_message_bytes - HEADER_BYTES)
+            pid = self._next_id()
+            msgs += [self._header(SPARSE, watermark_ms, publish_id=pid, slot=slot,
+                                  from_version=one.from_version, snapshot_id=snapshot_id,
+                                  chunk_index=i, chunk_count=len(chunks), rows=int(sd.ids.size),
+                                  payload=c)
+                     for i, c in enumerate(chunks)]
         return msgs

@@ -111,7 +111,7 @@ class OnlineTrainer:
         self.publisher = DeltaPublisher(
             self.producer, self.topics.params, learner.table,
             lambda: tower_to_safetensors(learner.tower, {"examples_trained": str(learner.examples_trained)}),
-            sync, {s: c.embedding_dim for s in learner.model_cfg.slots})
+            sync)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None,
@@ -197,9 +197,9 @@ class OnlineTrainer:
             return
         if self.cfg.ttl_s > 0 and now - self._last_expire >= self.cfg.expire_interval_s:
             self._last_expire = now
-            expired = self.learner.table.expire(time.time())
-            if expired:
-                log.debug("expired %d rows", expired)
+            self.learner.table.expire(time.time())
+            if self.publisher is None:  # no replica needs the deletion records
+                self.learner.table.compact_deletions(int(self.learner.table.version))
         if self.publisher is not None:
             try:
                 self.publisher.maybe_publish(self.learner.watermark_ms, now)
