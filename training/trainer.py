@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from streams.events import ExampleBatch, SchemaError, decode_examples
@@ -221,7 +222,12 @@ class OnlineTrainer:
             CHECKPOINTS.inc()
         elif self.store is not None:
             return  # nothing trained yet: no state to cover any offset
-        self.consumer.commit(offsets)
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # Out of the group for a moment (rebalance): the checkpoint holds the offsets, and
+            # the next checkpoint commits again; replays in between are filtered or de-duplicated.
+            log.warning("offset commit failed (%s); will retry at the next checkpoint", exc)
 
     def finish(self) -> None:
         """Trains what is pending, publishes everything, checkpoints: the clean-stop path."""
