@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -229,11 +230,28 @@ def _int(name: str, x: Any) -> int:
 
 
 def _ints(name: str, xs: Any) -> list[int]:
+    """A list of int64s, checked by one NumPy conversion instead of a Python loop."""
     if not isinstance(xs, list):
         raise SchemaError(f"{name} must be a list of integers")
-    for x in xs:
-        _int(name, x)
+    if xs:
+        try:
+            kind = np.array(xs).dtype.kind  # >int64 -> 'u' or 'O'; floats 'f'; nested 'O'
+        except (ValueError, OverflowError):
+            kind = "O"
+        if kind != "i":
+            raise SchemaError(f"{name} must be a list of 64-bit integers")
     return xs
+
+
+def _floats(name: str, xs: list, lo: float = -math.inf, hi: float = math.inf) -> None:
+    try:
+        arr = np.array(xs)
+    except (ValueError, OverflowError):
+        arr = np.array([None])
+    if arr.dtype.kind not in "if" or not np.isfinite(arr).all():
+        raise SchemaError(f"{name} must hold finite numbers")
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise SchemaError(f"{name} must lie in [{lo:g}, {hi:g}]")
 
 
 def _time(x: Any) -> int:
@@ -268,8 +286,9 @@ def validate_impression(imp: Impression) -> Impression:
         _str("slot name", slot)
         if not isinstance(rows, list) or len(rows) != n:
             raise SchemaError(f"item_sparse[{slot!r}] must have one id list per item ({n})")
-        for row in rows:
-            _ints(f"item_sparse[{slot!r}]", row)
+        if not all(type(row) is list for row in rows):
+            raise SchemaError(f"item_sparse[{slot!r}] must hold one list of ids per item")
+        _ints(f"item_sparse[{slot!r}]", list(chain.from_iterable(rows)))
     for slot, ids in imp.user_sparse.items():
         _str("slot name", slot)
         _ints(f"user_sparse[{slot!r}]", ids)
@@ -279,15 +298,11 @@ def validate_impression(imp: Impression) -> Impression:
         widths = {len(r) if isinstance(r, list) else -1 for r in imp.dense}
         if len(widths) != 1 or -1 in widths:
             raise SchemaError("dense rows must be lists of one width")
-        for r in imp.dense:
-            for x in r:
-                _float("dense", x)
+        _floats("dense", imp.dense)
     if imp.truth_p is not None:
         if not isinstance(imp.truth_p, list) or len(imp.truth_p) != n:
             raise SchemaError(f"truth_p must have one probability per item ({n})")
-        for p in imp.truth_p:
-            if not 0.0 <= _float("truth_p", p) <= 1.0:
-                raise SchemaError(f"truth_p must lie in [0, 1], got {p!r}")
+        _floats("truth_p", imp.truth_p, 0.0, 1.0)
     return imp
 
 

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     # name: module defining add_arguments(parser) and run(args) -> dict
     "trainer": "training.bench_trainer",
     "freshness": "training.bench_freshness",
+    "streams": "streams.bench",
 }
 
 

@@ -59,7 +59,8 @@ def test_late_actions_are_counted_and_routed_not_dropped(kafka_topics, tmp_path)
     joiner.close()
     late = dead_letters(kafka_topics, "late")
     assert [d.reason for d in late] == ["closed"]
-    assert late[0].topic == topic_names(kafka_topics.topic_prefix).actions and late[0].offset == 0
+    # offset 0 of the actions topic holds the watermark; the action is offset 1
+    assert late[0].topic == topic_names(kafka_topics.topic_prefix).actions and late[0].offset == 1
     assert examples(kafka_topics).label.tolist() == [0.0]
 
 
@@ -109,3 +110,32 @@ def test_pending_impressions_survive_a_restart(kafka_topics, tmp_path):
     joiner.close()
     ex = examples(kafka_topics)
     assert dict(zip(ex.item_id.tolist(), ex.label.tolist())) == {5: 0.0, 6: 1.0}
+
+
+def test_metrics_count_events_examples_dlq_and_pending(kafka_topics, tmp_path):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (value("hw_stream_events_in_total", kind="impression"),
+              value("hw_stream_examples_out_total", label="1"),
+              value("hw_stream_dlq_total", reason="undecodable"))
+    topics = topic_names(kafka_topics.topic_prefix)
+    producer = BatchProducer(kafka_topics)
+    producer.send(topics.actions, b"\xc1")
+    producer.flush()
+    producer.close()
+    send(kafka_topics, [imp("m1", 1, 1000, [1, 2, 3])], [[Action("m1", 1, 2, "click", 1.0, 1100)]])
+    joiner = OnlineJoiner(joiner_config(kafka_topics, tmp_path))
+    run_until(joiner, lambda: joiner.max_time == 1000 and
+              value("hw_stream_dlq_total", reason="undecodable") > before[2] and
+              value("hw_stream_pending_requests") == 1)  # the gauge refreshes about once a second
+    assert value("hw_stream_pending_requests") == 1
+    send(kafka_topics, watermark=Watermark(10 * MIN))
+    run_until(joiner, lambda: value("hw_stream_pending_requests") == 0)
+    joiner.close()
+    assert value("hw_stream_events_in_total", kind="impression") - before[0] == 3
+    assert value("hw_stream_examples_out_total", label="1") - before[1] == 1
+    assert value("hw_stream_dlq_total", reason="undecodable") - before[2] == 1
+    assert value("hw_stream_pending_requests") == 0
