@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "trainer": "training.bench_trainer",
     "freshness": "training.bench_freshness",
     "streams": "streams.bench",
+    "embedding": "embedding_store.bench",
 }
 
 
