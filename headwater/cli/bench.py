@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "training.bench_freshness",
     "streams": "streams.bench",
     "embedding": "embedding_store.bench",
+    "serving": "serving.bench",
 }
 
 
