@@ -26,7 +26,7 @@ class ServeConfig:
     item_slot: str = field(default="item_id", metadata={"help": "slot of candidate items (and retrieval)"})
     retrieve_k: int = field(default=200, metadata={"help": "items retrieved by dot product before ranking when no candidates are given"})
     default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
-    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default)"})
+    torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
     def validate(self) -> None:

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "headwater.cli.bench",
     "headwater.cli.streams_cmd",
     "headwater.cli.train",
+    "headwater.cli.serve",
 ]
 
 

@@ -18,6 +18,8 @@ CONFIGS: dict[str, str] = {
     "generator": "streams.generator:GeneratorConfig",
     "replay": "streams.replay:ReplayConfig",
     "train": "training.config:TrainerConfig",
+    "serve": "serving.config:ServeConfig",
+    "param-server": "serving.param_server:ParamServerConfig",
 }
 
 
