@@ -262,6 +262,10 @@ class OnlineTrainer:
             "offsets": CheckpointManifest.offsets_key(self.done_offsets),
         }
         if ln is not None:
+            stats = ln.table.stats()
+            out["table_rows"] = int(sum(s["live_rows"] for s in stats.values()))
+            out["table_bytes"] = int(sum(s["bytes_used"] for s in stats.values()))
+            TABLE_ROWS.set(out["table_rows"])
             out["eval"] = {k: v for k, v in ln.evaluator.summary().items() if k != "windows"}
             out["times"] = {"consume_s": self.consume_s, "decode_s": self.decode_s,
                             **ln.times.as_dict()}
