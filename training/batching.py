@@ -72,10 +72,10 @@ class BatchFormer:
             return True
         return bool(self._queue) and now - self._queue[0].arrived >= self.max_wait_s
 
-    def pop_ready(self, now: float, flush: bool = False) -> list[MiniBatch]:
-        """Every mini-batch that is due (all pending rows when ``flush``)."""
-        out = []
-        while self._queue and (flush or self.ready(now)):
+    def pop_ready(self, now: float, flush: bool = False, limit: int | None = None) -> list[MiniBatch]:
+        """The mini-batches that are due (all pending rows when ``flush``), at most ``limit``."""
+        out: list[MiniBatch] = []
+        while self._queue and (flush or self.ready(now)) and (limit is None or len(out) < limit):
             out.append(self._cut())
         return out
 

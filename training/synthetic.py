@@ -33,8 +33,13 @@ def slot_names(slots: int) -> list[str]:
 
 def synthetic_examples(n: int, rows_per_message: int = 1024, slots: int = 4, vocab: int = 1000,
                        seed: int = 0, first_example: int = 0, weight_scale: float = 1.5,
-                       bias: float = -1.5, zipf_a: float = 1.2, event_time_ms: int = 0) -> list:
-    """``n`` examples as a list of ExampleBatch messages; labels drawn from the hidden model."""
+                       bias: float = -1.5, zipf_a: float = 1.2, event_time_ms: int = 0,
+                       id_base: int = 0) -> list:
+    """``n`` examples as a list of ExampleBatch messages; labels drawn from the hidden model.
+
+    Ids are ``id_base + zipf % vocab`` (per slot, in disjoint ranges): raise ``id_base`` to
+    make a stream of ids never seen before.
+    """
     from streams.events import ExampleBatch, Ragged
 
     rng = np.random.default_rng(seed)
@@ -44,9 +49,9 @@ def synthetic_examples(n: int, rows_per_message: int = 1024, slots: int = 4, voc
         m = min(rows_per_message, n - start)
         sparse, logit = {}, np.full(m, bias)
         for s, name in enumerate(names):
-            ids = (rng.zipf(zipf_a, m) % vocab).astype(np.int64)
+            ids = (rng.zipf(zipf_a, m) % vocab).astype(np.int64) + id_base
             logit += _hash_weight(s, ids, weight_scale / np.sqrt(len(names)) * 2)
-            sparse[name] = Ragged(ids + s * 1_000_000_000, np.ones(m, np.int32))
+            sparse[name] = Ragged(ids + s * 10**15, np.ones(m, np.int32))
         p = 1.0 / (1.0 + np.exp(-logit))
         first = first_example + start
         out.append(ExampleBatch(

@@ -80,6 +80,7 @@ class OnlineTrainer:
         self._last_checkpoint = self._last_expire = self._last_input = now
         self._started = now
         self._assigned = False
+        self._paused = False
 
     # -- set-up ---------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -138,15 +139,25 @@ class OnlineTrainer:
             return True
         return bool(c.idle_exit_s) and time.monotonic() - self._last_input >= c.idle_exit_s
 
-    def step(self, poll_timeout_ms: int = 100) -> int:
-        """One loop iteration; returns the number of examples trained in it."""
+    def step(self, poll_timeout_ms: int = 100, budget_s: float = 1.0) -> int:
+        """One loop iteration; returns the number of examples trained in it.
+
+        Kafka drops a member that does not poll within ``max_poll_interval_ms``, so one step
+        trains for at most ``budget_s`` and fetching pauses while a backlog of more than two
+        mini-batches is pending: the loop keeps polling (and its membership) however slow a
+        step is, and memory for pending rows stays bounded.
+        """
+        self._set_paused(self.former.pending_rows >= 2 * self.cfg.batch_size)
         t0 = time.perf_counter()
-        records = self.consumer.poll(timeout_ms=poll_timeout_ms, max_records=64)
+        timeout = 0 if self.former.ready(time.monotonic()) else poll_timeout_ms
+        records = self.consumer.poll(timeout_ms=timeout, max_records=16)
         t1 = time.perf_counter()
         now = time.monotonic()
         if not self._assigned:
             # Idle time counts from joining the group, not from the (slow) rebalance before it.
             self._assigned = bool(records) or bool(self.consumer.assignment())
+            self._last_input = now
+        if self.former.pending_rows:
             self._last_input = now
         for r in records:
             if r.offset < self.resume_offsets.get((r.topic, r.partition), 0):
@@ -161,10 +172,29 @@ class OnlineTrainer:
         self.consume_s += t1 - t0
         self.decode_s += time.perf_counter() - t1
         trained = 0
-        for mb in self.former.pop_ready(time.monotonic()):
-            trained += self._train(mb)
+        deadline = time.perf_counter() + budget_s
+        while time.perf_counter() < deadline:
+            due = self.former.pop_ready(time.monotonic(), limit=1)
+            if not due:
+                break
+            trained += self._train(due[0])
         self._periodic()
         return trained
+
+    def _set_paused(self, paused: bool) -> None:
+        """Pauses/resumes fetching on the assigned partitions (polls still keep membership)."""
+        if paused == self._paused:
+            return
+        # GroupConsumer exposes no pause(); reach the kafka-python consumer it wraps.
+        inner = getattr(self.consumer, "_consumer", None)
+        if inner is None:
+            return
+        parts = inner.assignment()
+        if paused:
+            inner.pause(*parts)
+        else:
+            inner.resume(*inner.paused())
+        self._paused = paused
 
     def _train(self, mb: MiniBatch) -> int:
         n = 0
@@ -262,6 +292,10 @@ class OnlineTrainer:
             "offsets": CheckpointManifest.offsets_key(self.done_offsets),
         }
         if ln is not None:
+            stats = ln.table.stats()
+            out["table_rows"] = int(sum(s["live_rows"] for s in stats.values()))
+            out["table_bytes"] = int(sum(s["bytes_used"] for s in stats.values()))
+            TABLE_ROWS.set(out["table_rows"])
             out["eval"] = {k: v for k, v in ln.evaluator.summary().items() if k != "windows"}
             out["times"] = {"consume_s": self.consume_s, "decode_s": self.decode_s,
                             **ln.times.as_dict()}
