@@ -79,12 +79,13 @@ def run(args: argparse.Namespace) -> dict:
         try:
             if not ready.wait(60):
                 raise RuntimeError("joiner did not join its consumer group within 60 s")
+            # The truth to check against comes from the seed; computed outside the timed part.
+            expected = _expected_ids(gen, args.negative_rate)
             producer = BatchProducer(kafka, client_id="hw-bench")
             t0 = time.perf_counter()
             events, requests = produce_synthetic(gen, producer, topics)
             t_produced = time.perf_counter()
             producer.close()
-            expected = _expected_ids(gen, args.negative_rate)
             received, t_last = _read_examples(kafka, topics.examples, len(expected),
                                               t0 + args.timeout_s)
         finally:

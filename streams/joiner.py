@@ -35,7 +35,7 @@ import numpy as np
 from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
                             decode_event, encode_actions, encode_dead_letter, encode_examples)
-from streams.join_build import RESERVED_SLOTS, ClosedRequest, Unjoined, build_examples
+from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
 from streams.join_state import JoinState, PendingAction
 from streams.kafka_io import (BatchProducer, GroupConsumer, KafkaConfig, Record, next_offsets,
                               topic_names)
