@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import Progress
 
 from embedding_store.id_index import mix64
 from embedding_store.slots import SlotConfig
@@ -73,13 +75,25 @@ def run(args: argparse.Namespace) -> dict:
     stream = ZipfStream(args.universe, args.zipf, args.batch, args.new_frac, args.seed)
     table = EmbeddingTable([SlotConfig("x", args.dim, optimizer="adagrad", lr=0.05)], seed=args.seed)
     grads = torch.randn(args.batch, args.dim) * 0.01
-    st = table._stores["x"]
 
-    # Warm-up: a trained table, as a long-running trainer would have it.
-    for _ in range(args.warmup_batches):
-        b = stream.next()
-        table.lookup("x", b, train=True)
-        table.apply_gradients("x", b, grads)
+    # Warm-up: a trained table, as a long-running trainer would have it. Progress goes to
+    # stderr (transient), so stdout keeps only the JSON line; refreshed by hand, so no render
+    # thread competes with the timed code.
+    with Progress(console=Console(stderr=True), transient=True, auto_refresh=False) as progress:
+        task = progress.add_task("warm-up: training batches", total=args.warmup_batches)
+        for _ in range(args.warmup_batches):
+            b = stream.next()
+            table.lookup("x", b, train=True)
+            table.apply_gradients("x", b, grads)
+            progress.advance(task)
+            progress.refresh()
+        progress.update(task, description="timing lookups, inserts, updates and the dict baseline")
+        progress.refresh()
+        return _measure(args, stream, table, grads)
+
+
+def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTable, grads: torch.Tensor) -> dict:
+    st = table._stores["x"]
 
     n = args.batches
     train_b = [stream.next() for _ in range(n)]
