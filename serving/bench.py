@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10, help="items returned per call")
     p.add_argument("--items", type=int, default=100_000, help="item rows in the table")
     p.add_argument("--p99-budget-ms", type=float, default=25.0, help="latency budget for the headline")
-    p.add_argument("--max-wait-ms", type=float, default=1.0, help="micro-batcher wait for company")
+    p.add_argument("--max-wait-ms", type=float, default=0.5, help="micro-batcher wait for company")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads in the server")
 
 

@@ -118,13 +118,14 @@ class BatcherConfig:
     max_batch_rows: int = 8192  # row budget of one forward
     max_wait_ms: float = 1.0  # how long the oldest job may wait for company
     max_queue: int = 512  # jobs waiting at most; more -> Overloaded
+    workers: int = 1  # forward threads (more only help when cores are idle)
 
 
 class MicroBatcher(Generic[T]):
     """Runs ``forward(payloads) -> results`` on batches formed from concurrent ``submit`` calls.
 
-    One worker thread owns the model forward (torch uses its intra-op threads inside it), so
-    calls never contend for the cores with each other.
+    ``cfg.workers`` threads run forwards (torch releases the GIL inside them): while one computes,
+    the next batch forms and starts on another core. Handler threads only wait.
     """
 
     def __init__(self, forward: Callable[[list[T]], Sequence[Any]], cfg: BatcherConfig,
@@ -134,8 +135,10 @@ class MicroBatcher(Generic[T]):
         self.queue: BatchQueue[T] = BatchQueue(cfg.max_queue)
         self.on_batch = on_batch
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="microbatcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"microbatcher-{i}", daemon=True)
+                         for i in range(max(cfg.workers, 1))]
+        for t in self._threads:
+            t.start()
 
     def submit(self, payload: T, cost: int, deadline: float = float("inf"), priority: int = 0) -> Future:
         if self._stop.is_set():
@@ -146,7 +149,8 @@ class MicroBatcher(Generic[T]):
         self._stop.set()
         with self.queue.cond:
             self.queue.cond.notify_all()
-        self._thread.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)
         batch, expired = self.queue.form_batch(budget=1 << 62)
         for job in batch + expired:
             job.future.set_exception(Overloaded("server shutting down")) if not job.future.done() else None
