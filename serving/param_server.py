@@ -197,13 +197,21 @@ class ParamServer:
         meta_path = root / "meta.json"
         if not meta_path.exists():
             return
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            log.error("replica meta %s is unreadable (%s); bootstrapping from the topic", meta_path, exc)
+            return
         if meta.get("model_id") != self.cfg.model_id or meta.get("num_shards") != self.cfg.num_shards \
                 or meta.get("shard_index") != self.cfg.shard_index:
             log.warning("state in %s is for another model or shard; starting cold", root)
             return
-        table = EmbeddingTable.load(str(root / "table"))
-        tower, _ = tower_from_safetensors((root / "tower.safetensors").read_bytes())
+        try:
+            table = EmbeddingTable.load(str(root / "table"))
+            tower, _ = tower_from_safetensors((root / "tower.safetensors").read_bytes())
+        except Exception as exc:  # corrupt or partial state: Kafka still has everything
+            log.error("replica state in %s is unusable (%s); bootstrapping from the topic", root, exc)
+            return
         s = self.state
         s.table, s.tower = table, tower
         s.version, s.watermark_ms, s.snapshot_id = meta["version"], meta["watermark_ms"], meta["snapshot_id"]

@@ -97,3 +97,27 @@ def test_a_sharded_replica_keeps_only_its_ids(kafka_topics):
         for r in replicas:
             r.stop()
         trainer.close()
+
+
+def test_a_corrupt_state_dir_falls_back_to_bootstrapping_from_the_topic(kafka_topics, tmp_path):
+    trainer = Trainer(kafka_topics, seed=2)
+    trainer.train("item_id", np.arange(30))
+    trainer.pub.publish_snapshot(watermark_ms=9)
+    state = tmp_path / "ps"
+    cfg = ParamServerConfig(state_dir=str(state), poll_timeout_ms=50)
+    ps = ParamServer(cfg, kafka_topics.bootstrap_servers, trainer.topic)
+    ps.start()
+    try:
+        assert ps.wait_ready(30)
+    finally:
+        ps.stop()
+    (state / "tower.safetensors").write_bytes(b"garbage")
+    again = ParamServer(cfg, kafka_topics.bootstrap_servers, trainer.topic)
+    try:
+        assert not again.restored and not again.ready
+        again.start()
+        assert again.wait_ready(30)
+        assert _same_rows(again.current().table, trainer.table, "item_id", np.arange(30))
+    finally:
+        again.stop()
+        trainer.close()
