@@ -189,3 +189,17 @@ def test_batched_and_unbatched_servers_agree(start_server):
     together = score_jobs(model, jobs, Calibrator())
     for job, probs in zip(jobs, together):
         np.testing.assert_allclose(probs, score_jobs(model, [job], Calibrator())[0], rtol=1e-5, atol=1e-7)
+
+
+def test_served_scores_carry_the_negative_sampling_correction(start_server):
+    model = random_model(seed=6)
+    _, plain = start_server(model)
+    _, shifted = start_server(model, negative_sample_rate=0.25)
+    req = pb2.RecommendRequest(user_id=2, candidate_item_ids=list(range(20)))
+    p = np.array([i.score for i in plain.Recommend(req).items], np.float64)
+    q = np.array([i.score for i in shifted.Recommend(req).items], np.float64)
+    # odds shrink by exactly the rate; the ranking is unchanged
+    np.testing.assert_allclose(q / (1 - q), 0.25 * p / (1 - p), rtol=1e-4)
+    ex = pb2.ScoreRequest(examples=[pb2.Example(sparse=[_bag("item_id", [4])])])
+    a, b = plain.Score(ex).probabilities[0], shifted.Score(ex).probabilities[0]
+    assert b / (1 - b) == pytest.approx(0.25 * a / (1 - a), rel=1e-4)
