@@ -153,7 +153,8 @@ class MicroBatcher(Generic[T]):
             t.join(timeout=5)
         batch, expired = self.queue.form_batch(budget=1 << 62)
         for job in batch + expired:
-            job.future.set_exception(Overloaded("server shutting down")) if not job.future.done() else None
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Overloaded("server shutting down"))
 
     def _wait_for_batch(self) -> None:
         q, cfg = self.queue, self.cfg
@@ -176,7 +177,7 @@ class MicroBatcher(Generic[T]):
             self._wait_for_batch()
             batch, expired = self.queue.form_batch(self.cfg.max_batch_rows)
             for job in expired:
-                if not job.future.cancelled():
+                if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(DeadlineExpired("deadline passed while queued"))
             batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if not batch:

@@ -129,6 +129,13 @@ class ParamServer:
                 self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic)
                 log.info("bootstrapping %s from offset %d", self.topic, self.next_offset)
             follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset)
+            end = follower.end_offset()
+            if self.next_offset > end:  # the topic was recreated or truncated under us
+                log.warning("saved offset %d is past the end of %s (%d); bootstrapping again",
+                            self.next_offset, self.topic, end)
+                follower.close()
+                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic)
+                follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset)
         except BaseException as exc:  # surfaced through .error and health
             self.error = exc
             log.exception("parameter server could not start")
