@@ -36,9 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p99-budget-ms", type=float, default=25.0, help="latency budget for the headline")
     p.add_argument("--max-wait-ms", type=float, default=0.5, help="micro-batcher wait for company")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads in the server")
+    p.add_argument("--precision", default="auto", help="tower precision of both servers: auto, float32, bfloat16")
 
 
-def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torch_threads: int) -> None:
+def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torch_threads: int,
+                 precision: str) -> None:
     import torch
 
     from serving.config import ServeConfig
@@ -47,7 +49,7 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
 
     torch.set_num_threads(torch_threads)
     model = random_model(slots=("user_id", "item_id", "f00", "f01"), items=items, users=items)
-    cfg = ServeConfig(port=0, batching=batching, max_wait_ms=max_wait_ms, max_queue=1024)
+    cfg = ServeConfig(port=0, batching=batching, max_wait_ms=max_wait_ms, max_queue=1024, precision=precision)
     server = RecommendServer(cfg, StaticModelSource(model)).start()
     conn.send(server.address)
     conn.recv()  # any message (or EOF) means stop
@@ -100,7 +102,7 @@ def _measure(batching: bool, args: argparse.Namespace, clients: list[int], progr
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve_child, args=(child, batching, args.items, args.max_wait_ms,
-                                                  args.torch_threads), daemon=True)
+                                                  args.torch_threads, args.precision), daemon=True)
     proc.start()
     try:
         if not parent.poll(120):
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     best, best_base = _best(batched, args.p99_budget_ms), _best(baseline, args.p99_budget_ms)
     return {
         "bench": "serving", "candidates": args.candidates, "top_k": args.top_k,
-        "duration_s": args.duration_s, "p99_budget_ms": args.p99_budget_ms, "cpus": os.cpu_count(),
+        "duration_s": args.duration_s, "precision": args.precision, "p99_budget_ms": args.p99_budget_ms, "cpus": os.cpu_count(),
         "points": points,
         "clients": best["clients"] if best else None,
         "qps": round(best["qps"], 1) if best else 0.0,

@@ -26,6 +26,7 @@ class ServeConfig:
     item_slot: str = field(default="item_id", metadata={"help": "slot of candidate items (and retrieval)"})
     retrieve_k: int = field(default=200, metadata={"help": "items retrieved by dot product before ranking when no candidates are given"})
     default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
+    precision: str = field(default="auto", metadata={"help": "tower matmuls: float32, bfloat16, or auto (bfloat16 where the CPU has native bf16)"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
@@ -34,5 +35,7 @@ class ServeConfig:
             raise ValueError(f"role must be all or ps, got {self.role!r}")
         if not 0 < self.negative_sample_rate <= 1:
             raise ValueError("negative_sample_rate must be in (0, 1]")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
         if self.max_batch_rows <= 0 or self.max_queue <= 0 or self.workers <= 0:
             raise ValueError("max_batch_rows, max_queue and workers must be positive")

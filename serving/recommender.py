@@ -22,7 +22,7 @@ from serving.config import ServeConfig
 from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
 from serving.retrieval import ItemIndex
-from serving.scoring import RankJob, ServingModel, score_examples, score_jobs
+from serving.scoring import RankJob, ServingModel, bf16_supported, score_examples, score_jobs
 from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.limits = Limits()
         self.index = ItemIndex(cfg.item_slot)
         self.batcher: MicroBatcher | None = None
+        self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
 
     def _model(self) -> ServingModel:
         model = self.source.current()
@@ -90,7 +91,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     def forward_jobs(self, jobs: list[RankJob]) -> list[tuple[np.ndarray, ServingModel]]:
         """One model forward for many calls (the micro-batcher's forward)."""
         model = self._model()
-        probs = score_jobs(model, jobs, self.calibrator, self.cfg.user_slot, self.cfg.item_slot)
+        probs = score_jobs(model, jobs, self.calibrator, self.cfg.user_slot, self.cfg.item_slot, self.bf16)
         return [(p, model) for p in probs]
 
     def _rank(self, job: RankJob, context: grpc.ServicerContext) -> tuple[np.ndarray, ServingModel]:
@@ -149,7 +150,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     def Score(self, request, context):
         model = self._model()
         rows = example_rows(request, model.slots, model.dense_dim, self.limits)
-        probs = score_examples(model, rows, self.calibrator)
+        probs = score_examples(model, rows, self.calibrator, self.bf16)
         return pb2.ScoreResponse(probabilities=probs.tolist(), model_version=model.version,
                                  freshness_lag_ms=self.source.freshness_lag_ms())
 

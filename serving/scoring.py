@@ -16,7 +16,7 @@ import torch
 
 from serving.calibration import Calibrator
 
-__all__ = ["ServingModel", "RankJob", "score_jobs", "score_examples", "ExampleRows"]
+__all__ = ["ServingModel", "RankJob", "score_jobs", "score_examples", "ExampleRows", "bf16_supported"]
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,27 @@ class RankJob:
     dense: np.ndarray | None = None  # float32[dense_dim] or None (zeros)
 
 
-def _tower_logits(model: ServingModel, emb: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
-    with torch.inference_mode():
-        return model.tower(emb, dense)
+def bf16_supported() -> bool:
+    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX) for oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _tower_logits(model: ServingModel, emb: torch.Tensor, dense: torch.Tensor | None,
+                  bf16: bool = False) -> torch.Tensor:
+    """Tower forward; with ``bf16`` the matmuls run in bfloat16 (fp32 accumulation) via autocast.
+
+    On CPUs with native bf16 this is 2x (200 rows) to 4x (3200 rows) faster, and the gain grows
+    with the batch, which is what micro-batching feeds it. Logits differ from fp32 by ~1e-3.
+    """
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model.tower(emb, dense).float()
 
 
 def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibrator,
-               user_slot: str = "user_id", item_slot: str = "item_id") -> list[np.ndarray]:
+               user_slot: str = "user_id", item_slot: str = "item_id", bf16: bool = False) -> list[np.ndarray]:
     """Calibrated click probabilities for every job's items (float32[N_j] per job)."""
     counts = np.array([j.items.shape[0] for j in jobs], dtype=np.int64)
     total = int(counts.sum())
@@ -90,7 +104,7 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
             per_job_dense = np.stack([np.zeros(cfg.dense_dim, np.float32) if j.dense is None
                                       else np.asarray(j.dense, np.float32) for j in jobs])
             dense = torch.from_numpy(per_job_dense).index_select(0, job_of_row)
-        probs = calibrator.probabilities(_tower_logits(model, emb, dense)).numpy()
+        probs = calibrator.probabilities(_tower_logits(model, emb, dense, bf16)).numpy()
     return np.split(probs, np.cumsum(counts)[:-1])
 
 
@@ -103,7 +117,8 @@ class ExampleRows:
     dense: np.ndarray | None  # float32[B, dense_dim] or None (zeros)
 
 
-def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrator) -> np.ndarray:
+def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrator,
+                   bf16: bool = False) -> np.ndarray:
     """Calibrated probabilities float32[B] for explicit rows; a slot not given is an empty bag."""
     cfg = model.tower.cfg
     pooled = []
@@ -117,4 +132,4 @@ def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrato
         if cfg.dense_dim:
             d = rows.dense if rows.dense is not None else np.zeros((rows.size, cfg.dense_dim), np.float32)
             dense = torch.from_numpy(np.ascontiguousarray(d, np.float32))
-        return calibrator.probabilities(_tower_logits(model, emb, dense)).numpy()
+        return calibrator.probabilities(_tower_logits(model, emb, dense, bf16)).numpy()

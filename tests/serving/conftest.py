@@ -13,7 +13,8 @@ def start_server():
     """``start_server(model=None, **config) -> (server, stub)``; everything is stopped afterwards."""
     started = []
 
-    def start(model=None, metadata_token=None, **kw):
+    def start(model=None, **kw):
+        kw.setdefault("precision", "float32")  # exact comparisons with the model definition
         cfg = ServeConfig(port=0, **kw)
         server = RecommendServer(cfg, StaticModelSource(model)).start()
         channel = grpc.insecure_channel(server.address)

@@ -203,3 +203,18 @@ def test_served_scores_carry_the_negative_sampling_correction(start_server):
     ex = pb2.ScoreRequest(examples=[pb2.Example(sparse=[_bag("item_id", [4])])])
     a, b = plain.Score(ex).probabilities[0], shifted.Score(ex).probabilities[0]
     assert b / (1 - b) == pytest.approx(0.25 * a / (1 - a), rel=1e-4)
+
+
+def test_bfloat16_serving_stays_within_a_hair_of_float32(start_server):
+    model = random_model(seed=8, items=2000)
+    with torch.no_grad():  # spread the logits out, like a trained model's
+        model.tower.head.weight.mul_(40.0)
+    _, exact = start_server(model, precision="float32")
+    _, fast = start_server(model, precision="bfloat16")
+    req = pb2.RecommendRequest(user_id=5, candidate_item_ids=list(range(0, 2000, 10)))
+    a = {i.item_id: i.score for i in exact.Recommend(req).items}
+    b = {i.item_id: i.score for i in fast.Recommend(req).items}
+    pa, pb_ = np.array([a[k] for k in sorted(a)]), np.array([b[k] for k in sorted(a)])
+    assert np.ptp(pa) > 0.2  # the test is not vacuous: scores really differ between items
+    assert np.abs(pa - pb_).max() < 0.02
+    assert np.corrcoef(pa, pb_)[0, 1] > 0.999

@@ -38,7 +38,7 @@ def test_served_probabilities_are_the_trainers_and_match_the_click_rate(kafka_to
 
     ps = ParamServer(ParamServerConfig(poll_timeout_ms=50), kafka_topics.bootstrap_servers,
                      topic_names(kafka_topics.topic_prefix).params)
-    server = RecommendServer(ServeConfig(port=0), ps).start()
+    server = RecommendServer(ServeConfig(port=0, precision="float32"), ps).start()
     ps.start()
     try:
         runner.join(timeout=120)
