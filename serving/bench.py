@@ -52,7 +52,14 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
     cfg = ServeConfig(port=0, batching=batching, max_wait_ms=max_wait_ms, max_queue=1024, precision=precision)
     server = RecommendServer(cfg, StaticModelSource(model)).start()
     conn.send(server.address)
-    conn.recv()  # any message (or EOF) means stop
+    while True:  # "cpu" -> this process's CPU seconds so far; anything else (or EOF) -> stop
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        if msg != "cpu":
+            break
+        conn.send(time.process_time())
     server.stop(0.5)
 
 
@@ -69,12 +76,12 @@ async def _closed_loop(address: str, clients: int, duration_s: float, warmup_s: 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb2_grpc.RecommenderStub(channel)
         lat: list[float] = []
-        errors = 0
+        errors = calls = 0
         t_start = time.perf_counter()
         t_measure, t_end = t_start + warmup_s, t_start + warmup_s + duration_s
 
         async def client(i: int) -> None:
-            nonlocal errors
+            nonlocal errors, calls
             k = i
             while True:
                 t0 = time.perf_counter()
@@ -86,13 +93,14 @@ async def _closed_loop(address: str, clients: int, duration_s: float, warmup_s: 
                     errors += 1
                     continue
                 t1 = time.perf_counter()
+                calls += 1
                 if t0 >= t_measure:
                     lat.append(t1 - t0)
                 k += clients
 
         await asyncio.gather(*(client(i) for i in range(clients)))
     arr = np.array(lat) * 1000.0
-    return {"clients": clients, "qps": len(arr) / duration_s,
+    return {"clients": clients, "qps": len(arr) / duration_s, "calls": calls,
             "p50_ms": float(np.percentile(arr, 50)) if arr.size else float("nan"),
             "p99_ms": float(np.percentile(arr, 99)) if arr.size else float("nan"),
             "errors": errors}
@@ -110,8 +118,14 @@ def _measure(batching: bool, args: argparse.Namespace, clients: list[int], progr
         address = parent.recv()
         out = []
         for c in clients:
+            parent.send("cpu")
+            cpu0 = parent.recv()
             point = asyncio.run(_closed_loop(address, c, args.duration_s, args.warmup_s,
                                              args.candidates, args.top_k, args.items, seed=c))
+            parent.send("cpu")
+            # Server CPU per answered call (warm-up included in both): robust to a shared box.
+            calls = point.pop("calls")
+            point["server_cpu_ms_per_call"] = (parent.recv() - cpu0) * 1000.0 / max(calls, 1)
             out.append(point)
             progress(("batched" if batching else "baseline"), point)
         return out
@@ -138,12 +152,15 @@ def run(args: argparse.Namespace) -> dict:
 
     def progress(mode: str, p: dict) -> None:
         console.print(f"[bold]{mode}[/] C={p['clients']:>3}: {p['qps']:7.1f} qps  p50 {p['p50_ms']:6.2f} ms"
-                      f"  p99 {p['p99_ms']:6.2f} ms  errors {p['errors']}")
+                      f"  p99 {p['p99_ms']:6.2f} ms  server CPU {p['server_cpu_ms_per_call']:.2f} ms/call"
+                      f"  errors {p['errors']}")
 
     batched = _measure(True, args, clients, progress)
     baseline = _measure(False, args, clients, progress)
     points = [{"clients": b["clients"], "qps": round(b["qps"], 1), "p50_ms": round(b["p50_ms"], 2),
                "p99_ms": round(b["p99_ms"], 2), "errors": b["errors"],
+               "server_cpu_ms_per_call": round(b["server_cpu_ms_per_call"], 3),
+               "baseline_server_cpu_ms_per_call": round(n["server_cpu_ms_per_call"], 3),
                "baseline_qps": round(n["qps"], 1), "baseline_p50_ms": round(n["p50_ms"], 2),
                "baseline_p99_ms": round(n["p99_ms"], 2), "baseline_errors": n["errors"]}
               for b, n in zip(batched, baseline)]
@@ -158,4 +175,9 @@ def run(args: argparse.Namespace) -> dict:
         "p99_ms": round(best["p99_ms"], 2) if best else None,
         "baseline_qps": round(best_base["qps"], 1) if best_base else 0.0,
         "speedup_vs_baseline": (round(best["qps"] / best_base["qps"], 2) if best and best_base else None),
+        # Server CPU per call at those two points: the same comparison, insensitive to other
+        # load on a shared machine.
+        "server_cpu_ms_per_call": round(best["server_cpu_ms_per_call"], 3) if best else None,
+        "baseline_server_cpu_ms_per_call": (round(best_base["server_cpu_ms_per_call"], 3)
+                                            if best_base else None),
     }
