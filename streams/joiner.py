@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
+from kafka.errors import CommitFailedError
 
 from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
@@ -134,7 +135,10 @@ class OnlineJoiner:
             self.watermark = max(self.watermark, self.max_time + self.window_ms)
         self._ingest(records, stats)
         self._close_due(stats)
-        self.consumer.commit(next_offsets(records))
+        try:
+            self.consumer.commit(next_offsets(records))
+        except CommitFailedError as exc:  # partitions moved in a rebalance: input is replayed
+            log.warning("offset commit failed (%s); those records will be read again", exc)
         metrics.WATERMARK.set(self.watermark)
         if now - self._pending_refreshed > 1.0:  # a key scan: refreshed about once a second
             self._pending_refreshed = now
