@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--warmup-batches", type=int, default=40, help="training batches before timing")
     parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing passes (best kept)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -104,21 +105,37 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
     read_b = [stream.next() for _ in range(n)]
 
     # Baseline: the natural first version, a dict id -> row and a gather, same semantics
-    # (unknown ids read the default vector).
+    # (unknown ids read the default vector). Two flavours of the gather: torch indexing (what a
+    # torch project writes first; its threaded gather stalls when the cores are shared) and
+    # NumPy take (single-threaded, steadier, usually faster here).
     live = np.flatnonzero(st.live)
     index = dict(zip(st.ids[live].tolist(), live.tolist()))
     values, default = st.values, st.default
+    values_np, default_np = values.numpy(), default.numpy()
 
-    def baseline(b: torch.Tensor) -> torch.Tensor:
+    def baseline_torch(b: torch.Tensor) -> torch.Tensor:
         get = index.get
         rows = torch.tensor([get(k, -1) for k in b.tolist()], dtype=torch.int64)
         out = values[rows.clamp(min=0)]
         out[rows < 0] = default
         return out
 
-    t_lookup = _timed(lambda b: table.lookup("x", b), read_b)
-    t_base = _timed(baseline, read_b)
-    same = all(torch.equal(baseline(b), table.lookup("x", b)) for b in read_b[:2])
+    def baseline_numpy(b: torch.Tensor) -> torch.Tensor:
+        get = index.get
+        rows = np.array([get(k, -1) for k in b.tolist()], dtype=np.int64)
+        out = values_np.take(np.maximum(rows, 0), axis=0)
+        out[rows < 0] = default_np
+        return torch.from_numpy(out)
+
+    # Alternate whole passes (table, baselines, table, ...) and keep each side's best pass: a
+    # neighbour's burst on the shared cores then hits every side alike or none.
+    t_lookup = t_torch = t_numpy = float("inf")
+    for _ in range(args.rounds):
+        t_lookup = min(t_lookup, _timed(lambda b: table.lookup("x", b), read_b))
+        t_torch = min(t_torch, _timed(baseline_torch, read_b))
+        t_numpy = min(t_numpy, _timed(baseline_numpy, read_b))
+    t_base = min(t_torch, t_numpy)  # compare against the stronger of the two first versions
+    same = all(torch.equal(base(b), table.lookup("x", b)) for b in read_b[:2] for base in (baseline_torch, baseline_numpy))
 
     # Collision audit over every live row: distinct ids, and each id finds exactly its row.
     ids_live = st.ids[live]
@@ -138,6 +155,9 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
         "new_rows_per_s": round(new_rows / t_insert),
         "update_ids_per_s": round(ids_timed / t_update),
         "baseline_lookup_ids_per_s": round(base_rate),
+        "baseline_torch_gather_ids_per_s": round(ids_timed / t_torch),
+        "baseline_numpy_gather_ids_per_s": round(ids_timed / t_numpy),
+        "speedup_vs_dict_torch_gather": round(t_torch / t_lookup, 2),
         "speedup_vs_dict": round(lookup_rate / base_rate, 2),
         "baseline_matches": bool(same),
         "bytes_per_row": round(s["bytes_per_row"], 1),
