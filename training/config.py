@@ -21,7 +21,7 @@ class TrainerConfig:
     embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
     hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP widths"})
     cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers"})
-    cross_rank: int = field(default=64, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
+    cross_rank: int = field(default=32, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
     use_fm: bool = field(default=True, metadata={"help": "add the factorisation-machine pairwise term"})
     pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
     # -- optimisers
@@ -49,6 +49,7 @@ class TrainerConfig:
     max_examples: int = field(default=0, metadata={"help": "stop after training this many examples (0 = never)"})
     idle_exit_s: float = field(default=0.0, metadata={"help": "stop after no input for this long (0 = never)"})
     seed: int = field(default=0, metadata={"help": "random seed of the table and the tower"})
+    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default)"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
     def validate(self) -> None:

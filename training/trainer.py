@@ -143,14 +143,15 @@ class OnlineTrainer:
         """One loop iteration; returns the number of examples trained in it.
 
         Kafka drops a member that does not poll within ``max_poll_interval_ms``, so one step
-        trains for at most ``budget_s`` and fetching pauses while a backlog of more than two
+        trains for at most ``budget_s`` and fetching pauses while a backlog of more than eight
         mini-batches is pending: the loop keeps polling (and its membership) however slow a
-        step is, and memory for pending rows stays bounded.
+        step is, and memory for pending rows stays bounded. (Pausing drops the client's
+        prefetched data, hence a high-water mark well above one batch.)
         """
-        self._set_paused(self.former.pending_rows >= 2 * self.cfg.batch_size)
+        self._set_paused(self.former.pending_rows >= 8 * self.cfg.batch_size)
         t0 = time.perf_counter()
         timeout = 0 if self.former.ready(time.monotonic()) else poll_timeout_ms
-        records = self.consumer.poll(timeout_ms=timeout, max_records=16)
+        records = self.consumer.poll(timeout_ms=timeout, max_records=4)
         t1 = time.perf_counter()
         now = time.monotonic()
         if not self._assigned:

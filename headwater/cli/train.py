@@ -34,6 +34,10 @@ def _train(args: argparse.Namespace) -> int:
 
     kafka = load_config(KafkaConfig, args, section="train")
     cfg = load_config(TrainerConfig, args, section="train")
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     serve_metrics(cfg.metrics_port)
     stop = stop_on_signals()
     trainer = OnlineTrainer(cfg, kafka)
