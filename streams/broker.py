@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -137,10 +138,11 @@ class EmbeddedBroker:
         return self._proc.wait(timeout_s) if self._proc else None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it lingers; removes the log file."""
+        """SIGINT (Tansu's prompt graceful stop; SIGTERM takes it ~5 s), then SIGKILL if it
+        lingers; removes the log file."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:

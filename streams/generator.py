@@ -46,6 +46,14 @@ class GeneratorConfig:
     events_per_s: float = field(default=0.0, metadata={"help": "rate limit in events/s (0 = max speed)"})
     final_watermark: bool = field(default=True, metadata={"help": "send an end-of-stream watermark"})
 
+    def validate(self) -> None:
+        if min(self.users, self.items, self.dim, self.items_per_request) <= 0:
+            raise ValueError("users, items, dim and items_per_request must be positive")
+        if self.items_per_request > self.items:
+            raise ValueError("items_per_request cannot exceed items (items are distinct per request)")
+        if self.requests < 0 or self.events_per_s < 0 or self.request_interval_ms <= 0:
+            raise ValueError("requests and events_per_s must be >= 0, request_interval_ms > 0")
+
 
 @dataclass
 class Block:
@@ -64,6 +72,7 @@ class SyntheticStream:
     """The hidden world: latent users and items, a popularity law, drifting interests."""
 
     def __init__(self, cfg: GeneratorConfig) -> None:
+        cfg.validate()
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         d = cfg.dim

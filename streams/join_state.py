@@ -4,9 +4,10 @@ Key layout (raw bytes; big-endian times so that key order is time order):
 
     i <close_ms:8> <request_id>              -> the impression message as received
     r <request_id>                           -> <close_ms:8>  (request is pending)
-    a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms]
+    a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms, user_id]
     o <expire_ms:8> <a-key>                  -> ""  (an action whose impression is not here yet)
-    m watermark                              -> <ms:8>
+    m watermark | m max_time                 -> <ms:8>
+    m <name>                                 -> msgpack (per-topic progress, watermarks)
 
 Reads see only what was written; callers batch their puts and deletes in a :class:`WriteBatch`
 and apply it at the points the commit protocol allows (see :mod:`streams.joiner`).
@@ -44,6 +45,7 @@ class PendingAction:
     kind: str
     value: float
     event_time_ms: int
+    user_id: int = 0
 
 
 class JoinState:
@@ -102,11 +104,12 @@ class JoinState:
                 key = it.key()
                 if not key.startswith(prefix):
                     break
-                value, t = msgpack.unpackb(it.value())
+                value, t, user = msgpack.unpackb(it.value())
                 item = _BE64.unpack_from(key, len(prefix))[0]
                 if item >= 1 << 63:
                     item -= 1 << 64
-                found.append((key, PendingAction(item, key[len(prefix) + 8:].decode(), value, t)))
+                found.append((key, PendingAction(item, key[len(prefix) + 8:].decode(), value, t,
+                                                   user)))
                 it.next()
             out.append(found)
         del it
@@ -141,9 +144,9 @@ class JoinState:
 
     @staticmethod
     def put_action(wb: WriteBatch, request_id: bytes, item_id: int, kind: str, value: float,
-                   event_time_ms: int, orphan_expire_ms: int | None = None) -> None:
+                   event_time_ms: int, user_id: int, orphan_expire_ms: int | None = None) -> None:
         key = action_key(request_id, item_id, kind)
-        wb.put(key, msgpack.packb([value, event_time_ms]))
+        wb.put(key, msgpack.packb([value, event_time_ms, user_id]))
         if orphan_expire_ms is not None:
             wb.put(b"o" + _BE64.pack(orphan_expire_ms) + key, b"")
 
@@ -158,6 +161,15 @@ class JoinState:
     def put_times(wb: WriteBatch, watermark: int, max_time: int) -> None:
         wb.put(_WATERMARK, _BE64.pack(watermark))
         wb.put(_MAX_TIME, _BE64.pack(max_time))
+
+    def meta(self, name: str) -> object:
+        """A small msgpack value kept beside the state (e.g. per-topic progress)."""
+        raw = self.db.get(b"m" + name.encode())
+        return msgpack.unpackb(raw, raw=False) if raw else None
+
+    @staticmethod
+    def put_meta(wb: WriteBatch, name: str, value: object) -> None:
+        wb.put(b"m" + name.encode(), msgpack.packb(value))
 
     def close(self) -> None:
         self.db.close()

@@ -5,8 +5,9 @@ Each impression request waits in RocksDB until the event-time watermark passes i
 closes every shown item becomes one example: label 1 if a positive action joined it, else a
 negative, kept with probability ``negative_rate`` (recorded per example as ``sample_rate``).
 
-Watermark: the later of ``max impression event time - allowed_lateness`` and a producer's
-:class:`~streams.events.Watermark`, but held back by any input topic that still has unread
+Watermark: the later of ``max impression event time - allowed_lateness`` and the producers'
+:class:`~streams.events.Watermark` messages (the smaller of those seen on the two input topics;
+a producer ending a stream sends one to each), but held back by any input topic that still has unread
 messages (to that topic's own progress), so actions lagging behind impressions in the broker do
 not turn late; it never moves back. An action whose
 request is no longer pending and whose time is already behind the watermark is *late*: it is
@@ -30,11 +31,12 @@ from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
+from kafka.errors import CommitFailedError
 
 from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
                             decode_event, encode_actions, encode_dead_letter, encode_examples)
-from streams.join_build import RESERVED_SLOTS, ClosedRequest, Unjoined, build_examples
+from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
 from streams.join_state import JoinState, PendingAction
 from streams.kafka_io import (BatchProducer, GroupConsumer, KafkaConfig, Record, next_offsets,
                               topic_names)
@@ -62,6 +64,8 @@ class JoinerConfig:
     max_close_per_step: int = field(default=20000, metadata={"help": "requests closed per step at most"})
     idle_close_s: float = field(
         default=0.0, metadata={"help": "close every window after this long without input (0 = never)"})
+    idle_topic_s: float = field(
+        default=2.0, metadata={"help": "an input topic quiet this long stops holding the watermark"})
     fsync: bool = field(default=False, metadata={"help": "fsync RocksDB writes (power-loss safety)"})
     compression: str = field(default="lz4", metadata={"help": "producer compression"})
     max_poll_interval_ms: int = field(default=3000, metadata={"help": "consumer-group rebalance timeout"})
@@ -108,9 +112,15 @@ class OnlineJoiner:
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
                                       group_id=cfg.group_id, client_id="hw-joiner")
         self._last_input = time.monotonic()
+        self._pending_refreshed = self._last_input
         # Progress of each input topic (event time seen, minus lateness, or explicit watermarks).
-        self._topic_progress = {self.topics.impressions: 0, self.topics.actions: 0}
-        self._explicit = 0
+        inputs = (self.topics.impressions, self.topics.actions)
+        saved = self.state.meta("inputs") or {}
+        self._topic_progress = {t: saved.get(t, [0, 0])[0] for t in inputs}
+        # Explicit Watermark messages, per input topic: a promise on one topic says nothing
+        # about the other, so the joiner uses the smaller of the two.
+        self._explicit = {t: saved.get(t, [0, 0])[1] for t in inputs}
+        self._last_record = {t: 0.0 for t in inputs}
         metrics.PENDING.set(self.state.count_pending())
 
     # ------------------------------------------------------------ one step
@@ -125,8 +135,14 @@ class OnlineJoiner:
             self.watermark = max(self.watermark, self.max_time + self.window_ms)
         self._ingest(records, stats)
         self._close_due(stats)
-        self.consumer.commit(next_offsets(records))
+        try:
+            self.consumer.commit(next_offsets(records))
+        except CommitFailedError as exc:  # partitions moved in a rebalance: input is replayed
+            log.warning("offset commit failed (%s); those records will be read again", exc)
         metrics.WATERMARK.set(self.watermark)
+        if now - self._pending_refreshed > 1.0:  # a key scan: refreshed about once a second
+            self._pending_refreshed = now
+            metrics.PENDING.set(self.state.count_pending())
         return stats
 
     def _ingest(self, records: list[Record], stats: StepStats) -> None:
@@ -134,7 +150,9 @@ class OnlineJoiner:
         new_requests: set[bytes] = set()
         actions: list[tuple[Record, Action]] = []
         dead: list[DeadLetter] = []
+        now = time.monotonic()
         for rec in records:
+            self._last_record[rec.topic] = now
             try:
                 event = decode_event(rec.value)
                 self._check(event, rec.topic)
@@ -149,7 +167,7 @@ class OnlineJoiner:
                 self._advance(rec.topic, event.event_time_ms - self.lateness_ms)
                 stats.impressions += len(event.items)
             elif isinstance(event, Watermark):
-                self._explicit = max(self._explicit, event.event_time_ms)
+                self._explicit[rec.topic] = max(self._explicit.get(rec.topic, 0), event.event_time_ms)
                 self._advance(rec.topic, event.event_time_ms)
             else:
                 actions.extend((rec, a) for a in event)
@@ -160,6 +178,8 @@ class OnlineJoiner:
         late = self._ingest_actions(wb, actions, new_requests)
         self._update_watermark()
         self.state.put_times(wb, self.watermark, self.max_time)
+        self.state.put_meta(wb, "inputs", {t: [self._topic_progress[t], self._explicit[t]]
+                                           for t in self._topic_progress})
         # Adding state before the output is safe: a replay re-adds the same keys.
         self.state.write(wb)
         self._send_dead(dead, late, stats)
@@ -169,8 +189,13 @@ class OnlineJoiner:
             self._topic_progress[topic] = t
 
     def _update_watermark(self) -> None:
-        candidate = max(self.max_time - self.lateness_ms, self._explicit)
-        for topic in self.consumer.topics_behind():
+        candidate = max(self.max_time - self.lateness_ms, min(self._explicit.values()))
+        # A topic holds the watermark back while it has unread messages or delivered some
+        # recently (the lag seen by the client is only as fresh as its last fetch).
+        now = time.monotonic()
+        active = self.consumer.topics_behind() | {
+            t for t, seen in self._last_record.items() if now - seen < self.cfg.idle_topic_s}
+        for topic in active:
             candidate = min(candidate, self._topic_progress.get(topic, candidate))
         self.watermark = max(self.watermark, candidate)
 
@@ -194,12 +219,13 @@ class OnlineJoiner:
         late = []
         for (rec, a), rid, is_pending in zip(actions, rids, pending):
             if is_pending or rid in new_requests:
-                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms)
+                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
+                                      a.user_id)
             elif a.event_time_ms < self.watermark:
                 late.append((rec, a, "closed"))
             else:  # its impression may still come: park it until the watermark passes
                 self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
-                                      orphan_expire_ms=a.event_time_ms + self.window_ms)
+                                      a.user_id, orphan_expire_ms=a.event_time_ms + self.window_ms)
         return late
 
     def _close_due(self, stats: StepStats) -> None:
@@ -216,8 +242,10 @@ class OnlineJoiner:
             part = batch.take(np.arange(start, min(len(batch), start + self.cfg.examples_per_message)))
             self.producer.send(self.topics.examples, encode_examples(part))
         late = [(u.request_id, u.action, u.reason) for u in unjoined]
+        consumed = {k for acts in stored for k, _ in acts}
         for (_, akey), value in zip(orphans, orphan_values):
-            if value is not None:  # not consumed by a request that closed in the meantime
+            # Skip actions consumed by a request that closed earlier or in this very step.
+            if value is not None and akey not in consumed:
                 late.append((_rid_of(akey), _parse_action(akey, value), "no_impression"))
         for rid, pa, reason in late:
             self._send_late(rid, pa, reason)
@@ -233,14 +261,12 @@ class OnlineJoiner:
         metrics.EXAMPLES_OUT.labels("1").inc(positives)
         metrics.EXAMPLES_OUT.labels("0").inc(len(batch) - positives)
         metrics.NEGATIVES_DROPPED.inc(dropped)
-        if due:
-            metrics.PENDING.set(self.state.count_pending())
         stats.examples += len(batch)
         stats.closed = len(due)
         stats.late += len(late)
 
     def _send_late(self, request_id: str, pa: PendingAction, reason: str) -> None:
-        action = Action(request_id, 0, pa.item_id, pa.kind, pa.value, pa.event_time_ms)
+        action = Action(request_id, pa.user_id, pa.item_id, pa.kind, pa.value, pa.event_time_ms)
         self.producer.send(self.topics.late, encode_dead_letter(DeadLetter(
             reason, self.topics.actions, -1, -1, encode_actions([action]))))
         metrics.LATE.labels(reason).inc()
@@ -285,8 +311,8 @@ def _rid_of(akey: bytes) -> str:
 def _parse_action(akey: bytes, value: bytes) -> PendingAction:
     n = int.from_bytes(akey[1:3], "big")
     item = int.from_bytes(akey[3 + n:11 + n], "big", signed=True)
-    v, t = msgpack.unpackb(value)
-    return PendingAction(item, akey[11 + n:].decode(), v, t)
+    v, t, user = msgpack.unpackb(value)
+    return PendingAction(item, akey[11 + n:].decode(), v, t, user)
 
 
 def _reason_label(reason: str) -> str:

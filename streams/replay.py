@@ -152,8 +152,12 @@ def produce_json_lines(lines: TextIO, producer: BatchProducer, topics: Topics) -
             log.error("line %d rejected: %s", n, exc)
             rejected += 1
             continue
-        topic = topics.impressions if isinstance(event, (Impression, Watermark)) else topics.actions
-        producer.send(topic, encode_event(event))
+        if isinstance(event, Watermark):  # a promise about both input topics
+            producer.send(topics.impressions, encode_event(event))
+            producer.send(topics.actions, encode_event(event))
+        else:
+            topic = topics.impressions if isinstance(event, Impression) else topics.actions
+            producer.send(topic, encode_event(event))
         sent += 1
     producer.flush()
     return sent, rejected

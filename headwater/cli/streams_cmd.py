@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from headwater.cli.runtime import print_json, stop_on_signals
-from headwater.config import add_config_args, load_config
+from headwater.config import ConfigError, add_config_args
+from headwater.config import load_config as _load_config
 from headwater.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_produce)
 
 
+def load_config(cls, args: argparse.Namespace, section: str):
+    """``headwater.config.load_config``, with a config's own ``validate`` errors made clear."""
+    try:
+        return _load_config(cls, args, section=section)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"[{section}] {exc}") from None
+
+
 def _metrics_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0 = off)")
 
@@ -82,11 +94,15 @@ def _join(args: argparse.Namespace) -> int:
     joiner = OnlineJoiner(cfg)
     log.info("joiner consuming %s, %s -> %s (state %s)", joiner.topics.impressions,
              joiner.topics.actions, joiner.topics.examples, cfg.state_dir)
-    totals = {"examples": 0, "dlq": 0, "late": 0}
+    totals = {"impressions": 0, "actions": 0, "examples": 0, "dlq": 0, "late": 0}
+    last_report = [time.monotonic()]
 
     def count(stats) -> None:
         for k in totals:
             totals[k] += getattr(stats, k)
+        if time.monotonic() - last_report[0] > 10:
+            last_report[0] = time.monotonic()
+            log.info("joiner: %s, watermark %d", totals, joiner.watermark)
 
     joiner.run(stop, on_step=count)
     log.info("joiner stopped: %s", totals)

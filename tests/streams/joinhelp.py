@@ -18,6 +18,7 @@ def send(kafka: KafkaConfig, impressions=(), actions=(), watermark=None) -> None
         producer.send(topics.actions, encode_event(a))
     if watermark is not None:
         producer.send(topics.impressions, encode_event(watermark))
+        producer.send(topics.actions, encode_event(watermark))
     producer.flush()
     producer.close()
 

@@ -103,6 +103,9 @@ def test_events_round_trip_and_carry_the_schema_version():
     (Impression("r", 1, 0, []), "no items"),
     (Impression("r", 1, 0, [1, 2], item_sparse={"cat": [[1]]}), "one id list per item"),
     (Impression("r", 1, 0, [1], dense=[[math.nan]]), "finite"),
+    (Impression("r", 1, 0, [1], dense=[["1.5"]]), "finite"),
+    (Impression("r", 1, 0, [1.5]), "64-bit"),
+    (Impression("r", 1, 0, [1], item_sparse={"c": [[2**63]]}), "64-bit"),
     (Impression("r", 1, 0, [2**64]), "64-bit"),
     (Impression("r", 1, 0, [1], truth_p=[1.5]), r"\[0, 1\]"),
 ])

@@ -4,13 +4,18 @@ import numpy as np
 import pytest
 
 from streams import metrics
-from streams.events import Action, Impression, Watermark, example_ids
+from streams.events import Action, Impression, Watermark, decode_event, example_ids
 from streams.joiner import OnlineJoiner
 from streams.kafka_io import BatchProducer, topic_names
 
 from joinhelp import dead_letters, examples, joiner_config, run_until, send
 
 MIN = 60_000
+
+
+def has_key(joiner, prefix: bytes) -> bool:
+    """Whether the joiner's RocksDB state holds a key of this kind (a parked action: b"o")."""
+    return next(iter(joiner.state.db.keys(from_key=prefix)), b"").startswith(prefix)
 
 
 def imp(rid, user, t, items, **kw):
@@ -59,7 +64,8 @@ def test_late_actions_are_counted_and_routed_not_dropped(kafka_topics, tmp_path)
     joiner.close()
     late = dead_letters(kafka_topics, "late")
     assert [d.reason for d in late] == ["closed"]
-    assert late[0].topic == topic_names(kafka_topics.topic_prefix).actions and late[0].offset == 0
+    # offset 0 of the actions topic holds the watermark; the action is offset 1
+    assert late[0].topic == topic_names(kafka_topics.topic_prefix).actions and late[0].offset == 1
     assert examples(kafka_topics).label.tolist() == [0.0]
 
 
@@ -109,3 +115,56 @@ def test_pending_impressions_survive_a_restart(kafka_topics, tmp_path):
     joiner.close()
     ex = examples(kafka_topics)
     assert dict(zip(ex.item_id.tolist(), ex.label.tolist())) == {5: 0.0, 6: 1.0}
+
+
+def test_metrics_count_events_examples_dlq_and_pending(kafka_topics, tmp_path):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (value("hw_stream_events_in_total", kind="impression"),
+              value("hw_stream_examples_out_total", label="1"),
+              value("hw_stream_dlq_total", reason="undecodable"))
+    topics = topic_names(kafka_topics.topic_prefix)
+    producer = BatchProducer(kafka_topics)
+    producer.send(topics.actions, b"\xc1")
+    producer.flush()
+    producer.close()
+    send(kafka_topics, [imp("m1", 1, 1000, [1, 2, 3])], [[Action("m1", 1, 2, "click", 1.0, 1100)]])
+    joiner = OnlineJoiner(joiner_config(kafka_topics, tmp_path))
+    run_until(joiner, lambda: joiner.max_time == 1000 and
+              value("hw_stream_dlq_total", reason="undecodable") > before[2] and
+              value("hw_stream_pending_requests") == 1)  # the gauge refreshes about once a second
+    assert value("hw_stream_pending_requests") == 1
+    send(kafka_topics, watermark=Watermark(10 * MIN))
+    run_until(joiner, lambda: value("hw_stream_pending_requests") == 0)
+    joiner.close()
+    assert value("hw_stream_events_in_total", kind="impression") - before[0] == 3
+    assert value("hw_stream_examples_out_total", label="1") - before[1] == 1
+    assert value("hw_stream_dlq_total", reason="undecodable") - before[2] == 1
+    assert value("hw_stream_pending_requests") == 0
+
+
+def test_an_action_that_arrives_before_its_impression_still_joins(kafka_topics, tmp_path):
+    send(kafka_topics, actions=[[Action("early", 4, 9, "click", 1.0, 1500)]])
+    joiner = OnlineJoiner(joiner_config(kafka_topics, tmp_path))
+    run_until(joiner, lambda: has_key(joiner, b"o"))
+    send(kafka_topics, [imp("early", 4, 1000, [8, 9])], watermark=Watermark(10 * MIN))
+    run_until(joiner, lambda: joiner.state.count_pending() == 0 and joiner.watermark > 0)
+    joiner.close()
+    ex = examples(kafka_topics)
+    assert dict(zip(ex.item_id.tolist(), ex.label.tolist())) == {8: 0.0, 9: 1.0}
+    assert dead_letters(kafka_topics, "late", idle_s=0.5) == []
+
+
+def test_an_action_whose_impression_never_comes_expires_as_late(kafka_topics, tmp_path):
+    send(kafka_topics, actions=[[Action("ghost", 4, 9, "click", 1.0, 1500)]])
+    joiner = OnlineJoiner(joiner_config(kafka_topics, tmp_path))
+    run_until(joiner, lambda: has_key(joiner, b"o"))
+    send(kafka_topics, watermark=Watermark(10 * MIN))
+    run_until(joiner, lambda: not has_key(joiner, b"a"))
+    joiner.close()
+    late = dead_letters(kafka_topics, "late")
+    assert [d.reason for d in late] == ["no_impression"]
+    assert decode_event(late[0].payload) == [Action("ghost", 4, 9, "click", 1.0, 1500)]

@@ -1,0 +1,148 @@
+"""``headwater bench streams --json``: generator -> broker -> joiner -> hw.examples, end to end.
+
+A real Tansu broker, the joiner in its own process (as deployed), the synthetic generator as the
+source. ``events_per_s`` counts input events (shown items + actions) from the first send to the
+last example read back; ``lost`` is expected examples minus unique example ids received. The
+baseline measured in the same run is the producer alone (``produce_events_per_s``): the joiner
+cannot be faster than events can be put into the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import logging
+import multiprocessing as mp
+import pstats
+import tempfile
+import time
+import uuid
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+
+from streams.broker import BrokerConfig, EmbeddedBroker
+from streams.events import decode_examples, example_ids, keep_negative
+from streams.generator import GeneratorConfig, SyntheticStream, produce_synthetic
+from streams.joiner import JoinerConfig, OnlineJoiner
+from streams.kafka_io import BatchProducer, read_topic, topic_names
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=int, default=1_000_000, help="input events to push (approx.)")
+    p.add_argument("--items-per-request", type=int, default=20)
+    p.add_argument("--negative-rate", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="profile the joiner; top functions to stderr")
+    p.add_argument("--timeout-s", type=float, default=300.0)
+
+
+def _joiner_process(cfg: JoinerConfig, ready, stop, profile: bool, out) -> None:
+    prof = cProfile.Profile() if profile else None
+    joiner = OnlineJoiner(cfg)
+    while not joiner.consumer.assignment() and not stop.is_set():
+        joiner.step(timeout_ms=100)
+    ready.set()
+    if prof:
+        prof.enable()
+    try:
+        while not stop.is_set():
+            joiner.step(timeout_ms=50)
+    finally:
+        joiner.close()
+        if prof:
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+            out.put(buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict:
+    gen = GeneratorConfig(seed=args.seed, items_per_request=args.items_per_request,
+                          requests=max(1, args.events // (args.items_per_request + 2)))
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    with EmbeddedBroker(BrokerConfig(port=0, topic_prefix=prefix)) as broker, \
+            tempfile.TemporaryDirectory() as tmp:
+        kafka = broker.kafka_config(prefix)
+        topics = topic_names(prefix)
+        cfg = JoinerConfig(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
+                           state_dir=f"{tmp}/state", window_s=60, allowed_lateness_s=5,
+                           negative_rate=args.negative_rate)
+        ctx = mp.get_context("spawn")
+        ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+        proc = ctx.Process(target=_joiner_process, args=(cfg, ready, stop, args.profile, out),
+                           daemon=True)
+        proc.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("joiner did not join its consumer group within 60 s")
+            # The truth to check against comes from the seed; computed outside the timed part.
+            expected = _expected_ids(gen, args.negative_rate)
+            producer = BatchProducer(kafka, client_id="hw-bench")
+            t0 = time.perf_counter()
+            events, requests = produce_synthetic(gen, producer, topics)
+            t_produced = time.perf_counter()
+            producer.close()
+            received, t_last = _read_examples(kafka, topics.examples, len(expected),
+                                              t0 + args.timeout_s)
+        finally:
+            stop.set()
+            profile_text = out.get(timeout=30) if args.profile else ""
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        dlq = len(read_topic(kafka, topics.dlq, idle_s=0.5))
+        late = len(read_topic(kafka, topics.late, idle_s=0.5))
+    if profile_text:
+        log.warning("joiner profile (tottime):\n%s", profile_text)
+    unique = np.unique(received)
+    lost = int(len(np.setdiff1d(expected, unique)))
+    elapsed = t_last - t0
+    return {
+        "bench": "streams", "events": events, "requests": requests,
+        "events_per_s": round(events / elapsed, 1), "elapsed_s": round(elapsed, 3),
+        "examples": int(len(unique)), "expected_examples": int(len(expected)),
+        "duplicates": int(len(received) - len(unique)), "lost": lost, "dlq": dlq, "late": late,
+        "produce_events_per_s": round(events / (t_produced - t0), 1),
+        "items_per_request": args.items_per_request, "negative_rate": args.negative_rate,
+    }
+
+
+def _expected_ids(gen: GeneratorConfig, negative_rate: float) -> np.ndarray:
+    parts = []
+    for b in SyntheticStream(gen).blocks(gen.requests):
+        for r in range(len(b.request_index)):
+            ids = example_ids(f"g{gen.seed}-{b.request_index[r]}", b.items[r])
+            if negative_rate < 1.0:
+                ids = ids[b.clicked[r] | keep_negative(ids, negative_rate)]
+            parts.append(ids)
+    return np.unique(np.concatenate(parts))
+
+
+def _read_examples(kafka, topic: str, want: int, deadline: float) -> tuple[np.ndarray, float]:
+    """Reads example ids until ``want`` unique ids arrived (or the deadline); (ids, time of last)."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False,
+                             max_partition_fetch_bytes=kafka.max_message_bytes)
+    parts = consumer.partitions_for_topic(topic) or {0}
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    ids: list[np.ndarray] = []
+    seen = 0
+    t_last = time.perf_counter()
+    try:
+        while time.perf_counter() < deadline:
+            got = consumer.poll(timeout_ms=100, max_records=1000)
+            for msgs in got.values():
+                for m in msgs:
+                    ids.append(decode_examples(m.value).example_id)
+                    seen += len(ids[-1])
+                t_last = time.perf_counter()
+            if seen >= want and len(np.unique(np.concatenate(ids))) >= want:
+                break
+    finally:
+        consumer.close()
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), t_last

@@ -1,0 +1,134 @@
+"""Sources: the synthetic world (ground truth, skew, drift, determinism), CSV replay, JSON input."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from streams.events import Action, Impression, SchemaError, Watermark, decode_event
+from streams.generator import GeneratorConfig, SyntheticStream
+from streams.kafka_io import BatchProducer, read_topic, topic_names
+from streams.replay import load_csv, produce_json_lines, produce_requests
+
+
+def auc(p: np.ndarray, y: np.ndarray) -> float:
+    ranks = p.argsort().argsort() + 1
+    npos = y.sum()
+    return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * (len(y) - npos)))
+
+
+def test_same_seed_same_stream_and_different_seed_different_stream():
+    cfg = GeneratorConfig(seed=5, users=300, items=1000)
+    a = [m for b in SyntheticStream(cfg).blocks(600, 200) for m in SyntheticStream(cfg).messages(b)]
+    b = [m for b in SyntheticStream(cfg).blocks(600, 200) for m in SyntheticStream(cfg).messages(b)]
+    c = [m for b in SyntheticStream(GeneratorConfig(seed=6, users=300, items=1000)).blocks(600, 200)
+         for m in SyntheticStream(cfg).messages(b)]
+    assert a == b and a != c
+
+
+def test_clicks_follow_the_exposed_ground_truth_probability():
+    world = SyntheticStream(GeneratorConfig(seed=1))
+    block = world.block(4000)
+    p, y = block.truth_p.ravel(), block.clicked.ravel()
+    assert abs(y.mean() - p.mean()) < 0.01  # clicks are Bernoulli(truth_p)
+    assert auc(p, y) > 0.75  # the truth is informative: the best achievable AUC is well above 0.5
+    np.testing.assert_allclose(
+        world.truth_p(block.user_id, block.items, block.event_time_ms), block.truth_p, rtol=1e-6)
+
+
+def test_item_exposure_is_zipf_skewed_and_items_are_distinct_per_request():
+    cfg = GeneratorConfig(seed=2, items=5000)
+    block = SyntheticStream(cfg).block(3000)
+    counts = np.sort(np.bincount(block.items.ravel(), minlength=cfg.items))[::-1]
+    assert counts[:50].sum() > 0.3 * counts.sum()  # the head gets much of the exposure
+    assert all(len(set(row)) == len(row) for row in block.items.tolist())
+
+
+def test_user_interests_drift_with_event_time():
+    cfg = GeneratorConfig(seed=3, drift_period_s=100.0)
+    world = SyntheticStream(cfg)
+    users, items = np.arange(50), np.tile(np.arange(20), (50, 1))
+    now = np.full(50, cfg.start_time_ms)
+    later = now + 25_000  # a quarter period
+    assert np.abs(world.truth_p(users, items, now) - world.truth_p(users, items, later)).mean() > 0.01
+    np.testing.assert_allclose(world.truth_p(users, items, now),
+                               world.truth_p(users, items, now + 100_000), atol=1e-5)
+
+
+def test_generated_messages_decode_with_the_schema_and_carry_truth_p():
+    world = SyntheticStream(GeneratorConfig(seed=4))
+    block = world.block(20)
+    events = [decode_event(v) for _, v in world.messages(block)]
+    imps = [e for e in events if isinstance(e, Impression)]
+    assert len(imps) == 20 and imps[0].truth_p == pytest.approx(block.truth_p[0].tolist(), abs=1e-6)
+    assert sum(len(e) for e in events if isinstance(e, list)) == int(block.clicked.sum())
+
+
+def write_csv(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_csv_rows_become_requests_in_event_time_order(tmp_path):
+    f = write_csv(tmp_path / "log.csv", "user_id,item_id,label,ts,genre,dense_age\n"
+                  "1,10,0,2000,3,0.5\n2,20,1,1000,4,1.5\n1,11,1,2000,5,2.5\n")
+    reqs = list(load_csv(f))
+    assert [(imp.user_id, imp.items, imp.event_time_ms) for imp, _ in reqs] == [
+        (2, [20], 1_000_000), (1, [10, 11], 2_000_000)]  # ts in seconds -> ms
+    imp, clicks = reqs[1]
+    assert imp.item_sparse == {"genre": [[3], [5]]} and imp.dense == [[0.5], [2.5]]
+    assert clicks == [Action(imp.request_id, 1, 11, "click", 1.0, 2_000_001)]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("user_id,item_id,ts\n1,2,3\n", "missing columns"),
+    ("user_id,item_id,label,ts\n1,2,0,5\n1,2\n", "(?i)line #3"),
+    ("user_id,item_id,label,ts\n1,x,0,5\n", "integers"),
+])
+def test_malformed_csv_is_rejected_with_a_clear_error(tmp_path, text, reason):
+    with pytest.raises(SchemaError, match=reason):
+        list(load_csv(write_csv(tmp_path / "bad.csv", text)))
+
+
+def test_replay_produces_impressions_actions_and_a_final_watermark(kafka_topics, tmp_path):
+    f = write_csv(tmp_path / "log.csv", "user_id,item_id,label,ts\n1,10,1,1700000000000\n"
+                  "1,11,0,1700000000000\n2,12,0,1700000001000\n")
+    topics = topic_names(kafka_topics.topic_prefix)
+    producer = BatchProducer(kafka_topics)
+    assert produce_requests(load_csv(f), producer, topics) == 4  # 3 shown items + 1 click
+    producer.close()
+    imps = [decode_event(r.value) for r in read_topic(kafka_topics, topics.impressions, idle_s=0.5)]
+    acts = [decode_event(r.value) for r in read_topic(kafka_topics, topics.actions, idle_s=0.5)]
+    assert [i.items for i in imps[:2]] == [[10, 11], [12]] and isinstance(imps[2], Watermark)
+    assert acts[0][0].item_id == 10 and isinstance(acts[1], Watermark)
+
+
+def test_json_lines_are_produced_and_bad_lines_reported(kafka_topics):
+    lines = io.StringIO("\n".join([
+        json.dumps({"type": "impression", "request_id": "r", "user_id": 1, "event_time_ms": 5,
+                    "items": [1, 2]}),
+        "{not json",
+        json.dumps({"type": "action", "request_id": "r", "user_id": 1, "item_id": 2,
+                    "event_time_ms": 9}),
+    ]))
+    topics = topic_names(kafka_topics.topic_prefix)
+    producer = BatchProducer(kafka_topics)
+    assert produce_json_lines(lines, producer, topics) == (2, 1)
+    producer.close()
+    assert len(read_topic(kafka_topics, topics.actions, idle_s=0.5)) == 1
+
+
+def test_headwater_produce_json_command_end_to_end(kafka_topics):
+    line = json.dumps({"type": "impression", "request_id": "cli", "user_id": 3,
+                       "event_time_ms": 1, "items": [7]})
+    out = subprocess.run([sys.executable, "-m", "headwater", "produce", "--json",
+                          "--bootstrap-servers", kafka_topics.bootstrap_servers,
+                          "--topic-prefix", kafka_topics.topic_prefix],
+                         input=line + "\n", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"sent": 1, "rejected": 0}
+    got = read_topic(kafka_topics, topic_names(kafka_topics.topic_prefix).impressions, idle_s=0.5)
+    assert decode_event(got[0].value).request_id == "cli"
