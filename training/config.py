@@ -15,7 +15,8 @@ class TrainerConfig:
     group_id: str = field(default="hw-trainer", metadata={"help": "consumer group on hw.examples"})
     # -- mini-batches
     batch_size: int = field(default=1024, metadata={"help": "examples per mini-batch"})
-    max_batch_wait_ms: int = field(default=200, metadata={"help": "train a partial batch once its oldest row waited this long"})
+    max_batch_wait_ms: int = field(default=50, metadata={"help": "train a partial batch once its oldest row waited this long"})
+    fetch_max_wait_ms: int = field(default=20, metadata={"help": "longest the broker may hold a fetch waiting for data"})
     # -- model (empty slots: every slot of the first batch, sorted)
     slots: tuple[str, ...] = field(default=(), metadata={"help": "sparse slots to use (comma list; empty = all seen in the first batch)"})
     embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
