@@ -255,6 +255,11 @@ class OnlineTrainer:
             self._last_checkpoint = now
             self.checkpoint()
 
+    def request_dense(self) -> None:
+        """Publish the dense tower at the next step instead of waiting for its interval."""
+        if self.publisher is not None:
+            self.publisher.request_dense()
+
     def checkpoint(self) -> None:
         """Persists state (when a directory is configured), then commits the offsets it covers."""
         offsets = dict(self.done_offsets)
