@@ -72,6 +72,14 @@ class BatchFormer:
             return True
         return bool(self._queue) and now - self._queue[0].arrived >= self.max_wait_s
 
+    def wait_s(self, now: float) -> float:
+        """Seconds until a mini-batch is due (0 if one is; inf if nothing is pending)."""
+        if self.pending_rows >= self.batch_size:
+            return 0.0
+        if not self._queue:
+            return float("inf")
+        return max(0.0, self._queue[0].arrived + self.max_wait_s - now)
+
     def pop_ready(self, now: float, flush: bool = False, limit: int | None = None) -> list[MiniBatch]:
         """The mini-batches that are due (all pending rows when ``flush``), at most ``limit``."""
         out: list[MiniBatch] = []

@@ -1,10 +1,11 @@
 """``headwater bench freshness --json``: action produced -> changed row published on ``hw.params``.
 
-Runs the whole path in one process on a real broker: a producer thread sends impressions, each
-for a user never seen before, followed at once by a click; the streams joiner (a thread) turns
-them into examples; the online trainer (a thread, default sync intervals) trains and publishes;
-a watcher thread tails ``hw.params`` and stamps the first sparse message carrying the user's
-``user_id`` row. Latency = that stamp minus the time the click was acknowledged by the broker.
+Runs the whole path on a real broker, each stage its own process as in production: this process
+sends impressions, each for a user never seen before, followed at once by a click;
+``headwater join`` turns them into examples; ``headwater train`` (default sync intervals) trains
+and publishes; a watcher thread here tails ``hw.params`` and stamps the first sparse message
+carrying the user's ``user_id`` row. Latency = that stamp minus the time the click was
+acknowledged by the broker. A second watcher on ``hw.examples`` gives the joiner's share.
 
 The joiner must wait its join window before it can emit an example (it cannot know no further
 click will come), so the window is part of the figure and is reported; the baseline figure is
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,12 +42,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Watcher(threading.Thread):
-    """Tails hw.params partition 0 and stamps when each probe user's row first appears."""
+    """Tails partition 0 of a topic and stamps when each probe user first appears in it.
 
-    def __init__(self, kafka: Any, topic: str) -> None:
+    ``kind="params"``: in a sparse ``user_id`` delta on hw.params; ``kind="examples"``: in an
+    example batch on hw.examples (the joiner's share of the latency).
+    """
+
+    def __init__(self, kafka: Any, topic: str, kind: str = "params") -> None:
         super().__init__(daemon=True)
         from kafka import KafkaConsumer, TopicPartition
 
+        self.kind = kind
         self.consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,
                                       enable_auto_commit=False, fetch_max_wait_ms=20,
                                       max_partition_fetch_bytes=16 << 20)
@@ -54,19 +62,31 @@ class _Watcher(threading.Thread):
         self.seen: dict[int, float] = {}
         self.stop = threading.Event()
 
-    def run(self) -> None:
+    def _users(self, value: bytes) -> np.ndarray:
+        from streams.events import decode_examples
         from training.params_wire import SPARSE, decode_params
 
+        if self.kind == "examples":
+            return decode_examples(value).user_id
+        p = decode_params(value)
+        if p.kind == SPARSE and p.slot == "user_id" and p.rows:
+            return p.table_delta().slots["user_id"].ids
+        return np.zeros(0, np.int64)
+
+    def run(self) -> None:
         while not self.stop.is_set():
             for msgs in self.consumer.poll(timeout_ms=50).values():
                 now = time.time()
                 for m in msgs:
-                    p = decode_params(m.value)
-                    if p.kind == SPARSE and p.slot == "user_id" and len(p.ids):
-                        probes = p.ids[p.ids >= _PROBE_BASE]
-                        for u in probes.tolist():
-                            self.seen.setdefault(u, now)
+                    ids = self._users(m.value)
+                    for u in ids[ids >= _PROBE_BASE].tolist():  # a handful per second
+                        self.seen.setdefault(u, now)
         self.consumer.close()
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "headwater", "--log-level", "WARNING", *argv],
+                            stdout=subprocess.DEVNULL)
 
 
 def _broker_round_trip(kafka: Any, topic: str, n: int = 20) -> float:
@@ -99,10 +119,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from streams.broker import BrokerConfig, EmbeddedBroker
     from streams.events import Action, Impression, encode_actions, encode_impression
-    from streams.joiner import JoinerConfig, OnlineJoiner
     from streams.kafka_io import KafkaConfig, create_topics
-    from training.config import TrainerConfig
-    from training.trainer import OnlineTrainer
 
     broker = None
     if args.bootstrap_servers:
@@ -111,41 +128,54 @@ def run(args: argparse.Namespace) -> dict:
         broker = EmbeddedBroker(BrokerConfig(port=0, topic_prefix="bench"))
         broker.start()
         kafka = broker.kafka_config()
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
+    threads: list[_Watcher] = []
+    procs: list[subprocess.Popen] = []
     try:
         kafka = replace(kafka, topic_prefix=f"fresh-{uuid.uuid4().hex[:8]}")
         topics = create_topics(kafka)
         floor_ms = _broker_round_trip(kafka, topics.dlq)
         state = tempfile.mkdtemp(prefix="hw-fresh-join-")
-        joiner = OnlineJoiner(JoinerConfig(
-            bootstrap_servers=kafka.bootstrap_servers, topic_prefix=kafka.topic_prefix,
-            group_id="fresh-joiner", state_dir=state, window_s=args.window_s,
-            allowed_lateness_s=0.0, idle_close_s=0.5, examples_per_message=1024))
-        trainer = OnlineTrainer(TrainerConfig(group_id="fresh-trainer",
-                                              sparse_sync_interval_s=args.sparse_sync_interval_s),
-                                kafka)
+        common = ["--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
+        procs = [
+            _spawn(["join", *common, "--group-id", "fresh-joiner", "--state-dir", state,
+                    "--window-s", str(args.window_s), "--allowed-lateness-s", "0",
+                    "--idle-close-s", "0.5", "--examples-per-message", "1024"]),
+            _spawn(["train", *common, "--json", "--group-id", "fresh-trainer",
+                    "--sparse-sync-interval-s", str(args.sparse_sync_interval_s)]),
+        ]
         watcher = _Watcher(kafka, topics.params)
-        threads = [threading.Thread(target=joiner.run, args=(stop,), daemon=True),
-                   threading.Thread(target=trainer.run, args=(stop,), daemon=True), watcher]
+        joined = _Watcher(kafka, topics.examples, kind="examples")
+        threads = [joined, watcher]
         for t in threads:
             t.start()
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=0)
-        sent: dict[int, float] = {}
         rng = np.random.default_rng(0)
         period = 1.0 / args.rate
-        next_t = time.time()
-        for k in range(args.samples):
+
+        def request(k: int) -> tuple[int, float]:
             user = _PROBE_BASE + k
             now_ms = int(time.time() * 1000)
             items = [int(i) for i in rng.integers(1, 500, 3)]
-            imp = Impression(request_id=f"fresh-{k}", user_id=user, event_time_ms=now_ms, items=items,
-                             item_sparse={"category": [[i % 17] for i in items]})
+            imp = Impression(request_id=f"fresh-{k}", user_id=user, event_time_ms=now_ms,
+                             items=items, item_sparse={"category": [[i % 17] for i in items]})
             producer.send(topics.impressions, encode_impression(imp)).get(timeout=10)
             act = Action(request_id=f"fresh-{k}", user_id=user, item_id=items[0], kind="click",
                          event_time_ms=now_ms + 1)
             producer.send(topics.actions, encode_actions([act])).get(timeout=10)
-            sent[user] = time.time()
+            return user, time.time()
+
+        # Warm-up (untimed): traffic until the first row comes out the far end, i.e. both
+        # consumer groups have joined and the first snapshot is out.
+        k, warm_deadline = 0, time.time() + 120
+        while not watcher.seen and time.time() < warm_deadline:
+            request(1_000_000 + k)
+            k += 1
+            time.sleep(period)
+        sent: dict[int, float] = {}
+        next_t = time.time()
+        for k in range(args.samples):
+            user, t = request(k)
+            sent[user] = t
             next_t += period
             time.sleep(max(0.0, next_t - time.time()))
         deadline = time.time() + args.timeout_s
@@ -153,19 +183,29 @@ def run(args: argparse.Namespace) -> dict:
             time.sleep(0.1)
         producer.close()
         lat = np.array([(watcher.seen[u] - t) * 1000 for u, t in sent.items() if u in watcher.seen])
+        join = np.array([(joined.seen[u] - t) * 1000 for u, t in sent.items() if u in joined.seen])
         return {
             "bench": "freshness", "samples": int(len(lat)), "missing": len(sent) - int(len(lat)),
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "max_ms": float(lat.max()) if len(lat) else None,
+            # The joiner's share: action produced -> its example on hw.examples.
+            "join_p50_ms": float(np.percentile(join, 50)) if len(join) else None,
+            "join_p99_ms": float(np.percentile(join, 99)) if len(join) else None,
             "join_window_ms": args.window_s * 1000,
             "sparse_sync_interval_s": args.sparse_sync_interval_s,
             "baseline_broker_round_trip_ms": floor_ms,
         }
     finally:
-        stop.set()
-        if threads:
-            threads[-1].stop.set()  # the watcher
+        for p in procs:  # SIGTERM: both stop cleanly
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for t in threads:
+            t.stop.set()
         for t in threads:
             t.join(timeout=20)
         if broker is not None:

@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-servers", default="", help="use this broker (default: start Tansu)")
-    p.add_argument("--examples", type=int, default=200_000, help="examples to train")
+    p.add_argument("--examples", type=int, default=50 * 4096, help="examples to train")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--slots", type=int, default=26, help="sparse slots")
     p.add_argument("--dim", type=int, default=16, help="embedding dim")
     p.add_argument("--hidden", default="256,128,64", help="MLP widths (3 layers)")
     p.add_argument("--vocab", type=int, default=200_000, help="distinct ids per slot")
     p.add_argument("--message-rows", type=int, default=4096, help="examples per hw.examples message")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a shared 2-core box, OpenMP wake-ups of a "
+                        "second thread cost more than it computes; the other core runs Kafka I/O)")
     p.add_argument("--publish", action="store_true", help="also publish deltas to hw.params every 1 s")
 
 

@@ -15,13 +15,14 @@ class TrainerConfig:
     group_id: str = field(default="hw-trainer", metadata={"help": "consumer group on hw.examples"})
     # -- mini-batches
     batch_size: int = field(default=1024, metadata={"help": "examples per mini-batch"})
-    max_batch_wait_ms: int = field(default=200, metadata={"help": "train a partial batch once its oldest row waited this long"})
+    max_batch_wait_ms: int = field(default=50, metadata={"help": "train a partial batch once its oldest row waited this long"})
+    fetch_max_wait_ms: int = field(default=20, metadata={"help": "longest the broker may hold a fetch waiting for data"})
     # -- model (empty slots: every slot of the first batch, sorted)
     slots: tuple[str, ...] = field(default=(), metadata={"help": "sparse slots to use (comma list; empty = all seen in the first batch)"})
     embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
     hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP widths"})
     cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers"})
-    cross_rank: int = field(default=64, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
+    cross_rank: int = field(default=32, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
     use_fm: bool = field(default=True, metadata={"help": "add the factorisation-machine pairwise term"})
     pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
     # -- optimisers
@@ -49,6 +50,7 @@ class TrainerConfig:
     max_examples: int = field(default=0, metadata={"help": "stop after training this many examples (0 = never)"})
     idle_exit_s: float = field(default=0.0, metadata={"help": "stop after no input for this long (0 = never)"})
     seed: int = field(default=0, metadata={"help": "random seed of the table and the tower"})
+    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default)"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
     def validate(self) -> None:

@@ -51,6 +51,18 @@ def _make_producer(kafka: KafkaConfig, max_bytes: int) -> Any:
                          max_in_flight_requests_per_connection=1)
 
 
+def _shorten_fetch_wait(consumer: Any, wait_ms: int) -> None:
+    """Caps how long the broker may hold a fetch open waiting for data (kafka-python: 500 ms).
+
+    Tansu answers a waiting fetch only when the wait ends, so the default adds up to half a
+    second to every example's way to serving. GroupConsumer has no setting for it yet; we reach
+    the fetcher of the kafka-python consumer it wraps.
+    """
+    fetcher = getattr(getattr(consumer, "_consumer", None), "_fetcher", None)
+    if fetcher is not None and "fetch_max_wait_ms" in fetcher.config:
+        fetcher.config["fetch_max_wait_ms"] = wait_ms
+
+
 class OnlineTrainer:
     """Learns continuously from ``hw.examples``; see the module docstring for the guarantees."""
 
@@ -70,6 +82,7 @@ class OnlineTrainer:
         self._resume()
         self.consumer = GroupConsumer(kafka, [self.topics.examples], cfg.group_id,
                                       client_id="hw-trainer")
+        _shorten_fetch_wait(self.consumer, cfg.fetch_max_wait_ms)
         # One producer for hw.params and for bad input sent on to hw.dlq.
         self.producer = _make_producer(kafka, cfg.params_message_bytes)
         self.former = BatchFormer(cfg.batch_size, cfg.max_batch_wait_ms / 1000.0)
@@ -143,14 +156,16 @@ class OnlineTrainer:
         """One loop iteration; returns the number of examples trained in it.
 
         Kafka drops a member that does not poll within ``max_poll_interval_ms``, so one step
-        trains for at most ``budget_s`` and fetching pauses while a backlog of more than two
+        trains for at most ``budget_s`` and fetching pauses while a backlog of more than eight
         mini-batches is pending: the loop keeps polling (and its membership) however slow a
-        step is, and memory for pending rows stays bounded.
+        step is, and memory for pending rows stays bounded. (Pausing drops the client's
+        prefetched data, hence a high-water mark well above one batch.)
         """
-        self._set_paused(self.former.pending_rows >= 2 * self.cfg.batch_size)
+        self._set_paused(self.former.pending_rows >= 8 * self.cfg.batch_size)
         t0 = time.perf_counter()
-        timeout = 0 if self.former.ready(time.monotonic()) else poll_timeout_ms
-        records = self.consumer.poll(timeout_ms=timeout, max_records=16)
+        # Never sleep in poll past the moment a partial mini-batch becomes due.
+        timeout = int(min(poll_timeout_ms, self.former.wait_s(time.monotonic()) * 1000))
+        records = self.consumer.poll(timeout_ms=timeout, max_records=4)
         t1 = time.perf_counter()
         now = time.monotonic()
         if not self._assigned:
@@ -239,6 +254,11 @@ class OnlineTrainer:
         if now - self._last_checkpoint >= self.cfg.checkpoint_interval_s:
             self._last_checkpoint = now
             self.checkpoint()
+
+    def request_dense(self) -> None:
+        """Publish the dense tower at the next step instead of waiting for its interval."""
+        if self.publisher is not None:
+            self.publisher.request_dense()
 
     def checkpoint(self) -> None:
         """Persists state (when a directory is configured), then commits the offsets it covers."""

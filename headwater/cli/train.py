@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from headwater.cli.runtime import print_json, stop_on_signals
 from headwater.config import add_config_args, load_config
@@ -34,9 +35,15 @@ def _train(args: argparse.Namespace) -> int:
 
     kafka = load_config(KafkaConfig, args, section="train")
     cfg = load_config(TrainerConfig, args, section="train")
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     serve_metrics(cfg.metrics_port)
     stop = stop_on_signals()
     trainer = OnlineTrainer(cfg, kafka)
+    # SIGUSR1: publish the dense tower at the next step (the "on demand" dense sync).
+    signal.signal(signal.SIGUSR1, lambda *_: trainer.request_dense())
     log.info("training from %s.examples on %s (group %s)", kafka.topic_prefix,
              kafka.bootstrap_servers, cfg.group_id)
     if args.json:

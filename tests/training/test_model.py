@@ -98,3 +98,14 @@ def test_garbage_tower_bytes_are_a_clear_error():
 def test_config_rejects_duplicate_slots():
     with pytest.raises(ValueError, match="duplicate"):
         DenseTower(ModelConfig(slots=("a", "a")))
+
+
+def test_serving_can_import_the_model_and_wire_format_without_the_training_loop():
+    import subprocess
+    import sys
+
+    code = ("import sys, training.model, training.params_wire, training.params_reader; "
+            "print(sorted(m for m in ('kafka', 'streams', 'training.trainer', 'training.sync') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
