@@ -1,23 +1,18 @@
 """Micro-batching: concurrent ``Recommend`` calls share one model forward under a latency budget.
 
-The queue is the generic batching core (a bounded queue of costed, prioritised jobs with
-deadlines and a budgeted batch former, :class:`BatchQueue`); this module's *policy* is the
-serving one: form a batch as soon as the worker is free, take jobs until the row budget is spent,
-and wait at most ``max_wait_ms`` after the oldest job arrived for more to join. Under a closed
-loop the batch grows by itself: the calls that arrive while one forward runs form the next.
-
-Limits: the queue holds at most ``max_queue`` jobs (:class:`Overloaded` beyond, which the server
-maps to RESOURCE_EXHAUSTED); a job whose deadline passed before its batch formed is failed with
-:class:`DeadlineExpired` and costs no compute.
-
-Note: the architecture wants one batching core shared with ``llm_engine.batching``; that module
-had not landed when this was written, so :class:`BatchQueue` stands in with the same shape
-(submit / form_batch / deadlines / priorities) and is meant to be replaced by it.
+The queue and the budgeted batch former are the generic batching core of
+:mod:`llm_engine.batching` (priorities with ageing, deadlines, a greedy packer); the LLM step
+scheduler is one policy on it and this module is the other. :class:`BatchQueue` adds what a
+multi-threaded server needs around the core: a lock, a bound (:class:`Overloaded` beyond
+``max_jobs``, mapped to RESOURCE_EXHAUSTED), and dropping jobs whose deadline passed
+(:class:`DeadlineExpired`, they cost no compute). The serving *policy* (:class:`MicroBatcher`):
+form a batch as soon as a worker is free, take jobs until the row budget is spent, and wait at
+most ``max_wait_ms`` after the oldest job arrived for more to join. Under a closed loop the batch
+grows by itself: the calls that arrive while one forward runs form the next.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import threading
@@ -25,6 +20,9 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from llm_engine.batching import BatchQueue as CoreQueue
+from llm_engine.batching import QueueItem, form_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,74 +39,73 @@ class DeadlineExpired(TimeoutError):
     """The job's deadline passed before it was scored."""
 
 
-@dataclass(order=True)
+@dataclass
 class Job(Generic[T]):
-    """One queued unit of work: ``payload`` costs ``cost`` budget units; lower ``priority`` first."""
+    """One queued call: ``payload`` costs ``cost`` rows; its result arrives on ``future``."""
 
-    sort_key: tuple[int, int] = field(init=False, repr=False)
-    priority: int
-    seq: int
-    payload: T = field(compare=False)
-    cost: int = field(compare=False, default=1)
-    deadline: float = field(compare=False, default=float("inf"))  # time.monotonic() seconds
-    arrived: float = field(compare=False, default=0.0)
-    future: Future = field(compare=False, default_factory=Future)
-
-    def __post_init__(self) -> None:
-        self.sort_key = (self.priority, self.seq)
+    payload: T
+    cost: int = 1
+    priority: int = 0
+    deadline: float = float("inf")  # time.monotonic() seconds
+    arrived: float = 0.0
+    future: Future = field(default_factory=Future)
 
 
 class BatchQueue(Generic[T]):
-    """Bounded priority queue + budgeted batch former (the generic batching core)."""
+    """Thread-safe, bounded serving queue on the generic core (see module docstring)."""
 
-    def __init__(self, max_jobs: int) -> None:
+    def __init__(self, max_jobs: int, aging_s: float = 1.0) -> None:
         self.max_jobs = max_jobs
-        self._heap: list[Job[T]] = []
-        self._seq = itertools.count()
+        self.core: CoreQueue[Job[T]] = CoreQueue(aging_s=aging_s)
+        self._keys = itertools.count()
         self.cond = threading.Condition()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self.core)
 
     def submit(self, payload: T, cost: int = 1, priority: int = 0,
                deadline: float = float("inf")) -> Job[T]:
         now = time.monotonic()
-        job = Job(priority=priority, seq=next(self._seq), payload=payload, cost=cost,
-                  deadline=deadline, arrived=now)
+        job = Job(payload=payload, cost=cost, priority=priority, deadline=deadline, arrived=now)
         with self.cond:
-            if len(self._heap) >= self.max_jobs:
+            if len(self.core) >= self.max_jobs:
                 raise Overloaded(f"queue full ({self.max_jobs} jobs waiting)")
-            heapq.heappush(self._heap, job)
+            self.core.push(QueueItem(key=next(self._keys), payload=job, priority=priority,
+                                     arrival=now, deadline=deadline))
             self.cond.notify()
         return job
 
     def oldest_arrival(self) -> float | None:
         with self.cond:
-            return min((j.arrived for j in self._heap), default=None)
+            return min((it.arrival for it in self.core.items.values()), default=None)
 
     def queued_cost(self) -> int:
         with self.cond:
-            return sum(j.cost for j in self._heap)
+            return sum(it.payload.cost for it in self.core.items.values())
 
     def form_batch(self, budget: int, now: float | None = None) -> tuple[list[Job[T]], list[Job[T]]]:
-        """Pops jobs in priority order while they fit ``budget`` (the first always fits).
+        """Jobs in the core's service order while they fit ``budget`` (the first always fits).
 
-        Returns ``(batch, expired)``: jobs past their deadline or cancelled are popped into
+        Returns ``(batch, expired)``: jobs past their deadline or cancelled are removed into
         ``expired`` instead of the batch.
         """
         now = time.monotonic() if now is None else now
-        batch, expired, spent = [], [], 0
         with self.cond:
-            while self._heap:
-                job = self._heap[0]
-                if job.deadline <= now or job.future.cancelled():
-                    expired.append(heapq.heappop(self._heap))
-                    continue
-                if batch and spent + job.cost > budget:
-                    break
-                batch.append(heapq.heappop(self._heap))
-                spent += job.cost
-        return batch, expired
+            dead = [it for it in self.core.items.values()
+                    if it.deadline <= now or it.payload.future.cancelled()]
+            for it in dead:
+                self.core.remove(it.key)
+            empty = [True]
+
+            def admit(item: QueueItem[Job[T]], remaining: int) -> int:
+                cost = max(item.payload.cost, 1)
+                if empty[0] or cost <= remaining:  # a job larger than the budget goes alone
+                    empty[0] = False
+                    return cost
+                return 0
+
+            taken = form_batch(self.core, budget, max_items=len(self.core), admit=admit, now=now)
+        return [it.payload for it, _ in taken], [it.payload for it in dead]
 
 
 @dataclass
@@ -159,7 +156,7 @@ class MicroBatcher(Generic[T]):
     def _wait_for_batch(self) -> None:
         q, cfg = self.queue, self.cfg
         with q.cond:
-            while not q._heap and not self._stop.is_set():
+            while not len(q) and not self._stop.is_set():
                 q.cond.wait(timeout=0.1)
         oldest = q.oldest_arrival()
         if oldest is None:

@@ -50,6 +50,15 @@ def test_lower_priority_value_is_served_first_then_arrival_order():
     assert [j.payload for j in batch] == ["b", "d", "a", "c"]
 
 
+def test_within_a_priority_the_earliest_deadline_goes_first():
+    q = BatchQueue(max_jobs=10)
+    now = time.monotonic()
+    for name, dl in (("late", now + 60), ("none", float("inf")), ("soon", now + 5)):
+        q.submit(name, deadline=dl)
+    batch, expired = q.form_batch(budget=100, now=now)
+    assert [j.payload for j in batch] == ["soon", "late", "none"] and expired == []
+
+
 def test_a_full_queue_raises_overloaded_instead_of_growing():
     q = BatchQueue(max_jobs=3)
     for i in range(3):
