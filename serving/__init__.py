@@ -1,1 +1,1 @@
-"""serving package."""
+"""serving: the parameter-server replica and the gRPC recommendation API (see README section)."""

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "headwater.cli.bench",
     "headwater.cli.demo",
     "headwater.cli.streams_cmd",
+    "headwater.cli.train",
+    "headwater.cli.serve",
 ]
 
 

@@ -15,6 +15,9 @@ BENCHMARKS: dict[str, str] = {
     # name: module defining add_arguments(parser) and run(args) -> dict
     "streams": "streams.bench",
     "embedding": "embedding_store.bench",
+    "trainer": "training.bench_trainer",
+    "freshness": "training.bench_freshness",
+    "serving": "serving.bench",
 }
 
 

@@ -18,6 +18,9 @@ CONFIGS: dict[str, str] = {
     "generator": "streams.generator:GeneratorConfig",
     "replay": "streams.replay:ReplayConfig",
     "demo": "headwater.demo:DemoConfig",
+    "train": "training.config:TrainerConfig",
+    "serve": "serving.config:ServeConfig",
+    "param-server": "serving.param_server:ParamServerConfig",
 }
 
 

@@ -1,0 +1,74 @@
+"""``headwater train``: the online trainer (hw.examples -> table + tower -> hw.params)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from headwater.cli.runtime import print_json, stop_on_signals
+from headwater.config import add_config_args, load_config
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from streams.kafka_io import KafkaConfig
+    from training.config import TrainerConfig
+
+    p = sub.add_parser("train", help="run the online trainer on hw.examples")
+    add_config_args(p, KafkaConfig)
+    add_config_args(p, TrainerConfig)
+    p.add_argument("--json", action="store_true",
+                   help="no live view; print one JSON summary line at exit")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from headwater.metrics import serve_metrics
+    from streams.kafka_io import KafkaConfig
+    from training.config import TrainerConfig
+    from training.trainer import OnlineTrainer
+
+    kafka = load_config(KafkaConfig, args, section="train")
+    cfg = load_config(TrainerConfig, args, section="train")
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    serve_metrics(cfg.metrics_port)
+    stop = stop_on_signals()
+    trainer = OnlineTrainer(cfg, kafka)
+    # SIGUSR1: publish the dense tower at the next step (the "on demand" dense sync).
+    signal.signal(signal.SIGUSR1, lambda *_: trainer.request_dense())
+    log.info("training from %s.examples on %s (group %s)", kafka.topic_prefix,
+             kafka.bootstrap_servers, cfg.group_id)
+    if args.json:
+        summary = trainer.run(stop)
+        print_json(summary)
+        return 0
+    console = Console(stderr=True)
+    with Live(_view({}), console=console, refresh_per_second=2, transient=False) as live:
+        summary = trainer.run(stop, on_progress=lambda s: live.update(_view(s)))
+        live.update(_view(summary))
+    return 0
+
+
+def _view(s: dict) -> str:
+    if not s:
+        return "[bold]headwater train[/]: waiting for examples..."
+    ev = (s.get("eval") or {}).get("overall") or {}
+    win = (s.get("eval") or {}).get("last_window") or {}
+
+    def f(x: object) -> str:
+        return f"{x:.4f}" if isinstance(x, float) else "-"
+    return (f"[bold]trained[/] {s['examples_trained']:,}  ({s['examples_per_s']:,.0f}/s)  "
+            f"dup {s['duplicates_skipped']:,}  bad {s['bad_messages']}\n"
+            f"[bold]AUC[/] overall {f(ev.get('auc'))} (truth {f(ev.get('truth_auc'))})  "
+            f"window {f(win.get('auc'))} (truth {f(win.get('truth_auc'))})  "
+            f"logloss {f(ev.get('logloss'))}\n"
+            f"[bold]table[/] v{s['table_version']}  published v{s['published_version']}  "
+            f"checkpoints {s['checkpoints']}  watermark {s['watermark_ms']}")

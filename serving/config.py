@@ -1,0 +1,41 @@
+"""``headwater serve``'s typed configuration (the CLI turns each field into a flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ServeConfig"]
+
+
+@dataclass
+class ServeConfig:
+    """How the gRPC recommender listens, batches, retrieves and calibrates."""
+
+    role: str = field(default="all", metadata={"help": "all (PS + API in one process) or ps (parameter server only)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (loopback unless told otherwise)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    auth_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' metadata (empty = no auth)"})
+    workers: int = field(default=64, metadata={"help": "gRPC handler threads"})
+    max_concurrent_rpcs: int = field(default=1024, metadata={"help": "calls in flight beyond this get RESOURCE_EXHAUSTED"})
+    batching: bool = field(default=True, metadata={"help": "micro-batch concurrent Recommend calls into one forward"})
+    max_batch_rows: int = field(default=8192, metadata={"help": "row (candidate) budget of one model forward"})
+    max_wait_ms: float = field(default=0.5, metadata={"help": "how long a call may wait for others to share its forward"})
+    max_queue: int = field(default=256, metadata={"help": "calls waiting for a forward; beyond: RESOURCE_EXHAUSTED"})
+    negative_sample_rate: float = field(default=1.0, metadata={"help": "negative downsampling rate the model was fitted on UNWEIGHTED (log-odds shift log(r)); 1 = none (the trainer's weighted loss)"})
+    user_slot: str = field(default="user_id", metadata={"help": "slot that receives the request's user_id"})
+    item_slot: str = field(default="item_id", metadata={"help": "slot of candidate items (and retrieval)"})
+    retrieve_k: int = field(default=200, metadata={"help": "items retrieved by dot product before ranking when no candidates are given"})
+    default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
+    precision: str = field(default="auto", metadata={"help": "tower matmuls: float32, bfloat16, or auto (bfloat16 where the CPU has native bf16)"})
+    torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
+
+    def validate(self) -> None:
+        if self.role not in ("all", "ps"):
+            raise ValueError(f"role must be all or ps, got {self.role!r}")
+        if not 0 < self.negative_sample_rate <= 1:
+            raise ValueError("negative_sample_rate must be in (0, 1]")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
+        if self.max_batch_rows <= 0 or self.max_queue <= 0 or self.workers <= 0:
+            raise ValueError("max_batch_rows, max_queue and workers must be positive")

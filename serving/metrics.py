@@ -1,0 +1,20 @@
+"""Serving's Prometheus metrics (module level, so two servers in one process share series)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG",
+           "QUEUE_JOBS"]
+
+_MS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
+       0.1, 0.25, 0.5, 1.0, 2.5)
+REQUESTS = Counter("hw_serve_requests", "gRPC calls by method and status code", ["method", "code"])
+LATENCY = Histogram("hw_serve_latency_seconds", "gRPC call latency in the server", ["method"], buckets=_MS)
+BATCH_ROWS = Histogram("hw_serve_batch_rows", "rows (candidates) per model forward",
+                       buckets=(1, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800))
+BATCH_REQUESTS = Histogram("hw_serve_batch_requests", "calls merged into one model forward",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+MODEL_VERSION = Gauge("hw_serve_model_version", "table version of the served replica")
+FRESHNESS_LAG = Gauge("hw_serve_freshness_lag_seconds", "now minus the watermark of the newest applied update")
+QUEUE_JOBS = Gauge("hw_serve_queue_jobs", "calls waiting for the micro-batcher")

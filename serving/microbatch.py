@@ -1,0 +1,192 @@
+"""Micro-batching: concurrent ``Recommend`` calls share one model forward under a latency budget.
+
+The queue and the budgeted batch former are the generic batching core of
+:mod:`llm_engine.batching` (priorities with ageing, deadlines, a greedy packer); the LLM step
+scheduler is one policy on it and this module is the other. :class:`BatchQueue` adds what a
+multi-threaded server needs around the core: a lock, a bound (:class:`Overloaded` beyond
+``max_jobs``, mapped to RESOURCE_EXHAUSTED), and dropping jobs whose deadline passed
+(:class:`DeadlineExpired`, they cost no compute). The serving *policy* (:class:`MicroBatcher`):
+form a batch as soon as a worker is free, take jobs until the row budget is spent, and wait at
+most ``max_wait_ms`` after the oldest job arrived for more to join. Under a closed loop the batch
+grows by itself: the calls that arrive while one forward runs form the next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from llm_engine.batching import BatchQueue as CoreQueue
+from llm_engine.batching import QueueItem, form_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Overloaded", "DeadlineExpired", "Job", "BatchQueue", "MicroBatcher", "BatcherConfig"]
+
+T = TypeVar("T")
+
+
+class Overloaded(RuntimeError):
+    """The bounded queue is full: shed load instead of growing memory."""
+
+
+class DeadlineExpired(TimeoutError):
+    """The job's deadline passed before it was scored."""
+
+
+@dataclass
+class Job(Generic[T]):
+    """One queued call: ``payload`` costs ``cost`` rows; its result arrives on ``future``."""
+
+    payload: T
+    cost: int = 1
+    priority: int = 0
+    deadline: float = float("inf")  # time.monotonic() seconds
+    arrived: float = 0.0
+    future: Future = field(default_factory=Future)
+
+
+class BatchQueue(Generic[T]):
+    """Thread-safe, bounded serving queue on the generic core (see module docstring)."""
+
+    def __init__(self, max_jobs: int, aging_s: float = 1.0) -> None:
+        self.max_jobs = max_jobs
+        self.core: CoreQueue[Job[T]] = CoreQueue(aging_s=aging_s)
+        self._keys = itertools.count()
+        self.cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self.core)
+
+    def submit(self, payload: T, cost: int = 1, priority: int = 0,
+               deadline: float = float("inf")) -> Job[T]:
+        now = time.monotonic()
+        job = Job(payload=payload, cost=cost, priority=priority, deadline=deadline, arrived=now)
+        with self.cond:
+            if len(self.core) >= self.max_jobs:
+                raise Overloaded(f"queue full ({self.max_jobs} jobs waiting)")
+            self.core.push(QueueItem(key=next(self._keys), payload=job, priority=priority,
+                                     arrival=now, deadline=deadline))
+            self.cond.notify()
+        return job
+
+    def oldest_arrival(self) -> float | None:
+        with self.cond:
+            return min((it.arrival for it in self.core.items.values()), default=None)
+
+    def queued_cost(self) -> int:
+        with self.cond:
+            return sum(it.payload.cost for it in self.core.items.values())
+
+    def form_batch(self, budget: int, now: float | None = None) -> tuple[list[Job[T]], list[Job[T]]]:
+        """Jobs in the core's service order while they fit ``budget`` (the first always fits).
+
+        Returns ``(batch, expired)``: jobs past their deadline or cancelled are removed into
+        ``expired`` instead of the batch.
+        """
+        now = time.monotonic() if now is None else now
+        with self.cond:
+            dead = [it for it in self.core.items.values()
+                    if it.deadline <= now or it.payload.future.cancelled()]
+            for it in dead:
+                self.core.remove(it.key)
+            empty = [True]
+
+            def admit(item: QueueItem[Job[T]], remaining: int) -> int:
+                cost = max(item.payload.cost, 1)
+                if empty[0] or cost <= remaining:  # a job larger than the budget goes alone
+                    empty[0] = False
+                    return cost
+                return 0
+
+            taken = form_batch(self.core, budget, max_items=len(self.core), admit=admit, now=now)
+        return [it.payload for it, _ in taken], [it.payload for it in dead]
+
+
+@dataclass
+class BatcherConfig:
+    """The serving policy's knobs."""
+
+    max_batch_rows: int = 8192  # row budget of one forward
+    max_wait_ms: float = 1.0  # how long the oldest job may wait for company
+    max_queue: int = 512  # jobs waiting at most; more -> Overloaded
+    workers: int = 1  # forward threads (more only help when cores are idle)
+
+
+class MicroBatcher(Generic[T]):
+    """Runs ``forward(payloads) -> results`` on batches formed from concurrent ``submit`` calls.
+
+    ``cfg.workers`` threads run forwards (torch releases the GIL inside them): while one computes,
+    the next batch forms and starts on another core. Handler threads only wait.
+    """
+
+    def __init__(self, forward: Callable[[list[T]], Sequence[Any]], cfg: BatcherConfig,
+                 on_batch: Callable[[int, int], None] | None = None) -> None:
+        self.forward = forward
+        self.cfg = cfg
+        self.queue: BatchQueue[T] = BatchQueue(cfg.max_queue)
+        self.on_batch = on_batch
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, name=f"microbatcher-{i}", daemon=True)
+                         for i in range(max(cfg.workers, 1))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, payload: T, cost: int, deadline: float = float("inf"), priority: int = 0) -> Future:
+        if self._stop.is_set():
+            raise Overloaded("batcher is stopped")
+        return self.queue.submit(payload, cost=cost, priority=priority, deadline=deadline).future
+
+    def close(self) -> None:
+        self._stop.set()
+        with self.queue.cond:
+            self.queue.cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+        batch, expired = self.queue.form_batch(budget=1 << 62)
+        for job in batch + expired:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Overloaded("server shutting down"))
+
+    def _wait_for_batch(self) -> None:
+        q, cfg = self.queue, self.cfg
+        with q.cond:
+            while not len(q) and not self._stop.is_set():
+                q.cond.wait(timeout=0.1)
+        oldest = q.oldest_arrival()
+        if oldest is None:
+            return
+        wait_until = oldest + cfg.max_wait_ms / 1000.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= wait_until or q.queued_cost() >= cfg.max_batch_rows:
+                return
+            with q.cond:
+                q.cond.wait(timeout=wait_until - now)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wait_for_batch()
+            batch, expired = self.queue.form_batch(self.cfg.max_batch_rows)
+            for job in expired:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(DeadlineExpired("deadline passed while queued"))
+            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                results = self.forward([j.payload for j in batch])
+            except Exception as exc:  # one bad batch must not kill the worker
+                log.exception("batch forward failed")
+                for j in batch:
+                    j.future.set_exception(exc)
+                continue
+            for j, r in zip(batch, results):
+                j.future.set_result(r)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), sum(j.cost for j in batch))

@@ -1,0 +1,236 @@
+"""The serving parameter server: a replica of the trainer's parameters, kept seconds fresh.
+
+It tails ``hw.params`` (format: :mod:`training.params_wire`) and applies each message with
+:class:`training.params_reader.ReplicaState` semantics: sparse deltas into an
+``embedding_store.EmbeddingTable``, dense safetensors into a new tower, snapshots replacing both.
+A fresh replica bootstraps from the newest complete snapshot (``bootstrap_offset``) and then
+follows; it never replays the whole topic.
+
+Warm restart: every ``persist_interval_s`` (and on stop) the replica is saved under
+``state_dir``: the table as a RocksDB snapshot (incremental: only changed blocks), the tower as
+safetensors, and ``meta.json`` last (the next offset to read, version, watermark). A restart loads
+them and resumes at that offset. Re-applying a message after a crash between the writes is
+harmless: rows and towers are values, not increments.
+
+Sharding (``num_shards > 1``): the replica keeps only the rows whose id hashes to its shard
+(:func:`shard_of`), so a fleet of ``headwater serve --role ps`` processes splits a big table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from serving.scoring import ServingModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ParamServerConfig", "ParamServer", "shard_of"]
+
+
+@dataclass
+class ParamServerConfig:
+    """Where the replica reads from, where it persists, and which shard it holds."""
+
+    model_id: str = field(default="ctr", metadata={"help": "model id to follow on the topic"})
+    state_dir: str = field(default="", metadata={"help": "persist the replica here for warm restarts (empty = memory only)"})
+    persist_interval_s: float = field(default=10.0, metadata={"help": "save the replica this often"})
+    num_shards: int = field(default=1, metadata={"help": "shards of the id space (1 = the whole table)"})
+    shard_index: int = field(default=0, metadata={"help": "the shard this replica holds"})
+    poll_timeout_ms: int = field(default=100, metadata={"help": "Kafka poll timeout"})
+
+
+def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """Shard of each int64 id: a 64-bit mix (splitmix64 finaliser) modulo ``num_shards``."""
+    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> np.uint64(33)
+    return (x % np.uint64(num_shards)).astype(np.int64)
+
+
+class ParamServer:
+    """Follows ``hw.params`` on a background thread; :meth:`current` is what serving scores with."""
+
+    def __init__(self, cfg: ParamServerConfig, bootstrap_servers: str, topic: str,
+                 on_update: Callable[[ServingModel], None] | None = None) -> None:
+        from training.params_reader import ReplicaState
+
+        if not 0 <= cfg.shard_index < max(cfg.num_shards, 1):
+            raise ValueError(f"shard_index {cfg.shard_index} out of range for {cfg.num_shards} shards")
+        self.cfg = cfg
+        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.on_update = on_update
+        self.state = ReplicaState(model_id=cfg.model_id)
+        self.next_offset = -1  # -1: not decided yet (bootstrap)
+        self.restored = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_persist = time.monotonic()
+        self.error: BaseException | None = None
+        if cfg.state_dir:
+            self._restore(Path(cfg.state_dir))
+
+    # -- what serving reads ----------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state.ready and self.state.table is not None and self.state.tower is not None
+
+    def current(self) -> ServingModel | None:
+        with self._lock:
+            if not self.ready:
+                return None
+            s = self.state
+            return ServingModel(self.cfg.model_id, s.table, s.tower, int(s.version), int(s.watermark_ms))
+
+    def freshness_lag_ms(self, now_ms: int | None = None) -> int:
+        """Now minus the event-time watermark of the newest applied update (-1 before any)."""
+        if self.state.watermark_ms < 0:
+            return -1
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        return max(now_ms - int(self.state.watermark_ms), 0)
+
+    # -- following the topic ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="param-server", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.cfg.state_dir and self.ready:
+            self.persist()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.ready and self.error is None:
+            time.sleep(0.02)
+        return self.ready
+
+    def _run(self) -> None:
+        from training.params_reader import ParamsFollower, bootstrap_offset
+
+        try:
+            if self.next_offset < 0:
+                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic)
+                log.info("bootstrapping %s from offset %d", self.topic, self.next_offset)
+            follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset)
+            end = follower.end_offset()
+            if self.next_offset > end:  # the topic was recreated or truncated under us
+                log.warning("saved offset %d is past the end of %s (%d); bootstrapping again",
+                            self.next_offset, self.topic, end)
+                follower.close()
+                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic)
+                follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset)
+        except BaseException as exc:  # surfaced through .error and health
+            self.error = exc
+            log.exception("parameter server could not start")
+            return
+        try:
+            while not self._stop.is_set():
+                applied = 0
+                for offset, msg in follower.poll(timeout_ms=self.cfg.poll_timeout_ms):
+                    self.apply(msg)
+                    self.next_offset = offset + 1
+                    applied += 1
+                if applied and self.on_update is not None and self.ready:
+                    self.on_update(self.current())
+                if (self.cfg.state_dir and self.ready
+                        and time.monotonic() - self._last_persist >= self.cfg.persist_interval_s):
+                    self.persist()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("parameter server stopped on an error")
+        finally:
+            follower.close()
+
+    def apply(self, msg) -> None:
+        """Applies one decoded ``ParamsMessage`` (shard-filtered when sharded)."""
+        if self.cfg.num_shards > 1 and msg.kind == "sparse":
+            msg = self._shard_filter(msg)
+        with self._lock:
+            self.state.apply(msg)
+
+    def _shard_filter(self, msg):
+        from embedding_store import SlotDelta, encode_delta
+
+        delta = msg.table_delta()
+        for name, sd in delta.slots.items():
+            mine = shard_of(sd.ids, self.cfg.num_shards) == self.cfg.shard_index
+            dmine = shard_of(sd.deleted_ids, self.cfg.num_shards) == self.cfg.shard_index
+            delta.slots[name] = SlotDelta(ids=sd.ids[mine], values=sd.values[torch.from_numpy(mine)],
+                                          deleted_ids=sd.deleted_ids[dmine])
+        (payload,) = encode_delta(delta, max_bytes=1 << 62)
+        return replace(msg, payload=payload)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def persist(self) -> None:
+        """Saves table (RocksDB), tower and meta under ``state_dir``; meta is written last."""
+        from training.model import tower_to_safetensors
+
+        root = Path(self.cfg.state_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            s = self.state
+            table, tower = s.table, s.tower
+            meta = {"model_id": self.cfg.model_id, "next_offset": self.next_offset, "version": int(s.version),
+                    "watermark_ms": int(s.watermark_ms), "snapshot_id": int(s.snapshot_id),
+                    "num_shards": self.cfg.num_shards, "shard_index": self.cfg.shard_index}
+            tower_bytes = tower_to_safetensors(tower)
+        table.save(str(root / "table"), incremental=True)
+        _atomic_write(root / "tower.safetensors", tower_bytes)
+        _atomic_write(root / "meta.json", json.dumps(meta).encode())
+        self._last_persist = time.monotonic()
+        log.info("replica persisted at offset %d (version %d)", meta["next_offset"], meta["version"])
+
+    def _restore(self, root: Path) -> None:
+        from embedding_store import EmbeddingTable
+        from training.model import tower_from_safetensors
+
+        meta_path = root / "meta.json"
+        if not meta_path.exists():
+            return
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            log.error("replica meta %s is unreadable (%s); bootstrapping from the topic", meta_path, exc)
+            return
+        if meta.get("model_id") != self.cfg.model_id or meta.get("num_shards") != self.cfg.num_shards \
+                or meta.get("shard_index") != self.cfg.shard_index:
+            log.warning("state in %s is for another model or shard; starting cold", root)
+            return
+        try:
+            table = EmbeddingTable.load(str(root / "table"))
+            tower, _ = tower_from_safetensors((root / "tower.safetensors").read_bytes())
+        except Exception as exc:  # corrupt or partial state: Kafka still has everything
+            log.error("replica state in %s is unusable (%s); bootstrapping from the topic", root, exc)
+            return
+        s = self.state
+        s.table, s.tower = table, tower
+        s.version, s.watermark_ms, s.snapshot_id = meta["version"], meta["watermark_ms"], meta["snapshot_id"]
+        self.next_offset = int(meta["next_offset"])
+        self.restored = True
+        log.info("replica restored from %s at offset %d (version %d)", root, self.next_offset, s.version)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

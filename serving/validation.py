@@ -1,0 +1,104 @@
+"""Turning protobuf requests into scoring jobs, with errors that name the offending field.
+
+Every check raises :class:`InvalidRequest` (mapped to INVALID_ARGUMENT) with the field path in
+the message, e.g. ``context[1].slot: unknown slot 'colour'``. Unknown *ids* are not errors: they
+read the slot's default vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.scoring import ExampleRows, RankJob
+
+__all__ = ["InvalidRequest", "Limits", "rank_job", "example_rows", "embedding_ids"]
+
+
+class InvalidRequest(ValueError):
+    """A request field is malformed; the message starts with the field's path."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request size limits (bounded work per call)."""
+
+    max_candidates: int = 10_000
+    max_top_k: int = 1_000
+    max_ids_per_bag: int = 1_000
+    max_examples: int = 10_000
+
+
+def _ids(values, field: str, limit: int) -> np.ndarray:
+    arr = np.fromiter(values, dtype=np.int64, count=len(values))
+    if arr.size > limit:
+        raise InvalidRequest(f"{field}: {arr.size} ids exceed the limit of {limit}")
+    return arr
+
+
+def _dense(values, field: str, dense_dim: int) -> np.ndarray | None:
+    if len(values) == 0:
+        return None
+    if len(values) != dense_dim:
+        raise InvalidRequest(f"{field}: expected {dense_dim} values, got {len(values)}")
+    arr = np.fromiter(values, dtype=np.float32, count=len(values))
+    if not np.isfinite(arr).all():
+        raise InvalidRequest(f"{field}: values must be finite")
+    return arr
+
+
+def _bags(features, field: str, slots: tuple[str, ...], limits: Limits) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for i, f in enumerate(features):
+        if f.slot not in slots:
+            raise InvalidRequest(f"{field}[{i}].slot: unknown slot {f.slot!r} (model slots: {list(slots)})")
+        if f.slot in out:
+            raise InvalidRequest(f"{field}[{i}].slot: slot {f.slot!r} given twice")
+        out[f.slot] = _ids(f.ids, f"{field}[{i}].ids", limits.max_ids_per_bag)
+    return out
+
+
+def rank_job(req, slots: tuple[str, ...], dense_dim: int, item_slot: str, limits: Limits) -> tuple[RankJob, int]:
+    """``RecommendRequest`` -> (job without items when retrieval is wanted, top_k)."""
+    items = _ids(req.candidate_item_ids, "candidate_item_ids", limits.max_candidates)
+    top_k = int(req.top_k)
+    if top_k > limits.max_top_k:
+        raise InvalidRequest(f"top_k: {top_k} exceeds the limit of {limits.max_top_k}")
+    context = _bags(req.context, "context", slots, limits)
+    if item_slot in context:
+        raise InvalidRequest(f"context: slot {item_slot!r} is the candidate slot; use candidate_item_ids")
+    dense = _dense(req.dense, "dense", dense_dim)
+    return RankJob(user_id=int(req.user_id), items=items, context=context, dense=dense), top_k
+
+
+def example_rows(req, slots: tuple[str, ...], dense_dim: int, limits: Limits) -> ExampleRows:
+    """``ScoreRequest`` -> columnar rows (one ragged array per slot)."""
+    n = len(req.examples)
+    if n == 0:
+        raise InvalidRequest("examples: at least one example is required")
+    if n > limits.max_examples:
+        raise InvalidRequest(f"examples: {n} exceed the limit of {limits.max_examples}")
+    per_slot: dict[str, list[np.ndarray]] = {s: [np.zeros(0, np.int64)] * n for s in slots}
+    dense = np.zeros((n, dense_dim), np.float32) if dense_dim else None
+    for r, ex in enumerate(req.examples):
+        for slot, ids in _bags(ex.sparse, f"examples[{r}].sparse", slots, limits).items():
+            per_slot[slot][r] = ids
+        d = _dense(ex.dense, f"examples[{r}].dense", dense_dim)
+        if d is not None:
+            dense[r] = d
+    sparse = {}
+    for slot, bags in per_slot.items():
+        lengths = np.fromiter((b.size for b in bags), dtype=np.int64, count=n)
+        if lengths.any():
+            sparse[slot] = (np.concatenate(bags), lengths)
+    return ExampleRows(size=n, sparse=sparse, dense=dense)
+
+
+def embedding_ids(req, slots: tuple[str, ...], limits: Limits) -> np.ndarray:
+    if req.slot not in slots:
+        raise InvalidRequest(f"slot: unknown slot {req.slot!r} (model slots: {list(slots)})")
+    ids = _ids(req.ids, "ids", limits.max_candidates)
+    if ids.size == 0:
+        raise InvalidRequest("ids: at least one id is required")
+    return ids

@@ -1,0 +1,27 @@
+"""Fixtures: a real gRPC server on a loopback port around a real (random-weight) model."""
+
+import grpc
+import pytest
+
+from serving.config import ServeConfig
+from serving.pb import pb2_grpc
+from serving.server import RecommendServer, StaticModelSource
+
+
+@pytest.fixture
+def start_server():
+    """``start_server(model=None, **config) -> (server, stub)``; everything is stopped afterwards."""
+    started = []
+
+    def start(model=None, **kw):
+        kw.setdefault("precision", "float32")  # exact comparisons with the model definition
+        cfg = ServeConfig(port=0, **kw)
+        server = RecommendServer(cfg, StaticModelSource(model)).start()
+        channel = grpc.insecure_channel(server.address)
+        started.append((server, channel))
+        return server, pb2_grpc.RecommenderStub(channel)
+
+    yield start
+    for server, channel in started:
+        channel.close()
+        server.stop(0)

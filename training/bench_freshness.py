@@ -1,0 +1,212 @@
+"""``headwater bench freshness --json``: action produced -> changed row published on ``hw.params``.
+
+Runs the whole path on a real broker, each stage its own process as in production: this process
+sends impressions, each for a user never seen before, followed at once by a click;
+``headwater join`` turns them into examples; ``headwater train`` (default sync intervals) trains
+and publishes; a watcher thread here tails ``hw.params`` and stamps the first sparse message
+carrying the user's ``user_id`` row. Latency = that stamp minus the time the click was
+acknowledged by the broker. A second watcher on ``hw.examples`` gives the joiner's share.
+
+The joiner must wait its join window before it can emit an example (it cannot know no further
+click will come), so the window is part of the figure and is reported; the baseline figure is
+the broker's own round trip for one message (produce -> consume), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_PROBE_BASE = 7_000_000_000_000  # user ids far above anything else in the stream
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", default="", help="use this broker (default: start Tansu)")
+    p.add_argument("--samples", type=int, default=200, help="clicks to time")
+    p.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    p.add_argument("--window-s", type=float, default=0.2, help="joiner's join window")
+    p.add_argument("--sparse-sync-interval-s", type=float, default=1.0)
+    p.add_argument("--timeout-s", type=float, default=15.0, help="give up on a sample after this")
+
+
+class _Watcher(threading.Thread):
+    """Tails partition 0 of a topic and stamps when each probe user first appears in it.
+
+    ``kind="params"``: in a sparse ``user_id`` delta on hw.params; ``kind="examples"``: in an
+    example batch on hw.examples (the joiner's share of the latency).
+    """
+
+    def __init__(self, kafka: Any, topic: str, kind: str = "params") -> None:
+        super().__init__(daemon=True)
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.kind = kind
+        self.consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None,
+                                      enable_auto_commit=False, fetch_max_wait_ms=20,
+                                      max_partition_fetch_bytes=16 << 20)
+        tp = TopicPartition(topic, 0)
+        self.consumer.assign([tp])
+        self.consumer.seek_to_beginning(tp)
+        self.seen: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def _users(self, value: bytes) -> np.ndarray:
+        from streams.events import decode_examples
+        from training.params_wire import SPARSE, decode_params
+
+        if self.kind == "examples":
+            return decode_examples(value).user_id
+        p = decode_params(value)
+        if p.kind == SPARSE and p.slot == "user_id" and p.rows:
+            return p.table_delta().slots["user_id"].ids
+        return np.zeros(0, np.int64)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for msgs in self.consumer.poll(timeout_ms=50).values():
+                now = time.time()
+                for m in msgs:
+                    ids = self._users(m.value)
+                    for u in ids[ids >= _PROBE_BASE].tolist():  # a handful per second
+                        self.seen.setdefault(u, now)
+        self.consumer.close()
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "headwater", "--log-level", "WARNING", *argv],
+                            stdout=subprocess.DEVNULL)
+
+
+def _broker_round_trip(kafka: Any, topic: str, n: int = 20) -> float:
+    """Median produce -> consume latency of one small message (the transport's floor)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    prod = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=0)
+    cons = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None, fetch_max_wait_ms=10)
+    tp = TopicPartition(topic, 0)
+    cons.assign([tp])
+    cons.seek_to_end(tp)
+    cons.poll(timeout_ms=100)
+    lat = []
+    try:
+        for _ in range(n):
+            t0 = time.time()
+            prod.send(topic, b"x", partition=0).get(timeout=10)
+            got = False
+            while not got and time.time() - t0 < 5:
+                got = bool(cons.poll(timeout_ms=20))
+            lat.append((time.time() - t0) * 1000)
+    finally:
+        prod.close()
+        cons.close()
+    return float(np.median(lat))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from kafka import KafkaProducer
+
+    from streams.broker import BrokerConfig, EmbeddedBroker
+    from streams.events import Action, Impression, encode_actions, encode_impression
+    from streams.kafka_io import KafkaConfig, create_topics
+
+    broker = None
+    if args.bootstrap_servers:
+        kafka = KafkaConfig(bootstrap_servers=args.bootstrap_servers)
+    else:
+        broker = EmbeddedBroker(BrokerConfig(port=0, topic_prefix="bench"))
+        broker.start()
+        kafka = broker.kafka_config()
+    threads: list[_Watcher] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        kafka = replace(kafka, topic_prefix=f"fresh-{uuid.uuid4().hex[:8]}")
+        topics = create_topics(kafka)
+        floor_ms = _broker_round_trip(kafka, topics.dlq)
+        state = tempfile.mkdtemp(prefix="hw-fresh-join-")
+        common = ["--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
+        procs = [
+            _spawn(["join", *common, "--group-id", "fresh-joiner", "--state-dir", state,
+                    "--window-s", str(args.window_s), "--allowed-lateness-s", "0",
+                    "--idle-close-s", "0.5", "--examples-per-message", "1024"]),
+            _spawn(["train", *common, "--json", "--group-id", "fresh-trainer",
+                    "--sparse-sync-interval-s", str(args.sparse_sync_interval_s)]),
+        ]
+        watcher = _Watcher(kafka, topics.params)
+        joined = _Watcher(kafka, topics.examples, kind="examples")
+        threads = [joined, watcher]
+        for t in threads:
+            t.start()
+        producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=0)
+        rng = np.random.default_rng(0)
+        period = 1.0 / args.rate
+
+        def request(k: int) -> tuple[int, float]:
+            user = _PROBE_BASE + k
+            now_ms = int(time.time() * 1000)
+            items = [int(i) for i in rng.integers(1, 500, 3)]
+            imp = Impression(request_id=f"fresh-{k}", user_id=user, event_time_ms=now_ms,
+                             items=items, item_sparse={"category": [[i % 17] for i in items]})
+            producer.send(topics.impressions, encode_impression(imp)).get(timeout=10)
+            act = Action(request_id=f"fresh-{k}", user_id=user, item_id=items[0], kind="click",
+                         event_time_ms=now_ms + 1)
+            producer.send(topics.actions, encode_actions([act])).get(timeout=10)
+            return user, time.time()
+
+        # Warm-up (untimed): traffic until the first row comes out the far end, i.e. both
+        # consumer groups have joined and the first snapshot is out.
+        k, warm_deadline = 0, time.time() + 120
+        while not watcher.seen and time.time() < warm_deadline:
+            request(1_000_000 + k)
+            k += 1
+            time.sleep(period)
+        sent: dict[int, float] = {}
+        next_t = time.time()
+        for k in range(args.samples):
+            user, t = request(k)
+            sent[user] = t
+            next_t += period
+            time.sleep(max(0.0, next_t - time.time()))
+        deadline = time.time() + args.timeout_s
+        while time.time() < deadline and len(watcher.seen.keys() & sent.keys()) < len(sent):
+            time.sleep(0.1)
+        producer.close()
+        lat = np.array([(watcher.seen[u] - t) * 1000 for u, t in sent.items() if u in watcher.seen])
+        join = np.array([(joined.seen[u] - t) * 1000 for u, t in sent.items() if u in joined.seen])
+        return {
+            "bench": "freshness", "samples": int(len(lat)), "missing": len(sent) - int(len(lat)),
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            "max_ms": float(lat.max()) if len(lat) else None,
+            # The joiner's share: action produced -> its example on hw.examples.
+            "join_p50_ms": float(np.percentile(join, 50)) if len(join) else None,
+            "join_p99_ms": float(np.percentile(join, 99)) if len(join) else None,
+            "join_window_ms": args.window_s * 1000,
+            "sparse_sync_interval_s": args.sparse_sync_interval_s,
+            "baseline_broker_round_trip_ms": floor_ms,
+        }
+    finally:
+        for p in procs:  # SIGTERM: both stop cleanly
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for t in threads:
+            t.stop.set()
+        for t in threads:
+            t.join(timeout=20)
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,64 @@
+"""The trainer's typed configuration (``headwater train`` turns every field into a flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["TrainerConfig"]
+
+
+@dataclass
+class TrainerConfig:
+    """How ``headwater train`` learns, syncs and checkpoints. Kafka settings live in ``KafkaConfig``."""
+
+    model_id: str = field(default="ctr", metadata={"help": "model name carried by every hw.params message"})
+    group_id: str = field(default="hw-trainer", metadata={"help": "consumer group on hw.examples"})
+    # -- mini-batches
+    batch_size: int = field(default=1024, metadata={"help": "examples per mini-batch"})
+    max_batch_wait_ms: int = field(default=50, metadata={"help": "train a partial batch once its oldest row waited this long"})
+    fetch_max_wait_ms: int = field(default=20, metadata={"help": "longest the broker may hold a fetch waiting for data"})
+    # -- model (empty slots: every slot of the first batch, sorted)
+    slots: tuple[str, ...] = field(default=(), metadata={"help": "sparse slots to use (comma list; empty = all seen in the first batch)"})
+    embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
+    hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP widths"})
+    cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers"})
+    cross_rank: int = field(default=32, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
+    use_fm: bool = field(default=True, metadata={"help": "add the factorisation-machine pairwise term"})
+    pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
+    # -- optimisers
+    sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
+    sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})
+    init_std: float = field(default=0.01, metadata={"help": "std of new embedding rows"})
+    dense_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the dense tower"})
+    # -- bounded memory
+    ttl_s: float = field(default=0.0, metadata={"help": "expire rows untouched this long (0 = never)"})
+    admit_threshold: int = field(default=1, metadata={"help": "sightings before an id gets its own row"})
+    expire_interval_s: float = field(default=10.0, metadata={"help": "how often expiry runs when ttl_s > 0"})
+    dedup_capacity: int = field(default=1 << 20, metadata={"help": "example ids per de-dup generation (2 kept)"})
+    # -- sync to serving
+    publish: bool = field(default=True, metadata={"help": "publish parameters to hw.params"})
+    sparse_sync_interval_s: float = field(default=1.0, metadata={"help": "publish changed rows this often"})
+    dense_sync_interval_s: float = field(default=60.0, metadata={"help": "publish the dense tower this often"})
+    snapshot_interval_s: float = field(default=600.0, metadata={"help": "publish a full snapshot this often (and at start)"})
+    sync_fp16: bool = field(default=False, metadata={"help": "ship row values as float16"})
+    params_message_bytes: int = field(default=1 << 20, metadata={"help": "largest hw.params message (chunks stay under it)"})
+    # -- checkpoints
+    checkpoint_dir: str = field(default="", metadata={"help": "checkpoint directory (empty = none)"})
+    checkpoint_interval_s: float = field(default=30.0, metadata={"help": "checkpoint this often"})
+    # -- evaluation and run control
+    eval_window: int = field(default=50_000, metadata={"help": "examples per prequential window"})
+    max_examples: int = field(default=0, metadata={"help": "stop after training this many examples (0 = never)"})
+    idle_exit_s: float = field(default=0.0, metadata={"help": "stop after no input for this long (0 = never)"})
+    seed: int = field(default=0, metadata={"help": "random seed of the table and the tower"})
+    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default)"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
+
+    def validate(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
+        if self.sparse_sync_interval_s <= 0 or self.dense_sync_interval_s <= 0:
+            raise ValueError("sync intervals must be positive")
+        if self.params_message_bytes < 4096:
+            raise ValueError("params_message_bytes must be at least 4096")

@@ -1,0 +1,174 @@
+"""One training step on one mini-batch: de-dup, score (prequential), backprop, sparse + dense update.
+
+:class:`Learner` owns the state that a checkpoint must capture: the embedding table, the dense
+tower with its Adam optimizer, the de-dup filter and the evaluator. It knows nothing of Kafka,
+which keeps it usable from the benchmark, the tests and the online loop alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from training.config import TrainerConfig
+from training.dedup import SeenFilter
+from training.evaluation import PrequentialEvaluator
+from training.model import (DenseTower, ModelConfig, bag_grads_to_ids, init_bias_for_ctr,
+                            lookup_slots, weighted_bce)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StepTimes", "Learner", "make_table", "model_config_for"]
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase, accumulated over steps (the benchmark's time split)."""
+
+    dedup: float = 0.0
+    lookup: float = 0.0
+    forward_backward: float = 0.0
+    update: float = 0.0
+    examples: int = 0
+    duplicates: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"dedup_s": self.dedup, "lookup_s": self.lookup,
+                "forward_backward_s": self.forward_backward, "update_s": self.update}
+
+
+def model_config_for(cfg: TrainerConfig, slots: tuple[str, ...], dense_dim: int) -> ModelConfig:
+    return ModelConfig(slots=tuple(slots), embedding_dim=cfg.embedding_dim, dense_dim=dense_dim,
+                       cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank,
+                       hidden=tuple(cfg.hidden), use_fm=cfg.use_fm, pooling=cfg.pooling)
+
+
+def make_table(cfg: TrainerConfig, slots: tuple[str, ...]) -> Any:
+    """A fresh ``EmbeddingTable`` with one slot config per model slot, from the trainer config."""
+    from embedding_store import EmbeddingTable, SlotConfig
+
+    ttl = cfg.ttl_s if cfg.ttl_s > 0 else None
+    return EmbeddingTable([SlotConfig(name=s, dim=cfg.embedding_dim, optimizer=cfg.sparse_optimizer,
+                                      lr=cfg.sparse_lr, init_std=cfg.init_std, ttl_s=ttl,
+                                      admit_threshold=cfg.admit_threshold) for s in slots],
+                          device="cpu", seed=cfg.seed)
+
+
+@dataclass
+class Learner:
+    """Table + tower + optimizers + de-dup + evaluator; :meth:`train` does one prequential step."""
+
+    cfg: TrainerConfig
+    model_cfg: ModelConfig
+    table: Any
+    tower: DenseTower = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    dedup: SeenFilter = field(init=False)
+    evaluator: PrequentialEvaluator = field(init=False)
+    times: StepTimes = field(default_factory=StepTimes)
+    examples_trained: int = 0
+    watermark_ms: int = -1
+    _bias_set: bool = False
+
+    def __post_init__(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        self.tower = DenseTower(self.model_cfg)
+        self.optimizer = torch.optim.Adam(self.tower.parameters(), lr=self.cfg.dense_lr)
+        self.dedup = SeenFilter(self.cfg.dedup_capacity, generations=2)
+        self.evaluator = PrequentialEvaluator(self.cfg.eval_window)
+
+    @classmethod
+    def for_batch(cls, cfg: TrainerConfig, batch: Any, table: Any | None = None) -> "Learner":
+        """Builds a learner whose slots/dense width come from ``cfg`` or, if unset, from ``batch``."""
+        slots = tuple(cfg.slots) if cfg.slots else tuple(sorted(batch.sparse))
+        if not slots:
+            raise ValueError("no sparse slots configured and the first batch has none")
+        dense_dim = int(batch.dense.shape[1]) if batch.dense.ndim == 2 else 0
+        return cls(cfg, model_config_for(cfg, slots, dense_dim),
+                   table if table is not None else make_table(cfg, slots))
+
+    def train(self, batch: Any, now: float | None = None) -> int:
+        """One prequential step; returns the number of examples trained (after de-dup)."""
+        t0 = time.perf_counter()
+        keep = self.dedup.filter_new(batch.example_id)
+        dup = len(keep) - int(keep.sum())
+        if dup:
+            batch = batch.take(keep)
+            self.times.duplicates += dup
+        n = len(batch)
+        t1 = time.perf_counter()
+        self.times.dedup += t1 - t0
+        if n == 0:
+            return 0
+        now = time.time() if now is None else now
+        mc = self.model_cfg
+        bags = lookup_slots(self.table, mc.slots, batch.sparse, n, mc.pooling, train=True, now=now)
+        t2 = time.perf_counter()
+        labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
+        rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
+        if not self._bias_set:
+            w = 1.0 / rates.clamp(min=1e-6)
+            init_bias_for_ctr(self.tower, float((w * labels).sum() / w.sum()))
+            self._bias_set = True
+        dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32))
+                 if mc.dense_dim else None)
+        logits = self.tower(bags.emb, dense)
+        loss = weighted_bce(logits, labels, rates)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        # Scored before this batch's update: the prequential (test-then-train) figure.
+        self.evaluator.update(logits.detach().numpy(), batch.label, batch.sample_rate, batch.truth_p)
+        grad = bags.emb.grad
+        for s, slot in enumerate(mc.slots):
+            if len(bags.ids[s]) == 0:
+                continue
+            per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s], mc.pooling)
+            self.table.apply_gradients(slot, bags.ids[s], per_id, now=now)
+        t4 = time.perf_counter()
+        self.times.lookup += t2 - t1
+        self.times.forward_backward += t3 - t2
+        self.times.update += t4 - t3
+        self.times.examples += n
+        self.times.steps += 1
+        self.examples_trained += n
+        if len(batch.event_time_ms):
+            self.watermark_ms = max(self.watermark_ms, int(batch.event_time_ms.max()))
+        return n
+
+    # -- checkpoint state (everything but the table, which persists itself) ---------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"tower.{k}": v for k, v in self.tower.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        tensors.update(opt_tensors)
+        for k, v in {**self.dedup.state(), **self.evaluator.state()}.items():
+            tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
+        meta = {"model_config": self.model_cfg.to_json(), "optimizer": opt_meta,
+                "learner": json.dumps({"examples_trained": self.examples_trained,
+                                       "watermark_ms": self.watermark_ms})}
+        return tensors, meta
+
+    @classmethod
+    def restore(cls, cfg: TrainerConfig, table: Any, tensors: dict[str, torch.Tensor],
+                meta: dict[str, str]) -> "Learner":
+        learner = cls(cfg, ModelConfig.from_json(meta["model_config"]), table)
+        learner.tower.load_state_dict({k[len("tower."):]: v for k, v in tensors.items()
+                                       if k.startswith("tower.")})
+        optimizer_from_tensors(learner.optimizer, tensors, meta["optimizer"])
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        learner.dedup.load_state({k: v for k, v in arrays.items() if k.startswith("dedup.")})
+        learner.evaluator.load_state({k: v for k, v in arrays.items() if k.startswith("eval.")})
+        info = json.loads(meta["learner"])
+        learner.examples_trained = int(info["examples_trained"])
+        learner.watermark_ms = int(info["watermark_ms"])
+        learner._bias_set = True
+        return learner

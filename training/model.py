@@ -1,0 +1,271 @@
+"""The click model: pooled sparse slots and dense features -> DCN-v2 cross network + MLP (+ FM) -> logit.
+
+Two halves with different owners: the *sparse* half is rows of an :class:`embedding_store`
+table (looked up per slot as bags), the *dense* half is :class:`DenseTower`, an ordinary
+``nn.Module``. Serving imports this module to score with its replica table and the tower weights
+it receives on ``hw.params``; nothing here touches Kafka or the training loop. The tower carries
+its :class:`ModelConfig` inside its safetensors bytes, so a consumer can rebuild it from one
+message.
+
+Training keeps the table out of autograd on purpose: :func:`lookup_slots` reads bags under
+``no_grad`` and returns leaf tensors with ``requires_grad``; after ``backward`` the bag gradients
+are expanded to the ids they pooled (:func:`bag_grads_to_ids`) and handed to the table's own
+per-row optimizers. Only touched rows change, which is what makes delta sync small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ModelConfig", "DenseTower", "SlotBags", "lookup_slots", "bag_grads_to_ids",
+           "weighted_bce", "score", "tower_to_safetensors", "tower_from_safetensors"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the click model; the same object is shipped with the dense weights."""
+
+    slots: tuple[str, ...] = field(default=(), metadata={"help": "sparse slot names, in model order"})
+    embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
+    dense_dim: int = field(default=0, metadata={"help": "width of the dense feature vector"})
+    cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers (0 disables)"})
+    cross_rank: int = field(default=32, metadata={"help": "low-rank factor of each cross layer (0 = full)"})
+    hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP layer widths"})
+    use_fm: bool = field(default=True, metadata={"help": "add a factorisation-machine pairwise term"})
+    pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
+
+    def validate(self) -> None:
+        if len(set(self.slots)) != len(self.slots):
+            raise ValueError(f"duplicate slot names in {self.slots}")
+        if self.embedding_dim <= 0 or self.dense_dim < 0 or self.cross_layers < 0 or self.cross_rank < 0:
+            raise ValueError("embedding_dim must be > 0; dense_dim, cross_layers, cross_rank >= 0")
+        if any(h <= 0 for h in self.hidden):
+            raise ValueError(f"hidden widths must be positive, got {self.hidden}")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
+
+    @property
+    def input_dim(self) -> int:
+        return len(self.slots) * self.embedding_dim + self.dense_dim
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("model config JSON must be an object")
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        for key in ("slots", "hidden"):
+            if key in known:
+                known[key] = tuple(known[key])
+        cfg = cls(**known)
+        cfg.validate()
+        return cfg
+
+
+class _Cross(nn.Module):
+    """One DCN-v2 cross layer: ``x0 * (W x + b) + x``, W optionally low-rank (U V^T)."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        if rank and rank < dim:
+            self.proj = nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim))
+        else:
+            self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, x0, self.proj(x))  # one fused pass instead of mul + add
+
+
+class DenseTower(nn.Module):
+    """Everything of the model that is not an embedding row: cross net, MLP, FM term, bias.
+
+    Input: ``emb`` float32[B, S, D] (pooled bag per slot, in ``cfg.slots`` order) and ``dense``
+    float32[B, dense_dim]. Output: logits float32[B].
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.input_dim
+        # Dense features vary wildly in scale; a LayerNorm keeps the cross products tame.
+        self.dense_norm = nn.LayerNorm(cfg.dense_dim) if cfg.dense_dim else None
+        self.cross = nn.ModuleList(_Cross(d, cfg.cross_rank) for _ in range(cfg.cross_layers))
+        layers: list[nn.Module] = []
+        width = d
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.mlp = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 1)
+        self.fm_scale = nn.Parameter(torch.zeros(())) if cfg.use_fm else None
+
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        b = emb.shape[0]
+        parts = [emb.reshape(b, -1)]
+        if self.dense_norm is not None:
+            if dense is None or dense.shape != (b, self.cfg.dense_dim):
+                raise ValueError(f"dense features must be [{b}, {self.cfg.dense_dim}]")
+            parts.append(self.dense_norm(dense))
+        x0 = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)
+        logit = self.head(self.mlp(x)).squeeze(1)
+        if self.fm_scale is not None and emb.shape[1] > 1:
+            # FM: sum over slot pairs of <e_i, e_j> = ((sum e)^2 - sum e^2) / 2.
+            s = emb.sum(dim=1)
+            fm = 0.5 * (s.pow(2) - emb.pow(2).sum(dim=1)).sum(dim=1)
+            logit = logit + self.fm_scale * fm
+        return logit
+
+
+class BagTable(Protocol):
+    """The part of ``embedding_store.EmbeddingTable`` the model needs (duck-typed on purpose)."""
+
+    def lookup_bags(self, slot: str, ids: torch.Tensor, offsets_or_lengths: torch.Tensor,
+                    mode: str = "sum", train: bool = False, **kw: Any) -> torch.Tensor: ...
+
+
+class RaggedLike(Protocol):
+    values: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclass
+class SlotBags:
+    """One batch's pooled embeddings as a leaf tensor, plus what is needed to route its gradient."""
+
+    emb: torch.Tensor  # float32[B, S, D], leaf (requires_grad when training)
+    ids: list[torch.Tensor]  # per slot: int64[m_s]
+    lengths: list[torch.Tensor]  # per slot: int64[B]
+
+
+def lookup_slots(table: BagTable, slots: Sequence[str], sparse: Mapping[str, RaggedLike],
+                 batch_size: int, pooling: str = "sum", train: bool = False,
+                 now: float | None = None) -> SlotBags:
+    """Pools each slot's bag from ``table`` under ``no_grad``; a slot absent from ``sparse`` is empty."""
+    pooled, all_ids, all_lengths = [], [], []
+    with torch.no_grad():
+        for slot in slots:
+            bag = sparse.get(slot)
+            if bag is None:
+                ids = torch.zeros(0, dtype=torch.int64)
+                lengths = torch.zeros(batch_size, dtype=torch.int64)
+            else:
+                ids = torch.from_numpy(np.ascontiguousarray(bag.values, dtype=np.int64))
+                lengths = torch.from_numpy(np.ascontiguousarray(bag.lengths)).to(torch.int64)
+                if lengths.shape[0] != batch_size:
+                    raise ValueError(f"slot {slot!r} has {lengths.shape[0]} bags for {batch_size} rows")
+            kw: dict[str, Any] = {"mode": pooling, "train": train}
+            if train and now is not None:
+                kw["now"] = now
+            pooled.append(table.lookup_bags(slot, ids, lengths, **kw))
+            all_ids.append(ids)
+            all_lengths.append(lengths)
+    emb = torch.stack(pooled, dim=1) if pooled else torch.zeros(batch_size, 0, 1)
+    emb = emb.float().contiguous()
+    if train:
+        emb.requires_grad_(True)
+    return SlotBags(emb, all_ids, all_lengths)
+
+
+def bag_grads_to_ids(bag_grad: torch.Tensor, lengths: torch.Tensor,
+                     pooling: str = "sum") -> torch.Tensor:
+    """Expands per-bag gradients float32[B, D] to the ids they pooled: float32[sum(lengths), D].
+
+    For sum pooling every id of a bag receives the bag's gradient; for mean, divided by the
+    bag length. Duplicate ids are left for the table to sum.
+    """
+    grads = torch.repeat_interleave(bag_grad, lengths, dim=0)
+    if pooling == "mean":
+        scale = torch.repeat_interleave(1.0 / lengths.clamp(min=1).to(bag_grad.dtype), lengths)
+        grads = grads * scale.unsqueeze(1)
+    return grads
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor,
+                 sample_rate: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE with each example weighted by 1/sample_rate.
+
+    Negatives kept with probability r stand for 1/r negatives, so the weighted loss is an unbiased
+    estimate of the loss on the full stream and the logits come out calibrated: serving needs no
+    log-odds correction.
+    """
+    if sample_rate is None:
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    w = 1.0 / sample_rate.clamp(min=1e-6)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=w, reduction="sum")
+    return loss / w.sum()
+
+
+def score(table: BagTable, tower: DenseTower, sparse: Mapping[str, RaggedLike],
+          dense: np.ndarray | None, batch_size: int) -> torch.Tensor:
+    """Click probabilities float32[B] for one columnar batch (serving's entry point)."""
+    cfg = tower.cfg
+    bags = lookup_slots(table, cfg.slots, sparse, batch_size, cfg.pooling, train=False)
+    dense_t = None
+    if cfg.dense_dim:
+        if dense is None:
+            raise ValueError(f"model needs {cfg.dense_dim} dense features")
+        dense_t = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+    with torch.no_grad():
+        return torch.sigmoid(tower(bags.emb, dense_t))
+
+
+_CONFIG_KEY = "headwater.model_config"
+
+
+def tower_to_safetensors(tower: DenseTower, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The tower's weights as safetensors bytes, its :class:`ModelConfig` in the metadata."""
+    from safetensors.torch import save
+
+    meta = {_CONFIG_KEY: tower.cfg.to_json(), **(metadata or {})}
+    tensors = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
+    return save(tensors, metadata=meta)
+
+
+def tower_from_safetensors(data: bytes) -> tuple[DenseTower, dict[str, str]]:
+    """Rebuilds a tower from :func:`tower_to_safetensors` bytes; returns it and the metadata."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        meta = _safetensors_metadata(data)
+    except Exception as exc:  # safetensors raises its own error types on garbage
+        raise ValueError(f"not a safetensors tower: {exc}") from None
+    if _CONFIG_KEY not in meta:
+        raise ValueError("safetensors bytes carry no model config")
+    tower = DenseTower(ModelConfig.from_json(meta[_CONFIG_KEY]))
+    missing, unexpected = tower.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"tower weights do not match config: missing {missing}, unexpected {unexpected}")
+    return tower, meta
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """Reads the ``__metadata__`` of safetensors bytes (8-byte length + JSON header)."""
+    if len(data) < 8:
+        raise ValueError("truncated safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("truncated safetensors header")
+    header = json.loads(data[8:8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+def init_bias_for_ctr(tower: DenseTower, ctr: float) -> None:
+    """Starts the head's bias at the prior log-odds, so early losses are not wasted on the mean."""
+    ctr = min(max(ctr, 1e-4), 1 - 1e-4)
+    with torch.no_grad():
+        tower.head.bias.fill_(math.log(ctr / (1 - ctr)))

@@ -1,0 +1,150 @@
+"""The ``hw.params`` wire format: how the trainer ships parameters to serving replicas.
+
+Every message is one msgpack map (never pickle) carrying ``"w"`` = :data:`WIRE_VERSION` and a
+binary ``payload`` whose meaning depends on the kind:
+
+- ``sparse``: rows of one slot that changed in table versions ``(from_version, version]``. The
+  ``payload`` is one chunk of ``embedding_store``'s compact delta encoding (``encode_delta``:
+  ids, f32 or f16 values, deleted ids, CRC), so a replica applies it with
+  ``table.import_delta(msg.table_delta())``. Large deltas are split into chunks
+  (``chunk_index`` / ``chunk_count`` under one ``publish_id``); each chunk stands on its own.
+- ``dense``: the dense tower as safetensors bytes (``payload``), chunked the same way; a replica
+  concatenates the chunks of one ``publish_id`` in ``chunk_index`` order.
+- ``snapshot_begin`` / ``snapshot_end``: bracket a full snapshot ``snapshot_id``: every row of every
+  slot (``sparse`` messages whose ``snapshot_id`` is set, ``from_version`` = 0) and the dense tower.
+  A snapshot is authoritative: a replica that loads it replaces its whole state with it.
+
+Every message carries ``model_id``, ``version`` (the table version the replica is at once it has
+applied the message), ``watermark_ms`` (event time of the newest example the parameters include,
+so serving can report freshness) and ``snapshot_offset``: the partition offset of the
+``snapshot_begin`` marker of the newest *complete* snapshot (-1 before the first).
+
+Bootstrapping a new replica without replaying the topic (all messages go to partition 0):
+read the one message at ``end_offset - 1``, seek to its ``snapshot_offset``, load the snapshot up
+to its ``snapshot_end`` (same ``snapshot_id``; its ``chunk_count`` is the number of messages of the
+snapshot, markers included, so completeness can be checked), then apply every later message in
+order. See :mod:`training.params_reader` for a reader that does exactly this.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgpack
+
+__all__ = ["WIRE_VERSION", "SPARSE", "DENSE", "SNAPSHOT_BEGIN", "SNAPSHOT_END", "KINDS",
+           "HEADER_BYTES", "ParamsWireError", "ParamsMessage", "encode_params", "decode_params",
+           "payload_chunks", "join_payload"]
+
+WIRE_VERSION = 1
+SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END = "sparse", "dense", "snapshot_begin", "snapshot_end"
+KINDS = (SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END)
+HEADER_BYTES = 512  # generous bound on the envelope around a payload, for chunk sizing
+
+
+class ParamsWireError(ValueError):
+    """A ``hw.params`` message is malformed, truncated or of an unknown wire version."""
+
+
+@dataclass
+class ParamsMessage:
+    """One ``hw.params`` message (see the module docstring for field meanings)."""
+
+    kind: str
+    model_id: str
+    version: int
+    watermark_ms: int = -1
+    publish_id: int = 0
+    chunk_index: int = 0
+    chunk_count: int = 1
+    slot: str = ""
+    from_version: int = 0
+    snapshot_id: int = -1
+    snapshot_offset: int = -1
+    rows: int = 0  # sparse: rows of the slot in this whole publish (informational)
+    payload: bytes = b""
+    created_ms: int = 0
+
+    @property
+    def in_snapshot(self) -> bool:
+        return self.snapshot_id >= 0
+
+    def table_delta(self) -> Any:
+        """The ``embedding_store.TableDelta`` a sparse message carries (checksum verified)."""
+        if self.kind != SPARSE:
+            raise ParamsWireError(f"a {self.kind} message carries no table delta")
+        from embedding_store import DeltaFormatError, decode_delta
+
+        try:
+            return decode_delta(self.payload)
+        except DeltaFormatError as exc:
+            raise ParamsWireError(f"bad sparse payload: {exc}") from None
+
+
+def encode_params(msg: ParamsMessage) -> bytes:
+    """msgpack bytes of ``msg``."""
+    if msg.kind not in KINDS:
+        raise ParamsWireError(f"unknown kind {msg.kind!r}")
+    obj: dict[str, Any] = {
+        "w": WIRE_VERSION, "k": msg.kind, "m": msg.model_id, "ver": int(msg.version),
+        "wm": int(msg.watermark_ms), "pid": int(msg.publish_id), "ci": int(msg.chunk_index),
+        "cc": int(msg.chunk_count), "s": msg.slot, "fv": int(msg.from_version),
+        "sid": int(msg.snapshot_id), "soff": int(msg.snapshot_offset), "n": int(msg.rows),
+        "p": bytes(msg.payload), "t": int(msg.created_ms or time.time() * 1000),
+    }
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _get(obj: dict, key: str, typ: type | tuple[type, ...], name: str) -> Any:
+    v = obj.get(key)
+    if not isinstance(v, typ) or isinstance(v, bool):
+        raise ParamsWireError(f"field {name} missing or of wrong type ({type(v).__name__})")
+    return v
+
+
+def decode_params(data: bytes) -> ParamsMessage:
+    """Inverse of :func:`encode_params`; anything malformed raises :class:`ParamsWireError`."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ParamsWireError(f"undecodable params message: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ParamsWireError("params message is not a map")
+    if obj.get("w") != WIRE_VERSION:
+        raise ParamsWireError(f"unsupported params wire version {obj.get('w')!r} (want {WIRE_VERSION})")
+    kind = _get(obj, "k", str, "kind")
+    if kind not in KINDS:
+        raise ParamsWireError(f"unknown kind {kind!r}")
+    ci, cc = _get(obj, "ci", int, "chunk_index"), _get(obj, "cc", int, "chunk_count")
+    if cc < 1 or not 0 <= ci < cc:
+        raise ParamsWireError(f"chunk {ci} of {cc} is out of range")
+    return ParamsMessage(
+        kind=kind, model_id=_get(obj, "m", str, "model_id"), version=_get(obj, "ver", int, "version"),
+        watermark_ms=_get(obj, "wm", int, "watermark_ms"), publish_id=_get(obj, "pid", int, "publish_id"),
+        chunk_index=ci, chunk_count=cc, slot=_get(obj, "s", str, "slot"),
+        from_version=_get(obj, "fv", int, "from_version"), snapshot_id=_get(obj, "sid", int, "snapshot_id"),
+        snapshot_offset=_get(obj, "soff", int, "snapshot_offset"), rows=_get(obj, "n", int, "rows"),
+        payload=_get(obj, "p", bytes, "payload"), created_ms=_get(obj, "t", int, "created_ms"))
+
+
+def payload_chunks(base: ParamsMessage, payload: bytes, max_bytes: int = 1 << 20) -> list[ParamsMessage]:
+    """Splits an opaque payload (dense safetensors bytes) into chunk messages."""
+    size = max(max_bytes - HEADER_BYTES, 64)
+    parts = [payload[i:i + size] for i in range(0, len(payload), size)] or [b""]
+    return [replace(base, chunk_index=i, chunk_count=len(parts), payload=p)
+            for i, p in enumerate(parts)]
+
+
+def join_payload(chunks: list[ParamsMessage]) -> bytes:
+    """Reassembles :func:`payload_chunks`; raises if chunks are missing, duplicated or mixed."""
+    if not chunks:
+        raise ParamsWireError("no chunks to join")
+    pid, count = chunks[0].publish_id, chunks[0].chunk_count
+    if any(c.publish_id != pid or c.chunk_count != count for c in chunks):
+        raise ParamsWireError("chunks of different publishes")
+    by_index = {c.chunk_index: c.payload for c in chunks}
+    if sorted(by_index) != list(range(count)):
+        raise ParamsWireError(f"have chunks {sorted(by_index)} of {count}")
+    return b"".join(by_index[i] for i in range(count))
