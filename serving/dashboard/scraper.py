@@ -33,9 +33,10 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 class SeriesSpec:
     """One plotted line: which sample it reads, how, and where the page draws it.
 
-    ``kind`` is ``gauge`` (value as read, first matching sample), ``rate`` (per-second increase of
+    ``kind`` is ``gauge`` (value as read, first non-zero matching sample), ``rate`` (per-second increase of
     the summed counter samples), ``quantile`` (``q`` of the histogram named ``metric`` over the
-    rate window, in ``scale`` units) or ``sum`` (gauge samples added up)."""
+    rate window, in ``scale`` units), ``diff`` (``metric`` minus ``minus``, both gauges) or ``age``
+    (wall seconds since the gauge last changed value)."""
 
     name: str
     metric: str
@@ -45,6 +46,7 @@ class SeriesSpec:
     labels: dict[str, str] = field(default_factory=dict)
     q: float = 0.0
     scale: float = 1.0
+    minus: str = ""
 
 
 # The charts and their lines, named after the metrics the components define:
@@ -62,8 +64,16 @@ SERIES: tuple[SeriesSpec, ...] = (
     SeriesSpec("events_per_s", "hw_stream_produced_events_total", "rate", "throughput", "events/s"),
     SeriesSpec("examples_per_s", "hw_stream_examples_out_total", "rate", "throughput", "examples/s"),
     SeriesSpec("trained_per_s", "hw_train_examples_total", "rate", "throughput", "trained/s"),
-    SeriesSpec("freshness_s", "hw_serve_freshness_lag_seconds", "gauge", "freshness",
-               "serving lag (s)"),
+    # Freshness, two ways that hold whatever the event-time clock is (the demo's generator runs
+    # event time faster than the wall clock and from a fixed start, so "now minus watermark",
+    # which serving exports as hw_serve_freshness_lag_seconds, only means something on real data).
+    SeriesSpec("replica_age_s", "hw_serve_model_version", "age", "freshness",
+               "serving replica: s since last update"),
+    SeriesSpec("publish_lag_s", "hw_stream_watermark_ms", "diff", "freshness",
+               "published model behind joiner (event-time s)", minus="hw_train_published_watermark_ms",
+               scale=0.001),
+    SeriesSpec("serve_event_lag_s", "hw_serve_freshness_lag_seconds", "gauge", "event_lag",
+               "now - watermark of newest applied update (s)"),
     SeriesSpec("model_version", "hw_serve_model_version", "gauge", "version", "served"),
     SeriesSpec("published_version", "hw_train_published_version", "gauge", "version", "published"),
     SeriesSpec("serve_p50_ms", "hw_serve_latency_seconds", "quantile", "latency", "p50 (ms)",
@@ -114,6 +124,12 @@ def read_metrics(url: str, timeout_s: float) -> Samples | None:
 
 def _matching(samples: Samples, name: str, labels: dict[str, str]) -> list[float]:
     return [v for lab, v in samples.get(name, ()) if all(lab.get(k) == w for k, w in labels.items())]
+
+
+def _first_set(vals: list[float]) -> float:
+    """The first non-zero gauge value: processes that import a metrics module they do not use
+    export its gauges at 0, and must not hide the process that sets them."""
+    return next((v for v in vals if v != 0.0), vals[0])
 
 
 def _buckets(samples: Samples, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -169,6 +185,7 @@ class MetricsScraper:
         self._points: dict[str, deque[tuple[float, float]]] = {s.name: deque(maxlen=maxlen) for s in specs}
         self._recent: deque[_Snapshot] = deque(maxlen=max(2, int(math.ceil(rate_window_s / interval_s)) + 2))
         self._up: dict[str, bool] = {name: False for name in self.sources}
+        self._changed: dict[str, tuple[float, float]] = {}  # age series: (last value, when it changed)
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -203,7 +220,7 @@ class MetricsScraper:
             up[name] = got is not None
             for key, rows in (got or {}).items():
                 merged.setdefault(key, []).extend(rows)
-        now = time.monotonic() - self._t0
+        now = round(time.monotonic() - self._t0, 3)  # as served: ``since`` compares equal
         snap = _Snapshot(now, merged)
         with self._lock:
             self._up = up
@@ -223,10 +240,23 @@ class MetricsScraper:
     def _derive(self, spec: SeriesSpec, snap: _Snapshot, base: _Snapshot | None) -> float | None:
         if spec.kind == "gauge":
             vals = _matching(snap.samples, spec.metric, spec.labels)
-            return vals[0] * spec.scale if vals else None
-        if spec.kind == "sum":
+            return _first_set(vals) * spec.scale if vals else None
+        if spec.kind == "diff":
+            # Watermarks: the newest of each (a process that imports a metrics module without
+            # using it exports the gauge at 0, e.g. the trainer's copy of the joiner's).
+            a = max(_matching(snap.samples, spec.metric, spec.labels), default=0.0)
+            b = max(_matching(snap.samples, spec.minus, spec.labels), default=0.0)
+            if a <= 0 or b <= 0:  # 0 or -1: no watermark yet
+                return None
+            return (a - b) * spec.scale
+        if spec.kind == "age":
             vals = _matching(snap.samples, spec.metric, spec.labels)
-            return sum(vals) * spec.scale if vals else None
+            if not vals:
+                return None
+            last = self._changed.get(spec.name)
+            if last is None or last[0] != vals[0]:
+                self._changed[spec.name] = last = (vals[0], snap.t)
+            return (snap.t - last[1]) * spec.scale
         if spec.kind == "rate":
             cur = _matching(snap.samples, spec.metric, spec.labels)
             if not cur or base is None:
@@ -254,7 +284,7 @@ class MetricsScraper:
             for spec in self.specs:
                 pts = [p for p in self._points[spec.name] if p[0] > since]
                 out[spec.name] = {"chart": spec.chart, "label": spec.label,
-                                  "t": [round(p[0], 3) for p in pts], "v": [p[1] for p in pts]}
+                                  "t": [p[0] for p in pts], "v": [p[1] for p in pts]}
             return {"now": round(time.monotonic() - self._t0, 3), "interval_s": self.interval_s,
                     "sources": [{"name": n, "url": self.sources[n], "up": self._up.get(n, False)}
                                 for n in self.sources],

@@ -95,3 +95,29 @@ def test_a_restarted_source_does_not_produce_a_negative_rate(endpoint):
     scraper.tick()
     rate = scraper.series()["series"]["events_per_s"]["v"][-1]
     assert rate > 0
+
+
+def test_freshness_series_are_the_watermark_gap_and_the_time_since_serving_changed_version():
+    reg = CollectorRegistry()
+    joiner_wm = Gauge("hw_stream_watermark_ms", "x", registry=reg)
+    published_wm = Gauge("hw_train_published_watermark_ms", "x", registry=reg)
+    version = Gauge("hw_serve_model_version", "x", registry=reg)
+    port = _free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
+    try:
+        scraper = MetricsScraper({"all": f"http://127.0.0.1:{port}/metrics"})
+        joiner_wm.set(1_700_000_010_000)
+        version.set(3)
+        scraper.tick()  # nothing published yet: no gap to report
+        scraper._changed["replica_age_s"] = (3.0, scraper._recent[-1].t - 4.0)  # version 3 since 4 s
+        published_wm.set(1_700_000_007_500)
+        scraper.tick()
+        s = scraper.series()["series"]
+        assert s["publish_lag_s"]["v"] == [pytest.approx(2.5)]
+        assert s["replica_age_s"]["v"][-1] >= 4.0
+        version.set(4)  # a new version resets the age
+        scraper.tick()
+        assert scraper.series()["series"]["replica_age_s"]["v"][-1] < 1.0
+    finally:
+        server.shutdown()
+        thread.join()
