@@ -28,10 +28,12 @@ def _dashboard(args: argparse.Namespace) -> int:
     from headwater.config import ConfigError
     from serving.dashboard import DashboardConfig, create_app
 
-    cfg = load_config(DashboardConfig, args, section="dashboard")
     try:
+        cfg = load_config(DashboardConfig, args, section="dashboard")
         cfg.validate()
-    except ValueError as exc:
+    except ConfigError:
+        raise
+    except ValueError as exc:  # the config's own validate(): a clear usage error, not a traceback
         raise ConfigError(f"dashboard: {exc}") from exc
     stop = stop_on_signals()
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
