@@ -33,8 +33,10 @@ def _points(page, chart):
 
 
 def test_the_page_draws_auc_logloss_throughput_freshness_and_latency_from_live_metrics(pipeline, page, tmp_path):
-    requests = []
+    requests, errors = [], []
     page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.goto(pipeline.dashboard_url)
     charts = ("auc", "logloss", "throughput", "freshness", "latency")
     deadline = time.monotonic() + 90
@@ -64,5 +66,6 @@ def test_the_page_draws_auc_logloss_throughput_freshness_and_latency_from_live_m
     assert drawn["llm_tokens"] == 0 and drawn["llm_kv"] == 0
     assert "no LLM server" in page.inner_text("#card-llm_tokens")
     assert all(body_src["up"] for body_src in body["sources"])
+    assert errors == []
     # Self-contained: the page fetched nothing but its own server.
     assert requests and all(u.startswith(pipeline.dashboard_url) for u in requests), set(requests)
