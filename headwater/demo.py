@@ -37,9 +37,12 @@ class DemoConfig:
     dataset: Path | None = field(default=None, metadata={"help": "replay this CSV instead of the generator"})
     events_per_s: float = field(default=4000.0, metadata={"help": "generator rate limit"})
     seed: int = field(default=0, metadata={"help": "generator seed"})
-    request_interval_ms: float = field(default=50.0, metadata={
-        "help": "event-time gap between generated requests (event time runs faster than the clock)"})
-    join_window_s: float = field(default=60.0, metadata={"help": "joiner's event-time window"})
+    items_per_request: int = field(default=20, metadata={"help": "items shown per generated request"})
+    join_window_s: float = field(default=10.0, metadata={"help": "joiner's event-time window"})
+    max_action_delay_s: float = field(default=5.0, metadata={"help": "clicks follow within this delay"})
+    eval_window: int = field(default=10_000, metadata={"help": "examples per prequential AUC window"})
+    serve: bool = field(default=True, metadata={"help": "run serving (gRPC) and a small load client"})
+    load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second sent to serving"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})
 
 
@@ -64,8 +67,12 @@ class Component:
     metrics_port: int
 
 
-def plan(cfg: DemoConfig, bootstrap: str) -> list[Component]:
-    """The processes to run, in start order, each with its own metrics port and log file."""
+def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
+    """The processes to run, in start order, each with its own metrics port and log file.
+
+    Generated event time follows the wall clock (it starts now and is paced at one event-time
+    second per second), so event-time watermarks and freshness read in real milliseconds.
+    """
     hw = [sys.executable, "-m", "headwater"]
     logs = cfg.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -80,21 +87,30 @@ def plan(cfg: DemoConfig, bootstrap: str) -> list[Component]:
     add("joiner", ["join", *common, "--state-dir", str(cfg.data_dir / "joiner"),
                    "--window-s", str(cfg.join_window_s)])
     if cfg.train and _have("training.trainer"):
-        add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer")])
+        add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer"),
+                        "--eval-window", str(cfg.eval_window)])
+    if cfg.serve and _have("serving.server"):
+        add("serving", ["serve", *common, "--port", str(grpc_port),
+                        "--state-dir", str(cfg.data_dir / "serving")])
     if cfg.dataset is not None:
         out.append(Component(ChildSpec("replay", hw + ["replay", str(cfg.dataset), *common],
                                        log_file=logs / "replay.log", max_restarts=0), 0))
     else:
+        interval_ms = cfg.items_per_request * 1000.0 / cfg.events_per_s
         add("generator", ["generate", *common, "--seed", str(cfg.seed),
                           "--events-per-s", str(cfg.events_per_s), "--no-final-watermark",
-                          "--request-interval-ms", str(cfg.request_interval_ms)])
+                          "--items-per-request", str(cfg.items_per_request),
+                          "--request-interval-ms", str(interval_ms),
+                          "--start-time-ms", str(int(time.time() * 1000)),
+                          "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
     return out
 
 
 class DemoMonitor:
     """Samples the children's metrics once a second and keeps the series the summary needs."""
 
-    def __init__(self, components: list[Component]) -> None:
+    def __init__(self, components: list[Component], load: "LoadClient | None" = None) -> None:
+        self.load = load
         self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"
                      for c in components if c.metrics_port}
         self.history: list[dict[str, float]] = []
@@ -109,8 +125,17 @@ class DemoMonitor:
         row["trained"] = _total(trainer, "hw_train_examples_total")
         row["auc_window"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "learner"})
         row["auc_truth"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "truth"})
-        row["logloss_window"] = _value(trainer, "hw_train_logloss", {"scope": "window"})
-        row["model_version"] = _value(trainer, "hw_train_published_version", {})
+        row["logloss_window"] = _value(trainer, "hw_train_logloss",
+                                       {"scope": "window", "model": "learner"})
+        serving = s.get("serving", {})
+        row["model_version"] = _value(serving, "hw_serve_model_version", {})
+        # How far serving's parameters trail the trainer's, in event time (= wall time here):
+        # newest example trained minus newest example whose update serving has applied.
+        trained_wm = _value(trainer, "hw_train_watermark_ms", {})
+        serve_lag_s = _value(serving, "hw_serve_freshness_lag_seconds", {})
+        row["freshness_ms"] = (trained_wm - (time.time() * 1000 - serve_lag_s * 1000)
+                               if trained_wm > 0 and serve_lag_s >= 0 else math.nan)
+        row["serving_p99_ms"] = self.load.p99_ms() if self.load else math.nan
         self.history.append(row)
         return row
 
@@ -133,6 +158,10 @@ class DemoMonitor:
             "dlq": int(last.get("dlq", 0)),
             "auc_first_window": aucs[0] if aucs else None,
             "auc_last_window": aucs[-1] if aucs else None,
+            "freshness_p99_ms": _p99([r["freshness_ms"] for r in self.history]),
+            "serving_p99_ms": self.load.p99_ms(all_calls=True) if self.load else None,
+            "serving_calls": self.load.calls if self.load else 0,
+            "serving_errors": self.load.errors if self.load else 0,
             "model_version": _none_if_nan(last.get("model_version", math.nan)),
         }
 
@@ -146,6 +175,11 @@ def _value(samples: dict, name: str, labels: dict[str, str]) -> float:
         if all(lab.get(k) == val for k, val in labels.items()):
             return v
     return math.nan
+
+
+def _p99(values: list[float]) -> float | None:
+    vals = sorted(v for v in values if not math.isnan(v))
+    return vals[min(len(vals) - 1, int(0.99 * len(vals)))] if vals else None
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -163,18 +197,28 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix))
         broker.start()
         bootstrap = broker.bootstrap_servers
-    components = plan(cfg, bootstrap)
-    monitor = DemoMonitor(components)
+    grpc_port = free_port()
+    components = plan(cfg, bootstrap, grpc_port)
+    load = None
+    if any(c.spec.name == "serving" for c in components) and cfg.load_qps > 0:
+        from headwater.demo_load import LoadClient
+
+        load = LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, seed=cfg.seed)
+    monitor = DemoMonitor(components, load)
     sup = Supervisor([c.spec for c in components])
     deadline = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else math.inf
     try:
         sup.start_all()
+        if load:
+            load.start()
         while not stop.wait(1.0) and time.monotonic() < deadline:
             sup.poll()
             row = monitor.sample()
             if on_sample:
                 on_sample(monitor, row)
     finally:
+        if load:
+            load.stop()
         sup.stop()
         if broker is not None:
             broker.stop()

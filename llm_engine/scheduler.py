@@ -58,6 +58,7 @@ class Scheduler:
         self.config, self.kv, self.max_model_len = config, kv, max_model_len
         self.waiting: BatchQueue[Sequence] = BatchQueue()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -83,6 +84,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.add(seq)
         logger.debug("preempted %s", seq.request_id)
 
@@ -112,7 +114,8 @@ class Scheduler:
 
         def admit(item: QueueItem[Sequence], remaining: int) -> int:
             seq = item.payload
-            if not seq.block_table and self.config.enable_prefix_caching:
+            # prompt log-probs need every prompt position computed, so no prefix reuse for them
+            if not seq.block_table and self.config.enable_prefix_caching and seq.params.prompt_logprobs is None:
                 self.kv.admit_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, remaining)
             if not self.kv.allocate(seq, n):

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "headwater.cli.streams_cmd",
     "headwater.cli.train",
     "headwater.cli.serve",
+    "headwater.cli.llm",
     "headwater.cli.dashboard",
 ]
 

@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "trainer": "training.bench_trainer",
     "freshness": "training.bench_freshness",
     "serving": "serving.bench",
+    "llm": "llm_engine.bench",
 }
 
 

@@ -21,6 +21,7 @@ CONFIGS: dict[str, str] = {
     "train": "training.config:TrainerConfig",
     "serve": "serving.config:ServeConfig",
     "param-server": "serving.param_server:ParamServerConfig",
+    "llm": "llm_engine.config:EngineConfig",
 }
 
 

@@ -34,7 +34,9 @@ def _view(monitor: DemoMonitor, row: dict) -> Table:
     table.add_row("prequential AUC (window)", _fmt(row["auc_window"]))
     table.add_row("ground-truth AUC (window)", _fmt(row["auc_truth"]))
     table.add_row("log loss (window)", _fmt(row["logloss_window"]))
-    table.add_row("model version", _fmt(row["model_version"], ".0f"))
+    table.add_row("model version (serving)", _fmt(row["model_version"], ".0f"))
+    table.add_row("freshness trainer->serving (ms)", _fmt(row["freshness_ms"], ".0f"))
+    table.add_row("serving p99 (ms, last 500 calls)", _fmt(row["serving_p99_ms"], ".1f"))
     table.add_row("events / examples / dlq",
                   f"{row['events']:.0f} / {row['examples']:.0f} / {row['dlq']:.0f}")
     return table

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,17 +26,20 @@ def _processes_matching(*needles: str) -> set[int]:
 
 
 def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
-    brokers_before = _processes_matching("tansu")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "headwater", "demo", "--duration", "25", "--json",
+        [sys.executable, "-m", "headwater", "demo", "--duration", "45", "--json",
          "--data-dir", str(tmp_path / "hw")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["events"] > 10000
     assert summary["examples"] > 1000
     assert summary["dlq"] == 0
+    assert summary["trained"] > 1000
+    assert summary["model_version"] is not None  # serving applied the trainer's parameters
+    assert summary["serving_calls"] > 0 and summary["serving_errors"] == 0
     assert _processes_matching(str(tmp_path)) == set()
-    assert _processes_matching("tansu") - brokers_before == set()
+    broker_url = re.search(r"starting tansu on (tcp://[0-9.:]+)", err).group(1)
+    assert _processes_matching(broker_url) == set()
     assert (tmp_path / "hw" / "logs" / "joiner.log").exists()

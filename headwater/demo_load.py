@@ -1,0 +1,65 @@
+"""A small steady Recommend load for the demo, so serving latency is measured on live traffic."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class LoadClient:
+    """Sends ``Recommend`` calls at a fixed rate from one thread and records their latency."""
+
+    def __init__(self, target: str, qps: float, candidates: int = 100, items: int = 50_000,
+                 users: int = 10_000, seed: int = 0) -> None:
+        self.target, self.qps, self.candidates = target, qps, candidates
+        self.items, self.users = items, users
+        self.rng = np.random.default_rng(seed)
+        self.latencies_ms: list[float] = []
+        self.calls = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def p99_ms(self, all_calls: bool = False) -> float:
+        """p99 latency of successful calls (the last 500, or all of them)."""
+        lat = self.latencies_ms if all_calls else self.latencies_ms[-500:]
+        return float(np.percentile(lat, 99)) if lat else float("nan")
+
+    def _run(self) -> None:
+        import grpc
+
+        from serving.pb import pb2, pb2_grpc
+
+        channel = grpc.insecure_channel(self.target)
+        stub = pb2_grpc.RecommenderStub(channel)
+        period = 1.0 / self.qps
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            req = pb2.RecommendRequest(
+                user_id=int(self.rng.integers(self.users)),
+                candidate_item_ids=self.rng.integers(self.items, size=self.candidates).tolist(),
+                top_k=10)
+            t0 = time.perf_counter()
+            try:
+                stub.Recommend(req, timeout=1.0)
+                self.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            except grpc.RpcError as exc:
+                # UNAVAILABLE until the first snapshot arrives is expected at start.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    self.errors += 1
+                    log.debug("Recommend failed: %s", exc.code())
+            self.calls += 1
+            next_t += period
+            self._stop.wait(max(0.0, next_t - time.monotonic()))
+        channel.close()
