@@ -35,8 +35,10 @@ class SeriesSpec:
 
     ``kind`` is ``gauge`` (value as read, first non-zero matching sample), ``rate`` (per-second increase of
     the summed counter samples), ``quantile`` (``q`` of the histogram named ``metric`` over the
-    rate window, in ``scale`` units), ``diff`` (``metric`` minus ``minus``, both gauges) or ``age``
-    (wall seconds since the gauge last changed value)."""
+    rate window, in ``scale`` units), ``diff`` (``metric`` minus ``minus``, both gauges), ``age``
+    (wall seconds since the gauge last changed value) or ``behind`` (the event time in ms of
+    ``metric`` minus the event time that ``minus``, a "now minus watermark" lag in seconds, implies
+    at the scrape, in seconds)."""
 
     name: str
     metric: str
@@ -64,16 +66,18 @@ SERIES: tuple[SeriesSpec, ...] = (
     SeriesSpec("events_per_s", "hw_stream_produced_events_total", "rate", "throughput", "events/s"),
     SeriesSpec("examples_per_s", "hw_stream_examples_out_total", "rate", "throughput", "examples/s"),
     SeriesSpec("trained_per_s", "hw_train_examples_total", "rate", "throughput", "trained/s"),
-    # Freshness, two ways that hold whatever the event-time clock is (the demo's generator runs
-    # event time faster than the wall clock and from a fixed start, so "now minus watermark",
-    # which serving exports as hw_serve_freshness_lag_seconds, only means something on real data).
+    # Freshness. "Serving behind trainer" is the demo summary's freshness: the newest example
+    # trained minus the newest example whose update serving applied (event time follows the wall
+    # clock there). The other two hold whatever the event-time clock is.
+    SeriesSpec("serving_behind_trainer_s", "hw_train_watermark_ms", "behind", "freshness",
+               "serving behind trainer", minus="hw_serve_freshness_lag_seconds"),
     SeriesSpec("replica_age_s", "hw_serve_model_version", "age", "freshness",
-               "serving replica: s since last update"),
+               "since serving's last new version"),
     SeriesSpec("publish_lag_s", "hw_stream_watermark_ms", "diff", "freshness",
-               "published model behind joiner (event-time s)", minus="hw_train_published_watermark_ms",
+               "joiner watermark - published watermark", minus="hw_train_published_watermark_ms",
                scale=0.001),
     SeriesSpec("serve_event_lag_s", "hw_serve_freshness_lag_seconds", "gauge", "event_lag",
-               "now - watermark of newest applied update (s)"),
+               "now - event time of newest applied update"),
     SeriesSpec("model_version", "hw_serve_model_version", "gauge", "version", "served"),
     SeriesSpec("published_version", "hw_train_published_version", "gauge", "version", "published"),
     SeriesSpec("serve_p50_ms", "hw_serve_latency_seconds", "quantile", "latency", "p50 (ms)",
@@ -165,6 +169,7 @@ def bucket_quantile(bounds: np.ndarray, counts: np.ndarray, q: float) -> float:
 class _Snapshot:
     t: float
     samples: Samples
+    wall: float = 0.0  # time.time() of the scrape: "now" for lags the components export
 
 
 class MetricsScraper:
@@ -221,7 +226,7 @@ class MetricsScraper:
             for key, rows in (got or {}).items():
                 merged.setdefault(key, []).extend(rows)
         now = round(time.monotonic() - self._t0, 3)  # as served: ``since`` compares equal
-        snap = _Snapshot(now, merged)
+        snap = _Snapshot(now, merged, time.time())
         with self._lock:
             self._up = up
             self._recent.append(snap)
@@ -249,6 +254,13 @@ class MetricsScraper:
             if a <= 0 or b <= 0:  # 0 or -1: no watermark yet
                 return None
             return (a - b) * spec.scale
+        if spec.kind == "behind":
+            wm = max(_matching(snap.samples, spec.metric, spec.labels), default=0.0)
+            lag = _matching(snap.samples, spec.minus, spec.labels)
+            if wm <= 0 or not lag or lag[0] <= 0:  # nothing trained or nothing applied yet
+                return None
+            # Scrapes of the two processes are a few ms apart: a tiny negative is measurement noise.
+            return max(0.0, wm / 1000.0 - (snap.wall - lag[0])) * spec.scale
         if spec.kind == "age":
             vals = _matching(snap.samples, spec.metric, spec.labels)
             if not vals:

@@ -61,7 +61,8 @@ def test_the_page_draws_auc_logloss_throughput_freshness_and_latency_from_live_m
     assert max(s["serve_p99_ms"]["v"]) > 0
     # The trainer publishes every second and serving applies it: the replica never gets old.
     assert s["replica_age_s"]["v"] and max(s["replica_age_s"]["v"]) < 60
-    assert s["publish_lag_s"]["v"]
+    assert s["publish_lag_s"]["v"] and s["serving_behind_trainer_s"]["v"]
+    assert page.locator('svg[data-chart="freshness"] path').count() == 3
     # No LLM server among the sources: its charts say so instead of drawing zeros.
     assert drawn["llm_tokens"] == 0 and drawn["llm_kv"] == 0
     assert "no LLM server" in page.inner_text("#card-llm_tokens")

@@ -1,6 +1,7 @@
 """The scraper reads real /metrics pages over loopback and turns them into the dashboard's series."""
 
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,8 @@ def test_freshness_series_are_the_watermark_gap_and_the_time_since_serving_chang
     joiner_wm = Gauge("hw_stream_watermark_ms", "x", registry=reg)
     published_wm = Gauge("hw_train_published_watermark_ms", "x", registry=reg)
     version = Gauge("hw_serve_model_version", "x", registry=reg)
+    trained_wm = Gauge("hw_train_watermark_ms", "x", registry=reg)
+    serve_lag = Gauge("hw_serve_freshness_lag_seconds", "x", registry=reg)
     port = _free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
     try:
@@ -111,9 +114,14 @@ def test_freshness_series_are_the_watermark_gap_and_the_time_since_serving_chang
         scraper.tick()  # nothing published yet: no gap to report
         scraper._changed["replica_age_s"] = (3.0, scraper._recent[-1].t - 4.0)  # version 3 since 4 s
         published_wm.set(1_700_000_007_500)
+        # Serving applied an update with event time 3 s before the newest trained example.
+        now = time.time()
+        trained_wm.set((now - 10.0) * 1000)
+        serve_lag.set(13.0)
         scraper.tick()
         s = scraper.series()["series"]
         assert s["publish_lag_s"]["v"] == [pytest.approx(2.5)]
+        assert s["serving_behind_trainer_s"]["v"] == [pytest.approx(3.0, abs=0.5)]
         assert s["replica_age_s"]["v"][-1] >= 4.0
         version.set(4)  # a new version resets the age
         scraper.tick()
