@@ -121,6 +121,11 @@ def test_the_dockerfile_installs_every_package_and_runs_the_console_script():
     assert set(PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]) <= copied
     assert 'ENTRYPOINT ["headwater"]' in text and "headwater" in PYPROJECT["project"]["scripts"]
     assert "torch==2.13.0" in text  # the CPU build, as scripts/setup.sh pins it
+    # The context is the repository root: the ignore file lets through exactly what is copied.
+    allowed = {l[1:].strip("/") for l in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if l.startswith("!")}
+    sources = {w for line in re.findall(r"^COPY\s+(.+)$", text, re.M) for w in line.split()[:-1]}
+    assert sources == allowed
     build = _compose()["services"]["serving"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
 
