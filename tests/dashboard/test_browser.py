@@ -17,6 +17,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 def page(tmp_path):
     from playwright.sync_api import sync_playwright
 
+    assert shutil.which(CHROMIUM), "needs Debian's chromium: scripts/setup.sh installs it (as root, with apt)"
+
     with sync_playwright() as pw:
         # A persistent context is how Playwright passes --user-data-dir to the browser.
         ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
