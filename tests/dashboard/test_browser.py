@@ -3,10 +3,15 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 
 import pytest
+from conftest import free_port, wait_http
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -72,3 +77,51 @@ def test_the_page_draws_auc_logloss_throughput_freshness_and_latency_from_live_m
     assert errors == []
     # Self-contained: the page fetched nothing but its own server.
     assert requests and all(u.startswith(pipeline.dashboard_url) for u in requests), set(requests)
+
+
+def _dashboard(port, sources):
+    proc = subprocess.Popen([sys.executable, "-m", "headwater", "dashboard", "--port", str(port),
+                             "--sources", sources, "--interval-s", "0.25"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/health", timeout_s=30)
+    return proc
+
+
+def _server_clock(page):
+    text = page.inner_text("#status")  # "live · t=12 s"
+    return float(text.split("t=")[1].split()[0]) if "t=" in text else -1.0
+
+
+def test_an_open_page_keeps_drawing_after_the_dashboard_server_restarts(page):
+    reg = CollectorRegistry()
+    events = Counter("hw_stream_produced_events", "events", ["source"], registry=reg)
+    mport, port = free_port(), free_port()
+    server, thread = start_http_server(mport, addr="127.0.0.1", registry=reg)
+    stop = threading.Event()
+    feeder = threading.Thread(target=lambda: [events.labels("g").inc(100) for _ in iter(lambda: stop.wait(0.05), True)])
+    feeder.start()
+    proc = _dashboard(port, f"generator=127.0.0.1:{mport}")
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("Number(document.querySelector('svg[data-chart=throughput]').dataset.points) >= 8")
+        while _server_clock(page) < 6:  # long enough that the restarted server's clock is visibly behind
+            page.wait_for_timeout(250)
+        before, drawn = _server_clock(page), _points(page, "throughput")
+        proc.terminate()
+        proc.wait(timeout=15)
+        proc = _dashboard(port, f"generator=127.0.0.1:{mport}")
+        deadline = time.monotonic() + 30
+
+        def redrawn():  # the new server's history only: fewer points than before, and growing
+            return 0 <= _server_clock(page) < before and 3 <= _points(page, "throughput") < drawn
+
+        while time.monotonic() < deadline and not redrawn():
+            page.wait_for_timeout(250)
+        assert redrawn(), (before, drawn, _server_clock(page), _points(page, "throughput"))
+    finally:
+        stop.set()
+        feeder.join()
+        proc.terminate()
+        proc.wait(timeout=15)
+        server.shutdown()
+        thread.join()
