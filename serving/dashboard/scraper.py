@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,6 +196,8 @@ class MetricsScraper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(16, len(self.sources))),
+                                        thread_name_prefix="dashboard-scrape")
         self.ticks = 0
 
     def start(self) -> MetricsScraper:
@@ -206,6 +209,7 @@ class MetricsScraper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -220,8 +224,9 @@ class MetricsScraper:
         """Scrapes every source once and appends one point to each series that has data."""
         merged: Samples = {}
         up: dict[str, bool] = {}
-        for name, url in self.sources.items():
-            got = read_metrics(url, self.timeout_s)
+        # In parallel: one slow or dead source costs one timeout per tick, not one per source.
+        pages = list(self._pool.map(lambda url: read_metrics(url, self.timeout_s), self.sources.values()))
+        for name, got in zip(self.sources, pages):
             up[name] = got is not None
             for key, rows in (got or {}).items():
                 merged.setdefault(key, []).extend(rows)
