@@ -142,6 +142,9 @@ def test_compose_ports_sources_and_scrape_targets_are_the_ports_the_commands_ope
                 assert host_ip.startswith("127.0.0.1:"), mapping  # published on loopback only
                 assert int(container) in opened[name].values(), (name, mapping)
     metrics = {f"{n}:{p['--metrics-port']}" for n, p in opened.items() if "--metrics-port" in p}
+    # The LLM HTTP server (`headwater llm serve`) serves /metrics on its own --port.
+    metrics |= {f"{n}:{opened[n]['--port']}" for n, svc in services.items()
+                if svc.get("image") == IMAGE and [str(a) for a in svc["command"][:2]] == ["llm", "serve"]}
     prom = _yaml(DEPLOY / "prometheus.yml")[0]
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == metrics
