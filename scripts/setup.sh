@@ -8,6 +8,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
+# The dashboard test drives Debian's headless chromium; install it once where apt can (CI: root).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing chromium + chromium-driver (apt)" >&2
+  { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; } ||
+    echo "[setup] warning: chromium not installed; tests/dashboard/test_browser.py will fail" >&2
+fi
 stamp=.venv/.headwater-setup
 want=$(cat pyproject.toml scripts/setup.sh hatch_build.py serving/proto/headwater/v1/*.proto 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

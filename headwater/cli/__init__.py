@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "headwater.cli.train",
     "headwater.cli.serve",
     "headwater.cli.llm",
+    "headwater.cli.dashboard",
 ]
 
 
