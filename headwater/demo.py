@@ -43,6 +43,8 @@ class DemoConfig:
     eval_window: int = field(default=10_000, metadata={"help": "examples per prequential AUC window"})
     serve: bool = field(default=True, metadata={"help": "run serving (gRPC) and a small load client"})
     load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second sent to serving"})
+    dashboard_port: int = field(default=8050, metadata={
+        "help": "live dashboard on http://127.0.0.1:PORT/ (0 = off)"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})
 
 
@@ -103,6 +105,11 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
                           "--request-interval-ms", str(interval_ms),
                           "--start-time-ms", str(int(time.time() * 1000)),
                           "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
+    if cfg.dashboard_port and _have("serving.dashboard"):
+        sources = ",".join(f"{c.spec.name}=127.0.0.1:{c.metrics_port}" for c in out if c.metrics_port)
+        out.append(Component(ChildSpec("dashboard", hw + ["dashboard", "--sources", sources,
+                                                          "--port", str(cfg.dashboard_port)],
+                                       log_file=logs / "dashboard.log"), 0))
     return out
 
 

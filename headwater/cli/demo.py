@@ -26,8 +26,11 @@ def _fmt(x: float, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _view(monitor: DemoMonitor, row: dict) -> Table:
-    table = Table(title="Headwater demo (Ctrl-C stops)", show_header=False)
+def _view(monitor: DemoMonitor, row: dict, dashboard_port: int) -> Table:
+    title = "Headwater demo (Ctrl-C stops)"
+    if dashboard_port:
+        title += f"  dashboard: http://127.0.0.1:{dashboard_port}/"
+    table = Table(title=title, show_header=False)
     table.add_row("events/s (generator)", _fmt(monitor.rate("events"), ".0f"))
     table.add_row("examples/s (joiner)", _fmt(monitor.rate("examples"), ".0f"))
     table.add_row("trained/s", _fmt(monitor.rate("trained"), ".0f"))
@@ -50,6 +53,6 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     with Live(console=console, refresh_per_second=2) as live:
-        summary = run_demo(cfg, stop, on_sample=lambda m, row: live.update(_view(m, row)))
+        summary = run_demo(cfg, stop, on_sample=lambda m, row: live.update(_view(m, row, cfg.dashboard_port)))
     console.print(summary)
     return 0

@@ -3,8 +3,11 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 
 def _processes_matching(*needles: str) -> set[int]:
@@ -26,10 +29,14 @@ def _processes_matching(*needles: str) -> set[int]:
 
 
 def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwater", "demo", "--duration", "45", "--json",
-         "--data-dir", str(tmp_path / "hw")],
+         "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(dashboard_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    series = _poll_dashboard(dashboard_port, proc)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
@@ -43,3 +50,20 @@ def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
     broker_url = re.search(r"starting tansu on (tcp://[0-9.:]+)", err).group(1)
     assert _processes_matching(broker_url) == set()
     assert (tmp_path / "hw" / "logs" / "joiner.log").exists()
+    assert series is not None, "the demo's dashboard never answered /api/series"
+
+
+def _poll_dashboard(port: int, proc: subprocess.Popen) -> dict | None:
+    """The dashboard's series once it has data, polled while the demo runs."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/series", timeout=2) as r:
+                data = json.loads(r.read())
+            events = data["series"].get("events_per_s", {}).get("v", [])
+            if len(events) >= 3 and all(src["up"] for src in data["sources"]):
+                return data
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+    return None
