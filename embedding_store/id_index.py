@@ -9,7 +9,8 @@ Layout: one ``(capacity, 2)`` int64 array, column 0 the key, column 1 the row (`
 ``TOMBSTONE`` = -2). Key and row share a cache line, so each probe costs one random access.
 Every key value is legal (the "empty" marker lives in the row column, not the key column).
 Linear probing, all pending keys advance one step per vectorised round; the number of rounds is
-the longest probe sequence of the batch, which stays short at load factor <= 0.5.
+the longest probe sequence of the batch; past the home slot, keys probe windows of 8 slots per
+round, so even at the default maximum load factor of 0.7 a batch takes only a few rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ TOMBSTONE = -2
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+WINDOW = 8
+_WINDOW_STEPS = np.arange(WINDOW, dtype=np.int64)
 
 
 def mix64(keys: np.ndarray) -> np.ndarray:
@@ -43,7 +46,7 @@ def mix64(keys: np.ndarray) -> np.ndarray:
 class IdIndex:
     """Maps distinct int64 keys to int64 rows; batched ``find``/``insert``/``remove``."""
 
-    def __init__(self, capacity: int = 1024, max_load: float = 0.5) -> None:
+    def __init__(self, capacity: int = 1024, max_load: float = 0.7) -> None:
         if not 0.1 <= max_load <= 0.9:
             raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
         cap = 1 << max(4, int(capacity - 1).bit_length())
@@ -62,6 +65,10 @@ class IdIndex:
         return self._tab.shape[0]
 
     @property
+    def _bits(self) -> int:
+        return self._tab.shape[0].bit_length() - 1
+
+    @property
     def nbytes(self) -> int:
         return int(self._tab.nbytes)
 
@@ -72,38 +79,60 @@ class IdIndex:
 
     # ---- probing -------------------------------------------------------------------------
     def _start(self, keys: np.ndarray) -> np.ndarray:
-        return (mix64(keys) & np.uint64(self.capacity - 1)).astype(np.int64)
+        """Home slot: fold the high half into the low half, then Fibonacci (multiply-shift)
+        hashing, whose top bits depend on every input bit. Two passes cheaper than SplitMix64,
+        and the hash only affects probe length, never correctness."""
+        u = keys.view(np.uint64)
+        h = u >> np.uint64(32)  # in-place from here: no temporaries on the hot path
+        h ^= u
+        h *= _GOLDEN
+        h >>= np.uint64(64 - self._bits)
+        return h.view(np.int64)
 
-    def _probe(self, keys: np.ndarray) -> np.ndarray:
-        """Table position holding each key, or -1 when absent."""
+    def _slots(self, pos: np.ndarray) -> np.ndarray:
+        """Gather (key, row) pairs as one 16-byte element each: ~4x faster than 2-D indexing."""
+        return self._tab.view(np.complex128).reshape(-1).take(pos).view(np.int64).reshape(-1, 2)
+
+    def _probe(self, keys: np.ndarray, missing: int = -1, want_pos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(table position, row) of each key; (-1, ``missing``) where absent. Positions are
+        only computed when ``want_pos``."""
         n = keys.shape[0]
-        out = np.full(n, -1, dtype=np.int64)
         if n == 0 or self._size == 0:
-            return out
+            return np.full(n, -1, dtype=np.int64), np.full(n, missing, dtype=np.int64)
         mask = self.capacity - 1
         pos = self._start(keys)
-        pending = np.arange(n)
-        k = keys
+        # Round one handles every key at once; most hit (or miss) at their home slot.
+        entry = self._slots(pos)
+        row = entry[:, 1]
+        hit = (entry[:, 0] == keys) & (row >= 0)
+        out_pos = np.where(hit, pos, -1) if want_pos else np.empty(0, dtype=np.int64)
+        # row * hit: rows where found, 0 elsewhere; cheaper than np.where on the hot path.
+        out_row = row * hit if missing == 0 else np.where(hit, row, missing)
+        pending = np.flatnonzero(~hit & (row != EMPTY))
+        # The few keys left probe a window of WINDOW slots per round: one gather per window
+        # instead of a round of small NumPy calls per slot.
+        pos, k = (pos[pending] + 1) & mask, keys[pending]
         while pending.size:
-            entry = self._tab[pos]
-            row = entry[:, 1]
-            hit = (row >= 0) & (entry[:, 0] == k)
-            if hit.any():
-                out[pending[hit]] = pos[hit]
-            go_on = ~hit & (row != EMPTY)
-            if not go_on.all():
-                pending, pos, k = pending[go_on], pos[go_on], k[go_on]
-            pos = (pos + 1) & mask
-        return out
+            p = pending.size
+            win = (pos[:, None] + _WINDOW_STEPS) & mask
+            entry = self._slots(win.reshape(-1)).reshape(p, WINDOW, 2)
+            rk, rr = entry[:, :, 0], entry[:, :, 1]
+            hit = (rk == k[:, None]) & (rr >= 0)
+            stop = hit | (rr == EMPTY)
+            first = stop.argmax(axis=1)
+            at = np.arange(p)
+            found = hit[at, first]  # first stop is the key itself (else: an empty slot, absent)
+            if found.any():
+                if want_pos:
+                    out_pos[pending[found]] = win[at, first][found]
+                out_row[pending[found]] = rr[at, first][found]
+            go_on = ~stop[at, first]
+            pending, pos, k = pending[go_on], (pos[go_on] + WINDOW) & mask, k[go_on]
+        return out_pos, out_row
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """Row of each key, -1 where absent. ``keys`` int64[n], duplicates allowed."""
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
-        pos = self._probe(keys)
-        rows = np.full(keys.shape[0], -1, dtype=np.int64)
-        found = pos >= 0
-        rows[found] = self._tab[pos[found], 1]
-        return rows
+    def find(self, keys: np.ndarray, missing: int = -1) -> np.ndarray:
+        """Row of each key, ``missing`` where absent. ``keys`` int64[n], duplicates allowed."""
+        return self._probe(np.ascontiguousarray(keys, dtype=np.int64), missing)[1]
 
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Add distinct keys that are not yet present (the caller found them absent)."""
@@ -143,11 +172,8 @@ class IdIndex:
     def remove(self, keys: np.ndarray) -> np.ndarray:
         """Remove keys; returns the rows they held (-1 for keys that were absent)."""
         keys = np.ascontiguousarray(keys, dtype=np.int64)
-        pos = self._probe(keys)
-        rows = np.full(keys.shape[0], -1, dtype=np.int64)
-        found = pos >= 0
-        p = np.unique(pos[found])
-        rows[found] = self._tab[pos[found], 1]
+        pos, rows = self._probe(keys, want_pos=True)
+        p = np.unique(pos[pos >= 0])
         self._tab[p, 1] = TOMBSTONE
         self._size -= p.size
         # Tombstones lengthen probes; rebuild once they outnumber live keys.

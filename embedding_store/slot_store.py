@@ -39,11 +39,13 @@ class SlotStore:
         self.touched = np.zeros(0, dtype=np.float64)
         self.row_version = np.zeros(0, dtype=np.int64)
         self.free = np.zeros(0, dtype=np.int64)  # stack of reusable rows
-        self.high = 0  # rows [0, high) have been handed out at least once
+        # Row 0 is reserved: it holds the slot's default vector, so unknown ids gather it in the
+        # same index_select as everyone else (no masked fix-up pass). Never live, never freed.
+        self.high = 1  # rows [1, high) have been handed out at least once
         self.deletions: list[tuple[int, np.ndarray]] = []  # (version, ids) expiry log for deltas
         self.counters = {"admitted": 0, "rejected": 0, "expired": 0}
-        self.default = torch.full((cfg.dim,), cfg.default_value, device=device)
         self._grow(capacity)
+        self.values[0] = cfg.default_value
 
     # ---- memory ------------------------------------------------------------------------------
     def _grow(self, need: int) -> None:
@@ -53,8 +55,9 @@ class SlotStore:
         old = self.capacity
 
         def grow_t(t: torch.Tensor) -> torch.Tensor:
-            new = torch.zeros((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            new = torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=t.device)
             new[:old] = t
+            new[old:] = 0  # zero only the tail: deterministic snapshots, one pass less
             return new
 
         def grow_a(a: np.ndarray) -> np.ndarray:
@@ -113,6 +116,10 @@ class SlotStore:
             self.free = np.concatenate([self.free, rows])
             self.deletions.append((version, self.ids[rows].copy()))
         return rows
+
+    @property
+    def default(self) -> torch.Tensor:
+        return self.values[0]
 
     # ---- introspection ---------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
@@ -24,6 +25,16 @@ from embedding_store.slot_store import SlotStore
 from embedding_store.slots import SlotConfig
 
 log = logging.getLogger(__name__)
+
+_SPLIT_MIN = 16_384  # ids per CPU lookup above which two threads share the work
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding-lookup")
+    return _POOL
 
 
 def _ids_np(ids: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -68,10 +79,11 @@ class EmbeddingTable:
 
     # ---- reads / admission -------------------------------------------------------------------
     def _rows(self, st: SlotStore, ids: np.ndarray, train: bool, now: float | None) -> np.ndarray:
-        rows = st.index.find(ids)
+        """Row of each id; row 0 (the slot's default vector) for ids without one."""
+        rows = st.index.find(ids, missing=0)
         if not train:
             return rows
-        missing = rows < 0
+        missing = rows == 0
         if not missing.any():
             return rows
         new_ids = ids[missing]
@@ -85,7 +97,7 @@ class EmbeddingTable:
             self.version += 1
             st.create(uniq, time.time() if now is None else now, self.version)
             st.counters["admitted"] += int(uniq.size)
-            rows[missing] = st.index.find(ids[missing])
+            rows[missing] = st.index.find(ids[missing], missing=0)
         return rows
 
     def lookup(self, slot: str, ids: torch.Tensor, train: bool = False, now: float | None = None) -> torch.Tensor:
@@ -96,13 +108,28 @@ class EmbeddingTable:
         st = self._store(slot)
         ids_np = _ids_np(ids)
         with self.lock:
-            rows = self._rows(st, ids_np, train, now)
-            r = torch.from_numpy(rows).to(st.device)
-            out = st.values.index_select(0, r.clamp_min(0))
-            missing = r < 0
-            if bool(missing.any()):
-                out[missing] = st.default
-        return out
+            if st.device.type != "cpu":
+                rows = self._rows(st, ids_np, train, now)
+                return st.values.index_select(0, torch.from_numpy(rows).to(st.device))
+            if train or ids_np.size < _SPLIT_MIN:
+                rows = self._rows(st, ids_np, train, now)
+                return torch.from_numpy(st.values.numpy().take(rows, axis=0))
+            # Read-only and large: probe + gather the two halves on two threads. NumPy releases
+            # the GIL in take/compare, and a blocked waiter does not spin (unlike OpenMP), so
+            # this does not stall when the cores are shared.
+            values = st.values.numpy()
+            out = np.empty((ids_np.size, st.cfg.dim), dtype=np.float32)
+            half = ids_np.size // 2
+
+            def part(lo: int, hi: int) -> None:
+                # mode="clip" (rows are always valid) lets take write straight into ``out``;
+                # the default mode would buffer the whole result first.
+                values.take(st.index.find(ids_np[lo:hi], missing=0), axis=0, out=out[lo:hi], mode="clip")
+
+            fut = _pool().submit(part, 0, half)
+            part(half, ids_np.size)
+            fut.result()
+            return torch.from_numpy(out)
 
     def lookup_bags(
         self,
@@ -125,7 +152,7 @@ class EmbeddingTable:
             rows = self._rows(st, ids_np, train, now)
             r = torch.from_numpy(rows).to(st.device)
             w = None if per_sample_weights is None else per_sample_weights.to(st.device, torch.float32)
-            return kernels.embedding_bag(st.values, r, offs.to(st.device), mode, w, st.default)
+            return kernels.embedding_bag(st.values, r, offs.to(st.device), mode, w)
 
     # ---- writes ------------------------------------------------------------------------------
     def apply_gradients(self, slot: str, ids: torch.Tensor, grads: torch.Tensor, now: float | None = None) -> int:
@@ -137,6 +164,8 @@ class EmbeddingTable:
         ids_np = _ids_np(ids)
         if grads.shape != (ids_np.size, st.cfg.dim):
             raise ValueError(f"grads must be [{ids_np.size}, {st.cfg.dim}], got {tuple(grads.shape)}")
+        if not bool(torch.isfinite(grads).all()):
+            raise ValueError("grads contain NaN or inf; refusing to poison the rows")
         uniq, inv = np.unique(ids_np, return_inverse=True)
         g = torch.zeros(uniq.size, st.cfg.dim, device=st.device)
         g.index_add_(0, torch.from_numpy(inv).to(st.device), grads.detach().to(st.device, torch.float32))
@@ -161,6 +190,15 @@ class EmbeddingTable:
             st.touched[rows] = time.time() if now is None else now
             st.row_version[rows] = self.version
         return int(rows.size)
+
+    def apply_bag_gradients(
+        self, slot: str, ids: torch.Tensor, lengths: torch.Tensor, bag_grads: torch.Tensor, mode: str = "sum",
+        per_sample_weights: torch.Tensor | None = None, now: float | None = None,
+    ) -> int:
+        """Backward of :meth:`lookup_bags` plus the optimizer step: pooled-bag gradients
+        ``[num_bags, dim]`` are expanded to their ids, then applied as in :meth:`apply_gradients`."""
+        grads = kernels.bag_grads_to_ids(bag_grads, torch.as_tensor(lengths), mode, per_sample_weights)
+        return self.apply_gradients(slot, ids, grads, now=now)
 
     # ---- expiry --------------------------------------------------------------------------------
     def expire(self, now: float | None = None) -> int:

@@ -14,6 +14,7 @@ from headwater.cli.runtime import print_json
 BENCHMARKS: dict[str, str] = {
     # name: module defining add_arguments(parser) and run(args) -> dict
     "streams": "streams.bench",
+    "embedding": "embedding_store.bench",
     "trainer": "training.bench_trainer",
     "freshness": "training.bench_freshness",
 }

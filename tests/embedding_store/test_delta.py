@@ -111,3 +111,24 @@ def test_corrupted_or_truncated_chunks_are_refused():
         decode_delta(bytes(flipped))
     with pytest.raises(DeltaFormatError, match="too short"):
         decode_delta(b"HWD1")
+
+
+def test_compacting_the_deletion_log_forgets_only_old_records():
+    src, _ = _tables()
+    src.lookup("u", torch.tensor([1, 2]), train=True, now=0.0)
+    src.expire(now=100.0)
+    v = src.version
+    src.lookup("u", torch.tensor([3]), train=True, now=100.0)
+    src.expire(now=200.0)
+    src.compact_deletions(v)
+    assert src.export_delta(0).slots["u"].deleted_ids.tolist() == [3]
+
+
+def test_import_refuses_a_delta_of_the_wrong_dim_and_changes_nothing():
+    src = EmbeddingTable([SlotConfig("u", 5)])
+    src.lookup("u", torch.tensor([1]), train=True)
+    _, dst = _tables()
+    v = dst.version
+    with pytest.raises(ValueError, match="dim"):
+        dst.import_delta(src.export_delta(0))
+    assert dst.version == v and dst.stats()["u"]["live_rows"] == 0

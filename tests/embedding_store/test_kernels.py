@@ -48,3 +48,16 @@ def test_bag_grads_to_ids_is_the_backward_of_bag_pooling():
     upstream = torch.randn(2, 3)
     (pooled * upstream).sum().backward()
     torch.testing.assert_close(bag_grads_to_ids(upstream, lengths, "mean", w), leaf.grad)
+
+
+def test_apply_bag_gradients_equals_expanding_then_applying():
+    slots = [SlotConfig("a", 3, optimizer="sgd", lr=0.5, init_std=1.0)]
+    t1, t2 = EmbeddingTable(slots), EmbeddingTable(slots)
+    ids = torch.tensor([4, 5, 4, 6, 7], dtype=torch.int64)
+    lengths = torch.tensor([2, 3])
+    t1.lookup("a", ids, train=True)
+    t2.lookup("a", ids, train=True)
+    bag_grads = torch.randn(2, 3)
+    t1.apply_bag_gradients("a", ids, lengths, bag_grads, mode="mean")
+    t2.apply_gradients("a", ids, bag_grads_to_ids(bag_grads, lengths, "mean"))
+    assert torch.equal(t1.lookup("a", ids), t2.lookup("a", ids))

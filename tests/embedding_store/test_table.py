@@ -127,6 +127,11 @@ def test_bad_input_is_refused_clearly():
         t.lookup("a", torch.tensor([1], dtype=torch.int32))
     with pytest.raises(ValueError, match="grads must be"):
         t.apply_gradients("a", ids(1, 2), torch.ones(1, 4))
+    t.lookup("a", ids(1), train=True)
+    before = t.lookup("a", ids(1)).clone()
+    with pytest.raises(ValueError, match="NaN"):
+        t.apply_gradients("a", ids(1), torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    assert torch.equal(t.lookup("a", ids(1)), before)
     with pytest.raises(ValueError, match="bags cover 3 ids"):
         t.lookup_bags("a", ids(1, 2), torch.tensor([3]))
 
@@ -144,3 +149,16 @@ def test_lookup_bags_pools_sum_and_mean_with_weights():
     ws = t.lookup_bags("a", x, lengths, per_sample_weights=w)
     torch.testing.assert_close(ws[2], 0.5 * rows[2] + rows[4])
     assert np.isclose(float(ws[0].sum()), float((rows[0] + 2 * rows[1]).sum()), atol=1e-6)
+
+
+def test_large_read_batches_split_over_threads_return_the_same_vectors():
+    t = EmbeddingTable([SlotConfig("a", 8, init_std=1.0, default_value=3.0)])
+    keys = torch.randint(-(2**62), 2**62, (40_000,), generator=torch.Generator().manual_seed(0))
+    t.lookup("a", keys[:30_000], train=True)
+    got = t.lookup("a", keys)  # 40k ids: the two-thread path; the last 10k are unknown
+    st = t._stores["a"]
+    rows = torch.from_numpy(st.index.find(keys.numpy(), missing=0))
+    assert torch.equal(got, st.values.index_select(0, rows))
+    unknown = torch.from_numpy(~np.isin(keys[30_000:].numpy(), keys[:30_000].numpy()))
+    assert unknown.sum() > 9_000
+    assert (got[30_000:][unknown] == 3.0).all()
