@@ -92,7 +92,6 @@ class OnlineTrainer:
         now = time.monotonic()
         self._last_checkpoint = self._last_expire = self._last_input = now
         self._started = now
-        self._assigned = False
         self._paused = False
 
     # -- set-up ---------------------------------------------------------------------------
@@ -168,9 +167,8 @@ class OnlineTrainer:
         records = self.consumer.poll(timeout_ms=timeout, max_records=4)
         t1 = time.perf_counter()
         now = time.monotonic()
-        if not self._assigned:
-            # Idle time counts from joining the group, not from the (slow) rebalance before it.
-            self._assigned = bool(records) or bool(self.consumer.assignment())
+        if not records and not self.consumer.assignment():
+            # Joining or re-joining the group (slow on Tansu) is not idleness.
             self._last_input = now
         if self.former.pending_rows:
             self._last_input = now

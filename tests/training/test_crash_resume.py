@@ -36,7 +36,7 @@ def _trainer_cmd(kafka, group, ckpt):
     return [sys.executable, "-m", "headwater", "--log-level", "WARNING", "train", "--json",
             "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
             "--group-id", group, "--checkpoint-dir", str(ckpt), "--checkpoint-interval-s", "0.5",
-            "--idle-exit-s", "4", "--no-publish", "--batch-size", str(MODEL["batch_size"]),
+            "--idle-exit-s", "6", "--no-publish", "--batch-size", str(MODEL["batch_size"]),
             "--hidden", "16,8", "--dense-lr", str(MODEL["dense_lr"]), "--max-batch-wait-ms", "50"]
 
 
