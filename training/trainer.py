@@ -241,7 +241,7 @@ class OnlineTrainer:
             return
         if self.cfg.ttl_s > 0 and now - self._last_expire >= self.cfg.expire_interval_s:
             self._last_expire = now
-            self.learner.table.expire(time.time())
+            self.learner.table.expire(self.learner.clock())
             if self.publisher is None:  # no replica needs the deletion records
                 self.learner.table.compact_deletions(int(self.learner.table.version))
         if self.publisher is not None:
