@@ -90,7 +90,8 @@ class OnlineTrainer:
         if self.learner is not None:
             self._start_publisher()
         now = time.monotonic()
-        self._last_checkpoint = self._last_expire = self._last_input = now
+        self._last_checkpoint = self._last_input = now
+        self._last_expire = float("-inf")
         self._started = now
         self._paused = False
 
@@ -239,9 +240,12 @@ class OnlineTrainer:
         now = time.monotonic()
         if self.learner is None:
             return
-        if self.cfg.ttl_s > 0 and now - self._last_expire >= self.cfg.expire_interval_s:
-            self._last_expire = now
-            self.learner.table.expire(self.learner.clock())
+        # Expiry runs on the TTL's own clock: when event time races ahead (catching up on a
+        # backlog) it runs every step, so live rows never exceed ~ttl_s of the stream.
+        clock = self.learner.clock()
+        if self.cfg.ttl_s > 0 and clock - self._last_expire >= self.cfg.expire_interval_s:
+            self._last_expire = clock
+            self.learner.table.expire(clock)
             if self.publisher is None:  # no replica needs the deletion records
                 self.learner.table.compact_deletions(int(self.learner.table.version))
         if self.publisher is not None:
