@@ -32,6 +32,7 @@ class TrainerConfig:
     dense_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the dense tower"})
     # -- bounded memory
     ttl_s: float = field(default=0.0, metadata={"help": "expire rows untouched this long (0 = never)"})
+    ttl_clock: str = field(default="event", metadata={"help": "TTL measured in stream event time (event) or wall time (wall)"})
     admit_threshold: int = field(default=1, metadata={"help": "sightings before an id gets its own row"})
     expire_interval_s: float = field(default=10.0, metadata={"help": "how often expiry runs when ttl_s > 0"})
     dedup_capacity: int = field(default=1 << 20, metadata={"help": "example ids per de-dup generation (2 kept)"})
@@ -56,6 +57,8 @@ class TrainerConfig:
     def validate(self) -> None:
         if self.batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if self.ttl_clock not in ("event", "wall"):
+            raise ValueError(f"ttl_clock must be event or wall, got {self.ttl_clock!r}")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
         if self.sparse_sync_interval_s <= 0 or self.dense_sync_interval_s <= 0:

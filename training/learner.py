@@ -108,7 +108,9 @@ class Learner:
         self.times.dedup += t1 - t0
         if n == 0:
             return 0
-        now = time.time() if now is None else now
+        if len(batch.event_time_ms):
+            self.watermark_ms = max(self.watermark_ms, int(batch.event_time_ms.max()))
+        now = self.clock() if now is None else now
         mc = self.model_cfg
         bags = lookup_slots(self.table, mc.slots, batch.sparse, n, mc.pooling, train=True, now=now)
         t2 = time.perf_counter()
@@ -141,9 +143,19 @@ class Learner:
         self.times.examples += n
         self.times.steps += 1
         self.examples_trained += n
-        if len(batch.event_time_ms):
-            self.watermark_ms = max(self.watermark_ms, int(batch.event_time_ms.max()))
         return n
+
+    def clock(self) -> float:
+        """The time rows are stamped with and expired by (seconds).
+
+        ``ttl_clock="event"``: the newest example's event time, so a trainer catching up on a
+        backlog, or replaying history, keeps exactly the rows seen in the last ``ttl_s`` of the
+        *stream* (wall-clock TTL would keep a whole burst alive). Falls back to the wall clock
+        until examples carry event times.
+        """
+        if self.cfg.ttl_clock == "event" and self.watermark_ms > 0:
+            return self.watermark_ms / 1000.0
+        return time.time()
 
     # -- checkpoint state (everything but the table, which persists itself) ---------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

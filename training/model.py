@@ -108,7 +108,9 @@ class DenseTower(nn.Module):
             width = h
         self.mlp = nn.Sequential(*layers)
         self.head = nn.Linear(width, 1)
-        self.fm_scale = nn.Parameter(torch.zeros(())) if cfg.use_fm else None
+        # Standard FM (scale 1) from the start: a zero scale would also zero the FM gradient
+        # reaching the embeddings, and pairwise affinity would be learned only through the MLP.
+        self.fm_scale = nn.Parameter(torch.ones(())) if cfg.use_fm else None
 
     def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         b = emb.shape[0]

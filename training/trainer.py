@@ -90,9 +90,9 @@ class OnlineTrainer:
         if self.learner is not None:
             self._start_publisher()
         now = time.monotonic()
-        self._last_checkpoint = self._last_expire = self._last_input = now
+        self._last_checkpoint = self._last_input = now
+        self._last_expire = float("-inf")
         self._started = now
-        self._assigned = False
         self._paused = False
 
     # -- set-up ---------------------------------------------------------------------------
@@ -168,9 +168,8 @@ class OnlineTrainer:
         records = self.consumer.poll(timeout_ms=timeout, max_records=4)
         t1 = time.perf_counter()
         now = time.monotonic()
-        if not self._assigned:
-            # Idle time counts from joining the group, not from the (slow) rebalance before it.
-            self._assigned = bool(records) or bool(self.consumer.assignment())
+        if not records and not self.consumer.assignment():
+            # Joining or re-joining the group (slow on Tansu) is not idleness.
             self._last_input = now
         if self.former.pending_rows:
             self._last_input = now
@@ -241,9 +240,12 @@ class OnlineTrainer:
         now = time.monotonic()
         if self.learner is None:
             return
-        if self.cfg.ttl_s > 0 and now - self._last_expire >= self.cfg.expire_interval_s:
-            self._last_expire = now
-            self.learner.table.expire(time.time())
+        # Expiry runs on the TTL's own clock: when event time races ahead (catching up on a
+        # backlog) it runs every step, so live rows never exceed ~ttl_s of the stream.
+        clock = self.learner.clock()
+        if self.cfg.ttl_s > 0 and clock - self._last_expire >= self.cfg.expire_interval_s:
+            self._last_expire = clock
+            self.learner.table.expire(clock)
             if self.publisher is None:  # no replica needs the deletion records
                 self.learner.table.compact_deletions(int(self.learner.table.version))
         if self.publisher is not None:

@@ -36,7 +36,7 @@ def _trainer_cmd(kafka, group, ckpt):
     return [sys.executable, "-m", "headwater", "--log-level", "WARNING", "train", "--json",
             "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
             "--group-id", group, "--checkpoint-dir", str(ckpt), "--checkpoint-interval-s", "0.5",
-            "--idle-exit-s", "4", "--no-publish", "--batch-size", str(MODEL["batch_size"]),
+            "--idle-exit-s", "6", "--no-publish", "--batch-size", str(MODEL["batch_size"]),
             "--hidden", "16,8", "--dense-lr", str(MODEL["dense_lr"]), "--max-batch-wait-ms", "50"]
 
 
@@ -87,3 +87,29 @@ def test_kill_9_mid_stream_then_restart_trains_every_example_once_with_the_same_
     auc, ref_auc = summary["eval"]["overall"]["auc"], ref["eval"]["overall"]["auc"]
     assert abs(auc - ref_auc) < 0.02, (auc, ref_auc)
     assert auc > summary["eval"]["overall"]["truth_auc"] - 0.1
+
+
+def test_sigterm_stops_the_trainer_cleanly_with_a_final_checkpoint(kafka_topics, tmp_path):
+    batches = synthetic_examples(5000, ROWS, slots=3, vocab=300, seed=12)
+    ckpt = tmp_path / "ckpt"
+    cmd = _trainer_cmd(kafka_topics, f"term-{uuid.uuid4().hex[:6]}", ckpt)
+    cmd[cmd.index("--idle-exit-s") + 1] = "0"  # run until told to stop
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _feed(kafka_topics, [encode_examples(b) for b in batches], 0.0)
+    store = CheckpointStore(ckpt)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        m = store.latest()
+        if m is not None and m.examples_trained == 5000:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    before = store.latest().seq
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["examples_trained"] == 5000
+    final = store.latest()
+    assert final.seq > before, "the stop path writes a last checkpoint"
+    assert final.offsets == {f"{topic_names(kafka_topics.topic_prefix).examples}:0": len(batches)}
