@@ -3,6 +3,10 @@
 Rows are the expensive thing (value + optimizer state); a sketch of ``depth x width`` int32
 counters bounds the memory spent on the long tail of ids seen once. The estimate never
 under-counts, so an id is never admitted late by more than its hash collisions allow.
+
+Counters age (TinyLFU-style): after ``decay_every`` sightings every counter is halved, so on an
+endless stream of new ids the sketch does not fill up and admit more and more of the tail, and
+an id must be seen ``k`` times *recently* to earn a row.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ _SEEDS = np.array(
 class CountMinSketch:
     """``add(keys)`` counts sightings (duplicates in a batch count each time); ``estimate``."""
 
-    def __init__(self, width: int = 1 << 20, depth: int = 4) -> None:
+    def __init__(self, width: int = 1 << 20, depth: int = 4, decay_every: int | None = None) -> None:
         if not 1 <= depth <= len(_SEEDS):
             raise ValueError(f"depth must be in [1, {len(_SEEDS)}]")
         self.width = 1 << max(4, int(width - 1).bit_length())
         self.depth = depth
         self.counts = np.zeros((depth, self.width), dtype=np.int32)
+        # Default: age once each column has seen about one sighting on average, which keeps
+        # collisions from pushing unseen ids past small thresholds (k >= 2).
+        self.decay_every = decay_every if decay_every is not None else self.width
+        self._since_decay = 0
 
     def _cols(self, keys: np.ndarray) -> np.ndarray:
         k = keys.astype(np.uint64)
@@ -38,7 +46,12 @@ class CountMinSketch:
         cols = self._cols(keys)
         for d in range(self.depth):  # loop over the few rows of the sketch, not over ids
             np.add.at(self.counts[d], cols[d], 1)
-        return self.counts[np.arange(self.depth)[:, None], cols].min(axis=0)
+        est = self.counts[np.arange(self.depth)[:, None], cols].min(axis=0)
+        self._since_decay += int(keys.size)
+        if self.decay_every and self._since_decay >= self.decay_every:
+            self.counts >>= 1
+            self._since_decay = 0
+        return est
 
     def estimate(self, keys: np.ndarray) -> np.ndarray:
         cols = self._cols(keys)
