@@ -17,6 +17,7 @@ from headwater.logs import setup_logging
 COMMAND_MODULES = [
     "headwater.cli.config_cmd",
     "headwater.cli.bench",
+    "headwater.cli.llm_serve",
 ]
 
 

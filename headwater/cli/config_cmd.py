@@ -11,7 +11,9 @@ from rich.table import Table
 from headwater.config import describe
 
 # "module:Class" of each process config; packages add theirs here.
-CONFIGS: dict[str, str] = {}
+CONFIGS: dict[str, str] = {
+    "llm_serve": "serving.http.config:HttpServerConfig",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,6 +9,7 @@ length from its measured acceptance and the batch's cost, down to zero when draf
 
 from llm_engine.spec.adaptive import DraftLengthController, SpecConfig, StepCostModel
 from llm_engine.spec.ngram import DraftTree, NgramDrafter
+from llm_engine.spec.proposer import SpeculativeProposer
 from llm_engine.spec.verify import (
     VerifyResult,
     verify_greedy,
@@ -22,6 +23,7 @@ __all__ = [
     "DraftTree",
     "NgramDrafter",
     "SpecConfig",
+    "SpeculativeProposer",
     "StepCostModel",
     "VerifyResult",
     "verify_greedy",
