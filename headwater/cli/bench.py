@@ -13,6 +13,8 @@ from headwater.cli.runtime import print_json
 
 BENCHMARKS: dict[str, str] = {
     # name: module defining add_arguments(parser) and run(args) -> dict
+    "rank": "llm_engine.bench_rank",
+    "spec": "llm_engine.bench_spec",
 }
 
 
