@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=50, help="candidates per forward on the shared-prefix path")
     parser.add_argument("--backend", choices=["engine", "reference"], default="engine",
                         help="engine: the scheduler + paged KV path; reference: transformers with a reused cache")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps timings stable on a shared machine (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
 
 
