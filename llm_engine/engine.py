@@ -1,0 +1,220 @@
+"""The synchronous engine: requests in, one scheduler step at a time, outputs out.
+
+``step()`` = schedule -> run model -> sample the rows that reached their sequence's end ->
+append tokens, check stop conditions, free finished requests' blocks, register newly full blocks
+for prefix caching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from llm_engine.block_pool import BlockPool
+from llm_engine.config import EngineConfig, ModelConfig
+from llm_engine.kv_cache import KVCacheManager, allocate_kv_cache, num_blocks_for_budget
+from llm_engine.model.llama import LlamaForCausalLM
+from llm_engine.model.loader import load_model
+from llm_engine.model_runner import ModelRunner
+from llm_engine.outputs import RequestOutput
+from llm_engine.sampling import sample
+from llm_engine.sampling_params import SamplingParams
+from llm_engine.scheduler import Scheduler
+from llm_engine.sequence import Sequence
+from llm_engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
+    dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    elif config.dtype in _DTYPES:
+        dtype = _DTYPES[config.dtype]
+    else:
+        raise ValueError(f"unknown dtype {config.dtype!r}")
+    backend = config.attention_backend
+    if backend == "auto":
+        backend = "triton" if dev == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return torch.device(dev), dtype, backend
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model."""
+
+    def __init__(self, model: LlamaForCausalLM | str | Path, config: EngineConfig | None = None,
+                 tokenizer: Tokenizer | None = None):
+        self.config = config = config or EngineConfig()
+        device, dtype, backend = _resolve(config)
+        if not isinstance(model, torch.nn.Module):
+            path = Path(model)
+            tokenizer = tokenizer or (Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None)
+            model = load_model(path, dtype, device)
+        self.model, self.tokenizer = model, tokenizer
+        mc: ModelConfig = model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        block_shape = (config.block_size, mc.num_key_value_heads, mc.head_dim)
+        n = config.num_kv_blocks
+        if not n:
+            budget = config.kv_cache_bytes
+            if device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
+            n = num_blocks_for_budget(budget, mc.num_hidden_layers, block_shape, dtype)
+        if n * config.block_size < min(self.max_model_len, config.max_num_batched_tokens):
+            logger.warning("KV pool of %d blocks holds fewer tokens than one step", n)
+        self.pool = BlockPool(n, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, config.block_size)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.runner = ModelRunner(model, allocate_kv_cache(n, mc.num_hidden_layers, block_shape, dtype, device),
+                                  config.block_size, backend)
+        self.eos_ids = set(mc.eos_token_id)
+        if tokenizer is not None:
+            self.eos_ids |= set(tokenizer.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        logger.info("engine: %d KV blocks of %d tokens on %s (%s, %s attention)", n, config.block_size, device, dtype, backend)
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("empty prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_model_len={self.max_model_len}")
+        n = next(self._ids)
+        rid = request_id if request_id is not None else str(n)
+        if rid in self.requests:
+            raise ValueError(f"duplicate request id {rid!r}")
+        seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + n)
+        seq = Sequence(rid, ids, params, priority=priority, seed=seed)
+        self.requests[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel: the request's KV blocks return to the pool at once."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.abort(seq)
+        seq.finish_reason = "abort"
+        return self._output(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns outputs of requests that got a token or finished."""
+        sched = self.scheduler.schedule()
+        if not sched:
+            if self.scheduler.running or len(self.scheduler.waiting):
+                if not self.scheduler.running:
+                    raise RuntimeError("KV pool too small for the next waiting request")
+            return []
+        hidden, inp = self.runner.execute(sched)
+        sampling = [i for i, s in enumerate(sched.scheduled) if s.samples]
+        for i, s in enumerate(sched.scheduled):
+            if s.seq.params.prompt_logprobs is not None:
+                self._prompt_logprobs(s, hidden, inp.row_start[i])
+        outputs = []
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_tokens
+        if sampling:
+            rows = inp.last_rows[sampling]
+            logits = self.runner.logits(hidden, rows)
+            seqs = [sched.scheduled[i].seq for i in sampling]
+            need_hist = any(q.params.repetition_penalty != 1.0 for q in seqs)
+            res = sample(logits, [q.params for q in seqs], [q.seed for q in seqs],
+                         [len(q.output_token_ids) for q in seqs],
+                         [q.all_token_ids for q in seqs] if need_hist else None)
+            ids, lps = res.token_ids.tolist(), res.logprobs.tolist()
+            top_ids = res.top_ids.tolist() if res.top_ids is not None else None
+            top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
+            for j, seq in enumerate(seqs):
+                tok = ids[j]
+                seq.output_token_ids.append(tok)
+                if seq.params.logprobs is not None:
+                    entry = {tok: lps[j]}
+                    for t, lp in zip(top_ids[j][:seq.params.logprobs], top_lp[j][:seq.params.logprobs]):
+                        entry.setdefault(t, lp)
+                    seq.logprobs.append(entry)
+                self._check_stop(seq, tok)
+                outputs.append(self._output(seq, [tok]))
+        for s in sched.scheduled:
+            if s.seq.is_finished or s.seq.finish_reason:
+                self.scheduler.finish(s.seq)
+                self.requests.pop(s.seq.request_id, None)
+            else:
+                self.kv.cache_full_blocks(s.seq)
+        return outputs
+
+    def _prompt_logprobs(self, s, hidden: torch.Tensor, row0: int) -> None:
+        seq = s.seq
+        plen = len(seq.prompt_token_ids)
+        if s.start >= plen - 1 and seq.prompt_logprobs:
+            return
+        if s.start == 0:
+            seq.prompt_logprobs = [None]
+        hi = min(s.start + s.num_tokens, plen - 1)  # positions predicting prompt tokens
+        if hi <= s.start:
+            return
+        rows = torch.arange(row0, row0 + hi - s.start, device=hidden.device)
+        lp = torch.log_softmax(self.runner.logits(hidden, rows), dim=-1)
+        targets = torch.tensor(seq.prompt_token_ids[s.start + 1:hi + 1], device=hidden.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k = seq.params.prompt_logprobs
+        top_lp, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        for i, t in enumerate(targets.tolist()):
+            entry = {t: chosen[i]}
+            if k:
+                for tid, v in zip(top_ids[i].tolist(), top_lp[i].tolist()):
+                    entry.setdefault(tid, v)
+            seq.prompt_logprobs.append(entry)
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        if not p.ignore_eos and tok in self.eos_ids:
+            seq.finish_reason = "stop"
+        elif tok in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        elif p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+            hits = [(text.find(st), st) for st in p.stop if st in text]
+            if hits:
+                at, st = min(hits)
+                seq.text = text[:at]
+                seq.finish_reason, seq.stop_reason = "stop", st
+                return
+        if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        done = seq.finish_reason is not None
+        if done and self.tokenizer is not None and seq.stop_reason not in seq.params.stop:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), seq.text, done,
+                             seq.finish_reason, seq.stop_reason,
+                             seq.logprobs if seq.params.logprobs is not None else None,
+                             seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+                             seq.num_cached_tokens, new)
+
+    def decode_text(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens) if self.tokenizer else ""

@@ -1,0 +1,128 @@
+"""Continuous-batching scheduler: decides, per step, which tokens of which requests run.
+
+Policy (one step, token budget ``max_num_batched_tokens``):
+1. running requests, decodes first, then prefill chunks in progress, each by (priority, arrival);
+   when the pool is out of blocks, the lowest-priority newest running request is preempted
+   (its blocks freed, recomputed later from prompt + output so far, giving identical output);
+2. waiting requests in :class:`~llm_engine.batching.BatchQueue` order (priority with ageing, then
+   arrival) fill the remaining budget with (chunked) prefills, reusing cached prefix blocks.
+The scheduler only decides; the result is a plain :class:`SchedulerOutput` the runner executes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from llm_engine.batching import BatchQueue, QueueItem, form_batch
+from llm_engine.config import EngineConfig
+from llm_engine.kv_cache import KVCacheManager
+from llm_engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSeq:
+    """Run tokens ``[start, start + num_tokens)`` of ``seq`` this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's end, so a next token is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs, plus who was preempted to make room."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; allocates KV blocks through the manager."""
+
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int):
+        self.config, self.kv, self.max_model_len = config, kv, max_model_len
+        self.waiting: BatchQueue[Sequence] = BatchQueue()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.push(QueueItem(seq.request_id, seq, seq.priority, seq.arrival))
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is and free its blocks immediately."""
+        self.waiting.remove(seq.request_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.kv.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_preemptions += 1
+        self.add(seq)
+        logger.debug("preempted %s", seq.request_id)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.priority, s.arrival))
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate(seq, n):
+                done = {s.seq for s in out.scheduled}
+                victim = max((s for s in self.running if s not in done), key=lambda s: (s.priority, s.arrival))
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+                budget -= n
+        if out.preempted:
+            return out
+        free_slots = self.config.max_num_seqs - len(self.running)
+
+        def admit(item: QueueItem[Sequence], remaining: int) -> int:
+            seq = item.payload
+            if not seq.block_table and self.config.enable_prefix_caching:
+                self.kv.admit_cached_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, remaining)
+            if not self.kv.allocate(seq, n):
+                self.kv.free(seq)
+                return 0
+            return n
+
+        for item, n in form_batch(self.waiting, budget, free_slots, admit):
+            seq = item.payload
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+        return out
