@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidate-tokens", type=int, default=16, help="mean candidate length (+-25%%)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (median reported)")
     parser.add_argument("--batch", type=int, default=50, help="candidates per forward on the shared-prefix path")
+    parser.add_argument("--step-tokens", type=int, default=2048, help="engine token budget per step")
     parser.add_argument("--backend", choices=["engine", "reference"], default="engine",
                         help="engine: the scheduler + paged KV path; reference: transformers with a reused cache")
     parser.add_argument("--threads", type=int, default=1,
@@ -114,11 +115,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def _fast_scorer(args, model_dir, runner, items, options, weight):  # noqa: ANN001, ANN202
     if args.backend == "engine":
-        try:
-            from llm_engine.rank_engine import engine_scorer
-        except ImportError:
-            log.warning("engine ranking path unavailable; using the reference shared-prefix path")
-        else:
-            return engine_scorer(model_dir, items, options), "engine"
+        from llm_engine import EngineConfig, LLMEngine
+        from llm_engine.ranking import score_sync
+
+        engine = LLMEngine(model_dir, EngineConfig(max_num_batched_tokens=args.step_tokens,
+                                                   max_num_seqs=max(args.candidates, 64)))
+        calls = iter(range(1 << 30))
+        return (lambda: score_sync(engine, items, options, f"bench-{next(calls)}")), "engine"
     return (lambda: score_items(items, lambda it: runner.hidden_shared_prefix(it, batch=args.batch), weight, options),
             "reference")
