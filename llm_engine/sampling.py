@@ -21,12 +21,11 @@ def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
     """``[B, V]`` uniforms in (0, 1) from a 32-bit integer hash (lowbias32) of seed, step, token."""
     idx = torch.arange(vocab, dtype=torch.int64, device=seeds.device)[None, :]
     x = (idx * 0x9E3779B1 + (steps[:, None] * 0x85EBCA77 & _M32) + (seeds[:, None] * 0xC2B2AE3D & _M32)) & _M32
-    for _ in range(2):
-        x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D) & _M32
-        x = x ^ (x >> 15)
-        x = (x * 0x846CA68B) & _M32
-        x = x ^ (x >> 16)
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
     return (x.double() + 0.5) / 4294967296.0
 
 
@@ -85,10 +84,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     probs = torch.softmax(x, dim=-1)
     if (min_p > 0).any():
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
-    u = hash_uniform(torch.tensor(seeds, dtype=torch.int64, device=dev),
-                     torch.tensor(steps, dtype=torch.int64, device=dev), v)
-    race = probs.double() / (-torch.log(u))
-    ids = torch.where(greedy, logits.argmax(-1), race.argmax(-1))
+    ids = logits.argmax(-1)
+    rand = (~greedy).nonzero()[:, 0]
+    if rand.numel():  # noise only for sampled rows
+        r = rand.tolist()
+        u = hash_uniform(torch.tensor([seeds[i] for i in r], dtype=torch.int64, device=dev),
+                         torch.tensor([steps[i] for i in r], dtype=torch.int64, device=dev), v)
+        ids[rand] = (probs[rand].double() / (-torch.log(u))).argmax(-1)
     n = max((p.logprobs or 0) for p in params)
     top_ids = top_lp = None
     if n:

@@ -58,6 +58,7 @@ class Scheduler:
         self.config, self.kv, self.max_model_len = config, kv, max_model_len
         self.waiting: BatchQueue[Sequence] = BatchQueue()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -83,6 +84,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.add(seq)
         logger.debug("preempted %s", seq.request_id)
 

@@ -29,7 +29,17 @@ def make_hf_model(kind: str, path, *, vocab: int = 128, hidden: int = 64, layers
                     proj.bias.normal_(0, 0.5)
     model = model.float().eval()
     model.save_pretrained(path, safe_serialization=True)
+    write_word_tokenizer(path, vocab)
     return model
+
+
+def write_word_tokenizer(path, vocab: int) -> None:
+    """A word-level tokenizer ``w0 .. w{vocab-1}`` so string prompts and stop strings work."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
 
 
 @pytest.fixture(scope="session")
