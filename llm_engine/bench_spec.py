@@ -88,11 +88,11 @@ def _compare(generate, prompts: list[list[int]], spec: SpecConfig, repeats: int)
 def run(args: argparse.Namespace) -> dict:
     from tokenizers import Tokenizer
 
-    from llm_engine.gguf_reference import smollm2_dir
+    from llm_engine.convert import smollm2_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = args.model or str(smollm2_dir())
+    model_dir = args.model or str(smollm2_path())
     tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
     generate, backend = _generator(args, model_dir)
     spec = SpecConfig(max_draft=args.max_draft)
@@ -109,12 +109,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _generator(args: argparse.Namespace, model_dir: str):  # noqa: ANN202
     if args.backend == "engine":
-        try:
-            from llm_engine.spec_engine import engine_generator
-        except ImportError:
-            log.warning("engine speculation path unavailable; using the reference runner")
-        else:
-            return engine_generator(model_dir, args.max_tokens), "engine"
+        return _engine_generator(model_dir, args.max_tokens, args.max_draft), "engine"
     from llm_engine.reference import ReferenceRunner
 
     runner = ReferenceRunner(model_dir)
@@ -130,3 +125,28 @@ def _generator(args: argparse.Namespace, model_dir: str):  # noqa: ANN202
         return out, d, a
 
     return generate, "reference"
+
+
+def _engine_generator(model_dir: str, max_tokens: int, max_draft: int):  # noqa: ANN202
+    """Greedy generation on two engines over the same weights: speculation off and on."""
+    from llm_engine import EngineConfig, LLMEngine, SamplingParams
+
+    plain = LLMEngine(model_dir, EngineConfig(speculative=False, kv_cache_bytes=64 << 20))
+    spec = LLMEngine(model_dir, EngineConfig(speculative=True, spec_max_draft=max_draft, kv_cache_bytes=64 << 20))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    calls = iter(range(1 << 30))
+
+    def generate(ids: list[int], spec_config: SpecConfig | None) -> tuple[list[int], int, int]:
+        engine = spec if spec_config is not None else plain
+        ctl = engine.spec.proposer.controller if engine.spec is not None else None
+        before = (ctl.total_proposed, ctl.total_accepted) if ctl else (0, 0)
+        rid = engine.add_request(ids, params, request_id=f"b{next(calls)}")
+        out: list[int] = []
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.request_id == rid and o.finished:
+                    out = o.token_ids
+        after = (ctl.total_proposed, ctl.total_accepted) if ctl else (0, 0)
+        return out, after[0] - before[0], after[1] - before[1]
+
+    return generate

@@ -41,11 +41,15 @@ class StepCostModel:
     """``T(n) = fixed + per_token * n`` seconds per step over ``n`` tokens, fitted by decayed
     least squares from measured steps (the defaults are priors until then)."""
 
-    def __init__(self, fixed: float = 0.01, per_token: float = 0.0005, decay: float = 0.98) -> None:
+    def __init__(self, fixed: float = 0.01, per_token: float = 0.0005, decay: float = 0.95, warmup: int = 2) -> None:
         self.fixed, self.per_token, self.decay = fixed, per_token, decay
+        self._skip = warmup  # first steps pay one-off costs (allocation, kernel set-up): not evidence
         self._s = [0.0] * 5  # decayed sums: w, w n, w n^2, w t, w n t
 
     def observe(self, num_tokens: int, seconds: float) -> None:
+        if self._skip > 0:
+            self._skip -= 1
+            return
         d, n, t = self.decay, float(num_tokens), float(seconds)
         s = [x * d for x in self._s]
         s[0] += 1
