@@ -12,11 +12,20 @@ from serving.http import HttpServerConfig, create_app
 from serving.http.server import RunningServer
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    from serving.http.hf_backend import TransformersBackend
+@pytest.fixture(scope="module", params=["engine", "transformers"])
+def backend(request, tiny_model_dir):
+    """The same HTTP behaviour over the engine and over the transformers reference."""
+    if request.param == "engine":
+        from llm_engine import EngineConfig
+        from serving.http.engine_backend import EngineBackend
 
-    return TransformersBackend(tiny_model_dir, served_model_name="tiny", max_model_len=256)
+        b = EngineBackend.from_model_dir(tiny_model_dir, "tiny", EngineConfig(max_model_len=256, num_kv_blocks=256))
+        yield b
+        b.close()
+    else:
+        from serving.http.hf_backend import TransformersBackend
+
+        yield TransformersBackend(tiny_model_dir, served_model_name="tiny", max_model_len=256)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +147,20 @@ def test_rank_returns_scores_aligned_with_candidates_and_best_first_order(client
     assert yes.status_code == 400 and "exactly one token" in yes.json()["error"]["message"]
 
 
+def test_rank_scores_equal_a_full_forward_per_candidate(client, tiny_model_dir):
+    from llm_engine.scoring import ScoringOptions
+    from serving.http.hf_backend import TransformersBackend
+
+    cands = [" star wars", " the notebook", " alien", " blade runner", " titanic"]
+    ctx = "a user who watched space operas and robots likes more science fiction. next:"
+    for opts in ({"normalize": "sum"}, {"method": "yes_prob", "template": "{context}{candidate}", "yes_token": " a",
+                                        "no_token": None}):
+        body = client.post("/v1/rank", json={"context": ctx, "candidates": cands, **opts}).json()
+        want = TransformersBackend(tiny_model_dir).score(ctx, cands, ScoringOptions(**opts))
+        assert body["scores"] == pytest.approx(want.scores, abs=1e-4)
+        assert body["ranking"] == want.ranking
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"context": "x", "candidates": []}, "candidates"),
     ({"context": "x", "candidates": ["a"] * 51}, "at most 50"),
@@ -207,8 +230,8 @@ def test_client_disconnect_cancels_the_engine_request(server, backend):
             next(lines)
             assert backend.stats().running == 1
         deadline = time.monotonic() + 10
-        while backend.stats().running:
-            assert time.monotonic() < deadline, "request kept running after its client disconnected"
+        while backend.stats().running or backend.stats().kv_usage:
+            assert time.monotonic() < deadline, "request kept running (or its KV blocks) after its client left"
             time.sleep(0.05)
 
 
