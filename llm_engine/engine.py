@@ -145,7 +145,8 @@ class LLMEngine:
             res = sample(logits, [q.params for q in seqs], [q.seed for q in seqs],
                          [len(q.output_token_ids) for q in seqs],
                          [q.all_token_ids for q in seqs] if need_hist else None)
-            ids, lps = res.token_ids.tolist(), res.logprobs.tolist()
+            ids = res.token_ids.tolist()
+            lps = res.logprobs.tolist() if res.logprobs is not None else None
             top_ids = res.top_ids.tolist() if res.top_ids is not None else None
             top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
             for j, seq in enumerate(seqs):

@@ -31,10 +31,10 @@ def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
 
 @dataclass
 class SampleResult:
-    """Sampled ids ``[B]``, their log-probs ``[B]`` and top-n ids/log-probs ``[B, n]`` (n = max asked)."""
+    """Sampled ids ``[B]``; when any row asked: their log-probs ``[B]`` and top-n ``[B, n]`` (n = max asked)."""
 
     token_ids: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     top_ids: torch.Tensor | None
     top_logprobs: torch.Tensor | None
 
@@ -54,6 +54,28 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
     return torch.where(seen, penalised, logits)
 
 
+def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k, top-p and min-p as -inf masks on temperature-scaled logits ``[R, V]``."""
+    dev, v = x.device, x.shape[1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    if (top_k < v).any() or (top_p < 1).any():
+        sorted_x, _ = x.sort(dim=-1, descending=True)
+        kth = sorted_x.gather(1, (top_k - 1)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
+        if (top_p < 1).any():
+            sp = torch.softmax(sorted_x.masked_fill(sorted_x < kth, float("-inf")), dim=-1)
+            # keep tokens whose preceding mass is < top_p (the first always stays)
+            keep = (sp.cumsum(-1) - sp) < top_p[:, None]
+            thr = sorted_x.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+            x = x.masked_fill(x < thr, float("-inf"))
+    if (min_p > 0).any():
+        lp = torch.log_softmax(x, dim=-1)
+        x = x.masked_fill(lp < torch.log(min_p[:, None]) + lp.max(-1, keepdim=True).values, float("-inf"))
+    return x
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
            history: list[list[int]] | None = None) -> SampleResult:
     """Pick one token per row. ``steps[i]`` is the row's output position (keys its noise)."""
@@ -64,34 +86,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     rep = f([p.repetition_penalty for p in params])
     if history is not None:
         logits = apply_repetition_penalty(logits, history, rep)
-    logp = torch.log_softmax(logits, dim=-1)
     temp = f([p.temperature for p in params])
     greedy = temp == 0
-    x = logits / torch.where(greedy, 1.0, temp)[:, None]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < v else v for p in params], device=dev)
-    top_p, min_p = f([p.top_p for p in params]), f([p.min_p for p in params])
-    if (top_k < v).any() or (top_p < 1).any():
-        sorted_x, _ = x.sort(dim=-1, descending=True)
-        kth = sorted_x.gather(1, (top_k - 1)[:, None])
-        x = x.masked_fill(x < kth, float("-inf"))
-        if (top_p < 1).any():
-            sp = torch.softmax(sorted_x.masked_fill(sorted_x < kth, float("-inf")), dim=-1)
-            cum = sp.cumsum(-1)
-            # keep tokens whose preceding mass is < top_p (the first always stays)
-            keep = (cum - sp) < top_p[:, None]
-            thr = sorted_x.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
-            x = x.masked_fill(x < thr, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if (min_p > 0).any():
-        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     ids = logits.argmax(-1)
     rand = (~greedy).nonzero()[:, 0]
-    if rand.numel():  # noise only for sampled rows
+    if rand.numel():  # the filtering and noise only for sampled rows
         r = rand.tolist()
+        x = logits[rand] / temp[rand, None]
+        sub = [params[i] for i in r]
+        x = _filter(x, sub)
         u = hash_uniform(torch.tensor([seeds[i] for i in r], dtype=torch.int64, device=dev),
                          torch.tensor([steps[i] for i in r], dtype=torch.int64, device=dev), v)
-        ids[rand] = (probs[rand].double() / (-torch.log(u))).argmax(-1)
+        ids[rand] = (torch.softmax(x, dim=-1).double() / (-torch.log(u))).argmax(-1)
     n = max((p.logprobs or 0) for p in params)
+    if not n and all(p.logprobs is None for p in params):
+        return SampleResult(ids, None, None, None)
+    logp = torch.log_softmax(logits, dim=-1)
     top_ids = top_lp = None
     if n:
         top_lp, top_ids = logp.topk(n, dim=-1)

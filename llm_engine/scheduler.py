@@ -114,7 +114,8 @@ class Scheduler:
 
         def admit(item: QueueItem[Sequence], remaining: int) -> int:
             seq = item.payload
-            if not seq.block_table and self.config.enable_prefix_caching:
+            # prompt log-probs need every prompt position computed, so no prefix reuse for them
+            if not seq.block_table and self.config.enable_prefix_caching and seq.params.prompt_logprobs is None:
                 self.kv.admit_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, remaining)
             if not self.kv.allocate(seq, n):

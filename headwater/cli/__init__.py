@@ -17,7 +17,8 @@ from headwater.logs import setup_logging
 COMMAND_MODULES = [
     "headwater.cli.config_cmd",
     "headwater.cli.bench",
-    "headwater.cli.llm_serve",
+    "headwater.cli.llm",
+    "headwater.cli.llm_serve",  # after llm: adds `serve` to its subcommands
 ]
 
 

@@ -13,6 +13,7 @@ from headwater.cli.runtime import print_json
 
 BENCHMARKS: dict[str, str] = {
     # name: module defining add_arguments(parser) and run(args) -> dict
+    "llm": "llm_engine.bench",
     "rank": "llm_engine.bench_rank",
     "spec": "llm_engine.bench_spec",
 }

@@ -12,6 +12,7 @@ from headwater.config import describe
 
 # "module:Class" of each process config; packages add theirs here.
 CONFIGS: dict[str, str] = {
+    "llm": "llm_engine.config:EngineConfig",
     "llm_serve": "serving.http.config:HttpServerConfig",
 }
 

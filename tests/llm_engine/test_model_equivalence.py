@@ -88,3 +88,18 @@ def test_missing_weights_are_a_clear_error(tiny_llama, tmp_path):
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(ValueError, match="lacks 1 tensors"):
         load_model(tmp_path)
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(tiny_llama):
+    from llm_engine import LLM
+
+    path, hf = tiny_llama
+    prompt = [(5 * i) % 120 + 1 for i in range(23)]
+    llm = LLM(path, num_kv_blocks=32, block_size=4, max_num_batched_tokens=8)  # 3 prefill chunks
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+    ours = [e[t] for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+    expect = ref[torch.arange(22), torch.tensor(prompt[1:])]
+    assert out.prompt_logprobs[0] is None
+    assert torch.allclose(torch.tensor(ours), expect, atol=1e-4)

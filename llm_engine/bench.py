@@ -1,0 +1,140 @@
+"""``headwater bench llm``: continuous batching vs ``transformers.generate`` static batches.
+
+A random Llama-style model (~20M parameters on CPU, ~1B on CUDA) serves N requests whose prompt
+and output lengths come from a seeded distribution (uniform prompts, log-normal outputs: most
+short, a few long, as in chat traffic), all submitted at once. The baseline runs the same
+requests through ``generate()`` in static batches of ``max_num_seqs`` (left-padded; a batch lasts
+as long as its longest request) with the same weights. Output tokens counted are the requested ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12, "A10": 0.6e12}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), help="uniform range")
+    p.add_argument("--output-median", type=float, default=32.0, help="log-normal median of output lengths")
+    p.add_argument("--output-max", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-baseline", action="store_true")
+
+
+def model_shape(cuda: bool) -> dict:
+    if cuda:  # ~1.1B
+        return dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                    num_attention_heads=32, num_key_value_heads=4)
+    return dict(vocab_size=16000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                num_attention_heads=6, num_key_value_heads=2)
+
+
+def workload(args) -> tuple[list[list[int]], list[int]]:
+    rng = np.random.default_rng(args.seed)
+    n = args.num_requests
+    plens = rng.integers(args.prompt_len[0], args.prompt_len[1] + 1, n)
+    olens = np.clip(rng.lognormal(np.log(args.output_median), 0.8, n).astype(int), 4, args.output_max)
+    prompts = [rng.integers(10, 15000, int(k)).tolist() for k in plens]
+    return prompts, olens.tolist()
+
+
+def run_engine(path, prompts, olens, args, device) -> dict:
+    from llm_engine import EngineConfig, LLMEngine, SamplingParams
+
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, device=device,
+                       kv_cache_bytes=128 << 20, dtype="auto")
+    eng = LLMEngine(path, cfg)
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=2))  # warm-up
+    while eng.has_unfinished():
+        eng.step()
+    eng.pool.peak_used = eng.pool.num_used
+    t0 = time.perf_counter()
+    for p, o in zip(prompts, olens):
+        eng.add_request(p, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))
+    steps = 0
+    produced = 0
+    while eng.has_unfinished():
+        produced += len(eng.step())
+        steps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return dict(seconds=dt, tokens=produced, steps=steps, peak_blocks=eng.pool.peak_used,
+                num_blocks=eng.pool.num_blocks, preemptions=eng.scheduler.num_preemptions)
+
+
+def run_baseline(path, prompts, olens, batch: int, device) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf.generation_config.pad_token_id = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        ps, os_ = prompts[i:i + batch], olens[i:i + batch]
+        width = max(len(p) for p in ps)
+        ids = torch.zeros(len(ps), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(ps):  # left padding
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        with torch.no_grad():
+            hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(os_),
+                        min_new_tokens=max(os_), do_sample=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return dict(seconds=time.perf_counter() - t0, tokens=sum(olens))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = model_shape(device == "cuda")
+    prompts, olens = workload(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(args.seed)
+        cfg = LlamaConfig(**shape, max_position_embeddings=1024, tie_word_embeddings=False,
+                          eos_token_id=None, bos_token_id=None, pad_token_id=None)
+        model = LlamaForCausalLM(cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        ours = run_engine(tmp, prompts, olens, args, device)
+        base = None if args.skip_baseline else run_baseline(tmp, prompts, olens, args.max_num_seqs, device)
+    out = {
+        "benchmark": "llm", "device": device, "params": n_params, "num_requests": len(prompts),
+        "max_num_seqs": args.max_num_seqs, "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(olens),
+        "seconds": round(ours["seconds"], 3),
+        "tokens_per_s": round(ours["tokens"] / ours["seconds"], 1),
+        "requests_per_s": round(len(prompts) / ours["seconds"], 3),
+        "steps": ours["steps"], "kv_peak_blocks": ours["peak_blocks"], "kv_num_blocks": ours["num_blocks"],
+        "preemptions": ours["preemptions"],
+    }
+    if base:
+        out |= {
+            "baseline_seconds": round(base["seconds"], 3),
+            "baseline_tokens_per_s": round(base["tokens"] / base["seconds"], 1),
+            "baseline_requests_per_s": round(len(prompts) / base["seconds"], 3),
+            "speedup_vs_baseline": round(base["seconds"] / ours["seconds"], 2),
+        }
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_HBM.items() if k in name), None)
+        bytes_w = n_params * 2
+        # decode roofline: every step reads all weights once; KV read is small next to 2 GB of weights
+        if peak:
+            out["decode_roofline_fraction"] = round((bytes_w * ours["steps"] / ours["seconds"]) / peak, 3)
+        out["gpu"] = name
+    return out
