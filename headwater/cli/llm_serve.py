@@ -27,6 +27,7 @@ def _llm_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersActi
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from llm_engine import EngineConfig
     from serving.http.config import HttpServerConfig
 
     parser = _llm_subparsers(sub).add_parser(
@@ -34,17 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="Hugging Face model folder (see `headwater llm convert`)")
     add_config_args(parser, HttpServerConfig)
+    add_config_args(parser, EngineConfig)
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from llm_engine import EngineConfig
     from serving.http.config import HttpServerConfig
     from serving.http.engine_backend import EngineBackend
     from serving.http.server import serve_until
 
     config = load_config(HttpServerConfig, args, section="llm_serve")
+    engine_config = load_config(EngineConfig, args, section="llm")
     stop = stop_on_signals()
-    backend = EngineBackend.from_model_dir(args.model, served_model_name=config.served_model_name)
+    with Console(stderr=True).status(f"loading {args.model}"):
+        backend = EngineBackend.from_model_dir(args.model, config.served_model_name, engine_config)
     try:
         from serving.http.app import create_app
 
