@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 import torch
 
+from llm_engine.reference import Sampling, process_logits
 from llm_engine.scoring import ScoreResult, ScoringItem, ScoringOptions, plan, score_items
 from serving.http.backend import BackendStats, GenerateParams, TokenEvent
 from serving.http.textstream import TextStream
@@ -22,27 +23,9 @@ from serving.http.tokenizer import ModelTokenizer
 log = logging.getLogger(__name__)
 
 
-def process_logits(logits: torch.Tensor, params: GenerateParams, seen: list[int]) -> torch.Tensor:
-    """Repetition penalty, temperature, top-k, top-p and min-p applied to one row of logits."""
-    x = logits.float().clone()
-    if params.repetition_penalty != 1.0 and seen:
-        idx = torch.tensor(sorted(set(seen)))
-        v = x[idx]
-        x[idx] = torch.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-    if params.temperature == 0:
-        return x
-    x = x / params.temperature
-    if params.top_k > 0 and params.top_k < x.numel():
-        kth = torch.topk(x, params.top_k).values[-1]
-        x[x < kth] = float("-inf")
-    probs = torch.softmax(x, -1)
-    if params.top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        drop = (sp.cumsum(-1) - sp) >= params.top_p
-        x[si[drop]] = float("-inf")
-    if params.min_p > 0:
-        x[probs < params.min_p * probs.max()] = float("-inf")
-    return x
+def _sampling(p: GenerateParams) -> Sampling:
+    return Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty, seed=p.seed)
 
 
 class TransformersBackend:
@@ -116,7 +99,7 @@ class TransformersBackend:
             for step in range(params.max_tokens):
                 if request_id in self._aborted:
                     return
-                x = process_logits(row, params, prompt_ids + out_ids)
+                x = process_logits(row, _sampling(params), prompt_ids + out_ids)
                 if params.temperature == 0:
                     tok = int(x.argmax())
                 else:

@@ -58,3 +58,28 @@ def test_sampled_requests_speculate_and_stay_reproducible(model_dir):
     _, b = _run(model_dir, PROMPTS, params, speculative=True)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert all(len(o.token_ids) == 30 for o in a)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.0, top_k=3),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.2),
+])
+def test_verification_uses_exactly_the_samplers_distribution(params):
+    """Rejection sampling is lossless only against the distribution the sampler would draw from."""
+    import numpy as np
+    import torch
+
+    from llm_engine.sampling import sample
+    from llm_engine.spec.engine_hooks import target_probs
+
+    logits = torch.tensor([[2.0, 1.5, 0.3, -0.2, 1.0, -1.0]])
+    n = 6000
+    res = sample(logits.expand(n, -1), [params] * n, list(range(n)), [0] * n)
+    counts = np.bincount(res.token_ids.numpy(), minlength=6)
+    p = target_probs(logits, params)[0].numpy()
+    assert counts[p == 0].sum() == 0
+    expected = n * p[p > 0]
+    chi2 = float((((counts[p > 0] - expected) ** 2) / expected).sum())
+    assert chi2 < 30.0
