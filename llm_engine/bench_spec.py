@@ -52,27 +52,28 @@ def _chat(prompt: str, tokenizer) -> list[int]:  # noqa: ANN001
     return tokenizer.encode(text).ids
 
 
-def _compare(generate, prompts: list[list[int]], spec: SpecConfig, repeats: int) -> dict:  # noqa: ANN001
-    """Plain and speculative decoding of every prompt, interleaved, ``repeats`` times each; the
-    fastest run of each counts (the machine is shared: the minimum is the least disturbed)."""
+def _compare(generate, prompts: list[list[int]], mode: str, repeats: int) -> dict:  # noqa: ANN001
+    """Plain decoding and ``mode`` ("spec", or "wrong": drafts that never match) on every prompt,
+    interleaved, ``repeats`` times each; the fastest run of each counts (the machine is shared:
+    the minimum is the least disturbed measurement)."""
     base_t, spec_t, base_out, spec_out = 0.0, 0.0, [], []
     drafted = accepted = 0
     for ids in prompts:
-        best = {None: float("inf"), "spec": float("inf")}
+        best = {"plain": float("inf"), mode: float("inf")}
         outs: dict = {}
         for r in range(repeats):
-            for mode in (None, "spec"):
+            for m in ("plain", mode):
                 t = time.perf_counter()
-                out, d, a = generate(ids, spec if mode else None)
-                best[mode] = min(best[mode], time.perf_counter() - t)
+                out, d, a = generate(ids, m)
+                best[m] = min(best[m], time.perf_counter() - t)
                 if r == 0:
-                    outs[mode] = out
+                    outs[m] = out
                     drafted += d
                     accepted += a
-        base_out.append(outs[None])
-        spec_out.append(outs["spec"])
-        base_t += best[None]
-        spec_t += best["spec"]
+        base_out.append(outs["plain"])
+        spec_out.append(outs[mode])
+        base_t += best["plain"]
+        spec_t += best[mode]
     tokens = sum(map(len, base_out))
     return {
         "tokens_per_s": tokens / spec_t,
@@ -95,15 +96,19 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = args.model or str(smollm2_path())
     tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
     generate, backend = _generator(args, model_dir)
-    spec = SpecConfig(max_draft=args.max_draft)
     copy = [_chat(p, tokenizer) for p in COPY_PROMPTS]
-    generate(copy[0][:16], None)  # warm-up
-    res = _compare(generate, copy, spec, args.repeats)
+    free = [_chat(p, tokenizer) for p in FREE_PROMPTS]
+    generate(copy[0][:16], "plain")  # warm-up
     result = {"bench": "spec", "backend": backend, "model": str(model_dir), "threads": torch.get_num_threads()}
-    result.update({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
+
+    def add(prefix: str, res: dict) -> None:
+        result.update({f"{prefix}{k}": round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
+
+    add("", _compare(generate, copy, "spec", args.repeats))
     if not args.skip_nomatch:
-        free = _compare(generate, [_chat(p, tokenizer) for p in FREE_PROMPTS], spec, args.repeats)
-        result.update({f"nomatch_{k}": round(v, 3) if isinstance(v, float) else v for k, v in free.items()})
+        add("freetext_", _compare(generate, free, "spec", args.repeats))
+        if backend == "engine":
+            add("nomatch_", _compare(generate, free, "wrong", args.repeats))
     return result
 
 
@@ -116,9 +121,11 @@ def _generator(args: argparse.Namespace, model_dir: str):  # noqa: ANN202
     eos = runner.config.eos_token_id
     stops = eos if isinstance(eos, list) else [eos]
 
-    def generate(ids: list[int], spec: SpecConfig | None) -> tuple[list[int], int, int]:
+    spec = SpecConfig(max_draft=args.max_draft)
+
+    def generate(ids: list[int], mode: str) -> tuple[list[int], int, int]:
         out, d, a = [], 0, 0
-        for step in runner.generate(ids, args.max_tokens, stop_token_ids=stops, spec=spec):
+        for step in runner.generate(ids, args.max_tokens, stop_token_ids=stops, spec=spec if mode == "spec" else None):
             out += step.token_ids
             d += step.drafted
             a += step.accepted
@@ -128,16 +135,25 @@ def _generator(args: argparse.Namespace, model_dir: str):  # noqa: ANN202
 
 
 def _engine_generator(model_dir: str, max_tokens: int, max_draft: int):  # noqa: ANN202
-    """Greedy generation on two engines over the same weights: speculation off and on."""
+    """Greedy generation on engines over the same weights: speculation off, on, and on with
+    drafts that never match (each draft token shifted by one id: the adaptive draft length must
+    bring the cost of failing drafts down to nothing)."""
     from llm_engine import EngineConfig, LLMEngine, SamplingParams
 
-    plain = LLMEngine(model_dir, EngineConfig(speculative=False, kv_cache_bytes=64 << 20))
-    spec = LLMEngine(model_dir, EngineConfig(speculative=True, spec_max_draft=max_draft, kv_cache_bytes=64 << 20))
+    def make(speculative: bool) -> LLMEngine:
+        return LLMEngine(model_dir, EngineConfig(speculative=speculative, spec_max_draft=max_draft,
+                                                 kv_cache_bytes=64 << 20))
+
+    engines = {"plain": make(False), "spec": make(True), "wrong": make(True)}
+    wrong = engines["wrong"].spec.proposer
+    vocab = engines["wrong"].model.config.vocab_size
+    right_propose = wrong.propose
+    wrong.propose = lambda *a, **k: [[(t + 1) % vocab for t in d] for d in right_propose(*a, **k)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     calls = iter(range(1 << 30))
 
-    def generate(ids: list[int], spec_config: SpecConfig | None) -> tuple[list[int], int, int]:
-        engine = spec if spec_config is not None else plain
+    def generate(ids: list[int], mode: str) -> tuple[list[int], int, int]:
+        engine = engines[mode]
         ctl = engine.spec.proposer.controller if engine.spec is not None else None
         before = (ctl.total_proposed, ctl.total_accepted) if ctl else (0, 0)
         rid = engine.add_request(ids, params, request_id=f"b{next(calls)}")
