@@ -69,21 +69,34 @@ def _usage(states: dict[int, ChoiceState], jobs: list[Job], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class AdmittedStream(StreamingResponse):
+    """A streamed answer that gives its admission slot back however the response ends: an
+    async generator that never started (client gone before the first byte) runs no ``finally``."""
+
+    def __init__(self, content, release, **kwargs) -> None:  # noqa: ANN001
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 def _stream(state: ServerState, jobs: list[Job], n: int, chunk, final_chunk, include_usage: bool) -> StreamingResponse:  # noqa: ANN001
     async def body() -> AsyncIterator[str]:
         states = {j.index: ChoiceState() for j in jobs}
-        try:
-            async for index, ev in merged(state.backend, jobs):
-                states[index].add(ev)
-                for obj in chunk(index, ev, states[index]):
-                    yield sse(obj)
-            if include_usage:
-                yield sse(final_chunk(_usage(states, jobs, n)))
-            yield SSE_DONE
-        finally:
-            state.admission.release()
+        async for index, ev in merged(state.backend, jobs):
+            states[index].add(ev)
+            for obj in chunk(index, ev, states[index]):
+                yield sse(obj)
+        if include_usage:
+            yield sse(final_chunk(_usage(states, jobs, n)))
+        yield SSE_DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return AdmittedStream(body(), state.admission.release, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})
 
 
 def build_router(state: ServerState) -> APIRouter:
