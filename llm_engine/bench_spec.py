@@ -140,20 +140,21 @@ def _engine_generator(model_dir: str, max_tokens: int, max_draft: int):  # noqa:
     bring the cost of failing drafts down to nothing)."""
     from llm_engine import EngineConfig, LLMEngine, SamplingParams
 
-    def make(speculative: bool) -> LLMEngine:
-        return LLMEngine(model_dir, EngineConfig(speculative=speculative, spec_max_draft=max_draft,
-                                                 kv_cache_bytes=64 << 20))
+    from llm_engine.spec.engine_hooks import EngineSpeculation
 
-    engines = {"plain": make(False), "spec": make(True), "wrong": make(True)}
-    wrong = engines["wrong"].spec.proposer
-    vocab = engines["wrong"].model.config.vocab_size
+    # One engine (same weights, same memory) in three modes: the timing differences are the modes'.
+    engine = LLMEngine(model_dir, EngineConfig(speculative=False, kv_cache_bytes=64 << 20))
+    config = SpecConfig(max_draft=max_draft)
+    modes = {"plain": None, "spec": EngineSpeculation(engine, config), "wrong": EngineSpeculation(engine, config)}
+    wrong = modes["wrong"].proposer
+    vocab = engine.model.config.vocab_size
     right_propose = wrong.propose
     wrong.propose = lambda *a, **k: [[(t + 1) % vocab for t in d] for d in right_propose(*a, **k)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     calls = iter(range(1 << 30))
 
     def generate(ids: list[int], mode: str) -> tuple[list[int], int, int]:
-        engine = engines[mode]
+        engine.spec = modes[mode]
         ctl = engine.spec.proposer.controller if engine.spec is not None else None
         before = (ctl.total_proposed, ctl.total_accepted) if ctl else (0, 0)
         rid = engine.add_request(ids, params, request_id=f"b{next(calls)}")

@@ -11,7 +11,8 @@ drafts keep failing drafts nothing. Under heavy load the per-token cost dominate
 (worth less than one) no longer pays, and the best ``k`` falls to zero.
 
 A request not drafting has no fresh acceptance evidence, so every ``probe_interval`` steps it
-may draft one token to re-measure; its estimate decays towards the prior meanwhile.
+drafts one token to re-measure (a request whose drafts never match pays about one extra
+verified token per ``probe_interval`` steps).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class SpecConfig:
     prior_acceptance: float = field(default=0.5, metadata={"help": "acceptance assumed before any evidence"})
     prior_weight: float = field(default=4.0, metadata={"help": "pseudo-count of the prior"})
     ema_decay: float = field(default=0.9, metadata={"help": "per-step decay of acceptance evidence"})
-    probe_interval: int = field(default=16, metadata={"help": "steps between one-token probes when not drafting"})
+    probe_interval: int = field(default=32, metadata={"help": "steps between one-token probes when not drafting"})
     min_gain: float = field(default=1.02, metadata={"help": "speculate only when goodput beats no-draft by this factor"})
 
 
@@ -119,6 +120,8 @@ class DraftLengthController:
         n = len(request_ids)
         if not c.enabled or n == 0:
             return [0] * n
+        if not any(available):
+            return [0] * n  # nothing to draft: the common case, kept free of array work
         caps = np.minimum(np.asarray(available, dtype=np.int64), c.max_draft)
         acc = np.array([self.acceptance(r) for r in request_ids])
         j = np.arange(1, c.max_draft + 1)
@@ -137,8 +140,6 @@ class DraftLengthController:
         for i, rid in enumerate(request_ids):
             s = self._acc.setdefault(rid, _Acceptance())
             if out[i] == 0 and caps[i] > 0:
-                s.accepted *= c.ema_decay  # old evidence fades towards the prior
-                s.proposed *= c.ema_decay
                 s.idle_steps += 1
                 if s.idle_steps >= c.probe_interval:
                     out[i] = 1  # re-measure a request whose estimate went stale
