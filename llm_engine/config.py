@@ -80,3 +80,5 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto"})
     attention_backend: str = field(default="auto", metadata={"help": "torch, triton or auto (triton on CUDA)"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
+    speculative: bool = field(default=True, metadata={"help": "n-gram speculative decoding (adaptive: drafts only where they pay)"})
+    spec_max_draft: int = field(default=8, metadata={"help": "most draft tokens per request per step"})

@@ -20,6 +20,9 @@ from llm_engine.model.llama import LlamaForCausalLM
 from llm_engine.model.loader import load_model
 from llm_engine.model_runner import ModelRunner
 from llm_engine.outputs import RequestOutput
+from llm_engine.ranking import ScoringManager
+from llm_engine.spec.adaptive import SpecConfig
+from llm_engine.spec.engine_hooks import EngineSpeculation
 from llm_engine.sampling import sample
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.scheduler import Scheduler
@@ -78,6 +81,8 @@ class LLMEngine:
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
+        self.scoring = ScoringManager(self)
+        self.spec = EngineSpeculation(self, SpecConfig(max_draft=config.spec_max_draft)) if config.speculative else None
         self._ids = itertools.count()
         logger.info("engine: %d KV blocks of %d tokens on %s (%s, %s attention)", n, config.block_size, device, dtype, backend)
 
@@ -123,20 +128,38 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns outputs of requests that got a token or finished."""
+        if self.spec is not None:
+            self.spec.before_schedule()
         sched = self.scheduler.schedule()
+        if self.spec is not None:
+            self.spec.after_schedule(sched)
         if not sched:
             if self.scheduler.running or len(self.scheduler.waiting):
                 if not self.scheduler.running:
                     raise RuntimeError("KV pool too small for the next waiting request")
             return []
         hidden, inp = self.runner.execute(sched)
-        sampling = [i for i, s in enumerate(sched.scheduled) if s.samples]
+        drafted = self.spec.drafts if self.spec is not None else {}
+        sampling = [i for i, s in enumerate(sched.scheduled)
+                    if s.samples and s.seq.score is None and s.seq not in drafted]
+        if self.scoring.active:
+            self.scoring.collect(sched, hidden, inp)
         for i, s in enumerate(sched.scheduled):
             if s.seq.params.prompt_logprobs is not None:
                 self._prompt_logprobs(s, hidden, inp.row_start[i])
         outputs = []
         for s in sched.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_tokens
+        verified = self.spec.verify(sched, hidden, inp) if drafted else {}
+        for seq, new in verified.items():
+            appended = []
+            for tok in new:  # accepted drafts then the target's token, up to the first stop
+                seq.output_token_ids.append(tok)
+                appended.append(tok)
+                self._check_stop(seq, tok)
+                if seq.finish_reason:
+                    break
+            outputs.append(self._output(seq, appended))
         if sampling:
             rows = inp.last_rows[sampling]
             logits = self.runner.logits(hidden, rows)
@@ -159,7 +182,13 @@ class LLMEngine:
                     seq.logprobs.append(entry)
                 self._check_stop(seq, tok)
                 outputs.append(self._output(seq, [tok]))
+        if self.scoring.active:
+            self.scoring.after_step(sched)
+        if self.spec is not None:
+            self.spec.after_step(sched, verified)
         for s in sched.scheduled:
+            if s.seq.score is not None:
+                continue
             if s.seq.is_finished or s.seq.finish_reason:
                 self.scheduler.finish(s.seq)
                 self.requests.pop(s.seq.request_id, None)

@@ -37,7 +37,7 @@ class KVCacheManager:
         the last token must be computed to produce logits)."""
         bs = self.block_size
         toks = seq.all_token_ids
-        limit = (len(toks) - 1) // bs
+        limit = min(len(toks) - 1, seq.cache_limit) // bs
         parent, blocks = None, []
         for i in range(limit):
             h = chain_hash(parent, toks[i * bs:(i + 1) * bs])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm_engine.sampling_params import SamplingParams
 
@@ -37,6 +38,10 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     text: str = ""
+    # Prefix-cache reuse stops at this position (scoring recomputes its first scored position).
+    cache_limit: int = 1 << 62
+    # Set on prefill-only scoring sequences (see llm_engine.ranking).
+    score: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

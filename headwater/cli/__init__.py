@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "headwater.cli.serve",
     "headwater.cli.llm",
     "headwater.cli.dashboard",
+    "headwater.cli.llm_serve",  # after llm: adds `serve` to its subcommands
 ]
 
 

@@ -19,6 +19,8 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "training.bench_freshness",
     "serving": "serving.bench",
     "llm": "llm_engine.bench",
+    "rank": "llm_engine.bench_rank",
+    "spec": "llm_engine.bench_spec",
 }
 
 

@@ -22,6 +22,7 @@ CONFIGS: dict[str, str] = {
     "serve": "serving.config:ServeConfig",
     "param-server": "serving.param_server:ParamServerConfig",
     "llm": "llm_engine.config:EngineConfig",
+    "llm_serve": "serving.http.config:HttpServerConfig",
 }
 
 

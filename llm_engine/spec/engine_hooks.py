@@ -1,0 +1,145 @@
+"""Speculative decoding inside :class:`~llm_engine.engine.LLMEngine`'s step.
+
+Before scheduling, each decoding request that may speculate gets a draft from its n-gram index,
+sized by the goodput rule (:mod:`llm_engine.spec.adaptive`). The draft tokens are appended to
+the sequence, so the unchanged scheduler and runner compute them like a short prefill chunk:
+one forward yields the target's distribution after the last real token and after every draft
+token. :meth:`EngineSpeculation.verify` then keeps the accepted prefix plus one token from the
+target and rolls the sequence back (``num_computed_tokens`` and the token list; the KV slots of
+rejected drafts are simply overwritten later).
+
+Eligible: requests without per-token log-probs and without repetition penalty (the penalty's
+history would differ per draft row). Greedy requests get exactly plain greedy output; sampled
+ones get the target distribution (rejection sampling with per-request reproducible draws).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llm_engine.sampling_params import SamplingParams
+from llm_engine.spec.adaptive import SpecConfig
+from llm_engine.spec.proposer import SpeculativeProposer
+from llm_engine.spec.verify import verify_greedy, verify_sampled
+
+
+def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The sampler's distribution for rows of one request: temperature, top-k, top-p, min-p
+    (the same order and rules as :func:`llm_engine.sampling.sample`), renormalised."""
+    x = logits.float() / p.temperature
+    v = x.shape[-1]
+    if 0 < p.top_k < v or p.top_p < 1:
+        k = p.top_k if 0 < p.top_k < v else v
+        sorted_x, _ = x.sort(dim=-1, descending=True)
+        kth = sorted_x[:, k - 1 : k]
+        x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1:
+            sp = torch.softmax(sorted_x.masked_fill(sorted_x < kth, float("-inf")), dim=-1)
+            keep = (sp.cumsum(-1) - sp) < p.top_p
+            thr = sorted_x.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+            x = x.masked_fill(x < thr, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+class EngineSpeculation:
+    """Per-engine speculation state: drafters, the draft-length controller, this step's drafts."""
+
+    def __init__(self, engine, config: SpecConfig) -> None:  # noqa: ANN001 - LLMEngine
+        self.engine = engine
+        self.config = config
+        self.proposer = SpeculativeProposer(config)
+        self.drafts: dict = {}  # Sequence -> draft tokens appended this step
+        self._sampling: set = set()
+        self._t0 = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.proposer.acceptance_rate
+
+    def _eligible(self, seq) -> bool:  # noqa: ANN001
+        p = seq.params
+        return (seq.score is None and p.logprobs is None and p.repetition_penalty == 1.0
+                and seq.num_tokens - seq.num_computed_tokens == 1 and bool(seq.output_token_ids))
+
+    def before_schedule(self) -> None:
+        self._t0 = time.perf_counter()
+        self.drafts = {}
+        sched = self.engine.scheduler
+        live = {s.request_id for s in sched.running}
+        for rid in [r for r in self.proposer._drafters if r not in live and r not in self.engine.requests]:
+            self.proposer.remove_request(rid)
+        seqs = [s for s in sched.running if self._eligible(s)]
+        if not seqs or not self.config.enabled:
+            return
+        for s in seqs:
+            if s.request_id not in self.proposer:
+                self.proposer.add_request(s.request_id, s.all_token_ids)
+        budget = self.engine.config.max_num_batched_tokens
+        decoding = sum(1 for s in sched.running if s.num_tokens - s.num_computed_tokens == 1)
+        pending = sum(s.num_tokens - s.num_computed_tokens for s in sched.running) - decoding
+        pending += sum(len(item.payload.prompt_token_ids) for item in sched.waiting.items.values())
+        other = min(pending, max(budget - decoding, 0))
+        room = [min(s.params.max_tokens - len(s.output_token_ids) - 1,
+                    self.engine.max_model_len - s.num_tokens - 1) for s in seqs]
+        drafts = self.proposer.propose([s.request_id for s in seqs], other, room)
+        spare = budget - decoding - other  # drafts never push prefill work out of the step
+        for s, d in zip(seqs, drafts):
+            d = d[: max(spare, 0)]
+            if d:
+                spare -= len(d)
+                s.output_token_ids.extend(d)
+                self.drafts[s] = d
+
+    def after_schedule(self, sched) -> None:  # noqa: ANN001 - SchedulerOutput
+        """Drops drafts of sequences that were preempted or not given their whole draft."""
+        full = {s.seq for s in sched.scheduled if s.samples}
+        self._sampling = full  # ``samples`` turns false once the token is appended: remember it
+        if not self.drafts:
+            return
+        for seq, d in list(self.drafts.items()):
+            if seq not in full:
+                del seq.output_token_ids[len(seq.output_token_ids) - len(d):]
+                del self.drafts[seq]
+                for s in sched.scheduled:
+                    if s.seq is seq:  # a partial chunk: keep only the real token
+                        s.num_tokens = seq.num_tokens - s.start
+
+    def verify(self, sched, hidden: torch.Tensor, inp) -> dict:  # noqa: ANN001
+        """Verifies this step's drafts; returns ``{seq: new tokens}`` with each sequence rolled
+        back to its accepted prefix (the new tokens are not yet appended)."""
+        out = {}
+        for i, s in enumerate(sched.scheduled):
+            d = self.drafts.get(s.seq)
+            if d is None:
+                continue
+            seq, k = s.seq, len(d)
+            rows = torch.arange(inp.row_start[i] + s.num_tokens - k - 1, inp.row_start[i] + s.num_tokens,
+                                device=hidden.device)
+            logits = self.engine.runner.logits(hidden, rows)
+            del seq.output_token_ids[len(seq.output_token_ids) - k:]
+            if seq.params.temperature == 0:
+                res = verify_greedy(logits, d)
+            else:
+                gen = torch.Generator().manual_seed((seq.seed * 1_000_003 + len(seq.output_token_ids)) & ((1 << 63) - 1))
+                res = verify_sampled(target_probs(logits, seq.params).cpu(), d, gen)
+            seq.num_computed_tokens = seq.num_tokens + res.num_accepted
+            self.proposer.accept(seq.request_id, k, res.num_accepted, [])
+            out[seq] = res.tokens
+        return out
+
+    def after_step(self, sched, new_tokens: dict) -> None:  # noqa: ANN001
+        """Feeds appended tokens to the drafters and the step time to the cost model."""
+        for s in sched.scheduled:
+            seq = s.seq
+            if seq.request_id in self.proposer:
+                added = new_tokens.get(seq)
+                if added is None and seq in self._sampling and seq.output_token_ids:
+                    added = seq.output_token_ids[-1:]
+                if added:
+                    self.proposer.accept(seq.request_id, 0, 0, added)
+        self.proposer.observe_step(sched.num_tokens, time.perf_counter() - self._t0)

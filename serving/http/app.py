@@ -1,0 +1,77 @@
+"""The FastAPI application: routes, bearer-token check, error bodies, health and metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from serving.http import metrics, openai_routes, rank_routes
+from serving.http.backend import Backend
+from serving.http.config import HttpServerConfig
+from serving.http.errors import APIError, api_error_handler, validation_error_handler
+from serving.http.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(backend: Backend, config: HttpServerConfig | None = None,
+               special_tokens: dict[str, str] | None = None) -> FastAPI:
+    """An app serving ``backend``; ``/v1/*`` needs the bearer token when ``config.api_key`` is set."""
+    config = config or HttpServerConfig()
+    state = ServerState(backend, config, special_tokens=special_tokens or {})
+    app = FastAPI(title="Headwater LLM server", version="1", description="Ranking and OpenAI-compatible generation.")
+    app.state.hw = state
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def check_token(request: Request) -> None:
+        if expected is None:
+            return
+        got = request.headers.get("authorization", "").encode()
+        # Constant-time: the comparison must not reveal how much of a guess was right.
+        if not hmac.compare_digest(got, expected):
+            raise APIError(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(check_token)]
+    app.include_router(rank_routes.build_router(state), dependencies=guarded)
+    app.include_router(openai_routes.build_router(state), dependencies=guarded)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):  # noqa: ANN001, ANN202
+        response = await call_next(request)
+        route = request.scope.get("route")
+        # Label by route template, never the raw path: unknown paths must not mint new series.
+        metrics.REQUESTS.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "headwater",
+            "max_model_len": backend.max_model_len,
+        }]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        s = backend.stats()
+        return {"status": "ok", "model": backend.model_id, "waiting": s.waiting, "running": s.running,
+                "in_flight": state.admission.in_flight}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        s = backend.stats()
+        metrics.QUEUE_DEPTH.set(s.waiting)
+        metrics.RUNNING.set(s.running)
+        metrics.KV_USAGE.set(s.kv_usage)
+        metrics.PREFIX_HIT_RATE.set(s.prefix_cache_hit_rate)
+        metrics.SPEC_ACCEPTANCE.set(s.spec_acceptance_rate)
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
