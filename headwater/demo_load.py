@@ -63,3 +63,46 @@ class LoadClient:
             next_t += period
             self._stop.wait(max(0.0, next_t - time.monotonic()))
         channel.close()
+
+
+class LLMLoadClient:
+    """Alternates a ``/v1/rank`` call and a short ``/v1/completions`` call every ``period_s``."""
+
+    CONTEXT = "The user loved Dune, The Expanse and Blade Runner. Next they want to watch:"
+    CANDIDATES = [" Star Wars", " The Notebook", " Interstellar", " Pride and Prejudice", " Alien"]
+
+    def __init__(self, base_url: str, period_s: float = 2.0) -> None:
+        self.base_url, self.period_s = base_url, period_s
+        self.calls = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-llm-load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.base_url, timeout=30.0) as client:
+            turn = 0
+            while not self._stop.wait(self.period_s):
+                try:
+                    if turn % 2 == 0:
+                        r = client.post("/v1/rank", json={"context": self.CONTEXT,
+                                                          "candidates": self.CANDIDATES,
+                                                          "method": "loglik"})
+                    else:
+                        r = client.post("/v1/completions", json={
+                            "model": "default", "prompt": self.CONTEXT, "max_tokens": 16})
+                    if r.status_code == 503:  # still loading the model
+                        continue
+                    r.raise_for_status()
+                    self.calls += 1
+                except httpx.HTTPError as exc:
+                    self.errors += 1
+                    log.debug("LLM call failed: %s", exc)
+                turn += 1

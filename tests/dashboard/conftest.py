@@ -13,12 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from dashboard_helpers import free_port, wait_http
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Pipeline:
@@ -82,17 +78,6 @@ class Pipeline:
                 p.kill()
                 p.wait()
 
-
-def wait_http(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port, wait_http
+from dashboard_helpers import free_port, wait_http
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import urllib.request
 
-from conftest import free_port, wait_http
+from dashboard_helpers import free_port, wait_http
 
 from serving.dashboard import SERIES
 

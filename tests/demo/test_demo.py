@@ -34,7 +34,8 @@ def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
         dashboard_port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwater", "demo", "--duration", "45", "--json",
-         "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(dashboard_port)],
+         "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(dashboard_port),
+         "--no-llm"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     series = _poll_dashboard(dashboard_port, proc)
     out, err = proc.communicate(timeout=180)
