@@ -126,8 +126,9 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
 class DemoMonitor:
     """Samples the children's metrics once a second and keeps the series the summary needs."""
 
-    def __init__(self, components: list[Component], load: "LoadClient | None" = None) -> None:
-        self.load = load
+    def __init__(self, components: list[Component], load: "LoadClient | None" = None,
+                 llm_load: "LLMLoadClient | None" = None) -> None:
+        self.load, self.llm_load = load, llm_load
         self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"
                      for c in components if c.metrics_port}
         self.history: list[dict[str, float]] = []
@@ -180,6 +181,8 @@ class DemoMonitor:
             "serving_calls": self.load.calls if self.load else 0,
             "serving_errors": self.load.errors if self.load else 0,
             "model_version": _none_if_nan(last.get("model_version", math.nan)),
+            "llm_calls": self.llm_load.calls if self.llm_load else 0,
+            "llm_errors": self.llm_load.errors if self.llm_load else 0,
         }
 
 
@@ -231,7 +234,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         from headwater.demo_load import LLMLoadClient
 
         llm_load = LLMLoadClient(f"http://127.0.0.1:{cfg.llm_port}")
-    monitor = DemoMonitor(components, load)
+    monitor = DemoMonitor(components, load, llm_load)
     sup = Supervisor([c.spec for c in components])
     deadline = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else math.inf
     try:

@@ -102,6 +102,8 @@ class LLMLoadClient:
                         continue
                     r.raise_for_status()
                     self.calls += 1
+                except httpx.ConnectError:  # the server is still starting
+                    continue
                 except httpx.HTTPError as exc:
                     self.errors += 1
                     log.debug("LLM call failed: %s", exc)
