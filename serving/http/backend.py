@@ -7,7 +7,7 @@ the engine's internals; :mod:`serving.http.engine_backend` adapts :mod:`llm_engi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from llm_engine.scoring import ScoreResult, ScoringOptions
 
@@ -52,6 +52,33 @@ class BackendStats:
     kv_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
     spec_acceptance_rate: float = 0.0
+
+
+class TokenizerDelegate:
+    """The tokenizer half of :class:`Backend`, answered by ``self.tok`` (an ``llm_engine`` tokenizer)."""
+
+    tok: Any
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tok.decode(token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.token_text(token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tok.bos_token_id
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tok.chat_template
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return self.tok.special_tokens
 
 
 class Backend(Protocol):

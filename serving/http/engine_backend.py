@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable
 from llm_engine import EngineConfig, LLMEngine, SamplingParams
 from llm_engine.outputs import RequestOutput
 from llm_engine.scoring import ScoreResult, ScoringOptions
-from serving.http.backend import BackendStats, GenerateParams, TokenEvent
+from serving.http.backend import BackendStats, GenerateParams, TokenEvent, TokenizerDelegate
 from serving.http.textstream import TextStream
 from serving.http.tokenizer import ModelTokenizer
 
@@ -40,7 +40,7 @@ class _Listener:
     queue: asyncio.Queue
 
 
-class EngineBackend:
+class EngineBackend(TokenizerDelegate):
     """:class:`~serving.http.backend.Backend` driving an :class:`LLMEngine` from one thread."""
 
     def __init__(self, engine: LLMEngine, tokenizer: ModelTokenizer, model_id: str) -> None:
@@ -58,27 +58,6 @@ class EngineBackend:
         engine = LLMEngine(model_dir, config or EngineConfig())
         return cls(engine, ModelTokenizer(model_dir), served_model_name or Path(model_dir).name)
 
-    # tokenizer -----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tok.decode(token_ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tok.token_text(token_id)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tok.bos_token_id
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.tok.chat_template
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return self.tok.special_tokens
 
     # driver thread -------------------------------------------------------------------------
     def _drive(self) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from llm_engine.reference import Sampling, process_logits
 from llm_engine.scoring import ScoreResult, ScoringItem, ScoringOptions, plan, score_items
-from serving.http.backend import BackendStats, GenerateParams, TokenEvent
+from serving.http.backend import BackendStats, GenerateParams, TokenEvent, TokenizerDelegate
 from serving.http.textstream import TextStream
 from serving.http.tokenizer import ModelTokenizer
 
@@ -28,7 +28,7 @@ def _sampling(p: GenerateParams) -> Sampling:
                     repetition_penalty=p.repetition_penalty, seed=p.seed)
 
 
-class TransformersBackend:
+class TransformersBackend(TokenizerDelegate):
     """:class:`~serving.http.backend.Backend` over ``transformers`` (reference, no batching)."""
 
     def __init__(self, model_dir: str | Path, served_model_name: str | None = None,
@@ -45,27 +45,6 @@ class TransformersBackend:
         self._waiting = 0
         self._running = 0
 
-    # tokenizer -----------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tok.decode(token_ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tok.token_text(token_id)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tok.bos_token_id
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.tok.chat_template
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return self.tok.special_tokens
 
     def _lock(self) -> asyncio.Lock:
         # One model, one request at a time; a lock per event loop (each server runs its own).
