@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from embedding_store.sharding import shard_of
 from serving.scoring import ServingModel
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,6 @@ class ParamServerConfig:
     num_shards: int = field(default=1, metadata={"help": "shards of the id space (1 = the whole table)"})
     shard_index: int = field(default=0, metadata={"help": "the shard this replica holds"})
     poll_timeout_ms: int = field(default=100, metadata={"help": "Kafka poll timeout"})
-
-
-def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
-    """Shard of each int64 id: a 64-bit mix (splitmix64 finaliser) modulo ``num_shards``."""
-    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(33)
-        x *= np.uint64(0xFF51AFD7ED558CCD)
-        x ^= x >> np.uint64(33)
-        x *= np.uint64(0xC4CEB9FE1A85EC53)
-        x ^= x >> np.uint64(33)
-    return (x % np.uint64(num_shards)).astype(np.int64)
 
 
 class ParamServer:
