@@ -99,6 +99,19 @@ def _stream(state: ServerState, jobs: list[Job], n: int, chunk, final_chunk, inc
                           headers={"Cache-Control": "no-cache"})
 
 
+async def _answer(state: ServerState, request: Request, req: SamplingFields, jobs: list[Job], chunk,  # noqa: ANN001
+                  final_chunk) -> StreamingResponse | dict[int, ChoiceState]:
+    """The tail both routes share: take an admission slot, then either stream (the response
+    gives the slot back) or collect every choice (given back here, however it ends)."""
+    state.admission.acquire()
+    if req.stream:
+        return _stream(state, jobs, req.n, chunk, final_chunk, req.include_usage)
+    try:
+        return await state.until_disconnect(request, collect(state.backend, jobs))
+    finally:
+        state.admission.release()
+
+
 def build_router(state: ServerState) -> APIRouter:
     router = APIRouter()
     backend = state.backend
@@ -118,6 +131,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):  # noqa: ANN202
+        state.check_model(req.model)
         if req.best_of not in (None, req.n):
             raise APIError(400, "best_of is not supported (use n)", "best_of")
         if req.suffix:
@@ -139,7 +153,6 @@ def build_router(state: ServerState) -> APIRouter:
         lp = req.logprobs
         jobs = _jobs(req, prompts, budgets, rid, lp, (lp or 0) if (req.echo and lp is not None) else None)
         echo_text = {p: backend.decode(ids) for p, ids in enumerate(prompts)} if req.echo else {}
-        state.admission.acquire()
 
         def chunk(index: int, ev, s: ChoiceState):  # noqa: ANN001, ANN202
             p = index // req.n
@@ -158,12 +171,9 @@ def build_router(state: ServerState) -> APIRouter:
         def final_chunk(usage: dict) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
 
-        if req.stream:
-            return _stream(state, jobs, req.n, chunk, final_chunk, req.include_usage)
-        try:
-            states = await state.until_disconnect(request, collect(backend, jobs))
-        finally:
-            state.admission.release()
+        states = await _answer(state, request, req, jobs, chunk, final_chunk)
+        if isinstance(states, StreamingResponse):
+            return states
         choices = []
         for j in jobs:
             s = states[j.index]
@@ -192,6 +202,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):  # noqa: ANN202
+        state.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = render_chat(messages, backend.chat_template, req.add_generation_prompt, state.special_tokens)
@@ -205,7 +216,6 @@ def build_router(state: ServerState) -> APIRouter:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created, model = int(time.time()), backend.model_id
         jobs = _jobs(req, [prompt], [budget], rid, top, None)
-        state.admission.acquire()
 
         def chunk(index: int, ev, s: ChoiceState):  # noqa: ANN001, ANN202
             base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -219,12 +229,9 @@ def build_router(state: ServerState) -> APIRouter:
         def final_chunk(usage: dict) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}
 
-        if req.stream:
-            return _stream(state, jobs, req.n, chunk, final_chunk, req.include_usage)
-        try:
-            states = await state.until_disconnect(request, collect(backend, jobs))
-        finally:
-            state.admission.release()
+        states = await _answer(state, request, req, jobs, chunk, final_chunk)
+        if isinstance(states, StreamingResponse):
+            return states
         choices = [{
             "index": j.index,
             "message": {"role": "assistant", "content": states[j.index].text},

@@ -54,6 +54,13 @@ class ServerState:
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.max_pending_requests, self.config.retry_after_s)
 
+    def check_model(self, model: str | None) -> None:
+        """``model`` is a name matched against the served one, never a path: no request field
+        ever reaches the file system (an unknown name is a 404, as OpenAI answers)."""
+        if model is not None and model != self.backend.model_id:
+            raise APIError(404, f"model {model[:100]!r} does not exist; this server serves "
+                                f"{[self.backend.model_id]}", "model")
+
     async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
         """Runs ``work`` but cancels it when the client goes away (cancelling aborts the
         engine requests, which frees their KV blocks)."""
