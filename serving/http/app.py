@@ -8,6 +8,7 @@ import time
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -15,6 +16,7 @@ from serving.http import metrics, openai_routes, rank_routes
 from serving.http.backend import Backend
 from serving.http.config import HttpServerConfig
 from serving.http.errors import APIError, api_error_handler, validation_error_handler
+from serving.http.schemas import ErrorResponse
 from serving.http.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,8 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
             raise APIError(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(check_token)]
-    app.include_router(rank_routes.build_router(state), dependencies=guarded)
-    app.include_router(openai_routes.build_router(state), dependencies=guarded)
+    app.include_router(rank_routes.build_router(state), dependencies=guarded, responses=WORK_ERRORS)
+    app.include_router(openai_routes.build_router(state), dependencies=guarded, responses=WORK_ERRORS)
 
     @app.middleware("http")
     async def count(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -51,7 +53,7 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
         metrics.REQUESTS.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models", dependencies=guarded, responses={401: ERRORS[401]})
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "headwater",
@@ -64,7 +66,9 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
         return {"status": "ok", "model": backend.model_id, "waiting": s.waiting, "running": s.running,
                 "in_flight": state.admission.in_flight}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def prometheus() -> Response:
         s = backend.stats()
         metrics.QUEUE_DEPTH.set(s.waiting)
@@ -74,4 +78,30 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
         metrics.SPEC_ACCEPTANCE.set(s.spec_acceptance_rate)
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+ERRORS: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "invalid request; `param` names the field"},
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorResponse, "description": "unknown model name"},
+    429: {"model": ErrorResponse, "description": "at capacity; retry after `Retry-After` seconds",
+          "headers": _RETRY_AFTER},
+}
+WORK_ERRORS = dict(ERRORS)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema with our validation answer: a 400 :class:`ErrorResponse` (OpenAI's
+    status and shape), never the 422 FastAPI documents by default."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

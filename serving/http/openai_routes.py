@@ -8,13 +8,23 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from serving.http.backend import GenerateParams
 from serving.http.chat_template import ChatTemplateError, render_chat
 from serving.http.errors import APIError
-from serving.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serving.http.schemas import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                  CompletionResponse, SamplingFields)
 from serving.http.state import ServerState
 from serving.http.streams import SSE_DONE, ChoiceState, Job, collect, merged, sse
+
+
+def _streamable(body: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict]:
+    """200 is ``body`` as JSON, or ``chunk`` events (then ``[DONE]``) with ``"stream": true``."""
+    done = {"type": "string", "enum": ["[DONE]"]}
+    return {200: {"description": "the answer (JSON), or server-sent chunks when streaming",
+                  "content": {"application/json": {"schema": body.model_json_schema(ref_template="#/components/schemas/{model}")},
+                              "text/event-stream": {"schema": {"anyOf": [chunk.model_json_schema(), done]}}}}}
 
 
 def _params(req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> GenerateParams:
@@ -129,7 +139,7 @@ def build_router(state: ServerState) -> APIRouter:
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops or None, "text_offset": offsets}
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=_streamable(CompletionResponse, CompletionResponse))
     async def completions(req: CompletionRequest, request: Request):  # noqa: ANN202
         state.check_model(req.model)
         if req.best_of not in (None, req.n):
@@ -145,6 +155,10 @@ def build_router(state: ServerState) -> APIRouter:
             prompts = [backend.encode(p, add_special_tokens=True) for p in raw]
         else:
             prompts = [list(p) for p in raw]
+        vocab = backend.vocab_size
+        bad = next(((p, t) for p, ids in enumerate(prompts) for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt[{bad[0]}] holds token id {bad[1]}; ids must lie in [0, {vocab})", "prompt")
         if len(prompts) * req.n > state.config.max_choices:
             raise APIError(400, f"at most {state.config.max_choices} prompts x n per request", "n")
         budgets = [_budget(state, len(p), req.max_tokens) for p in prompts]
@@ -200,7 +214,7 @@ def build_router(state: ServerState) -> APIRouter:
             content.append(entry)
         return {"content": content}
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=_streamable(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(req: ChatCompletionRequest, request: Request):  # noqa: ANN202
         state.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
