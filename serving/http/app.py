@@ -5,19 +5,20 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from serving.http import metrics, openai_routes, rank_routes
 from serving.http.backend import Backend
 from serving.http.config import HttpServerConfig
-from serving.http.errors import APIError, api_error_handler, validation_error_handler
+from serving.http.errors import APIError, api_error_handler, error_body, validation_error_handler
 from serving.http.schemas import ErrorResponse
-from serving.http.state import ServerState
+from serving.http.state import Admission, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
         metrics.REQUESTS.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
 
+    # Outermost: when every slot is taken, refuse before body parsing, auth and routing.
+    app.add_middleware(ShedWhenFull, admission=state.admission, paths=WORK_PATHS)
+
     @app.get("/v1/models", dependencies=guarded, responses={401: ERRORS[401]})
     async def models() -> dict:
         return {"object": "list", "data": [{
@@ -80,6 +84,27 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
 
     app.openapi = lambda: _openapi(app)
     return app
+
+
+WORK_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/rank"})
+
+
+class ShedWhenFull:
+    """ASGI middleware: a POST to a work route while the admission limit is reached gets its
+    429 at once, without reading its body. Under 3x overload most requests are refusals, and a
+    refusal that costs validation, tokenising and routing would eat the CPU the admitted ones
+    need; the routes' own ``acquire`` stays the authority (it also catches races)."""
+
+    def __init__(self, app: Any, admission: Admission, paths: frozenset[str]) -> None:
+        self.app, self.admission, self.paths = app, admission, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.admission.full and scope["method"] == "POST" and scope["path"] in self.paths:
+            exc = self.admission.rejection()
+            await JSONResponse(error_body(exc.status, exc.message, exc.kind), exc.status, headers=exc.headers)(
+                scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}

@@ -27,15 +27,22 @@ class Admission:
         self.limit, self.retry_after_s, self.in_flight = limit, retry_after_s, 0
 
     def acquire(self) -> None:
-        if self.in_flight >= self.limit:
-            metrics.REJECTED.inc()
-            raise APIError(
-                429,
-                f"server is at capacity ({self.limit} requests in flight); retry after {self.retry_after_s} s",
-                headers={"Retry-After": str(self.retry_after_s)},
-            )
+        if self.full:
+            raise self.rejection()
         self.in_flight += 1
         metrics.IN_FLIGHT.set(self.in_flight)
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.limit
+
+    def rejection(self) -> APIError:
+        metrics.REJECTED.inc()
+        return APIError(
+            429,
+            f"server is at capacity ({self.limit} requests in flight); retry after {self.retry_after_s} s",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
 
     def release(self) -> None:
         self.in_flight -= 1
