@@ -27,7 +27,7 @@ __all__ = ["LoadResult", "admitted_latency_bound", "closed_loop_grpc", "closed_l
 class LoadResult:
     """What one load phase saw: admitted latencies, refusals, and anything else (errors)."""
 
-    offered_rps: float
+    offered_rps: float | None  # None: a closed loop (offers whatever the server takes)
     duration_s: float
     ok: int = 0
     rejected: int = 0  # 429 / RESOURCE_EXHAUSTED
@@ -47,7 +47,8 @@ class LoadResult:
         d = asdict(self)
         d.pop("latencies_s")
         rej = d.pop("rejected_latencies_s")
-        d.update(achieved_rps=round(self.achieved_rps, 2), p50_s=round(self.p(50), 4), p99_s=round(self.p(99), 4),
+        d.update(achieved_rps=round(self.achieved_rps, 2), p50_s=round(self.p(50), 4) if self.ok else None,
+                 p99_s=round(self.p(99), 4) if self.ok else None,
                  rejected_p99_s=round(float(np.percentile(rej, 99)), 4) if rej else None)
         return d
 
@@ -123,7 +124,7 @@ def _target(base_url: str, path: str, body: dict, timeout_s: float) -> tuple[str
 
 async def _closed_http(base_url: str, path: str, body: dict, concurrency: int, duration_s: float,
                        timeout_s: float) -> LoadResult:
-    result = LoadResult(offered_rps=float("nan"), duration_s=duration_s)
+    result = LoadResult(offered_rps=None, duration_s=duration_s)
     target = _target(base_url, path, body, timeout_s)
     end = time.perf_counter() + duration_s
 
@@ -180,7 +181,7 @@ def _grpc_status(exc: BaseException | None) -> str:
 def closed_loop_grpc(call: Callable, request: Any, concurrency: int, duration_s: float,
                      timeout_s: float = 60.0) -> LoadResult:
     """``concurrency`` threads calling ``call(request)`` back to back."""
-    result = LoadResult(offered_rps=float("nan"), duration_s=duration_s)
+    result = LoadResult(offered_rps=None, duration_s=duration_s)
     lock = threading.Lock()
     end = time.perf_counter() + duration_s
 
