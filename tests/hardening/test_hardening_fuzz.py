@@ -191,3 +191,16 @@ def test_a_tower_config_asking_for_huge_layers_is_refused_before_allocating():
     with pytest.raises(ValueError, match="do not match"):
         tower_from_safetensors(forged)
     check("tower_from_safetensors", forged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DECODERS))
+@settings(max_examples=5000, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_long_fuzz_of_every_decoder(name, data):
+    """The default suite's checks, 5000 non-derandomized cases per decoder (``scripts/test.sh --slow``)."""
+    valid = DECODERS[name][2]
+    strategies = [st.binary(max_size=8192), byte_mutations(valid)]
+    if name not in ("decode_delta", "tower_from_safetensors"):
+        strategies.append(field_mutations(valid))
+    check(name, data.draw(st.one_of(strategies)))
