@@ -18,6 +18,7 @@ Sharding (``num_shards > 1``): the replica keeps only the rows whose id hashes t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -180,6 +181,7 @@ class ParamServer:
                     "watermark_ms": int(s.watermark_ms), "snapshot_id": int(s.snapshot_id),
                     "num_shards": self.cfg.num_shards, "shard_index": self.cfg.shard_index}
             tower_bytes = tower_to_safetensors(tower)
+            meta["tower_sha256"] = hashlib.sha256(tower_bytes).hexdigest()  # checked on restore
         table.save(str(root / "table"), incremental=True)
         _atomic_write(root / "tower.safetensors", tower_bytes)
         _atomic_write(root / "meta.json", json.dumps(meta).encode())
@@ -204,7 +206,10 @@ class ParamServer:
             return
         try:
             table = EmbeddingTable.load(str(root / "table"))
-            tower, _ = tower_from_safetensors((root / "tower.safetensors").read_bytes())
+            tower_bytes = (root / "tower.safetensors").read_bytes()
+            if meta.get("tower_sha256") not in (None, hashlib.sha256(tower_bytes).hexdigest()):
+                raise ValueError("tower.safetensors fails its sha256 (truncated or corrupted)")
+            tower, _ = tower_from_safetensors(tower_bytes)
         except Exception as exc:  # corrupt or partial state: Kafka still has everything
             log.error("replica state in %s is unusable (%s); bootstrapping from the topic", root, exc)
             return
