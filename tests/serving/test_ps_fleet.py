@@ -3,6 +3,7 @@ recommender over it score exactly like one unsharded server; a dead or slow shar
 ids (default vectors, counted), never the answer."""
 
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def _recommend(stub, user, items, cities=()):
 @pytest.fixture
 def world(kafka_broker):
     """A trained, published 2-shard model; its fleet; a recommender replica over the fleet."""
-    kafka = sharded_topics(kafka_broker, f"ps{time.monotonic_ns()}", N)
+    kafka = sharded_topics(kafka_broker, f"ps{uuid.uuid4().hex[:8]}", N)
     trainer = ShardedTrainer(kafka, N)
     trainer.train("item_id", np.arange(300))
     trainer.train("user_id", np.arange(20))
