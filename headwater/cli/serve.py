@@ -7,7 +7,7 @@ import argparse
 import logging
 
 from headwater.cli.runtime import stop_on_signals
-from headwater.config import add_config_args, load_config
+from headwater.config import ConfigError, add_config_args, load_config
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,15 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = load_config(ServeConfig, args, section="serve")
     ps_cfg = load_config(ParamServerConfig, args, section="serve")
     client_cfg = load_config(PsClientConfig, args, section="serve")
-    cfg.validate()
-    if args.shard:
-        ps_cfg.shard_index, ps_cfg.num_shards = parse_shard(args.shard)
-    if cfg.role == "all" and ps_cfg.num_shards > 1:
-        raise ValueError("--role all holds the whole table; run shards with --role ps --shard i/N")
+    try:  # bad flags are a clear message and exit code 2, not a traceback
+        cfg.validate()
+        if args.shard:
+            ps_cfg.shard_index, ps_cfg.num_shards = parse_shard(args.shard)
+        if cfg.role == "all" and ps_cfg.num_shards > 1:
+            raise ValueError("--role all holds the whole table; run shards with --role ps --shard i/N")
+        addresses = client_cfg.addresses() if cfg.role == "recommender" else []
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.torch_threads:
         import torch
 
@@ -56,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     fleet = None
     if cfg.role == "recommender":
-        fleet = ShardFleet(client_cfg.addresses(), client_cfg.ps_deadline_ms / 1000.0)
+        fleet = ShardFleet(addresses, client_cfg.ps_deadline_ms / 1000.0)
         ps_cfg.num_shards, ps_cfg.shard_index = fleet.num_shards, 0
         ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic, partition=control_partition(fleet.num_shards))
     else:

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps_fleet_helpers import Fleet, ShardedTrainer, StaticServer, sharded_topics
 
@@ -80,3 +81,18 @@ def test_ps_shard_and_recommender_processes_serve_and_stop_on_sigterm(kafka_brok
         ref.close()
         fleet.close()
         trainer.close()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--role", "recommender"], "needs --ps"),
+    (["--role", "ps", "--shard", "2/2"], "index must be in"),
+    (["--role", "ps", "--shard", "one/2"], "INDEX/COUNT"),
+    (["--role", "all", "--shard", "1/2"], "--role ps --shard"),
+    (["--role", "router"], "role must be"),
+])
+def test_bad_role_and_shard_flags_are_a_clear_error_before_anything_starts(flags, message, capsys):
+    from headwater.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--bootstrap-servers", "127.0.0.1:1", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
