@@ -38,11 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
     from streams.kafka_io import KafkaConfig, topic_names
     from training.params_wire import control_partition
 
-    kafka = load_config(KafkaConfig, args, section="serve")
-    cfg = load_config(ServeConfig, args, section="serve")
-    ps_cfg = load_config(ParamServerConfig, args, section="serve")
-    client_cfg = load_config(PsClientConfig, args, section="serve")
     try:  # bad flags are a clear message and exit code 2, not a traceback
+        kafka = load_config(KafkaConfig, args, section="serve")
+        cfg = load_config(ServeConfig, args, section="serve")
+        ps_cfg = load_config(ParamServerConfig, args, section="serve")
+        client_cfg = load_config(PsClientConfig, args, section="serve")
         cfg.validate()
         if args.shard:
             ps_cfg.shard_index, ps_cfg.num_shards = parse_shard(args.shard)
