@@ -33,7 +33,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", default="1,8,16,32,64", help="concurrent clients, comma list")
+    p.add_argument("--clients", default="1,4,8,16,32,64", help="concurrent clients, comma list")
     p.add_argument("--duration-s", type=float, default=2.0, help="measured seconds per point and round")
     p.add_argument("--warmup-s", type=float, default=0.5, help="unmeasured seconds before each round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved batched/baseline rounds per point (medians)")

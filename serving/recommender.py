@@ -57,6 +57,9 @@ def _rpc(method: str):
             code = grpc.StatusCode.OK
             try:
                 return await fn(self, request, context)
+            except asyncio.CancelledError:  # grpc cancelled the call (deadline, client gone)
+                code = grpc.StatusCode.CANCELLED
+                raise
             except InvalidRequest as exc:
                 code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
             except ServiceError as exc:
@@ -126,12 +129,11 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         if remaining is not None and remaining > 1e6:  # no deadline: grpc reports "forever"
             remaining = None
         deadline = float("inf") if remaining is None else time.monotonic() + remaining
-        # Resolved from the batcher thread with one call_soon_threadsafe; cancelling it (on
-        # timeout) cancels the queued job, which then costs no compute.
-        fut = asyncio.wrap_future(self.batcher.submit(job, cost=max(int(job.items.size), 1), deadline=deadline))
-        if remaining is None:
-            return await fut
-        return await asyncio.wait_for(fut, max(remaining, 0.0))
+        # Resolved from the batcher thread with one call_soon_threadsafe. No timer of our own:
+        # when the deadline passes, grpc cancels this handler, which cancels the queued job, and
+        # the batcher drops jobs whose deadline passed anyway; either way they cost no compute.
+        return await asyncio.wrap_future(self.batcher.submit(job, cost=max(int(job.items.size), 1),
+                                                             deadline=deadline))
 
     def _retrieve(self, model: ServingModel, job: RankJob) -> np.ndarray:
         """Candidates by dot product between the pooled user/context bags and every item row."""
