@@ -5,7 +5,9 @@ so a micro-batch's results reach their callers without one thread wake-up per ca
 thread per call, on a small box the batcher thread kept losing the GIL to the handler it had just
 woken). Compute never runs on the loop: ranking forwards run on the micro-batcher's thread (or,
 with batching off, one forward per call on a pool of ``workers`` threads), and ``Score``,
-``GetEmbeddings`` and retrieval on that pool too. Health reports NOT_SERVING until the model source has a model (a parameter server that loaded a
+``GetEmbeddings`` and retrieval on that pool too.
+
+Health reports NOT_SERVING until the model source has a model (a parameter server that loaded a
 snapshot); a monitor thread flips it and keeps the version / freshness gauges current. Auth, when
 a token is configured, is checked by an interceptor in constant time; the health service stays
 open so that probes work without credentials.
@@ -153,7 +155,10 @@ class RecommendServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         await self._set_health_async(False)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:  # grpc.aio raises where the threaded server returned 0
+            self.port = 0
 
     @property
     def address(self) -> str:
