@@ -32,7 +32,7 @@ class Limits:
 
 
 def _ids(values, field: str, limit: int) -> np.ndarray:
-    arr = np.fromiter(values, dtype=np.int64, count=len(values))
+    arr = np.array(values, dtype=np.int64).reshape(-1)  # a repeated int64 field converts in one step
     if arr.size > limit:
         raise InvalidRequest(f"{field}: {arr.size} ids exceed the limit of {limit}")
     return arr
