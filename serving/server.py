@@ -1,7 +1,10 @@
 """The gRPC server: ``headwater.v1.Recommender`` plus standard health and reflection services.
 
 Health reports NOT_SERVING until the model source has a model (a parameter server that loaded a
-snapshot); a monitor thread flips it and keeps the version / freshness gauges current. Auth, when
+snapshot); a monitor thread flips it and keeps the version / freshness gauges current. A model
+with no hw.params update for ``stale_after_s`` (the trainer is down) is *degraded*, not
+unhealthy: gRPC health stays SERVING (a stale model beats no answer) and ``/metrics`` shows
+``hw_serve_degraded 1`` with ``hw_serve_params_age_seconds``. Auth, when
 a token is configured, is checked by an interceptor in constant time; the health service stays
 open so that probes work without credentials.
 """
@@ -123,6 +126,7 @@ class RecommendServer:
              reflection.SERVICE_NAME), self.server)
         self._set_health(False)
         self._serving = False
+        self.degraded = False
         self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
@@ -170,5 +174,15 @@ class RecommendServer:
                 lag = self.source.freshness_lag_ms()
                 if lag >= 0:
                     m.FRESHNESS_LAG.set(lag / 1000.0)
+            age = getattr(self.source, "params_age_s", None)
+            if age is not None:
+                age_s = age()
+                m.PARAMS_AGE.set(age_s)
+                degraded = ready and age_s > self.cfg.stale_after_s
+                if degraded != self.degraded:
+                    self.degraded = degraded
+                    log.warning("model %s (no hw.params update for %.1f s)",
+                                "stale: degraded" if degraded else "fresh again", age_s)
+                m.DEGRADED.set(1.0 if degraded else 0.0)
             if self.batcher is not None:
                 m.QUEUE_JOBS.set(len(self.batcher.queue))
