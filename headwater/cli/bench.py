@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "llm": "llm_engine.bench",
     "rank": "llm_engine.bench_rank",
     "spec": "llm_engine.bench_spec",
+    "chaos": "headwater.chaos",
 }
 
 
