@@ -180,7 +180,10 @@ def account(kafka: KafkaConfig, gen: GeneratorConfig, requests: int, negative_ra
                                         exp.items[exp.clicked].tolist())), bool, int(exp.clicked.sum()))
     joined_click = np.zeros(len(exp.example_id), bool)
     joined_click[np.flatnonzero(exp.clicked)[~late]] = True
-    sampled_out = ~as_example & ~joined_click & ~keep_negative(exp.example_id, negative_rate)
+    # Only an impression that reached the topic can have been sampled out by the joiner.
+    req_on_topic = np.fromiter((r in on_topic for r in exp.request_ids), bool, len(exp.request_ids))
+    sampled_out = (~as_example & ~joined_click & req_on_topic[exp.pair_request]
+                   & ~keep_negative(exp.example_id, negative_rate))
     in_dlq = ~as_example & ~sampled_out & np.fromiter(
         (exp.request_ids[r] in dlq_requests for r in exp.pair_request.tolist()), bool,
         len(exp.pair_request)) if dlq_requests else np.zeros(len(exp.example_id), bool)

@@ -66,6 +66,11 @@ class KafkaConfig:
         "help": "unacknowledged bytes a producer holds (e.g. while the broker is away)"})
     max_block_ms: int = field(default=60_000, metadata={
         "help": "send() blocks this long on a full buffer, then fails loudly"})
+    idempotence: bool = field(default=False, metadata={
+        "help": "idempotent producer. Off by default: against Tansu 0.6.0 on s3:// storage an "
+                "idempotent retry that straddles a broker crash can be answered as a duplicate "
+                "while the batch itself was lost (acknowledged, then missing); without it a "
+                "retry may duplicate a batch instead, and every consumer de-duplicates by id"})
     max_poll_interval_ms: int = field(
         default=3000, metadata={"help": "consumer-group rebalance timeout (Tansu needs a few seconds)"})
     session_timeout_ms: int = field(default=10000, metadata={"help": "consumer-group session timeout"})
@@ -136,6 +141,9 @@ class BatchProducer:
             # Headroom for record framing: our own size check below is the one that refuses.
             max_request_size=cfg.max_message_bytes + 4096, retries=cfg.retries,
             delivery_timeout_ms=cfg.delivery_timeout_ms, max_block_ms=cfg.max_block_ms,
+            # kafka-python requires delivery >= linger + request timeout.
+            request_timeout_ms=min(30_000, max(1, cfg.delivery_timeout_ms - cfg.linger_ms)),
+            enable_idempotence=cfg.idempotence,
             # Retries must not reorder a partition's messages.
             max_in_flight_requests_per_connection=1)
         self._pending: list = []
