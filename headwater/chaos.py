@@ -296,7 +296,7 @@ def _drain(cl: _Cluster) -> bool:
                    cl.metric("trainer", "hw_train_examples_total"))
             if row != last:
                 last, stable_since = row, time.monotonic()
-            elif row[0] == 0 and time.monotonic() - stable_since > 5:
+            elif row[0] == 0 and time.monotonic() - stable_since > 3:
                 break
             time.sleep(0.5)
         child = cl.sup.children.pop("trainer")
@@ -329,6 +329,7 @@ def run_chaos(cfg: ChaosConfig) -> dict:
         if not cl.wait("serving's first answer", cl.load.ready.is_set, cfg.startup_timeout_s):
             raise RuntimeError(f"serving did not answer within {cfg.startup_timeout_s}s; logs in {root}/logs")
         cl.load.count_from_now()
+        phases = {"startup_s": round(time.monotonic() - t0, 1)}
         cl.sleep(cfg.warmup_s)
         for fault in faults:
             log.info("fault: %s", fault)
@@ -336,11 +337,15 @@ def run_chaos(cfg: ChaosConfig) -> dict:
             log.info("fault %s: %s", fault, asdict(results[-1]))
             cl.sleep(cfg.settle_s)
         requests = _stop_generator(cl)
+        t_drain = time.monotonic()
         drained = _drain(cl)
+        phases["drain_s"] = round(time.monotonic() - t_drain, 1)
+        t_account = time.monotonic()
         load = cl.load.summary()
         cl.load.stop()
         ledger = account(KafkaConfig(bootstrap_servers=cl.broker.bootstrap_servers), cl.gen,
                          requests, cfg.negative_rate, root / "trainer")
+        phases["accounting_s"] = round(time.monotonic() - t_account, 1)
     finally:
         cl.close()
         if not cfg.data_dir:
@@ -356,7 +361,7 @@ def run_chaos(cfg: ChaosConfig) -> dict:
         "faults": [asdict(r) for r in results],
         "serving": load, "drained": drained, "ledger": ledger.as_dict(),
         "storage": cl.broker.cfg.storage if cl.broker else cfg.storage,
-        "wall_s": round(time.monotonic() - t0, 1), "load_avg": list(os.getloadavg()),
+        "wall_s": round(time.monotonic() - t0, 1), **phases, "load_avg": list(os.getloadavg()),
     }
 
 

@@ -5,6 +5,7 @@ trainer never saw)."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 
@@ -14,9 +15,14 @@ from streams.joiner import JoinerConfig, OnlineJoiner
 from streams.kafka_io import BatchProducer, topic_names
 
 
-@pytest.fixture
-def joined(kafka_topics, tmp_path):
-    """512 generated requests (5 items each) joined with negatives kept at rate 0.5."""
+@pytest.fixture(scope="module")
+def joined(kafka_broker, tmp_path_factory):
+    """512 generated requests (5 items each) joined with negatives kept at rate 0.5 (once for
+    the module: the tests only read the topics)."""
+    prefix = f"chaos-ledger-{uuid.uuid4().hex[:8]}"
+    kafka_broker.create_topics(prefix)
+    kafka_topics = kafka_broker.kafka_config(prefix)
+    tmp_path = tmp_path_factory.mktemp("ledger")
     gen = GeneratorConfig(bootstrap_servers=kafka_topics.bootstrap_servers,
                           topic_prefix=kafka_topics.topic_prefix, requests=512, items_per_request=5,
                           max_action_delay_ms=2000)

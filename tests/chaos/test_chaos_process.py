@@ -28,7 +28,7 @@ def _check(report: dict, faults: int) -> None:
 
 def test_process_faults_short(tmp_path):
     cfg = ChaosConfig(faults="joiner,trainer,serving", storage="memory", data_dir=str(tmp_path),
-                      warmup_s=1.0, settle_s=1.0, events_per_s=600.0, load_qps=10.0)
+                      warmup_s=1.0, settle_s=1.0, events_per_s=400.0, load_qps=10.0)
     _check(run_chaos(cfg), faults=3)
 
 
