@@ -249,11 +249,15 @@ def _broker_fault(cl: _Cluster) -> FaultResult:
     base = {n: cl.metric(n, s) or 0 for n, s in (("joiner", "hw_stream_events_in_total"),
                                                  ("trainer", "hw_train_examples_total"))}
 
+    back: dict[str, float] = {}
+
     def flowing() -> bool:
-        j, t = cl.metric("joiner", "hw_stream_events_in_total"), cl.metric("trainer", "hw_train_examples_total")
-        # A component restarted meanwhile starts its counters from zero: any progress counts.
-        return bool(j and (j > base["joiner"] or cl.crashes.get("joiner", 0) > before.get("joiner", 0))
-                    and t and (t > base["trainer"] or cl.crashes.get("trainer", 0) > before.get("trainer", 0)))
+        for name, sample in (("joiner", "hw_stream_events_in_total"), ("trainer", "hw_train_examples_total")):
+            v = cl.metric(name, sample)
+            # A component restarted meanwhile starts its counters from zero: any progress counts.
+            if name not in back and v and (v > base[name] or cl.crashes.get(name, 0) > before.get(name, 0)):
+                back[name] = round(time.monotonic() - t_restart, 2)
+        return len(back) == 2
 
     ok = cl.wait("pipeline after broker restart", flowing, cl.cfg.recovery_timeout_s)
     now = time.monotonic()
@@ -261,6 +265,7 @@ def _broker_fault(cl: _Cluster) -> FaultResult:
     res.survived = ok
     res.detail["down_s"] = round(t_restart - t_kill, 2)
     res.detail["storage"] = cl.broker.cfg.storage
+    res.detail["progress_after_restart_s"] = back  # per consumer: restart -> its first progress
     res.crashes = {k: v - before.get(k, 0) for k, v in cl.crashes.items() if v != before.get(k, 0)}
     return res
 

@@ -144,6 +144,8 @@ class BatchProducer:
             # kafka-python requires delivery >= linger + request timeout.
             request_timeout_ms=min(30_000, max(1, cfg.delivery_timeout_ms - cfg.linger_ms)),
             enable_idempotence=cfg.idempotence,
+            # Back within a second of the broker's return (kafka-python backs off up to 30 s).
+            reconnect_backoff_max_ms=1000,
             # Retries must not reorder a partition's messages.
             max_in_flight_requests_per_connection=1)
         self._pending: list = []
