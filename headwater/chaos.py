@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from headwater.chaos_accounting import account, end_offset
 from headwater.chaos_load import FailoverLoadClient
@@ -317,8 +318,10 @@ def _drain(cl: _Cluster) -> bool:
     return False
 
 
-def run_chaos(cfg: ChaosConfig) -> dict:
-    """Runs the faults of ``cfg.faults`` against a live pipeline; returns the report."""
+def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -> dict:
+    """Runs the faults of ``cfg.faults`` against a live pipeline; returns the report.
+    ``on_phase`` hears what is happening now (the CLI shows it as a status line)."""
+    phase = on_phase or (lambda _text: None)
     from streams.kafka_io import KafkaConfig
 
     faults = [f.strip() for f in cfg.faults.split(",") if f.strip()]
@@ -330,6 +333,7 @@ def run_chaos(cfg: ChaosConfig) -> dict:
     t0 = time.monotonic()
     results: list[FaultResult] = []
     try:
+        phase("starting broker, generator, joiner, trainer, 2 serving replicas")
         cl.start()
         if not cl.wait("serving's first answer", cl.load.ready.is_set, cfg.startup_timeout_s):
             raise RuntimeError(f"serving did not answer within {cfg.startup_timeout_s}s; logs in {root}/logs")
@@ -338,14 +342,17 @@ def run_chaos(cfg: ChaosConfig) -> dict:
         cl.sleep(cfg.warmup_s)
         for fault in faults:
             log.info("fault: %s", fault)
+            phase(f"fault {len(results) + 1}/{len(faults)}: {fault}")
             results.append(_broker_fault(cl) if fault == "broker" else _process_fault(cl, fault))
             log.info("fault %s: %s", fault, asdict(results[-1]))
             cl.sleep(cfg.settle_s)
+        phase("stopping the stream and draining")
         requests = _stop_generator(cl)
         t_drain = time.monotonic()
         drained = _drain(cl)
         phases["drain_s"] = round(time.monotonic() - t_drain, 1)
         t_account = time.monotonic()
+        phase("accounting for every input event")
         load = cl.load.summary()
         cl.load.stop()
         ledger = account(KafkaConfig(bootstrap_servers=cl.broker.bootstrap_servers), cl.gen,
@@ -379,4 +386,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from headwater.config import load_config
 
-    return run_chaos(load_config(ChaosConfig, args, section="chaos"))
+    from rich.console import Console
+
+    cfg = load_config(ChaosConfig, args, section="chaos")
+    with Console(stderr=True).status("chaos") as status:
+        return run_chaos(cfg, on_phase=lambda text: status.update(f"chaos: {text}"))
