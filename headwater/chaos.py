@@ -59,7 +59,9 @@ class ChaosConfig:
     warmup_s: float = field(default=5.0, metadata={"help": "stream time after serving is up, before the first fault"})
     settle_s: float = field(default=4.0, metadata={"help": "stream time between faults"})
     broker_down_s: float = field(default=10.0, metadata={"help": "how long the broker stays down"})
-    stale_after_s: float = field(default=3.0, metadata={"help": "serving's staleness bound (degraded after it)"})
+    stale_after_s: float = field(default=8.0, metadata={
+        "help": "serving's staleness bound (degraded after it); above the generator's burst "
+                "period (512 requests per block: 5 s at the default rate)"})
     load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second (failover client)"})
     startup_timeout_s: float = field(default=240.0, metadata={"help": "wait this long for serving's first answer"})
     recovery_timeout_s: float = field(default=120.0, metadata={"help": "a fault not recovered by then failed"})
@@ -214,6 +216,9 @@ def _process_fault(cl: _Cluster, fault: str) -> FaultResult:
     name = "serving-a" if fault == "serving" else fault
     res = FaultResult(fault)
     before = dict(cl.crashes)
+    if fault == "trainer":  # the signal must come from the fault, not be on already
+        res.detail["serving_degraded_before_kill"] = any(
+            (cl.metric(s, "hw_serve_degraded") or 0) > 0 for s in ("serving-a", "serving-b"))
     t_kill = time.monotonic()
     cl.kill9(name)
     spec = cl.sup.children.pop(name).spec
@@ -233,6 +238,7 @@ def _process_fault(cl: _Cluster, fault: str) -> FaultResult:
             cl.metric(s, "hw_serve_degraded") == 0 for s in ("serving-a", "serving-b")),
             cl.cfg.recovery_timeout_s)
         res.detail["serving_fresh_after_recovery"] = fresh
+        # (degraded_before_kill is reported, not required: a trainer lagging under load is stale too)
         ok = ok and seen and fresh
     res.survived = ok
     res.crashes = {k: v - before.get(k, 0) for k, v in cl.crashes.items() if v != before.get(k, 0)}
