@@ -56,7 +56,11 @@ def test_joiner_output_is_chunked_under_the_message_limit():
 
 
 def test_failures_past_the_delivery_bound_are_raised_not_dropped():
-    broker = EmbeddedBroker(BrokerConfig(port=0)).start()
+    with EmbeddedBroker(BrokerConfig(port=0)) as broker:
+        _delivery_bound(broker)
+
+
+def _delivery_bound(broker: EmbeddedBroker) -> None:
     cfg = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, delivery_timeout_ms=1500,
                       max_block_ms=300, buffer_memory=5000)
     topic = topic_names("hw").impressions
@@ -77,4 +81,3 @@ def test_failures_past_the_delivery_bound_are_raised_not_dropped():
                 time.sleep(0.1)
     finally:
         producer.close()
-        broker.stop()
