@@ -28,6 +28,7 @@ class ServeConfig:
     default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
     precision: str = field(default="auto", metadata={"help": "tower matmuls: float32, bfloat16, or auto (bfloat16 where the CPU has native bf16)"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
+    stale_after_s: float = field(default=30.0, metadata={"help": "report degraded (hw_serve_degraded=1; gRPC health stays SERVING with the stale model) when no hw.params update arrived for this long"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
     def validate(self) -> None:

@@ -97,6 +97,7 @@ class ParamServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_persist = time.monotonic()
+        self.last_update_s = time.monotonic()  # last applied hw.params message (or start)
         self.error: BaseException | None = None
         if cfg.state_dir:
             self._restore(Path(cfg.state_dir))
@@ -119,6 +120,11 @@ class ParamServer:
             return -1
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         return max(now_ms - int(self.state.watermark_ms), 0)
+
+    def params_age_s(self) -> float:
+        """Seconds since the last hw.params message was applied (since start before any): the
+        trainer publishes changed rows about every second, so a growing age means it is down."""
+        return time.monotonic() - self.last_update_s
 
     # -- following the topic ---------------------------------------------------------------
     def start(self) -> None:
@@ -187,6 +193,7 @@ class ParamServer:
                 f"trainer's num_param_shards)")
         with self._lock:
             self.state.apply(msg)
+        self.last_update_s = time.monotonic()
 
     # -- persistence ---------------------------------------------------------------------------
     def persist(self) -> None:

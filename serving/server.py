@@ -8,7 +8,10 @@ with batching off, one forward per call on a pool of ``workers`` threads), and `
 ``GetEmbeddings`` and retrieval on that pool too.
 
 Health reports NOT_SERVING until the model source has a model (a parameter server that loaded a
-snapshot); a monitor thread flips it and keeps the version / freshness gauges current. Auth, when
+snapshot); a monitor thread flips it and keeps the version / freshness gauges current. A model
+with no hw.params update for ``stale_after_s`` (the trainer is down) is *degraded*, not
+unhealthy: gRPC health stays SERVING (a stale model beats no answer) and ``/metrics`` shows
+``hw_serve_degraded 1`` with ``hw_serve_params_age_seconds``. Auth, when
 a token is configured, is checked by an interceptor in constant time; the health service stays
 open so that probes work without credentials.
 """
@@ -125,6 +128,7 @@ class RecommendServer:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="serve-loop", daemon=True)
         self._loop_thread.start()
         self._serving = False
+        self.degraded = False
         try:
             self._call(self._build())
         except BaseException:
@@ -224,5 +228,15 @@ class RecommendServer:
                 lag = self.source.freshness_lag_ms()
                 if lag >= 0:
                     m.FRESHNESS_LAG.set(lag / 1000.0)
+            age = getattr(self.source, "params_age_s", None)
+            if age is not None:
+                age_s = age()
+                m.PARAMS_AGE.set(age_s)
+                degraded = ready and age_s > self.cfg.stale_after_s
+                if degraded != self.degraded:
+                    self.degraded = degraded
+                    log.warning("model %s (no hw.params update for %.1f s)",
+                                "stale: degraded" if degraded else "fresh again", age_s)
+                m.DEGRADED.set(1.0 if degraded else 0.0)
             if self.batcher is not None:
                 m.QUEUE_JOBS.set(len(self.batcher.queue))

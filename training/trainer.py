@@ -48,6 +48,8 @@ def _make_producer(kafka: KafkaConfig, max_bytes: int) -> Any:
     return KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, client_id="hw-trainer-params",
                          acks="all", linger_ms=0, retries=kafka.retries,
                          max_request_size=max(max_bytes * 2, 1 << 20),
+                         # See KafkaConfig.idempotence (a retried params message is harmless).
+                         enable_idempotence=kafka.idempotence,
                          max_in_flight_requests_per_connection=1)
 
 

@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "rank": "llm_engine.bench_rank",
     "spec": "llm_engine.bench_spec",
     "overload": "serving.http.bench_overload",
+    "chaos": "headwater.chaos",
 }
 
 
