@@ -1,10 +1,13 @@
 """``headwater bench llm``: continuous batching vs ``transformers.generate`` static batches.
 
 A random Llama-style model (~20M parameters on CPU, ~1B on CUDA) serves N requests whose prompt
-and output lengths come from a seeded distribution (uniform prompts, log-normal outputs: most
-short, a few long, as in chat traffic), all submitted at once. The baseline runs the same
-requests through ``generate()`` in static batches of ``max_num_seqs`` (left-padded; a batch lasts
-as long as its longest request) with the same weights. Output tokens counted are the requested ones.
+and output lengths come from a seeded distribution, all submitted at once: prompts uniform in
+``--prompt-len``, outputs log-normal (``exp(N(ln median, sigma^2))``, clipped to
+``[--output-min, --output-max]``): most short, a few long, as in chat traffic. The baseline runs
+the same token ids through ``generate()`` in static batches of ``max_num_seqs`` (left-padded,
+``use_cache=True``, same dtype, threads and weights, greedy); a static batch lasts until its
+longest request is done (the random model has no EOS), which is how static batching behaves.
+Both sides produce exactly the requested output tokens; tokens/s counts those.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12, "A10"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="engine max_num_seqs = baseline batch size")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), help="uniform range")
     p.add_argument("--output-median", type=float, default=32.0, help="log-normal median of output lengths")
-    p.add_argument("--output-max", type=int, default=128)
+    p.add_argument("--output-sigma", type=float, default=1.0, help="log-normal sigma of output lengths")
+    p.add_argument("--output-min", type=int, default=4)
+    p.add_argument("--output-max", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-baseline", action="store_true")
@@ -44,7 +49,8 @@ def workload(args) -> tuple[list[list[int]], list[int]]:
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
     plens = rng.integers(args.prompt_len[0], args.prompt_len[1] + 1, n)
-    olens = np.clip(rng.lognormal(np.log(args.output_median), 0.8, n).astype(int), 4, args.output_max)
+    olens = np.clip(rng.lognormal(np.log(args.output_median), args.output_sigma, n).astype(int),
+                    args.output_min, args.output_max)
     prompts = [rng.integers(10, 15000, int(k)).tolist() for k in plens]
     return prompts, olens.tolist()
 
@@ -65,11 +71,13 @@ def run_engine(path, prompts, olens, args, device) -> dict:
     steps = 0
     produced = 0
     while eng.has_unfinished():
-        produced += len(eng.step())
+        produced += sum(len(o.new_token_ids) for o in eng.step())
         steps += 1
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    if produced != sum(olens):
+        raise RuntimeError(f"engine produced {produced} tokens, {sum(olens)} asked")
     return dict(seconds=dt, tokens=produced, steps=steps, peak_blocks=eng.pool.peak_used,
                 num_blocks=eng.pool.num_blocks, preemptions=eng.scheduler.num_preemptions)
 
@@ -115,7 +123,11 @@ def run(args: argparse.Namespace) -> dict:
         base = None if args.skip_baseline else run_baseline(tmp, prompts, olens, args.max_num_seqs, device)
     out = {
         "benchmark": "llm", "device": device, "params": n_params, "num_requests": len(prompts),
-        "max_num_seqs": args.max_num_seqs, "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(olens),
+        "max_num_seqs": args.max_num_seqs, "threads": torch.get_num_threads(),
+        "prompt_len_uniform": list(args.prompt_len),
+        "output_len_lognormal": {"median": args.output_median, "sigma": args.output_sigma,
+                                 "min": args.output_min, "max": args.output_max, "seed": args.seed},
+        "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(olens),
         "seconds": round(ours["seconds"], 3),
         "tokens_per_s": round(ours["tokens"] / ours["seconds"], 1),
         "requests_per_s": round(len(prompts) / ours["seconds"], 3),

@@ -76,7 +76,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(model, allocate_kv_cache(n, mc.num_hidden_layers, block_shape, dtype, device),
-                                  config.block_size, backend)
+                                  config.block_size, backend, self.kv.tables)
         self.eos_ids = set(mc.eos_token_id)
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
