@@ -28,14 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=16, help="engine max_num_seqs = baseline batch size")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), help="uniform range")
-    p.add_argument("--output-median", type=float, default=32.0, help="log-normal median of output lengths")
-    p.add_argument("--output-sigma", type=float, default=1.0, help="log-normal sigma of output lengths")
+    p.add_argument("--output-median", type=float, default=48.0, help="log-normal median of output lengths")
+    p.add_argument("--output-sigma", type=float, default=1.2, help="log-normal sigma of output lengths")
     p.add_argument("--output-min", type=int, default=4)
-    p.add_argument("--output-max", type=int, default=256)
+    p.add_argument("--output-max", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads for both sides (0 = torch's default); 1 is steadier on a busy machine")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for both sides (0 = torch's default); on a shared machine more "
+                        "than one thread spins against other work and slows both sides erratically")
     p.add_argument("--no-speculative", action="store_true", help="engine without n-gram speculation")
     p.add_argument("--skip-baseline", action="store_true")
 

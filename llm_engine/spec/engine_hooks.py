@@ -22,7 +22,7 @@ import torch
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.spec.adaptive import SpecConfig
 from llm_engine.spec.proposer import SpeculativeProposer
-from llm_engine.spec.verify import verify_greedy, verify_sampled
+from llm_engine.spec.verify import VerifyResult, verify_sampled
 
 
 def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -111,22 +111,35 @@ class EngineSpeculation:
 
     def verify(self, sched, hidden: torch.Tensor, inp) -> dict:  # noqa: ANN001
         """Verifies this step's drafts; returns ``{seq: new tokens}`` with each sequence rolled
-        back to its accepted prefix (the new tokens are not yet appended)."""
-        out = {}
+        back to its accepted prefix (the new tokens are not yet appended).
+
+        One LM-head projection covers every drafted row of the step (per-request projections
+        would each re-read the whole head), and greedy requests compare one batched argmax."""
+        items = []
         for i, s in enumerate(sched.scheduled):
             d = self.drafts.get(s.seq)
-            if d is None:
-                continue
-            seq, k = s.seq, len(d)
-            rows = torch.arange(inp.row_start[i] + s.num_tokens - k - 1, inp.row_start[i] + s.num_tokens,
-                                device=hidden.device)
-            logits = self.engine.runner.logits(hidden, rows)
+            if d is not None:
+                hi = inp.row_start[i] + s.num_tokens
+                items.append((s.seq, d, hi - len(d) - 1, hi))
+        if not items:
+            return {}
+        rows = torch.cat([torch.arange(lo, hi) for _, _, lo, hi in items]).to(hidden.device)
+        logits = self.engine.runner.logits(hidden, rows)
+        best = logits.argmax(-1).tolist()
+        out, at = {}, 0
+        for seq, d, lo, hi in items:
+            k = hi - lo - 1
             del seq.output_token_ids[len(seq.output_token_ids) - k:]
             if seq.params.temperature == 0:
-                res = verify_greedy(logits, d)
+                b = best[at:at + k + 1]
+                n = 0
+                while n < k and b[n] == d[n]:
+                    n += 1
+                res = VerifyResult(list(d[:n]) + [b[n]], n, list(range(n)))
             else:
                 gen = torch.Generator().manual_seed((seq.seed * 1_000_003 + len(seq.output_token_ids)) & ((1 << 63) - 1))
-                res = verify_sampled(target_probs(logits, seq.params).cpu(), d, gen)
+                res = verify_sampled(target_probs(logits[at:at + k + 1], seq.params).cpu(), d, gen)
+            at += k + 1
             seq.num_computed_tokens = seq.num_tokens + res.num_accepted
             self.proposer.accept(seq.request_id, k, res.num_accepted, [])
             out[seq] = res.tokens
