@@ -7,7 +7,9 @@ and output lengths come from a seeded distribution, all submitted at once: promp
 the same token ids through ``generate()`` in static batches of ``max_num_seqs`` (left-padded,
 ``use_cache=True``, same dtype, threads and weights, greedy); a static batch lasts until its
 longest request is done (the random model has no EOS), which is how static batching behaves.
-Both sides produce exactly the requested output tokens; tokens/s counts those.
+Both sides produce exactly the requested output tokens; tokens/s counts those. Both run with the
+same number of torch threads (``--threads``, 1 by default: on a shared machine extra threads spin
+against other work). Wall-clock and process-CPU speedups are both reported.
 """
 
 from __future__ import annotations
