@@ -111,20 +111,33 @@ class EngineSpeculation:
 
     def verify(self, sched, hidden: torch.Tensor, inp) -> dict:  # noqa: ANN001
         """Verifies this step's drafts; returns ``{seq: new tokens}`` with each sequence rolled
-        back to its accepted prefix (the new tokens are not yet appended).
+        back to its accepted prefix (the new tokens are not yet appended)."""
+        return self.verify_and_project(sched, hidden, inp)[0]
 
-        One LM-head projection covers every drafted row of the step (per-request projections
-        would each re-read the whole head), and greedy requests compare one batched argmax."""
+    def verify_and_project(self, sched, hidden: torch.Tensor, inp,  # noqa: ANN001
+                           extra_rows: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
+        """:meth:`verify`, plus the logits of ``extra_rows`` (the engine's sampling rows).
+
+        One LM-head projection covers every drafted row and the extra rows of the step (separate
+        projections would each re-read the whole head), and greedy requests compare one batched
+        argmax."""
         items = []
         for i, s in enumerate(sched.scheduled):
             d = self.drafts.get(s.seq)
             if d is not None:
                 hi = inp.row_start[i] + s.num_tokens
                 items.append((s.seq, d, hi - len(d) - 1, hi))
+        parts = [torch.arange(lo, hi) for _, _, lo, hi in items]
+        nv = sum(len(p) for p in parts)
+        if extra_rows is not None:
+            parts.append(extra_rows.cpu())
+        if not parts:
+            return {}, None
+        logits = self.engine.runner.logits(hidden, torch.cat(parts).to(hidden.device))
+        extra = logits[nv:] if extra_rows is not None else None
         if not items:
-            return {}
-        rows = torch.cat([torch.arange(lo, hi) for _, _, lo, hi in items]).to(hidden.device)
-        logits = self.engine.runner.logits(hidden, rows)
+            return {}, extra
+        logits = logits[:nv]
         best = logits.argmax(-1).tolist()
         out, at = {}, 0
         for seq, d, lo, hi in items:
@@ -143,7 +156,7 @@ class EngineSpeculation:
             seq.num_computed_tokens = seq.num_tokens + res.num_accepted
             self.proposer.accept(seq.request_id, k, res.num_accepted, [])
             out[seq] = res.tokens
-        return out
+        return out, extra
 
     def after_step(self, sched, new_tokens: dict) -> None:  # noqa: ANN001
         """Feeds appended tokens to the drafters and the step time to the cost model."""
