@@ -112,11 +112,19 @@ def run_baseline(path, prompts, olens, batch: int, device) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    before = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     shape = model_shape(device == "cuda")
     prompts, olens = workload(args)
     with tempfile.TemporaryDirectory() as tmp:
