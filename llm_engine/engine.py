@@ -76,7 +76,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(model, allocate_kv_cache(n, mc.num_hidden_layers, block_shape, dtype, device),
-                                  config.block_size, backend)
+                                  config.block_size, backend, self.kv.tables)
         self.eos_ids = set(mc.eos_token_id)
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
@@ -150,7 +150,12 @@ class LLMEngine:
         outputs = []
         for s in sched.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_tokens
-        verified = self.spec.verify(sched, hidden, inp) if drafted else {}
+        sample_logits = None
+        if drafted:  # drafts and sampling rows share one LM-head projection
+            verified, sample_logits = self.spec.verify_and_project(
+                sched, hidden, inp, inp.last_rows[sampling] if sampling else None)
+        else:
+            verified = {}
         for seq, new in verified.items():
             appended = []
             for tok in new:  # accepted drafts then the target's token, up to the first stop
@@ -161,8 +166,7 @@ class LLMEngine:
                     break
             outputs.append(self._output(seq, appended))
         if sampling:
-            rows = inp.last_rows[sampling]
-            logits = self.runner.logits(hidden, rows)
+            logits = sample_logits if sample_logits is not None else self.runner.logits(hidden, inp.last_rows[sampling])
             seqs = [sched.scheduled[i].seq for i in sampling]
             need_hist = any(q.params.repetition_penalty != 1.0 for q in seqs)
             res = sample(logits, [q.params for q in seqs], [q.seed for q in seqs],

@@ -3,10 +3,14 @@
 :func:`allocate_kv_cache` sizes one tensor ``[2, layers, blocks, block_size, Hkv, D]`` from a
 byte budget (CPU) or a fraction of free GPU memory. :class:`KVCacheManager` maps each sequence to
 its block table, reuses cached prefix blocks on admission, and registers blocks as they fill.
+Every live block table is mirrored in one :class:`BlockTableArray` row as blocks are appended, so
+the runner gathers a step's ``[B, max_blocks]`` table with one index instead of rebuilding it
+from Python lists every step.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llm_engine.block_pool import BlockPool, chain_hash
@@ -26,11 +30,50 @@ def allocate_kv_cache(num_blocks: int, num_layers: int, block_shape: tuple[int, 
     return torch.zeros((2, num_layers, num_blocks, *block_shape), dtype=dtype, device=device)
 
 
+class BlockTableArray:
+    """Block tables of live sequences as rows of one int32 array (padded with 0).
+
+    Rows are handed out on a sequence's first block and returned when it frees its blocks; the
+    array grows (rows or columns, doubling) when needed, so it never limits the scheduler.
+    """
+
+    def __init__(self, rows: int = 64, cols: int = 32):
+        self.array = np.zeros((rows, cols), dtype=np.int32)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def acquire(self) -> int:
+        if not self._free:
+            n = self.array.shape[0]
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        return self._free.pop()
+
+    def release(self, row: int) -> None:
+        self._free.append(row)
+
+    def write(self, row: int, start: int, blocks: list[int]) -> None:
+        """Set ``row[start:start + len(blocks)]``: the O(changes) update."""
+        end = start + len(blocks)
+        if end > self.array.shape[1]:
+            cols = max(end, 2 * self.array.shape[1])
+            grown = np.zeros((self.array.shape[0], cols), dtype=np.int32)
+            grown[:, :self.array.shape[1]] = self.array
+            self.array = grown
+        self.array[row, start:end] = blocks
+
+
 class KVCacheManager:
     """Block tables for sequences on top of a :class:`BlockPool`."""
 
     def __init__(self, pool: BlockPool, block_size: int):
         self.pool, self.block_size = pool, block_size
+        self.tables = BlockTableArray()
+
+    def _extend(self, seq: Sequence, blocks: list[int]) -> None:
+        if seq.kv_row < 0:
+            seq.kv_row = self.tables.acquire()
+        self.tables.write(seq.kv_row, len(seq.block_table), blocks)
+        seq.block_table.extend(blocks)
 
     def admit_cached_prefix(self, seq: Sequence) -> None:
         """On first scheduling, reuse cached full blocks of the prompt (never the whole prompt:
@@ -49,7 +92,7 @@ class KVCacheManager:
             parent = h
         if blocks:
             self.pool.touch(blocks)
-            seq.block_table.extend(blocks)
+            self._extend(seq, blocks)
             seq.num_computed_tokens = len(blocks) * bs
             seq.num_cached_tokens = seq.num_computed_tokens
 
@@ -63,24 +106,27 @@ class KVCacheManager:
         if n > self.pool.num_free:
             return False
         if n:
-            seq.block_table.extend(self.pool.allocate(n))
+            self._extend(seq, self.pool.allocate(n))
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register hashes for blocks that became full of computed tokens."""
         if not self.pool.enable_caching:
             return
-        bs, toks = self.block_size, seq.all_token_ids
+        bs = self.block_size
         full = seq.num_computed_tokens // bs
-        for i in range(len(seq.block_hashes), full):
+        for i in range(len(seq.block_hashes), full):  # usually empty: O(1) per step
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = chain_hash(parent, toks[i * bs:(i + 1) * bs])
+            h = chain_hash(parent, seq.token_slice(i * bs, (i + 1) * bs))
             seq.block_hashes.append(h)
             self.pool.register(seq.block_table[i], h)
 
     def free(self, seq: Sequence) -> None:
         """Release all of the sequence's blocks at once (finish, cancel or preemption)."""
         self.pool.release(reversed(seq.block_table))
+        if seq.kv_row >= 0:
+            self.tables.release(seq.kv_row)
+            seq.kv_row = -1
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from llm_engine.attention import AttentionMetadata
+from llm_engine.kv_cache import BlockTableArray
 from llm_engine.model.llama import ForwardContext, LlamaForCausalLM
 from llm_engine.scheduler import SchedulerOutput
 
@@ -29,41 +30,49 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Owns the model and the KV tensor; stateless between steps."""
+    """Owns the model and the KV tensor; reads block tables from the KV manager's array."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, backend: str):
+    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, backend: str,
+                 block_tables: BlockTableArray):
         self.model, self.kv_cache, self.block_size, self.backend = model, kv_cache, block_size, backend
+        self.block_tables = block_tables
         self.device = kv_cache.device
         layers = kv_cache.shape[1]
         self.kv_layers = [(kv_cache[0, i], kv_cache[1, i]) for i in range(layers)]
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Vectorised: one Python pass collects per-sequence scalars, NumPy derives the per-token
+        arrays, and the step's block table is one gather from the KV manager's persistent array."""
         bs = self.block_size
-        ids, pos, slots, qlens, seq_lens, tables = [], [], [], [], [], []
-        for s in out.scheduled:
-            p = np.arange(s.start, s.start + s.num_tokens)
-            bt = np.asarray(s.seq.block_table, dtype=np.int64)
-            ids.append(np.asarray(s.seq.all_token_ids[s.start:s.start + s.num_tokens], dtype=np.int64))
-            pos.append(p)
-            slots.append(bt[p // bs] * bs + p % bs)
-            qlens.append(s.num_tokens)
-            seq_lens.append(s.start + s.num_tokens)
-            tables.append(bt)
-        width = max(len(t) for t in tables)
-        table = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = t
-        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
+        sched = out.scheduled
+        ids: list[int] = []
+        for s in sched:
+            ids.extend(s.seq.token_slice(s.start, s.start + s.num_tokens))
+        starts = np.fromiter((s.start for s in sched), dtype=np.int64, count=len(sched))
+        qlens = np.fromiter((s.num_tokens for s in sched), dtype=np.int64, count=len(sched))
+        rows = np.fromiter((s.seq.kv_row for s in sched), dtype=np.int64, count=len(sched))
+        seq_lens = starts + qlens
+        qsl = np.zeros(len(sched) + 1, dtype=np.int64)
         np.cumsum(qlens, out=qsl[1:])
+        t = int(qsl[-1])
+        if t == len(sched):  # decode only: one token per sequence
+            pos, tok_rows = starts, rows
+        else:
+            pos = np.arange(t, dtype=np.int64) - np.repeat(qsl[:-1] - starts, qlens)
+            tok_rows = np.repeat(rows, qlens)
+        array = self.block_tables.array
+        slots = array[tok_rows, pos // bs].astype(np.int64) * bs + pos % bs
+        width = int(-(-int(seq_lens.max()) // bs))
+        table = array[rows, :width]
         d = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(d),
-            query_start_loc=torch.from_numpy(qsl).to(d),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=d),
+            slot_mapping=torch.from_numpy(slots).to(d),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(d),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(d),
             block_tables=torch.from_numpy(table).to(d),
-            max_query_len=max(qlens), max_seq_len=max(seq_lens))
-        return StepInputs(torch.from_numpy(np.concatenate(ids)).to(d), torch.from_numpy(np.concatenate(pos)).to(d),
-                          meta, torch.from_numpy(qsl[1:] - 1).long().to(d), qsl[:-1].tolist())
+            max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
+        return StepInputs(torch.tensor(ids, dtype=torch.int64, device=d), torch.from_numpy(pos).to(d),
+                          meta, torch.from_numpy(qsl[1:] - 1).to(d), qsl[:-1].tolist())
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:

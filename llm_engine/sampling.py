@@ -80,6 +80,8 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
            history: list[list[int]] | None = None) -> SampleResult:
     """Pick one token per row. ``steps[i]`` is the row's output position (keys its noise)."""
+    if all(p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0 for p in params):
+        return SampleResult(logits.argmax(-1), None, None, None)  # all greedy: no per-row tensors to build
     dev = logits.device
     logits = logits.float()
     b, v = logits.shape

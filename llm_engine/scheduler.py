@@ -111,6 +111,8 @@ class Scheduler:
         if out.preempted:
             return out
         free_slots = self.config.max_num_seqs - len(self.running)
+        if free_slots <= 0 or budget <= 0 or not len(self.waiting):
+            return out  # nothing can be admitted: skip ordering the waiting queue
 
         def admit(item: QueueItem[Sequence], remaining: int) -> int:
             seq = item.payload

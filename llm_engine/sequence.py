@@ -33,6 +33,7 @@ class Sequence:
     num_preemptions: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    kv_row: int = -1  # this sequence's row in the KV manager's block-table array (-1: none)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -46,6 +47,15 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """``all_token_ids[start:stop]`` without building the whole list (hot path: one token per decode)."""
+        plen = len(self.prompt_token_ids)
+        if start >= plen:
+            return self.output_token_ids[start - plen:stop - plen]
+        if stop <= plen:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - plen]
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,7 @@ causal masking by absolute position. Back ends: ``reference`` (PyTorch, CPU) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
     max_query_len: int
     max_seq_len: int
+    # Tensors a back end derives from the above once per step and reuses in every layer.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_decode_only(self) -> bool:

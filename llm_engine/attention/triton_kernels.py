@@ -95,6 +95,7 @@ def _prefill_kernel(Q, K, V, O, BT, QSL, SEQLENS, scale,
 def triton_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Same contract as the reference: ``q`` ``[T, H, D]`` -> ``[T, H, D]``."""
+    q = q.contiguous()  # the output shares q's strides; q may be a view into a fused qkv row
     t, h, d = q.shape
     _, bs, hkv, _ = k_cache.shape
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1:

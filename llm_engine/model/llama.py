@@ -17,7 +17,7 @@ from torch import nn
 
 from llm_engine.attention import AttentionMetadata, paged_attention, write_kv
 from llm_engine.config import ModelConfig
-from llm_engine.model.rope import RotaryEmbedding
+from llm_engine.model.rope import RotaryEmbedding, rope_apply
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [blocks, block_size, Hkv, D]
     backend: str = "torch"
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) of this step, set once per forward
 
 
 class RMSNorm(nn.Module):
@@ -56,13 +57,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.scale = self.d ** -0.5
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One ``[(H + 2 Hkv) D, hidden]`` matrix instead of three: a small decode batch then runs
+        one GEMM (and one RoPE over q and k together). ``q_proj``/``k_proj``/``v_proj`` stay, as
+        views into it, so names, ``state_dict`` and memory are unchanged."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight.detach() for p in projs])
+        self.qkv_weight = _share(projs, "weight", w)
+        if self.q_proj.bias is not None:
+            self.qkv_bias = _share(projs, "bias", torch.cat([p.bias.detach() for p in projs]))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.h, self.d)
-        k = self.k_proj(x).view(t, self.hkv, self.d)
-        v = self.v_proj(x).view(t, self.hkv, self.d)
-        q, k = self.rope(positions, q, k)
+        t, h, hkv, d = x.shape[0], self.h, self.hkv, self.d
+        if self.qkv_weight is not None and ctx.rope is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qk = rope_apply(qkv[:, :(h + hkv) * d].view(t, h + hkv, d), *ctx.rope)
+            q, k = qk[:, :h], qk[:, h:]
+            v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
+        else:
+            q = self.q_proj(x).view(t, h, d)
+            k = self.k_proj(x).view(t, hkv, d)
+            v = self.v_proj(x).view(t, hkv, d)
+            q, k = self.rope(positions, q, k)
         k_cache, v_cache = ctx.kv_caches[self.layer]
         write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, ctx.backend)
@@ -77,8 +96,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Gate and up projections as one matrix (one GEMM per step); the originals become views."""
+        projs = (self.gate_proj, self.up_proj)
+        self.gate_up_weight = _share(projs, "weight", torch.cat([p.weight.detach() for p in projs]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -102,13 +130,14 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.rope = rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        ctx.rope = self.rope.cos_sin(positions, x.dtype)  # once per step, shared by every layer
         for layer in self.layers:
             x = layer(x, positions, ctx)
         return self.norm(x)
@@ -130,3 +159,22 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def fuse_projections(self) -> "LlamaForCausalLM":
+        """Fuse q/k/v and gate/up weights in every layer (see :meth:`Attention.fuse`). Call after
+        the weights are loaded and moved to their device; returns ``self``."""
+        with torch.no_grad():
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        return self
+
+
+def _share(modules: tuple[nn.Linear, ...], name: str, fused: torch.Tensor) -> torch.Tensor:
+    """Re-point each module's ``name`` parameter at its rows of ``fused`` (no extra memory)."""
+    at = 0
+    for m in modules:
+        n = getattr(m, name).shape[0]
+        setattr(m, name, nn.Parameter(fused[at:at + n], requires_grad=False))
+        at += n
+    return fused

@@ -60,4 +60,4 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
             from llm_engine.model.rope import rope_inv_freq
             mod.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
                                          cfg.max_position_embeddings)[0]
-    return model.to(device).eval()
+    return model.to(device).eval().fuse_projections()

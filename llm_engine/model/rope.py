@@ -74,6 +74,16 @@ class RotaryEmbedding(torch.nn.Module):
         inv, self.attention_scaling = rope_inv_freq(head_dim, theta, scaling, max_pos)
         self.register_buffer("inv_freq", inv, persistent=False)
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, signed sin)`` ``[T, 1, D]`` for :func:`rope_apply`: computed once per step."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None, :]
+        sin = emb.sin() * self.attention_scaling
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype)[:, None, :]
+        return cos, sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D], k: [T, Hkv, D], positions: [T]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -81,6 +91,12 @@ class RotaryEmbedding(torch.nn.Module):
         cos = (emb.cos() * self.attention_scaling).to(q.dtype)[:, None, :]
         sin = (emb.sin() * self.attention_scaling).to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[T, heads, D]`` with :meth:`RotaryEmbedding.cos_sin`'s tables: rotate-half
+    as a roll times a sine whose first half is negated (two fewer ops than slicing and concat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

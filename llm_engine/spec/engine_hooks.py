@@ -22,7 +22,7 @@ import torch
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.spec.adaptive import SpecConfig
 from llm_engine.spec.proposer import SpeculativeProposer
-from llm_engine.spec.verify import verify_greedy, verify_sampled
+from llm_engine.spec.verify import VerifyResult, verify_sampled
 
 
 def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -113,25 +113,51 @@ class EngineSpeculation:
     def verify(self, sched, hidden: torch.Tensor, inp) -> dict:  # noqa: ANN001
         """Verifies this step's drafts; returns ``{seq: new tokens}`` with each sequence rolled
         back to its accepted prefix (the new tokens are not yet appended)."""
-        out = {}
+        return self.verify_and_project(sched, hidden, inp)[0]
+
+    def verify_and_project(self, sched, hidden: torch.Tensor, inp,  # noqa: ANN001
+                           extra_rows: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
+        """:meth:`verify`, plus the logits of ``extra_rows`` (the engine's sampling rows).
+
+        One LM-head projection covers every drafted row and the extra rows of the step (separate
+        projections would each re-read the whole head), and greedy requests compare one batched
+        argmax."""
+        items = []
         for i, s in enumerate(sched.scheduled):
             d = self.drafts.get(s.seq)
-            if d is None:
-                continue
-            seq, k = s.seq, len(d)
-            rows = torch.arange(inp.row_start[i] + s.num_tokens - k - 1, inp.row_start[i] + s.num_tokens,
-                                device=hidden.device)
-            logits = self.engine.runner.logits(hidden, rows)
+            if d is not None:
+                hi = inp.row_start[i] + s.num_tokens
+                items.append((s.seq, d, hi - len(d) - 1, hi))
+        parts = [torch.arange(lo, hi) for _, _, lo, hi in items]
+        nv = sum(len(p) for p in parts)
+        if extra_rows is not None:
+            parts.append(extra_rows.cpu())
+        if not parts:
+            return {}, None
+        logits = self.engine.runner.logits(hidden, torch.cat(parts).to(hidden.device))
+        extra = logits[nv:] if extra_rows is not None else None
+        if not items:
+            return {}, extra
+        logits = logits[:nv]
+        best = logits.argmax(-1).tolist()
+        out, at = {}, 0
+        for seq, d, lo, hi in items:
+            k = hi - lo - 1
             del seq.output_token_ids[len(seq.output_token_ids) - k:]
             if seq.params.temperature == 0:
-                res = verify_greedy(logits, d)
+                b = best[at:at + k + 1]
+                n = 0
+                while n < k and b[n] == d[n]:
+                    n += 1
+                res = VerifyResult(list(d[:n]) + [b[n]], n, list(range(n)))
             else:
                 gen = torch.Generator().manual_seed((seq.seed * 1_000_003 + len(seq.output_token_ids)) & ((1 << 63) - 1))
-                res = verify_sampled(target_probs(logits, seq.params).cpu(), d, gen)
+                res = verify_sampled(target_probs(logits[at:at + k + 1], seq.params).cpu(), d, gen)
+            at += k + 1
             seq.num_computed_tokens = seq.num_tokens + res.num_accepted
             self.proposer.accept(seq.request_id, k, res.num_accepted, [])
             out[seq] = res.tokens
-        return out
+        return out, extra
 
     def after_step(self, sched, new_tokens: dict) -> None:  # noqa: ANN001
         """Feeds appended tokens to the drafters and the step time to the cost model."""

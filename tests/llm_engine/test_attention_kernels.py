@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,29 @@ def test_engine_with_triton_backend_matches_torch_backend(tiny_llama):
             res.update({o.request_id: o.token_ids for o in eng.step() if o.finished})
         outs.append(res)
     assert outs[0] == outs[1]
+
+
+def test_length_groups_split_short_from_long_contexts():
+    from llm_engine.attention.reference import length_groups
+
+    lens = np.array([600, 20, 30, 610, 25, 640])
+    groups = length_groups(lens, overhead=100)
+    assert sorted(map(sorted, (g.tolist() for g in groups))) == [[0, 3, 5], [1, 2, 4]]
+    assert len(length_groups(lens, overhead=10**6)) == 1  # never worth an extra call
+    assert sorted(np.concatenate(length_groups(np.array([5, 1, 9, 3]), overhead=0)).tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", [([1] * 6, [3, 70, 5, 66, 140, 9]),
+                                             ([4, 1, 9, 1, 3], [4, 80, 100, 7, 50])])
+def test_length_grouped_reference_equals_one_padded_batch(monkeypatch, q_lens, seq_lens):
+    from llm_engine.attention import reference
+
+    q, k, v, meta = make_case(q_lens, seq_lens)
+    monkeypatch.setattr(reference, "GROUP_OVERHEAD", 10**9)
+    one = reference_paged_attention(q, k, v, meta, 0.25)
+    monkeypatch.setattr(reference, "GROUP_OVERHEAD", 0)
+    meta.derived.clear()
+    grouped = reference_paged_attention(q, k, v, meta, 0.25)
+    assert len(meta.derived["groups"]) > 1
+    torch.testing.assert_close(grouped, one, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(triton_paged_attention(q, k, v, meta, 0.25), grouped, atol=1e-4)
