@@ -236,3 +236,19 @@ def test_a_killed_shard_degrades_all_its_slots_in_one_counted_lookup(world):
         np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-6, atol=1e-7)
     finally:
         ref.close()
+
+
+def test_a_prefetched_view_answers_its_ids_without_a_round_trip_and_fetches_others(world):
+    kafka, trainer, fleet, rec = world
+    remote = rec.source.current().table
+    view = remote.prefetch({"item_id": np.array([4, 1, 4, 2]), "city": np.array([3])})
+    calls = rec.fleet.calls.copy()
+    ids = torch.tensor([2, 1, 2, 4])
+    assert torch.equal(view.lookup("item_id", ids), trainer.table.lookup("item_id", ids))
+    bags = view.lookup_bags("item_id", ids, torch.tensor([1, 3]), mode="mean")
+    torch.testing.assert_close(bags, trainer.table.lookup_bags("item_id", ids, torch.tensor([1, 3]), mode="mean"))
+    assert view.lookup("city", torch.zeros(0, dtype=torch.int64)).shape == (0, 8)
+    assert (rec.fleet.calls == calls).all()  # all served from the prefetched rows
+    other = torch.tensor([1, 7])  # 7 was not prefetched: the view fetches it, still correct
+    assert torch.equal(view.lookup("item_id", other), trainer.table.lookup("item_id", other))
+    assert (rec.fleet.calls - calls).sum() >= 1
