@@ -4,10 +4,11 @@ One run, one broker (Tansu on loopback), one random model published twice by the
 ``DeltaPublisher``: unsharded to one topic set, sharded (``--shards`` N) to another. Then, all as
 real ``headwater serve`` processes over loopback gRPC: the baseline ``--role all`` (one table in
 the process) and the candidate ``--role recommender`` in front of N ``--role ps --shard i/N``
-processes. One client calls both in interleaved rounds (so load on the shared machine hits both
-alike) with ``--candidates`` candidates per call, and the JSON line reports p50/p99 of each, the
-fan-out overhead, the largest score difference between the two (should be ~0) and the load
-average.
+processes, plus a second recommender over the same shards with ``--no-ps-batch-slots`` (one
+fan-out per slot, one after another: the pre-batching path). One client calls all three in
+interleaved rounds (so load on the shared machine hits them alike) with ``--candidates``
+candidates per call, and the JSON line reports p50/p99 of each, the fan-out overhead, the largest
+score difference from the baseline (should be ~0) and the load average.
 """
 
 from __future__ import annotations
@@ -116,35 +117,44 @@ def run(args: argparse.Namespace) -> dict:
             _publish(flat_kafka, model, 1)
             _publish(sharded_kafka, model, n)
             ps_ports = [_free_port() for _ in range(n)]
-            base_port, rec_port = _free_port(), _free_port()
+            base_port, rec_port, slot_port = _free_port(), _free_port(), _free_port()
+            addrs = ",".join(f"127.0.0.1:{p}" for p in ps_ports)
             procs += [_serve(sharded_kafka, p, "--role", "ps", "--shard", f"{i}/{n}") for i, p in enumerate(ps_ports)]
             procs.append(_serve(flat_kafka, base_port))
             procs.append(_serve(sharded_kafka, rec_port, "--role", "recommender", "--ps-deadline-ms",
-                                str(args.deadline_ms), "--ps", ",".join(f"127.0.0.1:{p}" for p in ps_ports)))
+                                str(args.deadline_ms), "--ps", addrs))
+            procs.append(_serve(sharded_kafka, slot_port, "--role", "recommender", "--ps-deadline-ms",
+                                str(args.deadline_ms), "--ps", addrs, "--no-ps-batch-slots"))
             for p in ps_ports:
                 _wait_serving(p, PS_SERVICE_NAME, procs)
             _wait_serving(base_port, SERVICE_NAME, procs)
             _wait_serving(rec_port, SERVICE_NAME, procs)
+            _wait_serving(slot_port, SERVICE_NAME, procs)
         rng = np.random.default_rng(0)
         pool = [pb2.RecommendRequest(user_id=int(u), candidate_item_ids=rng.choice(args.items, args.candidates,
                                                                                    replace=False).tolist(),
                                      context=[pb2.SparseFeature(slot="f00", ids=[int(u) % 97])])
                 for u in rng.integers(0, args.items, 64)]
-        lat: dict[str, list[float]] = {"local": [], "sharded": []}
+        names = ("local", "sharded", "per_slot")
+        lat: dict[str, list[float]] = {k: [] for k in names}
         load_before = os.getloadavg()
-        with grpc.insecure_channel(f"127.0.0.1:{base_port}") as c1, grpc.insecure_channel(f"127.0.0.1:{rec_port}") as c2:
-            stubs = {"local": pb2_grpc.RecommenderStub(c1), "sharded": pb2_grpc.RecommenderStub(c2)}
+        channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in (base_port, rec_port, slot_port)]
+        try:
+            stubs = {k: pb2_grpc.RecommenderStub(c) for k, c in zip(names, channels)}
             diff = 0.0
-            for req in pool[:8]:  # warm-up, and the two must agree
-                a, b = (sorted((i.item_id, i.score) for i in stubs[k].Recommend(req, timeout=10).items)
-                        for k in ("local", "sharded"))
-                diff = max(diff, float(np.max(np.abs(np.array(a) - np.array(b)))))
+            for req in pool[:8]:  # warm-up, and all three must agree
+                a, b, c = (np.array(sorted((i.item_id, i.score) for i in stubs[k].Recommend(req, timeout=10).items))
+                           for k in names)
+                diff = max(diff, float(np.max(np.abs(a - b))), float(np.max(np.abs(a - c))))
             for r in range(args.rounds):
-                for name in (("local", "sharded") if r % 2 == 0 else ("sharded", "local")):
+                for name in names[r % 3:] + names[:r % 3]:
                     for k in range(args.calls):
                         t0 = time.perf_counter()
                         stubs[name].Recommend(pool[(r * args.calls + k) % len(pool)], timeout=10)
                         lat[name].append((time.perf_counter() - t0) * 1000.0)
+        finally:
+            for c in channels:
+                c.close()
         load_after = os.getloadavg()
     finally:
         for p in procs:
@@ -159,13 +169,16 @@ def run(args: argparse.Namespace) -> dict:
         broker.stop()
     stats = {k: (float(np.percentile(v, 50)), float(np.percentile(v, 99))) for k, v in lat.items()}
     console.print(f"local p50 {stats['local'][0]:.2f} ms p99 {stats['local'][1]:.2f} ms; sharded ({n} shards) "
-                  f"p50 {stats['sharded'][0]:.2f} ms p99 {stats['sharded'][1]:.2f} ms")
+                  f"p50 {stats['sharded'][0]:.2f} ms p99 {stats['sharded'][1]:.2f} ms; one fan-out per slot "
+                  f"p50 {stats['per_slot'][0]:.2f} ms p99 {stats['per_slot'][1]:.2f} ms")
     return {
         "bench": "ps", "shards": n, "items": args.items, "candidates": args.candidates,
         "calls_each": len(lat["local"]),
         "local_p50_ms": round(stats["local"][0], 3), "local_p99_ms": round(stats["local"][1], 3),
         "sharded_p50_ms": round(stats["sharded"][0], 3), "sharded_p99_ms": round(stats["sharded"][1], 3),
+        "per_slot_p50_ms": round(stats["per_slot"][0], 3), "per_slot_p99_ms": round(stats["per_slot"][1], 3),
         "fanout_overhead_p50_ms": round(stats["sharded"][0] - stats["local"][0], 3),
+        "per_slot_overhead_p50_ms": round(stats["per_slot"][0] - stats["local"][0], 3),
         "max_score_diff": diff, "cpus": os.cpu_count(),
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
     }

@@ -3,7 +3,8 @@
 A :class:`RankJob` is one ``Recommend`` call: a user, its request-level sparse bags, optional
 dense features and N candidate items. Request-level bags are pooled once per *job* and broadcast
 to its candidates by index, so a batch of B jobs with N candidates in all costs B bag lookups per
-context slot, one id lookup for the item slot and one tower forward over N rows.
+context slot, one id lookup for the item slot and one tower forward over N rows. A sharded
+(remote) table is given all the batch's ids first, so it makes one round trip per shard per batch.
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def _job_bags(jobs: Sequence[RankJob], slot: str, user_ids: np.ndarray | None) -
     return np.concatenate(parts).astype(np.int64, copy=False), lengths
 
 
+def _prefetched(table: Any, wanted: Mapping[str, np.ndarray]) -> Any:
+    """The table to score one batch with, given every slot's ids the batch will look up.
+
+    A remote table (``serving.ps_client.RemoteTable``) fetches them all in one fan-out (one
+    round trip per shard, not one per slot) and answers the lookups from that; a local
+    ``EmbeddingTable`` has no ``prefetch`` and is used as it is, at no cost.
+    """
+    prefetch = getattr(table, "prefetch", None)
+    return table if prefetch is None else prefetch(wanted)
+
+
 def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibrator,
                user_slot: str = "user_id", item_slot: str = "item_id", bf16: bool = False) -> list[np.ndarray]:
     """Calibrated click probabilities for every job's items (float32[N_j] per job)."""
@@ -102,15 +114,16 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
     total = int(counts.sum())
     job_of_row = torch.from_numpy(np.repeat(np.arange(len(jobs)), counts))
     user_ids = np.fromiter((j.user_id for j in jobs), np.int64, len(jobs))
-    table, cfg = model.table, model.tower.cfg
+    cfg = model.tower.cfg
+    feeds = {slot: (np.concatenate([j.items for j in jobs]).astype(np.int64, copy=False), None) if slot == item_slot
+             else _job_bags(jobs, slot, user_ids if slot == user_slot else None) for slot in cfg.slots}
+    table = _prefetched(model.table, {slot: ids for slot, (ids, _) in feeds.items()})
     pooled = []
     with torch.no_grad():
-        for slot in cfg.slots:
-            if slot == item_slot:
-                ids = torch.from_numpy(np.concatenate([j.items for j in jobs]).astype(np.int64, copy=False))
-                pooled.append(table.lookup(slot, ids))
+        for slot, (ids, lengths) in feeds.items():
+            if lengths is None:  # the item slot: one row per candidate
+                pooled.append(table.lookup(slot, torch.from_numpy(ids)))
                 continue
-            ids, lengths = _job_bags(jobs, slot, user_ids if slot == user_slot else None)
             per_job = table.lookup_bags(slot, torch.from_numpy(ids), torch.from_numpy(lengths), mode=cfg.pooling)
             pooled.append(per_job.index_select(0, job_of_row))
         emb = torch.stack(pooled, dim=1).float() if pooled else torch.zeros(total, 0, cfg.embedding_dim)
@@ -136,12 +149,12 @@ def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrato
                    bf16: bool = False) -> np.ndarray:
     """Calibrated probabilities float32[B] for explicit rows; a slot not given is an empty bag."""
     cfg = model.tower.cfg
+    feeds = {slot: rows.sparse.get(slot, (np.zeros(0, np.int64), np.zeros(rows.size, np.int64))) for slot in cfg.slots}
+    table = _prefetched(model.table, {slot: values for slot, (values, _) in feeds.items()})
     pooled = []
     with torch.no_grad():
-        for slot in cfg.slots:
-            values, lengths = rows.sparse.get(slot, (np.zeros(0, np.int64), np.zeros(rows.size, np.int64)))
-            pooled.append(model.table.lookup_bags(slot, torch.from_numpy(values),
-                                                  torch.from_numpy(lengths), mode=cfg.pooling))
+        for slot, (values, lengths) in feeds.items():
+            pooled.append(table.lookup_bags(slot, torch.from_numpy(values), torch.from_numpy(lengths), mode=cfg.pooling))
         emb = torch.stack(pooled, dim=1).float()
         dense = None
         if cfg.dense_dim:

@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     fleet = None
     if cfg.role == "recommender":
-        fleet = ShardFleet(addresses, client_cfg.ps_deadline_ms / 1000.0)
+        fleet = ShardFleet(addresses, client_cfg.ps_deadline_ms / 1000.0, client_cfg.ps_batch_slots)
         ps_cfg.num_shards, ps_cfg.shard_index = fleet.num_shards, 0
         ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic, partition=control_partition(fleet.num_shards))
     else:

@@ -185,3 +185,70 @@ def test_sharded_messages_name_their_shard_and_unsharded_ones_stay_wire_version_
                 assert all(m.table_delta().slots[m.slot].ids.size == 0 for m in msgs if m.kind == "sparse")
     finally:
         consumer.close()
+
+
+def _lookups_ok():
+    return REGISTRY.get_sample_value("hw_serve_ps_lookups_total", {"code": "OK"}) or 0
+
+
+def _on_shard(ids, shard):
+    ids = np.asarray(ids, dtype=np.int64)
+    return [int(i) for i in ids[shard_of(ids, N) == shard]]
+
+
+def test_a_scored_batch_costs_one_lookup_per_shard_for_all_its_slots(world):
+    kafka, trainer, fleet, rec = world
+    items = list(range(0, 330, 3))
+    user, cities = _on_shard(range(20), 1)[0], _on_shard(range(5), 0)[:1] + _on_shard(range(5), 1)[:1]
+    calls, served = rec.fleet.calls.copy(), _lookups_ok()
+    got, _ = _recommend(rec.stub, user, items, cities)  # three slots, ids on both shards
+    np.testing.assert_array_equal(rec.fleet.calls - calls, [1, 1])
+    assert _lookups_ok() - served == N  # what the shards answered, counted on their side
+    ex = pb2.Example()
+    ex.sparse.add(slot="item_id", ids=[5, 6, 7])
+    ex.sparse.add(slot="city", ids=cities)
+    calls = rec.fleet.calls.copy()
+    rec.stub.Score(pb2.ScoreRequest(examples=[ex, pb2.Example()]))
+    np.testing.assert_array_equal(rec.fleet.calls - calls, [1, 1])
+    # The old path (one fan-out per slot, one after another) makes a round trip per slot and
+    # scores the same.
+    rec.fleet.batch_slots = False
+    calls = rec.fleet.calls.copy()
+    per_slot, _ = _recommend(rec.stub, user, items, cities)
+    assert (rec.fleet.calls - calls).sum() >= 4
+    np.testing.assert_allclose([per_slot[k] for k in items], [got[k] for k in items], rtol=1e-6, atol=1e-7)
+
+
+def test_a_killed_shard_degrades_all_its_slots_in_one_counted_lookup(world):
+    kafka, trainer, fleet, rec = world
+    items = list(range(0, 300, 2))
+    user, cities = _on_shard(range(20), 1)[0], _on_shard(range(5), 1)
+    fleet.kill(1)
+    before = REGISTRY.get_sample_value("hw_serve_ps_degraded_total", {"shard": "1", "reason": "UNAVAILABLE"}) or 0
+    calls = rec.fleet.calls.copy()
+    got, _ = _recommend(rec.stub, user, items, cities)
+    np.testing.assert_array_equal(rec.fleet.calls - calls, [1, 1])
+    after = REGISTRY.get_sample_value("hw_serve_ps_degraded_total", {"shard": "1", "reason": "UNAVAILABLE"})
+    assert after - before == 1  # one failed Lookup carried shard 1's ids of all three slots
+    ref = StaticServer(trainer.model(trainer.only_shards([0], N)))
+    try:  # shard 1's items, user and cities all read their default vectors
+        want, _ = _recommend(ref.stub, user, items, cities)
+        np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-6, atol=1e-7)
+    finally:
+        ref.close()
+
+
+def test_a_prefetched_view_answers_its_ids_without_a_round_trip_and_fetches_others(world):
+    kafka, trainer, fleet, rec = world
+    remote = rec.source.current().table
+    view = remote.prefetch({"item_id": np.array([4, 1, 4, 2]), "city": np.array([3])})
+    calls = rec.fleet.calls.copy()
+    ids = torch.tensor([2, 1, 2, 4])
+    assert torch.equal(view.lookup("item_id", ids), trainer.table.lookup("item_id", ids))
+    bags = view.lookup_bags("item_id", ids, torch.tensor([1, 3]), mode="mean")
+    torch.testing.assert_close(bags, trainer.table.lookup_bags("item_id", ids, torch.tensor([1, 3]), mode="mean"))
+    assert view.lookup("city", torch.zeros(0, dtype=torch.int64)).shape == (0, 8)
+    assert (rec.fleet.calls == calls).all()  # all served from the prefetched rows
+    other = torch.tensor([1, 7])  # 7 was not prefetched: the view fetches it, still correct
+    assert torch.equal(view.lookup("item_id", other), trainer.table.lookup("item_id", other))
+    assert (rec.fleet.calls - calls).sum() >= 1
