@@ -94,6 +94,7 @@ def save_params(path: Path, learner) -> None:
 def _worker(out_dir: str) -> None:
     import torch
 
+    from training.distributed.checkpoint import ShardedCheckpointer
     from training.distributed.env import DistEnv, init_process_group
     from training.distributed.learner import ShardedLearner
 
@@ -106,6 +107,9 @@ def _worker(out_dir: str) -> None:
         for step, batch in enumerate(global_batches()):
             sl.train(rank_share(batch, step, env.rank, env.world_size), now=NOW)
         save_params(Path(out_dir) / f"{case}-rank{env.rank}.safetensors", sl.learner)
+        # A sharded checkpoint of each case (collective): the re-shard tests restore it.
+        ShardedCheckpointer(Path(out_dir) / f"ckpt-{case}", env.rank, env.world_size).write(
+            sl.learner, {("hw.examples", env.rank): 10 + env.rank})
         stats[case] = {"exchange_calls": sl.timer.calls, "steps": sl.steps,
                        "global_examples": sl.global_examples}
     (Path(out_dir) / f"stats-rank{env.rank}.json").write_text(json.dumps(stats))

@@ -54,6 +54,8 @@ class DistributedTrainer(OnlineTrainer):
         self._snapshot_due = False
         self._busy = False
         self._stop_all = False
+        self._first_step = self._last_step = 0.0  # monotonic times of the first/last global step
+        self.rank_stats: list[dict] = []  # every rank's exchange figures, gathered at finish
         super().__init__(cfg, kafka)
         self.store = None  # checkpoints go through self.sharded_ckpt
         self._check_partitions()
@@ -156,7 +158,12 @@ class DistributedTrainer(OnlineTrainer):
         assert self.sl is not None and self.learner is not None
         dup_before = self.learner.times.duplicates
         before = self.sl.global_examples
+        t0 = time.monotonic()
         n = self.sl.train(mb.batch)
+        if self.sl.global_examples > before:
+            self._last_step = time.monotonic()
+            if not self._first_step:
+                self._first_step = t0
         self.global_examples += self.sl.global_examples - before
         EXAMPLES.inc(n)
         DUPLICATES.inc(self.learner.times.duplicates - dup_before)
@@ -234,16 +241,33 @@ class DistributedTrainer(OnlineTrainer):
                 self.publisher.publish_dense(self.learner.watermark_ms)
             except Exception as exc:
                 log.warning("final publish failed: %s", exc)
-        # The learner exists on all ranks or on none, so this is collective on all or on none.
+        # The learner exists on all ranks or on none, so these are collective on all or on none.
         self.checkpoint()
+        if self.sl is not None:
+            mine = self._exchange_stats()
+            self.rank_stats = agree_json(mine) if self.world > 1 else [mine]
+
+    def _exchange_stats(self) -> dict:
+        assert self.sl is not None
+        total = self.sl.compute_s + self.sl.timer.seconds
+        return {"seconds": self.sl.timer.seconds, "calls": self.sl.timer.calls,
+                "rows_sent": self.sl.timer.rows_sent, "compute_s": self.sl.compute_s,
+                "steps": self.sl.steps, "share": self.sl.timer.seconds / total if total else 0.0}
 
     def summary(self) -> dict:
+        """The one-process summary of this rank, plus global counts and the exchange's time split.
+
+        ``exchange.seconds`` is time inside the exchange collectives (lookup ids, vectors,
+        gradients, and the per-step count all-reduce), waiting for slower peers included;
+        ``train_wall_s`` runs from the first to the last global step.
+        """
         out = super().summary()
+        wall = self._last_step - self._first_step
         out.update({"rank": self.rank, "world_size": self.world,
-                    "global_examples_trained": self.global_examples})
+                    "global_examples_trained": self.global_examples, "train_wall_s": wall,
+                    "global_examples_per_s": self.global_examples / wall if wall > 0 else 0.0})
         if self.sl is not None:
-            total = self.sl.compute_s + self.sl.timer.seconds
-            out["exchange"] = {"seconds": self.sl.timer.seconds, "calls": self.sl.timer.calls,
-                               "rows_sent": self.sl.timer.rows_sent, "compute_s": self.sl.compute_s,
-                               "share": self.sl.timer.seconds / total if total else 0.0}
+            out["exchange"] = self._exchange_stats()
+        if self.rank_stats:
+            out["exchange_by_rank"] = self.rank_stats
         return out
