@@ -86,32 +86,34 @@ def rank_env(rank: int, nproc: int, port: int, addr: str = "127.0.0.1") -> dict[
 
 
 def spawn_ranks(nproc: int, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                timeout_s: float | None = None, stdout: int | None = None) -> list[int]:
+                timeout_s: float | None = None, quiet_ranks: bool = True) -> list[int]:
     """Runs ``argv`` as ``nproc`` local ranks; returns their exit codes.
 
     SIGTERM/SIGINT to the launcher are forwarded to every rank (each stops cleanly and
     checkpoints). If one rank fails the others are terminated: a rank alone would block forever
-    in its next collective. Only rank 0's stdout is kept (it prints the summary), unless
-    ``stdout`` says otherwise.
+    in its next collective. With ``quiet_ranks`` only rank 0's stdout is kept (it prints the
+    summary); stderr (logs) of every rank is inherited.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     port = free_port()
     base = dict(os.environ if env is None else env)
     procs = [subprocess.Popen(list(argv), env={**base, **rank_env(r, nproc, port)},
-                              stdout=stdout if (stdout is not None or r == 0) else subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL if (quiet_ranks and r > 0) else None)
              for r in range(nproc)]
 
-    def forward(signum: int, _frame: object) -> None:
+    def forward(_signum: int, _frame: object) -> None:
+        # Always SIGTERM: after Ctrl-C the terminal has already sent every rank a SIGINT, and a
+        # second SIGINT would interrupt a rank instead of letting it stop cleanly.
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)} \
         if _main_thread() else {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # poll() every rank: it sets returncode
             failed = [p for p in procs if p.returncode not in (None, 0)]
             late = deadline is not None and time.monotonic() > deadline
             if failed or late:

@@ -128,7 +128,9 @@ class DistributedTrainer(OnlineTrainer):
         self._poll(0 if self._busy else poll_timeout_ms)
         now = time.monotonic()
         c = self.cfg
-        idle = bool(c.idle_exit_s) and now - self._last_input >= c.idle_exit_s
+        # A rank without partitions is idle whenever the others are (its base loop never is).
+        idle = bool(c.idle_exit_s) and (not self.consumer.assignment()
+                                         or now - self._last_input >= c.idle_exit_s)
         ckpt = self.rank == 0 and now - self._last_checkpoint >= c.checkpoint_interval_s
         snap = (self.rank == 0 and self.publisher is not None
                 and now - self.publisher._last_snapshot >= c.snapshot_interval_s)
