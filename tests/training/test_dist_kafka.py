@@ -29,11 +29,11 @@ def _fill(kafka, batches):
     producer.close()
 
 
-def _train(kafka, ckpt, nproc):
+def _train(kafka, ckpt, nproc, until):
     cmd = [sys.executable, "-m", "headwater", "train", "--nproc", str(nproc), "--json",
            "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
            "--group-id", f"dist-{uuid.uuid4().hex[:6]}", "--batch-size", "300", "--hidden", "16,8",
-           "--idle-exit-s", "4", "--max-batch-wait-ms", "50", "--sparse-sync-interval-s", "0.2",
+           "--max-examples", str(until), "--idle-exit-s", "20", "--max-batch-wait-ms", "50", "--sparse-sync-interval-s", "0.2",
            "--checkpoint-dir", str(ckpt), "--checkpoint-interval-s", "1000", "--torch-threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -60,7 +60,7 @@ def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(kafka
     kafka_broker.create_topics(prefix, {"examples": 2})
     kafka = kafka_broker.kafka_config(prefix)
     _fill(kafka, synthetic_examples(2400, 300, slots=3, vocab=300, seed=5))
-    summary = _train(kafka, tmp_path / "ckpt", 2)
+    summary = _train(kafka, tmp_path / "ckpt", 2, until=2400)
     assert summary["world_size"] == 2 and summary["rank"] == 0
     assert summary["global_examples_trained"] == 2400
     assert summary["exchange"]["calls"] > 0 and 0 < summary["exchange"]["share"] < 1
@@ -83,7 +83,7 @@ def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(kafka
 
     # Scaling in: one rank restores both shards and trains on; nothing is trained twice.
     _fill(kafka, synthetic_examples(600, 300, slots=3, vocab=300, seed=6, first_example=10_000))
-    again = _train(kafka, tmp_path / "ckpt", 1)
+    again = _train(kafka, tmp_path / "ckpt", 1, until=3000)
     assert again["world_size"] == 1
     assert again["global_examples_trained"] == 3000
     one = EmbeddingTable.load(str(tmp_path / "ckpt" / "shard-000-of-001" / "table"))

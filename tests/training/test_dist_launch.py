@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import json
 import sys
 import time
 
@@ -24,18 +24,15 @@ def test_the_environment_is_read_as_torchrun_writes_it():
         DistEnv.from_env({"RANK": "x", "WORLD_SIZE": "2"})
 
 
-def test_each_rank_gets_its_own_variables_and_exit_codes_come_back():
-    out = subprocess.run([sys.executable, "-c", (
-        "import subprocess, sys\n"
-        "from training.distributed.env import spawn_ranks\n"
-        "code = 'import os, sys; print(os.environ[\"RANK\"], os.environ[\"WORLD_SIZE\"], "
-        "os.environ[\"LOCAL_RANK\"], os.environ[\"MASTER_PORT\"]); sys.exit(int(os.environ[\"RANK\"]) * 5)'\n"
-        "print(spawn_ranks(3, [sys.executable, '-c', code], quiet_ranks=False))\n")],
-        capture_output=True, text=True, timeout=60)
-    lines = out.stdout.split("\n")
-    ranks = sorted(l.split() for l in lines if l and not l.startswith("["))
-    assert [r[:3] for r in ranks] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "2"]]
-    assert len({r[3] for r in ranks}) == 1  # one rendezvous port for all
+def test_each_rank_gets_its_own_variables(tmp_path):
+    code = ("import json, os, sys; keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', "
+            "'MASTER_PORT'); open(os.path.join(sys.argv[1], 'rank' + os.environ['RANK']), 'w')"
+            ".write(json.dumps([os.environ[k] for k in keys]))")
+    assert spawn_ranks(3, [sys.executable, "-c", code, str(tmp_path)], timeout_s=60) == [0, 0, 0]
+    seen = [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(3)]
+    assert [s[:3] for s in seen] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "2"]]
+    assert {s[3] for s in seen} == {"127.0.0.1"}
+    assert len({s[4] for s in seen}) == 1  # one rendezvous port for all
 
 
 def test_one_failing_rank_stops_the_others_instead_of_leaving_them_blocked():

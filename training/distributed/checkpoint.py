@@ -29,7 +29,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,10 @@ class ShardedCheckpointer:
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, learner: Learner, offsets: dict[tuple[str, int], int]) -> ShardedManifest | None:
-        """Collective: every rank writes its shard; rank 0 then the manifest. Returns it (on every rank)."""
+        """Collective: every rank writes its shard, then rank 0 the manifest.
+
+        Returns the manifest on every rank (its ``seq`` is meaningful on rank 0 only).
+        """
         from training.distributed.exchange import agree_json
 
         sm = self.store.write(learner.table, *learner.state(), offsets, int(learner.table.version),
