@@ -10,6 +10,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 
 from embedding_store import EmbeddingTable
 from embedding_store.sharding import shard_of
@@ -55,23 +56,28 @@ def _replica(kafka):
     return replica
 
 
-def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(kafka_broker, tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_run(kafka_broker, tmp_path_factory):
     prefix = f"dist-{uuid.uuid4().hex[:8]}"
     kafka_broker.create_topics(prefix, {"examples": 2})
     kafka = kafka_broker.kafka_config(prefix)
     _fill(kafka, synthetic_examples(2400, 300, slots=3, vocab=300, seed=5))
-    summary = _train(kafka, tmp_path / "ckpt", 2, until=2400)
+    ckpt = tmp_path_factory.mktemp("dist-kafka") / "ckpt"
+    return kafka, ckpt, _train(kafka, ckpt, 2, until=2400)
+
+
+def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(two_rank_run):
+    kafka, ckpt, summary = two_rank_run
     assert summary["world_size"] == 2 and summary["rank"] == 0
     assert summary["global_examples_trained"] == 2400
     assert summary["exchange"]["calls"] > 0 and 0 < summary["exchange"]["share"] < 1
 
-    manifest = json.loads((tmp_path / "ckpt" / SHARDED_MANIFEST).read_text())
-    examples = topic_names(prefix).examples
+    manifest = json.loads((ckpt / SHARDED_MANIFEST).read_text())
+    examples = topic_names(kafka.topic_prefix).examples
     assert manifest["world_size"] == 2 and manifest["examples_trained"] == 2400
     assert manifest["offsets"] == {f"{examples}:0": 4, f"{examples}:1": 4}
 
-    shards = [EmbeddingTable.load(str(tmp_path / "ckpt" / e["dir"] / "table"))
-              for e in manifest["shards"]]
+    shards = [EmbeddingTable.load(str(ckpt / e["dir"] / "table")) for e in manifest["shards"]]
     replica = _replica(kafka)
     assert replica.ready and replica.tower is not None
     for slot in ("user_id", "item_id", "f00"):
@@ -81,11 +87,20 @@ def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(kafka
         # The replica holds the rows of both shards: one collective snapshot plus both ranks' deltas.
         np.testing.assert_array_equal(np.sort(replica.table.ids(slot)), np.sort(np.concatenate(owned)))
 
-    # Scaling in: one rank restores both shards and trains on; nothing is trained twice.
+
+@pytest.mark.slow
+def test_one_rank_resumes_the_two_rank_checkpoint_and_trains_only_new_examples(two_rank_run):
+    kafka, ckpt, _ = two_rank_run
+    before = json.loads((ckpt / SHARDED_MANIFEST).read_text())
+    shards = [EmbeddingTable.load(str(ckpt / e["dir"] / "table")) for e in before["shards"]]
     _fill(kafka, synthetic_examples(600, 300, slots=3, vocab=300, seed=6, first_example=10_000))
-    again = _train(kafka, tmp_path / "ckpt", 1, until=3000)
+    again = _train(kafka, ckpt, 1, until=3000)
     assert again["world_size"] == 1
-    assert again["global_examples_trained"] == 3000
-    one = EmbeddingTable.load(str(tmp_path / "ckpt" / "shard-000-of-001" / "table"))
+    assert again["global_examples_trained"] == 3000  # 2400 restored + 600 new ...
+    examples = topic_names(kafka.topic_prefix).examples
+    after = json.loads((ckpt / SHARDED_MANIFEST).read_text())
+    # ... and the 3000th was the last new one: the old messages were skipped, not trained again.
+    assert after["offsets"] == {f"{examples}:0": 5, f"{examples}:1": 5}
+    one = EmbeddingTable.load(str(ckpt / "shard-000-of-001" / "table"))
     assert set(np.concatenate([t.ids("user_id") for t in shards])) <= set(one.ids("user_id"))
-    assert not (tmp_path / "ckpt" / "shard-001-of-002").exists()  # old layout dropped
+    assert not (ckpt / "shard-001-of-002").exists()  # old layout dropped
