@@ -104,3 +104,35 @@ def test_one_rank_resumes_the_two_rank_checkpoint_and_trains_only_new_examples(t
     one = EmbeddingTable.load(str(ckpt / "shard-000-of-001" / "table"))
     assert set(np.concatenate([t.ids("user_id") for t in shards])) <= set(one.ids("user_id"))
     assert not (ckpt / "shard-001-of-002").exists()  # old layout dropped
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_cleanly_with_a_checkpoint(kafka_broker, tmp_path):
+    import signal
+
+    prefix = f"dist-{uuid.uuid4().hex[:8]}"
+    kafka_broker.create_topics(prefix, {"examples": 2})
+    kafka = kafka_broker.kafka_config(prefix)
+    _fill(kafka, synthetic_examples(1200, 300, slots=3, vocab=300, seed=7))
+    cmd = [sys.executable, "-m", "headwater", "train", "--nproc", "2", "--json",
+           "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", prefix,
+           "--group-id", "sigterm", "--batch-size", "300", "--hidden", "16,8",
+           "--checkpoint-dir", str(tmp_path), "--checkpoint-interval-s", "1000"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "rank 0: snapshot" not in log.read_text():  # the ranks trained their first step
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    manifest = json.loads((tmp_path / SHARDED_MANIFEST).read_text())
+    assert summary["global_examples_trained"] == manifest["examples_trained"] > 0
