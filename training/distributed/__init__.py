@@ -14,7 +14,9 @@ lockstep with the others:
 - :mod:`.checkpoint` -- per-shard checkpoints, one manifest, re-sharding on restore;
 - :mod:`.publisher` -- each rank publishes its shard's rows; rank 0 the dense tower; snapshots
   are assembled collectively;
-- :mod:`.trainer` -- the Kafka loop around it.
+- :mod:`.consumer` -- each rank's ``hw.examples`` partitions (assigned by rank, one group);
+- :mod:`.trainer` -- the Kafka loop around it;
+- :mod:`.bench` -- ``headwater bench trainer --nproc N``: 1 vs N ranks in one run.
 """
 
 from training.distributed.env import DistEnv

@@ -21,7 +21,7 @@ with ``admit_threshold > 1`` (admission then comes a little later than in one pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -49,7 +49,6 @@ class RoutePlan:
     by_slot: np.ndarray  # permutation grouping the served rows by slot (stable)
     unique_ids: int = 0
     sent_rows: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ShardedEmbedding:
