@@ -91,6 +91,23 @@ def save_params(path: Path, learner) -> None:
     save_file(tensors, str(path))
 
 
+_RUNS: dict[str, Path] = {}
+
+
+def two_rank_run(tmp_path_factory) -> Path:
+    """The worker's output directory, run once per test session (the equivalence and the
+    re-shard tests read the same 2-rank run)."""
+    if "out" not in _RUNS:
+        from training.distributed.env import spawn_ranks
+
+        out = tmp_path_factory.mktemp("dist-two-ranks")
+        codes = spawn_ranks(2, [sys.executable, str(Path(__file__).resolve()), str(out)],
+                            timeout_s=240)
+        assert codes == [0, 0], codes
+        _RUNS["out"] = out
+    return _RUNS["out"]
+
+
 def _worker(out_dir: str) -> None:
     import torch
 

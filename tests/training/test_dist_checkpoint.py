@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 import dist_train_helpers as h
 from embedding_store.sharding import shard_of
 from training.distributed.checkpoint import SHARDED_MANIFEST, ShardedCheckpointer
-from training.distributed.env import spawn_ranks
 
 CASE = "sum_adagrad"
 
@@ -59,10 +57,7 @@ def test_one_process_checkpoint_restores_onto_two_ranks_each_keeping_its_own_ids
 
 @pytest.fixture(scope="module")
 def two_rank_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-ckpt")
-    assert spawn_ranks(2, [sys.executable, str(Path(h.__file__).resolve()), str(out)],
-                       timeout_s=240) == [0, 0]
-    return out / f"ckpt-{CASE}"
+    return h.two_rank_run(tmp_path_factory) / f"ckpt-{CASE}"
 
 
 def test_two_rank_checkpoint_has_one_manifest_over_both_shards(two_rank_checkpoint):
@@ -74,9 +69,12 @@ def test_two_rank_checkpoint_has_one_manifest_over_both_shards(two_rank_checkpoi
         assert (two_rank_checkpoint / e["dir"] / e["state_file"]).exists()
 
 
-def test_two_rank_checkpoint_restores_onto_one_rank_as_the_one_process_model(two_rank_checkpoint):
+def test_two_rank_checkpoint_restores_onto_one_rank_as_the_one_process_model(two_rank_checkpoint,
+                                                                            tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(two_rank_checkpoint, ckpt)  # this test writes to it; others read the original
     ref = _trained_reference()
-    learner, m = ShardedCheckpointer(two_rank_checkpoint, 0, 1).restore(ref.cfg)
+    learner, m = ShardedCheckpointer(ckpt, 0, 1).restore(ref.cfg)
     assert m.world_size == 2
     for slot, (ids, vals) in h.table_rows(ref.table).items():
         got_ids, got_vals = h.table_rows(learner.table)[slot]
@@ -86,8 +84,8 @@ def test_two_rank_checkpoint_restores_onto_one_rank_as_the_one_process_model(two
     for name, want in ref.tower.state_dict().items():
         torch.testing.assert_close(learner.tower.state_dict()[name], want, rtol=1e-4, atol=1e-5)
     # Writing on the new layout drops the old shard directories once the new manifest is durable.
-    ShardedCheckpointer(two_rank_checkpoint, 0, 1).write(learner, m.offsets_by_partition())
-    assert sorted(p.name for p in two_rank_checkpoint.glob("shard-*")) == ["shard-000-of-001"]
+    ShardedCheckpointer(ckpt, 0, 1).write(learner, m.offsets_by_partition())
+    assert sorted(p.name for p in ckpt.glob("shard-*")) == ["shard-000-of-001"]
 
 
 def test_a_corrupt_manifest_is_an_error_not_a_fresh_start(tmp_path):

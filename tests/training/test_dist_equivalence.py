@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,17 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import dist_train_helpers as h
-from training.distributed.env import spawn_ranks
-
-HELPER = Path(h.__file__).resolve()
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-equiv")
-    codes = spawn_ranks(2, [sys.executable, str(HELPER), str(out)], timeout_s=240)
-    assert codes == [0, 0]
-    return out
+    return h.two_rank_run(tmp_path_factory)
 
 
 def _reference(case: str):
