@@ -187,11 +187,20 @@ def _read_meta(path: str, db: Rdict | None = None) -> dict:
 
 def load_table(path: str, device: str | torch.device = "cpu") -> "EmbeddingTable":
     """Restore the table saved at ``path`` bitwise (rows, state, versions, free list, sketch)."""
-    from embedding_store.table import EmbeddingTable
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no snapshot directory at {path!r}")
+    try:
+        return _load_checked(path, device)
+    except SnapshotCorruptError as exc:
+        # The caller decides between a fallback and refusing to start; the log names the cause.
+        log.error("embedding snapshot %s is corrupt, refusing to load it: %s", path, exc)
+        raise
+
+
+def _load_checked(path: str, device: str | torch.device) -> "EmbeddingTable":
+    from embedding_store.table import EmbeddingTable
+
     try:
         db = _open(path)
     except Exception as exc:

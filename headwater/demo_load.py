@@ -97,7 +97,7 @@ class LLMLoadClient:
                                                           "method": "loglik"})
                     else:
                         r = client.post("/v1/completions", json={
-                            "model": "default", "prompt": self.CONTEXT, "max_tokens": 16})
+                            "prompt": self.CONTEXT, "max_tokens": 16})
                     if r.status_code == 503:  # still loading the model
                         continue
                     r.raise_for_status()

@@ -177,8 +177,9 @@ class LLMEngine:
                 seq.output_token_ids.append(tok)
                 if seq.params.logprobs is not None:
                     entry = {tok: lps[j]}
-                    for t, lp in zip(top_ids[j][:seq.params.logprobs], top_lp[j][:seq.params.logprobs]):
-                        entry.setdefault(t, lp)
+                    if seq.params.logprobs and top_ids is not None:  # logprobs=0: the sampled token only
+                        for t, lp in zip(top_ids[j][:seq.params.logprobs], top_lp[j][:seq.params.logprobs]):
+                            entry.setdefault(t, lp)
                     seq.logprobs.append(entry)
                 self._check_stop(seq, tok)
                 outputs.append(self._output(seq, [tok]))

@@ -68,6 +68,7 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
             sp = torch.softmax(sorted_x.masked_fill(sorted_x < kth, float("-inf")), dim=-1)
             # keep tokens whose preceding mass is < top_p (the first always stays)
             keep = (sp.cumsum(-1) - sp) < top_p[:, None]
+            keep[:, 0] = True  # even a top_p that rounds to 0 in float32
             thr = sorted_x.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
             x = x.masked_fill(x < thr, float("-inf"))
     if (min_p > 0).any():

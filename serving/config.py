@@ -11,7 +11,7 @@ __all__ = ["ServeConfig"]
 class ServeConfig:
     """How the gRPC recommender listens, batches, retrieves and calibrates."""
 
-    role: str = field(default="all", metadata={"help": "all (PS + API in one process) or ps (parameter server only)"})
+    role: str = field(default="all", metadata={"help": "all (replica + API in one process), ps (one parameter-server shard, --shard i/N) or recommender (API over --ps shards)"})
     host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (loopback unless told otherwise)"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
     auth_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' metadata (empty = no auth)"})
@@ -28,11 +28,12 @@ class ServeConfig:
     default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
     precision: str = field(default="auto", metadata={"help": "tower matmuls: float32, bfloat16, or auto (bfloat16 where the CPU has native bf16)"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
+    stale_after_s: float = field(default=30.0, metadata={"help": "report degraded (hw_serve_degraded=1; gRPC health stays SERVING with the stale model) when no hw.params update arrived for this long"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
     def validate(self) -> None:
-        if self.role not in ("all", "ps"):
-            raise ValueError(f"role must be all or ps, got {self.role!r}")
+        if self.role not in ("all", "ps", "recommender"):
+            raise ValueError(f"role must be all, ps or recommender, got {self.role!r}")
         if not 0 < self.negative_sample_rate <= 1:
             raise ValueError("negative_sample_rate must be in (0, 1]")
         if self.precision not in ("auto", "float32", "bfloat16"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG",
-           "QUEUE_JOBS"]
+           "QUEUE_JOBS", "PARAMS_AGE", "DEGRADED"]
 
 _MS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
        0.1, 0.25, 0.5, 1.0, 2.5)
@@ -18,3 +18,6 @@ BATCH_REQUESTS = Histogram("hw_serve_batch_requests", "calls merged into one mod
 MODEL_VERSION = Gauge("hw_serve_model_version", "table version of the served replica")
 FRESHNESS_LAG = Gauge("hw_serve_freshness_lag_seconds", "now minus the watermark of the newest applied update")
 QUEUE_JOBS = Gauge("hw_serve_queue_jobs", "calls waiting for the micro-batcher")
+PARAMS_AGE = Gauge("hw_serve_params_age_seconds", "seconds since the last hw.params update was applied")
+DEGRADED = Gauge("hw_serve_degraded", "1 while the model is stale (no hw.params update within stale_after_s); "
+                 "serving goes on with the stale model")

@@ -12,30 +12,50 @@ safetensors, and ``meta.json`` last (the next offset to read, version, watermark
 them and resumes at that offset. Re-applying a message after a crash between the writes is
 harmless: rows and towers are values, not increments.
 
-Sharding (``num_shards > 1``): the replica keeps only the rows whose id hashes to its shard
-(:func:`shard_of`), so a fleet of ``headwater serve --role ps`` processes splits a big table.
+Sharding (``num_shards > 1``): the trainer publishes shard ``i``'s rows (placement:
+:func:`shard_of`) to partition ``i`` of ``hw.params`` and the tower to the control partition N
+(layout: :mod:`training.params_wire`). A shard replica reads only its partition, so a fleet of
+``headwater serve --role ps --shard i/N`` processes splits both the table and the tailing work; a
+recommender replica reads only the control partition (``partition=control_partition(N)``): the
+tower, and an empty table whose default vectors stand in for a shard that does not answer.
+Every message names its shard; a replica that meets a partition published for another layout
+stops with an error instead of serving a wrong table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
 from embedding_store.sharding import shard_of
 from serving.scoring import ServingModel
+from training.params_wire import CONTROL_SHARD, control_partition
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParamServerConfig", "ParamServer", "shard_of"]
+__all__ = ["ParamServerConfig", "ParamServer", "ShardLayoutError", "shard_of", "parse_shard"]
+
+
+class ShardLayoutError(RuntimeError):
+    """The partition holds messages published for another shard layout than this replica's."""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N``; a clear ``ValueError`` otherwise."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard wants INDEX/COUNT like 0/2, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: index must be in [0, {n})")
+    return i, n
 
 
 @dataclass
@@ -54,11 +74,19 @@ class ParamServer:
     """Follows ``hw.params`` on a background thread; :meth:`current` is what serving scores with."""
 
     def __init__(self, cfg: ParamServerConfig, bootstrap_servers: str, topic: str,
-                 on_update: Callable[[ServingModel], None] | None = None) -> None:
+                 on_update: Callable[[ServingModel], None] | None = None,
+                 partition: int | None = None) -> None:
+        """``partition``: which one to tail; default the shard's own (0 unsharded)."""
         from training.params_reader import ReplicaState
 
         if not 0 <= cfg.shard_index < max(cfg.num_shards, 1):
             raise ValueError(f"shard_index {cfg.shard_index} out of range for {cfg.num_shards} shards")
+        control = control_partition(cfg.num_shards)
+        self.partition = (cfg.shard_index if cfg.num_shards > 1 else 0) if partition is None else partition
+        if not 0 <= self.partition <= control:
+            raise ValueError(f"partition {self.partition} out of range for {cfg.num_shards} shards")
+        # The shard every message on the partition must name (the control partition: CONTROL_SHARD).
+        self.expect_shard = CONTROL_SHARD if cfg.num_shards > 1 and self.partition == control else self.partition
         self.cfg = cfg
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.on_update = on_update
@@ -69,6 +97,7 @@ class ParamServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_persist = time.monotonic()
+        self.last_update_s = time.monotonic()  # last applied hw.params message (or start)
         self.error: BaseException | None = None
         if cfg.state_dir:
             self._restore(Path(cfg.state_dir))
@@ -91,6 +120,11 @@ class ParamServer:
             return -1
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         return max(now_ms - int(self.state.watermark_ms), 0)
+
+    def params_age_s(self) -> float:
+        """Seconds since the last hw.params message was applied (since start before any): the
+        trainer publishes changed rows about every second, so a growing age means it is down."""
+        return time.monotonic() - self.last_update_s
 
     # -- following the topic ---------------------------------------------------------------
     def start(self) -> None:
@@ -115,16 +149,18 @@ class ParamServer:
 
         try:
             if self.next_offset < 0:
-                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic)
-                log.info("bootstrapping %s from offset %d", self.topic, self.next_offset)
-            follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset)
+                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic,
+                                                    partition=self.partition)
+                log.info("bootstrapping %s[%d] from offset %d", self.topic, self.partition, self.next_offset)
+            follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset, self.partition)
             end = follower.end_offset()
             if self.next_offset > end:  # the topic was recreated or truncated under us
                 log.warning("saved offset %d is past the end of %s (%d); bootstrapping again",
                             self.next_offset, self.topic, end)
                 follower.close()
-                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic)
-                follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset)
+                self.next_offset = bootstrap_offset(self.bootstrap_servers, self.topic,
+                                                    partition=self.partition)
+                follower = ParamsFollower(self.bootstrap_servers, self.topic, self.next_offset, self.partition)
         except BaseException as exc:  # surfaced through .error and health
             self.error = exc
             log.exception("parameter server could not start")
@@ -148,23 +184,16 @@ class ParamServer:
             follower.close()
 
     def apply(self, msg) -> None:
-        """Applies one decoded ``ParamsMessage`` (shard-filtered when sharded)."""
-        if self.cfg.num_shards > 1 and msg.kind == "sparse":
-            msg = self._shard_filter(msg)
+        """Applies one decoded ``ParamsMessage`` after checking it belongs to this partition."""
+        if msg.model_id == self.cfg.model_id and (msg.num_shards != self.cfg.num_shards
+                                                  or msg.shard != self.expect_shard):
+            raise ShardLayoutError(
+                f"{self.topic}[{self.partition}] holds shard {msg.shard} of {msg.num_shards}; this "
+                f"replica expects shard {self.expect_shard} of {self.cfg.num_shards} (match the "
+                f"trainer's num_param_shards)")
         with self._lock:
             self.state.apply(msg)
-
-    def _shard_filter(self, msg):
-        from embedding_store import SlotDelta, encode_delta
-
-        delta = msg.table_delta()
-        for name, sd in delta.slots.items():
-            mine = shard_of(sd.ids, self.cfg.num_shards) == self.cfg.shard_index
-            dmine = shard_of(sd.deleted_ids, self.cfg.num_shards) == self.cfg.shard_index
-            delta.slots[name] = SlotDelta(ids=sd.ids[mine], values=sd.values[torch.from_numpy(mine)],
-                                          deleted_ids=sd.deleted_ids[dmine])
-        (payload,) = encode_delta(delta, max_bytes=1 << 62)
-        return replace(msg, payload=payload)
+        self.last_update_s = time.monotonic()
 
     # -- persistence ---------------------------------------------------------------------------
     def persist(self) -> None:
@@ -178,8 +207,10 @@ class ParamServer:
             table, tower = s.table, s.tower
             meta = {"model_id": self.cfg.model_id, "next_offset": self.next_offset, "version": int(s.version),
                     "watermark_ms": int(s.watermark_ms), "snapshot_id": int(s.snapshot_id),
-                    "num_shards": self.cfg.num_shards, "shard_index": self.cfg.shard_index}
+                    "num_shards": self.cfg.num_shards, "shard_index": self.cfg.shard_index,
+                    "partition": self.partition}
             tower_bytes = tower_to_safetensors(tower)
+            meta["tower_sha256"] = hashlib.sha256(tower_bytes).hexdigest()  # checked on restore
         table.save(str(root / "table"), incremental=True)
         _atomic_write(root / "tower.safetensors", tower_bytes)
         _atomic_write(root / "meta.json", json.dumps(meta).encode())
@@ -199,12 +230,16 @@ class ParamServer:
             log.error("replica meta %s is unreadable (%s); bootstrapping from the topic", meta_path, exc)
             return
         if meta.get("model_id") != self.cfg.model_id or meta.get("num_shards") != self.cfg.num_shards \
-                or meta.get("shard_index") != self.cfg.shard_index:
+                or meta.get("shard_index") != self.cfg.shard_index \
+                or meta.get("partition", 0) != self.partition:
             log.warning("state in %s is for another model or shard; starting cold", root)
             return
         try:
             table = EmbeddingTable.load(str(root / "table"))
-            tower, _ = tower_from_safetensors((root / "tower.safetensors").read_bytes())
+            tower_bytes = (root / "tower.safetensors").read_bytes()
+            if meta.get("tower_sha256") not in (None, hashlib.sha256(tower_bytes).hexdigest()):
+                raise ValueError("tower.safetensors fails its sha256 (truncated or corrupted)")
+            tower, _ = tower_from_safetensors(tower_bytes)
         except Exception as exc:  # corrupt or partial state: Kafka still has everything
             log.error("replica state in %s is unusable (%s); bootstrapping from the topic", root, exc)
             return

@@ -6,11 +6,12 @@ model yet -> UNAVAILABLE, queue full -> RESOURCE_EXHAUSTED, deadline passed -> D
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
-from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
-from typing import Any
+from concurrent.futures import CancelledError, ThreadPoolExecutor, TimeoutError as FutureTimeout
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -39,15 +40,26 @@ class ServiceError(Exception):
 
 
 def _rpc(method: str):
-    """Counts, times and maps errors of one servicer method."""
+    """Counts, times and maps errors of one (async) servicer method."""
+    latency = m.LATENCY.labels(method=method)
+    counters: dict[grpc.StatusCode, Any] = {}  # labelled children, looked up once
+
+    def count(code: grpc.StatusCode) -> None:
+        child = counters.get(code)
+        if child is None:
+            child = counters[code] = m.REQUESTS.labels(method=method, code=code.name)
+        child.inc()
 
     def wrap(fn):
         @functools.wraps(fn)
-        def handler(self, request, context):
+        async def handler(self, request, context):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                return fn(self, request, context)
+                return await fn(self, request, context)
+            except asyncio.CancelledError:  # grpc cancelled the call (deadline, client gone)
+                code = grpc.StatusCode.CANCELLED
+                raise
             except InvalidRequest as exc:
                 code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
             except ServiceError as exc:
@@ -60,9 +72,9 @@ def _rpc(method: str):
                 log.exception("%s failed", method)
                 code, msg = grpc.StatusCode.INTERNAL, f"{method} failed; see server log"
             finally:
-                m.REQUESTS.labels(method=method, code=code.name).inc()
-                m.LATENCY.labels(method=method).observe(time.perf_counter() - t0)
-            context.abort(code, msg)
+                count(code)
+                latency.observe(time.perf_counter() - t0)
+            await context.abort(code, msg)
 
         return handler
 
@@ -70,15 +82,21 @@ def _rpc(method: str):
 
 
 class RecommenderService(pb2_grpc.RecommenderServicer):
-    """The servicer; ``batcher`` is set by the server when micro-batching is on."""
+    """The (``grpc.aio``) servicer; ``batcher`` is set by the server when micro-batching is on.
 
-    def __init__(self, cfg: ServeConfig, source: Any, calibrator: Calibrator) -> None:
+    Handlers run on the server's event loop and only validate, wait and build responses there;
+    model work runs on ``pool`` threads (or the micro-batcher's), never on the loop.
+    """
+
+    def __init__(self, cfg: ServeConfig, source: Any, calibrator: Calibrator,
+                 pool: ThreadPoolExecutor | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.calibrator = calibrator
         self.limits = Limits()
         self.index = ItemIndex(cfg.item_slot)
         self.batcher: MicroBatcher | None = None
+        self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
 
     def _model(self) -> ServingModel:
@@ -87,6 +105,16 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
         return model
 
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking model work on the pool, keeping the event loop free for I/O."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    @staticmethod
+    def lookup(model: ServingModel, slot: str, ids: np.ndarray) -> torch.Tensor:
+        """Embedding rows of ``ids`` in ``slot`` (float32[n, dim]); the one place the service reads
+        the table outside the batched scoring path."""
+        return model.table.lookup(slot, torch.from_numpy(np.ascontiguousarray(ids, np.int64)))
+
     # -- batched ranking ------------------------------------------------------------------------
     def forward_jobs(self, jobs: list[RankJob]) -> list[tuple[np.ndarray, ServingModel]]:
         """One model forward for many calls (the micro-batcher's forward)."""
@@ -94,19 +122,18 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         probs = score_jobs(model, jobs, self.calibrator, self.cfg.user_slot, self.cfg.item_slot, self.bf16)
         return [(p, model) for p in probs]
 
-    def _rank(self, job: RankJob, context: grpc.ServicerContext) -> tuple[np.ndarray, ServingModel]:
-        if self.batcher is None:
-            return self.forward_jobs([job])[0]
+    async def _rank(self, job: RankJob, context: Any) -> tuple[np.ndarray, ServingModel]:
+        if self.batcher is None:  # the naive path: one model forward per call
+            return (await self._offload(self.forward_jobs, [job]))[0]
         remaining = context.time_remaining()
         if remaining is not None and remaining > 1e6:  # no deadline: grpc reports "forever"
             remaining = None
         deadline = float("inf") if remaining is None else time.monotonic() + remaining
-        fut = self.batcher.submit(job, cost=max(int(job.items.size), 1), deadline=deadline)
-        try:
-            return fut.result(timeout=remaining)
-        except FutureTimeout:
-            fut.cancel()
-            raise
+        # Resolved from the batcher thread with one call_soon_threadsafe. No timer of our own:
+        # when the deadline passes, grpc cancels this handler, which cancels the queued job, and
+        # the batcher drops jobs whose deadline passed anyway; either way they cost no compute.
+        return await asyncio.wrap_future(self.batcher.submit(job, cost=max(int(job.items.size), 1),
+                                                             deadline=deadline))
 
     def _retrieve(self, model: ServingModel, job: RankJob) -> np.ndarray:
         """Candidates by dot product between the pooled user/context bags and every item row."""
@@ -120,47 +147,56 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
             if slot == self.cfg.user_slot:
                 ids = np.concatenate([[job.user_id], ids]).astype(np.int64)
             if ids.size:
-                query += model.table.lookup(slot, torch.from_numpy(ids)).sum(dim=0)
+                query += self.lookup(model, slot, ids).sum(dim=0)
         items, _ = self.index.topk(query, self.cfg.retrieve_k)
         return items
 
     @_rpc("Recommend")
-    def Recommend(self, request, context):
+    async def Recommend(self, request, context):
         model = self._model()
         job, top_k = rank_job(request, model.slots, model.dense_dim, self.cfg.item_slot, self.limits)
         if self.cfg.item_slot not in model.slots:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model has no item slot {self.cfg.item_slot!r}")
         if job.items.size == 0:
-            job.items = self._retrieve(model, job)
+            job.items = await self._offload(self._retrieve, model, job)
             top_k = top_k or self.cfg.default_top_k
-        resp = pb2.RecommendResponse()
+        items: list[Any] = []
         if job.items.size:
-            probs, model = self._rank(job, context)
+            probs, model = await self._rank(job, context)
             k = min(top_k or probs.size, probs.size)
-            order = np.lexsort((job.items, -probs))[:k]  # score desc, then id asc (deterministic)
-            for item, p in zip(job.items[order].tolist(), probs[order].tolist()):
-                resp.items.add(item_id=item, score=p)
-        resp.model_version = model.version
-        resp.model_id = model.model_id
-        resp.freshness_lag_ms = self.source.freshness_lag_ms()
-        return resp
+            # Score desc, then id asc (deterministic). Only the top k need sorting: partition
+            # first, keeping every item that ties with the k-th score.
+            cand = np.arange(probs.size)
+            if k < probs.size:
+                cand = np.flatnonzero(probs >= probs[np.argpartition(-probs, k - 1)[k - 1]])
+            order = cand[np.lexsort((job.items[cand], -probs[cand]))][:k]
+            scored = pb2.ScoredItem
+            items = [scored(item_id=i, score=p) for i, p in zip(job.items[order].tolist(), probs[order].tolist())]
+        return pb2.RecommendResponse(items=items, model_version=model.version, model_id=model.model_id,
+                                     freshness_lag_ms=self.source.freshness_lag_ms())
 
-    @_rpc("Score")
-    def Score(self, request, context):
+    def _score(self, request) -> Any:
         model = self._model()
         rows = example_rows(request, model.slots, model.dense_dim, self.limits)
         probs = score_examples(model, rows, self.calibrator, self.bf16)
         return pb2.ScoreResponse(probabilities=probs.tolist(), model_version=model.version,
                                  freshness_lag_ms=self.source.freshness_lag_ms())
 
-    @_rpc("GetEmbeddings")
-    def GetEmbeddings(self, request, context):
+    @_rpc("Score")
+    async def Score(self, request, context):
+        return await self._offload(self._score, request)
+
+    def _embeddings(self, request) -> Any:
         model = self._model()
         ids = embedding_ids(request, tuple(model.table.slots), self.limits)
-        vecs = model.table.lookup(request.slot, torch.from_numpy(ids)).float().numpy()
+        vecs = self.lookup(model, request.slot, ids).float().numpy()
         known = np.isin(ids, model.table.ids(request.slot))
         resp = pb2.GetEmbeddingsResponse(dim=int(vecs.shape[1]), model_version=model.version)
         for i, v, k in zip(ids.tolist(), vecs.tolist(), known.tolist()):
             resp.embeddings.add(id=i, values=v, known=k)
         return resp
+
+    @_rpc("GetEmbeddings")
+    async def GetEmbeddings(self, request, context):
+        return await self._offload(self._embeddings, request)

@@ -72,12 +72,36 @@ def _tower_logits(model: ServingModel, emb: torch.Tensor, dense: torch.Tensor | 
         return model.tower(emb, dense).float()
 
 
+def _job_bags(jobs: Sequence[RankJob], slot: str, user_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every job's bag of ``slot`` as one ragged pair (ids int64[m], lengths int64[B]).
+
+    The user slot's bag is the user id followed by any request-level ids of that slot. Built with
+    one concatenation for the whole micro-batch, not per job.
+    """
+    ctx = [j.context.get(slot) for j in jobs]
+    given = [c for c in ctx if c is not None and c.size]
+    if user_ids is None:
+        lengths = np.fromiter((0 if c is None else c.size for c in ctx), np.int64, len(jobs))
+        ids = np.concatenate(given).astype(np.int64, copy=False) if given else np.zeros(0, np.int64)
+        return ids, lengths
+    if not given:  # the common case: each bag is just the user id
+        return user_ids, np.ones(len(jobs), np.int64)
+    parts: list[np.ndarray] = []
+    for u, c in zip(user_ids, ctx):
+        parts.append(u[None])
+        if c is not None and c.size:
+            parts.append(c)
+    lengths = 1 + np.fromiter((0 if c is None else c.size for c in ctx), np.int64, len(jobs))
+    return np.concatenate(parts).astype(np.int64, copy=False), lengths
+
+
 def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibrator,
                user_slot: str = "user_id", item_slot: str = "item_id", bf16: bool = False) -> list[np.ndarray]:
     """Calibrated click probabilities for every job's items (float32[N_j] per job)."""
-    counts = np.array([j.items.shape[0] for j in jobs], dtype=np.int64)
+    counts = np.fromiter((j.items.shape[0] for j in jobs), np.int64, len(jobs))
     total = int(counts.sum())
     job_of_row = torch.from_numpy(np.repeat(np.arange(len(jobs)), counts))
+    user_ids = np.fromiter((j.user_id for j in jobs), np.int64, len(jobs))
     table, cfg = model.table, model.tower.cfg
     pooled = []
     with torch.no_grad():
@@ -86,17 +110,8 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
                 ids = torch.from_numpy(np.concatenate([j.items for j in jobs]).astype(np.int64, copy=False))
                 pooled.append(table.lookup(slot, ids))
                 continue
-            bags = []
-            for j in jobs:
-                ctx = j.context.get(slot)
-                if slot == user_slot:
-                    bags.append(np.array([j.user_id], np.int64) if ctx is None
-                                else np.concatenate([[j.user_id], ctx]).astype(np.int64))
-                else:
-                    bags.append(np.zeros(0, np.int64) if ctx is None else ctx)
-            lengths = torch.tensor([b.shape[0] for b in bags], dtype=torch.int64)
-            ids = torch.from_numpy(np.concatenate(bags).astype(np.int64, copy=False))
-            per_job = table.lookup_bags(slot, ids, lengths, mode=cfg.pooling)
+            ids, lengths = _job_bags(jobs, slot, user_ids if slot == user_slot else None)
+            per_job = table.lookup_bags(slot, torch.from_numpy(ids), torch.from_numpy(lengths), mode=cfg.pooling)
             pooled.append(per_job.index_select(0, job_of_row))
         emb = torch.stack(pooled, dim=1).float() if pooled else torch.zeros(total, 0, cfg.embedding_dim)
         dense = None

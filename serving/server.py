@@ -1,20 +1,31 @@
 """The gRPC server: ``headwater.v1.Recommender`` plus standard health and reflection services.
 
+The server is a ``grpc.aio`` server on an event loop of its own thread: handlers are coroutines,
+so a micro-batch's results reach their callers without one thread wake-up per call (with a
+thread per call, on a small box the batcher thread kept losing the GIL to the handler it had just
+woken). Compute never runs on the loop: ranking forwards run on the micro-batcher's thread (or,
+with batching off, one forward per call on a pool of ``workers`` threads), and ``Score``,
+``GetEmbeddings`` and retrieval on that pool too.
+
 Health reports NOT_SERVING until the model source has a model (a parameter server that loaded a
-snapshot); a monitor thread flips it and keeps the version / freshness gauges current. Auth, when
+snapshot); a monitor thread flips it and keeps the version / freshness gauges current. A model
+with no hw.params update for ``stale_after_s`` (the trainer is down) is *degraded*, not
+unhealthy: gRPC health stays SERVING (a stale model beats no answer) and ``/metrics`` shows
+``hw_serve_degraded 1`` with ``hw_serve_params_age_seconds``. Auth, when
 a token is configured, is checked by an interceptor in constant time; the health service stays
 open so that probes work without credentials.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,14 +77,14 @@ class StaticModelSource:
         return max(int(time.time() * 1000) - self.model.watermark_ms, 0)
 
 
-class _AuthInterceptor(grpc.ServerInterceptor):
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` (health checks exempt)."""
 
     def __init__(self, token: str) -> None:
         self._want = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation: Callable, details: Any) -> Any:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
             return handler
         got = dict(details.invocation_metadata or ()).get("authorization", "")
@@ -84,8 +95,8 @@ class _AuthInterceptor(grpc.ServerInterceptor):
 
 
 def _deny(handler: Any) -> Any:
-    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     kw = {"request_deserializer": handler.request_deserializer,
           "response_serializer": handler.response_serializer}
@@ -99,7 +110,7 @@ def _deny(handler: Any) -> Any:
 
 
 class RecommendServer:
-    """Owns the gRPC server, the micro-batcher and the health monitor for one model source."""
+    """Owns the gRPC server (and its event loop thread), the micro-batcher and the health monitor."""
 
     def __init__(self, cfg: ServeConfig, source: ModelSource) -> None:
         cfg.validate()
@@ -107,51 +118,93 @@ class RecommendServer:
         self.source = source
         self.calibrator = Calibrator(cfg.negative_sample_rate)
         self.batcher: MicroBatcher | None = None
-        self.service = RecommenderService(cfg, source, self.calibrator)
+        self.pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="serve")
+        self.service = RecommenderService(cfg, source, self.calibrator, pool=self.pool)
         if cfg.batching:
             self.batcher = MicroBatcher(self.service.forward_jobs, BatcherConfig(
                 cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue), on_batch=self._on_batch)
             self.service.batcher = self.batcher
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="serve-loop", daemon=True)
+        self._loop_thread.start()
+        self._serving = False
+        self.degraded = False
+        try:
+            self._call(self._build())
+        except BaseException:
+            self._close_loop()
+            self.pool.shutdown(wait=False)
+            if self.batcher is not None:
+                self.batcher.close()
+            raise
+        if self.port == 0:
+            self.stop(0)
+            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
+
+    def _call(self, coro: Awaitable[Any], timeout: float | None = 30.0) -> Any:
+        """Run ``coro`` on the server's loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _build(self) -> None:
+        cfg = self.cfg
         interceptors = [_AuthInterceptor(cfg.auth_token)] if cfg.auth_token else []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="grpc"),
-                                  interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+                                      options=[("grpc.so_reuseport", 0)])
         pb2_grpc.add_RecommenderServicer_to_server(self.service, self.server)
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self._set_health(False)
-        self._serving = False
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
-        self._stop = threading.Event()
-        self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
+        await self._set_health_async(False)
+        try:
+            self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:  # grpc.aio raises where the threaded server returned 0
+            self.port = 0
 
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
 
     def start(self) -> "RecommendServer":
-        self.server.start()
+        self._call(self.server.start())
         self._monitor.start()
         log.info("serving headwater.v1.Recommender on %s", self.address)
         return self
 
     def stop(self, grace_s: float = 2.0) -> None:
-        self._stop.set()
-        self.server.stop(grace_s).wait()
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+        if self.loop.is_running():
+            try:
+                self._call(self.server.stop(grace_s), timeout=grace_s + 10)
+            except (futures.TimeoutError, RuntimeError):
+                log.warning("gRPC server did not stop in time")
         if self.batcher is not None:
             self.batcher.close()
-        if self._monitor.is_alive():
-            self._monitor.join(timeout=2)
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None and monitor.is_alive():
+            monitor.join(timeout=2)
+        self._close_loop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _set_health(self, serving: bool) -> None:
+    def _close_loop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join(timeout=5)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
+
+    async def _set_health_async(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            await self.health.set(name, status)
+
+    def _set_health(self, serving: bool) -> None:
+        self._call(self._set_health_async(serving), timeout=5.0)
 
     def _on_batch(self, jobs: int, rows: int) -> None:
         m.BATCH_REQUESTS.observe(jobs)
@@ -161,8 +214,13 @@ class RecommendServer:
         while not self._stop.wait(0.05):
             ready = bool(self.source.ready)
             if ready != self._serving:
+                try:
+                    self._set_health(ready)
+                except (futures.TimeoutError, RuntimeError):
+                    if self._stop.is_set():
+                        return
+                    raise
                 self._serving = ready
-                self._set_health(ready)
                 log.info("health: %s", "SERVING" if ready else "NOT_SERVING")
             model = self.source.current() if ready else None
             if model is not None:
@@ -170,5 +228,15 @@ class RecommendServer:
                 lag = self.source.freshness_lag_ms()
                 if lag >= 0:
                     m.FRESHNESS_LAG.set(lag / 1000.0)
+            age = getattr(self.source, "params_age_s", None)
+            if age is not None:
+                age_s = age()
+                m.PARAMS_AGE.set(age_s)
+                degraded = ready and age_s > self.cfg.stale_after_s
+                if degraded != self.degraded:
+                    self.degraded = degraded
+                    log.warning("model %s (no hw.params update for %.1f s)",
+                                "stale: degraded" if degraded else "fresh again", age_s)
+                m.DEGRADED.set(1.0 if degraded else 0.0)
             if self.batcher is not None:
                 m.QUEUE_JOBS.set(len(self.batcher.queue))

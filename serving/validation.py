@@ -28,10 +28,11 @@ class Limits:
     max_top_k: int = 1_000
     max_ids_per_bag: int = 1_000
     max_examples: int = 10_000
+    max_total_ids: int = 1_000_000  # ids over all bags of one call: bounds a call's work and memory
 
 
 def _ids(values, field: str, limit: int) -> np.ndarray:
-    arr = np.fromiter(values, dtype=np.int64, count=len(values))
+    arr = np.array(values, dtype=np.int64).reshape(-1)  # a repeated int64 field converts in one step
     if arr.size > limit:
         raise InvalidRequest(f"{field}: {arr.size} ids exceed the limit of {limit}")
     return arr
@@ -51,6 +52,8 @@ def _dense(values, field: str, dense_dim: int) -> np.ndarray | None:
 def _bags(features, field: str, slots: tuple[str, ...], limits: Limits) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for i, f in enumerate(features):
+        if not f.slot:
+            raise InvalidRequest(f"{field}[{i}].slot: is required (model slots: {list(slots)})")
         if f.slot not in slots:
             raise InvalidRequest(f"{field}[{i}].slot: unknown slot {f.slot!r} (model slots: {list(slots)})")
         if f.slot in out:
@@ -79,6 +82,9 @@ def example_rows(req, slots: tuple[str, ...], dense_dim: int, limits: Limits) ->
         raise InvalidRequest("examples: at least one example is required")
     if n > limits.max_examples:
         raise InvalidRequest(f"examples: {n} exceed the limit of {limits.max_examples}")
+    total = sum(len(f.ids) for ex in req.examples for f in ex.sparse)  # before converting any
+    if total > limits.max_total_ids:
+        raise InvalidRequest(f"examples: {total} ids in all exceed the limit of {limits.max_total_ids}")
     per_slot: dict[str, list[np.ndarray]] = {s: [np.zeros(0, np.int64)] * n for s in slots}
     dense = np.zeros((n, dense_dim), np.float32) if dense_dim else None
     for r, ex in enumerate(req.examples):
@@ -96,6 +102,9 @@ def example_rows(req, slots: tuple[str, ...], dense_dim: int, limits: Limits) ->
 
 
 def embedding_ids(req, slots: tuple[str, ...], limits: Limits) -> np.ndarray:
+    """``GetEmbeddingsRequest`` -> the ids to look up (slot must be one of the model's)."""
+    if not req.slot:
+        raise InvalidRequest(f"slot: is required (model slots: {list(slots)})")
     if req.slot not in slots:
         raise InvalidRequest(f"slot: unknown slot {req.slot!r} (model slots: {list(slots)})")
     ids = _ids(req.ids, "ids", limits.max_candidates)

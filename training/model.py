@@ -248,10 +248,22 @@ def tower_from_safetensors(data: bytes) -> tuple[DenseTower, dict[str, str]]:
         raise ValueError(f"not a safetensors tower: {exc}") from None
     if _CONFIG_KEY not in meta:
         raise ValueError("safetensors bytes carry no model config")
-    tower = DenseTower(ModelConfig.from_json(meta[_CONFIG_KEY]))
-    missing, unexpected = tower.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"tower weights do not match config: missing {missing}, unexpected {unexpected}")
+    try:
+        cfg = ModelConfig.from_json(meta[_CONFIG_KEY])
+        # Shapes first, on the meta device (no memory): a forged config must not make us
+        # allocate layers far larger than the weights the message actually carries.
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in DenseTower(cfg).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - any malformed config is one verdict
+        raise ValueError(f"safetensors bytes carry an invalid model config: {exc}") from None
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        raise ValueError(f"tower weights do not match config: missing {missing}, unexpected {unexpected}, "
+                         f"wrong shape {bad}")
+    tower = DenseTower(cfg)
+    tower.load_state_dict(tensors, strict=True)
     return tower, meta
 
 

@@ -5,6 +5,10 @@ last message's ``snapshot_offset``, see :mod:`training.params_wire`); :class:`Pa
 tails the topic from an offset; :class:`ReplicaState` is a small in-memory replica (rows per slot
 and tower) that applies messages with the documented semantics; serving can use it as is, and
 the tests use it to prove that snapshot + deltas reproduce the trainer's table exactly.
+
+Each reads one partition: 0 on an unsharded topic; on a sharded one a PS shard reads its own and a
+recommender the control partition (:func:`training.params_wire.control_partition`). Every
+partition is self-contained, so the same bootstrap works on any of them.
 """
 
 from __future__ import annotations
@@ -24,23 +28,24 @@ __all__ = ["bootstrap_offset", "ParamsFollower", "ReplicaState"]
 PARTITION = 0
 
 
-def _consumer(bootstrap_servers: str, topic: str) -> tuple[Any, Any]:
+def _consumer(bootstrap_servers: str, topic: str, partition: int = PARTITION) -> tuple[Any, Any]:
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
                              enable_auto_commit=False, max_partition_fetch_bytes=16 << 20,
                              fetch_max_wait_ms=50)
-    tp = TopicPartition(topic, PARTITION)
+    tp = TopicPartition(topic, partition)
     consumer.assign([tp])
     return consumer, tp
 
 
-def bootstrap_offset(bootstrap_servers: str, topic: str, timeout_s: float = 10.0) -> int:
+def bootstrap_offset(bootstrap_servers: str, topic: str, timeout_s: float = 10.0,
+                     partition: int = PARTITION) -> int:
     """Offset a new replica starts reading at: the newest complete snapshot's begin marker.
 
     Reads one message (the last); returns 0 when the topic holds no complete snapshot yet.
     """
-    consumer, tp = _consumer(bootstrap_servers, topic)
+    consumer, tp = _consumer(bootstrap_servers, topic, partition)
     try:
         end = consumer.end_offsets([tp])[tp]
         if end == 0:
@@ -57,10 +62,11 @@ def bootstrap_offset(bootstrap_servers: str, topic: str, timeout_s: float = 10.0
 
 
 class ParamsFollower:
-    """Yields ``(offset, ParamsMessage)`` from ``hw.params`` partition 0, starting at ``offset``."""
+    """Yields ``(offset, ParamsMessage)`` from one ``hw.params`` partition, starting at ``offset``."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, offset: int = 0) -> None:
-        self.consumer, self.tp = _consumer(bootstrap_servers, topic)
+    def __init__(self, bootstrap_servers: str, topic: str, offset: int = 0,
+                 partition: int = PARTITION) -> None:
+        self.consumer, self.tp = _consumer(bootstrap_servers, topic, partition)
         self.consumer.seek(self.tp, offset)
         self.bad = 0
 

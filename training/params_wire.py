@@ -24,6 +24,17 @@ read the one message at ``end_offset - 1``, seek to its ``snapshot_offset``, loa
 to its ``snapshot_end`` (same ``snapshot_id``; its ``chunk_count`` is the number of messages of the
 snapshot, markers included, so completeness can be checked), then apply every later message in
 order. See :mod:`training.params_reader` for a reader that does exactly this.
+
+Sharded topics (wire version 2, ``SyncConfig.num_param_shards`` = N > 1): ``hw.params`` has N + 1
+partitions. Partition ``i < N`` carries only the rows whose ids :func:`embedding_store.sharding.shard_of`
+places in shard ``i`` (a parameter-server shard reads just that partition); partition N, the
+*control* partition, carries no rows, only the dense tower (recommender replicas read it). Every
+partition is self-contained for bootstrapping: each gets its own snapshot markers (so
+``snapshot_offset`` is an offset *in that partition*) and the snapshot's dense tower (it names the
+slots and dim the table is built with); live dense publishes go to the control partition only.
+Version-2 messages add ``shard`` (the partition's shard, -1 on the control partition) and
+``num_shards``, so a reader can refuse a partition it was not configured for. Unsharded topics
+(N = 1: one partition, everything on it) are still written as version 1, byte for byte as before.
 """
 
 from __future__ import annotations
@@ -36,9 +47,11 @@ import msgpack
 
 __all__ = ["WIRE_VERSION", "SPARSE", "DENSE", "SNAPSHOT_BEGIN", "SNAPSHOT_END", "KINDS",
            "HEADER_BYTES", "ParamsWireError", "ParamsMessage", "encode_params", "decode_params",
-           "payload_chunks", "join_payload"]
+           "payload_chunks", "join_payload", "CONTROL_SHARD", "params_partitions", "control_partition"]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2 added shard / num_shards; 1 is still written for unsharded topics and read
+READABLE_VERSIONS = (1, 2)
+CONTROL_SHARD = -1  # the ``shard`` of messages on a sharded topic's control (dense) partition
 SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END = "sparse", "dense", "snapshot_begin", "snapshot_end"
 KINDS = (SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END)
 HEADER_BYTES = 512  # generous bound on the envelope around a payload, for chunk sizing
@@ -66,6 +79,8 @@ class ParamsMessage:
     rows: int = 0  # sparse: rows of the slot in this whole publish (informational)
     payload: bytes = b""
     created_ms: int = 0
+    shard: int = 0  # the shard whose partition this is (CONTROL_SHARD on the control partition)
+    num_shards: int = 1
 
     @property
     def in_snapshot(self) -> bool:
@@ -88,12 +103,14 @@ def encode_params(msg: ParamsMessage) -> bytes:
     if msg.kind not in KINDS:
         raise ParamsWireError(f"unknown kind {msg.kind!r}")
     obj: dict[str, Any] = {
-        "w": WIRE_VERSION, "k": msg.kind, "m": msg.model_id, "ver": int(msg.version),
+        "w": 1, "k": msg.kind, "m": msg.model_id, "ver": int(msg.version),
         "wm": int(msg.watermark_ms), "pid": int(msg.publish_id), "ci": int(msg.chunk_index),
         "cc": int(msg.chunk_count), "s": msg.slot, "fv": int(msg.from_version),
         "sid": int(msg.snapshot_id), "soff": int(msg.snapshot_offset), "n": int(msg.rows),
         "p": bytes(msg.payload), "t": int(msg.created_ms or time.time() * 1000),
     }
+    if msg.num_shards != 1 or msg.shard != 0:
+        obj.update(w=2, sh=int(msg.shard), ns=int(msg.num_shards))
     return msgpack.packb(obj, use_bin_type=True)
 
 
@@ -112,21 +129,40 @@ def decode_params(data: bytes) -> ParamsMessage:
         raise ParamsWireError(f"undecodable params message: {exc}") from None
     if not isinstance(obj, dict):
         raise ParamsWireError("params message is not a map")
-    if obj.get("w") != WIRE_VERSION:
-        raise ParamsWireError(f"unsupported params wire version {obj.get('w')!r} (want {WIRE_VERSION})")
+    wire = obj.get("w")
+    if wire not in READABLE_VERSIONS or isinstance(wire, bool):
+        raise ParamsWireError(f"unsupported params wire version {wire!r} (want one of {READABLE_VERSIONS})")
     kind = _get(obj, "k", str, "kind")
     if kind not in KINDS:
         raise ParamsWireError(f"unknown kind {kind!r}")
     ci, cc = _get(obj, "ci", int, "chunk_index"), _get(obj, "cc", int, "chunk_count")
     if cc < 1 or not 0 <= ci < cc:
         raise ParamsWireError(f"chunk {ci} of {cc} is out of range")
+    shard, num_shards = 0, 1
+    if wire >= 2:
+        shard, num_shards = _get(obj, "sh", int, "shard"), _get(obj, "ns", int, "num_shards")
+        if num_shards < 1 or not CONTROL_SHARD <= shard < num_shards:
+            raise ParamsWireError(f"shard {shard} of {num_shards} is out of range")
     return ParamsMessage(
         kind=kind, model_id=_get(obj, "m", str, "model_id"), version=_get(obj, "ver", int, "version"),
         watermark_ms=_get(obj, "wm", int, "watermark_ms"), publish_id=_get(obj, "pid", int, "publish_id"),
         chunk_index=ci, chunk_count=cc, slot=_get(obj, "s", str, "slot"),
         from_version=_get(obj, "fv", int, "from_version"), snapshot_id=_get(obj, "sid", int, "snapshot_id"),
         snapshot_offset=_get(obj, "soff", int, "snapshot_offset"), rows=_get(obj, "n", int, "rows"),
-        payload=_get(obj, "p", bytes, "payload"), created_ms=_get(obj, "t", int, "created_ms"))
+        payload=_get(obj, "p", bytes, "payload"), created_ms=_get(obj, "t", int, "created_ms"),
+        shard=shard, num_shards=num_shards)
+
+
+def params_partitions(num_shards: int) -> int:
+    """Partitions ``hw.params`` needs for ``num_shards`` PS shards: 1 unsharded, else N + 1."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return 1 if num_shards == 1 else num_shards + 1
+
+
+def control_partition(num_shards: int) -> int:
+    """The partition carrying the dense tower (and, unsharded, everything): 0 or N."""
+    return params_partitions(num_shards) - 1
 
 
 def payload_chunks(base: ParamsMessage, payload: bytes, max_bytes: int = 1 << 20) -> list[ParamsMessage]:

@@ -6,8 +6,13 @@ rows changed in table versions ``(last_published, table.version]``. The version 
 the broker acknowledged every chunk, so a failed publish is simply retried by the next one (a
 replica applying a row twice is harmless: rows are values, not increments).
 
-Everything goes to partition 0 of the topic, so replicas see one total order and can find the
-newest snapshot from the last message's ``snapshot_offset``.
+Unsharded (``num_param_shards`` = 1), everything goes to partition 0 of the topic, so replicas
+see one total order and can find the newest snapshot from the last message's ``snapshot_offset``.
+Sharded (N > 1), each publish is split by :func:`embedding_store.sharding.shard_of`: shard ``i``'s
+rows go to partition ``i`` and the tower to the control partition N, so a parameter-server shard
+reads only its part; every partition still gets its own complete snapshots (layout:
+:mod:`training.params_wire`). Each partition is one total order on its own; partitions are not
+ordered against each other, which is fine because a row lives in exactly one of them.
 """
 
 from __future__ import annotations
@@ -17,22 +22,25 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from prometheus_client import Counter, Gauge
 
 from embedding_store import SlotDelta, TableDelta, encode_delta
+from embedding_store.sharding import shard_of
 
-from training.params_wire import (DENSE, HEADER_BYTES, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE,
-                                  ParamsMessage, encode_params, payload_chunks)
+from training.params_wire import (CONTROL_SHARD, DENSE, HEADER_BYTES, SNAPSHOT_BEGIN, SNAPSHOT_END,
+                                  SPARSE, ParamsMessage, control_partition, encode_params,
+                                  params_partitions, payload_chunks)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SyncConfig", "DeltaPublisher"]
+__all__ = ["SyncConfig", "DeltaPublisher", "ensure_params_partitions"]
 
 PUBLISHED_ROWS = Counter("hw_train_published_rows", "embedding rows published to hw.params", ["kind"])
 PUBLISHED_BYTES = Counter("hw_train_published_bytes", "bytes published to hw.params", ["kind"])
 PUBLISHED_VERSION = Gauge("hw_train_published_version", "table version of the last sparse publish")
 PUBLISHED_WATERMARK = Gauge("hw_train_published_watermark_ms", "event-time watermark of the last publish")
-PARTITION = 0
 
 
 @dataclass
@@ -45,6 +53,41 @@ class SyncConfig:
     snapshot_interval_s: float = 600.0
     fp16: bool = False
     max_message_bytes: int = 1 << 20
+    num_param_shards: int = 1  # > 1: rows split by shard onto partitions 0..N-1, tower on N
+
+
+def ensure_params_partitions(bootstrap_servers: str, topic: str, num_shards: int) -> int:
+    """Makes sure ``topic`` has the partitions ``num_shards`` PS shards need; returns the count.
+
+    Creates the topic when missing and adds partitions when it has too few (a topic that grew
+    keeps its old partition 0 contents; shards bootstrap from the next snapshot anyway).
+    """
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewPartitions, NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+    want = params_partitions(num_shards)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="hw-params-admin")
+    try:
+        if topic not in set(admin.list_topics()):
+            try:
+                admin.create_topics([NewTopic(topic, want, 1)])
+                return want
+            except TopicAlreadyExistsError:
+                pass
+        (meta,) = admin.describe_topics([topic])
+        have = len(meta["partitions"])
+        if have < want:
+            try:
+                admin.create_partitions({topic: NewPartitions(total_count=want)})
+            except KafkaError as exc:
+                raise RuntimeError(f"{topic} has {have} partitions; {num_shards} parameter shards "
+                                   f"need {want} and adding them failed ({exc}); recreate the topic "
+                                   f"with {want} partitions") from None
+            have = want
+        return have
+    finally:
+        admin.close()
 
 
 class DeltaPublisher:
@@ -62,7 +105,15 @@ class DeltaPublisher:
         self.tower_bytes = tower_bytes
         self.cfg = cfg
         self.published_version = -1  # nothing published yet: the first publish is a snapshot
-        self.snapshot_offset = -1
+        n = cfg.num_param_shards
+        self.partitions = list(range(params_partitions(n)))
+        self.control = control_partition(n)
+        self.snapshot_offsets = {p: -1 for p in self.partitions}  # newest complete, per partition
+        if n > 1:
+            have = len(producer.partitions_for(topic))
+            if have < len(self.partitions):
+                raise ValueError(f"{topic} has {have} partitions; num_param_shards={n} needs "
+                                 f"{len(self.partitions)} (see ensure_params_partitions)")
         self._publish_id = int(time.time() * 1000) << 8  # distinct across restarts
         self._last_sparse = self._last_dense = self._last_snapshot = float("-inf")
         self.dense_requested = False
@@ -71,17 +122,29 @@ class DeltaPublisher:
         self._publish_id += 1
         return self._publish_id
 
-    def _header(self, kind: str, watermark_ms: int, **kw: Any) -> ParamsMessage:
+    @property
+    def snapshot_offset(self) -> int:
+        """Begin offset of the newest complete snapshot on the control partition (-1 before any)."""
+        return self.snapshot_offsets[self.control]
+
+    def _shard(self, partition: int) -> int:
+        return CONTROL_SHARD if self.cfg.num_param_shards > 1 and partition == self.control else partition
+
+    def _partition(self, msg: ParamsMessage) -> int:
+        return self.control if msg.shard == CONTROL_SHARD else msg.shard
+
+    def _header(self, kind: str, watermark_ms: int, partition: int, **kw: Any) -> ParamsMessage:
         return ParamsMessage(kind=kind, model_id=self.cfg.model_id, version=int(self.table.version),
-                             watermark_ms=int(watermark_ms), snapshot_offset=self.snapshot_offset,
-                             **kw)
+                             watermark_ms=int(watermark_ms),
+                             snapshot_offset=self.snapshot_offsets[partition],
+                             shard=self._shard(partition), num_shards=self.cfg.num_param_shards, **kw)
 
     def _send(self, messages: list[ParamsMessage], kind: str) -> list[Any]:
         futures = []
         for m in messages:
             data = encode_params(m)
-            futures.append(self.producer.send(self.topic, value=data,
-                                              key=self.cfg.model_id.encode(), partition=PARTITION))
+            futures.append(self.producer.send(self.topic, value=data, key=self.cfg.model_id.encode(),
+                                              partition=self._partition(m)))
             PUBLISHED_BYTES.labels(kind=kind).inc(len(data))
             if m.chunk_index == 0:
                 PUBLISHED_ROWS.labels(kind=kind).inc(m.rows)
@@ -122,6 +185,7 @@ class DeltaPublisher:
             return False
         delta = self.table.export_delta(since_version=self.published_version)
         msgs = self._row_messages(delta, watermark_ms, -1)
+        msgs += self._heartbeats(msgs, delta, watermark_ms)
         self._sync(self._send(msgs, "sparse"))
         self.published_version = version
         # Every replica now has these deletions (or will load a later snapshot without them).
@@ -131,39 +195,90 @@ class DeltaPublisher:
         return True
 
     def publish_dense(self, watermark_ms: int, snapshot_id: int = -1) -> None:
-        base = self._header(DENSE, watermark_ms, publish_id=self._next_id(), snapshot_id=snapshot_id)
+        """The tower, to the control partition (parameter shards only need it in snapshots)."""
+        base = self._header(DENSE, watermark_ms, self.control, publish_id=self._next_id(),
+                            snapshot_id=snapshot_id)
         msgs = payload_chunks(base, self.tower_bytes(), self.cfg.max_message_bytes)
         self._sync(self._send(msgs, "dense"))
         PUBLISHED_WATERMARK.set(watermark_ms)
 
     def publish_snapshot(self, watermark_ms: int) -> int:
-        """A complete, authoritative state between begin/end markers; returns the begin offset."""
+        """A complete, authoritative state between begin/end markers on every partition.
+
+        Returns the begin offset on the control partition (partition 0 when unsharded).
+        """
         version = int(self.table.version)
         sid = self._next_id()
-        begin = self._header(SNAPSHOT_BEGIN, watermark_ms, publish_id=sid, snapshot_id=sid)
-        (meta,) = self._sync(self._send([begin], "snapshot"))
-        begin_offset = int(meta.offset)
+        begins = [self._header(SNAPSHOT_BEGIN, watermark_ms, p, publish_id=sid, snapshot_id=sid)
+                  for p in self.partitions]
+        begin_offsets = {p: int(meta.offset) for p, meta in
+                         zip(self.partitions, self._sync(self._send(begins, "snapshot")))}
         delta = self.table.export_delta(since_version=0)
         for name, sd in delta.slots.items():  # a snapshot is the full state: no deletions
             delta.slots[name] = SlotDelta(ids=sd.ids, values=sd.values)
-        msgs = self._row_messages(delta, watermark_ms, sid)
-        dense = payload_chunks(self._header(DENSE, watermark_ms, publish_id=self._next_id(),
-                                            snapshot_id=sid),
-                               self.tower_bytes(), self.cfg.max_message_bytes)
-        body = msgs + dense
-        end = self._header(SNAPSHOT_END, watermark_ms, publish_id=sid, snapshot_id=sid,
-                           chunk_count=len(body) + 2)
-        end.snapshot_offset = begin_offset
-        self._sync(self._send(body, "snapshot") + self._send([end], "snapshot"))
-        self.snapshot_offset = begin_offset
+        body = self._row_messages(delta, watermark_ms, sid)
+        tower = self.tower_bytes()
+        for p in self.partitions:  # each partition's snapshot names the model config
+            body += payload_chunks(self._header(DENSE, watermark_ms, p, publish_id=self._next_id(),
+                                                snapshot_id=sid), tower, self.cfg.max_message_bytes)
+        counts = {p: 0 for p in self.partitions}
+        for m in body:
+            counts[self._partition(m)] += 1
+        ends = []
+        for p in self.partitions:
+            end = self._header(SNAPSHOT_END, watermark_ms, p, publish_id=sid, snapshot_id=sid,
+                               chunk_count=counts[p] + 2)
+            end.snapshot_offset = begin_offsets[p]
+            ends.append(end)
+        self._sync(self._send(body, "snapshot") + self._send(ends, "snapshot"))
+        self.snapshot_offsets = begin_offsets
         self.published_version = version
         PUBLISHED_VERSION.set(version)
-        log.info("snapshot %d at offset %d: version %d, %d messages", sid, begin_offset, version,
-                 len(body) + 2)
-        return begin_offset
+        log.info("snapshot %d at offsets %s: version %d, %d messages", sid, begin_offsets, version,
+                 len(body) + 2 * len(self.partitions))
+        return begin_offsets[self.control]
+
+    def _heartbeats(self, msgs: list[ParamsMessage], delta: TableDelta, watermark_ms: int) -> list[ParamsMessage]:
+        """An empty sparse message for each partition this publish left out (sharded only).
+
+        A shard none of whose rows changed still learns the new version and watermark, so the
+        fleet's version (the oldest shard's) and freshness stay exact.
+        """
+        idle = set(self.partitions) - {self._partition(m) for m in msgs}
+        if self.cfg.num_param_shards == 1 or not idle:
+            return []
+        slot = sorted(self.table.slots)[0]
+        empty = SlotDelta(ids=np.zeros(0, np.int64), values=torch.zeros(0, self.table.slots[slot].dim))
+        (payload,) = encode_delta(TableDelta(from_version=max(delta.from_version, 0),
+                                             to_version=delta.to_version, slots={slot: empty}))
+        return [self._header(SPARSE, watermark_ms, p, publish_id=self._next_id(), slot=slot,
+                             from_version=max(delta.from_version, 0), payload=payload)
+                for p in sorted(idle)]
+
+    def _split(self, delta: TableDelta) -> dict[int, TableDelta]:
+        """The delta per shard partition (all of it on partition 0 when unsharded)."""
+        n = self.cfg.num_param_shards
+        if n == 1:
+            return {0: delta}
+        out = {p: TableDelta(from_version=delta.from_version, to_version=delta.to_version, slots={})
+               for p in range(n)}
+        for name, sd in delta.slots.items():
+            owner, downer = shard_of(sd.ids, n), shard_of(sd.deleted_ids, n)
+            for p in range(n):
+                mine = owner == p
+                out[p].slots[name] = SlotDelta(ids=sd.ids[mine], values=sd.values[torch.from_numpy(mine)],
+                                               deleted_ids=sd.deleted_ids[downer == p])
+        return out
 
     def _row_messages(self, delta: TableDelta, watermark_ms: int, snapshot_id: int) -> list[ParamsMessage]:
-        """One publish per non-empty slot, each chunked by ``encode_delta`` under the size limit."""
+        """One publish per non-empty slot and shard, chunked by ``encode_delta`` under the size limit."""
+        msgs: list[ParamsMessage] = []
+        for partition, part in self._split(delta).items():
+            msgs += self._slot_messages(part, watermark_ms, snapshot_id, partition)
+        return msgs
+
+    def _slot_messages(self, delta: TableDelta, watermark_ms: int, snapshot_id: int,
+                       partition: int) -> list[ParamsMessage]:
         msgs: list[ParamsMessage] = []
         for slot in sorted(delta.slots):
             sd = delta.slots[slot]
@@ -174,7 +289,7 @@ class DeltaPublisher:
             chunks = encode_delta(one, fp16=self.cfg.fp16,
                                   max_bytes=self.cfg.max_message_bytes - HEADER_BYTES)
             pid = self._next_id()
-            msgs += [self._header(SPARSE, watermark_ms, publish_id=pid, slot=slot,
+            msgs += [self._header(SPARSE, watermark_ms, partition, publish_id=pid, slot=slot,
                                   from_version=one.from_version, snapshot_id=snapshot_id,
                                   chunk_index=i, chunk_count=len(chunks), rows=int(sd.ids.size),
                                   payload=c)

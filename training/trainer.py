@@ -28,7 +28,7 @@ from training.checkpoint import CheckpointManifest, CheckpointStore
 from training.config import TrainerConfig
 from training.learner import Learner
 from training.model import tower_to_safetensors
-from training.sync import DeltaPublisher, SyncConfig
+from training.sync import DeltaPublisher, SyncConfig, ensure_params_partitions
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def _make_producer(kafka: KafkaConfig, max_bytes: int) -> Any:
     return KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, client_id="hw-trainer-params",
                          acks="all", linger_ms=0, retries=kafka.retries,
                          max_request_size=max(max_bytes * 2, 1 << 20),
+                         # See KafkaConfig.idempotence (a retried params message is harmless).
+                         enable_idempotence=kafka.idempotence,
                          max_in_flight_requests_per_connection=1)
 
 
@@ -125,7 +127,10 @@ class OnlineTrainer:
         sync = SyncConfig(model_id=c.model_id, sparse_interval_s=c.sparse_sync_interval_s,
                           dense_interval_s=c.dense_sync_interval_s,
                           snapshot_interval_s=c.snapshot_interval_s, fp16=c.sync_fp16,
-                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes))
+                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes),
+                          num_param_shards=c.num_param_shards)
+        if c.num_param_shards > 1:
+            ensure_params_partitions(self.kafka.bootstrap_servers, self.topics.params, c.num_param_shards)
         learner = self.learner
         self.publisher = DeltaPublisher(
             self.producer, self.topics.params, learner.table,

@@ -18,9 +18,12 @@ BENCHMARKS: dict[str, str] = {
     "trainer": "training.bench_trainer",
     "freshness": "training.bench_freshness",
     "serving": "serving.bench",
+    "ps": "serving.ps_bench",
     "llm": "llm_engine.bench",
     "rank": "llm_engine.bench_rank",
     "spec": "llm_engine.bench_spec",
+    "overload": "serving.http.bench_overload",
+    "chaos": "headwater.chaos",
 }
 
 

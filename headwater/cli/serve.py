@@ -1,13 +1,13 @@
-"""``headwater serve``: the gRPC recommender with its parameter-server replica (or the PS alone)."""
+"""``headwater serve``: the gRPC recommender with its parameter-server replica, one PS shard, or a
+recommender over a fleet of PS shards (``--role all|ps|recommender``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 from headwater.cli.runtime import stop_on_signals
-from headwater.config import add_config_args, load_config
+from headwater.config import ConfigError, add_config_args, load_config
 
 log = logging.getLogger(__name__)
 
@@ -15,12 +15,16 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     from serving.config import ServeConfig
     from serving.param_server import ParamServerConfig
+    from serving.ps_client import PsClientConfig
     from streams.kafka_io import KafkaConfig
 
     p = sub.add_parser("serve", help="serve headwater.v1.Recommender over gRPC from a hw.params replica")
     add_config_args(p, KafkaConfig)
     add_config_args(p, ServeConfig)
     add_config_args(p, ParamServerConfig)
+    add_config_args(p, PsClientConfig)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="--role ps: hold shard I of N (reads hw.params partition I); sets num_shards/shard_index")
     p.set_defaults(handler=_serve)
 
 
@@ -29,28 +33,44 @@ def _serve(args: argparse.Namespace) -> int:
 
     from headwater.metrics import serve_metrics
     from serving.config import ServeConfig
-    from serving.param_server import ParamServer, ParamServerConfig
-    from serving.server import RecommendServer
+    from serving.param_server import ParamServer, ParamServerConfig, parse_shard
+    from serving.ps_client import PsClientConfig, ShardFleet
     from streams.kafka_io import KafkaConfig, topic_names
+    from training.params_wire import control_partition
 
-    kafka = load_config(KafkaConfig, args, section="serve")
-    cfg = load_config(ServeConfig, args, section="serve")
-    ps_cfg = load_config(ParamServerConfig, args, section="serve")
-    cfg.validate()
+    try:  # bad flags are a clear message and exit code 2, not a traceback
+        kafka = load_config(KafkaConfig, args, section="serve")
+        cfg = load_config(ServeConfig, args, section="serve")
+        ps_cfg = load_config(ParamServerConfig, args, section="serve")
+        client_cfg = load_config(PsClientConfig, args, section="serve")
+        cfg.validate()
+        if args.shard:
+            ps_cfg.shard_index, ps_cfg.num_shards = parse_shard(args.shard)
+        if cfg.role == "all" and ps_cfg.num_shards > 1:
+            raise ValueError("--role all holds the whole table; run shards with --role ps --shard i/N")
+        addresses = client_cfg.addresses() if cfg.role == "recommender" else []
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.torch_threads:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    if cfg.role == "ps":
-        cfg.batching = False  # a PS process answers GetEmbeddings / health; no ranking traffic
+    topic = topic_names(kafka.topic_prefix).params
     serve_metrics(cfg.metrics_port, cfg.host)
     stop = stop_on_signals()
-    ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic_names(kafka.topic_prefix).params)
+    fleet = None
+    if cfg.role == "recommender":
+        fleet = ShardFleet(addresses, client_cfg.ps_deadline_ms / 1000.0)
+        ps_cfg.num_shards, ps_cfg.shard_index = fleet.num_shards, 0
+        ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic, partition=control_partition(fleet.num_shards))
+    else:
+        ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic)
     ps.start()
-    server = RecommendServer(cfg, ps).start()
+    server = _server(cfg, ps, fleet).start()
     console = Console(stderr=True)
-    console.print(f"[bold]headwater serve[/] ({cfg.role}) on {server.address}; following "
-                  f"{topic_names(kafka.topic_prefix).params} at {kafka.bootstrap_servers}")
+    what = f"shard {ps_cfg.shard_index}/{ps_cfg.num_shards}" if cfg.role == "ps" else cfg.role
+    console.print(f"[bold]headwater serve[/] ({what}) on {server.address}; following "
+                  f"{topic}[{ps.partition}] at {kafka.bootstrap_servers}")
     try:
         with console.status("waiting for the first snapshot on hw.params...") as status:
             while not stop.wait(0.5):
@@ -64,4 +84,17 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         ps.stop()
+        if fleet is not None:
+            fleet.close()
     return 0
+
+
+def _server(cfg, ps, fleet):
+    """The gRPC front of this role: Recommender (all, recommender) or ParameterServer (ps)."""
+    from serving.ps_client import ShardedModelSource
+    from serving.ps_service import PsServer, PsServerConfig
+    from serving.server import RecommendServer
+
+    if cfg.role == "ps":
+        return PsServer(ps, PsServerConfig(host=cfg.host, port=cfg.port, workers=min(cfg.workers, 16)))
+    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet))

@@ -38,6 +38,7 @@ def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         if p.top_p < 1:
             sp = torch.softmax(sorted_x.masked_fill(sorted_x < kth, float("-inf")), dim=-1)
             keep = (sp.cumsum(-1) - sp) < p.top_p
+            keep[:, 0] = True  # the first always stays, even for a top_p that is 0 in float32
             thr = sorted_x.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
             x = x.masked_fill(x < thr, float("-inf"))
     probs = torch.softmax(x, dim=-1)

@@ -86,6 +86,7 @@ class Backend(Protocol):
 
     model_id: str
     max_model_len: int
+    vocab_size: int  # token-id prompts must lie in [0, vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 

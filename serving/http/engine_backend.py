@@ -46,6 +46,7 @@ class EngineBackend(TokenizerDelegate):
     def __init__(self, engine: LLMEngine, tokenizer: ModelTokenizer, model_id: str) -> None:
         self.engine, self.tok, self.model_id = engine, tokenizer, model_id
         self.max_model_len = engine.max_model_len
+        self.vocab_size = int(engine.model.config.vocab_size)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._listeners: dict[str, _Listener] = {}
         self._stop = threading.Event()

@@ -40,6 +40,7 @@ class TransformersBackend(TokenizerDelegate):
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.model_id = served_model_name or self.model_dir.name
         self.max_model_len = max_model_len or int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(self.model.config.vocab_size)
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self._aborted: set[str] = set()
         self._waiting = 0

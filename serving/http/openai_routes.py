@@ -8,13 +8,23 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from serving.http.backend import GenerateParams
 from serving.http.chat_template import ChatTemplateError, render_chat
 from serving.http.errors import APIError
-from serving.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serving.http.schemas import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                  CompletionResponse, SamplingFields)
 from serving.http.state import ServerState
 from serving.http.streams import SSE_DONE, ChoiceState, Job, collect, merged, sse
+
+
+def _streamable(body: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict]:
+    """200 is ``body`` as JSON, or ``chunk`` events (then ``[DONE]``) with ``"stream": true``."""
+    done = {"type": "string", "enum": ["[DONE]"]}
+    return {200: {"description": "the answer (JSON), or server-sent chunks when streaming",
+                  "content": {"application/json": {"schema": body.model_json_schema(ref_template="#/components/schemas/{model}")},
+                              "text/event-stream": {"schema": {"anyOf": [chunk.model_json_schema(), done]}}}}}
 
 
 def _params(req: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> GenerateParams:
@@ -99,6 +109,19 @@ def _stream(state: ServerState, jobs: list[Job], n: int, chunk, final_chunk, inc
                           headers={"Cache-Control": "no-cache"})
 
 
+async def _answer(state: ServerState, request: Request, req: SamplingFields, jobs: list[Job], chunk,  # noqa: ANN001
+                  final_chunk) -> StreamingResponse | dict[int, ChoiceState]:
+    """The tail both routes share: take an admission slot, then either stream (the response
+    gives the slot back) or collect every choice (given back here, however it ends)."""
+    state.admission.acquire()
+    if req.stream:
+        return _stream(state, jobs, req.n, chunk, final_chunk, req.include_usage)
+    try:
+        return await state.until_disconnect(request, collect(state.backend, jobs))
+    finally:
+        state.admission.release()
+
+
 def build_router(state: ServerState) -> APIRouter:
     router = APIRouter()
     backend = state.backend
@@ -116,8 +139,9 @@ def build_router(state: ServerState) -> APIRouter:
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops or None, "text_offset": offsets}
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=_streamable(CompletionResponse, CompletionResponse))
     async def completions(req: CompletionRequest, request: Request):  # noqa: ANN202
+        state.check_model(req.model)
         if req.best_of not in (None, req.n):
             raise APIError(400, "best_of is not supported (use n)", "best_of")
         if req.suffix:
@@ -131,6 +155,10 @@ def build_router(state: ServerState) -> APIRouter:
             prompts = [backend.encode(p, add_special_tokens=True) for p in raw]
         else:
             prompts = [list(p) for p in raw]
+        vocab = backend.vocab_size
+        bad = next(((p, t) for p, ids in enumerate(prompts) for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt[{bad[0]}] holds token id {bad[1]}; ids must lie in [0, {vocab})", "prompt")
         if len(prompts) * req.n > state.config.max_choices:
             raise APIError(400, f"at most {state.config.max_choices} prompts x n per request", "n")
         budgets = [_budget(state, len(p), req.max_tokens) for p in prompts]
@@ -139,7 +167,6 @@ def build_router(state: ServerState) -> APIRouter:
         lp = req.logprobs
         jobs = _jobs(req, prompts, budgets, rid, lp, (lp or 0) if (req.echo and lp is not None) else None)
         echo_text = {p: backend.decode(ids) for p, ids in enumerate(prompts)} if req.echo else {}
-        state.admission.acquire()
 
         def chunk(index: int, ev, s: ChoiceState):  # noqa: ANN001, ANN202
             p = index // req.n
@@ -158,12 +185,9 @@ def build_router(state: ServerState) -> APIRouter:
         def final_chunk(usage: dict) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
 
-        if req.stream:
-            return _stream(state, jobs, req.n, chunk, final_chunk, req.include_usage)
-        try:
-            states = await state.until_disconnect(request, collect(backend, jobs))
-        finally:
-            state.admission.release()
+        states = await _answer(state, request, req, jobs, chunk, final_chunk)
+        if isinstance(states, StreamingResponse):
+            return states
         choices = []
         for j in jobs:
             s = states[j.index]
@@ -190,8 +214,9 @@ def build_router(state: ServerState) -> APIRouter:
             content.append(entry)
         return {"content": content}
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=_streamable(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(req: ChatCompletionRequest, request: Request):  # noqa: ANN202
+        state.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = render_chat(messages, backend.chat_template, req.add_generation_prompt, state.special_tokens)
@@ -205,7 +230,6 @@ def build_router(state: ServerState) -> APIRouter:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created, model = int(time.time()), backend.model_id
         jobs = _jobs(req, [prompt], [budget], rid, top, None)
-        state.admission.acquire()
 
         def chunk(index: int, ev, s: ChoiceState):  # noqa: ANN001, ANN202
             base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -219,12 +243,9 @@ def build_router(state: ServerState) -> APIRouter:
         def final_chunk(usage: dict) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}
 
-        if req.stream:
-            return _stream(state, jobs, req.n, chunk, final_chunk, req.include_usage)
-        try:
-            states = await state.until_disconnect(request, collect(backend, jobs))
-        finally:
-            state.admission.release()
+        states = await _answer(state, request, req, jobs, chunk, final_chunk)
+        if isinstance(states, StreamingResponse):
+            return states
         choices = [{
             "index": j.index,
             "message": {"role": "assistant", "content": states[j.index].text},

@@ -20,6 +20,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/v1/rank", response_model=RankResponse)
     async def rank(req: RankRequest, request: Request) -> RankResponse:
+        state.check_model(req.model)
         limit = state.config.max_candidates
         if len(req.candidates) > limit:
             raise APIError(400, f"{len(req.candidates)} candidates; at most {limit} per call", "candidates")

@@ -27,15 +27,22 @@ class Admission:
         self.limit, self.retry_after_s, self.in_flight = limit, retry_after_s, 0
 
     def acquire(self) -> None:
-        if self.in_flight >= self.limit:
-            metrics.REJECTED.inc()
-            raise APIError(
-                429,
-                f"server is at capacity ({self.limit} requests in flight); retry after {self.retry_after_s} s",
-                headers={"Retry-After": str(self.retry_after_s)},
-            )
+        if self.full:
+            raise self.rejection()
         self.in_flight += 1
         metrics.IN_FLIGHT.set(self.in_flight)
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.limit
+
+    def rejection(self) -> APIError:
+        metrics.REJECTED.inc()
+        return APIError(
+            429,
+            f"server is at capacity ({self.limit} requests in flight); retry after {self.retry_after_s} s",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -53,6 +60,13 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.max_pending_requests, self.config.retry_after_s)
+
+    def check_model(self, model: str | None) -> None:
+        """``model`` is a name matched against the served one, never a path: no request field
+        ever reaches the file system (an unknown name is a 404, as OpenAI answers)."""
+        if model is not None and model != self.backend.model_id:
+            raise APIError(404, f"model {model[:100]!r} does not exist; this server serves "
+                                f"{[self.backend.model_id]}", "model")
 
     async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
         """Runs ``work`` but cancels it when the client goes away (cancelling aborts the

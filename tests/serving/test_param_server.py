@@ -1,4 +1,5 @@
-"""The serving parameter server against the real broker: bootstrap, tail, serve, warm restart, shards."""
+"""The serving parameter server against the real broker: bootstrap, tail, serve, warm restart
+(sharded fleets: test_ps_fleet.py)."""
 
 import time
 
@@ -9,7 +10,7 @@ import torch
 from serving_helpers import Trainer, _same_rows, _wait
 
 from serving.config import ServeConfig
-from serving.param_server import ParamServer, ParamServerConfig, shard_of
+from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2, pb2_grpc
 from serving.server import RecommendServer
 
@@ -71,31 +72,6 @@ def test_replica_bootstraps_tails_serves_and_restarts_warm(kafka_topics, tmp_pat
         assert _same_rows(again.current().table, trainer.table, "item_id", [1000, 1001])
     finally:
         again.stop()
-        trainer.close()
-
-
-def test_a_sharded_replica_keeps_only_its_ids(kafka_topics):
-    trainer = Trainer(kafka_topics, seed=1)
-    ids = np.arange(400)
-    trainer.train("item_id", ids)
-    trainer.pub.publish_snapshot(watermark_ms=5)
-    trainer.train("item_id", np.arange(400, 500))
-    trainer.pub.publish_sparse(watermark_ms=6)
-    replicas = [ParamServer(ParamServerConfig(num_shards=2, shard_index=i, poll_timeout_ms=50),
-                            kafka_topics.bootstrap_servers, trainer.topic) for i in range(2)]
-    try:
-        for r in replicas:
-            r.start()
-        assert all(_wait(lambda r=r: r.ready and r.state.version == trainer.table.version) for r in replicas)
-        held = [np.sort(r.current().table.ids("item_id")) for r in replicas]
-        all_ids = np.arange(500)
-        for i, h in enumerate(held):
-            np.testing.assert_array_equal(h, all_ids[shard_of(all_ids, 2) == i])
-            assert _same_rows(replicas[i].current().table, trainer.table, "item_id", h)
-        assert 150 < held[0].size < 350
-    finally:
-        for r in replicas:
-            r.stop()
         trainer.close()
 
 

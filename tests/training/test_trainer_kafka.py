@@ -29,14 +29,19 @@ def _produce(kafka, messages, gap_s=0.0):
 
 
 def _run_fed(trainer, kafka, batches, gap_s=0.15):
-    """Joins the group first, then feeds messages while the trainer runs (so training spans time)."""
+    """Joins the group first, then feeds messages while the trainer runs (so training spans time).
+
+    The trainer steps by hand while the feeder runs; only then may its idle timer end the run, so
+    a feeder starved on a loaded machine cannot look like the end of the stream.
+    """
     while not trainer.consumer.assignment():
         trainer.step()
     feeder = threading.Thread(target=_produce, args=(kafka, [encode_examples(b) for b in batches], gap_s))
     feeder.start()
-    summary = trainer.run()
+    while feeder.is_alive():
+        trainer.step()
     feeder.join()
-    return summary
+    return trainer.run()
 
 
 def _cfg(**kw):

@@ -1,0 +1,45 @@
+"""Process faults under load: kill -9 the joiner, the trainer and a serving replica mid-stream,
+restart each, and account for every input event (``headwater bench chaos``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from headwater.chaos import ChaosConfig, run_chaos
+
+
+def _check(report: dict, faults: int) -> None:
+    assert report["faults_injected"] == faults == report["faults_survived"], report["faults"]
+    assert report["events_in"] > 0 and report["lost"] == 0
+    assert report["events_accounted"] == report["events_in"]
+    led = report["ledger"]
+    assert led["examples_untrained"] == 0 and led["requests_missing_from_topic"] == 0
+    assert report["serving"]["errors"] == 0 and report["serving"]["answered"] > 0
+    for f in report["faults"]:
+        assert 0 < f["recovery_s"] <= f["downtime_s"]
+        if f["fault"] == "trainer":
+            assert f["detail"]["serving_degraded_while_down"]
+            assert f["detail"]["serving_fresh_after_recovery"]
+
+
+def test_process_faults_short(tmp_path):
+    cfg = ChaosConfig(faults="joiner,trainer,serving", storage="memory", data_dir=str(tmp_path),
+                      warmup_s=1.0, settle_s=1.0, load_qps=10.0)
+    _check(run_chaos(cfg), faults=3)
+
+
+@pytest.mark.slow
+def test_chaos_benchmark_full():
+    """The README's ``headwater bench chaos --json``: all four faults, the broker down 10 s."""
+    out = subprocess.run([sys.executable, "-m", "headwater", "bench", "chaos", "--json"],
+                         capture_output=True, text=True, timeout=900, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    _check(report, faults=4)
+    trainer = next(f for f in report["faults"] if f["fault"] == "trainer")
+    assert not trainer["detail"]["serving_degraded_before_kill"]  # the kill turned it on
+    broker = next(f for f in report["faults"] if f["fault"] == "broker")
+    assert broker["detail"]["down_s"] >= 10.0 and broker["detail"]["storage"].startswith("s3://")
