@@ -18,7 +18,11 @@ from streams.events import encode_examples
 from streams.kafka_io import BatchProducer, topic_names
 from training.distributed.checkpoint import SHARDED_MANIFEST
 from training.params_reader import ParamsFollower, ReplicaState
+from training.params_wire import params_partitions
 from training.synthetic import synthetic_examples
+
+
+PS_SHARDS = 3  # serving PS shards: hw.params partitions 0..2 (rows) and 3 (the tower)
 
 
 def _fill(kafka, batches):
@@ -35,16 +39,17 @@ def _train(kafka, ckpt, nproc, until):
            "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
            "--group-id", f"dist-{uuid.uuid4().hex[:6]}", "--batch-size", "300", "--hidden", "16,8",
            "--max-examples", str(until), "--idle-exit-s", "20", "--max-batch-wait-ms", "50", "--sparse-sync-interval-s", "0.2",
-           "--checkpoint-dir", str(ckpt), "--checkpoint-interval-s", "1000", "--torch-threads", "1"]
+           "--checkpoint-dir", str(ckpt), "--checkpoint-interval-s", "1000", "--torch-threads", "1",
+           "--num-param-shards", str(PS_SHARDS)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _replica(kafka):
+def _replica(kafka, partition):
     topic = topic_names(kafka.topic_prefix).params
-    follower = ParamsFollower(kafka.bootstrap_servers, topic, 0)
+    follower = ParamsFollower(kafka.bootstrap_servers, topic, 0, partition=partition)
     end = follower.end_offset()
     got, deadline = [], time.monotonic() + 30
     while (not got or got[-1][0] < end - 1) and time.monotonic() < deadline:
@@ -59,7 +64,7 @@ def _replica(kafka):
 @pytest.fixture(scope="module")
 def two_rank_run(kafka_broker, tmp_path_factory):
     prefix = f"dist-{uuid.uuid4().hex[:8]}"
-    kafka_broker.create_topics(prefix, {"examples": 2})
+    kafka_broker.create_topics(prefix, {"examples": 2, "params": params_partitions(PS_SHARDS)})
     kafka = kafka_broker.kafka_config(prefix)
     _fill(kafka, synthetic_examples(2400, 300, slots=3, vocab=300, seed=5))
     ckpt = tmp_path_factory.mktemp("dist-kafka") / "ckpt"
@@ -78,14 +83,20 @@ def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(two_r
     assert manifest["offsets"] == {f"{examples}:0": 4, f"{examples}:1": 4}
 
     shards = [EmbeddingTable.load(str(ckpt / e["dir"] / "table")) for e in manifest["shards"]]
-    replica = _replica(kafka)
-    assert replica.ready and replica.tower is not None
-    for slot in ("user_id", "item_id", "f00"):
-        owned = [t.ids(slot) for t in shards]
-        for r, ids in enumerate(owned):
+    owned = {slot: [t.ids(slot) for t in shards] for slot in ("user_id", "item_id", "f00")}
+    for slot, per_rank in owned.items():
+        for r, ids in enumerate(per_rank):
             assert ids.size and (shard_of(ids, 2) == r).all()
-        # The replica holds the rows of both shards: one collective snapshot plus both ranks' deltas.
-        np.testing.assert_array_equal(np.sort(replica.table.ids(slot)), np.sort(np.concatenate(owned)))
+    # Each PS shard's partition holds exactly its rows, gathered from both trainer ranks by one
+    # collective snapshot plus both ranks' deltas; every partition's snapshot carries the tower.
+    for p in range(PS_SHARDS):
+        replica = _replica(kafka, p)
+        assert replica.ready and replica.tower is not None
+        for slot, per_rank in owned.items():
+            every = np.concatenate(per_rank)
+            want = np.sort(every[shard_of(every, PS_SHARDS) == p])
+            assert all(np.isin(want, ids).any() for ids in per_rank)  # rows from both ranks
+            np.testing.assert_array_equal(np.sort(replica.table.ids(slot)), want)
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ dense tower and the end marker whose ``chunk_count`` covers them all. Ranks adva
 ``snapshot_offset`` only after a barrier behind the end marker, so no message points at a snapshot
 that is not complete yet.
 
-Serving PS shards filter rows by :func:`embedding_store.sharding.shard_of` themselves, so it does
-not matter which rank published a row. Each message's ``version`` is its rank's table version
+With ``--num-param-shards M`` every rank splits its rows onto the ``hw.params`` partition of
+their PS shard (``shard_of(id, M)``, :class:`DeltaPublisher`'s layout) and rank 0 writes the
+tower to the control partition; each partition gets begin/end markers of the collective
+snapshot. Which rank published a row does not matter to a replica. Each message's ``version`` is its rank's table version
 (versions of different ranks are not comparable).
 """
 
@@ -59,43 +61,53 @@ class ShardPublisher(DeltaPublisher):
             super().publish_dense(watermark_ms, snapshot_id)
 
     def publish_snapshot_collective(self, watermark_ms: int) -> int:
-        """Collective (every rank calls it): one snapshot holding every shard; returns its begin offset."""
+        """Collective (every rank calls it): one snapshot holding every shard on every ``hw.params``
+        partition; returns its begin offset on the control partition."""
         import torch.distributed as dist
 
         version = int(self.table.version)
-        info = torch.zeros(2, dtype=torch.int64)
+        parts = self.partitions
+        info = torch.zeros(1 + len(parts), dtype=torch.int64)
         if self.rank == 0:
             sid = self._next_id()
-            begin = self._header(SNAPSHOT_BEGIN, watermark_ms, publish_id=sid, snapshot_id=sid)
-            (meta,) = self._sync(self._send([begin], "snapshot"))
-            info[0], info[1] = sid, int(meta.offset)
+            begins = [self._header(SNAPSHOT_BEGIN, watermark_ms, p, publish_id=sid, snapshot_id=sid)
+                      for p in parts]
+            metas = self._sync(self._send(begins, "snapshot"))
+            info[0] = sid
+            info[1:] = torch.tensor([int(m.offset) for m in metas], dtype=torch.int64)
         if self.world > 1:
             dist.broadcast(info, src=0)
-        sid, begin_offset = int(info[0]), int(info[1])
+        sid = int(info[0])
+        begin_offsets = {p: int(o) for p, o in zip(parts, info[1:].tolist())}
         delta = self.table.export_delta(since_version=0)
         for name, sd in delta.slots.items():  # a snapshot is the full state: no deletions
             delta.slots[name] = SlotDelta(ids=sd.ids, values=sd.values)
         msgs = self._row_messages(delta, watermark_ms, sid)
         self._sync(self._send(msgs, "snapshot"))
-        count = torch.tensor([len(msgs)], dtype=torch.int64)
+        counts = torch.zeros(len(parts), dtype=torch.int64)
+        for m in msgs:
+            counts[parts.index(self._partition(m))] += 1
         if self.world > 1:
-            dist.all_reduce(count)  # after it, every shard's rows are on the broker
+            dist.all_reduce(counts)  # after it, every shard's rows are on the broker
         if self.rank == 0:
-            dense = payload_chunks(self._header(DENSE, watermark_ms, publish_id=self._next_id(),
-                                                snapshot_id=sid),
-                                   self.tower_bytes(), self.cfg.max_message_bytes)
-            end = self._header(SNAPSHOT_END, watermark_ms, publish_id=sid, snapshot_id=sid,
-                               chunk_count=int(count) + len(dense) + 2)
-            end.snapshot_offset = begin_offset
-            self._sync(self._send(dense, "snapshot") + self._send([end], "snapshot"))
+            tower, body = self.tower_bytes(), []
+            for i, p in enumerate(parts):  # each partition's snapshot names the model config
+                dense = payload_chunks(self._header(DENSE, watermark_ms, p, publish_id=self._next_id(),
+                                                    snapshot_id=sid),
+                                       tower, self.cfg.max_message_bytes)
+                end = self._header(SNAPSHOT_END, watermark_ms, p, publish_id=sid, snapshot_id=sid,
+                                   chunk_count=int(counts[i]) + len(dense) + 2)
+                end.snapshot_offset = begin_offsets[p]
+                body += dense + [end]
+            self._sync(self._send(body, "snapshot"))
         if self.world > 1:
-            dist.barrier()
-        self.snapshot_offset = begin_offset
+            dist.barrier()  # nobody points at this snapshot before its end markers are written
+        self.snapshot_offsets = begin_offsets
         self.published_version = version
         now = time.monotonic()
         self._last_snapshot = self._last_sparse = now
         if self.rank == 0:
             self._last_dense = now
-        log.info("rank %d: snapshot %d at offset %d, %d row messages from %d ranks", self.rank,
-                 sid, begin_offset, int(count), self.world)
-        return begin_offset
+        log.info("rank %d: snapshot %d at offsets %s, %d row messages from %d ranks", self.rank,
+                 sid, begin_offsets, int(counts.sum()), self.world)
+        return begin_offsets[self.control]

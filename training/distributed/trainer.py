@@ -31,7 +31,7 @@ from training.distributed.learner import ShardedLearner
 from training.distributed.publisher import ShardPublisher
 from training.learner import Learner, make_table, model_config_for
 from training.model import tower_to_safetensors
-from training.sync import SyncConfig
+from training.sync import SyncConfig, ensure_params_partitions
 from training.trainer import CHECKPOINTS, DUPLICATES, EXAMPLES, WATERMARK, OnlineTrainer
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,16 @@ class DistributedTrainer(OnlineTrainer):
         sync = SyncConfig(model_id=c.model_id, sparse_interval_s=c.sparse_sync_interval_s,
                           dense_interval_s=c.dense_sync_interval_s,
                           snapshot_interval_s=c.snapshot_interval_s, fp16=c.sync_fp16,
-                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes))
+                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes),
+                          num_param_shards=c.num_param_shards)
+        if c.num_param_shards > 1:
+            if self.rank == 0:
+                ensure_params_partitions(self.kafka.bootstrap_servers, self.topics.params,
+                                         c.num_param_shards)
+            if self.world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # the other ranks' publishers check the partitions exist
         learner = self.learner
         self.publisher = ShardPublisher(
             self.producer, self.topics.params, learner.table,
