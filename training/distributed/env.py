@@ -52,14 +52,18 @@ class DistEnv:
 
 
 def init_process_group(env: DistEnv, backend: str = "", timeout_s: float = 300.0) -> str:
-    """Joins the default process group: gloo on CPU, NCCL when CUDA is there (or as asked)."""
+    """Joins the default process group: gloo unless ``backend`` says otherwise.
+
+    The trainer keeps its table shards and its tower on the CPU (``make_table(device="cpu")``),
+    so the exchange tensors are CPU tensors, which NCCL cannot carry; ``backend="nccl"`` is for a
+    trainer whose tensors live on the GPU.
+    """
     import datetime
 
     import torch
     import torch.distributed as dist
 
-    if not backend:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend or "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
