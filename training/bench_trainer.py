@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads (1: on a shared 2-core box, OpenMP wake-ups of a "
                         "second thread cost more than it computes; the other core runs Kafka I/O)")
     p.add_argument("--publish", action="store_true", help="also publish deltas to hw.params every 1 s")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="compare the multi-rank trainer at 1 and N ranks in one run (0: the "
+                        "one-process trainer against consume+decode)")
+    p.add_argument("--repeats", type=int, default=1, help="with --nproc: runs per rank count, interleaved")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="with --nproc: limit per run")
 
 
 def _fill(kafka: Any, topic: str, batches: list[Any]) -> None:
@@ -75,6 +80,10 @@ def _baseline(kafka: Any, topic: str, expect: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.nproc:
+        from training.distributed.bench import run as run_ranks
+
+        return run_ranks(args)
     import torch
 
     from streams.broker import BrokerConfig, EmbeddedBroker

@@ -82,8 +82,7 @@ class OnlineTrainer:
         self.batches = 0
         self.consume_s = self.decode_s = 0.0  # time in poll / in decoding (benchmark split)
         self._resume()
-        self.consumer = GroupConsumer(kafka, [self.topics.examples], cfg.group_id,
-                                      client_id="hw-trainer")
+        self.consumer = self._make_consumer()
         _shorten_fetch_wait(self.consumer, cfg.fetch_max_wait_ms)
         # One producer for hw.params and for bad input sent on to hw.dlq.
         self.producer = _make_producer(kafka, cfg.params_message_bytes)
@@ -114,6 +113,11 @@ class OnlineTrainer:
         self.manifest = manifest
         log.info("resumed checkpoint %d: %d examples trained, offsets %s, table version %d",
                  manifest.seq, manifest.examples_trained, manifest.offsets, int(table.version))
+
+    def _make_consumer(self) -> Any:
+        """The ``hw.examples`` consumer (a ``GroupConsumer``; the multi-rank trainer assigns partitions)."""
+        return GroupConsumer(self.kafka, [self.topics.examples], self.cfg.group_id,
+                             client_id="hw-trainer")
 
     def _start_publisher(self) -> None:
         if not self.cfg.publish:
@@ -166,6 +170,19 @@ class OnlineTrainer:
         step is, and memory for pending rows stays bounded. (Pausing drops the client's
         prefetched data, hence a high-water mark well above one batch.)
         """
+        self._poll(poll_timeout_ms)
+        trained = 0
+        deadline = time.perf_counter() + budget_s
+        while time.perf_counter() < deadline:
+            due = self.former.pop_ready(time.monotonic(), limit=1)
+            if not due:
+                break
+            trained += self._train(due[0])
+        self._periodic()
+        return trained
+
+    def _poll(self, poll_timeout_ms: int) -> None:
+        """Polls once and queues what arrived in the batch former (the multi-rank loop reuses it)."""
         self._set_paused(self.former.pending_rows >= 8 * self.cfg.batch_size)
         t0 = time.perf_counter()
         # Never sleep in poll past the moment a partial mini-batch becomes due.
@@ -190,15 +207,6 @@ class OnlineTrainer:
             self.former.add(batch, r.topic, r.partition, r.offset, now)
         self.consume_s += t1 - t0
         self.decode_s += time.perf_counter() - t1
-        trained = 0
-        deadline = time.perf_counter() + budget_s
-        while time.perf_counter() < deadline:
-            due = self.former.pop_ready(time.monotonic(), limit=1)
-            if not due:
-                break
-            trained += self._train(due[0])
-        self._periodic()
-        return trained
 
     def _set_paused(self, paused: bool) -> None:
         """Pauses/resumes fetching on the assigned partitions (polls still keep membership)."""

@@ -21,13 +21,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p, TrainerConfig)
     p.add_argument("--json", action="store_true",
                    help="no live view; print one JSON summary line at exit")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="run N ranks (sharded table, DDP tower); 0 = one process, or the ranks "
+                        "torchrun describes in RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT")
     p.set_defaults(handler=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.live import Live
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    if args.nproc < 0:
+        raise SystemExit("headwater train: --nproc must be >= 0")
+    if args.nproc >= 1 and "WORLD_SIZE" not in os.environ:
+        # The launcher: N copies of this very command, each with torchrun's variables.
+        from training.distributed.env import headwater_argv, spawn_ranks
+
+        codes = spawn_ranks(args.nproc, headwater_argv(_strip_nproc(sys.argv[1:])))
+        return max(codes, key=abs)
+    if "WORLD_SIZE" in os.environ:  # a rank (ours or torchrun's), even a world of one
+        return _train_rank(args)
+    return _train_one(args)
+
+
+def _train_rank(args: argparse.Namespace) -> int:
+    """One rank of a multi-rank trainer; rank 0 shows progress and prints the summary."""
+    import torch.distributed as dist
+
+    from headwater.metrics import serve_metrics
+    from streams.kafka_io import KafkaConfig
+    from training.config import TrainerConfig
+    from training.distributed.env import DistEnv, init_process_group
+    from training.distributed.trainer import DistributedTrainer
+
+    env = DistEnv.from_env()
+    kafka = load_config(KafkaConfig, args, section="train")
+    cfg = load_config(TrainerConfig, args, section="train")
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    serve_metrics(cfg.metrics_port + env.local_rank if cfg.metrics_port else 0)
+    stop = stop_on_signals()
+    init_process_group(env)
+    try:
+        trainer = DistributedTrainer(cfg, kafka, env)
+        signal.signal(signal.SIGUSR1, lambda *_: trainer.request_dense())
+        log.info("rank %d/%d training from %s.examples on %s (group %s)", env.rank,
+                 env.world_size, kafka.topic_prefix, kafka.bootstrap_servers, cfg.group_id)
+        if args.json or env.rank != 0:
+            summary = trainer.run(stop)
+            if env.rank == 0:
+                print_json(summary)
+            return 0
+        return _live(trainer, stop)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_one(args: argparse.Namespace) -> int:
     from headwater.metrics import serve_metrics
     from streams.kafka_io import KafkaConfig
     from training.config import TrainerConfig
@@ -50,6 +114,13 @@ def _train(args: argparse.Namespace) -> int:
         summary = trainer.run(stop)
         print_json(summary)
         return 0
+    return _live(trainer, stop)
+
+
+def _live(trainer, stop) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
     console = Console(stderr=True)
     with Live(_view({}), console=console, refresh_per_second=2, transient=False) as live:
         summary = trainer.run(stop, on_progress=lambda s: live.update(_view(s)))
