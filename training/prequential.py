@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from streams.events import ExampleBatch
 from streams.generator import GeneratorConfig, SyntheticStream
@@ -34,6 +35,7 @@ class LearningResult:
     auc_overall: float
     auc_truth_overall: float
     seconds: float
+    window_gaps: list[float]  # truth AUC - learner AUC per finished window, oldest first
 
     @property
     def auc_gap(self) -> float:
@@ -54,6 +56,17 @@ def run_prequential(world: GeneratorConfig, cfg: TrainerConfig, events: int,
                     on_progress: Callable[[int], None] | None = None) -> LearningResult:
     """Streams ``events`` events of ``world`` (shown items + clicks) through a fresh learner."""
     stream = SyntheticStream(world)
+    threads = torch.get_num_threads()
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _run(stream, cfg, events, block_requests, on_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(stream: SyntheticStream, cfg: TrainerConfig, events: int, block_requests: int,
+         on_progress: Callable[[int], None] | None) -> LearningResult:
     learner: Learner | None = None
     pending: list[ExampleBatch] = []
     pending_rows = 0
@@ -87,4 +100,5 @@ def run_prequential(world: GeneratorConfig, cfg: TrainerConfig, events: int,
     last = ev.windows[-1] if ev.windows else ev.window.result(0)
     overall = ev.overall.result(-1)
     return LearningResult(seen, learner.examples_trained, last.auc, last.truth_auc, overall.auc,
-                          overall.truth_auc, time.perf_counter() - t0)
+                          overall.truth_auc, time.perf_counter() - t0,
+                          [w.truth_auc - w.auc for w in ev.windows])
