@@ -22,10 +22,14 @@ N, ROWS = 40_000, 500
 MODEL = dict(batch_size=500, hidden=(16, 8), dense_lr=3e-3, max_batch_wait_ms=50)
 
 
-def _feed(kafka, messages, gap_s):
+def _feed(kafka, messages, gap_s, hold_at=None, release=None):
+    """Sends ``messages`` ``gap_s`` apart; from message ``hold_at`` on, only once ``release`` is set
+    (so a kill lands mid-stream however long the trainer took to start on a loaded machine)."""
     producer = BatchProducer(kafka)
     topic = topic_names(kafka.topic_prefix).examples
-    for m in messages:
+    for i, m in enumerate(messages):
+        if i == hold_at:
+            release.wait(120)
         producer.send(topic, m)
         producer.flush()
         time.sleep(gap_s)
@@ -48,7 +52,8 @@ def test_kill_9_mid_stream_then_restart_trains_every_example_once_with_the_same_
 
     proc = subprocess.Popen(_trainer_cmd(kafka_topics, group, ckpt), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    feeder = threading.Thread(target=_feed, args=(kafka_topics, messages, 0.2))
+    killed = threading.Event()
+    feeder = threading.Thread(target=_feed, args=(kafka_topics, messages, 0.2, len(messages) // 2, killed))
     feeder.start()
     store = CheckpointStore(ckpt)
     deadline = time.monotonic() + 90
@@ -64,6 +69,7 @@ def test_kill_9_mid_stream_then_restart_trains_every_example_once_with_the_same_
     assert feeder.is_alive(), "the kill must land mid-stream, while examples still arrive"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
+    killed.set()
 
     restarted = subprocess.run(_trainer_cmd(kafka_topics, group, ckpt), capture_output=True,
                                timeout=180)
@@ -81,7 +87,7 @@ def test_kill_9_mid_stream_then_restart_trains_every_example_once_with_the_same_
     assert np.isin(np.concatenate([b.example_id for b in batches]), seen).all()
 
     # The same stream, never interrupted, in a fresh group: the AUC lands in the same band.
-    ref = OnlineTrainer(TrainerConfig(group_id=f"ref-{uuid.uuid4().hex[:6]}", idle_exit_s=3,
+    ref = OnlineTrainer(TrainerConfig(group_id=f"ref-{uuid.uuid4().hex[:6]}", idle_exit_s=10,
                                       publish=False, **MODEL), kafka_topics).run()
     assert ref["examples_trained"] == N
     auc, ref_auc = summary["eval"]["overall"]["auc"], ref["eval"]["overall"]["auc"]
