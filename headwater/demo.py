@@ -19,6 +19,9 @@ from pathlib import Path
 
 from headwater.metrics import scrape
 from headwater.supervisor import ChildSpec, Supervisor
+from streams.generator import GeneratorConfig
+
+_WORLD = GeneratorConfig()  # the demo's synthetic world defaults to the generator's
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,20 @@ class DemoConfig:
     events_per_s: float = field(default=4000.0, metadata={"help": "generator rate limit"})
     seed: int = field(default=0, metadata={"help": "generator seed"})
     items_per_request: int = field(default=20, metadata={"help": "items shown per generated request"})
+    events: int = field(default=0, metadata={
+        "help": "stop once the trainer has learned from this many generated events (0 = no cap)"})
+    # -- the synthetic world (see streams/generator.py; the README describes the default)
+    users: int = field(default=_WORLD.users, metadata={"help": "synthetic users"})
+    items: int = field(default=_WORLD.items, metadata={"help": "synthetic items"})
+    latent_dim: int = field(default=_WORLD.dim, metadata={"help": "latent dim of the hidden model"})
+    segments: int = field(default=_WORLD.segments, metadata={"help": "hidden user taste groups (slot 'segment')"})
+    categories: int = field(default=_WORLD.categories, metadata={"help": "item categories (slot 'category')"})
+    user_noise: float = field(default=_WORLD.user_noise, metadata={
+        "help": "std of a user's own taste around its segment's"})
+    item_noise: float = field(default=_WORLD.item_noise, metadata={
+        "help": "std of an item's own vector around its category's"})
+    temperature: float = field(default=_WORLD.temperature, metadata={
+        "help": "divides the truth's varying logit terms (higher = noisier clicks)"})
     join_window_s: float = field(default=10.0, metadata={"help": "joiner's event-time window"})
     max_action_delay_s: float = field(default=5.0, metadata={"help": "clicks follow within this delay"})
     eval_window: int = field(default=10_000, metadata={"help": "examples per prequential AUC window"})
@@ -64,6 +81,14 @@ def _have(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
+
+def world_args(cfg: DemoConfig) -> list[str]:
+    """``headwater generate`` flags for the demo's synthetic world."""
+    world = {"users": cfg.users, "items": cfg.items, "dim": cfg.latent_dim,
+             "segments": cfg.segments, "categories": cfg.categories, "user_noise": cfg.user_noise,
+             "item_noise": cfg.item_noise, "temperature": cfg.temperature}
+    return [a for k, v in world.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @dataclass
@@ -107,6 +132,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
         add("generator", ["generate", *common, "--seed", str(cfg.seed),
                           "--events-per-s", str(cfg.events_per_s), "--no-final-watermark",
                           "--items-per-request", str(cfg.items_per_request),
+                          *world_args(cfg),
                           "--request-interval-ms", str(interval_ms),
                           "--start-time-ms", str(int(time.time() * 1000)),
                           "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
@@ -141,6 +167,11 @@ class DemoMonitor:
         row["dlq"] = _total(s.get("joiner", {}), "hw_stream_dlq_total")
         trainer = s.get("trainer", {})
         row["trained"] = _total(trainer, "hw_train_examples_total")
+        # Generated events the trained examples came from: each example is one shown item, each
+        # positive also one click, so events per example = 1 + the joined positive rate.
+        positives = _value(s.get("joiner", {}), "hw_stream_examples_out_total", {"label": "1"})
+        row["events_trained"] = (row["trained"] * (1 + positives / row["examples"])
+                                 if row["examples"] and not math.isnan(positives) else 0.0)
         row["auc_window"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "learner"})
         row["auc_truth"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "truth"})
         row["logloss_window"] = _value(trainer, "hw_train_logloss",
@@ -167,15 +198,20 @@ class DemoMonitor:
         return (last[key] - first[key]) / dt if dt > 0 else 0.0
 
     def summary(self) -> dict[str, float | int | None]:
-        aucs = [r["auc_window"] for r in self.history if not math.isnan(r["auc_window"])]
+        aucs = [(r["auc_window"], r["auc_truth"]) for r in self.history
+                if not math.isnan(r["auc_window"])]
         last = self.history[-1] if self.history else {}
+        auc_last, auc_truth = aucs[-1] if aucs else (math.nan, math.nan)
         return {
             "events": int(last.get("events", 0)),
             "examples": int(last.get("examples", 0)),
             "trained": int(last.get("trained", 0)),
             "dlq": int(last.get("dlq", 0)),
-            "auc_first_window": aucs[0] if aucs else None,
-            "auc_last_window": aucs[-1] if aucs else None,
+            "events_trained": int(last.get("events_trained", 0)),
+            "auc_first_window": aucs[0][0] if aucs else None,
+            "auc_last_window": _none_if_nan(auc_last),
+            "auc_truth_last_window": _none_if_nan(auc_truth),
+            "auc_gap": _none_if_nan(auc_truth - auc_last),
             "freshness_p99_ms": _p99([r["freshness_ms"] for r in self.history]),
             "serving_p99_ms": self.load.p99_ms(all_calls=True) if self.load else None,
             "serving_calls": self.load.calls if self.load else 0,
@@ -228,7 +264,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     if any(c.spec.name == "serving" for c in components) and cfg.load_qps > 0:
         from headwater.demo_load import LoadClient
 
-        load = LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, seed=cfg.seed)
+        load = LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, items=cfg.items, users=cfg.users,
+                          seed=cfg.seed)
     llm_load = None
     if any(c.spec.name == "llm" for c in components):
         from headwater.demo_load import LLMLoadClient
@@ -247,6 +284,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
             row = monitor.sample()
             if on_sample:
                 on_sample(monitor, row)
+            if cfg.events and row["events_trained"] >= cfg.events:
+                break
     finally:
         for client in (load, llm_load):
             if client:

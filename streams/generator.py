@@ -1,12 +1,18 @@
 """Synthetic feedback with a hidden ground-truth preference model, deterministic under a seed.
 
-Users and items have latent vectors; the true click probability of user u on item i at time t is
+The world has shared structure, as real traffic does: every user belongs to one of ``segments``
+hidden taste groups and every item to one of ``categories``; a user's taste vector is its
+segment's vector plus a small personal deviation, an item's vector is its category's vector plus
+its own deviation. The true click probability of user u on item i at event time t is
 
-    p = sigmoid(bias + scale * <u(t), v_i> + pop_weight * log_popularity_i)
+    p = sigmoid(bias + (scale * <u(t), v_i> + b_u + b_i + pop_weight * log(N * popularity_i))
+                / temperature)
 
-where ``u(t)`` rotates between two fixed vectors of the user with a per-user phase (interests
-drift with event time) and item exposure follows a Zipf law (a few items are shown very often).
-Each impression carries ``truth_p`` so a learner's AUC can be compared with the best achievable.
+with ``<u, v>`` normalised to unit variance, ``u(t)`` rotating between two vectors of the
+user's segment (interests drift with event time, phase per segment), per-id biases ``b_u``,
+``b_i`` and Zipf-law item exposure (a few items are shown very often). Each impression carries
+the user's segment and the item's category as sparse features (the groups are observable, the
+vectors are not) and ``truth_p`` so a learner's AUC can be compared with the best achievable.
 Generation is vectorised per block of requests.
 """
 
@@ -30,25 +36,42 @@ class GeneratorConfig:
     topic_prefix: str = field(default="hw", metadata={"help": "topic name prefix"})
     seed: int = field(default=0, metadata={"help": "random seed: same seed, same stream"})
     users: int = field(default=10_000, metadata={"help": "number of users"})
-    items: int = field(default=50_000, metadata={"help": "number of items"})
-    dim: int = field(default=16, metadata={"help": "latent dimension of the hidden model"})
+    items: int = field(default=5_000, metadata={"help": "number of items"})
+    dim: int = field(default=8, metadata={"help": "latent dimension of the hidden model"})
+    segments: int = field(default=16, metadata={
+        "help": "hidden user taste groups, shared by many users (sparse slot 'segment')"})
+    categories: int = field(default=32, metadata={
+        "help": "item categories, shared taste of many items (sparse slot 'category')"})
+    user_noise: float = field(default=0.15, metadata={
+        "help": "std of a user's own taste around its segment's (relative; 0 = segment only)"})
+    item_noise: float = field(default=0.15, metadata={
+        "help": "std of an item's own vector around its category's (relative; 0 = category only)"})
+    user_bias_std: float = field(default=0.1, metadata={"help": "std of per-user click propensity (logits)"})
+    item_bias_std: float = field(default=0.4, metadata={"help": "std of per-item quality (logits)"})
     items_per_request: int = field(default=20, metadata={"help": "items shown per request"})
     zipf_a: float = field(default=1.1, metadata={"help": "Zipf exponent of item exposure"})
-    bias: float = field(default=-3.5, metadata={"help": "base logit (sets the click rate)"})
-    scale: float = field(default=2.0, metadata={"help": "weight of the user-item affinity"})
+    bias: float = field(default=-3.0, metadata={"help": "base logit (sets the click rate)"})
+    scale: float = field(default=2.0, metadata={"help": "logit std of the user-item affinity"})
     pop_weight: float = field(default=0.15, metadata={"help": "weight of log popularity"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "divides every non-constant logit term: higher = noisier clicks, lower truth AUC"})
     drift_period_s: float = field(default=3600.0, metadata={"help": "event-time period of interest drift"})
     request_interval_ms: float = field(default=5.0, metadata={"help": "event-time gap between requests"})
     start_time_ms: int = field(default=1_700_000_000_000, metadata={"help": "event time of the first request"})
     max_action_delay_ms: int = field(default=30_000, metadata={"help": "clicks follow within this delay"})
-    categories: int = field(default=64, metadata={"help": "item categories (an item sparse slot)"})
     requests: int = field(default=0, metadata={"help": "requests to produce (0 = until stopped)"})
     events_per_s: float = field(default=0.0, metadata={"help": "rate limit in events/s (0 = max speed)"})
     final_watermark: bool = field(default=True, metadata={"help": "send an end-of-stream watermark"})
 
     def validate(self) -> None:
-        if min(self.users, self.items, self.dim, self.items_per_request) <= 0:
-            raise ValueError("users, items, dim and items_per_request must be positive")
+        if min(self.users, self.items, self.dim, self.items_per_request, self.segments,
+               self.categories) <= 0:
+            raise ValueError("users, items, dim, segments, categories and items_per_request "
+                             "must be positive")
+        if min(self.user_noise, self.item_noise, self.user_bias_std, self.item_bias_std) < 0:
+            raise ValueError("noise and bias stds must be >= 0")
+        if self.temperature <= 0 or self.drift_period_s <= 0:
+            raise ValueError("temperature and drift_period_s must be positive")
         if self.items_per_request > self.items:
             raise ValueError("items_per_request cannot exceed items (items are distinct per request)")
         if self.requests < 0 or self.events_per_s < 0 or self.request_interval_ms <= 0:
@@ -76,32 +99,45 @@ class SyntheticStream:
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         d = cfg.dim
-        self.user_a = rng.normal(0, 1 / math.sqrt(d), (cfg.users, d)).astype(np.float32)
-        self.user_b = rng.normal(0, 1 / math.sqrt(d), (cfg.users, d)).astype(np.float32)
-        self.user_phase = rng.uniform(0, 2 * math.pi, cfg.users)
-        self.item_v = rng.normal(0, 1, (cfg.items, d)).astype(np.float32)
+        # Shared structure: segment taste (two vectors, drifting between them) and category vectors.
+        self.segment_a = rng.normal(0, 1 / math.sqrt(d), (cfg.segments, d)).astype(np.float32)
+        self.segment_b = rng.normal(0, 1 / math.sqrt(d), (cfg.segments, d)).astype(np.float32)
+        self.segment_phase = rng.uniform(0, 2 * math.pi, cfg.segments)
+        self.category_v = rng.normal(0, 1, (cfg.categories, d)).astype(np.float32)
+        self.segment = rng.integers(0, cfg.segments, cfg.users)
+        self.category = rng.integers(0, cfg.categories, cfg.items)
+        # Personal deviations and biases on top of the groups.
+        self.user_dev = rng.normal(0, cfg.user_noise / math.sqrt(d), (cfg.users, d)).astype(np.float32)
+        self.item_v = (self.category_v[self.category]
+                       + rng.normal(0, cfg.item_noise, (cfg.items, d))).astype(np.float32)
+        self.user_bias = rng.normal(0, cfg.user_bias_std, cfg.users).astype(np.float32)
+        self.item_bias = rng.normal(0, cfg.item_bias_std, cfg.items).astype(np.float32)
+        # <u, v> has variance (1 + user_noise^2)(1 + item_noise^2); divide so `scale` is its std.
+        self._norm = 1.0 / math.sqrt((1 + cfg.user_noise ** 2) * (1 + cfg.item_noise ** 2))
         # Item ids are a random permutation of ranks, so popularity is not the id order.
         weights = 1.0 / np.arange(1, cfg.items + 1) ** cfg.zipf_a
         self.item_of_rank = rng.permutation(cfg.items)
         self.popularity = np.empty(cfg.items)
         self.popularity[self.item_of_rank] = weights / weights.sum()
         self._cdf = np.cumsum(weights / weights.sum())
-        self.category = (np.abs(self.item_v[:, :4]).argmax(1) * (cfg.categories // 4 or 1)
-                         + np.arange(cfg.items) % max(1, cfg.categories // 4)) % max(1, cfg.categories)
         self._rng = np.random.default_rng(cfg.seed + 1)
         self._next = 0
 
     def user_vectors(self, users: np.ndarray, time_ms: np.ndarray) -> np.ndarray:
+        seg = self.segment[users]
         angle = (2 * math.pi * (time_ms - self.cfg.start_time_ms) / (self.cfg.drift_period_s * 1000)
-                 + self.user_phase[users])[:, None]
-        return np.cos(angle) * self.user_a[users] + np.sin(angle) * self.user_b[users]
+                 + self.segment_phase[seg])[:, None]
+        return (np.cos(angle) * self.segment_a[seg] + np.sin(angle) * self.segment_b[seg]
+                + self.user_dev[users])
 
     def truth_p(self, users: np.ndarray, items: np.ndarray, time_ms: np.ndarray) -> np.ndarray:
         """Ground-truth click probability, shape of ``items`` ([R, k]) for users/times [R]."""
+        cfg = self.cfg
         u = self.user_vectors(users, time_ms)
-        affinity = np.einsum("rd,rkd->rk", u, self.item_v[items])
-        logit = (self.cfg.bias + self.cfg.scale * affinity
-                 + self.cfg.pop_weight * np.log(self.popularity[items] * self.cfg.items))
+        affinity = np.einsum("rd,rkd->rk", u, self.item_v[items]) * self._norm
+        varying = (cfg.scale * affinity + self.user_bias[users][:, None] + self.item_bias[items]
+                   + cfg.pop_weight * np.log(self.popularity[items] * cfg.items))
+        logit = cfg.bias + varying / cfg.temperature
         return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
 
     def _sample_items(self, r: int, k: int) -> np.ndarray:
@@ -148,7 +184,7 @@ class SyntheticStream:
         items = block.items.tolist()
         truth = np.round(block.truth_p.astype(np.float64), 6).tolist()
         cats = self.category[block.items].tolist()
-        segments = (block.user_id % 100).tolist()
+        segments = self.segment[block.user_id].tolist()
         pack = msgpack.Packer(use_bin_type=True).pack
         for r, ridx in enumerate(block.request_index.tolist()):
             rid = f"g{seed}-{ridx}"
@@ -165,6 +201,34 @@ class SyntheticStream:
                     "user_id": [users[r]] * n, "item_id": block.items[r, hit].tolist(),
                     "kind": ["click"] * n, "value": [1.0] * n,
                     "event_time_ms": block.click_time_ms[r, hit].tolist()})
+
+    def examples(self, block: Block):
+        """The block as the joiner would emit it (every click joined, no downsampling).
+
+        Same example ids, slots and labels as ``hw.examples`` carries for this block, without a
+        broker or a join window: the fast path for learning experiments and tests.
+        """
+        from streams.events import ExampleBatch, Ragged
+        from streams.ids import mix64, request_hash
+
+        r, k = block.items.shape
+        n = r * k
+        req_hash = np.fromiter((request_hash(f"g{self.cfg.seed}-{i}") for i in block.request_index.tolist()),
+                               np.uint64, r)
+        items = block.items.reshape(-1)
+        with np.errstate(over="ignore"):
+            example_id = mix64(mix64(items.view(np.uint64)) ^ np.repeat(req_hash, k)).view(np.int64)
+        users = np.repeat(block.user_id, k)
+        ones = np.ones(n, np.int32)
+        sparse = {"user_id": Ragged(users.copy(), ones), "item_id": Ragged(items.copy(), ones.copy()),
+                  "segment": Ragged(self.segment[users].astype(np.int64), ones.copy()),
+                  "category": Ragged(self.category[items].astype(np.int64), ones.copy())}
+        return ExampleBatch(example_id=example_id, user_id=users, item_id=items.copy(),
+                            label=block.clicked.reshape(-1).astype(np.float32),
+                            sample_rate=np.ones(n, np.float32),
+                            event_time_ms=np.repeat(block.event_time_ms, k), sparse=sparse,
+                            dense=np.zeros((n, 0), np.float32),
+                            truth_p=block.truth_p.reshape(-1).astype(np.float32))
 
     def blocks(self, requests: int = 0, block_requests: int = 512) -> Iterator[Block]:
         """Blocks of ``block_requests`` until ``requests`` (0 = forever); the stream for a seed

@@ -241,14 +241,39 @@ class GroupConsumer:
     """A consumer-group member that never auto-commits: callers commit what they made durable."""
 
     def __init__(self, cfg: KafkaConfig, topics: Iterable[str], group_id: str,
-                 client_id: str = "hw-consumer") -> None:
+                 client_id: str = "hw-consumer", fetch_max_wait_ms: int = 500) -> None:
+        """``fetch_max_wait_ms``: longest the broker may hold a fetch open waiting for data.
+
+        Tansu answers a waiting fetch only when the wait ends, so on a quiet topic this wait is
+        added to every message's latency; latency-sensitive consumers lower it.
+        """
+        if fetch_max_wait_ms < 0:
+            raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
         self._consumer = KafkaConsumer(
             *topics, bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
             client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_interval_ms=cfg.max_poll_interval_ms, session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=min(1000, cfg.session_timeout_ms // 3),
             fetch_max_bytes=max(52428800, cfg.max_message_bytes),
-            max_partition_fetch_bytes=cfg.max_message_bytes)
+            max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms)
+
+    def pause(self) -> None:
+        """Stops fetching from the assigned partitions; :meth:`poll` still keeps group membership.
+
+        Back-pressure for a consumer with a backlog of work: partitions assigned later (after a
+        rebalance) start unpaused.
+        """
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        """Fetches again from every paused partition."""
+        paused = self._consumer.paused()
+        if paused:
+            self._consumer.resume(*paused)
+
+    def paused(self) -> set[tuple[str, int]]:
+        """The (topic, partition)s not being fetched."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.paused()}
 
     def poll(self, timeout_ms: int = 200, max_records: int = 1000) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)

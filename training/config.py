@@ -52,7 +52,10 @@ class TrainerConfig:
     max_examples: int = field(default=0, metadata={"help": "stop after training this many examples (0 = never)"})
     idle_exit_s: float = field(default=0.0, metadata={"help": "stop after no input for this long (0 = never)"})
     seed: int = field(default=0, metadata={"help": "random seed of the table and the tower"})
-    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default)"})
+    torch_threads: int = field(default=1, metadata={
+        "help": "torch intra-op threads (0 = torch's default). 1: on a busy few-core machine the "
+                "OpenMP threads of a parallel region wait for each other's time slices, which "
+                "slowed training many-fold under load; Kafka I/O has the other core"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
     def validate(self) -> None:

@@ -53,18 +53,6 @@ def _make_producer(kafka: KafkaConfig, max_bytes: int) -> Any:
                          max_in_flight_requests_per_connection=1)
 
 
-def _shorten_fetch_wait(consumer: Any, wait_ms: int) -> None:
-    """Caps how long the broker may hold a fetch open waiting for data (kafka-python: 500 ms).
-
-    Tansu answers a waiting fetch only when the wait ends, so the default adds up to half a
-    second to every example's way to serving. GroupConsumer has no setting for it yet; we reach
-    the fetcher of the kafka-python consumer it wraps.
-    """
-    fetcher = getattr(getattr(consumer, "_consumer", None), "_fetcher", None)
-    if fetcher is not None and "fetch_max_wait_ms" in fetcher.config:
-        fetcher.config["fetch_max_wait_ms"] = wait_ms
-
-
 class OnlineTrainer:
     """Learns continuously from ``hw.examples``; see the module docstring for the guarantees."""
 
@@ -82,8 +70,9 @@ class OnlineTrainer:
         self.batches = 0
         self.consume_s = self.decode_s = 0.0  # time in poll / in decoding (benchmark split)
         self._resume()
+        # A short fetch wait: Tansu holds a fetch for the whole wait, which would add to every
+        # example's way to serving.
         self.consumer = self._make_consumer()
-        _shorten_fetch_wait(self.consumer, cfg.fetch_max_wait_ms)
         # One producer for hw.params and for bad input sent on to hw.dlq.
         self.producer = _make_producer(kafka, cfg.params_message_bytes)
         self.former = BatchFormer(cfg.batch_size, cfg.max_batch_wait_ms / 1000.0)
@@ -117,7 +106,7 @@ class OnlineTrainer:
     def _make_consumer(self) -> Any:
         """The ``hw.examples`` consumer (a ``GroupConsumer``; the multi-rank trainer assigns partitions)."""
         return GroupConsumer(self.kafka, [self.topics.examples], self.cfg.group_id,
-                             client_id="hw-trainer")
+                             client_id="hw-trainer", fetch_max_wait_ms=self.cfg.fetch_max_wait_ms)
 
     def _start_publisher(self) -> None:
         if not self.cfg.publish:
@@ -212,15 +201,10 @@ class OnlineTrainer:
         """Pauses/resumes fetching on the assigned partitions (polls still keep membership)."""
         if paused == self._paused:
             return
-        # GroupConsumer exposes no pause(); reach the kafka-python consumer it wraps.
-        inner = getattr(self.consumer, "_consumer", None)
-        if inner is None:
-            return
-        parts = inner.assignment()
         if paused:
-            inner.pause(*parts)
+            self.consumer.pause()
         else:
-            inner.resume(*inner.paused())
+            self.consumer.resume()
         self._paused = paused
 
     def _train(self, mb: MiniBatch) -> int:

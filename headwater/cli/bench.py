@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "embedding": "embedding_store.bench",
     "trainer": "training.bench_trainer",
     "freshness": "training.bench_freshness",
+    "learning": "training.bench_learning",
     "serving": "serving.bench",
     "ps": "serving.ps_bench",
     "llm": "llm_engine.bench",

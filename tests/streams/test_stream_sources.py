@@ -132,3 +132,46 @@ def test_headwater_produce_json_command_end_to_end(kafka_topics):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"sent": 1, "rejected": 0}
     got = read_topic(kafka_topics, topic_names(kafka_topics.topic_prefix).impressions, idle_s=0.5)
     assert decode_event(got[0].value).request_id == "cli"
+
+
+def test_users_of_one_segment_share_taste_and_items_of_one_category_share_appeal():
+    world = SyntheticStream(GeneratorConfig(seed=8))
+    t = np.full(world.cfg.users, world.cfg.start_time_ms)
+    u = world.user_vectors(np.arange(world.cfg.users), t)
+    seg = world.segment
+    same = np.flatnonzero(seg == seg[0])[:50]
+    other = np.flatnonzero(seg != seg[0])[:50]
+    cos = lambda a, b: (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    assert cos(u[same], u[same]).mean() > 0.9 > 0.3 > abs(cos(u[same], u[other]).mean())
+    cat = world.category
+    v_same = world.item_v[np.flatnonzero(cat == cat[0])[:50]]
+    assert cos(v_same, v_same).mean() > 0.9
+
+
+def test_world_flags_change_the_world_and_bad_values_are_rejected():
+    world = SyntheticStream(GeneratorConfig(seed=9, segments=4, categories=5, dim=3))
+    assert set(world.segment.tolist()) <= set(range(4)) and world.item_v.shape[1] == 3
+    assert set(world.category.tolist()) == set(range(5))
+    hot = SyntheticStream(GeneratorConfig(seed=9, temperature=4.0)).block(2000)
+    cold = SyntheticStream(GeneratorConfig(seed=9)).block(2000)
+    assert auc(hot.truth_p.ravel(), hot.clicked.ravel()) < auc(cold.truth_p.ravel(), cold.clicked.ravel()) - 0.05
+    for bad in (dict(segments=0), dict(categories=0), dict(temperature=0.0), dict(user_noise=-1.0)):
+        with pytest.raises(ValueError):
+            GeneratorConfig(**bad).validate()
+
+
+def test_block_examples_are_what_the_joiner_would_emit():
+    from streams.ids import example_ids
+
+    world = SyntheticStream(GeneratorConfig(seed=10))
+    block = world.block(30)
+    ex = world.examples(block)
+    k = world.cfg.items_per_request
+    assert len(ex) == 30 * k and set(ex.sparse) == {"user_id", "item_id", "segment", "category"}
+    np.testing.assert_array_equal(ex.example_id[:k], example_ids("g10-0", block.items[0]))
+    np.testing.assert_array_equal(ex.label, block.clicked.ravel().astype(np.float32))
+    np.testing.assert_array_equal(ex.sparse["category"].values, world.category[block.items.ravel()])
+    np.testing.assert_array_equal(ex.sparse["segment"].values, world.segment[np.repeat(block.user_id, k)])
+    np.testing.assert_allclose(ex.truth_p, block.truth_p.ravel())
+    imp = decode_event(next(v for t, v in world.messages(block) if t == "impressions"))
+    assert imp.user_sparse["segment"] == [int(world.segment[block.user_id[0]])]

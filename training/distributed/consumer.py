@@ -33,7 +33,8 @@ class RankConsumer(GroupConsumer):
     """A :class:`GroupConsumer` whose partitions are fixed by rank (poll/commit/close as usual)."""
 
     def __init__(self, cfg: KafkaConfig, topic: str, group_id: str, rank: int, world_size: int,
-                 client_id: str = "hw-trainer", metadata_timeout_s: float = 60.0) -> None:
+                 client_id: str = "hw-trainer", metadata_timeout_s: float = 60.0,
+                 fetch_max_wait_ms: int = 500) -> None:
         self._consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
             client_id=f"{client_id}-{rank}", enable_auto_commit=False,
@@ -41,7 +42,7 @@ class RankConsumer(GroupConsumer):
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=min(1000, cfg.session_timeout_ms // 3),
             fetch_max_bytes=max(52428800, cfg.max_message_bytes),
-            max_partition_fetch_bytes=cfg.max_message_bytes)
+            max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms)
         deadline = time.monotonic() + metadata_timeout_s
         parts = self._consumer.partitions_for_topic(topic)
         while not parts and time.monotonic() < deadline:

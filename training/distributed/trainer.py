@@ -105,7 +105,7 @@ class DistributedTrainer(OnlineTrainer):
 
     def _make_consumer(self) -> RankConsumer:
         return RankConsumer(self.kafka, self.topics.examples, self.cfg.group_id, self.rank,
-                            self.world)
+                            self.world, fetch_max_wait_ms=self.cfg.fetch_max_wait_ms)
 
     def _check_partitions(self) -> None:
         parts = self.consumer.partitions
