@@ -20,8 +20,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 from streams.kafka_io import KafkaConfig, Topics, admin_client, create_topics
 
@@ -191,6 +194,25 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def bench_kafka(bootstrap_servers: str = "", prefix: str = "bench") -> Iterator[KafkaConfig]:
+    """A cluster for a benchmark: the one given, or an embedded broker for the duration.
+
+    Either way the topics get a fresh prefix, so a run never reads an earlier run's messages.
+    """
+    broker = None
+    if bootstrap_servers:
+        kafka = KafkaConfig(bootstrap_servers=bootstrap_servers)
+    else:
+        broker = EmbeddedBroker(BrokerConfig(port=0, topic_prefix=prefix)).start()
+        kafka = broker.kafka_config()
+    try:
+        yield replace(kafka, topic_prefix=f"{prefix}-{uuid.uuid4().hex[:8]}")
+    finally:
+        if broker is not None:
+            broker.stop()
 
 
 class LocalS3Server:

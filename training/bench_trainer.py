@@ -15,7 +15,6 @@ import argparse
 import logging
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -86,22 +85,14 @@ def run(args: argparse.Namespace) -> dict:
         return run_ranks(args)
     import torch
 
-    from streams.broker import BrokerConfig, EmbeddedBroker
-    from streams.kafka_io import KafkaConfig, create_topics
+    from streams.broker import bench_kafka
+    from streams.kafka_io import create_topics
     from training.config import TrainerConfig
     from training.synthetic import synthetic_examples
     from training.trainer import OnlineTrainer
 
     torch.set_num_threads(args.threads)
-    broker = None
-    if args.bootstrap_servers:
-        kafka = KafkaConfig(bootstrap_servers=args.bootstrap_servers)
-    else:
-        broker = EmbeddedBroker(BrokerConfig(port=0, topic_prefix="bench"))
-        broker.start()
-        kafka = broker.kafka_config()
-    try:
-        kafka = replace(kafka, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}")
+    with bench_kafka(args.bootstrap_servers) as kafka:
         topics = create_topics(kafka)
         batches = synthetic_examples(args.examples, args.message_rows, args.slots, args.vocab,
                                      event_time_ms=int(time.time() * 1000))
@@ -139,6 +130,3 @@ def run(args: argparse.Namespace) -> dict:
             "fill_examples_per_s": args.examples / fill_s,
             "prequential_auc": (summary.get("eval") or {}).get("overall", {}).get("auc"),
         }
-    finally:
-        if broker is not None:
-            broker.stop()

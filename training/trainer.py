@@ -108,16 +108,21 @@ class OnlineTrainer:
         return GroupConsumer(self.kafka, [self.topics.examples], self.cfg.group_id,
                              client_id="hw-trainer", fetch_max_wait_ms=self.cfg.fetch_max_wait_ms)
 
+    def _sync_config(self) -> SyncConfig:
+        """The publisher's settings, from the trainer's (one place for one and many ranks)."""
+        c = self.cfg
+        return SyncConfig(model_id=c.model_id, sparse_interval_s=c.sparse_sync_interval_s,
+                          dense_interval_s=c.dense_sync_interval_s,
+                          snapshot_interval_s=c.snapshot_interval_s, fp16=c.sync_fp16,
+                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes),
+                          num_param_shards=c.num_param_shards)
+
     def _start_publisher(self) -> None:
         if not self.cfg.publish:
             return
         assert self.learner is not None
         c = self.cfg
-        sync = SyncConfig(model_id=c.model_id, sparse_interval_s=c.sparse_sync_interval_s,
-                          dense_interval_s=c.dense_sync_interval_s,
-                          snapshot_interval_s=c.snapshot_interval_s, fp16=c.sync_fp16,
-                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes),
-                          num_param_shards=c.num_param_shards)
+        sync = self._sync_config()
         if c.num_param_shards > 1:
             ensure_params_partitions(self.kafka.bootstrap_servers, self.topics.params, c.num_param_shards)
         learner = self.learner

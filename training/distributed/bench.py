@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -73,20 +72,12 @@ def _model(one: dict, many: dict, ranks: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from streams.broker import BrokerConfig, EmbeddedBroker
-    from streams.kafka_io import KafkaConfig, create_topics
+    from streams.broker import bench_kafka
+    from streams.kafka_io import create_topics
     from training.synthetic import synthetic_examples
 
     n = args.nproc
-    broker = None
-    if args.bootstrap_servers:
-        kafka = KafkaConfig(bootstrap_servers=args.bootstrap_servers)
-    else:
-        broker = EmbeddedBroker(BrokerConfig(port=0, topic_prefix="bench"))
-        broker.start()
-        kafka = broker.kafka_config()
-    try:
-        kafka = replace(kafka, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}")
+    with bench_kafka(args.bootstrap_servers) as kafka:
         topics = create_topics(kafka, {"examples": n})
         batches = synthetic_examples(args.examples, args.message_rows, args.slots, args.vocab,
                                      event_time_ms=int(time.time() * 1000))
@@ -114,6 +105,3 @@ def run(args: argparse.Namespace) -> dict:
                                  for k, v in model.items()},
             "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
         }
-    finally:
-        if broker is not None:
-            broker.stop()

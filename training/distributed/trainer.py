@@ -31,7 +31,7 @@ from training.distributed.learner import ShardedLearner
 from training.distributed.publisher import ShardPublisher
 from training.learner import Learner, make_table, model_config_for
 from training.model import tower_to_safetensors
-from training.sync import SyncConfig, ensure_params_partitions
+from training.sync import ensure_params_partitions
 from training.trainer import CHECKPOINTS, DUPLICATES, EXAMPLES, WATERMARK, OnlineTrainer
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,7 @@ class DistributedTrainer(OnlineTrainer):
             return
         assert self.learner is not None
         c = self.cfg
-        sync = SyncConfig(model_id=c.model_id, sparse_interval_s=c.sparse_sync_interval_s,
-                          dense_interval_s=c.dense_sync_interval_s,
-                          snapshot_interval_s=c.snapshot_interval_s, fp16=c.sync_fp16,
-                          max_message_bytes=min(c.params_message_bytes, self.kafka.max_message_bytes),
-                          num_param_shards=c.num_param_shards)
+        sync = self._sync_config()
         if c.num_param_shards > 1:
             if self.rank == 0:
                 ensure_params_partitions(self.kafka.bootstrap_servers, self.topics.params,
