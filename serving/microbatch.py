@@ -7,8 +7,11 @@ multi-threaded server needs around the core: a lock, a bound (:class:`Overloaded
 ``max_jobs``, mapped to RESOURCE_EXHAUSTED), and dropping jobs whose deadline passed
 (:class:`DeadlineExpired`, they cost no compute). The serving *policy* (:class:`MicroBatcher`):
 form a batch as soon as a worker is free, take jobs until the row budget is spent, and wait at
-most ``max_wait_ms`` after the oldest job arrived for more to join. Under a closed loop the batch
-grows by itself: the calls that arrive while one forward runs form the next.
+most ``max_wait_ms`` after the oldest job arrived for more to join, and no longer than it takes
+as many jobs as the previous batch had to be queued (adaptive: a lone caller, e.g. one client
+in a closed loop, expects no company and is dispatched at once instead of paying the wait).
+Under a closed loop the batch grows by itself: the calls that arrive while one forward runs form
+the next.
 
 Callers on an asyncio loop use :meth:`MicroBatcher.submit_async`: their results are delivered
 with ONE ``call_soon_threadsafe`` per batch and loop (one wake-up of the loop, not one per job as
@@ -178,6 +181,7 @@ class MicroBatcher(Generic[T]):
         self.queue: BatchQueue[T] = BatchQueue(cfg.max_queue)
         self.on_batch = on_batch
         self._stop = threading.Event()
+        self._last_jobs = 1  # jobs in the previous batch: how much company to wait for
         self._threads = [threading.Thread(target=self._loop, name=f"microbatcher-{i}", daemon=True)
                          for i in range(max(cfg.workers, 1))]
         for t in self._threads:
@@ -220,7 +224,7 @@ class MicroBatcher(Generic[T]):
         wait_until = oldest + cfg.max_wait_ms / 1000.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= wait_until or q.queued_cost() >= cfg.max_batch_rows:
+            if now >= wait_until or len(q) >= self._last_jobs or q.queued_cost() >= cfg.max_batch_rows:
                 return
             with q.cond:
                 q.cond.wait(timeout=wait_until - now)
@@ -242,5 +246,6 @@ class MicroBatcher(Generic[T]):
                 deliver(batch, [exc] * len(batch), ok=False)
                 continue
             deliver(batch, results)
+            self._last_jobs = len(batch)
             if self.on_batch is not None:
                 self.on_batch(len(batch), sum(j.cost for j in batch))

@@ -211,3 +211,14 @@ def test_concurrent_grpc_calls_are_merged_into_fewer_forwards(start_server):
         resps = list(pool.map(lambda r: stub.Recommend(r, timeout=10), reqs))
     assert all(len(r.items) == 200 for r in resps)
     assert sum(forwards) == 48 and max(forwards) > 1 and len(forwards) < 48, forwards
+
+
+def test_a_lone_caller_is_dispatched_at_once_not_after_max_wait():
+    # max_wait_ms is 30 s: a job that waited for company would miss its 5 s result timeout.
+    # The previous batch had one job, so one queued job is all the company to expect.
+    batcher = MicroBatcher(lambda ps: [p + 1 for p in ps], BatcherConfig(max_batch_rows=100, max_wait_ms=30_000))
+    try:
+        for i in range(3):
+            assert batcher.submit(i, cost=1).result(timeout=5) == i + 1
+    finally:
+        batcher.close()
