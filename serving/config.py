@@ -19,7 +19,7 @@ class ServeConfig:
     max_concurrent_rpcs: int = field(default=1024, metadata={"help": "calls in flight beyond this get RESOURCE_EXHAUSTED"})
     batching: bool = field(default=True, metadata={"help": "micro-batch concurrent Recommend calls into one forward"})
     max_batch_rows: int = field(default=8192, metadata={"help": "row (candidate) budget of one model forward"})
-    max_wait_ms: float = field(default=0.5, metadata={"help": "how long a call may wait for others to share its forward"})
+    max_wait_ms: float = field(default=0.5, metadata={"help": "longest a call may wait for others to share its forward (it waits only while fewer calls are queued than the previous batch had)"})
     max_queue: int = field(default=256, metadata={"help": "calls waiting for a forward; beyond: RESOURCE_EXHAUSTED"})
     negative_sample_rate: float = field(default=1.0, metadata={"help": "negative downsampling rate the model was fitted on UNWEIGHTED (log-odds shift log(r)); 1 = none (the trainer's weighted loss)"})
     user_slot: str = field(default="user_id", metadata={"help": "slot that receives the request's user_id"})

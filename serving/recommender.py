@@ -129,11 +129,10 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         if remaining is not None and remaining > 1e6:  # no deadline: grpc reports "forever"
             remaining = None
         deadline = float("inf") if remaining is None else time.monotonic() + remaining
-        # Resolved from the batcher thread with one call_soon_threadsafe. No timer of our own:
+        # Resolved from the batcher thread with one call_soon_threadsafe per batch. No timer of our own:
         # when the deadline passes, grpc cancels this handler, which cancels the queued job, and
         # the batcher drops jobs whose deadline passed anyway; either way they cost no compute.
-        return await asyncio.wrap_future(self.batcher.submit(job, cost=max(int(job.items.size), 1),
-                                                             deadline=deadline))
+        return await self.batcher.submit_async(job, cost=max(int(job.items.size), 1), deadline=deadline)
 
     def _retrieve(self, model: ServingModel, job: RankJob) -> np.ndarray:
         """Candidates by dot product between the pooled user/context bags and every item row."""

@@ -1,5 +1,6 @@
 """Micro-batching: shared forwards, the row budget, priorities, bounded queue, deadlines."""
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,63 @@ def test_concurrent_submissions_share_forwards_and_get_their_own_results():
         batcher.close()
     assert results == [i * 2 for i in range(64)]
     assert sum(sizes) == 64 and len(sizes) < 64 / 4, sizes
+
+
+def test_async_submissions_get_their_results_on_the_loop_one_wake_up_per_batch():
+    calls = []
+
+    def forward(payloads):
+        time.sleep(0.01)
+        return [p * 2 for p in payloads]
+
+    batcher = MicroBatcher(forward, BatcherConfig(max_batch_rows=1000, max_wait_ms=2, max_queue=100))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(cb, *args, **kw):
+            calls.append(cb)
+            return real(cb, *args, **kw)
+
+        loop.call_soon_threadsafe = counting
+        futs = [batcher.submit_async(i, cost=1) for i in range(40)]
+        return await asyncio.gather(*futs)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [i * 2 for i in range(40)]
+    assert 1 <= len(calls) < 40 / 4, len(calls)  # one loop wake-up per batch, not per job
+
+
+def test_a_cancelled_async_job_costs_no_compute():
+    seen = []
+    release = threading.Event()
+
+    def forward(payloads):
+        seen.extend(payloads)
+        release.wait(5)
+        return payloads
+
+    batcher = MicroBatcher(forward, BatcherConfig(max_batch_rows=1, max_wait_ms=0, max_queue=10))
+
+    async def main():
+        first = batcher.submit_async("first", cost=1)
+        await asyncio.sleep(0.05)  # "first" is being computed, blocking the worker
+        dropped = batcher.submit_async("dropped", cost=1)
+        dropped.cancel()
+        release.set()
+        assert await first == "first"
+        after = await batcher.submit_async("after", cost=1)
+        return after
+
+    try:
+        assert asyncio.run(main()) == "after"
+    finally:
+        batcher.close()
+    assert seen == ["first", "after"]
 
 
 def test_a_batch_never_exceeds_the_row_budget_unless_one_job_alone_does():
@@ -153,3 +211,14 @@ def test_concurrent_grpc_calls_are_merged_into_fewer_forwards(start_server):
         resps = list(pool.map(lambda r: stub.Recommend(r, timeout=10), reqs))
     assert all(len(r.items) == 200 for r in resps)
     assert sum(forwards) == 48 and max(forwards) > 1 and len(forwards) < 48, forwards
+
+
+def test_a_lone_caller_is_dispatched_at_once_not_after_max_wait():
+    # max_wait_ms is 30 s: a job that waited for company would miss its 5 s result timeout.
+    # The previous batch had one job, so one queued job is all the company to expect.
+    batcher = MicroBatcher(lambda ps: [p + 1 for p in ps], BatcherConfig(max_batch_rows=100, max_wait_ms=30_000))
+    try:
+        for i in range(3):
+            assert batcher.submit(i, cost=1).result(timeout=5) == i + 1
+    finally:
+        batcher.close()
