@@ -95,14 +95,19 @@ class Learner:
         return cls(cfg, model_config_for(cfg, slots, dense_dim),
                    table if table is not None else make_table(cfg, slots))
 
+    def drop_seen(self, batch: Any) -> Any:
+        """``batch`` without the examples already trained (same example id), counted as duplicates."""
+        keep = self.dedup.filter_new(batch.example_id)
+        dup = len(keep) - int(keep.sum())
+        if not dup:
+            return batch
+        self.times.duplicates += dup
+        return batch.take(keep)
+
     def train(self, batch: Any, now: float | None = None) -> int:
         """One prequential step; returns the number of examples trained (after de-dup)."""
         t0 = time.perf_counter()
-        keep = self.dedup.filter_new(batch.example_id)
-        dup = len(keep) - int(keep.sum())
-        if dup:
-            batch = batch.take(keep)
-            self.times.duplicates += dup
+        batch = self.drop_seen(batch)
         n = len(batch)
         t1 = time.perf_counter()
         self.times.dedup += t1 - t0

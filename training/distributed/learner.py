@@ -72,11 +72,7 @@ class ShardedLearner:
         t_start, x_start = time.perf_counter(), self.timer.seconds
         ln, mc = self.learner, self.learner.model_cfg
         t0 = time.perf_counter()
-        keep = ln.dedup.filter_new(batch.example_id)
-        dup = len(keep) - int(keep.sum())
-        if dup:
-            batch = batch.take(keep)
-            ln.times.duplicates += dup
+        batch = ln.drop_seen(batch)
         n = len(batch)
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
