@@ -130,6 +130,9 @@ def _worker(out_dir: str) -> None:
         stats[case] = {"exchange_calls": sl.timer.calls, "steps": sl.steps,
                        "global_examples": sl.global_examples}
     (Path(out_dir) / f"stats-rank{env.rank}.json").write_text(json.dumps(stats))
+    # Both ranks leave together: a rank tearing gloo down while its peer still talks to it can
+    # abort the peer ("terminate called without an active exception").
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
