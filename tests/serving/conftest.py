@@ -1,5 +1,8 @@
 """Fixtures: a real gRPC server on a loopback port around a real (random-weight) model."""
 
+import threading
+import time
+
 import grpc
 import pytest
 
@@ -25,3 +28,18 @@ def start_server():
     for server, channel in started:
         channel.close()
         server.stop(0)
+
+
+def _monitors() -> int:
+    return sum(t.name == "serve-monitor" for t in threading.enumerate())
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_servers():
+    """A server a test forgets to stop keeps publishing process-wide gauges into later tests."""
+    before = _monitors()
+    yield
+    deadline = time.monotonic() + 5
+    while _monitors() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _monitors() <= before, "a RecommendServer started by this test is still running"
