@@ -16,6 +16,7 @@ round, so even at the default maximum load factor of 0.7 a batch takes only a fe
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 EMPTY = -1
 TOMBSTONE = -2
@@ -71,6 +72,11 @@ class IdIndex:
     @property
     def nbytes(self) -> int:
         return int(self._tab.nbytes)
+
+    def table_view(self) -> torch.Tensor:
+        """The probe table as a tensor sharing its memory, for :func:`find_rows_script`. Valid
+        until the next insert (which may rebuild); hold the owner's lock while using it."""
+        return torch.from_numpy(self._tab)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All live (keys, rows), in table order."""
@@ -190,3 +196,46 @@ class IdIndex:
         self._used = 0
         if keys.size:
             self._place(keys, rows)
+
+
+# ---- the same probe in torch ops (TorchScript-able) ----------------------------------------------
+# ``IdIndex._probe`` issues a dozen NumPy calls per round, each releasing and re-taking the GIL.
+# Compiled with TorchScript (see :mod:`embedding_store.batched_read`), this identical probe (same
+# home slot, same windows) runs with the GIL released once for the whole lookup.
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def find_rows_torch(tab: torch.Tensor, keys: torch.Tensor, missing: int) -> torch.Tensor:
+    """``IdIndex.find(keys, missing)`` over ``tab``, an index's :meth:`IdIndex.table_view`."""
+    cap = tab.shape[0]
+    bits = 0
+    while (1 << bits) < cap:
+        bits += 1
+    mask = cap - 1
+    golden = -7046029254386353131  # _GOLDEN's 64 bits as a (wrapping) signed int64
+    pos = _srl((_srl(keys, 32) ^ keys) * golden, 64 - bits)
+    entry = tab.index_select(0, pos)
+    row = entry[:, 1]
+    hit = (entry[:, 0] == keys) & (row >= 0)
+    out = torch.where(hit, row, torch.full_like(row, missing))
+    pending = torch.nonzero(~hit & (row != -1)).squeeze(1)
+    pos = (pos.index_select(0, pending) + 1) & mask
+    k = keys.index_select(0, pending)
+    steps = torch.arange(8, dtype=torch.int64)
+    while pending.numel() > 0:
+        p = pending.numel()
+        win = (pos.unsqueeze(1) + steps) & mask
+        e = tab.index_select(0, win.reshape(-1)).reshape(p, 8, 2)
+        rk, rr = e[:, :, 0], e[:, :, 1]
+        hitw = (rk == k.unsqueeze(1)) & (rr >= 0)
+        stop = hitw | (rr == -1)
+        first = stop.to(torch.uint8).argmax(dim=1, keepdim=True)
+        found = hitw.gather(1, first).squeeze(1)
+        out.index_put_((pending[found],), rr.gather(1, first).squeeze(1)[found])
+        go_on = ~stop.gather(1, first).squeeze(1)
+        pending, pos, k = pending[go_on], (pos[go_on] + 8) & mask, k[go_on]
+    return out

@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from embedding_store import kernels
+from embedding_store.batched_read import read_many
 from embedding_store.delta import SlotDelta, TableDelta
 from embedding_store.optimizers import sparse_update
 from embedding_store.slot_store import SlotStore
@@ -153,6 +154,27 @@ class EmbeddingTable:
             r = torch.from_numpy(rows).to(st.device)
             w = None if per_sample_weights is None else per_sample_weights.to(st.device, torch.float32)
             return kernels.embedding_bag(st.values, r, offs.to(st.device), mode, w)
+
+    def lookup_many(self, queries: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
+                    mode: str = "sum") -> list[torch.Tensor]:
+        """Several read-only lookups at once: per ``(slot, ids, lengths)``, what
+        ``lookup(slot, ids)`` (``lengths`` None) or ``lookup_bags(slot, ids, lengths, mode)``
+        returns, bit for bit. On CPU the whole read is one TorchScript call (one GIL release,
+        see :mod:`embedding_store.batched_read`): what a serving forward thread wants."""
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        stores = [self._store(slot) for slot, _, _ in queries]
+        ids = [torch.from_numpy(_ids_np(q[1])) for q in queries]
+        lengths = [None if q[2] is None else torch.as_tensor(q[2], dtype=torch.int64).reshape(-1) for q in queries]
+        if any(st.device.type != "cpu" for st in stores):
+            return [self.lookup(slot, i) if n is None else self.lookup_bags(slot, i, n, mode=mode)
+                    for (slot, _, _), i, n in zip(queries, ids, lengths)]
+        with self.lock:  # the views are only valid while no writer can rebuild the index
+            try:
+                return read_many([st.index.table_view() for st in stores], [st.values for st in stores],
+                                 ids, lengths, mode)
+            except torch.jit.Error as exc:
+                raise ValueError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
 
     # ---- writes ------------------------------------------------------------------------------
     def apply_gradients(self, slot: str, ids: torch.Tensor, grads: torch.Tensor, now: float | None = None) -> int:

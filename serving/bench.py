@@ -33,7 +33,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", default="1,4,8,16,32,64", help="concurrent clients, comma list")
+    p.add_argument("--clients", default="1,4,8,16,24,32,48,64", help="concurrent clients, comma list")
     p.add_argument("--duration-s", type=float, default=2.0, help="measured seconds per point and round")
     p.add_argument("--warmup-s", type=float, default=0.5, help="unmeasured seconds before each round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved batched/baseline rounds per point (medians)")
@@ -52,7 +52,7 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
     import torch
 
     from serving.config import ServeConfig
-    from serving.server import RecommendServer, StaticModelSource
+    from serving.server import RecommendServer, StaticModelSource, steady_gc
     from serving.testing import random_model
 
     torch.set_num_threads(torch_threads)
@@ -61,6 +61,7 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
     if workers > 0:
         cfg.workers = workers
     server = RecommendServer(cfg, StaticModelSource(model)).start()
+    steady_gc()  # as `headwater serve` does
     send_json(conn, server.address)
     while True:  # "cpu" -> this process's CPU seconds so far; anything else (or EOF) -> stop
         try:

@@ -103,6 +103,9 @@ def recv_json(conn: Any) -> Any:
 
 def serve_commands(conn: Any) -> None:
     """Child-process loop: receives ``LoadSpec`` fields as a JSON object, answers with the point."""
+    from serving.server import steady_gc
+
+    steady_gc()  # a collector pause here would be booked as server latency
     send_json(conn, "ready")
     while True:
         try:

@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.config import ServeConfig
     from serving.param_server import ParamServer, ParamServerConfig, parse_shard
     from serving.ps_client import PsClientConfig, ShardFleet
+    from serving.server import steady_gc
     from streams.kafka_io import KafkaConfig, topic_names
     from training.params_wire import control_partition
 
@@ -67,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic)
     ps.start()
     server = _server(cfg, ps, fleet).start()
+    steady_gc()
     console = Console(stderr=True)
     what = f"shard {ps_cfg.shard_index}/{ps_cfg.num_shards}" if cfg.role == "ps" else cfg.role
     console.print(f"[bold]headwater serve[/] ({what}) on {server.address}; following "

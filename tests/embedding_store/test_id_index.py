@@ -1,9 +1,11 @@
 """The id index never maps two distinct keys to one row, whatever the keys look like."""
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embedding_store.batched_read import find_rows
 from embedding_store.id_index import IdIndex
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -13,6 +15,8 @@ def _check_against_dict(index: IdIndex, model: dict[int, int], probe: np.ndarray
     rows = index.find(probe)
     expect = np.array([model.get(int(k), -1) for k in probe], dtype=np.int64)
     np.testing.assert_array_equal(rows, expect)
+    # The TorchScript probe (the serving read path) walks the same table to the same rows.
+    np.testing.assert_array_equal(find_rows(index.table_view(), torch.from_numpy(probe)).numpy(), expect)
     assert len(index) == len(model)
 
 
@@ -37,6 +41,7 @@ def test_keys_agreeing_in_low_bits_stay_distinct(shift_bits, low, n):
     index.insert(keys, np.arange(keys.size))
     np.testing.assert_array_equal(index.find(keys), np.arange(keys.size))
     assert np.unique(index.find(keys)).size == keys.size
+    np.testing.assert_array_equal(find_rows(index.table_view(), torch.from_numpy(keys)).numpy(), np.arange(keys.size))
 
 
 def test_high_load_factor_and_extreme_keys():
@@ -51,6 +56,9 @@ def test_high_load_factor_and_extreme_keys():
     assert len(index) / index.capacity > 0.85 or index.capacity > 4096
     np.testing.assert_array_equal(index.find(keys), np.arange(keys.size))
     assert (index.find(keys + 1)[~np.isin(keys + 1, keys)] == -1).all()
+    for probe in (keys, keys + 1):
+        np.testing.assert_array_equal(find_rows(index.table_view(), torch.from_numpy(probe), 0).numpy(),
+                                      index.find(probe, missing=0))
 
 
 @settings(max_examples=40, deadline=None)

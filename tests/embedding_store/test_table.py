@@ -162,3 +162,36 @@ def test_large_read_batches_split_over_threads_return_the_same_vectors():
     unknown = torch.from_numpy(~np.isin(keys[30_000:].numpy(), keys[:30_000].numpy()))
     assert unknown.sum() > 9_000
     assert (got[30_000:][unknown] == 3.0).all()
+
+
+def test_lookup_many_reads_what_lookup_and_lookup_bags_read_bit_for_bit():
+    t = EmbeddingTable([SlotConfig("item", 8, init_std=1.0), SlotConfig("user", 8, init_std=1.0, default_value=0.25)])
+    rng = np.random.default_rng(3)
+    known = rng.integers(-(2**62), 2**62, 3000, dtype=np.int64)
+    t.lookup("item", torch.from_numpy(known), train=True)
+    t.lookup("user", torch.from_numpy(known[:500]), train=True)
+    items = np.concatenate([known[::3], rng.integers(-(2**62), 2**62, 100, dtype=np.int64)])  # and unknown ids
+    users = np.concatenate([known[:40], [7, 8]]).astype(np.int64)
+    lengths = np.array([0, 5, 1, 30, 0, 6], np.int64)  # empty bags too
+    for mode in ("sum", "mean"):
+        got = t.lookup_many([("item", items, None), ("user", users, lengths), ("item", items[:0], np.zeros(2, np.int64))],
+                            mode=mode)
+        want = [t.lookup("item", torch.from_numpy(items)),
+                t.lookup_bags("user", torch.from_numpy(users), torch.from_numpy(lengths), mode=mode),
+                torch.zeros(2, 8)]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="cover the ids"):
+        t.lookup_many([("user", users, np.array([1, 2], np.int64))])
+    with pytest.raises(KeyError, match="unknown slot"):
+        t.lookup_many([("nope", users, None)])
+
+
+def test_lookup_many_sees_rows_written_after_the_index_grew():
+    t = EmbeddingTable([SlotConfig("a", 4, init_std=1.0)])
+    first = np.arange(10, dtype=np.int64)
+    before = t.lookup_many([("a", first, None)])[0]
+    t.lookup("a", torch.from_numpy(np.arange(20_000, dtype=np.int64)), train=True)  # rebuilds the index
+    after = t.lookup_many([("a", first, None)])[0]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, t.lookup("a", torch.from_numpy(first)))
