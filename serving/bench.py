@@ -45,10 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="gRPC handler threads of both servers (0 = ServeConfig's default)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads in the server")
     p.add_argument("--precision", default="auto", help="tower precision of both servers: auto, float32, bfloat16")
+    p.add_argument("--dim", type=int, default=16, help="embedding dim of the model's 4 slots")
+    p.add_argument("--hidden", default="256,128,64", help="the tower's MLP widths, comma list")
 
 
 def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torch_threads: int,
-                 precision: str, workers: int) -> None:
+                 precision: str, workers: int, dim: int, hidden: list[int]) -> None:
     import torch
 
     from serving.config import ServeConfig
@@ -56,7 +58,8 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
     from serving.testing import random_model
 
     torch.set_num_threads(torch_threads)
-    model = random_model(slots=("user_id", "item_id", "f00", "f01"), items=items, users=items)
+    model = random_model(slots=("user_id", "item_id", "f00", "f01"), items=items, users=items, dim=dim,
+                         hidden=tuple(hidden))
     cfg = ServeConfig(port=0, batching=batching, max_wait_ms=max_wait_ms, max_queue=1024, precision=precision)
     if workers > 0:
         cfg.workers = workers
@@ -138,8 +141,9 @@ def run(args: argparse.Namespace) -> dict:
     children: list[_Child] = []
     try:
         for batching in (True, False):
-            children.append(_Child(_serve_child, batching, args.items, args.max_wait_ms,
-                                   args.torch_threads, args.precision, args.workers))
+            children.append(_Child(_serve_child, batching, args.items, args.max_wait_ms, args.torch_threads,
+                                   args.precision, args.workers, args.dim,
+                                   [int(h) for h in str(args.hidden).split(",") if h]))
         children.append(_Child(serve_commands))
         servers = {"batched": children[0], "baseline": children[1]}
         load = children[2]
@@ -170,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     best, best_base = _best(batched, args.p99_budget_ms), _best(baseline, args.p99_budget_ms)
     return {
         "bench": "serving", "candidates": args.candidates, "top_k": args.top_k,
+        "model": {"slots": 4, "dim": args.dim, "hidden": args.hidden},
         "duration_s": args.duration_s, "rounds": args.rounds, "precision": args.precision,
         "p99_budget_ms": args.p99_budget_ms, "cpus": os.cpu_count(),
         "loadavg_start": round(load_start[0], 2), "loadavg_end": round(os.getloadavg()[0], 2),
