@@ -15,9 +15,21 @@ if not _cuda:
 
 # ---------------------------------------------------------------- Kafka (streams, issue 2)
 import itertools  # noqa: E402
+import logging  # noqa: E402
 import uuid  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs a CLI command in-process gets the CLI's stderr log handler; it must not
+    outlive the test (later tests' background threads would log onto the terminal)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 _topic_sets = itertools.count()
 
