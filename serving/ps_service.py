@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
@@ -68,14 +67,15 @@ class ParameterServerService(pb2_grpc.ParameterServerServicer):
             table = model.table
             resp = pb2.LookupResponse(version=model.version, watermark_ms=model.watermark_ms,
                                       shard_index=self.ps.cfg.shard_index, num_shards=self.ps.cfg.num_shards)
+            queries = []
             for i, f in enumerate(request.slots):
                 if f.slot not in table.slots:
                     code = grpc.StatusCode.INVALID_ARGUMENT
                     context.abort(code, f"slots[{i}]: unknown slot {f.slot!r}; the model has {sorted(table.slots)}")
-                ids = np.asarray(f.ids, dtype=np.int64)
-                vecs = table.lookup(f.slot, torch.from_numpy(ids)).numpy()
-                resp.slots.add(slot=f.slot, dim=int(vecs.shape[1]),
-                               values=np.ascontiguousarray(vecs, dtype="<f4").tobytes())
+                queries.append((f.slot, np.asarray(f.ids, dtype=np.int64), None))
+            for (slot, _, _), vecs in zip(queries, table.lookup_many(queries)):  # one GIL release for all
+                resp.slots.add(slot=slot, dim=int(vecs.shape[1]),
+                               values=np.ascontiguousarray(vecs.numpy(), dtype="<f4").tobytes())
             LOOKUP_IDS.inc(total)
             return resp
         finally:
