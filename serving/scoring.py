@@ -70,8 +70,9 @@ _COMPILE_LOCK = threading.Lock()
 
 
 def _compiled_tower(tower: Any, bf16: bool) -> Any:
-    """``tower`` traced with TorchScript, once per tower object (a new dense snapshot is a new
-    tower); a tower with parameters off the CPU is returned as it is.
+    """``tower`` traced with TorchScript, once per tower object; a tower with parameters off the
+    CPU is returned as it is. Towers are values: a new dense snapshot is a new tower object
+    (``ServingModel``), never an in-place edit, which a frozen bf16 trace would not see.
 
     Why: eagerly, each of the tower's ~20 ops releases the GIL and must take it back, and on a
     busy server every re-take waits for the event-loop thread; the traced graph runs with one
