@@ -6,21 +6,20 @@ it that costs a wait each time: on two cores a batch's ~100 small calls spent th
 CPU time waiting. Here the whole read (the same probe as :class:`~embedding_store.id_index.IdIndex`,
 the same pooling as the reference kernel) is one compiled call that releases the GIL once.
 Results are identical to :meth:`EmbeddingTable.lookup` / :meth:`EmbeddingTable.lookup_bags`.
-TorchScript is deprecated, but it is the graph runner that needs no C++ toolchain at run time.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
-from embedding_store.id_index import _srl, find_rows_torch
+from embedding_store.id_index import find_rows_torch
 from embedding_store.kernels.reference import embedding_bag_reference
 
-__all__ = ["read_many", "find_rows"]
+__all__ = ["read_many", "find_rows", "scripted"]
 
 
 def _read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
@@ -40,30 +39,31 @@ def _read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[t
     return out
 
 
-_SCRIPTED: dict[str, Any] = {}
+_SCRIPTED: dict[Callable[..., Any], Any] = {}
 _SCRIPT_LOCK = threading.Lock()
 
 
-def _scripted(name: str) -> Any:
-    """The TorchScript version of this module's ``name`` function, compiled on first use."""
-    fn = _SCRIPTED.get(name)
-    if fn is None:
-        with _SCRIPT_LOCK, warnings.catch_warnings():  # TorchScript is deprecated; see the docstring
+def scripted(fn: Callable[..., Any]) -> Any:
+    """``fn`` compiled with TorchScript on first use (not at import: trainers never pay for it).
+    TorchScript is deprecated, but it is the graph runner that needs no C++ toolchain at run time,
+    and a compiled call releases the GIL once for all its ops."""
+    compiled = _SCRIPTED.get(fn)
+    if compiled is None:
+        with _SCRIPT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            fn = _SCRIPTED.get(name)
-            if fn is None:
-                torch.jit.script(_srl)
-                fn = _SCRIPTED[name] = torch.jit.script({"read_many": _read_many, "find_rows": find_rows_torch}[name])
-    return fn
+            compiled = _SCRIPTED.get(fn)
+            if compiled is None:
+                compiled = _SCRIPTED[fn] = torch.jit.script(fn)
+    return compiled
 
 
 def read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
               lengths: List[Optional[torch.Tensor]], mode: str = "sum") -> List[torch.Tensor]:
     """Per query ``i``: rows of ``ids[i]`` in probe table ``tabs[i]`` gathered from ``values[i]``,
     one vector per id (``lengths[i]`` None) or pooled per bag (``mode`` sum or mean)."""
-    return _scripted("read_many")(tabs, values, ids, lengths, mode)
+    return scripted(_read_many)(tabs, values, ids, lengths, mode)
 
 
 def find_rows(tab: torch.Tensor, keys: torch.Tensor, missing: int = -1) -> torch.Tensor:
     """``IdIndex.find(keys, missing)`` as one TorchScript call over ``IdIndex.table_view()``."""
-    return _scripted("find_rows")(tab, keys, missing)
+    return scripted(find_rows_torch)(tab, keys, missing)

@@ -164,8 +164,10 @@ class EmbeddingTable:
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
         stores = [self._store(slot) for slot, _, _ in queries]
+        # NumPy-side preparation only: every torch call here would release the GIL and queue to get it back.
         ids = [torch.from_numpy(_ids_np(q[1])) for q in queries]
-        lengths = [None if q[2] is None else torch.as_tensor(q[2], dtype=torch.int64).reshape(-1) for q in queries]
+        lengths = [None if q[2] is None else torch.from_numpy(np.ascontiguousarray(q[2], dtype=np.int64).reshape(-1))
+                   for q in queries]
         if any(st.device.type != "cpu" for st in stores):
             return [self.lookup(slot, i) if n is None else self.lookup_bags(slot, i, n, mode=mode)
                     for (slot, _, _), i, n in zip(queries, ids, lengths)]

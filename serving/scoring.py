@@ -114,7 +114,8 @@ def _tower_logits(model: ServingModel, emb: torch.Tensor, dense: torch.Tensor | 
     fn = _compiled_tower(model.tower, bf16) if emb.device.type == "cpu" else model.tower
     args = (emb,) if dense is None else (emb, dense)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return fn(*args).float()
+        logits = fn(*args)
+    return logits if logits.dtype == torch.float32 else logits.float()  # no call (no GIL round trip) when float
 
 
 def _job_bags(jobs: Sequence[RankJob], slot: str, user_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
