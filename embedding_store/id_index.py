@@ -74,7 +74,7 @@ class IdIndex:
         return int(self._tab.nbytes)
 
     def table_view(self) -> torch.Tensor:
-        """The probe table as a tensor sharing its memory, for :func:`find_rows_script`. Valid
+        """The probe table as a tensor sharing its memory, for :func:`find_rows_torch`. Valid
         until the next insert (which may rebuild); hold the owner's lock while using it."""
         return torch.from_numpy(self._tab)
 
@@ -201,7 +201,9 @@ class IdIndex:
 # ---- the same probe in torch ops (TorchScript-able) ----------------------------------------------
 # ``IdIndex._probe`` issues a dozen NumPy calls per round, each releasing and re-taking the GIL.
 # Compiled with TorchScript (see :mod:`embedding_store.batched_read`), this identical probe (same
-# home slot, same windows) runs with the GIL released once for the whole lookup.
+# home slot, same windows) runs with the GIL released once for the whole lookup. TorchScript cannot
+# read module globals, so _GOLDEN, WINDOW (8) and EMPTY (-1) appear as literals; the property tests
+# in tests/embedding_store/test_id_index.py check this probe against the NumPy one.
 
 
 def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
