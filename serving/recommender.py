@@ -22,6 +22,7 @@ from serving.calibration import Calibrator
 from serving.config import ServeConfig
 from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
+from serving.response_wire import encode_recommend_response
 from serving.retrieval import ItemIndex
 from serving.scoring import RankJob, ServingModel, bf16_supported, score_examples, score_jobs
 from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
@@ -160,7 +161,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         if job.items.size == 0:
             job.items = await self._offload(self._retrieve, model, job)
             top_k = top_k or self.cfg.default_top_k
-        items: list[Any] = []
+        ids, scores = job.items[:0], np.zeros(0, np.float32)
         if job.items.size:
             probs, model = await self._rank(job, context)
             k = min(top_k or probs.size, probs.size)
@@ -170,10 +171,10 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
             if k < probs.size:
                 cand = np.flatnonzero(probs >= probs[np.argpartition(-probs, k - 1)[k - 1]])
             order = cand[np.lexsort((job.items[cand], -probs[cand]))][:k]
-            scored = pb2.ScoredItem
-            items = [scored(item_id=i, score=p) for i, p in zip(job.items[order].tolist(), probs[order].tolist())]
-        return pb2.RecommendResponse(items=items, model_version=model.version, model_id=model.model_id,
-                                     freshness_lag_ms=self.source.freshness_lag_ms())
+            ids, scores = job.items[order], probs[order]
+        # Already-encoded bytes (the server sends them as they are): see serving.response_wire.
+        return encode_recommend_response(ids, scores, model_version=model.version, model_id=model.model_id,
+                                         freshness_lag_ms=self.source.freshness_lag_ms())
 
     def _score(self, request) -> Any:
         model = self._model()

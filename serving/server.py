@@ -36,7 +36,7 @@ from serving import metrics as m
 from serving.calibration import Calibrator
 from serving.config import ServeConfig
 from serving.microbatch import BatcherConfig, MicroBatcher
-from serving.pb import SERVICE_NAME, pb2_grpc
+from serving.pb import SERVICE_NAME, pb2
 from serving.recommender import RecommenderService
 from serving.scoring import ServingModel
 
@@ -124,6 +124,24 @@ def _deny(handler: Any) -> Any:
     return grpc.stream_stream_rpc_method_handler(abort, **kw)
 
 
+def _serialize(response: Any) -> bytes:
+    """A response message, or one a handler already encoded (``serving.response_wire``)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _add_recommender(service: RecommenderService, server: Any) -> None:
+    """Registers ``headwater.v1.Recommender`` from the .proto's descriptor, as the generated
+    ``add_RecommenderServicer_to_server`` does, except that a handler may return bytes."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, method.name),
+            request_deserializer=getattr(pb2, method.input_type.name).FromString,
+            response_serializer=_serialize)
+        for method in pb2.DESCRIPTOR.services_by_name["Recommender"].methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class RecommendServer:
     """Owns the gRPC server (and its event loop thread), the micro-batcher and the health monitor."""
 
@@ -167,7 +185,7 @@ class RecommendServer:
         interceptors = [_AuthInterceptor(cfg.auth_token)] if cfg.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                                       options=[("grpc.so_reuseport", 0)])
-        pb2_grpc.add_RecommenderServicer_to_server(self.service, self.server)
+        _add_recommender(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
