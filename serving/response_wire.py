@@ -1,7 +1,8 @@
 """``RecommendResponse`` encoded straight to protobuf wire bytes, vectorised in NumPy.
 
-Why: building 200 ``ScoredItem`` messages in Python and serialising them cost ~0.2 ms of GIL
-time per call, about half of the batched server's whole per-call CPU. The item list is the only
+Why: building 200 ``ScoredItem`` messages in Python and serialising them costs ~0.18 ms of GIL
+time per call (0.06 ms here), a large share of the batched server's per-call CPU when a caller
+asks for long ranked lists. The item list is the only
 large part of the response and its wire form is fixed, so it is written here in a few array
 operations; the scalar fields are serialised by protobuf itself and appended (protobuf
 serialises fields in number order and ``items`` is field 1, so the result is byte-for-byte what
@@ -14,11 +15,12 @@ import numpy as np
 
 from serving.pb import pb2
 
-__all__ = ["encode_recommend_response", "scored_items_wire"]
+__all__ = ["encode_recommend_response", "scored_items_wire", "VECTOR_MIN_ITEMS"]
 
 _ITEMS_TAG = 0x0A  # field 1 (items), wire type 2 (length-delimited)
 _ID_TAG = 0x08  # ScoredItem field 1 (item_id), varint
 _SCORE_TAG = 0x15  # ScoredItem field 2 (score), fixed32
+VECTOR_MIN_ITEMS = 48  # measured crossover: 10 items 16 vs 47 us, 200 items 185 vs 59 us
 _MAX_VARINT = 10
 _SHIFTS = np.arange(0, 7 * _MAX_VARINT, 7, dtype=np.uint64)
 # Row layout of one item: tag, length, id tag, id varint (10 slots), score tag, score (4 bytes).
@@ -59,7 +61,15 @@ def scored_items_wire(item_ids: np.ndarray, scores: np.ndarray) -> bytes:
 
 def encode_recommend_response(item_ids: np.ndarray, scores: np.ndarray, *, model_version: int,
                               model_id: str, freshness_lag_ms: int) -> bytes:
-    """A whole serialised ``RecommendResponse`` (what the Recommend handler sends)."""
+    """A whole serialised ``RecommendResponse`` (what the Recommend handler sends).
+
+    Below ``VECTOR_MIN_ITEMS`` items the array operations' fixed cost (~45 us) exceeds building
+    the messages (~1.5 us an item), so short lists go through protobuf; the bytes are the same.
+    """
     rest = pb2.RecommendResponse(model_version=model_version, model_id=model_id,
                                  freshness_lag_ms=freshness_lag_ms)
+    if len(item_ids) < VECTOR_MIN_ITEMS:
+        rest.items.extend(pb2.ScoredItem(item_id=i, score=p)
+                          for i, p in zip(np.asarray(item_ids).tolist(), np.asarray(scores).tolist()))
+        return rest.SerializeToString()
     return scored_items_wire(item_ids, scores) + rest.SerializeToString()

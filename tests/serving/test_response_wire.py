@@ -19,6 +19,7 @@ def test_edge_values_encode_byte_for_byte_like_protobuf():
     scalars = dict(model_version=12, model_id="m1", freshness_lag_ms=345)
     got = encode_recommend_response(ids, scores, **scalars)
     assert got == _reference(ids, scores, **scalars)
+    assert scored_items_wire(ids, scores) + pb2.RecommendResponse(**scalars).SerializeToString() == got
     back = pb2.RecommendResponse.FromString(got)
     assert [i.item_id for i in back.items] == ids.tolist()
     assert back.model_version == 12 and back.model_id == "m1" and back.freshness_lag_ms == 345
@@ -42,7 +43,7 @@ def test_mismatched_lengths_are_refused():
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1),
-                          st.floats(width=32, allow_nan=False)), max_size=60),
+                          st.floats(width=32, allow_nan=False)), max_size=120),
        st.integers(-(2**63), 2**63 - 1), st.text(max_size=8))
 def test_random_responses_match_protobuf(pairs, version, model_id):
     ids = np.array([p[0] for p in pairs], np.int64)
