@@ -1,10 +1,9 @@
 """``RecommendResponse`` encoded straight to protobuf wire bytes, vectorised in NumPy.
 
 Why: building 200 ``ScoredItem`` messages in Python and serialising them costs ~0.18 ms of GIL
-time per call (0.06 ms here), a large share of the batched server's per-call CPU when a caller
-asks for long ranked lists. The item list is the only
-large part of the response and its wire form is fixed, so it is written here in a few array
-operations; the scalar fields are serialised by protobuf itself and appended (protobuf
+time per call (0.05 ms here), a large share of the batched server's per-call CPU when callers
+ask for long ranked lists. The item list is the only large part of the response and its wire
+form is fixed, so it is written here in a few array operations; the scalar fields are serialised by protobuf itself and appended (protobuf
 serialises fields in number order and ``items`` is field 1, so the result is byte-for-byte what
 ``RecommendResponse(...).SerializeToString()`` gives; tests/serving/test_response_wire.py).
 """

@@ -1,6 +1,7 @@
 """The vectorised RecommendResponse encoder writes exactly what protobuf writes."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,12 +34,8 @@ def test_no_items_is_just_the_scalars():
 
 
 def test_mismatched_lengths_are_refused():
-    try:
+    with pytest.raises(ValueError, match="3 item ids but 2 scores"):
         scored_items_wire(np.arange(3), np.zeros(2, np.float32))
-    except ValueError as exc:
-        assert "3 item ids but 2 scores" in str(exc)
-    else:
-        raise AssertionError("expected a ValueError")
 
 
 @settings(max_examples=200, deadline=None)
