@@ -24,8 +24,9 @@ from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
 from serving.response_wire import encode_recommend_response
 from serving.retrieval import ItemIndex
-from serving.scoring import RankJob, ServingModel, bf16_supported, score_examples, score_jobs
+from serving.scoring import RankJob, ServingModel, score_examples, score_jobs
 from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
+from training.model import bf16_supported
 
 log = logging.getLogger(__name__)
 

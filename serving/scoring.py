@@ -20,7 +20,7 @@ import torch
 
 from serving.calibration import Calibrator
 
-__all__ = ["ServingModel", "RankJob", "score_jobs", "score_examples", "ExampleRows", "bf16_supported"]
+__all__ = ["ServingModel", "RankJob", "score_jobs", "score_examples", "ExampleRows"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,6 @@ class RankJob:
     items: np.ndarray
     context: Mapping[str, np.ndarray] = field(default_factory=dict)  # slot -> int64 ids
     dense: np.ndarray | None = None  # float32[dense_dim] or None (zeros)
-
-
-def bf16_supported() -> bool:
-    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX) for oneDNN."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 _COMPILED: "weakref.WeakKeyDictionary[Any, dict[bool, Any]]" = weakref.WeakKeyDictionary()

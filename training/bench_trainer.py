@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared 2-core box, OpenMP wake-ups of a "
                         "second thread cost more than it computes; the other core runs Kafka I/O)")
+    p.add_argument("--dense-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="tower forward/backward precision (TrainerConfig.dense_precision)")
     p.add_argument("--publish", action="store_true", help="also publish deltas to hw.params every 1 s")
     p.add_argument("--nproc", type=int, default=0,
                    help="compare the multi-rank trainer at 1 and N ranks in one run (0: the "
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
                             hidden=tuple(int(h) for h in args.hidden.split(",")),
                             publish=args.publish, max_examples=args.examples, idle_exit_s=30.0,
                             checkpoint_interval_s=1e9, group_id="bench-trainer",
-                            max_batch_wait_ms=1000)
+                            max_batch_wait_ms=1000, dense_precision=args.dense_precision)
         t0 = time.perf_counter()
         _fill(kafka, topics.examples, batches)
         fill_s = time.perf_counter() - t0
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
             "elapsed_s": elapsed, "batch_size": args.batch_size, "slots": args.slots,
             "dim": args.dim, "hidden": args.hidden, "threads": args.threads,
             "publish": bool(args.publish),
+            "dense_precision": "bf16" if trainer.learner.bf16 else "fp32",
             "split_s": {k.removesuffix("_s"): round(v, 3) for k, v in times.items()},
             "split_frac": {k.removesuffix("_s"): round(v / total, 3) for k, v in times.items()},
             "baseline_consume_decode_examples_per_s": baseline,

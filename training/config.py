@@ -30,6 +30,10 @@ class TrainerConfig:
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})
     init_std: float = field(default=0.01, metadata={"help": "std of new embedding rows"})
     dense_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the dense tower"})
+    dense_precision: str = field(default="auto", metadata={
+        "help": "tower forward/backward precision: fp32, bf16 (autocast; weights, Adam state, "
+                "loss and what serving receives stay fp32), or auto (bf16 where the CPU has "
+                "native bf16 matmuls)"})
     # -- bounded memory
     ttl_s: float = field(default=0.0, metadata={"help": "expire rows untouched this long (0 = never)"})
     ttl_clock: str = field(default="event", metadata={"help": "TTL measured in stream event time (event) or wall time (wall)"})
@@ -65,6 +69,8 @@ class TrainerConfig:
             raise ValueError(f"ttl_clock must be event or wall, got {self.ttl_clock!r}")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
+        if self.dense_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dense_precision must be auto, fp32 or bf16, got {self.dense_precision!r}")
         if self.sparse_sync_interval_s <= 0 or self.dense_sync_interval_s <= 0:
             raise ValueError("sync intervals must be positive")
         if self.params_message_bytes < 4096:

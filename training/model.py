@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["ModelConfig", "DenseTower", "SlotBags", "lookup_slots", "bag_grads_to_ids",
-           "weighted_bce", "score", "tower_to_safetensors", "tower_from_safetensors"]
+           "weighted_bce", "score", "tower_to_safetensors", "tower_from_safetensors", "bf16_supported"]
 
 
 @dataclass
@@ -70,6 +70,17 @@ class ModelConfig:
         cfg = cls(**known)
         cfg.validate()
         return cfg
+
+
+def bf16_supported() -> bool:
+    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX) for oneDNN.
+
+    Training's ``dense_precision=auto`` and serving's ``precision=auto`` both ask this.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class _Cross(nn.Module):

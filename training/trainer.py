@@ -58,6 +58,9 @@ class OnlineTrainer:
 
     def __init__(self, cfg: TrainerConfig, kafka: KafkaConfig) -> None:
         cfg.validate()
+        # torch's optimizers import torch._dynamo when the first one is built (1.5-2.5 s on a
+        # 2-core box): paid here, while the group join waits anyway, not by the first mini-batch.
+        import torch._dynamo  # noqa: F401
         self.cfg, self.kafka = cfg, kafka
         self.topics = topic_names(kafka.topic_prefix)
         self.store = CheckpointStore(cfg.checkpoint_dir) if cfg.checkpoint_dir else None

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from headwater.config import ConfigError
+from headwater.cli.runtime import keep_freed_memory
 from headwater.logs import setup_logging
 
 COMMAND_MODULES = [
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    keep_freed_memory()
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:

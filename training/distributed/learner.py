@@ -99,7 +99,7 @@ class ShardedLearner:
             emb = torch.zeros(1, len(mc.slots), mc.embedding_dim)
             dense = torch.zeros(1, mc.dense_dim) if mc.dense_dim else None
             labels, w = torch.zeros(1), torch.zeros(1)
-        logits = self.tower(emb, dense)
+        logits = ln.logits(emb, dense, self.tower)
         per_row = nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=w,
                                                                  reduction="sum")
         loss = per_row * (self.world / w_all)
