@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "than one thread spins against other work and slows both sides erratically")
     p.add_argument("--no-speculative", action="store_true", help="engine without n-gram speculation")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for decode steps (CUDA only)")
 
 
 def model_shape(cuda: bool) -> dict:
@@ -65,7 +67,8 @@ def run_engine(path, prompts, olens, args, device) -> dict:
     from llm_engine import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, device=device,
-                       kv_cache_bytes=128 << 20, dtype="auto", speculative=not args.no_speculative)
+                       kv_cache_bytes=128 << 20, dtype="auto", speculative=not args.no_speculative,
+                       preemption_mode=args.preemption_mode, cuda_graphs=args.cuda_graphs)
     eng = LLMEngine(path, cfg)
     eng.add_request([1, 2, 3], SamplingParams(max_tokens=2))  # warm-up
     while eng.has_unfinished():
@@ -85,7 +88,8 @@ def run_engine(path, prompts, olens, args, device) -> dict:
     if produced != sum(olens):
         raise RuntimeError(f"engine produced {produced} tokens, {sum(olens)} asked")
     return dict(seconds=dt, cpu_seconds=cpu, tokens=produced, steps=steps, peak_blocks=eng.pool.peak_used,
-                num_blocks=eng.pool.num_blocks, preemptions=eng.scheduler.num_preemptions)
+                num_blocks=eng.pool.num_blocks, preemptions=eng.scheduler.num_preemptions,
+                swaps_out=eng.scheduler.num_swaps_out, swaps_in=eng.scheduler.num_swaps_in)
 
 
 def run_baseline(path, prompts, olens, batch: int, device) -> dict:
@@ -140,7 +144,8 @@ def _run(args: argparse.Namespace) -> dict:
     out = {
         "benchmark": "llm", "device": device, "params": n_params, "num_requests": len(prompts),
         "max_num_seqs": args.max_num_seqs, "threads": torch.get_num_threads(),
-        "speculative": not args.no_speculative,
+        "speculative": not args.no_speculative, "preemption_mode": args.preemption_mode,
+        "cuda_graphs": args.cuda_graphs,
         "prompt_len_uniform": list(args.prompt_len),
         "output_len_lognormal": {"median": args.output_median, "sigma": args.output_sigma,
                                  "min": args.output_min, "max": args.output_max, "seed": args.seed},
@@ -149,7 +154,7 @@ def _run(args: argparse.Namespace) -> dict:
         "tokens_per_s": round(ours["tokens"] / ours["seconds"], 1),
         "requests_per_s": round(len(prompts) / ours["seconds"], 3),
         "steps": ours["steps"], "kv_peak_blocks": ours["peak_blocks"], "kv_num_blocks": ours["num_blocks"],
-        "preemptions": ours["preemptions"],
+        "preemptions": ours["preemptions"], "swaps_out": ours["swaps_out"], "swaps_in": ours["swaps_in"],
     }
     if base:
         out |= {

@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    """Engine knobs: KV pool size, batching limits and the attention back end."""
+    """Engine knobs: KV pool size, batching limits, attention back end, preemption and decode graphs."""
 
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one step"})
@@ -82,3 +82,19 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     speculative: bool = field(default=True, metadata={"help": "n-gram speculative decoding (adaptive: drafts only where they pay)"})
     spec_max_draft: int = field(default=8, metadata={"help": "most draft tokens per request per step"})
+    preemption_mode: str = field(default="recompute", metadata={
+        "help": "recompute, or swap: KV to host memory and back (recompute when the swap space is full)"})
+    swap_space_bytes: int = field(default=256 << 20, metadata={"help": "host swap space of swap preemption, bytes"})
+    num_swap_blocks: int = field(default=0, metadata={"help": "force this many host swap blocks (0 = from the bytes)"})
+    cuda_graphs: bool = field(default=False, metadata={"help": "CUDA graphs for pure-decode steps (CUDA only)"})
+    cuda_graph_max_batch: int = field(default=32, metadata={"help": "largest decode batch run through a CUDA graph"})
+
+    def __post_init__(self) -> None:
+        # Checked here, not at first use: a typo in a config file should fail at start-up.
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', not {self.preemption_mode!r}")
+        for name in ("swap_space_bytes", "num_swap_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, not {self.cuda_graph_max_batch}")

@@ -1,8 +1,8 @@
 """The synchronous engine: requests in, one scheduler step at a time, outputs out.
 
-``step()`` = schedule -> run model -> sample the rows that reached their sequence's end ->
-append tokens, check stop conditions, free finished requests' blocks, register newly full blocks
-for prefix caching.
+``step()`` = schedule -> swap KV blocks out/in (swap preemption) -> run model -> sample the rows
+that reached their sequence's end -> append tokens, check stop conditions, free finished
+requests' blocks, register newly full blocks for prefix caching.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from llm_engine.block_pool import BlockPool
 from llm_engine.config import EngineConfig, ModelConfig
+from llm_engine.decode_graphs import CudaGraphCapture
 from llm_engine.kv_cache import KVCacheManager, allocate_kv_cache, num_blocks_for_budget
 from llm_engine.model.llama import LlamaForCausalLM
 from llm_engine.model.loader import load_model
@@ -46,6 +47,10 @@ def _resolve(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
         backend = "triton" if dev == "cuda" else "torch"
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown attention backend {backend!r}")
+    if config.cuda_graphs and (dev != "cuda" or backend != "triton"):
+        # The torch reference back end reads sequence lengths on the host, which capture forbids.
+        raise ValueError(f"cuda_graphs needs device='cuda' and the triton attention backend "
+                         f"(got device={dev!r}, attention_backend={backend!r})")
     return torch.device(dev), dtype, backend
 
 
@@ -73,10 +78,25 @@ class LLMEngine:
         if n * config.block_size < min(self.max_model_len, config.max_num_batched_tokens):
             logger.warning("KV pool of %d blocks holds fewer tokens than one step", n)
         self.pool = BlockPool(n, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, config.block_size)
+        swap_area = host = None
+        if config.preemption_mode == "swap":
+            n_swap = config.num_swap_blocks or num_blocks_for_budget(
+                config.swap_space_bytes, mc.num_hidden_layers, block_shape, dtype)
+            if n_swap <= 0:
+                raise ValueError(f"preemption_mode='swap' needs host swap space: swap_space_bytes="
+                                 f"{config.swap_space_bytes} holds no KV block; raise it or set num_swap_blocks")
+            host = BlockPool(n_swap, enable_caching=False)
+            swap_area = allocate_kv_cache(n_swap, mc.num_hidden_layers, block_shape, dtype, "cpu",
+                                          pin_memory=device.type == "cuda")
+        self.kv = KVCacheManager(self.pool, config.block_size, host)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(model, allocate_kv_cache(n, mc.num_hidden_layers, block_shape, dtype, device),
-                                  config.block_size, backend, self.kv.tables)
+                                  config.block_size, backend, self.kv.tables, swap_area)
+        if config.cuda_graphs:
+            # The scratch block is never released: padded rows of a replayed batch write there.
+            scratch = self.pool.allocate(1)[0]
+            self.runner.enable_padded_decode(scratch, min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                             -(-self.max_model_len // config.block_size), CudaGraphCapture())
         self.eos_ids = set(mc.eos_token_id)
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
@@ -131,6 +151,7 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.before_schedule()
         sched = self.scheduler.schedule()
+        self.runner.swap(sched)  # before anything reuses the blocks a swap-out freed
         if self.spec is not None:
             self.spec.after_schedule(sched)
         if not sched:

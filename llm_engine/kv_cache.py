@@ -2,7 +2,8 @@
 
 :func:`allocate_kv_cache` sizes one tensor ``[2, layers, blocks, block_size, Hkv, D]`` from a
 byte budget (CPU) or a fraction of free GPU memory. :class:`KVCacheManager` maps each sequence to
-its block table, reuses cached prefix blocks on admission, and registers blocks as they fill.
+its block table, reuses cached prefix blocks on admission, registers blocks as they fill, and
+moves a preempted sequence's blocks to host swap slots and back (swap preemption).
 Every live block table is mirrored in one :class:`BlockTableArray` row as blocks are appended, so
 the runner gathers a step's ``[B, max_blocks]`` table with one index instead of rebuilding it
 from Python lists every step.
@@ -25,9 +26,10 @@ def num_blocks_for_budget(budget_bytes: int, num_layers: int, block_shape: tuple
 
 
 def allocate_kv_cache(num_blocks: int, num_layers: int, block_shape: tuple[int, ...],
-                      dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """One contiguous pool; ``cache[0, l]``/``cache[1, l]`` are layer ``l``'s K and V blocks."""
-    return torch.zeros((2, num_layers, num_blocks, *block_shape), dtype=dtype, device=device)
+                      dtype: torch.dtype, device: torch.device | str, pin_memory: bool = False) -> torch.Tensor:
+    """One contiguous pool; ``cache[0, l]``/``cache[1, l]`` are layer ``l``'s K and V blocks.
+    The host swap area has the same layout; ``pin_memory`` page-locks it for copies to a GPU."""
+    return torch.zeros((2, num_layers, num_blocks, *block_shape), dtype=dtype, device=device, pin_memory=pin_memory)
 
 
 class BlockTableArray:
@@ -63,10 +65,11 @@ class BlockTableArray:
 
 
 class KVCacheManager:
-    """Block tables for sequences on top of a :class:`BlockPool`."""
+    """Block tables for sequences on top of a :class:`BlockPool`; ``host`` (a second pool, of
+    slots in the runner's host swap area) is set when swap preemption is on."""
 
-    def __init__(self, pool: BlockPool, block_size: int):
-        self.pool, self.block_size = pool, block_size
+    def __init__(self, pool: BlockPool, block_size: int, host: BlockPool | None = None):
+        self.pool, self.block_size, self.host = pool, block_size, host
         self.tables = BlockTableArray()
 
     def _extend(self, seq: Sequence, blocks: list[int]) -> None:
@@ -121,9 +124,56 @@ class KVCacheManager:
             seq.block_hashes.append(h)
             self.pool.register(seq.block_table[i], h)
 
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        """Take a preempted sequence's KV off the pool but keep it resumable; returns the
+        ``(pool block, host slot)`` copies to make before the next forward, or ``None`` (nothing
+        changed) when the host area is short, so the caller recomputes instead.
+
+        Only blocks the sequence holds alone (refcount 1) are copied and released. A block with
+        refcount > 1 is a full, hashed prefix block that other sequences also reference: releasing
+        our reference would free no memory, and its content never changes while referenced. So the
+        sequence keeps that reference, which costs no copy and no host slot, and the block is
+        still valid at swap-in. ``num_computed_tokens``, the hashes and the block-table row stay.
+        """
+        idx = [i for i, b in enumerate(seq.block_table) if self.pool.ref_cnt[b] == 1]
+        if self.host is None or len(idx) > self.host.num_free:
+            return None
+        slots = self.host.allocate(len(idx))
+        moved = [seq.block_table[i] for i in idx]
+        seq.swapped = list(zip(idx, slots))
+        self.pool.release(reversed(moved))  # hashed ones stay revivable until evicted
+        return list(zip(moved, slots))
+
+    def swap_in(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """Give a swapped-out sequence pool blocks again, for its swapped blocks and
+        ``num_new_tokens`` more tokens; returns the ``(host slot, pool block)`` copies to make
+        before the next forward, or ``None`` (nothing changed) when the pool is short."""
+        n = len(seq.swapped)
+        if n + self.can_allocate(seq, num_new_tokens) > self.pool.num_free:
+            return None
+        blocks = self.pool.allocate(n)
+        for (i, _), b in zip(seq.swapped, blocks):
+            seq.block_table[i] = b
+            if i < len(seq.block_hashes):  # same content as before: it can serve prefix hits again
+                self.pool.register(b, seq.block_hashes[i])
+        if n:
+            self.tables.array[seq.kv_row, [i for i, _ in seq.swapped]] = blocks
+        slots = [h for _, h in seq.swapped]
+        self.host.release(slots)
+        seq.swapped.clear()
+        self.allocate(seq, num_new_tokens)
+        return list(zip(slots, blocks))
+
     def free(self, seq: Sequence) -> None:
-        """Release all of the sequence's blocks at once (finish, cancel or preemption)."""
-        self.pool.release(reversed(seq.block_table))
+        """Release all of the sequence's blocks at once (finish, cancel or preemption), and its
+        host slots if it is swapped out."""
+        if seq.swapped:
+            gone = {i for i, _ in seq.swapped}
+            self.pool.release(b for i, b in reversed(list(enumerate(seq.block_table))) if i not in gone)
+            self.host.release(h for _, h in seq.swapped)
+            seq.swapped.clear()
+        else:
+            self.pool.release(reversed(seq.block_table))
         if seq.kv_row >= 0:
             self.tables.release(seq.kv_row)
             seq.kv_row = -1

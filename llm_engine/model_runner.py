@@ -3,16 +3,20 @@
 ``execute`` returns hidden states for all scheduled tokens and the row index of each sequence's
 last token, so callers choose which rows to project to logits: the last rows for sampling, every
 prompt row for prompt log-probs, arbitrary rows for scoring or draft verification.
+``swap`` makes a step's KV copies between the pool and the host swap area (swap preemption);
+pure-decode steps go through :class:`~llm_engine.decode_graphs.PaddedDecode` when it is enabled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from llm_engine.attention import AttentionMetadata
+from llm_engine.decode_graphs import PaddedDecode, StepFn
 from llm_engine.kv_cache import BlockTableArray
 from llm_engine.model.llama import ForwardContext, LlamaForCausalLM
 from llm_engine.scheduler import SchedulerOutput
@@ -30,15 +34,38 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Owns the model and the KV tensor; reads block tables from the KV manager's array."""
+    """Owns the model, the KV tensor and the host swap area (same layout, ``None`` unless swap
+    preemption is on); reads block tables from the KV manager's array."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, backend: str,
-                 block_tables: BlockTableArray):
+                 block_tables: BlockTableArray, swap_area: torch.Tensor | None = None):
         self.model, self.kv_cache, self.block_size, self.backend = model, kv_cache, block_size, backend
         self.block_tables = block_tables
+        self.swap_area = swap_area
         self.device = kv_cache.device
         layers = kv_cache.shape[1]
         self.kv_layers = [(kv_cache[0, i], kv_cache[1, i]) for i in range(layers)]
+        self.decode: PaddedDecode | None = None
+
+    def enable_padded_decode(self, scratch_block: int, max_batch: int, max_blocks: int,
+                             make_step: Callable[[StepFn], StepFn]) -> None:
+        """Route decode steps of up to ``max_batch`` sequences through :class:`PaddedDecode`;
+        ``scratch_block`` must be a pool block no sequence will ever own."""
+        self.decode = PaddedDecode(self.model, self.kv_layers, self.backend, self.block_size, scratch_block,
+                                   max_batch, max_blocks, make_step)
+
+    @torch.inference_mode()
+    def swap(self, out: SchedulerOutput) -> None:
+        """Swap-outs (pool -> host), then swap-ins (host -> pool): one gather and one transfer per
+        direction and step. The copies are synchronous, so this step's forward may reuse the
+        blocks a swap-out freed. The gathered temporaries are pageable memory, so pinning the
+        area buys little today; it is what a later asynchronous copy would need."""
+        if out.blocks_to_swap_out:
+            blocks, slots = (torch.tensor(x) for x in zip(*out.blocks_to_swap_out))
+            self.swap_area.index_copy_(2, slots, self.kv_cache.index_select(2, blocks.to(self.device)).cpu())
+        if out.blocks_to_swap_in:
+            slots, blocks = (torch.tensor(x) for x in zip(*out.blocks_to_swap_in))
+            self.kv_cache.index_copy_(2, blocks.to(self.device), self.swap_area.index_select(2, slots).to(self.device))
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Vectorised: one Python pass collects per-sequence scalars, NumPy derives the per-token
@@ -78,6 +105,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
         """Run the step; returns hidden states ``[T, hidden]`` and the inputs used."""
         inp = self.prepare(out)
+        if self.decode is not None and self.decode.fits(inp.meta):
+            return self.decode.run(inp.input_ids, inp.positions, inp.meta), inp
         ctx = ForwardContext(inp.meta, self.kv_layers, self.backend)
         return self.model(inp.input_ids, inp.positions, ctx), inp
 

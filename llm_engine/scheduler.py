@@ -2,10 +2,14 @@
 
 Policy (one step, token budget ``max_num_batched_tokens``):
 1. running requests, decodes first, then prefill chunks in progress, each by (priority, arrival);
-   when the pool is out of blocks, the lowest-priority newest running request is preempted
-   (its blocks freed, recomputed later from prompt + output so far, giving identical output);
+   when the pool is out of blocks, the lowest-priority newest running request is preempted:
+   ``preemption_mode="recompute"`` frees its blocks and recomputes it later from prompt + output
+   so far; ``"swap"`` copies its KV to the host swap area and back when it resumes (no recompute),
+   falling back to recompute for a victim the swap area has no room for. Either gives identical
+   output;
 2. waiting requests in :class:`~llm_engine.batching.BatchQueue` order (priority with ageing, then
-   arrival) fill the remaining budget with (chunked) prefills, reusing cached prefix blocks.
+   arrival) fill the remaining budget with (chunked) prefills, reusing cached prefix blocks, and
+   swapped-out requests resume (swap-in).
 The scheduler only decides; the result is a plain :class:`SchedulerOutput` the runner executes.
 """
 
@@ -38,10 +42,18 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """What one step runs, plus who was preempted to make room."""
+    """What one step runs, plus who was preempted to make room and the KV copies to make first.
+
+    The engine executes swap-outs, then swap-ins, before the forward (even in a step that
+    schedules nothing): a swap-out must read its blocks before anything reuses them. A step never
+    has both (admission, hence swap-in, is skipped in a step that preempts), so a host slot freed
+    by a swap-in is never rewritten before it is read.
+    """
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (pool block, host slot)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, pool block)
 
     @property
     def num_tokens(self) -> int:
@@ -58,7 +70,8 @@ class Scheduler:
         self.config, self.kv, self.max_model_len = config, kv, max_model_len
         self.waiting: BatchQueue[Sequence] = BatchQueue()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # all preemptions; of these, num_swaps_out went to host memory
+        self.num_swaps_out = self.num_swaps_in = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -80,13 +93,20 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.kv.free(seq)
+        moves = self.kv.swap_out(seq) if self.config.preemption_mode == "swap" else None
+        if moves is None:
+            self.kv.free(seq)  # recompute later from prompt + output so far
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
-        logger.debug("preempted %s", seq.request_id)
+        if moves is not None:
+            seq.status = SeqStatus.SWAPPED
+            out.blocks_to_swap_out.extend(moves)
+            self.num_swaps_out += 1
+        out.preempted.append(seq)
+        logger.debug("preempted %s (%s)", seq.request_id, "swap" if moves is not None else "recompute")
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -101,8 +121,7 @@ class Scheduler:
             while not self.kv.allocate(seq, n):
                 done = {s.seq for s in out.scheduled}
                 victim = max((s for s in self.running if s not in done), key=lambda s: (s.priority, s.arrival))
-                self._preempt(victim)
-                out.preempted.append(victim)
+                self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq in self.running:
@@ -116,6 +135,14 @@ class Scheduler:
 
         def admit(item: QueueItem[Sequence], remaining: int) -> int:
             seq = item.payload
+            if seq.status is SeqStatus.SWAPPED:
+                n = min(seq.num_tokens - seq.num_computed_tokens, remaining)
+                moves = self.kv.swap_in(seq, n)
+                if moves is None:
+                    return 0
+                out.blocks_to_swap_in.extend(moves)
+                self.num_swaps_in += 1
+                return n
             # prompt log-probs need every prompt position computed, so no prefix reuse for them
             if not seq.block_table and self.config.enable_prefix_caching and seq.params.prompt_logprobs is None:
                 self.kv.admit_cached_prefix(seq)

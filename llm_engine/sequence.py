@@ -13,6 +13,7 @@ from llm_engine.sampling_params import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # waiting with its KV kept (on host, or in shared blocks): resumes without recompute
     FINISHED = "finished"
 
 
@@ -34,6 +35,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     kv_row: int = -1  # this sequence's row in the KV manager's block-table array (-1: none)
+    swapped: list[tuple[int, int]] = field(default_factory=list)  # (block-table index, host slot) while swapped out
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
