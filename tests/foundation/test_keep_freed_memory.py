@@ -1,6 +1,7 @@
 """The CLI's glibc tuning: big freed tensor buffers stay in the heap for reuse, not unmapped."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,9 +25,18 @@ print(json.dumps({"applied": applied, "mmapped": mapped, "free_heap_kept": libc.
 """
 
 
-def _probe(mode: str) -> dict:
+def _probe(mode: str, env: dict | None = None) -> dict:
     # A fresh interpreter each: the setting is process-wide and only affects later allocations.
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith("MALLOC_")}
+    if mode == "child":  # started by a process that called keep_freed_memory
+        code = ("import os, subprocess, sys; from headwater.cli.runtime import keep_freed_memory; "
+                "keep_freed_memory(); sys.stdout.write(subprocess.run([sys.executable, '-c', sys.argv[1], "
+                "'default'], capture_output=True, text=True, check=True).stdout)")
+        out = subprocess.run([sys.executable, "-c", code, _PROBE], capture_output=True, text=True,
+                             check=True, env=env)
+    else:
+        out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+                             check=True, env=env)
     return json.loads(out.stdout)
 
 
@@ -38,3 +48,9 @@ def test_keep_freed_memory_serves_big_buffers_from_the_heap_and_keeps_them_after
     assert tuned["applied"] is True
     assert tuned["mmapped"] == 0
     assert tuned["free_heap_kept"] >= 64 << 20
+
+
+def test_processes_started_after_keep_freed_memory_inherit_it():
+    child = _probe("child")
+    assert child["applied"] is None  # the child itself never called it
+    assert child["mmapped"] == 0 and child["free_heap_kept"] >= 64 << 20
