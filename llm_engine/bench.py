@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speculative", action="store_true", help="engine without n-gram speculation")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")
+    p.add_argument("--kv-cache-mib", type=int, default=128,
+                   help="KV pool on CPU, MiB (small values force preemption: compare --preemption-mode)")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for decode steps (CUDA only)")
 
 
@@ -67,7 +69,7 @@ def run_engine(path, prompts, olens, args, device) -> dict:
     from llm_engine import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, device=device,
-                       kv_cache_bytes=128 << 20, dtype="auto", speculative=not args.no_speculative,
+                       kv_cache_bytes=args.kv_cache_mib << 20, dtype="auto", speculative=not args.no_speculative,
                        preemption_mode=args.preemption_mode, cuda_graphs=args.cuda_graphs)
     eng = LLMEngine(path, cfg)
     eng.add_request([1, 2, 3], SamplingParams(max_tokens=2))  # warm-up
