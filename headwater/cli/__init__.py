@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from headwater.config import ConfigError
 from headwater.cli.runtime import keep_freed_memory
+from headwater.config import ConfigError
 from headwater.logs import setup_logging
 
 COMMAND_MODULES = [
