@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llm_engine import LLM, EngineConfig, LLMEngine, SamplingParams
-
-
-def run(eng: LLMEngine) -> dict[str, list[int]]:
-    out = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return out
-
-
-def prompts(n: int, length: int = 20) -> list[list[int]]:
-    return [[(7 * i + 3 * j) % 120 + 1 for j in range(length + i)] for i in range(n)]
+from llm_engine_helpers import drain, prompts
 
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -30,7 +18,7 @@ def test_batching_chunking_and_small_budget_do_not_change_greedy_output(tiny_lla
     eng = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=7, max_num_seqs=3))
     for p in ps:
         eng.add_request(p, GREEDY)
-    out = run(eng)
+    out = drain(eng)
     assert [out[str(i)] for i in range(5)] == solo
     assert sum(eng.pool.ref_cnt) == 0  # finished requests hold no blocks (cached ones stay revivable)
     assert eng.pool.num_free == eng.pool.num_blocks
@@ -39,7 +27,7 @@ def test_batching_chunking_and_small_budget_do_not_change_greedy_output(tiny_lla
 def run_one(path, p):
     eng = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4, enable_prefix_caching=False))
     eng.add_request(p, GREEDY)
-    return run(eng)["0"]
+    return drain(eng)["0"]
 
 
 def test_decodes_are_scheduled_before_prefill_chunks(tiny_llama):
@@ -57,7 +45,7 @@ def test_prefix_cache_hit_gives_same_output(tiny_llama):
     shared = list(range(1, 33))
     eng = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4))
     eng.add_request(shared + [5, 6], GREEDY, request_id="a")
-    a = run(eng)["a"]
+    a = drain(eng)["a"]
     eng.add_request(shared + [5, 6], GREEDY, request_id="b")
     sched_hits = []
     while eng.has_unfinished():
@@ -78,7 +66,7 @@ def test_preemption_recomputes_and_output_is_identical(tiny_llama):
     for p in ps:
         roomy.add_request(p, params)
         tight.add_request(p, params)
-    a, b = run(roomy), run(tight)
+    a, b = drain(roomy), drain(tight)
     assert a == b
     assert any(s > 0 for s in [tight.pool.peak_used]) and tight.pool.peak_used <= 16
     assert tight.scheduler.num_preemptions > 0

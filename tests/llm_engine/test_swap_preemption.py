@@ -12,24 +12,16 @@ from llm_engine.block_pool import BlockPool
 from llm_engine.kv_cache import KVCacheManager
 from llm_engine.scheduler import SchedulerOutput
 from llm_engine.sequence import Sequence, SeqStatus
+from llm_engine_helpers import drain, prompts
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=24, temperature=0.8, seed=123, ignore_eos=True)
 
 
-def prompts(n: int, length: int = 10) -> list[list[int]]:
-    return [[(7 * i + 3 * j) % 120 + 1 for j in range(length + i)] for i in range(n)]
-
-
 def run(eng: LLMEngine, ps: list[list[int]], params: SamplingParams) -> dict[str, list[int]]:
     for p in ps:
         eng.add_request(p, params)
-    out = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return out
+    return drain(eng)
 
 
 def count_tokens(eng: LLMEngine) -> list[int]:
@@ -52,7 +44,7 @@ def tight(path, **kw) -> LLMEngine:
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_swapped_requests_resume_without_recompute_and_output_is_identical(tiny_llama, params):
     path, _ = tiny_llama
-    ps = prompts(4)
+    ps = prompts(4, 10)
     roomy = run(LLMEngine(path, EngineConfig(num_kv_blocks=128, block_size=4, speculative=False)), ps, params)
     eng = tight(path)
     computed = count_tokens(eng)
@@ -91,7 +83,7 @@ def test_shared_prefix_blocks_stay_referenced_while_swapped_and_output_is_identi
 
 def test_full_swap_space_falls_back_to_recompute_and_output_is_identical(tiny_llama):
     path, _ = tiny_llama
-    ps = prompts(4)
+    ps = prompts(4, 10)
     roomy = run(LLMEngine(path, EngineConfig(num_kv_blocks=128, block_size=4, speculative=False)), ps, SEEDED)
     eng = tight(path, num_swap_blocks=8)  # room for one victim at a time, not two
     assert run(eng, ps, SEEDED) == roomy
@@ -103,7 +95,7 @@ def test_full_swap_space_falls_back_to_recompute_and_output_is_identical(tiny_ll
 def test_abort_of_a_swapped_request_frees_its_host_slots_and_blocks(tiny_llama):
     path, _ = tiny_llama
     eng = tight(path)
-    for p in prompts(4):
+    for p in prompts(4, 10):
         eng.add_request(p, GREEDY)
     swapped = None
     while swapped is None:
