@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from llm_engine.block_pool import BlockPool
 from llm_engine.config import EngineConfig, ModelConfig
-from llm_engine.decode_graphs import CudaGraphCapture
+from llm_engine.decode_graphs import CudaGraphCapture, StepFn
 from llm_engine.kv_cache import KVCacheManager, allocate_kv_cache, num_blocks_for_budget
 from llm_engine.model.llama import LlamaForCausalLM
 from llm_engine.model.loader import load_model
@@ -93,10 +94,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, allocate_kv_cache(n, mc.num_hidden_layers, block_shape, dtype, device),
                                   config.block_size, backend, self.kv.tables, swap_area)
         if config.cuda_graphs:
-            # The scratch block is never released: padded rows of a replayed batch write there.
-            scratch = self.pool.allocate(1)[0]
-            self.runner.enable_padded_decode(scratch, min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                             -(-self.max_model_len // config.block_size), CudaGraphCapture())
+            self.pad_decode(CudaGraphCapture(), min(config.cuda_graph_max_batch, config.max_num_seqs))
         self.eos_ids = set(mc.eos_token_id)
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
@@ -107,6 +105,15 @@ class LLMEngine:
         logger.info("engine: %d KV blocks of %d tokens on %s (%s, %s attention)", n, config.block_size, device, dtype, backend)
 
     # ---- requests -------------------------------------------------------------------------
+    def pad_decode(self, make_step: Callable[[StepFn], StepFn], max_batch: int) -> int:
+        """Routes decode steps of up to ``max_batch`` sequences through padded buckets built by
+        ``make_step`` (``CudaGraphCapture`` for ``cuda_graphs``; tests pass ``eager_step``).
+        Returns the scratch block, which is never released: padded rows write their K/V there."""
+        scratch = self.pool.allocate(1)[0]
+        self.runner.enable_padded_decode(scratch, max_batch, -(-self.max_model_len // self.config.block_size),
+                                         make_step)
+        return scratch
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> str:
         params = params or SamplingParams()

@@ -12,19 +12,13 @@ import torch
 
 from llm_engine import EngineConfig, LLMEngine, SamplingParams
 from llm_engine.decode_graphs import capture_sizes, eager_step
+from llm_engine_helpers import drain
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def engine(path, **kw) -> LLMEngine:
     return LLMEngine(path, EngineConfig(**({"num_kv_blocks": 64, "block_size": 4, "speculative": False} | kw)))
-
-
-def pad_decode(eng: LLMEngine, max_batch: int) -> int:
-    """Enables padded decode the way the engine does for ``cuda_graphs``, with eager steps."""
-    scratch = eng.pool.allocate(1)[0]
-    eng.runner.enable_padded_decode(scratch, max_batch, -(-eng.max_model_len // eng.config.block_size), eager_step)
-    return scratch
 
 
 def test_capture_sizes_double_up_to_the_maximum():
@@ -37,7 +31,6 @@ def test_capture_sizes_double_up_to_the_maximum():
 def test_padded_decode_step_matches_unpadded_and_padded_rows_write_only_the_scratch_block(tiny_llama, n, bucket):
     path, _ = tiny_llama
     eng = engine(path)
-    scratch = eng.pool.allocate(1)[0]
     for i in range(n):
         eng.add_request([(5 * i + j) % 120 + 1 for j in range(6 + 3 * i)], GREEDY)
     eng.step()  # all prefills: every request decodes next
@@ -48,7 +41,7 @@ def test_padded_decode_step_matches_unpadded_and_padded_rows_write_only_the_scra
     plain, inp = eng.runner.execute(sched)
     plain_kv = kv.clone()
     kv.copy_(before)
-    eng.runner.enable_padded_decode(scratch, 8, -(-eng.max_model_len // 4), eager_step)
+    scratch = eng.pad_decode(eager_step, 8)
     assert eng.runner.decode.bucket(n) == bucket
     padded, _ = eng.runner.execute(sched)
     assert eng.runner.decode.runs[bucket] == sum(eng.runner.decode.runs.values()) == 1 and padded.shape == plain.shape
@@ -74,14 +67,12 @@ def test_engine_with_padded_decode_generates_the_same_tokens(tiny_llama, params)
 
     def run(eng):
         ids = [eng.add_request(p, replace(params, max_tokens=m)) for p, m in zip(ps, lens)]
-        out = {}
-        while eng.has_unfinished():
-            out |= {o.request_id: o.token_ids for o in eng.step() if o.finished}
+        out = drain(eng)
         return [out[i] for i in ids]
 
     plain = run(engine(path, max_num_seqs=6))
     eng = engine(path, max_num_seqs=6)
-    scratch = pad_decode(eng, 4)
+    scratch = eng.pad_decode(eager_step, 4)
     assert run(eng) == plain
     assert all(eng.runner.decode.runs[b] > 0 for b in (1, 2, 4))
     assert eng.pool.ref_cnt[scratch] == 1 and sum(eng.pool.ref_cnt) == 1  # only the scratch block is held
