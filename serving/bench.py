@@ -1,12 +1,14 @@
 """``headwater bench serving --json``: Recommend throughput and latency, batched vs naive.
 
-Two server processes hold the same loaded model (random weights, ``--items`` item rows) and
-answer ``Recommend`` with ``--candidates`` candidates per call: one micro-batches concurrent calls
-into one model forward, the other (the naive baseline) runs the same server code with batching
-off, i.e. one model forward per call on the handler thread. A third process, the load generator
-(:mod:`serving.loadgen`: pre-serialized requests, identity serializers, ``grpc.aio``), runs a
-closed loop of C concurrent clients over loopback for ``--duration-s`` seconds (after
-``--warmup-s``), for each C in ``--clients``.
+Each mode is ``--processes`` server processes on one port (``SO_REUSEPORT``, as
+``headwater serve --processes`` runs them), each holding the same loaded model (random weights,
+``--items`` item rows) and answering ``Recommend`` with ``--candidates`` candidates per call. In
+one mode every process micro-batches its concurrent calls into one model forward; the naive
+baseline runs the same server code with batching off, i.e. one model forward per call on the
+handler thread. Both modes get the same process count. A separate process, the load generator
+(:mod:`serving.loadgen`: pre-serialized requests, identity serializers, ``grpc.aio``,
+``--connections`` HTTP/2 connections), runs a closed loop of C concurrent clients over loopback
+for ``--duration-s`` seconds (after ``--warmup-s``), for each C in ``--clients``.
 
 On a shared machine the two modes are measured interleaved: for each C, ``--rounds`` rounds of
 batched then baseline (the order flips every round: A/B, B/A, ...), and each figure of a point is
@@ -47,10 +49,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", help="tower precision of both servers: auto, float32, bfloat16")
     p.add_argument("--dim", type=int, default=16, help="embedding dim of the model's 4 slots")
     p.add_argument("--hidden", default="256,128,64", help="the tower's MLP widths, comma list")
+    p.add_argument("--processes", type=int, default=min(os.cpu_count() or 1, 2),
+                   help="server processes per mode on one port (both modes alike; default: one per core, at most 2)")
+    p.add_argument("--connections", type=int, default=16,
+                   help="HTTP/2 connections the clients spread over (at most one per client)")
 
 
 def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torch_threads: int,
-                 precision: str, workers: int, dim: int, hidden: list[int]) -> None:
+                 precision: str, workers: int, dim: int, hidden: list[int], port: int = 0,
+                 reuse_port: bool = False) -> None:
     import torch
 
     from serving.config import ServeConfig
@@ -60,7 +67,8 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
     torch.set_num_threads(torch_threads)
     model = random_model(slots=("user_id", "item_id", "f00", "f01"), items=items, users=items, dim=dim,
                          hidden=tuple(hidden))
-    cfg = ServeConfig(port=0, batching=batching, max_wait_ms=max_wait_ms, max_queue=1024, precision=precision)
+    cfg = ServeConfig(port=port, reuse_port=reuse_port, batching=batching, max_wait_ms=max_wait_ms,
+                      max_queue=1024, precision=precision)
     if workers > 0:
         cfg.workers = workers
     server = RecommendServer(cfg, StaticModelSource(model)).start()
@@ -104,12 +112,24 @@ class _Child:
             self.proc.join(timeout=5)
 
 
-def _round(server: _Child, load: _Child, spec: LoadSpec) -> dict:
-    cpu0 = server.ask("cpu")
+def _round(servers: list[_Child], load: _Child, spec: LoadSpec) -> dict:
+    cpu0 = sum(s.ask("cpu") for s in servers)
     point = load.ask(spec_dict(spec))
-    # Server CPU per answered call (warm-up included in both): robust to a shared box.
-    point["server_cpu_ms_per_call"] = (server.ask("cpu") - cpu0) * 1000.0 / max(point["calls"], 1)
+    # Server CPU per answered call, all processes (warm-up included in both): robust to a shared box.
+    cpu = sum(s.ask("cpu") for s in servers) - cpu0
+    point["server_cpu_ms_per_call"] = cpu * 1000.0 / max(point["calls"], 1)
     return point
+
+
+def _start_servers(n: int, *args: Any) -> tuple[list[_Child], Any]:
+    """``n`` server processes on one port: a reserved port and SO_REUSEPORT when ``n`` > 1."""
+    if n <= 1:
+        return [_Child(_serve_child, *args)], None
+    from serving.processes import reserve_port
+
+    sock = reserve_port("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    return [_Child(_serve_child, *args, port, True) for _ in range(n)], sock
 
 
 def _median(rounds: list[dict]) -> dict:
@@ -139,22 +159,25 @@ def run(args: argparse.Namespace) -> dict:
                       f"  client CPU {p['client_cpu_ms_per_call']:.3f} ms/call  errors {p['errors']}")
 
     children: list[_Child] = []
+    sockets: list[Any] = []
+    servers: dict[str, list[_Child]] = {}
     try:
-        for batching in (True, False):
-            children.append(_Child(_serve_child, batching, args.items, args.max_wait_ms, args.torch_threads,
-                                   args.precision, args.workers, args.dim,
-                                   [int(h) for h in str(args.hidden).split(",") if h]))
-        children.append(_Child(serve_commands))
-        servers = {"batched": children[0], "baseline": children[1]}
-        load = children[2]
+        for mode, batching in (("batched", True), ("baseline", False)):
+            servers[mode], sock = _start_servers(
+                args.processes, batching, args.items, args.max_wait_ms, args.torch_threads, args.precision,
+                args.workers, args.dim, [int(h) for h in str(args.hidden).split(",") if h])
+            children += servers[mode]
+            sockets += [sock] if sock is not None else []
+        load = _Child(serve_commands)
+        children.append(load)
         batched, baseline = [], []
         for c in clients:
             per_mode: dict[str, list[dict]] = {"batched": [], "baseline": []}
             for r in range(max(args.rounds, 1)):
                 order = ("batched", "baseline") if r % 2 == 0 else ("baseline", "batched")
                 for mode in order:
-                    spec = LoadSpec(servers[mode].hello, c, args.duration_s, args.warmup_s,
-                                    args.candidates, args.top_k, args.items, seed=c)
+                    spec = LoadSpec(servers[mode][0].hello, c, args.duration_s, args.warmup_s,
+                                    args.candidates, args.top_k, args.items, seed=c, connections=args.connections)
                     point = _round(servers[mode], load, spec)
                     progress(mode, r, point)
                     per_mode[mode].append(point)
@@ -163,6 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         for child in children:
             child.close()
+        for sock in sockets:
+            sock.close()
     points = [{"clients": b["clients"], "qps": round(b["qps"], 1), "p50_ms": round(b["p50_ms"], 2),
                "p99_ms": round(b["p99_ms"], 2), "errors": b["errors"],
                "server_cpu_ms_per_call": round(b["server_cpu_ms_per_call"], 3),
@@ -177,6 +202,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": {"slots": 4, "dim": args.dim, "hidden": args.hidden},
         "duration_s": args.duration_s, "rounds": args.rounds, "precision": args.precision,
         "p99_budget_ms": args.p99_budget_ms, "cpus": os.cpu_count(),
+        "processes": args.processes, "connections": args.connections,
         "loadavg_start": round(load_start[0], 2), "loadavg_end": round(os.getloadavg()[0], 2),
         "points": points,
         "clients": best["clients"] if best else None,

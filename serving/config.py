@@ -14,6 +14,8 @@ class ServeConfig:
     role: str = field(default="all", metadata={"help": "all (replica + API in one process), ps (one parameter-server shard, --shard i/N) or recommender (API over --ps shards)"})
     host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (loopback unless told otherwise)"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    processes: int = field(default=1, metadata={"help": "serving processes sharing the port (SO_REUSEPORT, Linux): one Python process tops out near one core, so use about one per core; each holds its own replica (role all) or is a front end over the --ps fleet (role recommender)"})
+    reuse_port: bool = field(default=False, metadata={"help": "let other processes bind the same port (set for the processes --processes starts)"})
     auth_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' metadata (empty = no auth)"})
     workers: int = field(default=64, metadata={"help": "gRPC handler threads"})
     max_concurrent_rpcs: int = field(default=1024, metadata={"help": "calls in flight beyond this get RESOURCE_EXHAUSTED"})
@@ -40,3 +42,7 @@ class ServeConfig:
             raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
         if self.max_batch_rows <= 0 or self.max_queue <= 0 or self.workers <= 0:
             raise ValueError("max_batch_rows, max_queue and workers must be positive")
+        if self.processes < 1:
+            raise ValueError(f"processes must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.role == "ps":
+            raise ValueError("--role ps serves one shard per process; run more shards instead of --processes")

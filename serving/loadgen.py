@@ -7,8 +7,10 @@ cost as little per call as possible and must not share the server's GIL. Hence:
 - requests are serialized once up front (a pool of 64 distinct calls, cycled) and sent as bytes
   through a *generic* unary call with identity serializers; responses are not parsed either
   (only their gRPC status counts);
-- C clients are C coroutines on one ``grpc.aio`` channel (one HTTP/2 connection), each sending
-  its next call as soon as the previous one returns (a closed loop).
+- C clients are C coroutines on ``min(C, connections)`` ``grpc.aio`` channels (one HTTP/2
+  connection each; client i uses channel i mod n), each sending its next call as soon as the
+  previous one returns (a closed loop). Several connections are what lets ``SO_REUSEPORT`` spread
+  the load over several serving processes: the kernel balances connections, not calls.
 
 Latencies are taken around each call; calls that start inside the warm-up are not recorded.
 """
@@ -40,6 +42,7 @@ class LoadSpec:
     top_k: int = 10
     items: int = 100_000
     seed: int = 0
+    connections: int = 1
 
 
 def request_pool(candidates: int, top_k: int, items: int, seed: int, size: int = 64) -> list[bytes]:
@@ -60,14 +63,17 @@ async def closed_loop(spec: LoadSpec) -> dict[str, float]:
     pool = request_pool(spec.candidates, spec.top_k, spec.items, spec.seed)
     lat: list[float] = []
     errors = calls = 0
-    async with grpc.aio.insecure_channel(spec.address) as channel:
-        call = channel.unary_unary(RECOMMEND_METHOD)  # no (de)serializers: bytes in, bytes out
+    # A local subchannel pool per channel: otherwise channels to one target share one connection.
+    channels = [grpc.aio.insecure_channel(spec.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(max(min(spec.clients, spec.connections), 1))]
+    calls_of = [ch.unary_unary(RECOMMEND_METHOD) for ch in channels]  # no (de)serializers: bytes in, bytes out
+    try:
         cpu0, t_start = time.process_time(), time.perf_counter()
         t_measure, t_end = t_start + spec.warmup_s, t_start + spec.warmup_s + spec.duration_s
 
         async def client(i: int) -> None:
             nonlocal errors, calls
-            k = i
+            k, call = i, calls_of[i % len(calls_of)]
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_end:
@@ -85,6 +91,9 @@ async def closed_loop(spec: LoadSpec) -> dict[str, float]:
 
         await asyncio.gather(*(client(i) for i in range(spec.clients)))
         cpu = time.process_time() - cpu0
+    finally:
+        for ch in channels:
+            await ch.close()
     arr = np.array(lat) * 1000.0
     return {"clients": spec.clients, "qps": arr.size / spec.duration_s, "calls": calls,
             "p50_ms": float(np.percentile(arr, 50)) if arr.size else float("nan"),

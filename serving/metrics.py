@@ -1,4 +1,9 @@
-"""Serving's Prometheus metrics (module level, so two servers in one process share series)."""
+"""Serving's Prometheus metrics (module level, so two servers in one process share series).
+
+Under ``headwater serve --processes N`` (prometheus_client's multiprocess mode) counters and
+histograms are summed over the processes, and each gauge says how its values combine: the
+oldest model version, the worst lag and age, the total queue.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,12 @@ BATCH_ROWS = Histogram("hw_serve_batch_rows", "rows (candidates) per model forwa
                        buckets=(1, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800))
 BATCH_REQUESTS = Histogram("hw_serve_batch_requests", "calls merged into one model forward",
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-MODEL_VERSION = Gauge("hw_serve_model_version", "table version of the served replica")
-FRESHNESS_LAG = Gauge("hw_serve_freshness_lag_seconds", "now minus the watermark of the newest applied update")
-QUEUE_JOBS = Gauge("hw_serve_queue_jobs", "calls waiting for the micro-batcher")
-PARAMS_AGE = Gauge("hw_serve_params_age_seconds", "seconds since the last hw.params update was applied")
+MODEL_VERSION = Gauge("hw_serve_model_version", "table version of the served replica",
+                      multiprocess_mode="livemin")
+FRESHNESS_LAG = Gauge("hw_serve_freshness_lag_seconds", "now minus the watermark of the newest applied update",
+                      multiprocess_mode="livemax")
+QUEUE_JOBS = Gauge("hw_serve_queue_jobs", "calls waiting for the micro-batcher", multiprocess_mode="livesum")
+PARAMS_AGE = Gauge("hw_serve_params_age_seconds", "seconds since the last hw.params update was applied",
+                   multiprocess_mode="livemax")
 DEGRADED = Gauge("hw_serve_degraded", "1 while the model is stale (no hw.params update within stale_after_s); "
-                 "serving goes on with the stale model")
+                 "serving goes on with the stale model", multiprocess_mode="livemax")

@@ -184,7 +184,7 @@ class RecommendServer:
         cfg = self.cfg
         interceptors = [_AuthInterceptor(cfg.auth_token)] if cfg.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-                                      options=[("grpc.so_reuseport", 0)])
+                                      options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
         _add_recommender(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

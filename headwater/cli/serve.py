@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from headwater.cli.runtime import stop_on_signals
 from headwater.config import ConfigError, add_config_args, load_config
@@ -56,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
+    if cfg.processes > 1:
+        return _supervise(args.argv, cfg, ps_cfg.state_dir)
     topic = topic_names(kafka.topic_prefix).params
     serve_metrics(cfg.metrics_port, cfg.host)
     stop = stop_on_signals()
@@ -89,6 +92,33 @@ def _serve(args: argparse.Namespace) -> int:
         if fleet is not None:
             fleet.close()
     return 0
+
+
+def _supervise(argv: list[str], cfg, state_dir: str) -> int:
+    """``--processes N``: N copies of this command on one port (see :mod:`serving.processes`)."""
+    from rich.console import Console
+
+    from serving.processes import ServeProcesses
+
+    stop = stop_on_signals()
+    try:
+        procs = ServeProcesses(argv, cfg.processes, cfg.host, cfg.port, state_dir=state_dir,
+                               metrics_port=cfg.metrics_port)
+    except OSError as exc:
+        raise ConfigError(f"cannot bind {cfg.host}:{cfg.port}: {exc}") from None
+    procs.start()
+    console = Console(stderr=True)
+    console.print(f"[bold]headwater serve[/] ({cfg.role}): {cfg.processes} processes on {procs.address}")
+    codes: list[int | None] = []
+    try:
+        with console.status("starting...") as status:
+            while not stop.wait(0.5):
+                procs.poll()
+                status.update(f"{procs.alive()}/{cfg.processes} serving processes up on {procs.address}")
+    finally:
+        codes = procs.stop()
+    # -SIGTERM: a child still starting (no handler yet) when the stop came; it had nothing to save.
+    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
 
 
 def _server(cfg, ps, fleet):
