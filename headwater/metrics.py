@@ -10,21 +10,21 @@ from __future__ import annotations
 import logging
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, start_http_server
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CONTENT_TYPE_LATEST", "metrics_text", "serve_metrics", "sample_value"]
 
 
-def serve_metrics(port: int, host: str | None = None) -> None:
-    """Starts the ``/metrics`` endpoint on a daemon thread; port 0 disables it.
+def serve_metrics(port: int, host: str | None = None, registry: CollectorRegistry = REGISTRY) -> None:
+    """Starts the ``/metrics`` endpoint of ``registry`` on a daemon thread; port 0 disables it.
 
     ``host`` defaults to ``$HW_METRICS_HOST`` or loopback: containers (deploy/) set
     ``HW_METRICS_HOST=0.0.0.0`` so Prometheus in another container or pod can scrape them."""
     host = host or os.environ.get("HW_METRICS_HOST", "127.0.0.1")
     if port:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
 

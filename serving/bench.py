@@ -44,19 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=100_000, help="item rows in the table")
     p.add_argument("--p99-budget-ms", type=float, default=25.0, help="latency budget for the headline")
     p.add_argument("--max-wait-ms", type=float, default=0.5, help="micro-batcher wait for company")
+    p.add_argument("--max-batch-rows", type=int, default=8192, help="row budget of one batched forward")
     p.add_argument("--workers", type=int, default=0, help="gRPC handler threads of both servers (0 = ServeConfig's default)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads in the server")
     p.add_argument("--precision", default="auto", help="tower precision of both servers: auto, float32, bfloat16")
     p.add_argument("--dim", type=int, default=16, help="embedding dim of the model's 4 slots")
     p.add_argument("--hidden", default="256,128,64", help="the tower's MLP widths, comma list")
-    p.add_argument("--processes", type=int, default=min(os.cpu_count() or 1, 2),
-                   help="server processes per mode on one port (both modes alike; default: one per core, at most 2)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes per mode on one port, as serve --processes (both modes alike)")
     p.add_argument("--connections", type=int, default=16,
                    help="HTTP/2 connections the clients spread over (at most one per client)")
 
 
-def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torch_threads: int,
-                 precision: str, workers: int, dim: int, hidden: list[int], port: int = 0,
+def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, max_batch_rows: int,
+                 torch_threads: int, precision: str, workers: int, dim: int, hidden: list[int], port: int = 0,
                  reuse_port: bool = False) -> None:
     import torch
 
@@ -68,7 +69,7 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, torc
     model = random_model(slots=("user_id", "item_id", "f00", "f01"), items=items, users=items, dim=dim,
                          hidden=tuple(hidden))
     cfg = ServeConfig(port=port, reuse_port=reuse_port, batching=batching, max_wait_ms=max_wait_ms,
-                      max_queue=1024, precision=precision)
+                      max_batch_rows=max_batch_rows, max_queue=1024, precision=precision)
     if workers > 0:
         cfg.workers = workers
     server = RecommendServer(cfg, StaticModelSource(model)).start()
@@ -164,7 +165,8 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for mode, batching in (("batched", True), ("baseline", False)):
             servers[mode], sock = _start_servers(
-                args.processes, batching, args.items, args.max_wait_ms, args.torch_threads, args.precision,
+                args.processes, batching, args.items, args.max_wait_ms, args.max_batch_rows, args.torch_threads,
+                args.precision,
                 args.workers, args.dim, [int(h) for h in str(args.hidden).split(",") if h])
             children += servers[mode]
             sockets += [sock] if sock is not None else []

@@ -15,10 +15,12 @@ The supervisor serves no RPC and holds no model. It
   (``--processes 1 --reuse-port --port P --metrics-port 0``, ``--state-dir <dir>/process-<i>``):
   only argv and the environment cross the process boundary;
 - restarts a child that exits while it should be serving (with back-off if it keeps dying);
-- serves one ``/metrics`` for all of them: prometheus_client's multiprocess mode, children writing
-  their series to a private directory; counters and histograms are summed, gauges say per gauge
-  how they combine (``serving.metrics``);
-- on stop, sends SIGTERM to each child and waits (each persists its replica on the way out).
+- merges their metrics (:meth:`ServeProcesses.registry`, for one ``/metrics``): prometheus_client's
+  multiprocess mode, children writing their series to a private directory; counters and
+  histograms are summed, gauges say per gauge how they combine (``serving.metrics``);
+- on stop, sends SIGTERM to each child and waits (each persists its replica on the way out); a
+  child also gets SIGTERM from the kernel if the supervisor itself dies (``HW_SERVE_SUPERVISOR_PID``
+  tells the child to ask for that).
 
 Each child is a complete server: with ``--role all`` it follows ``hw.params`` into a replica of
 its own (memory times N); with ``--role recommender`` it is a front end over the ``--ps`` fleet.
@@ -38,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,6 @@ class ServeProcesses:
     host: str
     port: int
     state_dir: str = ""
-    metrics_port: int = 0
     crash_loop_s: float = 10.0  # a child that dies sooner than this after starting backs off
     max_backoff_s: float = 30.0
     children: list[_Child] = field(default_factory=list)
@@ -99,7 +100,8 @@ class ServeProcesses:
         self._sock = reserve_port(self.host, self.port)
         self.port = self._sock.getsockname()[1]
         self.metrics_dir = tempfile.mkdtemp(prefix="hw-serve-metrics-")
-        self._env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        self._env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir,
+                         HW_SERVE_SUPERVISOR_PID=str(os.getpid()))
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -108,8 +110,6 @@ class ServeProcesses:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "ServeProcesses":
-        if self.metrics_port:
-            self._serve_metrics()
         self.children = [_Child(i) for i in range(self.n)]
         for child in self.children:
             self._spawn(child)
@@ -122,15 +122,15 @@ class ServeProcesses:
         child.started = time.monotonic()
         log.info("serving process %d started (pid %d)", child.index, child.proc.pid)
 
-    def _serve_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+    def registry(self) -> Any:
+        """A Prometheus registry whose collection merges every child's series (serve it on one
+        ``/metrics``)."""
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.metrics_dir)
-        host = os.environ.get("HW_METRICS_HOST", self.host)
-        start_http_server(self.metrics_port, addr=host, registry=registry)
-        log.info("metrics of all serving processes on http://%s:%d/metrics", host, self.metrics_port)
+        return registry
 
     def poll(self) -> None:
         """Restarts children that exited (call it periodically while serving)."""

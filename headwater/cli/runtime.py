@@ -63,3 +63,19 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
                     and libc.mallopt(_M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"])))
     except (OSError, AttributeError, ValueError):
         return False
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Asks the kernel to send this process SIGTERM when its parent dies (Linux ``prctl``), so the
+    children of a supervisor that was killed outright do not keep serving unsupervised. Exits at
+    once if the parent is already gone. Returns False where ``prctl`` is unavailable."""
+    try:
+        ok = ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return ok

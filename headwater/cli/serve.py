@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 
-from headwater.cli.runtime import stop_on_signals
+from headwater.cli.runtime import die_with_parent, stop_on_signals
 from headwater.config import ConfigError, add_config_args, load_config
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.torch_threads)
     if cfg.processes > 1:
         return _supervise(args.argv, cfg, ps_cfg.state_dir)
+    if os.environ.get("HW_SERVE_SUPERVISOR_PID"):  # one of the processes of `serve --processes N`
+        die_with_parent(int(os.environ["HW_SERVE_SUPERVISOR_PID"]))
     topic = topic_names(kafka.topic_prefix).params
     serve_metrics(cfg.metrics_port, cfg.host)
     stop = stop_on_signals()
@@ -98,19 +101,20 @@ def _supervise(argv: list[str], cfg, state_dir: str) -> int:
     """``--processes N``: N copies of this command on one port (see :mod:`serving.processes`)."""
     from rich.console import Console
 
+    from headwater.metrics import serve_metrics
     from serving.processes import ServeProcesses
 
     stop = stop_on_signals()
     try:
-        procs = ServeProcesses(argv, cfg.processes, cfg.host, cfg.port, state_dir=state_dir,
-                               metrics_port=cfg.metrics_port)
+        procs = ServeProcesses(argv, cfg.processes, cfg.host, cfg.port, state_dir=state_dir)
     except OSError as exc:
         raise ConfigError(f"cannot bind {cfg.host}:{cfg.port}: {exc}") from None
-    procs.start()
     console = Console(stderr=True)
-    console.print(f"[bold]headwater serve[/] ({cfg.role}): {cfg.processes} processes on {procs.address}")
     codes: list[int | None] = []
     try:
+        serve_metrics(cfg.metrics_port, cfg.host, procs.registry())  # one /metrics for all of them
+        procs.start()
+        console.print(f"[bold]headwater serve[/] ({cfg.role}): {cfg.processes} processes on {procs.address}")
         with console.status("starting...") as status:
             while not stop.wait(0.5):
                 procs.poll()

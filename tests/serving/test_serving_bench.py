@@ -10,9 +10,12 @@ from serving import bench
 def test_bench_reports_points_for_both_modes_and_a_headline():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
+    # Two processes per mode on one port, clients over several connections: the multi-process path.
     args = parser.parse_args(["--clients", "1,4", "--duration-s", "0.3", "--warmup-s", "0.1",
-                              "--items", "2000", "--p99-budget-ms", "1000"])
+                              "--items", "2000", "--p99-budget-ms", "1000", "--processes", "2",
+                              "--connections", "4"])
     out = bench.run(args)
+    assert (out["processes"], out["connections"]) == (2, 4)
     assert [p["clients"] for p in out["points"]] == [1, 4]
     for p in out["points"]:
         assert p["qps"] > 0 and p["baseline_qps"] > 0 and p["errors"] == 0 and p["baseline_errors"] == 0
