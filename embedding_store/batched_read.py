@@ -19,10 +19,10 @@ import torch
 from embedding_store.id_index import find_rows_torch
 from embedding_store.kernels.reference import embedding_bag_reference
 
-__all__ = ["read_many", "find_rows", "scripted"]
+__all__ = ["read_many", "read_rows", "find_rows", "scripted"]
 
 
-def _read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
+def read_rows(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
                lengths: List[Optional[torch.Tensor]], mode: str) -> List[torch.Tensor]:
     out: List[torch.Tensor] = []
     for i in range(len(tabs)):
@@ -61,7 +61,7 @@ def read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[to
               lengths: List[Optional[torch.Tensor]], mode: str = "sum") -> List[torch.Tensor]:
     """Per query ``i``: rows of ``ids[i]`` in probe table ``tabs[i]`` gathered from ``values[i]``,
     one vector per id (``lengths[i]`` None) or pooled per bag (``mode`` sum or mean)."""
-    return scripted(_read_many)(tabs, values, ids, lengths, mode)
+    return scripted(read_rows)(tabs, values, ids, lengths, mode)
 
 
 def find_rows(tab: torch.Tensor, keys: torch.Tensor, missing: int = -1) -> torch.Tensor:

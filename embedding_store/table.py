@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -163,20 +164,32 @@ class EmbeddingTable:
         see :mod:`embedding_store.batched_read`): what a serving forward thread wants."""
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
-        stores = [self._store(slot) for slot, _, _ in queries]
         # NumPy-side preparation only: every torch call here would release the GIL and queue to get it back.
         ids = [torch.from_numpy(_ids_np(q[1])) for q in queries]
         lengths = [None if q[2] is None else torch.from_numpy(np.ascontiguousarray(q[2], dtype=np.int64).reshape(-1))
                    for q in queries]
-        if any(st.device.type != "cpu" for st in stores):
-            return [self.lookup(slot, i) if n is None else self.lookup_bags(slot, i, n, mode=mode)
-                    for (slot, _, _), i, n in zip(queries, ids, lengths)]
-        with self.lock:  # the views are only valid while no writer can rebuild the index
+        with self.read_views([slot for slot, _, _ in queries]) as views:
+            if views is None:
+                return [self.lookup(slot, i) if n is None else self.lookup_bags(slot, i, n, mode=mode)
+                        for (slot, _, _), i, n in zip(queries, ids, lengths)]
             try:
-                return read_many([st.index.table_view() for st in stores], [st.values for st in stores],
-                                 ids, lengths, mode)
+                return read_many(*views, ids, lengths, mode)
             except torch.jit.Error as exc:
                 raise ValueError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
+
+    @contextmanager
+    def read_views(self, slots: Sequence[str]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]] | None]:
+        """Under the table's lock, per slot: the id index's probe table and the value rows, the
+        inputs of :func:`embedding_store.batched_read.read_many`; None when a slot is off the CPU.
+
+        For callers that fold the read into a larger compiled call (serving's batch forward).
+        The views are only valid inside the ``with``: a writer may rebuild the index after it."""
+        stores = [self._store(slot) for slot in slots]
+        if any(st.device.type != "cpu" for st in stores):
+            yield None
+            return
+        with self.lock:
+            yield [st.index.table_view() for st in stores], [st.values for st in stores]
 
     # ---- writes ------------------------------------------------------------------------------
     def apply_gradients(self, slot: str, ids: torch.Tensor, grads: torch.Tensor, now: float | None = None) -> int:

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Calibrator", "estimate_negative_rate"]
+__all__ = ["Calibrator", "calibrated", "estimate_negative_rate"]
+
+
+def calibrated(logits: torch.Tensor, shift: float) -> torch.Tensor:
+    """``sigmoid(logit + shift)``, computed in the logit domain (no saturation issues); plain
+    ``sigmoid`` when ``shift`` is 0. TorchScript-able: compiled forwards call it too."""
+    return torch.sigmoid(logits + shift) if shift != 0.0 else torch.sigmoid(logits)
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,8 @@ class Calibrator:
         return math.log(self.rate)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(logit + log(rate))``, computed in the logit domain (no saturation issues)."""
-        return torch.sigmoid(logits + self.shift) if self.rate != 1.0 else torch.sigmoid(logits)
+        """``sigmoid(logit + log(rate))`` (:func:`calibrated`)."""
+        return calibrated(logits, self.shift)
 
 
 def estimate_negative_rate(labels: np.ndarray, sample_rate: np.ndarray) -> float:

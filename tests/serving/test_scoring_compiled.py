@@ -66,3 +66,32 @@ def test_a_new_tower_is_traced_anew_so_new_dense_weights_are_served():
     swapped = type(model)(model.model_id, model.table, tower, model.version + 1, model.watermark_ms)
     after = score_jobs(swapped, job, Calibrator())[0]
     assert (after > before).all()
+
+
+class _NoViews:
+    """The table without ``read_views``: what a remote table offers, so score_jobs takes the
+    stepwise path (read, then broadcast, tower and calibration as separate calls)."""
+
+    def __init__(self, table):
+        self._table = table
+
+    def lookup_many(self, queries, mode="sum"):
+        return self._table.lookup_many(queries, mode=mode)
+
+
+def test_one_call_forward_equals_the_stepwise_path_with_dense_features_and_a_calibration_shift():
+    model = random_model(slots=("user_id", "item_id", "f00"), items=300, users=40, dense_dim=3, seed=4)
+    stepwise = type(model)(model.model_id, _NoViews(model.table), model.tower, model.version, model.watermark_ms)
+    rng = np.random.default_rng(1)
+    jobs = [RankJob(user_id=int(u), items=rng.integers(0, 400, int(n)), dense=rng.normal(size=3).astype(np.float32),
+                    context={"f00": np.arange(int(u) % 3)} if u % 2 else {})
+            for u, n in zip(rng.integers(0, 60, 7), rng.integers(1, 30, 7))]
+    cal = Calibrator(0.25)
+    for bf16 in (False, True):
+        one, steps = score_jobs(model, jobs, cal, bf16=bf16), score_jobs(stepwise, jobs, cal, bf16=bf16)
+        assert [a.shape for a in one] == [b.shape for b in steps]
+        for a, b in zip(one, steps):
+            if bf16:  # same bf16 ops; allow for a different kernel order
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+            else:
+                assert np.array_equal(a, b)
