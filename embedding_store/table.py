@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np

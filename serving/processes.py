@@ -1,10 +1,11 @@
 """``headwater serve --processes N``: N serving processes on one port, under one supervisor.
 
 Why: one Python serving process tops out near one core, because its event loop (gRPC, request
-parsing, responses) and its micro-batcher share one GIL. On the 2-core bench box one process
-answers ~1,000 ``Recommend`` calls/s with a core still idle; two on one port answer ~1,400-1,700
-(``headwater bench serving --processes 1`` vs ``2``). More processes are the standard way to use
-more cores from Python; each one batches the calls of its own connections.
+parsing, responses) and its micro-batcher share one GIL. On a 2-core box at 32 concurrent
+clients one process answered 860-1,080 ``Recommend`` calls/s with CPU to spare, two on one port
+1,090-1,700 (``headwater bench serving --processes 1`` vs ``2``); there, with the load generator
+on the same two cores, the gain is in throughput, not in latency at low concurrency. More
+processes are the standard way to use more cores from Python; each batches its own connections.
 
 The supervisor serves no RPC and holds no model. It
 
@@ -74,7 +75,7 @@ def child_argv(argv: Sequence[str], index: int, port: int, state_dir: str) -> li
 
 
 @dataclass
-class _Child:
+class _Worker:
     index: int
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -94,7 +95,7 @@ class ServeProcesses:
     state_dir: str = ""
     crash_loop_s: float = 10.0  # a child that dies sooner than this after starting backs off
     max_backoff_s: float = 30.0
-    children: list[_Child] = field(default_factory=list)
+    children: list[_Worker] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._sock = reserve_port(self.host, self.port)
@@ -110,13 +111,13 @@ class ServeProcesses:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "ServeProcesses":
-        self.children = [_Child(i) for i in range(self.n)]
+        self.children = [_Worker(i) for i in range(self.n)]
         for child in self.children:
             self._spawn(child)
         log.info("%d serving processes on %s", self.n, self.address)
         return self
 
-    def _spawn(self, child: _Child) -> None:
+    def _spawn(self, child: _Worker) -> None:
         cmd = child_argv(self.argv, child.index, self.port, self.state_dir)
         child.proc = subprocess.Popen(cmd, env=self._env)
         child.started = time.monotonic()

@@ -106,6 +106,11 @@ def _trace(tower: Any, bf16: bool, wrap: Callable[[Any], torch.nn.Module] | None
         return torch.jit.freeze(traced) if bf16 else traced
 
 
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits; no call (no GIL round trip) when they already are."""
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
 def _tower_logits(model: ServingModel, emb: torch.Tensor, dense: torch.Tensor | None,
                   bf16: bool = False) -> torch.Tensor:
     """Tower forward; with ``bf16`` the matmuls run in bfloat16 (fp32 accumulation) via autocast.
@@ -117,7 +122,7 @@ def _tower_logits(model: ServingModel, emb: torch.Tensor, dense: torch.Tensor | 
     args = (emb,) if dense is None else (emb, dense)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = fn(*args)
-    return logits if logits.dtype == torch.float32 else logits.float()  # no call (no GIL round trip) when float
+    return _float(logits)
 
 
 def _batch_embeddings(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
@@ -132,10 +137,6 @@ def _batch_embeddings(tabs: List[torch.Tensor], values: List[torch.Tensor], ids:
         else:
             cols.append(read[i].index_select(0, job_of_row))
     return torch.stack(cols, dim=1).float()
-
-
-def _float(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 class _LocalBatch(torch.nn.Module):
