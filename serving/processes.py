@@ -81,7 +81,6 @@ class _Worker:
     started: float = 0.0
     backoff_s: float = 1.0
     restart_at: float = 0.0
-    restarts: int = 0
 
 
 @dataclass
@@ -152,7 +151,6 @@ class ServeProcesses:
                               child.index, proc.pid, proc.returncode, child.backoff_s)
                     child.proc = None
                 if child.proc is None and now >= child.restart_at:
-                    child.restarts += 1
                     self._spawn(child)
 
     def alive(self) -> int:

@@ -160,12 +160,8 @@ class _LocalBatch(torch.nn.Module):
         return calibrated(_float(self.tower(emb)), shift)
 
 
-class _LocalBatchDense(torch.nn.Module):
+class _LocalBatchDense(_LocalBatch):
     """:class:`_LocalBatch` for a tower with dense inputs (per row: its job's dense features)."""
-
-    def __init__(self, tower: Any) -> None:
-        super().__init__()
-        self.tower = tower
 
     def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
                 lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,

@@ -1,5 +1,6 @@
 """Helpers for the serving tests: the trainer's side of hw.params, and polling."""
 
+import socket
 import time
 
 import numpy as np
@@ -48,3 +49,9 @@ def _wait(cond, timeout=20.0):
 def _same_rows(a, b, slot, ids):
     t = torch.as_tensor(ids, dtype=torch.int64)
     return torch.equal(a.lookup(slot, t), b.lookup(slot, t))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

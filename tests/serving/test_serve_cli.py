@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-from serving_helpers import Trainer
+from serving_helpers import Trainer, _free_port
 
 from serving.pb import pb2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_process_becomes_healthy_and_stops_on_sigterm(kafka_topics, tmp_path):

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import Trainer
+from serving_helpers import Trainer, _free_port, _wait
 
 from headwater.cli import build_parser
 from headwater.config import load_config
@@ -76,28 +75,12 @@ def test_processes_are_validated():
         ServeConfig(processes=2, role="ps").validate()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid):
     """Direct child pids of ``pid`` (Linux /proc)."""
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         kids += [int(p) for p in (task / "children").read_text().split()]
     return kids
-
-
-def _wait(cond, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    return cond()
 
 
 def _requests_ok(url):
