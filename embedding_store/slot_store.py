@@ -86,10 +86,14 @@ class SlotStore:
     def init_values(self, n: int) -> torch.Tensor:
         cfg = self.cfg
         if cfg.initializer == "zeros":
-            return torch.zeros(n, cfg.dim)
-        if cfg.initializer == "uniform":
-            return (torch.rand(n, cfg.dim, generator=self.generator) * 2 - 1) * cfg.init_std
-        return torch.randn(n, cfg.dim, generator=self.generator) * cfg.init_std
+            vals = torch.zeros(n, cfg.dim)
+        elif cfg.initializer == "uniform":
+            vals = (torch.rand(n, cfg.dim, generator=self.generator) * 2 - 1) * cfg.init_std
+        else:
+            vals = torch.randn(n, cfg.dim, generator=self.generator) * cfg.init_std
+        if cfg.counter_columns:
+            vals[:, cfg.weight_dim:] = 0.0  # counters start from nothing seen
+        return vals
 
     def create(self, ids: np.ndarray, now: float, version: int, values: torch.Tensor | None = None) -> np.ndarray:
         """Give distinct absent ``ids`` rows (fresh init + zero state); returns the rows."""

@@ -23,6 +23,9 @@ class SlotConfig:
     ttl_s: float | None = field(default=None, metadata={"help": "expire rows not updated for this long"})
     admit_threshold: int = field(default=1, metadata={"help": "sightings before an id gets a row"})
     default_value: float = field(default=0.0, metadata={"help": "what unknown/unadmitted ids read"})
+    counter_columns: int = field(default=0, metadata={
+        "help": "last columns of each row that are counters, not weights: they start at 0 and "
+                "apply_gradients adds their 'gradient' as is (no optimizer)"})
     # optimizer hyper-parameters
     eps: float = 1e-10
     initial_accumulator: float = 0.0
@@ -51,6 +54,13 @@ class SlotConfig:
             raise ValueError(f"slot {self.name}: ttl_s must be positive or None")
         if self.lr <= 0:
             raise ValueError(f"slot {self.name}: lr must be positive")
+        if not 0 <= self.counter_columns < self.dim:
+            raise ValueError(f"slot {self.name}: counter_columns must be in [0, dim)")
+
+    @property
+    def weight_dim(self) -> int:
+        """Columns the optimizer updates (the row minus its counter columns)."""
+        return self.dim - self.counter_columns
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -214,15 +214,20 @@ class EmbeddingTable:
             if rows.size == 0:
                 return 0
             r = torch.from_numpy(rows).to(st.device)
-            if st.cfg.optimizer == "adagrad" and kernels.use_triton(st.values):
+            k = st.cfg.weight_dim
+            if st.cfg.optimizer == "adagrad" and not st.cfg.counter_columns and kernels.use_triton(st.values):
                 kernels.adagrad_update(st.values, st.state["accum"], r, g, st.cfg.lr, st.cfg.eps)
             else:
                 w = st.values.index_select(0, r)
-                state = {k: t.index_select(0, r) for k, t in st.state.items()}
-                sparse_update(st.cfg, w, state, g)
+                state = {n: t.index_select(0, r) for n, t in st.state.items()}
+                # The optimizer sees only the weight columns; counter columns add their input.
+                sparse_update(st.cfg, w[:, :k], {n: (t if t.dim() == 1 else t[:, :k])
+                                                 for n, t in state.items()}, g[:, :k])
+                if st.cfg.counter_columns:
+                    w[:, k:] += g[:, k:]
                 st.values.index_copy_(0, r, w)
-                for k, t in st.state.items():
-                    t.index_copy_(0, r, state[k])
+                for n, t in st.state.items():
+                    t.index_copy_(0, r, state[n])
             self.version += 1
             st.touched[rows] = time.time() if now is None else now
             st.row_version[rows] = self.version

@@ -25,6 +25,11 @@ class TrainerConfig:
     cross_rank: int = field(default=32, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
     use_fm: bool = field(default=True, metadata={"help": "add the factorisation-machine pairwise term"})
     pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
+    wide: bool = field(default=False, metadata={"help": "per-id logit weights (a column of each row)"})
+    wide_scale: float = field(default=1.0, metadata={"help": "multiplier of the wide weights in the logit"})
+    counters: bool = field(default=False, metadata={
+        "help": "per-id click counters (two columns of each row) whose smoothed log-odds join the logit"})
+    count_prior: float = field(default=5.0, metadata={"help": "pseudo-examples smoothing each id's count log-odds"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})

@@ -18,6 +18,7 @@ import torch
 
 from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
+from training.counting import example_increments, prior_counts
 from training.dedup import SeenFilter
 from training.evaluation import PrequentialEvaluator
 from training.model import (DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
@@ -48,7 +49,9 @@ class StepTimes:
 def model_config_for(cfg: TrainerConfig, slots: tuple[str, ...], dense_dim: int) -> ModelConfig:
     return ModelConfig(slots=tuple(slots), embedding_dim=cfg.embedding_dim, dense_dim=dense_dim,
                        cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank,
-                       hidden=tuple(cfg.hidden), use_fm=cfg.use_fm, pooling=cfg.pooling)
+                       hidden=tuple(cfg.hidden), use_fm=cfg.use_fm, pooling=cfg.pooling,
+                       wide=cfg.wide, wide_scale=cfg.wide_scale, counters=cfg.counters,
+                       count_prior=cfg.count_prior)
 
 
 def make_table(cfg: TrainerConfig, slots: tuple[str, ...]) -> Any:
@@ -58,7 +61,8 @@ def make_table(cfg: TrainerConfig, slots: tuple[str, ...]) -> Any:
     ttl = cfg.ttl_s if cfg.ttl_s > 0 else None
     return EmbeddingTable([SlotConfig(name=s, dim=cfg.embedding_dim, optimizer=cfg.sparse_optimizer,
                                       lr=cfg.sparse_lr, init_std=cfg.init_std, ttl_s=ttl,
-                                      admit_threshold=cfg.admit_threshold) for s in slots],
+                                      admit_threshold=cfg.admit_threshold,
+                                      counter_columns=2 if cfg.counters else 0) for s in slots],
                           device="cpu", seed=cfg.seed)
 
 
@@ -121,6 +125,10 @@ class Learner:
         now = self.clock() if now is None else now
         mc = self.model_cfg
         bags = lookup_slots(self.table, mc.slots, batch.sparse, n, mc.pooling, train=True, now=now)
+        increments = None
+        if mc.counters:
+            increments = example_increments(batch.label, batch.sample_rate)
+            self._add_in_batch_counts(bags.emb, batch, increments)
         t2 = time.perf_counter()
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
@@ -143,6 +151,9 @@ class Learner:
             if len(bags.ids[s]) == 0:
                 continue
             per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s], mc.pooling)
+            if increments is not None:  # counters add what each example saw, not a gradient
+                per_id[:, -2:] = torch.from_numpy(
+                    np.repeat(increments, bags.lengths[s].numpy(), axis=0).astype(np.float32))
             self.table.apply_gradients(slot, bags.ids[s], per_id, now=now)
         t4 = time.perf_counter()
         self.times.lookup += t2 - t1
@@ -152,6 +163,18 @@ class Learner:
         self.times.steps += 1
         self.examples_trained += n
         return n
+
+    def _add_in_batch_counts(self, emb: torch.Tensor, batch: Any, increments: np.ndarray) -> None:
+        """Adds to each row's counter columns what its ids saw earlier in this batch."""
+        mc = self.model_cfg
+        with torch.no_grad():
+            for s, slot in enumerate(mc.slots):
+                bag = batch.sparse.get(slot)
+                if bag is None or len(bag.values) == 0:
+                    continue
+                counts = prior_counts(np.asarray(bag.values, np.int64), np.asarray(bag.lengths),
+                                      batch.event_time_ms, increments, mean=mc.pooling == "mean")
+                emb[:, s, -2:] += torch.from_numpy(counts)
 
     def logits(self, emb: torch.Tensor, dense: torch.Tensor | None,
                tower: torch.nn.Module | None = None) -> torch.Tensor:

@@ -40,20 +40,47 @@ class ModelConfig:
     hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP layer widths"})
     use_fm: bool = field(default=True, metadata={"help": "add a factorisation-machine pairwise term"})
     pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
+    wide: bool = field(default=False, metadata={
+        "help": "one column of every slot row is that id's own logit weight (the wide part)"})
+    wide_scale: float = field(default=1.0, metadata={"help": "multiplier of the wide weights in the logit"})
+    counters: bool = field(default=False, metadata={
+        "help": "the last two columns of every slot row count the id's (weighted) positives and "
+                "examples; the tower adds their smoothed log-odds to the logit"})
+    count_prior: float = field(default=5.0, metadata={
+        "help": "pseudo-examples at the global rate that smooth every id's count log-odds"})
 
     def validate(self) -> None:
         if len(set(self.slots)) != len(self.slots):
             raise ValueError(f"duplicate slot names in {self.slots}")
-        if self.embedding_dim <= 0 or self.dense_dim < 0 or self.cross_layers < 0 or self.cross_rank < 0:
-            raise ValueError("embedding_dim must be > 0; dense_dim, cross_layers, cross_rank >= 0")
+        if self.factor_dim <= 0 or self.dense_dim < 0 or self.cross_layers < 0 or self.cross_rank < 0:
+            raise ValueError("embedding_dim must leave factor columns after the wide and counter "
+                             "columns; dense_dim, cross_layers, cross_rank >= 0")
         if any(h <= 0 for h in self.hidden):
             raise ValueError(f"hidden widths must be positive, got {self.hidden}")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
+        if self.count_prior <= 0:
+            raise ValueError("count_prior must be positive")
+
+    @property
+    def factor_dim(self) -> int:
+        """Columns of a slot row that feed the cross net, MLP and FM.
+
+        A row is laid out ``[factors | wide weight | positives, examples]``, the last two parts
+        present when ``wide`` / ``counters`` are on.
+        """
+        return self.embedding_dim - int(self.wide) - 2 * int(self.counters)
+
+    @property
+    def counter_columns(self) -> int:
+        """Trailing row columns that are counters (the table adds to them, no optimizer)."""
+        return 2 if self.counters else 0
 
     @property
     def input_dim(self) -> int:
-        return len(self.slots) * self.embedding_dim + self.dense_dim
+        """Width of the cross net's input: factors, dense features, and per slot the count
+        log-odds and log count when counters are on."""
+        return len(self.slots) * (self.factor_dim + self.counter_columns) + self.dense_dim
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -122,25 +149,53 @@ class DenseTower(nn.Module):
         # Standard FM (scale 1) from the start: a zero scale would also zero the FM gradient
         # reaching the embeddings, and pairwise affinity would be learned only through the MLP.
         self.fm_scale = nn.Parameter(torch.ones(())) if cfg.use_fm else None
+        if cfg.counters:
+            self.count_weight = nn.Parameter(torch.ones(len(cfg.slots)))
+            # The global click rate the count log-odds shrink toward (set from the first batch).
+            self.register_buffer("prior_logit", torch.zeros(()))
 
     def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.cfg
         b = emb.shape[0]
-        parts = [emb.reshape(b, -1)]
+        f = cfg.factor_dim
+        factors = emb[:, :, :f]
+        parts = [factors.reshape(b, -1)]
+        extra = torch.zeros(b, dtype=emb.dtype, device=emb.device)
+        if cfg.wide:
+            extra = extra + emb[:, :, f].sum(dim=1) * cfg.wide_scale
+        if cfg.counters:
+            log_odds, log_count = self.count_features(emb[:, :, -2], emb[:, :, -1])
+            extra = extra + (log_odds * self.count_weight).sum(dim=1)
+            parts += [log_odds, log_count]
         if self.dense_norm is not None:
-            if dense is None or dense.shape != (b, self.cfg.dense_dim):
-                raise ValueError(f"dense features must be [{b}, {self.cfg.dense_dim}]")
+            if dense is None or dense.shape != (b, cfg.dense_dim):
+                raise ValueError(f"dense features must be [{b}, {cfg.dense_dim}]")
             parts.append(self.dense_norm(dense))
         x0 = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
         logit = self.head(self.mlp(x)).squeeze(1)
-        if self.fm_scale is not None and emb.shape[1] > 1:
+        if self.fm_scale is not None and factors.shape[1] > 1:
             # FM: sum over slot pairs of <e_i, e_j> = ((sum e)^2 - sum e^2) / 2.
-            s = emb.sum(dim=1)
-            fm = 0.5 * (s.pow(2) - emb.pow(2).sum(dim=1)).sum(dim=1)
+            s = factors.sum(dim=1)
+            fm = 0.5 * (s.pow(2) - factors.pow(2).sum(dim=1)).sum(dim=1)
             logit = logit + self.fm_scale * fm
-        return logit
+        return logit + extra
+
+    def count_features(self, positives: torch.Tensor, examples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slot: the id's click log-odds, smoothed toward the global rate and relative to it
+        (0 for an unseen id), and log(1 + examples), its confidence.
+
+        The smoothing adds ``count_prior`` pseudo-examples at the global rate (a Beta prior),
+        the estimate that per-id counting baselines use; with weight 1 per slot the logit starts
+        as counting's score, and the tower learns how much to trust each slot.
+        """
+        a = self.cfg.count_prior
+        p0 = torch.sigmoid(self.prior_logit)
+        negatives = (examples - positives).clamp(min=0.0)
+        log_odds = torch.log((positives.clamp(min=0.0) + a * p0) / (negatives + a * (1 - p0))) - self.prior_logit
+        return log_odds, torch.log1p(examples.clamp(min=0.0))
 
 
 class BagTable(Protocol):
@@ -294,3 +349,5 @@ def init_bias_for_ctr(tower: DenseTower, ctr: float) -> None:
     ctr = min(max(ctr, 1e-4), 1 - 1e-4)
     with torch.no_grad():
         tower.head.bias.fill_(math.log(ctr / (1 - ctr)))
+        if tower.cfg.counters:
+            tower.prior_logit.fill_(math.log(ctr / (1 - ctr)))
