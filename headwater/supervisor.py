@@ -2,6 +2,10 @@
 
 Each child runs in its own process group so that stopping it also stops whatever it started;
 ``stop()`` sends SIGTERM, waits, then SIGKILLs stragglers, so nothing is left behind.
+
+Most children are services: any exit is a crash. A *finite* child (``ChildSpec.finite``) is a
+job, such as a log replay, that ends by itself: exit 0 means it is done (recorded, not
+restarted), any other exit is still a crash.
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ChildSpec:
-    """One supervised process: a name, its argv, and how often it may be restarted."""
+    """One supervised process: a name, its argv, how often it may be restarted, and whether it
+    is a job that ends (``finite``: exit 0 is done, not a crash)."""
 
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     max_restarts: int = 5
     log_file: Path | None = None
+    finite: bool = False
+
+
+class ChildFailed(RuntimeError):
+    """A child exited unexpectedly and has no restarts left."""
+
+    def __init__(self, name: str, code: int, restarts: int, log_file: Path | None) -> None:
+        super().__init__(f"{name} exited with {code} and has used its {restarts} restarts")
+        self.name, self.code, self.log_file = name, code, log_file
 
 
 @dataclass
@@ -34,6 +48,7 @@ class _Child:
     proc: subprocess.Popen
     started: float
     restarts: int = 0
+    done: bool = False  # a finite child that exited 0
 
 
 class Supervisor:
@@ -65,21 +80,35 @@ class Supervisor:
             self.start(spec)
 
     def poll(self) -> list[str]:
-        """Restarts children that exited; returns the names restarted. Call it periodically."""
+        """Restarts children that exited; returns the names restarted. Call it periodically.
+
+        A finite child that exited 0 is marked done instead (see :meth:`done`). Raises
+        :class:`ChildFailed` for a child that exited unexpectedly with no restarts left.
+        """
         restarted = []
         for name, child in self.children.items():
+            if child.done:
+                continue
             code = child.proc.poll()
             if code is None or self._stopping:
                 continue
+            if code == 0 and child.spec.finite:
+                log.info("%s finished", name)
+                child.done = True
+                continue
             if child.restarts >= child.spec.max_restarts:
-                raise RuntimeError(f"{name} exited with {code} and has used its "
-                                   f"{child.spec.max_restarts} restarts")
+                raise ChildFailed(name, code, child.spec.max_restarts, child.spec.log_file)
             log.warning("%s exited with %s; restarting", name, code)
             child.proc = self._spawn(child.spec)
             child.started = time.monotonic()
             child.restarts += 1
             restarted.append(name)
         return restarted
+
+    def done(self, name: str) -> bool:
+        """Whether the finite child ``name`` has exited 0 (as seen by the last :meth:`poll`)."""
+        child = self.children.get(name)
+        return child is not None and child.done
 
     def stop(self) -> None:
         """SIGTERM every child's process group (newest first), then SIGKILL what is left."""

@@ -32,6 +32,8 @@ class ServeConfig:
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
     stale_after_s: float = field(default=30.0, metadata={"help": "report degraded (hw_serve_degraded=1; gRPC health stays SERVING with the stale model) when no hw.params update arrived for this long"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
+    items: bool = field(default=True, metadata={"help": "follow hw.items (item-side features per item) so Recommend fills each candidate's item-side slots and dense tail from it"})
+    max_catalog_items: int = field(default=1_000_000, metadata={"help": "items the hw.items catalog holds; beyond, the least recently used are evicted (hw_serve_item_catalog_evictions_total)"})
 
     def validate(self) -> None:
         if self.role not in ("all", "ps", "recommender"):
@@ -42,6 +44,8 @@ class ServeConfig:
             raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
         if self.max_batch_rows <= 0 or self.max_queue <= 0 or self.workers <= 0:
             raise ValueError("max_batch_rows, max_queue and workers must be positive")
+        if self.max_catalog_items <= 0:
+            raise ValueError(f"max_catalog_items must be positive, got {self.max_catalog_items}")
         if self.processes < 1:
             raise ValueError(f"processes must be >= 1, got {self.processes}")
         if self.processes > 1 and self.role == "ps":

@@ -24,7 +24,7 @@ from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
 from serving.response_wire import encode_recommend_response
 from serving.retrieval import ItemIndex
-from serving.scoring import RankJob, ServingModel, score_examples, score_jobs
+from serving.scoring import ItemSource, RankJob, ServingModel, item_dense_width, score_examples, score_jobs
 from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
 from training.model import bf16_supported
 
@@ -87,13 +87,15 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     """The (``grpc.aio``) servicer; ``batcher`` is set by the server when micro-batching is on.
 
     Handlers run on the server's event loop and only validate, wait and build responses there;
-    model work runs on ``pool`` threads (or the micro-batcher's), never on the loop.
+    model work runs on ``pool`` threads (or the micro-batcher's), never on the loop. ``items``
+    (an item catalog following hw.items) supplies candidates' item-side features to Recommend.
     """
 
     def __init__(self, cfg: ServeConfig, source: Any, calibrator: Calibrator,
-                 pool: ThreadPoolExecutor | None = None) -> None:
+                 pool: ThreadPoolExecutor | None = None, items: ItemSource | None = None) -> None:
         self.cfg = cfg
         self.source = source
+        self.items = items
         self.calibrator = calibrator
         self.limits = Limits()
         self.index = ItemIndex(cfg.item_slot)
@@ -121,7 +123,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     def forward_jobs(self, jobs: list[RankJob]) -> list[tuple[np.ndarray, ServingModel]]:
         """One model forward for many calls (the micro-batcher's forward)."""
         model = self._model()
-        probs = score_jobs(model, jobs, self.calibrator, self.cfg.user_slot, self.cfg.item_slot, self.bf16)
+        probs = score_jobs(model, jobs, self.calibrator, self.cfg.user_slot, self.cfg.item_slot, self.bf16,
+                           self.items)
         return [(p, model) for p in probs]
 
     async def _rank(self, job: RankJob, context: Any) -> tuple[np.ndarray, ServingModel]:
@@ -155,7 +158,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     @_rpc("Recommend")
     async def Recommend(self, request, context):
         model = self._model()
-        job, top_k = rank_job(request, model.slots, model.dense_dim, self.cfg.item_slot, self.limits)
+        job, top_k = rank_job(request, model.slots, model.dense_dim, self.cfg.item_slot, self.limits,
+                              item_dense_width(model, self.items))
         if self.cfg.item_slot not in model.slots:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model has no item slot {self.cfg.item_slot!r}")

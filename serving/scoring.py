@@ -5,6 +5,13 @@ dense features and N candidate items. Request-level bags are pooled once per *jo
 to its candidates by index, so a batch of B jobs with N candidates in all costs B bag lookups per
 context slot, one id lookup for the item slot and one tower forward over N rows. A sharded
 (remote) table is given all the batch's ids first, so it makes one round trip per shard per batch.
+
+Item-side features (no train/serve skew): given an item catalog (:class:`ItemSource`, serving's
+``serving.item_catalog.ItemCatalog``), every model slot the catalog holds bags for and a call did
+not send as context is read *per candidate* from the catalog, and the catalog's dense tail (the
+item-side columns, last in the dense layout) is appended to the call's user-side dense part, so a
+call naming only candidate ids gets the features the trainer saw. Without a catalog, or when it
+holds nothing the model uses, the batch takes exactly the plain path.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +28,11 @@ import torch
 from embedding_store.batched_read import read_rows
 from serving.calibration import Calibrator, calibrated
 
-__all__ = ["ServingModel", "RankJob", "score_jobs", "score_examples", "ExampleRows"]
+if TYPE_CHECKING:
+    from serving.item_catalog import ItemRows
+
+__all__ = ["ServingModel", "RankJob", "ItemSource", "score_jobs", "score_examples", "ExampleRows",
+           "item_dense_width"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,30 @@ class RankJob:
     user_id: int
     items: np.ndarray
     context: Mapping[str, np.ndarray] = field(default_factory=dict)  # slot -> int64 ids
-    dense: np.ndarray | None = None  # float32[dense_dim] or None (zeros)
+    # float32[dense_dim], or only the user-side part when an item catalog adds the item-side
+    # tail (see item_dense_width), or None (zeros; the catalog's tail still added)
+    dense: np.ndarray | None = None
+
+
+class ItemSource(Protocol):
+    """Item-side features per candidate (``serving.item_catalog.ItemCatalog``)."""
+
+    @property
+    def slots(self) -> frozenset[str]: ...
+
+    @property
+    def dense_width(self) -> int: ...
+
+    def rows(self, items: np.ndarray, slots: Sequence[str], dense: bool) -> "ItemRows": ...
+
+
+def item_dense_width(model: "ServingModel", items: ItemSource | None) -> int:
+    """Columns of the model's dense input that ``items`` supplies per candidate (0: none): the
+    catalog's tail when the model's dense vector has room for it."""
+    if items is None:
+        return 0
+    width = items.dense_width
+    return width if 0 < width <= model.dense_dim else 0
 
 
 _COMPILED: "weakref.WeakKeyDictionary[Any, dict[Any, Any]]" = weakref.WeakKeyDictionary()
@@ -170,28 +204,71 @@ class _LocalBatchDense(_LocalBatch):
         return calibrated(_float(self.tower(emb, dense.index_select(0, job_of_row))), shift)
 
 
-def _local_batch(tower: Any, bf16: bool) -> Any:
-    """The compiled one-call forward around ``tower`` (None for a tower off the CPU)."""
+def _row_embeddings(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
+                    lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, row_bags: List[bool],
+                    mode: str) -> torch.Tensor:
+    """:func:`_batch_embeddings` where some bags are per candidate row already (``row_bags[i]``:
+    item-side slots read from the catalog), so only the others are broadcast."""
+    read = read_rows(tabs, values, ids, lengths, mode)
+    cols: List[torch.Tensor] = []
+    for i in range(len(read)):
+        if lengths[i] is None or row_bags[i]:
+            cols.append(read[i])
+        else:
+            cols.append(read[i].index_select(0, job_of_row))
+    return torch.stack(cols, dim=1).float()
+
+
+class _LocalRows(_LocalBatch):
+    """:class:`_LocalBatch` with item-side features: per-row bags where ``row_bags`` says so."""
+
+    def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
+                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,
+                shift: float, row_bags: List[bool]) -> torch.Tensor:
+        emb = _row_embeddings(tabs, values, ids, lengths, job_of_row, row_bags, mode)
+        return calibrated(_float(self.tower(emb)), shift)
+
+
+class _LocalRowsDense(_LocalBatch):
+    """:class:`_LocalRows` for a tower with dense inputs, given per row (user part + item tail)."""
+
+    def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
+                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,
+                shift: float, row_bags: List[bool], dense: torch.Tensor) -> torch.Tensor:
+        emb = _row_embeddings(tabs, values, ids, lengths, job_of_row, row_bags, mode)
+        return calibrated(_float(self.tower(emb, dense)), shift)
+
+
+def _local_batch(tower: Any, bf16: bool, rows: bool = False) -> Any:
+    """The compiled one-call forward around ``tower`` (None for a tower off the CPU); ``rows``:
+    the variant with item-side (per-row) features."""
     def build() -> Any:
-        compiled = _trace(tower, bf16, _LocalBatchDense if tower.cfg.dense_dim else _LocalBatch)
+        if rows:
+            wrap = _LocalRowsDense if tower.cfg.dense_dim else _LocalRows
+        else:
+            wrap = _LocalBatchDense if tower.cfg.dense_dim else _LocalBatch
+        compiled = _trace(tower, bf16, wrap)
         return None if compiled is tower else compiled
-    return _compiled(tower, ("batch", bf16), build)
+    return _compiled(tower, ("rows" if rows else "batch", bf16), build)
 
 
 def _score_in_one_call(model: ServingModel, table: Any, queries: list[tuple[str, np.ndarray, np.ndarray | None]],
                        job_of_row: torch.Tensor, dense: np.ndarray | None, calibrator: Calibrator,
-                       bf16: bool) -> np.ndarray | None:
+                       bf16: bool, row_bags: list[bool] | None = None) -> np.ndarray | None:
     """Probabilities of every row by :class:`_LocalBatch`, or None where it does not apply (a
-    remote table, a table or tower off the CPU)."""
+    remote table, a table or tower off the CPU). With ``row_bags`` (item-side features) it is
+    :class:`_LocalRows`, and ``dense`` is per row instead of per job."""
     views_of = getattr(table, "read_views", None)
     if views_of is None:
         return None
-    forward = _local_batch(model.tower, bf16)
+    forward = _local_batch(model.tower, bf16, rows=row_bags is not None)
     if forward is None:
         return None
     ids = [torch.from_numpy(np.ascontiguousarray(q_ids, np.int64)) for _, q_ids, _ in queries]
     lengths = [None if n is None else torch.from_numpy(np.ascontiguousarray(n, np.int64)) for _, _, n in queries]
     extra = () if dense is None else (torch.from_numpy(dense),)
+    if row_bags is not None:
+        extra = (row_bags, *extra)
     with views_of([slot for slot, _, _ in queries]) as views:  # the table's lock: no writer meanwhile
         if views is None:
             return None
@@ -245,32 +322,112 @@ def _read(table: Any, queries: list[tuple[str, np.ndarray, np.ndarray | None]], 
             for slot, ids, lengths in queries]
 
 
+def _item_slots(model: ServingModel, jobs: Sequence[RankJob], items: ItemSource | None,
+                user_slot: str, item_slot: str) -> list[str]:
+    """The model slots read per candidate from ``items``: those it holds bags in that some job of
+    the batch did not send as context (a job that sends one keeps its own bag)."""
+    if items is None:
+        return []
+    held = items.slots
+    return [s for s in model.slots if s in held and s not in (user_slot, item_slot)
+            and not all(s in j.context for j in jobs)]
+
+
+def _row_bags(jobs: Sequence[RankJob], slot: str, counts: np.ndarray,
+              catalog: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """One bag per candidate row of ``slot``: the catalog's, or the job's context bag repeated on
+    its rows where the job sent one."""
+    if not any(slot in j.context for j in jobs):
+        return catalog
+    ids, lengths = catalog
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    id_parts, length_parts, row = [], [], 0
+    for job, n in zip(jobs, counts.tolist()):
+        own = job.context.get(slot)
+        if own is None:
+            id_parts.append(ids[offsets[row]:offsets[row + n]])
+            length_parts.append(lengths[row:row + n])
+        else:
+            id_parts.append(np.tile(np.asarray(own, np.int64), n))
+            length_parts.append(np.full(n, own.size, np.int64))
+        row += n
+    return np.concatenate(id_parts).astype(np.int64, copy=False), np.concatenate(length_parts)
+
+
+def _row_dense(jobs: Sequence[RankJob], dense_dim: int, tail: np.ndarray, job_of_row: np.ndarray) -> np.ndarray:
+    """float32[rows, dense_dim]: each job's user-side part (zeros when it sent none) followed by
+    its candidate's item-side ``tail``; a job that sent the whole vector keeps it on its rows."""
+    user = dense_dim - tail.shape[1]
+    per_job = np.zeros((len(jobs), dense_dim), np.float32)
+    whole = np.zeros(len(jobs), bool)
+    for b, job in enumerate(jobs):
+        if job.dense is None:
+            continue
+        d = np.asarray(job.dense, np.float32).reshape(-1)
+        if d.size == dense_dim:
+            per_job[b], whole[b] = d, True
+        elif d.size == user:
+            per_job[b, :user] = d
+        else:
+            raise ValueError(f"job dense has {d.size} values; the model takes {dense_dim} "
+                             f"({user} user-side + {tail.shape[1]} item-side)")
+    out = per_job[job_of_row]
+    add = ~whole[job_of_row]
+    out[add, user:] = tail[add]
+    return out
+
+
 def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibrator,
-               user_slot: str = "user_id", item_slot: str = "item_id", bf16: bool = False) -> list[np.ndarray]:
-    """Calibrated click probabilities for every job's items (float32[N_j] per job)."""
+               user_slot: str = "user_id", item_slot: str = "item_id", bf16: bool = False,
+               items: ItemSource | None = None) -> list[np.ndarray]:
+    """Calibrated click probabilities for every job's items (float32[N_j] per job); ``items``
+    fills the item-side features of every candidate (see the module docstring)."""
     counts = np.fromiter((j.items.shape[0] for j in jobs), np.int64, len(jobs))
     total = int(counts.sum())
-    job_of_row = torch.from_numpy(np.repeat(np.arange(len(jobs)), counts))
+    job_rows = np.repeat(np.arange(len(jobs)), counts)
+    job_of_row = torch.from_numpy(job_rows)
     user_ids = np.fromiter((j.user_id for j in jobs), np.int64, len(jobs))
     cfg = model.tower.cfg
-    feeds = {slot: (np.concatenate([j.items for j in jobs]).astype(np.int64, copy=False), None) if slot == item_slot
-             else _job_bags(jobs, slot, user_ids if slot == user_slot else None) for slot in cfg.slots}
+    all_items = np.concatenate([j.items for j in jobs]).astype(np.int64, copy=False)
+    per_row = _item_slots(model, jobs, items, user_slot, item_slot)
+    tail_width = item_dense_width(model, items)
+    if tail_width and all(j.dense is not None and j.dense.size == cfg.dense_dim for j in jobs):
+        tail_width = 0  # every call sent the whole dense vector itself
+    catalog = items.rows(all_items, per_row, tail_width > 0) if per_row or tail_width else None
+    feeds = {}
+    for slot in cfg.slots:
+        if slot == item_slot:
+            feeds[slot] = (all_items, None)
+        elif slot in per_row:
+            feeds[slot] = _row_bags(jobs, slot, counts, catalog.sparse[slot])
+        else:
+            feeds[slot] = _job_bags(jobs, slot, user_ids if slot == user_slot else None)
     table = _prefetched(model.table, {slot: ids for slot, (ids, _) in feeds.items()})
     queries = [(slot, ids, lengths) for slot, (ids, lengths) in feeds.items()]
-    per_job_dense = None
-    if cfg.dense_dim:
-        per_job_dense = np.stack([np.zeros(cfg.dense_dim, np.float32) if j.dense is None
-                                  else np.asarray(j.dense, np.float32) for j in jobs])
-    probs = _score_in_one_call(model, table, queries, job_of_row, per_job_dense, calibrator, bf16)
+    row_bags = None if catalog is None else [slot in per_row for slot in feeds]
+    dense = None  # per job (plain path) or per row (with the catalog's dense tail)
+    if cfg.dense_dim and tail_width:
+        dense = _row_dense(jobs, cfg.dense_dim, catalog.dense, job_rows)
+    elif cfg.dense_dim:
+        dense = np.stack([np.zeros(cfg.dense_dim, np.float32) if j.dense is None
+                          else np.asarray(j.dense, np.float32) for j in jobs])
+        if catalog is not None:  # the per-row forward takes per-row dense
+            dense = dense[job_rows]
+    probs = _score_in_one_call(model, table, queries, job_of_row, dense, calibrator, bf16, row_bags)
     if probs is None:  # remote table or GPU: the same maths in steps
         with torch.no_grad():
             read = _read(table, queries, cfg.pooling)
-            # The item slot has one row per candidate; request-level bags are broadcast to theirs.
-            pooled = [v if lengths is None else v.index_select(0, job_of_row)
-                      for v, (_, lengths) in zip(read, feeds.values())]
+            # The item slot (and item-side slots) have one row per candidate; request-level bags
+            # are broadcast to theirs.
+            pooled = [v if lengths is None or (row_bags is not None and row_bags[i]) else v.index_select(0, job_of_row)
+                      for i, (v, (_, lengths)) in enumerate(zip(read, feeds.values()))]
             emb = torch.stack(pooled, dim=1).float() if pooled else torch.zeros(total, 0, cfg.embedding_dim)
-            dense = None if per_job_dense is None else torch.from_numpy(per_job_dense).index_select(0, job_of_row)
-            probs = calibrator.probabilities(_tower_logits(model, emb, dense, bf16)).numpy()
+            dense_t = None
+            if dense is not None:
+                dense_t = torch.from_numpy(dense)
+                if catalog is None:
+                    dense_t = dense_t.index_select(0, job_of_row)
+            probs = calibrator.probabilities(_tower_logits(model, emb, dense_t, bf16)).numpy()
     return np.split(probs, np.cumsum(counts)[:-1])
 
 

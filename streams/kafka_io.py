@@ -36,15 +36,25 @@ class Topics:
     params: str
     dlq: str
     late: str
+    items: str  # item-side features, one message per item id (compacted): streams.item_features
 
     def all(self) -> list[str]:
-        return [self.impressions, self.actions, self.examples, self.params, self.dlq, self.late]
+        return [getattr(self, short) for short in _SHORT_NAMES]
+
+
+_SHORT_NAMES = ("impressions", "actions", "examples", "params", "dlq", "late", "items")
+
+# Topic configs set at creation (others get the broker's defaults). hw.items is compacted and
+# never expires by time or size: it is the catalog of every item's current features, and a
+# serving replica rebuilds its catalog by reading it from the beginning.
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    "items": {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"},
+}
 
 
 def topic_names(prefix: str = "hw") -> Topics:
     """``<prefix>.impressions`` etc.; a fresh prefix gives a fresh, isolated set of topics."""
-    return Topics(*(f"{prefix}.{t}" for t in
-                    ("impressions", "actions", "examples", "params", "dlq", "late")))
+    return Topics(*(f"{prefix}.{t}" for t in _SHORT_NAMES))
 
 
 @dataclass
@@ -86,6 +96,7 @@ def create_topics(cfg: KafkaConfig, partitions: dict[str, int] | int = 1,
     """Creates the topic set of ``prefix`` (existing topics are left as they are).
 
     ``partitions`` is one count for all, or per short name (``{"impressions": 4}``, rest 1).
+    Topics with an entry in :data:`TOPIC_CONFIGS` (``items``: compacted) are created with it.
     """
     topics = topic_names(prefix if prefix is not None else cfg.topic_prefix)
     counts = partitions if isinstance(partitions, dict) else {}
@@ -93,10 +104,8 @@ def create_topics(cfg: KafkaConfig, partitions: dict[str, int] | int = 1,
     admin = admin_client(cfg)
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, counts.get(short, default), 1)
-               for short, name in zip(("impressions", "actions", "examples", "params", "dlq", "late"),
-                                      topics.all())
-               if name not in existing]
+        new = [NewTopic(name, counts.get(short, default), 1, topic_configs=TOPIC_CONFIGS.get(short, {}))
+               for short, name in zip(_SHORT_NAMES, topics.all()) if name not in existing]
         if new:
             try:
                 admin.create_topics(new)

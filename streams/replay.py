@@ -1,10 +1,12 @@
-"""Sources that push events to Kafka: CSV replay, the synthetic generator, JSON lines.
+"""Sources that push events to Kafka: log replay, the synthetic generator, JSON lines.
 
-CSV format: header ``user_id,item_id,label,ts`` plus optional feature columns. ``ts`` is event time
-in ms since the epoch (values below 1e11 are taken as seconds). Rows of one user at one ``ts``
-form one request (one impression message listing its items); ``label`` 1 adds a click at
-``ts + 1 ms``. Extra columns: ``dense_*`` become dense features, any other column an item
-sparse slot of one id. Rows are replayed in event-time order (stable for equal times).
+A log (CSV, CSV.GZ or Parquet) has user, item, label and time columns (names configurable;
+defaults ``user_id,item_id,label,ts``) plus any feature columns, described by a schema that is
+inferred and can be overridden by a TOML file (:mod:`streams.log_schema`). Time is epoch seconds,
+epoch ms (numbers below 1e11 are seconds) or ISO-8601. Rows of one user at one time form one
+request (one impression listing its items); label 1 adds a click at ``ts + 1 ms``. Rows are
+replayed in event-time order (stable for equal times). Bad rows stop the replay before anything
+is sent, or go to ``hw.dlq`` with their reason (``on_bad_row = "dead-letter"``).
 """
 
 from __future__ import annotations
@@ -17,70 +19,78 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
-import numpy as np
-
 from streams import metrics
-from streams.events import (Action, Impression, SchemaError, Watermark, encode_actions,
-                            encode_event, encode_impression, event_from_json)
+from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark, encode_actions,
+                            encode_dead_letter, encode_event, encode_impression, event_from_json)
+from streams.item_features import ItemFeaturePublisher
 from streams.kafka_io import BatchProducer, Topics
+from streams.log_infer import schema_for
+from streams.log_reader import ON_BAD_ROW, BadRow, EncodedLog, encode_log, log_requests, source_name
+from streams.log_schema import LogSchema
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ReplayConfig:
-    """Configuration of ``headwater replay FILE.csv``."""
+    """Configuration of ``headwater replay FILE`` (CSV, CSV.GZ or Parquet)."""
 
     bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"help": "Kafka bootstrap servers"})
     topic_prefix: str = field(default="hw", metadata={"help": "topic name prefix"})
     speed: float = field(default=0.0, metadata={"help": "event-time speed-up (2 = twice real time; 0 = max)"})
     final_watermark: bool = field(default=True, metadata={"help": "send an end-of-stream watermark"})
+    schema: str = field(default="", metadata={
+        "help": "TOML schema file (`headwater replay --inspect FILE` prints one to edit); its column "
+                "kinds and sides win over inference; columns it omits are inferred"})
+    user_col: str = field(default="", metadata={"help": "user column (default: the schema's, else user_id)"})
+    item_col: str = field(default="", metadata={"help": "item column (default: the schema's, else item_id)"})
+    label_col: str = field(default="", metadata={
+        "help": "label column, 0/1 (default: the schema's, else label)"})
+    time_col: str = field(default="", metadata={
+        "help": "event-time column: epoch s, epoch ms or ISO-8601 (default: the schema's, else ts)"})
+    on_bad_row: str = field(default="error", metadata={
+        "help": "a bad row (cell count, label, time, empty id): 'error' stops before anything is "
+                "sent, naming file, line and column; 'dead-letter' sends it to <prefix>.dlq"})
+
+    def validate(self) -> None:
+        if self.on_bad_row not in ON_BAD_ROW:
+            raise ValueError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {self.on_bad_row!r}")
+        if self.speed < 0:
+            raise ValueError(f"speed must be >= 0, got {self.speed}")
+
+    def column_names(self) -> dict[str, str]:
+        """The reserved-column names given as flags (empty ones are left to the schema)."""
+        return {k: v for k, v in (("user_col", self.user_col), ("item_col", self.item_col),
+                                  ("label_col", self.label_col), ("time_col", self.time_col)) if v}
 
 
-def load_csv(path: str | Path) -> Iterator[tuple[Impression, list[Action]]]:
-    """Requests of a CSV file in event-time order; malformed files raise SchemaError with a line."""
-    try:
-        table = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8",
-                              invalid_raise=True)
-    except ValueError as exc:
-        raise SchemaError(f"{path}: {exc}") from None
-    table = np.atleast_1d(table)
-    names = table.dtype.names or ()
-    missing = {"user_id", "item_id", "label", "ts"} - set(names)
-    if missing:
-        raise SchemaError(f"{path}: missing columns {sorted(missing)}")
-    for col in ("user_id", "item_id", "label"):
-        if not np.issubdtype(table[col].dtype, np.integer):
-            raise SchemaError(f"{path}: column {col} must hold integers")
-    ts = table["ts"].astype(np.float64)
-    if np.isnan(ts).any():
-        raise SchemaError(f"{path}: empty or non-numeric ts at data row {int(np.isnan(ts).argmax()) + 1}")
-    ts_ms = np.where(ts < 1e11, ts * 1000, ts).astype(np.int64)
-    order = np.argsort(ts_ms, kind="stable")
-    dense_cols = [c for c in names if c.startswith("dense_")]
-    sparse_cols = [c for c in names if c not in ("user_id", "item_id", "label", "ts")
-                   and c not in dense_cols]
-    for c in sparse_cols:
-        if not np.issubdtype(table[c].dtype, np.integer):
-            raise SchemaError(f"{path}: feature column {c} must hold integer ids (or be named dense_*)")
-    stem = Path(path).stem
-    users, ts_sorted = table["user_id"][order], ts_ms[order]
-    # Request boundaries: a change of user or time between consecutive rows.
-    new = np.ones(len(order), bool)
-    new[1:] = (users[1:] != users[:-1]) | (ts_sorted[1:] != ts_sorted[:-1])
-    bounds = np.append(np.flatnonzero(new), len(order))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = table[order[a:b]]
-        user, t = int(rows["user_id"][0]), int(ts_sorted[a])
-        rid = f"{stem}:{user}:{t}:{a}"
-        items = rows["item_id"].tolist()
-        imp = Impression(rid, user, t, items,
-                         item_sparse={c: [[int(x)] for x in rows[c]] for c in sparse_cols},
-                         dense=(np.stack([rows[c] for c in dense_cols], 1).astype(float).tolist()
-                                if dense_cols else None))
-        clicks = [Action(rid, user, int(i), "click", 1.0, t + 1)
-                  for i, lab in zip(items, rows["label"].tolist()) if lab]
-        yield imp, clicks
+def log_schema(path: str | Path, cfg: ReplayConfig) -> LogSchema:
+    """The schema ``cfg`` reads ``path`` with: the schema file, flags, and inference for the rest."""
+    overrides = LogSchema.from_toml(cfg.schema) if cfg.schema else None
+    return schema_for(path, overrides, **cfg.column_names())
+
+
+def read_log(path: str | Path, cfg: ReplayConfig | None = None) -> EncodedLog:
+    """The log at ``path``, encoded (bad rows raise or are kept aside, per ``cfg.on_bad_row``)."""
+    cfg = cfg or ReplayConfig()
+    return encode_log(path, log_schema(path, cfg), cfg.on_bad_row)
+
+
+def load_requests(path: str | Path, cfg: ReplayConfig | None = None
+                  ) -> Iterator[tuple[Impression, list[Action]]]:
+    """Requests of a log in event-time order (bad rows raise :class:`SchemaError`)."""
+    return log_requests(read_log(path, cfg), source_name(path))
+
+
+def produce_dead_letters(bad_rows: list[BadRow], path: str | Path, producer: BatchProducer,
+                         topics: Topics) -> int:
+    """Sends each bad row to the dead-letter topic: reason with file, line and column; the
+    row's text as payload (``topic`` names the file, ``offset`` its line)."""
+    for b in bad_rows:
+        producer.send(topics.dlq, encode_dead_letter(DeadLetter(
+            b.message(path), str(path), 0, b.line, b.raw.encode())))
+    producer.flush()
+    return len(bad_rows)
 
 
 class Pacer:
@@ -105,13 +115,20 @@ class Pacer:
 def produce_requests(requests: Iterable[tuple[Impression, list[Action]]], producer: BatchProducer,
                      topics: Topics, speed: float = 0.0, final_watermark: bool = True,
                      stop: threading.Event | None = None,
-                     on_progress: Callable[[int], None] | None = None) -> int:
-    """Sends each request's impression and actions; returns the number of events produced."""
+                     on_progress: Callable[[int], None] | None = None,
+                     items: "ItemFeaturePublisher | None" = None) -> int:
+    """Sends each request's impression and actions; returns the number of events produced.
+
+    With ``items``, the shown items' item-side features go to ``hw.items`` first (only when
+    they changed), so serving holds the features training sees: no train/serve skew.
+    """
     pacer, events, last_t = Pacer(speed), 0, 0
     for imp, actions in requests:
         if stop is not None and stop.is_set():
             break
         pacer.wait_for(imp.event_time_ms, stop)
+        if items is not None:
+            items.observe(imp)
         producer.send(topics.impressions, encode_impression(imp))
         if actions:
             producer.send(topics.actions, encode_actions(actions))

@@ -27,8 +27,11 @@ class TrainerConfig:
     pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
     wide: bool = field(default=False, metadata={"help": "per-id logit weights (a column of each row)"})
     wide_scale: float = field(default=1.0, metadata={"help": "multiplier of the wide weights in the logit"})
-    counters: bool = field(default=False, metadata={
-        "help": "per-id click counters (two columns of each row) whose smoothed log-odds join the logit"})
+    counters: bool = field(default=True, metadata={
+        "help": "per-id click counters (the last two columns of each row: weighted positives and examples) whose smoothed log-odds join the logit"})
+    count_decay: float = field(default=0.95, metadata={
+        "help": "each new example of an id first multiplies its counters by this (1 = plain counts; "
+                "below 1 follows drifting rates)"})
     count_prior: float = field(default=5.0, metadata={"help": "pseudo-examples smoothing each id's count log-odds"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
@@ -76,6 +79,8 @@ class TrainerConfig:
             raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
         if self.dense_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dense_precision must be auto, fp32 or bf16, got {self.dense_precision!r}")
+        if not 0.5 <= self.count_decay <= 1.0:
+            raise ValueError(f"count_decay must be in [0.5, 1], got {self.count_decay}")
         if self.sparse_sync_interval_s <= 0 or self.dense_sync_interval_s <= 0:
             raise ValueError("sync intervals must be positive")
         if self.params_message_bytes < 4096:

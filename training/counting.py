@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["prior_counts", "example_increments"]
+__all__ = ["prior_counts", "example_increments", "decayed_counts"]
 
 
 def example_increments(label: np.ndarray, sample_rate: np.ndarray) -> np.ndarray:
@@ -60,3 +60,56 @@ def prior_counts(values: np.ndarray, lengths: np.ndarray, event_time_ms: np.ndar
     if mean:
         out /= np.maximum(lengths, 1)[:, None]
     return out.astype(np.float32)
+
+
+def decayed_counts(values: np.ndarray, lengths: np.ndarray, event_time_ms: np.ndarray,
+                   increments: np.ndarray, before: np.ndarray, decay: float,
+                   mean: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Counters that forget: each new occurrence of an id first multiplies its counts by ``decay``.
+
+    ``before`` float[m, k] holds each (row, id) pair's counters in the table before the batch
+    (pairs in ragged order). Returns ``(pooled, delta)``: float32[B, k], per row the pooled
+    counters its ids had when it was scored (decayed by the id's earlier occurrences in the
+    batch, plus their decayed increments; ties in event time do not see each other), and
+    float32[m, k], what to add to the table so that each id ends the batch with
+    ``decay^n * before + sum_i decay^(n-1-i) * increment_i`` over its n occurrences (all on
+    the id's last pair, zero elsewhere). ``decay = 1`` is plain counting.
+    """
+    n, k = len(lengths), increments.shape[1]
+    m = len(values)
+    pooled = np.zeros((n, k), np.float64)
+    delta = np.zeros((m, k), np.float64)
+    if m == 0:
+        return pooled.astype(np.float32), delta.astype(np.float32)
+    row = np.repeat(np.arange(n), lengths)
+    t = np.asarray(event_time_ms)[row]
+    order = np.lexsort((row, t, values))
+    ids_s, t_s, row_s = values[order], t[order], row[order]
+    new_id = np.ones(m, bool)
+    new_id[1:] = ids_s[1:] != ids_s[:-1]
+    idx = np.arange(m)
+    id_start = np.maximum.accumulate(np.where(new_id, idx, 0))
+    occ = (idx - id_start).astype(np.float64)  # occurrence number within the id, from 0
+    g = float(decay)
+    # sum_{i<k} g^(k-1-i) inc_i = g^(k-1) * sum_{i<k} g^-i inc_i; batches are short enough
+    # (k <= batch rows) for g^-k to stay finite in float64 at any sensible decay.
+    scaled = increments[row_s] * (g ** -occ)[:, None]
+    csum = np.cumsum(scaled, axis=0)
+    group_before = np.where(id_start[:, None] > 0, csum[id_start - 1], 0.0)
+    excl = csum - scaled - group_before
+    new_run = new_id.copy()
+    new_run[1:] |= t_s[1:] != t_s[:-1]
+    run_start = np.maximum.accumulate(np.where(new_run, idx, 0))
+    k_run = occ[run_start]
+    seen = (g ** k_run)[:, None] * before[order] + (g ** (k_run - 1))[:, None] * excl[run_start]
+    for c in range(k):
+        pooled[:, c] = np.bincount(row_s, weights=seen[:, c], minlength=n)
+    if mean:
+        pooled /= np.maximum(lengths, 1)[:, None]
+    last = np.ones(m, bool)
+    last[:-1] = new_id[1:]
+    total = occ[last] + 1
+    incl = (csum - group_before)[last]
+    final = (g ** total)[:, None] * before[order][last] + (g ** (total - 1))[:, None] * incl
+    delta[order[last]] = final - before[order][last]
+    return pooled.astype(np.float32), delta.astype(np.float32)

@@ -18,7 +18,7 @@ import torch
 
 from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
-from training.counting import example_increments, prior_counts
+from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
 from training.evaluation import PrequentialEvaluator
 from training.model import (DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
@@ -125,10 +125,9 @@ class Learner:
         now = self.clock() if now is None else now
         mc = self.model_cfg
         bags = lookup_slots(self.table, mc.slots, batch.sparse, n, mc.pooling, train=True, now=now)
-        increments = None
+        counter_deltas: list[torch.Tensor | None] = []
         if mc.counters:
-            increments = example_increments(batch.label, batch.sample_rate)
-            self._add_in_batch_counts(bags.emb, batch, increments)
+            counter_deltas = self._in_batch_counts(bags.emb, batch)
         t2 = time.perf_counter()
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
@@ -151,9 +150,8 @@ class Learner:
             if len(bags.ids[s]) == 0:
                 continue
             per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s], mc.pooling)
-            if increments is not None:  # counters add what each example saw, not a gradient
-                per_id[:, -2:] = torch.from_numpy(
-                    np.repeat(increments, bags.lengths[s].numpy(), axis=0).astype(np.float32))
+            if counter_deltas:  # counters take what the batch adds to them, not a gradient
+                per_id[:, -2:] = counter_deltas[s]
             self.table.apply_gradients(slot, bags.ids[s], per_id, now=now)
         t4 = time.perf_counter()
         self.times.lookup += t2 - t1
@@ -164,17 +162,27 @@ class Learner:
         self.examples_trained += n
         return n
 
-    def _add_in_batch_counts(self, emb: torch.Tensor, batch: Any, increments: np.ndarray) -> None:
-        """Adds to each row's counter columns what its ids saw earlier in this batch."""
+    def _in_batch_counts(self, emb: torch.Tensor, batch: Any) -> list[torch.Tensor | None]:
+        """Sets each row's counter columns to what its ids had seen when it was scored (the
+        table's counts, decayed and added to by the ids' earlier examples in this batch; see
+        :mod:`training.counting`); returns per slot the per-id additions for the table."""
         mc = self.model_cfg
+        increments = example_increments(batch.label, batch.sample_rate)
+        deltas: list[torch.Tensor | None] = []
         with torch.no_grad():
             for s, slot in enumerate(mc.slots):
                 bag = batch.sparse.get(slot)
                 if bag is None or len(bag.values) == 0:
+                    deltas.append(None)
                     continue
-                counts = prior_counts(np.asarray(bag.values, np.int64), np.asarray(bag.lengths),
-                                      batch.event_time_ms, increments, mean=mc.pooling == "mean")
-                emb[:, s, -2:] += torch.from_numpy(counts)
+                values = np.asarray(bag.values, np.int64)
+                before = self.table.lookup(slot, torch.from_numpy(values))[:, -2:].numpy()
+                pooled, delta = decayed_counts(values, np.asarray(bag.lengths), batch.event_time_ms,
+                                               increments, before.astype(np.float64),
+                                               self.cfg.count_decay, mean=mc.pooling == "mean")
+                emb[:, s, -2:] = torch.from_numpy(pooled)
+                deltas.append(torch.from_numpy(delta))
+        return deltas
 
     def logits(self, emb: torch.Tensor, dense: torch.Tensor | None,
                tower: torch.nn.Module | None = None) -> torch.Tensor:

@@ -150,7 +150,7 @@ class DenseTower(nn.Module):
         # reaching the embeddings, and pairwise affinity would be learned only through the MLP.
         self.fm_scale = nn.Parameter(torch.ones(())) if cfg.use_fm else None
         if cfg.counters:
-            self.count_weight = nn.Parameter(torch.ones(len(cfg.slots)))
+            self.count_weight = nn.Parameter(torch.full((len(cfg.slots),), 0.5))
             # The global click rate the count log-odds shrink toward (set from the first batch).
             self.register_buffer("prior_logit", torch.zeros(()))
 

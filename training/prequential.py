@@ -1,17 +1,26 @@
-"""Learning check without a broker: synthetic world -> example batches -> Learner, test-then-train.
+"""Learning check without a broker: example batches -> Learner (and baselines), test-then-train.
 
-The same examples the joiner would put on ``hw.examples`` (:meth:`SyntheticStream.examples`), fed
-straight to a :class:`~training.learner.Learner` in mini-batches, with the learner's prequential
-evaluator scoring every batch before the update. It answers "can our model learn this world in N
-events, and how close does it get to the ground truth?" in seconds, which is what tuning the model
-and the world needs; ``headwater demo`` then confirms it through Kafka and the joiner.
+One prequential loop, :func:`run_stream`, for every source of examples: the synthetic world
+(:meth:`SyntheticStream.examples`, the same examples the joiner would put on ``hw.examples``,
+see :func:`run_prequential`) or a real log (:func:`streams.log_reader.log_examples`, see
+:func:`run_log`). Each example goes once, in event-time order, in mini-batches of
+``cfg.batch_size``, to a fresh :class:`~training.learner.Learner` (scored by its own evaluator
+before the update) and to each online baseline (scored before it learns the row). It answers
+"can our model learn this stream, how close does it get to the truth, and does it beat simple
+online models on the very same examples?" in seconds; ``headwater demo`` then confirms it
+through Kafka and the joiner.
+
+Every model's scores are kept in stream order and measured the same way at the end, with the
+evaluator's :class:`~training.evaluation.BinnedAUC`: AUC and log loss over the whole run, and
+AUC over the last :data:`LAST_FRACTION` of the examples (by position in time order).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,14 +28,218 @@ import torch
 from streams.events import ExampleBatch
 from streams.generator import GeneratorConfig, SyntheticStream
 from training.config import TrainerConfig
+from training.dedup import SeenFilter
+from training.evaluation import BinnedAUC, PrequentialEvaluator
 from training.learner import Learner
 
-__all__ = ["LearningResult", "run_prequential"]
+if TYPE_CHECKING:
+    from streams.log_reader import EncodedLog
+    from training.baselines import OnlineBaseline
+
+__all__ = ["LAST_FRACTION", "Metrics", "StreamResult", "LearningResult", "run_stream",
+           "run_prequential", "run_log", "metrics_of"]
+
+LAST_FRACTION = 0.1  # "last window" of the stream figures: the last 10% of the examples
+
+
+@dataclass
+class Metrics:
+    """Prequential figures of one model over one run (NaN where undefined, e.g. one class)."""
+
+    auc_overall: float
+    auc_last_window: float
+    logloss: float
+
+    def to_dict(self) -> dict:
+        return {k: (None if math.isnan(v) else round(v, 4)) for k, v in
+                (("auc_overall", self.auc_overall), ("auc_last_window", self.auc_last_window),
+                 ("logloss", self.logloss))}
+
+
+def metrics_of(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+               last_fraction: float = LAST_FRACTION) -> Metrics:
+    """AUC and weighted log loss over all rows, AUC over the last ``last_fraction`` of them."""
+    overall, last = BinnedAUC(), BinnedAUC()
+    overall.update(logits, labels, weights)
+    tail = max(1, int(math.ceil(last_fraction * len(logits)))) if len(logits) else 0
+    last.update(logits[len(logits) - tail:], labels[len(logits) - tail:],
+                weights[len(logits) - tail:])
+    return Metrics(overall.auc(), last.auc(), overall.logloss())
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+class _RecordingEvaluator(PrequentialEvaluator):
+    """The learner's evaluator, also keeping the pre-update logits it is given (stream order)."""
+
+    def __init__(self, window_examples: int) -> None:
+        super().__init__(window_examples)
+        self.logits: list[np.ndarray] = []
+        self.rows = 0
+
+    def update(self, logits: np.ndarray, labels: np.ndarray, sample_rate: np.ndarray | None = None,
+               truth_p: np.ndarray | None = None) -> None:
+        self.logits.append(np.asarray(logits, np.float32).copy())
+        self.rows += len(self.logits[-1])
+        super().update(logits, labels, sample_rate, truth_p)
+
+
+@dataclass
+class StreamResult:
+    """What one prequential run over a stream measured, for the learner and each baseline."""
+
+    examples: int
+    learner: Metrics
+    truth: Metrics | None  # the hidden truth's figures on the same rows, where every row has it
+    baselines: dict[str, Metrics]
+    learner_seconds: float  # time inside Learner.train only
+    baseline_seconds: dict[str, float]
+    seconds: float  # the whole loop, reading the source included
+    positives_rate: float
+    evaluator: PrequentialEvaluator  # the learner's, with its eval_window windows
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.learner_seconds if self.learner_seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        """The bench's fields: learner figures at top level, baselines by name."""
+        out = {"examples": self.examples, **self.learner.to_dict(),
+               "examples_per_s": round(self.examples_per_s, 1),
+               "baselines": {k: m.to_dict() for k, m in self.baselines.items()},
+               "baseline_examples_per_s": {k: round(self.examples / s, 1) if s > 0 else None
+                                           for k, s in self.baseline_seconds.items()},
+               "positives_rate": round(self.positives_rate, 5), "seconds": round(self.seconds, 2)}
+        if self.truth is not None:
+            out["auc_truth_overall"] = self.truth.to_dict()["auc_overall"]
+            out["auc_truth_last_window"] = self.truth.to_dict()["auc_last_window"]
+        return out
+
+
+def _rebatch(batches: Iterable[ExampleBatch], size: int) -> Iterator[ExampleBatch]:
+    """Batches of exactly ``size`` rows in stream order (the last one may be shorter)."""
+    pending: list[ExampleBatch] = []
+    rows = 0
+    for b in batches:
+        if not len(b):
+            continue
+        pending.append(b)
+        rows += len(b)
+        if rows < size:
+            continue
+        batch = ExampleBatch.concat(pending) if len(pending) > 1 else pending[0]
+        full = len(batch) - len(batch) % size
+        for start in range(0, full, size):
+            yield batch.take(np.arange(start, start + size))
+        pending = [batch.take(np.arange(full, len(batch)))] if full < len(batch) else []
+        rows = len(batch) - full
+    if rows:
+        yield ExampleBatch.concat(pending)
+
+
+def run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
+               baselines: Sequence["OnlineBaseline"] = (),
+               on_batch: Callable[[ExampleBatch], None] | None = None) -> StreamResult:
+    """Feeds every example of ``batches`` once, in order, to a fresh learner and ``baselines``.
+
+    Duplicate example ids are dropped here, once, before any model sees the batch (the
+    learner's own de-dup then finds nothing to drop), so every model is scored on exactly the
+    same rows. ``on_batch`` is called with each source batch as it is read (progress).
+    """
+    threads = torch.get_num_threads()
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _run_stream(batches, cfg, baselines, on_batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tap(batches: Iterable[ExampleBatch], fn: Callable[[ExampleBatch], None] | None
+         ) -> Iterator[ExampleBatch]:
+    for b in batches:
+        if fn is not None:
+            fn(b)
+        yield b
+
+
+def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
+                baselines: Sequence["OnlineBaseline"],
+                on_batch: Callable[[ExampleBatch], None] | None) -> StreamResult:
+    t0 = time.perf_counter()
+    seen = SeenFilter(cfg.dedup_capacity, generations=2)
+    learner: Learner | None = None
+    recorder = _RecordingEvaluator(cfg.eval_window)
+    labels: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    truth: list[np.ndarray] = []
+    scores: dict[str, list[np.ndarray]] = {b.name: [] for b in baselines}
+    spent = {b.name: 0.0 for b in baselines}
+    learner_s = 0.0
+    for batch in _rebatch(_tap(batches, on_batch), cfg.batch_size):
+        keep = seen.filter_new(batch.example_id)
+        if not keep.all():
+            batch = batch.take(keep)
+        if not len(batch):
+            continue
+        if learner is None:
+            learner = Learner.for_batch(cfg, batch)
+            learner.evaluator = recorder
+        before = recorder.rows
+        t = time.perf_counter()
+        learner.train(batch)
+        learner_s += time.perf_counter() - t
+        if recorder.rows - before != len(batch):
+            raise RuntimeError("the learner scored a different number of rows than it was given")
+        for b in baselines:
+            t = time.perf_counter()
+            p = b.update(batch)
+            spent[b.name] += time.perf_counter() - t
+            scores[b.name].append(_logit(p).astype(np.float32))
+        labels.append(np.asarray(batch.label, np.float32))
+        weights.append(1.0 / np.clip(np.asarray(batch.sample_rate, np.float64), 1e-6, None))
+        truth.append(np.asarray(batch.truth_p, np.float32))
+    if learner is None:
+        raise ValueError("the stream held no examples")
+    y, w, tp = np.concatenate(labels), np.concatenate(weights), np.concatenate(truth)
+    truth_m = (metrics_of(_logit(tp), y, w) if len(tp) and not np.isnan(tp).any() else None)
+    return StreamResult(
+        examples=len(y), learner=metrics_of(np.concatenate(recorder.logits), y, w), truth=truth_m,
+        baselines={k: metrics_of(np.concatenate(v), y, w) for k, v in scores.items()},
+        learner_seconds=learner_s, baseline_seconds=spent, seconds=time.perf_counter() - t0,
+        positives_rate=float((w * y).sum() / w.sum()), evaluator=recorder)
+
+
+def run_log(log: "EncodedLog", source: str, cfg: TrainerConfig,
+            baselines: Sequence["OnlineBaseline"] = (),
+            on_progress: Callable[[int], None] | None = None) -> StreamResult:
+    """Every row of an encoded log, in event-time order, through :func:`run_stream`, as the
+    examples the joiner would build from it (:func:`streams.log_reader.log_examples`);
+    ``on_progress`` gets the rows read so far."""
+    from streams.log_reader import log_examples
+
+    read = 0
+
+    def count(b: ExampleBatch) -> None:
+        nonlocal read
+        read += len(b)
+        if on_progress is not None:
+            on_progress(read)
+
+    return run_stream(log_examples(log, source, cfg.batch_size), cfg, baselines, count)
 
 
 @dataclass
 class LearningResult:
-    """What a prequential run reached: the last full window's AUCs and the whole run's."""
+    """What a prequential run on the synthetic world reached.
+
+    ``auc_last_window``/``auc_truth_last_window`` here are the learner's last full
+    ``eval_window`` (as the trainer's evaluator reports them); ``stream`` holds the figures of
+    :class:`StreamResult`, the last window there being the last 10% of the examples.
+    """
 
     events: int
     examples: int
@@ -36,6 +249,7 @@ class LearningResult:
     auc_truth_overall: float
     seconds: float
     window_gaps: list[float]  # truth AUC - learner AUC per finished window, oldest first
+    stream: StreamResult | None = field(default=None, repr=False)
 
     @property
     def auc_gap(self) -> float:
@@ -53,52 +267,26 @@ class LearningResult:
 
 def run_prequential(world: GeneratorConfig, cfg: TrainerConfig, events: int,
                     block_requests: int = 256,
-                    on_progress: Callable[[int], None] | None = None) -> LearningResult:
-    """Streams ``events`` events of ``world`` (shown items + clicks) through a fresh learner."""
+                    on_progress: Callable[[int], None] | None = None,
+                    baselines: Sequence["OnlineBaseline"] = ()) -> LearningResult:
+    """Streams ``events`` events of ``world`` (shown items + clicks) through a fresh learner
+    (and ``baselines``); ``on_progress`` gets the events generated so far."""
     stream = SyntheticStream(world)
-    threads = torch.get_num_threads()
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
-    try:
-        return _run(stream, cfg, events, block_requests, on_progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(stream: SyntheticStream, cfg: TrainerConfig, events: int, block_requests: int,
-         on_progress: Callable[[int], None] | None) -> LearningResult:
-    learner: Learner | None = None
-    pending: list[ExampleBatch] = []
-    pending_rows = 0
     seen = 0
-    t0 = time.perf_counter()
 
-    def train(batch: ExampleBatch) -> None:
-        nonlocal learner
-        if learner is None:
-            learner = Learner.for_batch(cfg, batch)
-        learner.train(batch)
+    def blocks() -> Iterator[ExampleBatch]:
+        nonlocal seen
+        while seen < events:
+            block = stream.block(block_requests)
+            seen += stream.count_events(block)
+            yield stream.examples(block)
+            if on_progress is not None:
+                on_progress(seen)
 
-    while seen < events:
-        block = stream.block(block_requests)
-        seen += stream.count_events(block)
-        pending.append(stream.examples(block))
-        pending_rows += len(pending[-1])
-        if pending_rows >= cfg.batch_size:
-            batch = ExampleBatch.concat(pending)
-            for start in range(0, len(batch) - cfg.batch_size + 1, cfg.batch_size):
-                train(batch.take(np.arange(start, start + cfg.batch_size)))
-            rest = len(batch) % cfg.batch_size
-            pending = [batch.take(np.arange(len(batch) - rest, len(batch)))] if rest else []
-            pending_rows = rest
-        if on_progress is not None:
-            on_progress(seen)
-    if pending_rows:
-        train(ExampleBatch.concat(pending))
-    assert learner is not None
-    ev = learner.evaluator
+    res = run_stream(blocks(), cfg, baselines)
+    ev = res.evaluator
     last = ev.windows[-1] if ev.windows else ev.window.result(0)
     overall = ev.overall.result(-1)
-    return LearningResult(seen, learner.examples_trained, last.auc, last.truth_auc, overall.auc,
-                          overall.truth_auc, time.perf_counter() - t0,
-                          [w.truth_auc - w.auc for w in ev.windows])
+    return LearningResult(seen, res.examples, last.auc, last.truth_auc, overall.auc,
+                          overall.truth_auc, res.seconds,
+                          [w.truth_auc - w.auc for w in ev.windows], res)

@@ -73,7 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic)
     ps.start()
-    server = _server(cfg, ps, fleet).start()
+    catalog = _catalog(cfg, kafka)
+    server = _server(cfg, ps, fleet, catalog).start()
     steady_gc()
     console = Console(stderr=True)
     what = f"shard {ps_cfg.shard_index}/{ps_cfg.num_shards}" if cfg.role == "ps" else cfg.role
@@ -87,14 +88,28 @@ def _serve(args: argparse.Namespace) -> int:
                     return 1
                 model = ps.current()
                 if model is not None:
+                    items = "" if catalog is None else f", {len(catalog)} items in the hw.items catalog"
                     status.update(f"serving model {model.model_id} version {model.version}, "
-                                  f"freshness lag {ps.freshness_lag_ms() / 1000:.1f} s")
+                                  f"freshness lag {ps.freshness_lag_ms() / 1000:.1f} s{items}")
     finally:
         server.stop()
         ps.stop()
+        if catalog is not None:
+            catalog.stop()
         if fleet is not None:
             fleet.close()
     return 0
+
+
+def _catalog(cfg, kafka):
+    """The hw.items follower of a recommender (``--items``, default on); None for a PS shard."""
+    if not cfg.items or cfg.role == "ps":
+        return None
+    from serving.item_catalog import ItemCatalog, ItemCatalogConfig
+    from streams.kafka_io import topic_names
+
+    return ItemCatalog(ItemCatalogConfig(max_items=cfg.max_catalog_items), kafka.bootstrap_servers,
+                       topic_names(kafka.topic_prefix).items).start()
 
 
 def _supervise(argv: list[str], cfg, state_dir: str) -> int:
@@ -125,7 +140,7 @@ def _supervise(argv: list[str], cfg, state_dir: str) -> int:
     return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
 
 
-def _server(cfg, ps, fleet):
+def _server(cfg, ps, fleet, catalog=None):
     """The gRPC front of this role: Recommender (all, recommender) or ParameterServer (ps)."""
     from serving.ps_client import ShardedModelSource
     from serving.ps_service import PsServer, PsServerConfig
@@ -133,4 +148,4 @@ def _server(cfg, ps, fleet):
 
     if cfg.role == "ps":
         return PsServer(ps, PsServerConfig(host=cfg.host, port=cfg.port, workers=min(cfg.workers, 16)))
-    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet))
+    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet), items=catalog)

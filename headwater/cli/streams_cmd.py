@@ -38,8 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _metrics_flag(p)
     p.set_defaults(handler=_generate)
 
-    p = sub.add_parser("replay", help="replay a CSV (user_id,item_id,label,ts,...) in event-time order")
+    p = sub.add_parser("replay", help="replay a log (CSV, CSV.GZ or Parquet: user_id,item_id,label,ts,"
+                                      "features...) in event-time order")
     p.add_argument("file", type=Path)
+    p.add_argument("--inspect", action="store_true",
+                   help="print the inferred schema (TOML for --schema) and the log's counts; send nothing")
     add_config_args(p, ReplayConfig)
     p.set_defaults(handler=_replay)
 
@@ -131,25 +134,47 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from streams.events import SchemaError
+    from streams.item_features import ItemFeaturePublisher
     from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
-    from streams.replay import ReplayConfig, load_csv, produce_requests
+    from streams.log_reader import log_requests, source_name
+    from streams.log_schema import LogSchema, infer_schema, inspection_toml
+    from streams.replay import ReplayConfig, produce_dead_letters, produce_requests, read_log
 
     cfg = load_config(ReplayConfig, args, section="replay")
-    stop = stop_on_signals()
-    producer = BatchProducer(KafkaConfig(bootstrap_servers=cfg.bootstrap_servers))
     try:
-        with _progress() as progress:
-            task = progress.add_task("replaying", total=None)
-            events = produce_requests(
-                load_csv(args.file), producer, topic_names(cfg.topic_prefix), cfg.speed,
-                cfg.final_watermark, stop,
-                on_progress=lambda n: progress.update(task, description=f"{n} events"))
+        if args.inspect:
+            overrides = LogSchema.from_toml(cfg.schema) if cfg.schema else None
+            schema, stats = infer_schema(args.file, overrides, **cfg.column_names())
+            sys.stdout.write(inspection_toml(schema, stats))
+            return 0
+        encoded = read_log(args.file, cfg)  # every row checked before anything is sent
     except SchemaError as exc:
         log.error("%s", exc)
         return 2
+    stop = stop_on_signals()
+    topics = topic_names(cfg.topic_prefix)
+    producer = BatchProducer(KafkaConfig(bootstrap_servers=cfg.bootstrap_servers))
+    try:
+        dead = produce_dead_letters(encoded.bad_rows, args.file, producer, topics)
+        if dead:
+            log.warning("replay: %d bad rows of %s dead-lettered to %s", dead, args.file, topics.dlq)
+        schema = encoded.schema
+        items = (ItemFeaturePublisher(producer, topics.items, schema.item_slots(),
+                                      schema.item_dense_width())
+                 if schema.item_slots() or schema.item_dense_width() else None)
+        with _progress() as progress:
+            task = progress.add_task("replaying", total=None)
+            events = produce_requests(
+                log_requests(encoded, source_name(args.file)), producer, topics, cfg.speed,
+                cfg.final_watermark, stop,
+                on_progress=lambda n: progress.update(task, description=f"{n} events"),
+                items=items)
     finally:
         producer.close()
-    print_json({"events": events})
+    sent_items = items.sent if items is not None else 0
+    log.info("replay: %d rows, %d events sent, %d rows dead-lettered, %d item feature updates",
+             len(encoded), events, dead, sent_items)
+    print_json({"events": events, "dead_lettered": dead, "item_updates": sent_items})
     return 0
 
 

@@ -1,10 +1,13 @@
-"""The supervisor restarts crashed children and leaves no process behind when stopped."""
+"""The supervisor restarts crashed children, lets finite children end, and leaves no process
+behind when stopped."""
 
 import os
 import sys
 import time
 
-from headwater.supervisor import ChildSpec, Supervisor
+import pytest
+
+from headwater.supervisor import ChildFailed, ChildSpec, Supervisor
 
 
 def _alive(pid: int) -> bool:
@@ -49,3 +52,51 @@ def test_stop_kills_children_and_their_children(tmp_path):
     time.sleep(0.2)
     assert not _alive(child_pid)
     assert not _alive(grandchild)
+
+
+def _poll_for(sup: Supervisor, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sup.poll()
+        time.sleep(0.05)
+
+
+def test_finite_child_that_exits_0_is_done_not_restarted(tmp_path):
+    marker = tmp_path / "runs"
+    code = f"open({str(marker)!r}, 'a').write('x')"
+    sup = Supervisor([ChildSpec("job", [sys.executable, "-c", code], max_restarts=0, finite=True),
+                      ChildSpec("service", [sys.executable, "-c", "import time; time.sleep(600)"])],
+                     stop_timeout_s=2)
+    with sup:
+        deadline = time.monotonic() + 20
+        while not sup.done("job"):
+            sup.poll()  # must not raise: the job's exit 0 is its end, not a crash
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _poll_for(sup, 1.0)
+        assert sup.done("job") and not sup.done("service")
+    assert marker.read_text() == "x"  # ran once
+
+
+def test_finite_child_that_fails_is_a_crash(tmp_path):
+    marker = tmp_path / "runs"
+    code = f"open({str(marker)!r}, 'a').write('x'); import sys; sys.exit(2)"
+    log_file = tmp_path / "job.log"
+    sup = Supervisor([ChildSpec("job", [sys.executable, "-c", code], max_restarts=1, finite=True,
+                                log_file=log_file)])
+    with sup:
+        with pytest.raises(ChildFailed) as err:
+            _poll_for(sup, 20)
+    assert (err.value.name, err.value.code, err.value.log_file) == ("job", 2, log_file)
+    assert not sup.done("job")
+    assert marker.read_text() == "xx"  # first run + its one restart
+
+
+def test_service_child_that_exits_0_is_restarted(tmp_path):
+    marker = tmp_path / "runs"
+    code = f"open({str(marker)!r}, 'a').write('x')"
+    sup = Supervisor([ChildSpec("service", [sys.executable, "-c", code], max_restarts=2)])
+    with sup:
+        with pytest.raises(ChildFailed):
+            _poll_for(sup, 20)
+    assert marker.read_text() == "xxx"

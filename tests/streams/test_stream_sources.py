@@ -11,7 +11,8 @@ import pytest
 from streams.events import Action, Impression, SchemaError, Watermark, decode_event
 from streams.generator import GeneratorConfig, SyntheticStream
 from streams.kafka_io import BatchProducer, read_topic, topic_names
-from streams.replay import load_csv, produce_json_lines, produce_requests
+from streams.log_schema import feature_ids
+from streams.replay import ReplayConfig, load_requests, produce_json_lines, produce_requests
 
 
 def auc(p: np.ndarray, y: np.ndarray) -> float:
@@ -75,22 +76,27 @@ def write_csv(path, text):
 def test_csv_rows_become_requests_in_event_time_order(tmp_path):
     f = write_csv(tmp_path / "log.csv", "user_id,item_id,label,ts,genre,dense_age\n"
                   "1,10,0,2000,3,0.5\n2,20,1,1000,4,1.5\n1,11,1,2000,5,2.5\n")
-    reqs = list(load_csv(f))
+    schema = write_csv(tmp_path / "schema.toml", '[columns.genre]\nkind = "categorical"\n')
+    reqs = list(load_requests(f, ReplayConfig(schema=str(schema))))
     assert [(imp.user_id, imp.items, imp.event_time_ms) for imp, _ in reqs] == [
         (2, [20], 1_000_000), (1, [10, 11], 2_000_000)]  # ts in seconds -> ms
     imp, clicks = reqs[1]
-    assert imp.item_sparse == {"genre": [[3], [5]]} and imp.dense == [[0.5], [2.5]]
+    # genre (categorical by the schema file) is a hashed slot; dense_age is inferred numeric,
+    # standardised online (0 until two values were seen) with a missing indicator.
+    assert imp.item_sparse == {"genre": [feature_ids("genre", ["3"]).tolist(),
+                                         feature_ids("genre", ["5"]).tolist()]}
+    assert imp.dense == [[0.0, 0.0], [3.0, 0.0]]
     assert clicks == [Action(imp.request_id, 1, 11, "click", 1.0, 2_000_001)]
 
 
 @pytest.mark.parametrize("text, reason", [
     ("user_id,item_id,ts\n1,2,3\n", "missing columns"),
-    ("user_id,item_id,label,ts\n1,2,0,5\n1,2\n", "(?i)line #3"),
-    ("user_id,item_id,label,ts\n1,x,0,5\n", "integers"),
+    ("user_id,item_id,label,ts\n1,2,0,5\n1,2\n", "line 3, column 'label'"),
+    ("user_id,item_id,label,ts\n1,2,x,5\n", "line 2, column 'label'"),
 ])
 def test_malformed_csv_is_rejected_with_a_clear_error(tmp_path, text, reason):
     with pytest.raises(SchemaError, match=reason):
-        list(load_csv(write_csv(tmp_path / "bad.csv", text)))
+        list(load_requests(write_csv(tmp_path / "bad.csv", text)))
 
 
 def test_replay_produces_impressions_actions_and_a_final_watermark(kafka_topics, tmp_path):
@@ -98,7 +104,7 @@ def test_replay_produces_impressions_actions_and_a_final_watermark(kafka_topics,
                   "1,11,0,1700000000000\n2,12,0,1700000001000\n")
     topics = topic_names(kafka_topics.topic_prefix)
     producer = BatchProducer(kafka_topics)
-    assert produce_requests(load_csv(f), producer, topics) == 4  # 3 shown items + 1 click
+    assert produce_requests(load_requests(f), producer, topics) == 4  # 3 shown items + 1 click
     producer.close()
     imps = [decode_event(r.value) for r in read_topic(kafka_topics, topics.impressions, idle_s=0.5)]
     acts = [decode_event(r.value) for r in read_topic(kafka_topics, topics.actions, idle_s=0.5)]

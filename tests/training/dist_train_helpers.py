@@ -63,7 +63,7 @@ def make_learner(case: str):
     from training.learner import Learner, make_table, model_config_for
 
     cfg = TrainerConfig(embedding_dim=4, hidden=(8, 4), cross_layers=1, cross_rank=0, init_std=0.0,
-                        dense_lr=0.01, seed=3, slots=SLOTS, dense_precision="fp32",
+                        dense_lr=0.01, seed=3, slots=SLOTS, dense_precision="fp32", counters=False,
                         **CASES[case])  # fp32: the comparison is to 1e-4, below bf16's rounding
     return Learner(cfg, model_config_for(cfg, SLOTS, DENSE_DIM), make_table(cfg, SLOTS))
 

@@ -54,3 +54,35 @@ def test_counter_columns_add_their_input_and_the_optimizer_updates_only_the_weig
         after = table.lookup("u", torch.tensor([5, 9]))
         assert torch.equal(after[:, 2:], torch.tensor([[1.0, 2.0], [0.0, 4.0]])), opt
         assert not torch.equal(after[:, :2], before[[0, 2], :2]), opt
+
+
+def test_decayed_counts_equal_a_per_example_loop_with_forgetting():
+    from training.counting import decayed_counts
+
+    rng = np.random.default_rng(1)
+    n, g = 50, 0.9
+    lengths = rng.integers(0, 3, n).astype(np.int32)
+    values = rng.integers(0, 5, int(lengths.sum())).astype(np.int64)
+    times = np.sort(rng.integers(0, 25, n))
+    inc = example_increments(rng.integers(0, 2, n).astype(np.float32), np.ones(n, np.float32))
+    table = {i: rng.random(2) * 3 for i in range(5)}
+    before = np.stack([table[int(i)] for i in values])
+    pooled, delta = decayed_counts(values, lengths, times, inc, before, g)
+    # Reference: walk the rows in time order; rows of one time are scored, then all applied.
+    rows = np.repeat(np.arange(n), lengths)
+    state = {i: v.copy() for i, v in table.items()}
+    want = np.zeros((n, 2))
+    for t in np.unique(times):
+        batch_rows = np.flatnonzero(times == t)
+        for r in batch_rows:
+            for i in values[rows == r]:
+                want[r] += state[int(i)]
+        for r in batch_rows:
+            for i in values[rows == r]:
+                state[int(i)] = g * state[int(i)] + inc[r]
+    np.testing.assert_allclose(pooled, want, rtol=1e-5)
+    got_final = {i: table[i].copy() for i in table}
+    for i, d in zip(values, delta):
+        got_final[int(i)] += d
+    for i in table:
+        np.testing.assert_allclose(got_final[i], state[i], rtol=1e-5)

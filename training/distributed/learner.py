@@ -39,6 +39,8 @@ class ShardedLearner:
     """A :class:`Learner` whose table is one shard and whose tower trains under DDP."""
 
     def __init__(self, learner: Learner, rank: int, world_size: int) -> None:
+        if learner.model_cfg.counters:
+            raise ValueError("multi-rank training does not support per-id counters (counters=false)")
         self.learner = learner
         self.rank, self.world = rank, world_size
         self.timer = ExchangeTimer()

@@ -13,6 +13,7 @@ by each rank on its own clock; they need no agreement.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import threading
 import time
 from typing import Any, Callable
@@ -43,6 +44,11 @@ class DistributedTrainer(OnlineTrainer):
     """Rank ``env.rank`` of a multi-rank trainer (the process group must already be joined)."""
 
     def __init__(self, cfg: TrainerConfig, kafka: KafkaConfig, env: DistEnv) -> None:
+        if cfg.counters:
+            # In-batch counts are rank-local, which would break the equivalence with one process
+            # that this trainer keeps; the counter columns are single-process only for now.
+            log.warning("multi-rank training runs without per-id counters (counters=false)")
+            cfg = replace(cfg, counters=False)
         self.env = env
         self.rank, self.world = env.rank, env.world_size
         self.sl: ShardedLearner | None = None

@@ -1,0 +1,172 @@
+"""``headwater demo --dataset FILE``: what the demo settles before a replay and reports after it.
+
+Before: one schema for every process that reads the log. The replay, the joiner (which must
+expect the schema's dense width) and the baselines scored after the run must agree on the
+columns, so the demo reads the log once before anything starts: it infers the schema (the
+columns ``--schema`` does not describe), saves it complete under the data directory and hands
+that file to each of them; it counts the rows, so that the trainer's AUC window is a tenth of
+the good rows (its last window is then the log's last tenth, the span the learning bench calls
+``auc_last_window``); and it finds bad rows, so that ``--on-bad-row error`` fails at once.
+
+After: the summary of a log that went all the way through: the trainer's prequential figures
+over the whole log and its last tenth, the dead-lettered rows and messages, and the baselines
+(counting, Vowpal Wabbit) scored on the same file with the same schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headwater.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DatasetPlan", "prepare_dataset", "count_dead_letters", "examples_trained",
+           "dataset_summary", "score_baselines"]
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """The log the demo replays and what the processes reading it must agree on."""
+
+    path: Path
+    schema_path: Path  # given with --schema, or inferred and saved under the data directory
+    on_bad_row: str  # "error" | "dead-letter"
+    rows: int  # data rows in the file, bad ones (cell count, label, time, empty id) included
+    dense_dim: int  # width of an impression's dense features (the joiner checks it)
+    eval_window: int  # examples per trainer AUC window
+
+    def replay_args(self) -> list[str]:
+        """``headwater replay`` flags beyond the file and the Kafka settings."""
+        return ["--schema", str(self.schema_path), "--on-bad-row", self.on_bad_row]
+
+
+def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_window: int,
+                    data_dir: Path) -> DatasetPlan:
+    """One pass over the log: its schema (``schema``'s, inference for the columns it omits),
+    saved under ``data_dir`` for every reader, and its row counts; see the module docstring.
+
+    ``eval_window`` 0 means a tenth of the good rows. Raises :class:`SchemaError` for a log
+    that cannot be read, or that has bad rows while ``on_bad_row`` is ``"error"`` (before any
+    process starts, naming the first bad lines).
+    """
+    from streams.events import SchemaError
+    from streams.log_schema import LogSchema, infer_schema
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"[demo] --dataset {path}: no such file")
+    if schema is not None and not Path(schema).is_file():
+        raise ConfigError(f"[demo] --schema {schema}: no such file")
+    overrides = LogSchema.from_toml(schema) if schema is not None else None
+    sch, stats = infer_schema(path, overrides)
+    if stats.bad_rows and on_bad_row == "error":
+        raise SchemaError(f"{path}: {stats.bad_rows} bad rows ({'; '.join(stats.bad_examples)}); "
+                          "--on-bad-row dead-letter replays the rest")
+    schema_path = data_dir / "dataset-schema.toml"
+    schema_path.write_text(sch.to_toml())  # every column described: no reader infers again
+    good = stats.rows - stats.bad_rows
+    log.info("%s: %d rows (%d bad), schema in %s", path, stats.rows, stats.bad_rows, schema_path)
+    return DatasetPlan(path, schema_path, on_bad_row, stats.rows, len(sch.dense_names()),
+                       eval_window or max(1, good // 10))
+
+
+def count_dead_letters(bootstrap_servers: str, topic_prefix: str) -> int | None:
+    """Messages on the dead-letter topic: rows the replay refused (one message each) plus
+    messages the joiner or the trainer could not use; None when the broker does not answer."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    from headwater.demo_drain import log_end
+    from streams.kafka_io import topic_names
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                                 client_id="hw-demo-dlq")
+        try:
+            return sum(log_end(consumer, topic_names(topic_prefix).dlq).values())
+        finally:
+            consumer.close()
+    except (KafkaError, TimeoutError) as exc:
+        log.warning("could not count the dead letters: %s", exc)
+        return None
+
+
+def examples_trained(checkpoint_dir: Path) -> int | None:
+    """Distinct examples in the trainer's newest checkpoint (None without one).
+
+    The joiner's output counter counts an example again when the joiner re-reads input it
+    could not commit (say, after it dropped out of its consumer group) and the trainer's
+    counters restart with its process; the checkpoint's count is de-duplicated and carried
+    across restarts, so it is the number of the log's examples learned from."""
+    from training.checkpoint import CheckpointStore
+
+    if not checkpoint_dir.is_dir():
+        return None
+    manifest = CheckpointStore(checkpoint_dir).latest()
+    return manifest.examples_trained if manifest is not None else None
+
+
+def dataset_summary(plan: DatasetPlan, last: dict, dead_letters: int | None, drained: bool,
+                    baselines: bool, examples: int | None) -> dict:
+    """The fields a replayed log adds to the demo's summary (``last``: the monitor's last row;
+    ``examples``: :func:`examples_trained`)."""
+    out: dict = {
+        **({"examples": examples} if examples is not None else {}),  # else the joiner's count
+        "dataset": str(plan.path),
+        "rows": plan.rows,
+        "drained": drained,
+        "dead_letters": dead_letters,
+        "auc_overall": _number(last.get("auc_overall")),
+        "logloss": _number(last.get("logloss_overall")),
+        "eval_window": plan.eval_window,
+    }
+    if baselines:
+        out["baselines"] = score_baselines(plan)
+    return out
+
+
+def score_baselines(plan: DatasetPlan) -> dict[str, dict]:
+    """Counting and Vowpal Wabbit on the log's good rows, scored as ``headwater bench learning
+    --dataset`` scores them: prequential, in event-time order, in the trainer's mini-batches,
+    each example id once, ``auc_last_window`` over the last tenth.
+
+    The bench's own entry point would also run the learner over the whole log again; the
+    trainer has just done that live, so only the baselines run here."""
+    from streams.log_reader import encode_log, log_examples, source_name
+    from streams.log_schema import LogSchema
+    from training.baselines import CountingBaseline, VowpalWabbitBaseline
+    from training.config import TrainerConfig
+    from training.dedup import SeenFilter
+    from training.prequential import metrics_of
+
+    cfg = TrainerConfig()
+    encoded = encode_log(plan.path, LogSchema.from_toml(plan.schema_path), on_bad_row="dead-letter")
+    models = [CountingBaseline(), VowpalWabbitBaseline()]
+    seen = SeenFilter(cfg.dedup_capacity, generations=2)
+    logits: dict[str, list[np.ndarray]] = {m.name: [] for m in models}
+    labels: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for batch in log_examples(encoded, source_name(plan.path), cfg.batch_size):
+        keep = seen.filter_new(batch.example_id)
+        batch = batch if keep.all() else batch.take(keep)
+        if not len(batch):
+            continue
+        for m in models:
+            p = np.clip(np.asarray(m.update(batch), np.float64), 1e-7, 1 - 1e-7)
+            logits[m.name].append(np.log(p) - np.log1p(-p))
+        labels.append(np.asarray(batch.label, np.float32))
+        weights.append(1.0 / np.clip(np.asarray(batch.sample_rate, np.float64), 1e-6, None))
+    if not labels:
+        return {}
+    y, w = np.concatenate(labels), np.concatenate(weights)
+    return {name: metrics_of(np.concatenate(v), y, w).to_dict() for name, v in logits.items()}
+
+
+def _number(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

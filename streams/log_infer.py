@@ -1,0 +1,169 @@
+"""Schema inference: one chunked pass over a log that counts what ``--inspect`` shows and guesses
+each feature column's kind and side (the rules are in :func:`streams.log_schema.infer_schema`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streams.log_schema import (ColumnSpec, ColumnStats, LogSchema, LogStats, INT_CELL,
+                                feature_ids)
+from streams.log_source import (RowChecks, check_columns, column_names, parse_core, parse_floats,
+                                read_chunks)
+
+log = logging.getLogger(__name__)
+
+MULTI_SHARE = 0.02  # a column is multi-valued when this share of its non-empty cells has a "|"
+CODE_DISTINCT = 20  # integer columns with at most this many distinct values are codes...
+CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
+_NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold")
+
+
+class _Constancy:
+    """Tracks, per column, whether its cell ever differs between two rows with the same key.
+
+    Keys seen so far stay in one sorted array with each tracked column's first value beside it,
+    so a chunk costs a sort of the chunk and a merge, never a Python loop over rows.
+    """
+
+    def __init__(self, columns: list[str]) -> None:
+        self.keys = np.zeros(0, np.int64)
+        self.values: dict[str, np.ndarray] = {c: np.zeros(0, np.int64) for c in columns}
+        self.varies: set[str] = set()
+
+    def update(self, keys: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
+        tracked = [c for c in self.values if c not in self.varies]
+        if not tracked or not len(keys):
+            return
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        same = sk[1:] == sk[:-1]
+        first = np.concatenate(([True], ~same))
+        uk = sk[first]
+        pos = np.searchsorted(self.keys, uk)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == uk[found]
+        for c in tracked:
+            v = values[c][order]
+            if (same & (v[1:] != v[:-1])).any() or (self.values[c][pos[found]] != v[first][found]).any():
+                self.varies.add(c)
+        new = ~found
+        if new.any():
+            at = pos[new]
+            self.keys = np.insert(self.keys, at, uk[new])
+            for c in self.values:
+                self.values[c] = np.insert(self.values[c], at, values[c][order][first][new]) \
+                    if c not in self.varies else self.values[c][:0]
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat()
+
+
+def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[str, Any]) -> LogSchema:
+    """The reserved names: the schema file's, then the flags'; checked against the log's header."""
+    given = {k: v for k, v in names.items() if v not in (None, "")}
+    unknown = set(given) - set(_NAME_KEYS)
+    if unknown:
+        raise TypeError(f"unknown schema names {sorted(unknown)}")
+    base = replace(overrides or LogSchema(), **given) if given else (overrides or LogSchema())
+    check_columns(path, base)
+    return base
+
+
+def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: Any) -> LogSchema:
+    """The schema to read ``path`` with: ``overrides`` as is when it describes every feature
+    column of the log (no pass over the data), else inferred with ``overrides`` winning."""
+    base = _names_schema(path, overrides, names)
+    described = {c.name for c in base.columns} | set(base.reserved())
+    if all(c in described for c in column_names(path)):
+        return base
+    return infer(path, overrides, 1 << 18, 100_000, names)[0]
+
+
+def infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, distinct_cap: int,
+          names: Mapping[str, Any]) -> tuple[LogSchema, LogStats]:
+    """See :func:`streams.log_schema.infer_schema`."""
+    base = _names_schema(path, overrides, names)
+    header = column_names(path)
+    reserved = set(base.reserved())
+    features = [c for c in header if c not in reserved]
+    stats = LogStats(columns={c: ColumnStats(c) for c in header})
+    distinct: dict[str, set] = {c: set() for c in header}
+    by_item, by_user = _Constancy(features), _Constancy(features)
+    positives = good = 0
+    t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for chunk in read_chunks(path, chunk_rows):
+        stats.rows += chunk.table.num_rows + len(chunk.invalid)
+        checks = RowChecks(chunk)
+        core = parse_core(chunk, base, checks)
+        bad_rows = chunk.invalid + checks.rows()
+        stats.bad_rows += len(bad_rows)
+        stats.bad_examples += [f"line {b.line}, column {b.column!r}: {b.reason}"
+                               for b in sorted(bad_rows, key=lambda b: b.line)][:5 - len(stats.bad_examples)]
+        ok = ~checks.bad
+        good += int(ok.sum())
+        positives += int(core.label[ok].sum())
+        if ok.any():
+            t_min, t_max = min(t_min, int(core.ts_ms[ok].min())), max(t_max, int(core.ts_ms[ok].max()))
+        hashed = {}
+        for c in header:
+            _count_column(stats.columns[c], chunk.table.column(c), distinct[c], distinct_cap)
+            if c in features and (c not in by_item.varies or c not in by_user.varies):
+                hashed[c] = feature_ids(c, chunk.table.column(c))[ok]
+        by_item.update(core.item_id[ok], hashed)
+        by_user.update(core.user_id[ok], hashed)
+    for c in header:
+        cs = stats.columns[c]
+        cs.distinct = len(distinct[c])
+        cs.varies_within_item, cs.varies_within_user = c in by_item.varies, c in by_user.varies
+    stats.label_rate = positives / good if good else float("nan")
+    if good:
+        stats.time_min, stats.time_max = _iso(t_min), _iso(t_max)
+    given = {c.name: c for c in base.columns}
+    specs = tuple(given.get(c) or _infer_column(stats.columns[c]) for c in features)
+    log.info("inferred the schema of %s: %d rows, %d bad, %d feature columns", path, stats.rows,
+             stats.bad_rows, len(specs))
+    return replace(base, columns=specs), stats
+
+
+def _count_column(cs: ColumnStats, col: pa.ChunkedArray, seen: set, cap: int) -> None:
+    col = pc.fill_null(col, "")  # null (CSV) and "" (Parquet) are both an empty cell
+    cs.cells += len(col)
+    cs.empty += int(pc.sum(pc.equal(col, "")).as_py() or 0)
+    uniques = pc.unique(col)
+    if not cs.distinct_capped:
+        seen.update(uniques.to_pylist())
+        cs.distinct_capped = len(seen) >= cap
+    nonempty = uniques.filter(pc.not_equal(uniques, ""))
+    if cs.numeric and len(nonempty):
+        values, bad = parse_floats(nonempty)
+        cs.numeric = not (bad.any() or np.isinf(values).any())
+    if cs.integer and len(nonempty):
+        cs.integer = bool(pc.all(pc.match_substring_regex(nonempty, INT_CELL)).as_py())
+    cs.with_separator += int(pc.sum(pc.match_substring(col, "|")).as_py() or 0)
+
+
+def _is_id_name(name: str) -> bool:
+    low = name.lower()
+    return low == "id" or low.endswith(("_id", "-id", " id")) or name.endswith(("Id", "ID"))
+
+
+def _infer_column(cs: ColumnStats) -> ColumnSpec:
+    """The rules of :func:`streams.log_schema.infer_schema`, on one column's counts."""
+    side = "user" if cs.varies_within_item else "item"
+    if cs.distinct <= 1:
+        return ColumnSpec(cs.name, "ignore", side)
+    if cs.with_separator >= MULTI_SHARE * max(1, cs.cells - cs.empty):
+        return ColumnSpec(cs.name, "multi", side)
+    values = cs.distinct - (1 if cs.empty else 0)  # distinct non-empty values
+    few = values <= CODE_DISTINCT and values <= CODE_SHARE * (cs.cells - cs.empty)
+    code = cs.integer and (few or _is_id_name(cs.name))
+    return ColumnSpec(cs.name, "numeric" if cs.numeric and not code else "categorical", side)

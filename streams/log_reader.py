@@ -1,0 +1,288 @@
+"""Encodes a whole interaction log into columns, and turns it into requests or training examples.
+
+:func:`encode_log` reads the file in chunks (see :mod:`streams.log_source`), hashes every
+categorical and multi-valued cell into feature ids (:func:`streams.log_schema.feature_ids`),
+sorts the rows by event time (stable) and standardises numeric columns online. Two views of the
+result feed the rest of the system and agree by construction:
+
+- :func:`log_requests` — impressions and clicks for Kafka (``headwater replay``): rows of one
+  user at one time form one request; label 1 is a click 1 ms after the impression;
+- :func:`log_examples` — the ExampleBatch rows the joiner would build from those requests (same
+  request ids, same example ids, sample rate 1), for broker-free benches and training.
+
+Request-level (user-side) slots travel once per request in ``Impression.user_sparse``, so they
+take the value of the request's first row; :class:`EncodedLog` stores them that way too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError, mix64, request_hash
+from streams.log_schema import ColumnSpec, LogSchema, feature_ids
+from streams.log_source import (BadRow, RawChunk, RowChecks, check_columns, parse_core,
+                                parse_floats, read_chunks, source_name)
+
+__all__ = ["EncodedLog", "BadRow", "encode_log", "log_requests", "log_examples", "request_ids",
+           "source_name"]
+
+log = logging.getLogger(__name__)
+
+ON_BAD_ROW = ("error", "dead-letter")
+Z_CLIP = 5.0  # standardised values are clipped: early rows see few values and a tiny spread
+
+
+@dataclass
+class EncodedLog:
+    """One whole log, encoded, sorted by event time (stable): one entry per usable row."""
+
+    user_id: np.ndarray  # int64[n]
+    item_id: np.ndarray  # int64[n]
+    label: np.ndarray  # float32[n] 0/1
+    ts_ms: np.ndarray  # int64[n]
+    truth_p: np.ndarray  # float32[n], NaN when unknown (for every row of its request)
+    sparse: dict[str, Ragged]  # every categorical/multi slot, one bag per row
+    dense: np.ndarray  # float32[n, len(schema.dense_names())], standardised online
+    source_line: np.ndarray  # int64[n] line (CSV) / row (Parquet) number
+    schema: LogSchema
+    bad_rows: list[BadRow] = field(default_factory=list)  # dead-lettered, in file order
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+
+def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
+               chunk_rows: int = 65536) -> EncodedLog:
+    """Reads and encodes the log at ``path`` (CSV, CSV.GZ or Parquet) with ``schema``.
+
+    A bad row (wrong number of cells, a label that is not 0/1, a time that does not parse, an
+    empty user or item, a numeric cell that is not a number): with ``on_bad_row="error"`` the
+    first one raises :class:`SchemaError` naming file, line and column; with ``"dead-letter"``
+    every one is kept in ``bad_rows`` and left out of the encoded rows.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    check_columns(path, schema)
+    features = [c for c in schema.columns if c.kind != "ignore"]
+    parts: dict[str, list] = {k: [] for k in ("user", "item", "label", "ts", "truth", "line")}
+    bags: dict[str, list[Ragged]] = {c.name: [] for c in features if c.kind != "numeric"}
+    raw: dict[str, list[np.ndarray]] = {c.name: [] for c in features if c.kind == "numeric"}
+    bad_rows: list[BadRow] = []
+    for chunk in read_chunks(path, chunk_rows):
+        checks = RowChecks(chunk)
+        core = parse_core(chunk, schema, checks)
+        encoded = {c.name: _encode_column(c, chunk, checks) for c in features}
+        found = sorted(chunk.invalid + checks.rows(), key=lambda b: b.line)
+        if found and on_bad_row == "error":
+            raise SchemaError(found[0].message(path))
+        bad_rows += found
+        keep = np.flatnonzero(~checks.bad)
+        for k, v in (("user", core.user_id), ("item", core.item_id), ("label", core.label),
+                     ("ts", core.ts_ms), ("truth", core.truth_p), ("line", chunk.line)):
+            parts[k].append(v[keep])
+        for name, value in encoded.items():
+            (bags[name] if name in bags else raw[name]).append(
+                value.take(keep) if isinstance(value, Ragged) else value[keep])
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    order = np.argsort(cat["ts"], kind="stable")
+    user, ts = cat["user"].astype(np.int64)[order], cat["ts"].astype(np.int64)[order]
+    starts = _request_starts(user, ts)
+    first_row = np.repeat(starts[:-1], np.diff(starts))  # each row's request's first row
+    sparse = {}
+    for c in features:
+        if c.kind == "numeric":
+            continue
+        rag = _concat(bags[c.name]).take(order)
+        sparse[c.name] = rag.take(first_row) if c.side == "user" else rag
+    dense_cols = []
+    for name in schema.numeric_columns():
+        values = np.concatenate(raw[name]) if raw[name] else np.zeros(0)
+        dense_cols += list(standardise_online(values[order]))
+    n = len(order)
+    dense = np.stack(dense_cols, 1).astype(np.float32) if dense_cols else np.zeros((n, 0), np.float32)
+    truth = cat["truth"].astype(np.float32)[order]
+    unknown = np.isnan(truth)
+    if unknown.any():  # an impression carries truth for all of its items or for none
+        per_request = np.add.reduceat(unknown, starts[:-1]) > 0 if n else np.zeros(0, bool)
+        truth[np.repeat(per_request, np.diff(starts))] = np.nan
+    bad_rows.sort(key=lambda b: b.line)
+    if bad_rows:
+        log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
+                    bad_rows[0].message(path))
+    return EncodedLog(user, cat["item"].astype(np.int64)[order], cat["label"].astype(np.float32)[order],
+                      ts, truth, sparse, dense, cat["line"].astype(np.int64)[order], schema, bad_rows)
+
+
+def _encode_column(c: ColumnSpec, chunk: RawChunk, checks: RowChecks) -> Ragged | np.ndarray:
+    col = chunk.table.column(c.name)
+    if c.kind == "categorical":
+        ids = feature_ids(c.name, col)
+        return Ragged(ids, np.ones(len(ids), np.int32))
+    if c.kind == "multi":
+        return multi_ids(c.name, col, c.separator)
+    values, bad = parse_floats(col)
+    bad |= np.isinf(values)
+    checks.add(bad, c.name, lambda i: f"{col[i].as_py()!r} is not a finite number")
+    return values
+
+
+def multi_ids(slot: str, col: pa.ChunkedArray | pa.Array, separator: str = "|") -> Ragged:
+    """One bag of ids per cell: the cell split on ``separator``, tokens trimmed, empty tokens
+    dropped; a cell with no token is one "" (the slot's missing id)."""
+    col = pc.fill_null(col, "")
+    lists = pc.split_pattern(col, separator)
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    n = len(lists)
+    counts = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    tokens = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+    row = np.repeat(np.arange(n), counts)
+    kept = pc.not_equal(tokens, "").to_numpy(zero_copy_only=False)
+    lengths = np.bincount(row[kept], minlength=n)
+    none = np.flatnonzero(lengths == 0)
+    ids = np.concatenate([feature_ids(slot, tokens.filter(pa.array(kept))),
+                          np.full(len(none), feature_ids(slot, [""])[0], np.int64)])
+    rows = np.concatenate([row[kept], none])
+    lengths[none] = 1
+    return Ragged(ids[np.argsort(rows, kind="stable")], lengths.astype(np.int32))
+
+
+def standardise_online(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(standardised value, missing indicator) of a numeric column in event-time order.
+
+    Row t uses the mean and standard deviation of the non-missing values of rows before it (no
+    look-ahead), 0 until two values were seen or while they are all equal; clipped to
+    ``±Z_CLIP``. A missing (NaN) cell is 0 with indicator 1. Sums run relative to the first
+    value so the variance keeps its precision over millions of rows.
+    """
+    seen = ~np.isnan(x)
+    if not seen.any():
+        return np.zeros(len(x), np.float32), np.ones(len(x), np.float32)
+    d = np.where(seen, x - x[seen][0], 0.0)
+    cnt = np.concatenate(([0], np.cumsum(seen)[:-1])).astype(np.float64)
+    s1 = np.concatenate(([0.0], np.cumsum(d)[:-1]))
+    s2 = np.concatenate(([0.0], np.cumsum(d * d)[:-1]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / cnt
+        std = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0))
+        z = (d - mean) / std
+    usable = seen & (cnt >= 2) & (std > 1e-12 * np.maximum(1.0, np.abs(mean)))
+    z = np.where(usable, np.clip(z, -Z_CLIP, Z_CLIP), 0.0)
+    return z.astype(np.float32), (~seen).astype(np.float32)
+
+
+def _concat(parts: list[Ragged]) -> Ragged:
+    if not parts:
+        return Ragged.empty(0)
+    return Ragged(np.concatenate([p.values for p in parts]).astype(np.int64, copy=False),
+                  np.concatenate([p.lengths for p in parts]).astype(np.int32, copy=False))
+
+
+def _request_starts(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """int64[r + 1]: first row of each request, then n. A request is a run of rows (in event
+    time order) with one user and one time."""
+    new = np.ones(len(user), bool)
+    new[1:] = (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])
+    return np.append(np.flatnonzero(new), len(user)).astype(np.int64)
+
+
+def request_ids(log: EncodedLog, source: str) -> tuple[np.ndarray, list[str]]:
+    """(request start rows int64[r + 1], request ids): ``source:user:time_ms:first_row``.
+
+    The one place request ids are made: both views of a log use it, so their example ids agree.
+    """
+    starts = _request_starts(log.user_id, log.ts_ms)
+    firsts = starts[:-1]
+    ids = [f"{source}:{u}:{t}:{a}" for u, t, a in
+           zip(log.user_id[firsts].tolist(), log.ts_ms[firsts].tolist(), firsts.tolist())]
+    return starts, ids
+
+
+def log_requests(log: EncodedLog, source: str, block_rows: int = 8192
+                 ) -> Iterator[tuple[Impression, list[Action]]]:
+    """The log as requests in event-time order: one impression per request, one click action
+    (at the impression's time + 1 ms) per row labelled 1."""
+    starts, ids = request_ids(log, source)
+    schema = log.schema
+    user_slots, item_slots = schema.user_slots(), schema.item_slots()
+    has_dense = log.dense.shape[1] > 0
+    r = 0
+    while r < len(ids):
+        # Python lists for a block of whole requests, converted once, then sliced per request.
+        r_end = int(np.searchsorted(starts, starts[r] + block_rows, side="right")) - 1
+        r_end = max(r_end, r + 1)
+        lo, hi = int(starts[r]), int(starts[r_end])
+        items = log.item_id[lo:hi].tolist()
+        labels = log.label[lo:hi].tolist()
+        dense = log.dense[lo:hi].tolist() if has_dense else None
+        truth = log.truth_p[lo:hi]
+        truth_list = truth.tolist()
+        bags = {s: _row_lists(log.sparse[s], lo, hi) for s in (*user_slots, *item_slots)}
+        for q in range(r, r_end):
+            a, b = int(starts[q]) - lo, int(starts[q + 1]) - lo
+            rid, user, t = ids[q], int(log.user_id[lo + a]), int(log.ts_ms[lo + a])
+            its = items[a:b]
+            imp = Impression(rid, user, t, its,
+                             item_sparse={s: bags[s][a:b] for s in item_slots},
+                             user_sparse={s: bags[s][a] for s in user_slots},
+                             dense=dense[a:b] if dense is not None else None,
+                             truth_p=None if np.isnan(truth[a]) else truth_list[a:b])
+            clicks = [Action(rid, user, i, "click", 1.0, t + 1)
+                      for i, y in zip(its, labels[a:b]) if y > 0]
+            yield imp, clicks
+        r = r_end
+
+
+def _row_lists(rag: Ragged, lo: int, hi: int) -> list[list[int]]:
+    off = rag.offsets
+    values = rag.values[off[lo]:off[hi]].tolist()
+    bounds = (off[lo:hi + 1] - off[lo]).tolist()
+    return [values[bounds[k]:bounds[k + 1]] for k in range(hi - lo)]
+
+
+def log_examples(log: EncodedLog, source: str, batch_rows: int = 65536) -> Iterator[ExampleBatch]:
+    """The examples the joiner builds from :func:`log_requests` (sample rate 1), in log order,
+    ``batch_rows`` rows per batch: same example ids, labels, slots and dense rows."""
+    n = len(log)
+    if n == 0:
+        return
+    starts, ids = request_ids(log, source)
+    counts = np.diff(starts)
+    req_hash = np.fromiter((request_hash(r) for r in ids), np.uint64, len(ids))
+    request_of_row = np.repeat(np.arange(len(ids)), counts)
+    with np.errstate(over="ignore"):
+        example_id = mix64(mix64(log.item_id.view(np.uint64)) ^ req_hash[request_of_row]).view(np.int64)
+    label = _joined_labels(log.label, log.item_id, request_of_row)
+    schema = log.schema
+    sparse = {"user_id": Ragged(log.user_id, np.ones(n, np.int32)),
+              "item_id": Ragged(log.item_id, np.ones(n, np.int32))}
+    for slot in (*sorted(schema.user_slots()), *sorted(schema.item_slots())):
+        sparse[slot] = log.sparse[slot]
+    full = ExampleBatch(example_id=example_id, user_id=log.user_id, item_id=log.item_id, label=label,
+                        sample_rate=np.ones(n, np.float32), event_time_ms=log.ts_ms, sparse=sparse,
+                        dense=log.dense, truth_p=log.truth_p)
+    for lo in range(0, n, batch_rows):
+        yield full.take(np.arange(lo, min(n, lo + batch_rows)))
+
+
+def _joined_labels(label: np.ndarray, items: np.ndarray, request_of_row: np.ndarray) -> np.ndarray:
+    """Labels as the joiner sets them: a click names an item, and the joiner labels that item's
+    first row in the request, so an item shown twice in one request is labelled once."""
+    order = np.lexsort((np.arange(len(items)), items, request_of_row))
+    r, i = request_of_row[order], items[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (r[1:] != r[:-1]) | (i[1:] != i[:-1])
+    if first.all():
+        return label.astype(np.float32, copy=True)
+    group_start = np.flatnonzero(first)
+    any_pos = np.maximum.reduceat(label[order], group_start)
+    out = np.zeros(len(label), np.float32)
+    out[order[group_start]] = any_pos
+    return out

@@ -1,0 +1,340 @@
+"""What the columns of an interaction log mean: kinds, sides, feature ids, and the TOML form.
+
+A log has four reserved columns (user, item, label, event time; names configurable) and an
+optional known click probability (``truth_col``). Every other column is described by a
+:class:`ColumnSpec`: its kind (categorical, multi-valued, numeric, or ignored) and its side
+(user-side features describe the request, item-side ones the item; serving keeps the latter per
+item). :func:`infer_schema` guesses both from the data; a TOML schema file overrides any part.
+
+Feature ids are a contract, the same in every process and run (Python's ``hash`` is not):
+``xxh64(slot + b"\\x1f" + value, seed=0)`` viewed as int64, see :func:`feature_ids`. User and
+item columns keep integer cells as their own ids so integer logs and Recommend's int64 ids stay
+meaningful; other cells are hashed with the column name as the slot (:func:`entity_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from streams.wire import SchemaError
+
+KINDS = ("categorical", "multi", "numeric", "ignore")
+SIDES = ("user", "item")
+POOLINGS = ("sum", "mean")
+RESERVED_SLOTS = ("user_id", "item_id")  # the joiner's own slots; no feature column may take them
+MISSING_SUFFIX = ":missing"
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One feature column: ``name`` is also its sparse slot (categorical/multi) or dense name."""
+
+    name: str
+    kind: str
+    side: str = "item"
+    pooling: str = "sum"  # multi only: how the model pools the bag ("sum" | "mean")
+    separator: str = "|"  # multi only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"column name must be a non-empty string, got {self.name!r}")
+        for attr, allowed in (("kind", KINDS), ("side", SIDES), ("pooling", POOLINGS)):
+            value = getattr(self, attr)
+            if value not in allowed:
+                raise SchemaError(f"column {self.name!r}: unknown {attr} {value!r} "
+                                  f"(one of {', '.join(allowed)})")
+        if not isinstance(self.separator, str) or not self.separator:
+            raise SchemaError(f"column {self.name!r}: separator must be a non-empty string")
+
+
+_TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold")
+_COLUMN_KEYS = ("kind", "side", "pooling", "separator")
+
+
+@dataclass(frozen=True)
+class LogSchema:
+    """The reserved column names and one :class:`ColumnSpec` per feature column, in log order."""
+
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    label_col: str = "label"
+    time_col: str = "ts"
+    truth_col: str = "truth_p"  # optional known click probability; never a feature
+    positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
+    columns: tuple[ColumnSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        reserved = self.reserved()
+        if len(set(reserved)) != len(reserved):
+            raise SchemaError(f"user/item/label/time/truth columns must differ, got {reserved}")
+        seen: set[str] = set()
+        for c in self.columns:
+            if c.name in seen:
+                raise SchemaError(f"column {c.name!r} is described twice")
+            if c.name in reserved:
+                raise SchemaError(f"column {c.name!r} is a reserved column, not a feature")
+            if c.name in RESERVED_SLOTS and c.kind != "ignore":
+                raise SchemaError(f"column {c.name!r}: the slot name is taken by the user/item id")
+            seen.add(c.name)
+
+    def reserved(self) -> tuple[str, ...]:
+        return (self.user_col, self.item_col, self.label_col, self.time_col, self.truth_col)
+
+    def column(self, name: str) -> ColumnSpec | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    def _names(self, kinds: tuple[str, ...], side: str) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.kind in kinds and c.side == side)
+
+    def user_slots(self) -> tuple[str, ...]:
+        """Categorical and multi columns of the user side, in schema order."""
+        return self._names(("categorical", "multi"), "user")
+
+    def item_slots(self) -> tuple[str, ...]:
+        """Categorical and multi columns of the item side, in schema order."""
+        return self._names(("categorical", "multi"), "item")
+
+    def numeric_columns(self) -> tuple[str, ...]:
+        """Numeric columns in dense-layout order: user side first, then item side."""
+        return self._names(("numeric",), "user") + self._names(("numeric",), "item")
+
+    def dense_names(self) -> tuple[str, ...]:
+        """The dense layout (a contract): per numeric column, user side first, then item side,
+        ``"<col>"`` (its online-standardised value) then ``"<col>:missing"`` (1.0 when empty)."""
+        return tuple(n for c in self.numeric_columns() for n in (c, c + MISSING_SUFFIX))
+
+    def item_dense_width(self) -> int:
+        """Width of the item-side tail of the dense layout."""
+        return 2 * len(self._names(("numeric",), "item"))
+
+    # ------------------------------------------------------------------ TOML
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "LogSchema":
+        """Reads a schema file (the form :meth:`to_toml` writes); unknown keys or kinds raise."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SchemaError(f"{path}: {exc}") from None
+        return cls.from_mapping(data, str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], origin: str = "schema") -> "LogSchema":
+        unknown = set(data) - set(_TOP_KEYS) - {"columns"}
+        if unknown:
+            raise SchemaError(f"{origin}: unknown keys {sorted(unknown)} (known: {', '.join(_TOP_KEYS)}, "
+                              "[columns.NAME])")
+        top: dict[str, Any] = {}
+        for k in _TOP_KEYS:
+            if k in data:
+                v = data[k]
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) if k == "positive_threshold" \
+                    else isinstance(v, str) and v
+                if not ok:
+                    raise SchemaError(f"{origin}: {k} has a bad value {v!r}")
+                top[k] = float(v) if k == "positive_threshold" else v
+        cols = data.get("columns", {})
+        if not isinstance(cols, dict):
+            raise SchemaError(f"{origin}: columns must be a table of [columns.NAME] tables")
+        specs = []
+        for name, spec in cols.items():
+            if not isinstance(spec, dict):
+                raise SchemaError(f"{origin}: column {name!r} must be a table (kind = ...)")
+            bad = set(spec) - set(_COLUMN_KEYS)
+            if bad:
+                raise SchemaError(f"{origin}: column {name!r} has unknown keys {sorted(bad)}")
+            if "kind" not in spec:
+                raise SchemaError(f"{origin}: column {name!r} has no kind (one of {', '.join(KINDS)})")
+            try:
+                specs.append(ColumnSpec(name, **spec))
+            except SchemaError as exc:
+                raise SchemaError(f"{origin}: {exc}") from None
+        return cls(**top, columns=tuple(specs))
+
+    def to_toml(self, notes: Mapping[str, str] | None = None) -> str:
+        """The schema as TOML that :meth:`from_toml` reads back.
+
+        ``notes`` adds comment lines: under key ``""`` at the top, under a column name above
+        that column's table (``--inspect`` puts the counts there).
+        """
+        notes = notes or {}
+        out = [_comment(notes[""])] if notes.get("") else []
+        for k in _TOP_KEYS:
+            v = getattr(self, k)
+            if v is None:
+                out.append(f"# {k} = 4.0    # label = value >= threshold (default: label is 0/1)")
+            else:
+                out.append(f"{k} = {_toml_value(v)}")
+        for c in self.columns:
+            out.append("")
+            if notes.get(c.name):
+                out.append(_comment(notes[c.name]))
+            out.append(f"[columns.{_toml_key(c.name)}]")
+            out.append(f"kind = {_toml_value(c.kind)}")
+            out.append(f"side = {_toml_value(c.side)}")
+            if c.kind == "multi":
+                out.append(f"pooling = {_toml_value(c.pooling)}")
+                out.append(f"separator = {_toml_value(c.separator)}")
+        return "\n".join(out) + "\n"
+
+
+def _comment(text: str) -> str:
+    return "\n".join("# " + line if line else "#" for line in text.splitlines())
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        # TOML basic strings take JSON's escapes except surrogate pairs: keep non-ASCII literal.
+        return re.sub(r"[\x7f]", lambda m: f"\\u{ord(m.group()):04x}", json.dumps(v, ensure_ascii=False))
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_value(name)
+
+
+# ---------------------------------------------------------------------- feature ids
+def _as_strings(values: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray) -> pa.Array:
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return pc.fill_null(arr.cast(pa.string()), "")
+
+
+def _hash_unique(slot: str, uniques: list[str]) -> np.ndarray:
+    prefix = slot.encode() + b"\x1f"
+    h = xxhash.xxh64_intdigest
+    return np.fromiter((h(prefix + v.encode(), 0) for v in uniques), np.uint64, len(uniques)).view(np.int64)
+
+
+def feature_ids(slot: str, values: Sequence[str] | np.ndarray | pa.Array) -> np.ndarray:
+    """int64 ids of ``values`` in ``slot``: ``xxh64(slot.encode() + b"\\x1f" + value.encode(),
+    seed=0)`` viewed as int64. Each distinct value is hashed once; an empty value ("" or null)
+    is the slot's "missing" id."""
+    arr = _as_strings(values)
+    if len(arr) == 0:
+        return np.zeros(0, np.int64)
+    enc = arr.dictionary_encode()
+    ids = _hash_unique(slot, enc.dictionary.to_pylist())
+    return ids[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+INT_CELL = r"^[+-]?[0-9]{1,19}$"
+
+
+def entity_ids(column: str, values: Sequence[str] | np.ndarray | pa.Array) -> np.ndarray:
+    """int64 ids of user or item cells: an integer cell is its own id, any other cell
+    ``feature_ids(column, [cell])``. Empty cells are the caller's to reject."""
+    arr = _as_strings(values)
+    if len(arr) == 0:
+        return np.zeros(0, np.int64)
+    enc = arr.dictionary_encode()
+    uniques = enc.dictionary
+    ids = np.empty(len(uniques), np.int64)
+    is_int = pc.match_substring_regex(uniques, INT_CELL).to_numpy(zero_copy_only=False)
+    as_int = np.zeros(len(uniques), bool)
+    if is_int.any():
+        cells = uniques.filter(pa.array(is_int)).to_pylist()
+        parsed = [int(c) for c in cells]
+        fits = np.array([-(2**63) <= v < 2**63 for v in parsed], bool)
+        where = np.flatnonzero(is_int)
+        ids[where[fits]] = np.array([v for v, f in zip(parsed, fits) if f], np.int64)
+        as_int[where[fits]] = True
+    if not as_int.all():
+        rest = np.flatnonzero(~as_int)
+        ids[rest] = _hash_unique(column, uniques.take(pa.array(rest)).to_pylist())
+    return ids[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+# ---------------------------------------------------------------------- inference results
+@dataclass
+class ColumnStats:
+    """What one pass over the log saw in one column (``distinct`` is exact up to ``cap``)."""
+
+    name: str
+    distinct: int = 0
+    distinct_capped: bool = False  # True: at least ``distinct`` values (counting stopped)
+    cells: int = 0
+    empty: int = 0
+    with_separator: int = 0  # non-empty cells containing the multi-value separator
+    numeric: bool = True  # every non-empty cell parses as a finite float
+    integer: bool = True  # every non-empty cell is an integer
+    varies_within_item: bool = False
+    varies_within_user: bool = False
+
+    def describe(self, sides: bool = True) -> str:
+        d = f">= {self.distinct}" if self.distinct_capped else str(self.distinct)
+        extra = f", {self.with_separator} cells with a separator" if self.with_separator else ""
+        if not sides:
+            return f"distinct {d}, empty {self.empty}"
+        return (f"distinct {d}, empty {self.empty}{extra}; varies within an item: "
+                f"{'yes' if self.varies_within_item else 'no'}, within a user: "
+                f"{'yes' if self.varies_within_user else 'no'}")
+
+
+@dataclass
+class LogStats:
+    """Counts of one pass over a log: what ``headwater replay --inspect`` shows."""
+
+    rows: int = 0
+    bad_rows: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # the first few, "line N, column C: why"
+    columns: dict[str, ColumnStats] = field(default_factory=dict)
+    time_min: str | None = None  # ISO-8601, UTC
+    time_max: str | None = None
+    label_rate: float = float("nan")
+
+    def summary(self) -> str:
+        lines = [f"rows {self.rows}, bad rows {self.bad_rows}, label rate {self.label_rate:.4f}",
+                 f"time {self.time_min} .. {self.time_max}"]
+        lines += [f"bad: {b}" for b in self.bad_examples]
+        return "\n".join(lines)
+
+
+def inspection_toml(schema: LogSchema, stats: LogStats) -> str:
+    """The schema as editable TOML with the counts as comments (``headwater replay --inspect``)."""
+    notes = {"": "Inferred by headwater replay --inspect; edit and pass back with --schema FILE.\n"
+                 + stats.summary()}
+    for name, cs in stats.columns.items():
+        notes[name] = cs.describe()
+    reserved = "\n".join(f"{col}: {stats.columns[col].describe(sides=False)}" for col in schema.reserved()
+                         if col in stats.columns)
+    if reserved:
+        notes[""] += "\n" + reserved
+    return schema.to_toml(notes)
+
+
+def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_rows: int = 1 << 18,
+                 distinct_cap: int = 100_000, **names: str) -> tuple[LogSchema, LogStats]:
+    """Reads the whole log in chunks and infers every feature column's kind and side.
+
+    Rules, in order, for a column not named in ``overrides``:
+
+    - **ignore**: at most one distinct cell value (empty counts as a value), e.g. all empty;
+    - **multi**: at least 2% of its non-empty cells contain the separator ``|``;
+    - **numeric**: every non-empty cell parses as a finite float, unless it is a *code*: all
+      integers and either at most 20 distinct values that repeat (no more than 5% of the
+      non-empty cells: a rating, a position, an age bracket, a flag) or a name ending in ``id``
+      (``shop_id``, ``zipId``) -> categorical;
+    - **categorical**: anything else (strings, mixed cells).
+
+    Side: **item** if the column never varies within an item (the same cell on every row of an
+    item), else **user** (a user or request attribute, or per-event context).
+
+    ``overrides`` (a schema file) wins: its column specs replace inferred ones and its reserved
+    names are used. ``names`` sets ``user_col``/``item_col``/``label_col``/``time_col``/
+    ``truth_col``/``positive_threshold`` directly (flags; they win over the file).
+    """
+    from streams.log_infer import infer  # the reading half; this module stays data-only
+
+    return infer(path, overrides, chunk_rows, distinct_cap, names)
+

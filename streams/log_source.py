@@ -1,0 +1,365 @@
+"""Reads a log file in chunks of string columns, and parses the cells every row must have.
+
+CSV (``.csv``, ``.csv.gz`` and whatever else pyarrow detects by extension) streams through
+``pyarrow.csv.open_csv`` with every column read as a string, so an empty cell is explicit (null)
+and no column's type is guessed from its first block. Parquet streams through
+``ParquetFile.iter_batches``; its typed columns are turned into the same strings (timestamps as
+ISO-8601, lists joined with ``|``), so one code path handles both formats.
+
+Line numbers: a CSV row's number is its record number counting the header as 1 (the physical
+line unless a quoted cell holds a newline); a Parquet row's is its 1-based row index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from streams.log_schema import LogSchema, entity_ids
+from streams.wire import SchemaError
+
+_EPOCH_S_BELOW = 1e11  # a numeric time below this is epoch seconds, else epoch milliseconds
+
+
+@dataclass
+class BadRow:
+    """A row that cannot be used, with where and why (dead-lettered or raised)."""
+
+    line: int
+    column: str
+    reason: str
+    raw: str
+
+    def message(self, path: str | Path) -> str:
+        return f"{path}, line {self.line}, column {self.column!r}: {self.reason}"
+
+
+@dataclass
+class RawChunk:
+    """Consecutive rows of a log: every column as strings (null = empty cell)."""
+
+    table: pa.Table
+    line: np.ndarray  # int64 line (CSV) / row (Parquet) number of each row
+    invalid: list[BadRow]  # rows of this stretch the CSV parser rejected (wrong number of cells)
+
+
+def is_parquet(path: str | Path) -> bool:
+    return str(path).lower().endswith((".parquet", ".pq"))
+
+
+def column_names(path: str | Path) -> list[str]:
+    """The log's column names, from its header or Parquet schema, without reading the rows."""
+    if is_parquet(path):
+        try:
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        except (OSError, pa.ArrowException) as exc:
+            raise SchemaError(f"{path}: cannot read the Parquet schema: {exc}") from None
+    try:
+        with pa.input_stream(str(path), compression="detect") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            header = next(csv.reader(text), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SchemaError(f"{path}: cannot read the header: {exc}") from None
+    if not header:
+        raise SchemaError(f"{path}: the file is empty (no header line)")
+    if len(set(header)) != len(header):
+        raise SchemaError(f"{path}: duplicate column names in the header {header}")
+    return header
+
+
+def check_columns(path: str | Path, schema: LogSchema) -> list[str]:
+    """The log's header, after checking it has the reserved columns and the schema's columns."""
+    header = column_names(path)
+    missing = [c for c in (schema.user_col, schema.item_col, schema.label_col, schema.time_col)
+               if c not in header]
+    if missing:
+        raise SchemaError(f"{path}: missing columns {missing} (the log has {header})")
+    absent = [c.name for c in schema.columns if c.name not in header]
+    if absent:
+        raise SchemaError(f"{path}: the schema describes columns the log does not have: {absent}")
+    return header
+
+
+def source_name(path: str | Path) -> str:
+    """The file name without its log suffixes (``logs/may.csv.gz`` -> ``may``): request ids'
+    prefix, so replaying the same file gives the same ids wherever it lies."""
+    name = Path(path).name
+    for suffix in (".gz", ".bz2", ".zst", ".csv", ".tsv", ".parquet", ".pq"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def read_chunks(path: str | Path, chunk_rows: int = 65536) -> Iterator[RawChunk]:
+    """The log's rows in file order, about ``chunk_rows`` at a time (CSV splits by bytes)."""
+    if is_parquet(path):
+        yield from _parquet_chunks(path, chunk_rows)
+    else:
+        yield from _csv_chunks(path, chunk_rows)
+
+
+def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
+    names = column_names(path)
+    invalid: list[BadRow] = []
+
+    def on_invalid(row) -> str:
+        # Called while a block is parsed, before its batch is yielded (use_threads=False).
+        if row.actual_columns < row.expected_columns:
+            column = names[row.actual_columns]
+            why = f"{row.actual_columns} cells, the header has {row.expected_columns} (no {column!r})"
+        else:
+            column = f"#{row.expected_columns + 1}"
+            why = f"{row.actual_columns} cells, the header has {row.expected_columns}"
+        invalid.append(BadRow(int(row.number or 0), column, why, row.text))
+        return "skip"
+
+    try:
+        reader = pa_csv.open_csv(
+            str(path),
+            read_options=pa_csv.ReadOptions(use_threads=False, block_size=_block_size(path, chunk_rows)),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                  strings_can_be_null=True))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SchemaError(f"{path}: {exc}") from None
+    good = 0  # good rows before this chunk
+    skipped: list[int] = []  # good rows before each rejected line, sorted (see below)
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except pa.ArrowInvalid as exc:
+            raise SchemaError(f"{path}: {exc}") from None
+        # Record k (0-based, good rows only) sits at line k + 2 + (rejected lines before it).
+        # A rejected line at L had L - 2 - i good rows before it (i: rejected lines before it).
+        for bad in invalid:
+            skipped.append(bad.line - 2 - len(skipped))
+        chunk_invalid, invalid[:] = list(invalid), []
+        k = np.arange(good, good + batch.num_rows, dtype=np.int64)
+        lines = k + 2 + np.searchsorted(np.asarray(skipped, np.int64), k, side="right")
+        good += batch.num_rows
+        yield RawChunk(pa.Table.from_batches([batch]), lines, chunk_invalid)
+    if invalid:  # rejected rows after the last good one
+        yield RawChunk(pa.Table.from_batches([], reader.schema), np.zeros(0, np.int64), list(invalid))
+
+
+def _block_size(path: str | Path, chunk_rows: int) -> int:
+    """Bytes per CSV block so a block holds about ``chunk_rows`` rows (from the first 64 KiB)."""
+    with pa.input_stream(str(path), compression="detect") as raw:
+        sample = raw.read(1 << 16)
+    per_row = max(8, len(sample) // max(1, sample.count(b"\n")))
+    return int(min(max(per_row * chunk_rows, 1 << 16), 1 << 30))
+
+
+def _parquet_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
+    first = 1
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"{path}: {exc}") from None
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (OSError, pa.ArrowException) as exc:
+            raise SchemaError(f"{path}, row {first}: {exc}") from None
+        table = pa.Table.from_batches([batch])
+        cols = [_as_string_column(table.column(i)) for i in range(table.num_columns)]
+        lines = np.arange(first, first + table.num_rows, dtype=np.int64)
+        first += table.num_rows
+        yield RawChunk(pa.table(cols, names=table.column_names), lines, [])
+
+
+def _as_string_column(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    t = col.type
+    if pa.types.is_string(t):
+        return col
+    if pa.types.is_dictionary(t):
+        return _as_string_column(col.cast(t.value_type))
+    if pa.types.is_boolean(t):
+        return col.cast(pa.int8()).cast(pa.string())
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = pa.list_(pa.string())
+        return pc.binary_join(col.cast(inner), "|")
+    if pa.types.is_large_string(t):
+        return col.cast(pa.string())
+    return col.cast(pa.string())  # numbers, timestamps (ISO-8601), dates
+
+
+# ---------------------------------------------------------------------- cell parsing
+def _bisect(arr: pa.Array, convert: Callable[[pa.Array], np.ndarray], fill: float,
+            out: np.ndarray, bad: np.ndarray, offset: int = 0) -> None:
+    """Converts ``arr`` into ``out[offset:]``; cells that fail alone are marked in ``bad``.
+
+    One vectorised call for a clean column; a bad cell costs a few calls on halves around it.
+    """
+    try:
+        out[offset:offset + len(arr)] = convert(arr)
+        return
+    except (pa.ArrowInvalid, ValueError, OverflowError):
+        if len(arr) == 1:
+            out[offset], bad[offset] = fill, True
+            return
+    half = len(arr) // 2
+    _bisect(arr.slice(0, half), convert, fill, out, bad, offset)
+    _bisect(arr.slice(half), convert, fill, out, bad, offset + half)
+
+
+# What Arrow's string -> double cast accepts; a cell that fails it is never cast alone.
+_NUMBER = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:nan|inf|infinity)$"
+
+
+def _to_float(a: pa.Array) -> np.ndarray:
+    return pc.cast(a, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def parse_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values, NaN where empty; bool mask of cells that are not numbers)."""
+    arr = _one_chunk(arr)
+    out = np.full(len(arr), np.nan)
+    bad = np.zeros(len(arr), bool)
+    if not len(arr):
+        return out, bad
+    try:
+        return _to_float(arr), bad  # the common case: one call
+    except (pa.ArrowInvalid, ValueError):
+        pass
+    looks = pc.fill_null(pc.match_substring_regex(arr, _NUMBER), True).to_numpy(zero_copy_only=False)
+    bad[~looks] = True
+    where = np.flatnonzero(looks)
+    if len(where):
+        sub_out, sub_bad = np.full(len(where), np.nan), np.zeros(len(where), bool)
+        _bisect(arr.take(pa.array(where)), _to_float, np.nan, sub_out, sub_bad)
+        out[where], bad[where] = sub_out, sub_bad
+    return out, bad
+
+
+def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int64 ms since the epoch; mask of empty cells; mask of cells that do not parse).
+
+    A number is epoch seconds below 1e11, else epoch milliseconds; anything else must be
+    ISO-8601 (``2019-11-24 00:00:34.762830+00:00``, ``2019-11-24T00:00:34Z``, ``2019-11-24``);
+    a time without a zone is UTC.
+    """
+    arr = _one_chunk(arr)
+    n = len(arr)
+    empty = arr.is_null().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    values, not_number = parse_floats(arr)
+    ms = np.zeros(n, np.int64)
+    num = ~empty & ~not_number & np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        ms[num] = np.round(np.where(values[num] < _EPOCH_S_BELOW, values[num] * 1000, values[num]))
+    bad = ~empty & ~num
+    iso = np.flatnonzero(bad & not_number)
+    if len(iso):
+        sub = arr.take(pa.array(iso))
+        zoned = pc.match_substring_regex(sub, r"(Z|[+-][0-9]{2}:?[0-9]{2})$").to_numpy(zero_copy_only=False)
+        # Parsed in ns so fractions of up to 9 digits (pandas, Parquet timestamps) are accepted.
+        for mask, tp in ((zoned, pa.timestamp("ns", tz="UTC")), (~zoned, pa.timestamp("ns"))):
+            where = iso[mask]
+            if not len(where):
+                continue
+            ns = np.zeros(len(where), np.int64)
+            fail = np.zeros(len(where), bool)
+            _bisect(arr.take(pa.array(where)),
+                    lambda a, tp=tp: pc.cast(a, tp).cast(pa.int64()).to_numpy(zero_copy_only=False),
+                    0, ns, fail)
+            ms[where] = ns // 1_000_000
+            bad[where] = fail
+    return ms, empty, bad
+
+
+def parse_labels(arr: pa.Array, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 0/1 labels; mask of bad cells). Without a threshold a label must be 0 or 1."""
+    values, bad = parse_floats(arr)
+    bad |= np.isnan(values) | np.isinf(values)
+    if threshold is None:
+        bad |= ~np.isin(values, (0.0, 1.0))
+        label = (values == 1.0)
+    else:
+        with np.errstate(invalid="ignore"):
+            label = values >= threshold
+    return label.astype(np.float32), bad
+
+
+def _one_chunk(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        return arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    return arr
+
+
+@dataclass
+class CoreColumns:
+    """The reserved columns of one chunk, parsed; rows found bad hold placeholder values."""
+
+    user_id: np.ndarray  # int64
+    item_id: np.ndarray  # int64
+    label: np.ndarray  # float32 0/1
+    ts_ms: np.ndarray  # int64
+    truth_p: np.ndarray  # float32, NaN when absent or empty
+
+
+class RowChecks:
+    """Collects per-column failures of a chunk; each row keeps only its first failure."""
+
+    def __init__(self, chunk: RawChunk) -> None:
+        self.chunk = chunk
+        self.bad = np.zeros(chunk.table.num_rows, bool)
+        self.found: list[tuple[int, str, str]] = []
+
+    def add(self, mask: np.ndarray, column: str, reason: str | Callable[[int], str]) -> None:
+        new = np.flatnonzero(mask & ~self.bad)
+        self.bad[new] = True
+        for i in new.tolist():
+            self.found.append((i, column, reason(i) if callable(reason) else reason))
+
+    def rows(self) -> list[BadRow]:
+        t = self.chunk.table
+        out = []
+        for i, column, reason in sorted(self.found):
+            cells = ["" if v is None else str(v) for v in t.slice(i, 1).to_pylist()[0].values()]
+            text = io.StringIO()
+            csv.writer(text, lineterminator="").writerow(cells)
+            out.append(BadRow(int(self.chunk.line[i]), column, reason, text.getvalue()))
+        return out
+
+
+def parse_core(chunk: RawChunk, schema: LogSchema, checks: RowChecks) -> CoreColumns:
+    """Parses user, item, label, time and truth of a chunk, recording bad cells in ``checks``."""
+    t = chunk.table
+    n = t.num_rows
+    cols = {}
+    for name in (schema.user_col, schema.item_col):
+        arr = _one_chunk(t.column(name))
+        empty = pc.equal(pc.fill_null(arr, ""), "").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+        checks.add(empty, name, "empty id")
+        cols[name] = entity_ids(name, arr)
+    label, bad_label = parse_labels(t.column(schema.label_col), schema.positive_threshold)
+    lab_text = t.column(schema.label_col)
+    want = "0 or 1" if schema.positive_threshold is None else "a number"
+    checks.add(bad_label, schema.label_col, lambda i: f"label {lab_text[i].as_py() or ''!r} is not {want}")
+    ts, empty_ts, bad_ts = parse_times(t.column(schema.time_col))
+    time_text = t.column(schema.time_col)
+    checks.add(empty_ts, schema.time_col, "empty time")
+    checks.add(bad_ts, schema.time_col, lambda i: f"time {time_text[i].as_py()!r} does not parse "
+                                                  "(epoch s, epoch ms or ISO-8601)")
+    checks.add(ts < 0, schema.time_col, "time before 1970")
+    truth = np.full(n, np.nan, np.float32)
+    if schema.truth_col in t.column_names:
+        p, bad_p = parse_floats(t.column(schema.truth_col))
+        with np.errstate(invalid="ignore"):
+            bad_p |= (p < 0) | (p > 1) | np.isinf(p)
+        checks.add(bad_p, schema.truth_col, "truth_p is not a probability in [0, 1]")
+        truth = p.astype(np.float32)
+    return CoreColumns(cols[schema.user_col], cols[schema.item_col], label, ts, truth)
