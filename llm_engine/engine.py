@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from llm_engine.block_pool import BlockPool
+from llm_engine.prefix_hash import PrefixHasher
 from llm_engine.config import EngineConfig, ModelConfig
 from llm_engine.decode_graphs import CudaGraphCapture, StepFn
 from llm_engine.kv_cache import KVCacheManager, allocate_kv_cache, num_blocks_for_budget
@@ -62,8 +63,10 @@ class LLMEngine:
                  tokenizer: Tokenizer | None = None):
         self.config = config = config or EngineConfig()
         device, dtype, backend = _resolve(config)
+        weights = type(model).__name__
         if not isinstance(model, torch.nn.Module):
             path = Path(model)
+            weights = str(path.resolve())
             tokenizer = tokenizer or (Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None)
             model = load_model(path, dtype, device)
         self.model, self.tokenizer = model, tokenizer
@@ -78,7 +81,9 @@ class LLMEngine:
             n = num_blocks_for_budget(budget, mc.num_hidden_layers, block_shape, dtype)
         if n * config.block_size < min(self.max_model_len, config.max_num_batched_tokens):
             logger.warning("KV pool of %d blocks holds fewer tokens than one step", n)
-        self.pool = BlockPool(n, config.enable_prefix_caching)
+        # Prefix-cache digests are namespaced by everything that changes the KV for equal tokens.
+        hasher = PrefixHasher.for_model(mc, weights=weights, dtype=str(dtype))
+        self.pool = BlockPool(n, config.enable_prefix_caching, block_hasher=hasher)
         swap_area = host = None
         if config.preemption_mode == "swap":
             n_swap = config.num_swap_blocks or num_blocks_for_budget(

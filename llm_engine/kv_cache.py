@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llm_engine.block_pool import BlockPool, chain_hash
+from llm_engine.block_pool import BlockPool
+from llm_engine.prefix_hash import token_bytes
 from llm_engine.sequence import Sequence
 
 
@@ -80,19 +81,20 @@ class KVCacheManager:
 
     def admit_cached_prefix(self, seq: Sequence) -> None:
         """On first scheduling, reuse cached full blocks of the prompt (never the whole prompt:
-        the last token must be computed to produce logits)."""
-        bs = self.block_size
+        the last token must be computed to produce logits). Each block is reused only if the
+        pool verifies its tokens and its parent, so a colliding digest ends the reuse there."""
+        bs, hasher = self.block_size, self.pool.block_hasher
         toks = seq.all_token_ids
         limit = min(len(toks) - 1, seq.cache_limit) // bs
-        parent, blocks = None, []
+        h, blocks = hasher.root, []
         for i in range(limit):
-            h = chain_hash(parent, toks[i * bs:(i + 1) * bs])
-            b = self.pool.lookup(h)
+            data = token_bytes(toks[i * bs:(i + 1) * bs])
+            h = hasher(h, data)
+            b = self.pool.match(h, data, blocks[-1] if blocks else None)
             if b is None:
                 break
             blocks.append(b)
             seq.block_hashes.append(h)
-            parent = h
         if blocks:
             self.pool.touch(blocks)
             self._extend(seq, blocks)
@@ -113,16 +115,16 @@ class KVCacheManager:
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register hashes for blocks that became full of computed tokens."""
+        """Register digests (and token bytes, for verified hits) of blocks that became full."""
         if not self.pool.enable_caching:
             return
-        bs = self.block_size
+        bs, hasher = self.block_size, self.pool.block_hasher
         full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), full):  # usually empty: O(1) per step
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = chain_hash(parent, seq.token_slice(i * bs, (i + 1) * bs))
+            data = token_bytes(seq.token_slice(i * bs, (i + 1) * bs))
+            h = hasher(seq.block_hashes[-1] if seq.block_hashes else hasher.root, data)
             seq.block_hashes.append(h)
-            self.pool.register(seq.block_table[i], h)
+            self.pool.register(seq.block_table[i], h, data, seq.block_table[i - 1] if i else None)
 
     def swap_out(self, seq: Sequence) -> list[tuple[int, int]] | None:
         """Take a preempted sequence's KV off the pool but keep it resumable; returns the
@@ -155,7 +157,8 @@ class KVCacheManager:
         for (i, _), b in zip(seq.swapped, blocks):
             seq.block_table[i] = b
             if i < len(seq.block_hashes):  # same content as before: it can serve prefix hits again
-                self.pool.register(b, seq.block_hashes[i])
+                data = token_bytes(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
+                self.pool.register(b, seq.block_hashes[i], data, seq.block_table[i - 1] if i else None)
         if n:
             self.tables.array[seq.kv_row, [i for i, _ in seq.swapped]] = blocks
         slots = [h for _, h in seq.swapped]

@@ -33,7 +33,7 @@ class Sequence:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     kv_row: int = -1  # this sequence's row in the KV manager's block-table array (-1: none)
     swapped: list[tuple[int, int]] = field(default_factory=list)  # (block-table index, host slot) while swapped out
     finish_reason: str | None = None

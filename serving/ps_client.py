@@ -17,6 +17,16 @@ metric ``hw_serve_ps_degraded_total{shard,reason}`` counts it and a warning is l
 once per shard every few seconds). Bags are pooled here, with the store's own ``embedding_bag``, so
 the scores equal those of one unsharded table over the same parameters.
 
+The two calls that need more than rows also work over the fleet, with the answers of one
+unsharded table. ``GetEmbeddings`` reads rows and ``known`` flags in one fan-out
+(:meth:`RemoteTable.lookup_known`); unlike scoring it does not degrade: a shard that does not
+answer fails the call with :class:`ShardsUnavailable` (UNAVAILABLE), because default vectors
+flagged "unknown" would read as a true answer. Retrieval (``Recommend`` without candidates) runs
+on the shards: each returns the top k of its own items for the query (``ParameterServer.Retrieve``)
+and :meth:`RemoteTable.retrieve` merges them, so no replica copies every item row and the result
+is as fresh as the shards. A shard that fails costs only its items; if none answers, the call is
+UNAVAILABLE.
+
 :class:`ShardedModelSource` is the recommender replica's model: the tower from the control
 partition of ``hw.params`` (a :class:`~serving.param_server.ParamServer` reading no rows) plus a
 :class:`RemoteTable` over the shards.
@@ -42,13 +52,14 @@ from serving.scoring import ServingModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PsClientConfig", "ShardFleet", "RemoteTable", "ShardedModelSource", "DEGRADED"]
+__all__ = ["PsClientConfig", "ShardFleet", "RemoteTable", "ShardedModelSource", "ShardsUnavailable", "DEGRADED"]
 
-DEGRADED = Counter("hw_serve_ps_degraded", "shard lookups answered with default vectors instead",
-                   ["shard", "reason"])
+DEGRADED = Counter("hw_serve_ps_degraded", "shard calls answered without that shard "
+                   "(its ids read default vectors, or its items sit out a retrieval)", ["shard", "reason"])
 FANOUT_CALLS = Counter("hw_serve_ps_fanout_calls", "ParameterServer.Lookup calls this recommender sent",
                        ["shard"])
 _LOG_EVERY_S = 5.0
+RETRIEVE_DEADLINE_S = 1.0  # a shard's first Retrieve builds its item index: longer than a Lookup
 
 
 @dataclass
@@ -71,6 +82,10 @@ class _BadAnswer(Exception):
     """A shard answered, but not what was asked (wrong shard, slot, dim or length)."""
 
 
+class ShardsUnavailable(Exception):
+    """Shards a call cannot do without did not answer (the recommender maps it to UNAVAILABLE)."""
+
+
 class ShardFleet:
     """Channels to the N shards (index = shard) and their last reported version / watermark."""
 
@@ -79,6 +94,7 @@ class ShardFleet:
             raise ValueError("a shard fleet needs at least one address")
         self.addresses = list(addresses)
         self.deadline_s = deadline_s
+        self.retrieve_deadline_s = max(deadline_s, RETRIEVE_DEADLINE_S)
         self.batch_slots = batch_slots
         self.channels = [grpc.insecure_channel(a) for a in self.addresses]
         self.stubs = [pb2_grpc.ParameterServerStub(c) for c in self.channels]
@@ -120,12 +136,47 @@ class ShardFleet:
         any is waited on, under one deadline. A shard that fails costs its ids of every slot
         (default vectors) and counts once in ``hw_serve_ps_degraded_total``.
         """
+        out = self._out(wanted, defaults)
+        for s, asked, answer in self._lookup(wanted, out, with_known=False):
+            if isinstance(answer, Exception):
+                for slot, sel in asked:
+                    out[slot][sel] = defaults.lookup(slot, torch.from_numpy(wanted[slot][sel])).numpy()
+        return out
+
+    def fetch_known(self, slot: str, ids: np.ndarray, defaults: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(float32[len(ids), dim] rows, bool[len(ids)] held by a shard) of any ids, in one fan-out.
+
+        Raises :class:`ShardsUnavailable` if a shard holding some of the ids does not answer.
+        """
+        uniq, inv = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        wanted = {slot: uniq}
+        out = self._out(wanted, defaults)
+        known = np.zeros(uniq.size, bool)
+        failed = []
+        for s, asked, answer in self._lookup(wanted, out, with_known=True):
+            if isinstance(answer, Exception):
+                failed.append(_failure(self.addresses, s, answer))
+            else:
+                for (_, sel), flags in zip(asked, answer):
+                    known[sel] = flags
+        if failed:
+            raise ShardsUnavailable("parameter-server shards did not answer: " + "; ".join(failed))
+        return out[slot][inv], known[inv]
+
+    @staticmethod
+    def _out(wanted: Mapping[str, np.ndarray], defaults: Any) -> dict[str, np.ndarray]:
+        return {slot: np.empty((ids.size, int(defaults.slots[slot].dim)), np.float32) for slot, ids in wanted.items()}
+
+    def _lookup(self, wanted: Mapping[str, np.ndarray], out: dict[str, np.ndarray], with_known: bool
+                ) -> list[tuple[int, list[tuple[str, np.ndarray]], Any]]:
+        """One ``Lookup`` per shard that owns some ids, all in flight at once; writes the rows that
+        came back into ``out``. Per shard: (shard, [(slot, positions asked)], known flags per asked
+        slot, or the exception that shard's call ended with, already counted and logged)."""
         n = self.num_shards
-        out = {slot: np.empty((ids.size, int(defaults.slots[slot].dim)), np.float32) for slot, ids in wanted.items()}
         owners = {slot: shard_of(ids, n) for slot, ids in wanted.items() if ids.size}
         calls = []
         for s in range(n):  # all calls in flight before waiting on any
-            req, asked = pb2.LookupRequest(), []
+            req, asked = pb2.LookupRequest(with_known=with_known), []
             for slot, owner in owners.items():
                 sel = np.flatnonzero(owner == s)
                 if sel.size:
@@ -137,35 +188,75 @@ class ShardFleet:
         with self._lock:
             for s, _, _ in calls:
                 self.calls[s] += 1
+        results = []
         for s, asked, fut in calls:
             try:
-                for (slot, sel), rows in zip(asked, self._rows(s, fut.result(), asked, out)):
-                    out[slot][sel] = rows
+                rows, known = self._rows(s, fut.result(), asked, out, with_known)
+                for (slot, sel), r in zip(asked, rows):
+                    out[slot][sel] = r
+                results.append((s, asked, known))
             except (grpc.RpcError, _BadAnswer) as exc:
-                reason = exc.code().name if isinstance(exc, grpc.RpcError) else "BAD_ANSWER"
-                self._degraded(s, reason, exc)
-                for slot, sel in asked:
-                    out[slot][sel] = defaults.lookup(slot, torch.from_numpy(wanted[slot][sel])).numpy()
-        return out
+                self._degraded(s, _reason(exc), exc)
+                results.append((s, asked, exc))
+        return results
 
     def _rows(self, shard: int, resp: Any, asked: list[tuple[str, np.ndarray]],
-              out: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The answer's rows per asked slot, after checking all of it (a bad answer changes nothing)."""
-        if resp.shard_index != shard or resp.num_shards != self.num_shards:
-            raise _BadAnswer(f"{self.addresses[shard]} is shard {resp.shard_index}/{resp.num_shards}, "
-                             f"expected {shard}/{self.num_shards} (is --ps in shard order?)")
+              out: dict[str, np.ndarray], with_known: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The answer's rows (and known flags) per asked slot, after checking all of it (a bad
+        answer changes nothing)."""
+        self._check_shard(shard, resp)
         if len(resp.slots) != len(asked):
             raise _BadAnswer(f"shard {shard} answered {len(resp.slots)} slots, asked {len(asked)}")
-        rows = []
+        rows, known = [], []
         for (slot, sel), got in zip(asked, resp.slots):
             dim = out[slot].shape[1]
             if got.slot != slot or got.dim != dim or len(got.values) != sel.size * dim * 4:
                 raise _BadAnswer(f"shard {shard} answered a different slot, dim or row count")
+            if with_known and len(got.known) != sel.size:
+                raise _BadAnswer(f"shard {shard} answered without known flags (an older shard?)")
             rows.append(np.frombuffer(got.values, dtype="<f4").reshape(sel.size, dim))
+            known.append(np.frombuffer(got.known, dtype=np.uint8).astype(bool))
+        self._seen(shard, resp)
+        return rows, known
+
+    def retrieve(self, slot: str, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` items of ``slot`` with the largest ``<query, row>`` over all shards (score desc,
+        then id asc) and their scores: every shard's own top k, merged.
+
+        A shard that fails costs only its items (counted and logged like a failed Lookup); if no
+        shard answers, :class:`ShardsUnavailable`.
+        """
+        req = pb2.RetrieveRequest(slot=slot, query=np.asarray(query, np.float32).reshape(-1).tolist(), k=k)
+        futs = [stub.Retrieve.future(req, timeout=self.retrieve_deadline_s) for stub in self.stubs]
+        ids, scores, failed = [], [], []
+        for s, fut in enumerate(futs):
+            try:
+                resp = fut.result()
+                self._check_shard(s, resp)
+                got = np.asarray(resp.ids, np.int64)
+                if len(resp.scores) != got.size or got.size > k or (shard_of(got, self.num_shards) != s).any():
+                    raise _BadAnswer(f"shard {s} answered items it does not hold, or more than asked")
+                ids.append(got)
+                scores.append(np.asarray(resp.scores, np.float32))
+                self._seen(s, resp)
+            except (grpc.RpcError, _BadAnswer) as exc:
+                self._degraded(s, _reason(exc), exc)
+                failed.append(_failure(self.addresses, s, exc))
+        if len(failed) == self.num_shards:
+            raise ShardsUnavailable("no parameter-server shard answered the retrieval: " + "; ".join(failed))
+        all_ids, all_scores = np.concatenate(ids), np.concatenate(scores)
+        order = np.lexsort((all_ids, -all_scores))[:k]
+        return all_ids[order], all_scores[order]
+
+    def _check_shard(self, shard: int, resp: Any) -> None:
+        if resp.shard_index != shard or resp.num_shards != self.num_shards:
+            raise _BadAnswer(f"{self.addresses[shard]} is shard {resp.shard_index}/{resp.num_shards}, "
+                             f"expected {shard}/{self.num_shards} (is --ps in shard order?)")
+
+    def _seen(self, shard: int, resp: Any) -> None:
         with self._lock:
             self.versions[shard] = resp.version
             self.watermarks[shard] = resp.watermark_ms
-        return rows
 
     def _degraded(self, shard: int, reason: str, exc: Exception) -> None:
         DEGRADED.labels(shard=str(shard), reason=reason).inc()
@@ -179,6 +270,11 @@ class ShardFleet:
 
 class RemoteTable:
     """The sharded embedding source: ``EmbeddingTable``'s read API over a :class:`ShardFleet`.
+
+    Beyond that API: :meth:`lookup_known` (rows and ``known`` in one fan-out) and
+    :meth:`retrieve` (top k items, searched on the shards), which the recommender uses when a
+    table offers them. ``version`` is the oldest version any shard reported (the trainer's table
+    version, as :class:`ServingModel` carries it; -1 until every shard answered once).
 
     A table made by :meth:`prefetch` also holds prefetched rows (per slot: sorted unique ids and
     their rows) and answers ids among them without a round trip.
@@ -240,13 +336,26 @@ class RemoteTable:
         w = None if per_sample_weights is None else per_sample_weights.to(torch.float32)
         return kernels.embedding_bag(torch.from_numpy(hit[0]), torch.from_numpy(hit[1].astype(np.int64)), offs, mode, w)
 
+    @property
+    def version(self) -> int:
+        return self.fleet.version()
+
+    def lookup_known(self, slot: str, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(float32[n, dim] rows, bool[n]: the id has a row of its own) from every shard at once;
+        :class:`ShardsUnavailable` if a shard holding some of them does not answer."""
+        rows, known = self.fleet.fetch_known(slot, _np_ids(ids), self.defaults)
+        return torch.from_numpy(rows), known
+
+    def retrieve(self, slot: str, query: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items of ``slot`` by dot product with ``query``, searched on the shards."""
+        return self.fleet.retrieve(slot, query.detach().float().cpu().numpy(), k)
+
     def ids(self, slot: str) -> np.ndarray:
-        raise NotImplementedError("the rows live on the PS shards; a recommender replica cannot list "
-                                  "them (GetEmbeddings `known` and retrieval need --role all)")
+        raise NotImplementedError("the rows live on the PS shards and are not listed here; use "
+                                  "lookup_known / retrieve, which ask the shards")
 
     def export_delta(self, *args: Any, **kw: Any) -> Any:
-        raise NotImplementedError("retrieval needs the item rows locally: with --role recommender "
-                                  "send candidate_item_ids")
+        raise NotImplementedError("the rows live on the PS shards; retrieval runs there (retrieve)")
 
 
 class ShardedModelSource:
@@ -276,6 +385,15 @@ class ShardedModelSource:
             return self.control.freshness_lag_ms(now_ms)
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         return max(now_ms - wm, 0)
+
+
+def _reason(exc: Exception) -> str:
+    return exc.code().name if isinstance(exc, grpc.RpcError) else "BAD_ANSWER"
+
+
+def _failure(addresses: list[str], shard: int, exc: Exception) -> str:
+    detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+    return f"shard {shard} ({addresses[shard]}): {_reason(exc)} {detail}"
 
 
 def _np_ids(ids: Any) -> np.ndarray:

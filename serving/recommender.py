@@ -1,7 +1,13 @@
 """``headwater.v1.Recommender``: request validation, retrieval, batched ranking, responses.
 
-Each method maps failures to gRPC codes: malformed input -> INVALID_ARGUMENT naming the field, no
-model yet -> UNAVAILABLE, queue full -> RESOURCE_EXHAUSTED, deadline passed -> DEADLINE_EXCEEDED.
+Each method maps failures to gRPC codes: malformed input (a bad field, or bytes that are not a
+protobuf message) -> INVALID_ARGUMENT naming the field, no model yet or no parameter-server shard
+answering -> UNAVAILABLE, queue full -> RESOURCE_EXHAUSTED, deadline passed -> DEADLINE_EXCEEDED.
+
+Every method works in both layouts: over the one-process replica table (``--role all``) and over
+the PS shards (``--role recommender``, a :class:`~serving.ps_client.RemoteTable`), with the same
+answers. Where the sharded table offers its own way (``retrieve``: top k searched on the shards;
+``lookup_known``: rows and ``known`` flags in one fan-out) the service uses it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from serving.calibration import Calibrator
 from serving.config import ServeConfig
 from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
+from serving.ps_client import ShardsUnavailable
 from serving.response_wire import encode_recommend_response
 from serving.retrieval import ItemIndex
+from serving.rpc_guard import MalformedRequest
 from serving.scoring import ItemSource, RankJob, ServingModel, item_dense_width, score_examples, score_jobs
 from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
 from training.model import bf16_supported
@@ -58,6 +66,8 @@ def _rpc(method: str):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, MalformedRequest):  # junk bytes (see serving.rpc_guard)
+                    raise InvalidRequest(request.message)
                 return await fn(self, request, context)
             except asyncio.CancelledError:  # grpc cancelled the call (deadline, client gone)
                 code = grpc.StatusCode.CANCELLED
@@ -66,6 +76,8 @@ def _rpc(method: str):
                 code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
             except ServiceError as exc:
                 code, msg = exc.code, str(exc)
+            except ShardsUnavailable as exc:
+                code, msg = grpc.StatusCode.UNAVAILABLE, str(exc)
             except Overloaded as exc:
                 code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
             except (DeadlineExpired, FutureTimeout, CancelledError):
@@ -114,10 +126,10 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @staticmethod
-    def lookup(model: ServingModel, slot: str, ids: np.ndarray) -> torch.Tensor:
+    def lookup(table: Any, slot: str, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows of ``ids`` in ``slot`` (float32[n, dim]); the one place the service reads
-        the table outside the batched scoring path."""
-        return model.table.lookup(slot, torch.from_numpy(np.ascontiguousarray(ids, np.int64)))
+        a table outside the batched scoring path."""
+        return table.lookup(slot, torch.from_numpy(np.ascontiguousarray(ids, np.int64)))
 
     # -- batched ranking ------------------------------------------------------------------------
     def forward_jobs(self, jobs: list[RankJob]) -> list[tuple[np.ndarray, ServingModel]]:
@@ -141,9 +153,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
 
     def _retrieve(self, model: ServingModel, job: RankJob) -> np.ndarray:
         """Candidates by dot product between the pooled user/context bags and every item row."""
-        self.index.sync(model.table)
         cfg = model.tower.cfg
-        query = torch.zeros(cfg.embedding_dim)
+        wanted = {}
         for slot in cfg.slots:
             if slot == self.cfg.item_slot:
                 continue
@@ -151,9 +162,17 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
             if slot == self.cfg.user_slot:
                 ids = np.concatenate([[job.user_id], ids]).astype(np.int64)
             if ids.size:
-                query += self.lookup(model, slot, ids).sum(dim=0)
-        items, _ = self.index.topk(query, self.cfg.retrieve_k)
-        return items
+                wanted[slot] = ids
+        prefetch = getattr(model.table, "prefetch", None)  # sharded: one fan-out for every slot
+        table = model.table if prefetch is None else prefetch(wanted)
+        query = torch.zeros(cfg.embedding_dim)
+        for slot, ids in wanted.items():
+            query += self.lookup(table, slot, ids).sum(dim=0)
+        search = getattr(model.table, "retrieve", None)  # sharded: each shard searches its own items
+        if search is not None:
+            return search(self.cfg.item_slot, query, self.cfg.retrieve_k)[0]
+        self.index.sync(model.table)
+        return self.index.topk(query, self.cfg.retrieve_k)[0]
 
     @_rpc("Recommend")
     async def Recommend(self, request, context):
@@ -195,8 +214,12 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     def _embeddings(self, request) -> Any:
         model = self._model()
         ids = embedding_ids(request, tuple(model.table.slots), self.limits)
-        vecs = self.lookup(model, request.slot, ids).float().numpy()
-        known = np.isin(ids, model.table.ids(request.slot))
+        read = getattr(model.table, "lookup_known", None)  # sharded: rows and flags in one fan-out
+        if read is not None:
+            vecs, known = read(request.slot, ids)
+        else:
+            vecs, known = self.lookup(model.table, request.slot, ids), np.isin(ids, model.table.ids(request.slot))
+        vecs = vecs.float().numpy()
         resp = pb2.GetEmbeddingsResponse(dim=int(vecs.shape[1]), model_version=model.version)
         for i, v, k in zip(ids.tolist(), vecs.tolist(), known.tolist()):
             resp.embeddings.add(id=i, values=v, known=k)

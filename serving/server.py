@@ -38,6 +38,7 @@ from serving.config import ServeConfig
 from serving.microbatch import BatcherConfig, MicroBatcher
 from serving.pb import SERVICE_NAME, pb2
 from serving.recommender import RecommenderService
+from serving.rpc_guard import request_parser, wrong_role_handler
 from serving.scoring import ItemSource, ServingModel
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _add_recommender(service: RecommenderService, server: Any) -> None:
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
             getattr(service, method.name),
-            request_deserializer=getattr(pb2, method.input_type.name).FromString,
+            request_deserializer=request_parser(getattr(pb2, method.input_type.name)),  # junk: INVALID_ARGUMENT
             response_serializer=_serialize)
         for method in pb2.DESCRIPTOR.services_by_name["Recommender"].methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -191,6 +192,9 @@ class RecommendServer:
         self.server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                                       options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
         _add_recommender(self.service, self.server)
+        self.server.add_generic_rpc_handlers((wrong_role_handler(
+            "ParameterServer", f"this process is a recommender (--role {cfg.role}); "
+            "headwater.v1.ParameterServer calls go to the --role ps shards", aio=True),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -101,10 +101,16 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
             continue
         rag = _concat(bags[c.name]).take(order)
         sparse[c.name] = rag.take(first_row) if c.side == "user" else rag
+    # Statistics are taken once per request (user side) or once per item, at its first
+    # appearance (item side): a request's user-side values agree with one Recommend call's
+    # dense vector, and an item's features stay what hw.items published for it.
+    item = cat["item"].astype(np.int64)[order]
+    _, first_of_item, item_inv = np.unique(item, return_index=True, return_inverse=True)
+    ref = {"user": first_row, "item": first_of_item[item_inv]}
     dense_cols = []
     for name in schema.numeric_columns():
         values = np.concatenate(raw[name]) if raw[name] else np.zeros(0)
-        dense_cols += list(standardise_online(values[order]))
+        dense_cols += list(standardise_online(values[order], ref[schema.column(name).side]))
     n = len(order)
     dense = np.stack(dense_cols, 1).astype(np.float32) if dense_cols else np.zeros((n, 0), np.float32)
     truth = cat["truth"].astype(np.float32)[order]
@@ -116,7 +122,7 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     if bad_rows:
         log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
                     bad_rows[0].message(path))
-    return EncodedLog(user, cat["item"].astype(np.int64)[order], cat["label"].astype(np.float32)[order],
+    return EncodedLog(user, item, cat["label"].astype(np.float32)[order],
                       ts, truth, sparse, dense, cat["line"].astype(np.int64)[order], schema, bad_rows)
 
 
@@ -154,21 +160,23 @@ def multi_ids(slot: str, col: pa.ChunkedArray | pa.Array, separator: str = "|") 
     return Ragged(ids[np.argsort(rows, kind="stable")], lengths.astype(np.int32))
 
 
-def standardise_online(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standardise_online(x: np.ndarray, ref: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(standardised value, missing indicator) of a numeric column in event-time order.
 
-    Row t uses the mean and standard deviation of the non-missing values of rows before it (no
-    look-ahead), 0 until two values were seen or while they are all equal; clipped to
-    ``±Z_CLIP``. A missing (NaN) cell is 0 with indicator 1. Sums run relative to the first
-    value so the variance keeps its precision over millions of rows.
+    Row t is standardised with the mean and standard deviation of the non-missing values of the
+    rows before row ``ref[t]`` (default ``t``; ``ref[t] <= t``, so never a look-ahead); 0 until
+    two values were seen or while they are all equal; clipped to ``±Z_CLIP``. A missing (NaN)
+    cell is 0 with indicator 1. Sums run relative to the first value so the variance keeps its
+    precision over millions of rows.
     """
     seen = ~np.isnan(x)
     if not seen.any():
         return np.zeros(len(x), np.float32), np.ones(len(x), np.float32)
+    ref = np.arange(len(x)) if ref is None else np.asarray(ref, np.int64)
     d = np.where(seen, x - x[seen][0], 0.0)
-    cnt = np.concatenate(([0], np.cumsum(seen)[:-1])).astype(np.float64)
-    s1 = np.concatenate(([0.0], np.cumsum(d)[:-1]))
-    s2 = np.concatenate(([0.0], np.cumsum(d * d)[:-1]))
+    cnt = np.concatenate(([0], np.cumsum(seen)[:-1])).astype(np.float64)[ref]
+    s1 = np.concatenate(([0.0], np.cumsum(d)[:-1]))[ref]
+    s2 = np.concatenate(([0.0], np.cumsum(d * d)[:-1]))[ref]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / cnt
         std = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0))

@@ -187,12 +187,15 @@ class DenseTower(nn.Module):
         """Per slot: the id's click log-odds, smoothed toward the global rate and relative to it
         (0 for an unseen id), and log(1 + examples), its confidence.
 
-        The smoothing adds ``count_prior`` pseudo-examples at the global rate (a Beta prior),
+        The smoothing adds pseudo-examples at the global rate (a Beta prior: ``count_prior`` of
+        them at a rate of 1/2, more for rarer clicks),
         the estimate that per-id counting baselines use; with weight 1 per slot the logit starts
         as counting's score, and the tower learns how much to trust each slot.
         """
-        a = self.cfg.count_prior
         p0 = torch.sigmoid(self.prior_logit)
+        # count_prior pseudo-examples at a rate of 1/2; rarer clicks need proportionally more
+        # (the same prior variance of the log-odds at any base rate).
+        a = self.cfg.count_prior / (4 * p0 * (1 - p0))
         negatives = (examples - positives).clamp(min=0.0)
         log_odds = torch.log((positives.clamp(min=0.0) + a * p0) / (negatives + a * (1 - p0))) - self.prior_logit
         return log_odds, torch.log1p(examples.clamp(min=0.0))

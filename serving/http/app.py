@@ -79,6 +79,7 @@ def create_app(backend: Backend, config: HttpServerConfig | None = None,
         metrics.RUNNING.set(s.running)
         metrics.KV_USAGE.set(s.kv_usage)
         metrics.PREFIX_HIT_RATE.set(s.prefix_cache_hit_rate)
+        metrics.PREFIX_MISMATCHES.set(s.prefix_cache_mismatches)
         metrics.SPEC_ACCEPTANCE.set(s.spec_acceptance_rate)
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

@@ -51,6 +51,7 @@ class BackendStats:
     running: int = 0
     kv_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    prefix_cache_mismatches: int = 0  # digest matched, tokens or prefix did not: served as a miss
     spec_acceptance_rate: float = 0.0
 
 

@@ -216,6 +216,7 @@ class EngineBackend(TokenizerDelegate):
             waiting=len(e.scheduler.waiting), running=len(e.scheduler.running),
             kv_usage=pool.num_used / pool.num_blocks,
             prefix_cache_hit_rate=pool.hits / pool.queries if pool.queries else 0.0,
+            prefix_cache_mismatches=pool.mismatches,
             spec_acceptance_rate=spec.acceptance_rate if spec is not None else 0.0,
         )
 

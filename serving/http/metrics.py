@@ -12,6 +12,9 @@ IN_FLIGHT = Gauge("hw_llm_http_in_flight", "requests admitted and not yet answer
 QUEUE_DEPTH = Gauge("hw_llm_queue_depth", "engine requests waiting to be scheduled")
 RUNNING = Gauge("hw_llm_running", "engine requests running")
 KV_USAGE = Gauge("hw_llm_kv_usage", "fraction of KV blocks in use")
+PREFIX_MISMATCHES = Gauge("hw_llm_prefix_cache_mismatches",
+                          "prefix-cache digests that matched a block whose tokens or prefix did not "
+                          "(treated as misses; nonzero means hash collisions)")
 PREFIX_HIT_RATE = Gauge("hw_llm_prefix_cache_hit_rate", "fraction of prompt tokens served from the prefix cache")
 SPEC_ACCEPTANCE = Gauge("hw_llm_spec_acceptance_rate", "fraction of draft tokens accepted")
 TTFT = Histogram("hw_llm_time_to_first_token_seconds", "request arrival to first output token", buckets=_LATENCY_BUCKETS)

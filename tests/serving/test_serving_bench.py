@@ -11,7 +11,7 @@ def test_bench_reports_points_for_both_modes_and_a_headline():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     # Two processes per mode on one port, clients over several connections: the multi-process path.
-    args = parser.parse_args(["--clients", "1,4", "--duration-s", "0.3", "--warmup-s", "0.1",
+    args = parser.parse_args(["--clients", "1,4", "--duration-s", "0.3", "--warmup-s", "0.6",
                               "--items", "2000", "--p99-budget-ms", "1000", "--processes", "2",
                               "--connections", "4"])
     out = bench.run(args)

@@ -259,3 +259,22 @@ def test_line_numbers_stay_exact_across_chunks_around_skipped_rows(tmp_path):
     enc = encode_log(f, LogSchema(columns=(ColumnSpec("note", "ignore"),)), "dead-letter", chunk_rows=1000)
     assert [b.line for b in enc.bad_rows] == bad_lines
     np.testing.assert_array_equal(enc.source_line, enc.user_id + 2)  # row i sits on line i + 2
+
+
+def test_numeric_features_are_constant_within_a_request_and_per_item(tmp_path):
+    """One Recommend call carries one user-side dense vector, and hw.items one tail per item:
+    the encoded log must agree with both, or serving would see other values than training."""
+    f = write_real_shaped_csv(tmp_path / "log.csv", rows=400, seed=3)
+    log = encode_log(f, infer_schema(f)[0])
+    names = log.schema.dense_names()
+    width = log.schema.item_dense_width()
+    user_part, item_part = log.dense[:, :len(names) - width], log.dense[:, len(names) - width:]
+    assert user_part.shape[1] and item_part.shape[1]
+    _, request = np.unique(np.stack([log.user_id, log.ts_ms], 1), axis=0, return_inverse=True)
+    for r in np.unique(request):
+        rows = user_part[request.ravel() == r]
+        assert (rows == rows[0]).all()
+    for i in np.unique(log.item_id):
+        rows = item_part[log.item_id == i]
+        assert (rows == rows[0]).all()
+    assert np.abs(item_part[:, 0]).max() > 0  # standardised, not all zero
