@@ -13,7 +13,10 @@ Recovery of a fault = restart -> the component processing again (joiner: consumi
 training; serving replica: answering Recommend; broker: the joiner and the trainer both making
 progress again); ``downtime_s`` is from the kill. After the faults the generator stops (it
 reports how many requests were acknowledged), the pipeline drains, the trainer checkpoints, and
-:mod:`headwater.chaos_accounting` accounts for every input event.
+:mod:`headwater.chaos_accounting` accounts for every input event (``lost``) and for every example
+the final state learned more than once (``duplicates_trained``, from the trainer's checkpoint, not
+from what the joiner emitted). Per fault, ``duplicates_skipped`` / ``duplicates_trained`` are the
+same figures' growth between the trainer checkpoints before the kill and after the settle.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from headwater.chaos_accounting import account, end_offset
+from headwater.chaos_accounting import TrainedLineage, account, end_offset, trained_lineage
 from headwater.chaos_load import FailoverLoadClient
 from headwater.demo import free_port
 from headwater.metrics import scrape
@@ -79,6 +82,8 @@ class FaultResult:
     recovery_s: float = -1.0  # restart -> processing again
     crashes: dict[str, int] = field(default_factory=dict)  # other components that died meanwhile
     detail: dict = field(default_factory=dict)
+    duplicates_skipped: int = -1  # copies the trainer dropped, kill -> settle (-1: not measured)
+    duplicates_trained: int = -1  # examples learned twice, kill -> settle (-1: not measured)
 
 
 class _Cluster:
@@ -195,6 +200,18 @@ class _Cluster:
     def sleep(self, seconds: float) -> None:
         self.wait(None, lambda: False, seconds)
 
+    def lineage(self) -> TrainedLineage | None:
+        """What the trainer's newest checkpoint has learned (None while none can be read)."""
+        from training.checkpoint import CheckpointCorruptError
+
+        for _ in range(3):  # the trainer may prune the state file between manifest and read
+            try:
+                return trained_lineage(self.root / "trainer")
+            except (OSError, CheckpointCorruptError) as exc:
+                log.debug("trainer checkpoint not readable yet: %s", exc)
+                time.sleep(0.2)
+        return None
+
     def kill9(self, name: str) -> None:
         assert self.sup is not None
         child = self.sup.children[name]
@@ -277,6 +294,16 @@ def _broker_fault(cl: _Cluster) -> FaultResult:
     return res
 
 
+def _count_duplicates(res: FaultResult, before: TrainedLineage | None,
+                      after: TrainedLineage | None) -> None:
+    """The fault's share of the trainer's duplicate figures (both read from its checkpoints)."""
+    if after is None:
+        return
+    before = before or TrainedLineage()
+    res.duplicates_skipped = after.duplicates_skipped - before.duplicates_skipped
+    res.duplicates_trained = after.duplicates_trained - before.duplicates_trained
+
+
 def _stop_generator(cl: _Cluster) -> int:
     """SIGTERM the generator; it flushes (every send acknowledged) and prints what it sent."""
     child = cl.gen_sup.children["generator"]
@@ -349,9 +376,11 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
         for fault in faults:
             log.info("fault: %s", fault)
             phase(f"fault {len(results) + 1}/{len(faults)}: {fault}")
+            before = cl.lineage()
             results.append(_broker_fault(cl) if fault == "broker" else _process_fault(cl, fault))
-            log.info("fault %s: %s", fault, asdict(results[-1]))
             cl.sleep(cfg.settle_s)
+            _count_duplicates(results[-1], before, cl.lineage())
+            log.info("fault %s: %s", fault, asdict(results[-1]))
         phase("stopping the stream and draining")
         requests = _stop_generator(cl)
         t_drain = time.monotonic()
@@ -368,12 +397,13 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
         cl.close()
         if not cfg.data_dir:
             shutil.rmtree(root, ignore_errors=True)
-    ok = ledger.lost == 0 and ledger.examples_untrained == 0 and load["errors"] == 0 and drained
+    ok = (ledger.lost == 0 and ledger.examples_untrained == 0 and ledger.duplicates_trained == 0
+          and load["errors"] == 0 and drained)
     return {
         "faults_injected": len(results),
         "faults_survived": sum(r.survived and ok for r in results),
         "events_in": ledger.events_in, "events_accounted": ledger.events_accounted,
-        "lost": ledger.lost,
+        "lost": ledger.lost, "duplicates_trained": ledger.duplicates_trained,
         "max_recovery_s": max((r.recovery_s for r in results), default=0.0),
         "max_downtime_s": max((r.downtime_s for r in results), default=0.0),
         "faults": [asdict(r) for r in results],

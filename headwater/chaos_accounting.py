@@ -13,14 +13,21 @@ reported them) are regenerated and each input event is looked up on the topics:
 - every example on ``hw.examples`` must be in the trainer's de-dup state of its last checkpoint
   (the filter records each id it trained), i.e. trained at least once.
 
-Duplicates on ``hw.examples`` are expected after a joiner kill -9 (it re-emits the windows it had
-not committed, with the same ids); they are counted, and the trainer's filter drops them by id.
+Duplicates on ``hw.examples`` (``duplicate_examples``) are expected after a joiner kill -9: it
+re-emits the windows it had not committed, with the same ids. That figure counts what was
+*emitted* twice, not what was *trained* twice. What the trainer trained is read from its last
+checkpoint, the lineage of the state it serves (a crash rolls the state back to a checkpoint, and
+what it had trained after that is trained again from there, once): ``examples_trained`` counts
+every example that reached a gradient step, de-dup or not, and ``duplicates_trained`` is that
+count minus the distinct example ids it trained. It is exact while the filter has forgotten
+nothing (``dedup_forgotten == 0``: the run stayed inside the filter's window); beyond that, a
+copy whose original was forgotten goes uncounted, and ``examples_untrained`` over-counts.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -29,11 +36,13 @@ import numpy as np
 from streams.events import SchemaError, decode_dead_letter, decode_event, decode_examples
 from streams.generator import GeneratorConfig, SyntheticStream
 from streams.ids import keep_negative, mix64, request_hash
-from streams.kafka_io import KafkaConfig, read_topic, topic_names
+from streams.kafka_io import KafkaConfig, log_end, read_topic, topic_names
+from training.dedup import SeenFilter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Ledger", "account", "end_offset", "expected_stream", "trained_ids"]
+__all__ = ["Ledger", "TrainedLineage", "account", "end_offset", "expected_stream",
+           "trained_ids", "trained_lineage"]
 
 
 @dataclass
@@ -54,8 +63,12 @@ class Ledger:
     requests_missing_from_topic: int = 0  # acknowledged by the broker, then not on the topic
     example_messages: int = 0
     examples_on_topic: int = 0
-    duplicate_examples: int = 0  # re-emitted after a joiner crash (same id)
+    duplicate_examples: int = 0  # re-emitted after a joiner crash (same id): emitted twice
     examples_untrained: int = 0  # on hw.examples but absent from the trainer's de-dup state
+    examples_trained: int = 0  # gradient-step examples in the trainer's final state (its manifest)
+    duplicates_skipped: int = 0  # copies the trainer's filter dropped, in that state's lineage
+    duplicates_trained: int = 0  # examples_trained minus the distinct ids trained: learned twice
+    dedup_forgotten: int = 0  # ids the filter forgot (window rolled over); > 0: figures inexact
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,17 +103,39 @@ def expected_stream(cfg: GeneratorConfig, requests: int, block_requests: int = 5
     return Expected(rids, ex, click_arr, np.repeat(np.arange(len(rids)), k), flat)
 
 
-def trained_ids(checkpoint_dir: str | Path) -> np.ndarray:
-    """Every example id in the de-dup state of the trainer's newest checkpoint (sorted)."""
+@dataclass
+class TrainedLineage:
+    """What the state in a trainer checkpoint has learned (see the module docstring)."""
+
+    examples_trained: int = 0  # examples that reached a gradient step (after de-dup)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # distinct, sorted
+    duplicates_skipped: int = 0
+    forgotten: int = 0
+
+    @property
+    def duplicates_trained(self) -> int:
+        """Examples trained beyond one per distinct id (forgotten ids counted as trained once)."""
+        return self.examples_trained - self.forgotten - len(self.ids)
+
+
+def trained_lineage(checkpoint_dir: str | Path) -> TrainedLineage:
+    """The newest checkpoint's trained-example count, remembered ids and de-dup counters."""
     from training.checkpoint import CheckpointStore
 
     store = CheckpointStore(checkpoint_dir)
     manifest = store.latest()
     if manifest is None:
-        return np.zeros(0, np.int64)
+        return TrainedLineage()
     tensors, _ = store.load_state(manifest)
-    parts = [t.numpy().astype(np.int64) for name, t in tensors.items() if name.startswith("dedup.")]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    state = {k: t.numpy() for k, t in tensors.items() if k.startswith("dedup.")}
+    dropped, forgotten = SeenFilter.stats_in_state(state)
+    return TrainedLineage(int(manifest.examples_trained), SeenFilter.ids_in_state(state),
+                          dropped, forgotten)
+
+
+def trained_ids(checkpoint_dir: str | Path) -> np.ndarray:
+    """Every example id in the de-dup state of the trainer's newest checkpoint (sorted)."""
+    return trained_lineage(checkpoint_dir).ids
 
 
 def _in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -111,13 +146,13 @@ def _in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def end_offset(kafka: KafkaConfig, topic: str, partition: int = 0) -> int:
-    """The next offset a producer would get on ``topic[partition]``."""
-    from kafka import KafkaConsumer, TopicPartition
+    """The next offset a producer would get on ``topic[partition]`` (the true end on Tansu too:
+    :func:`streams.kafka_io.log_end`)."""
+    from kafka import KafkaConsumer
 
-    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
+    c = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
     try:
-        tp = TopicPartition(topic, partition)
-        return int(c.end_offsets([tp])[tp])
+        return int(log_end(c, topic).get(partition, 0))
     finally:
         c.close()
 
@@ -200,7 +235,14 @@ def account(kafka: KafkaConfig, gen: GeneratorConfig, requests: int, negative_ra
                             + led.clicks_joined + led.clicks_late)
     led.lost = led.events_in - led.events_accounted
     if checkpoint_dir is not None:
-        trained = trained_ids(checkpoint_dir)
-        led.examples_untrained = int((~_in(trained, uniq)).sum())
+        lineage = trained_lineage(checkpoint_dir)
+        led.examples_untrained = int((~_in(lineage.ids, uniq)).sum())
+        led.examples_trained = lineage.examples_trained
+        led.duplicates_skipped = lineage.duplicates_skipped
+        led.duplicates_trained = lineage.duplicates_trained
+        led.dedup_forgotten = lineage.forgotten
+        if lineage.forgotten:
+            log.warning("the trainer's de-dup filter forgot %d ids: duplicates_trained and "
+                        "examples_untrained are not exact", lineage.forgotten)
     log.info("ledger: %s", led.as_dict())
     return led

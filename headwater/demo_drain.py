@@ -15,8 +15,8 @@ Two details the offsets alone do not settle:
   commit it may still be emitting; it is settled once its pending-requests gauge reads 0 and
   the end of ``hw.examples`` has not moved for ``settle_s`` (the gauge refreshes every second);
 * Tansu answers ListOffsets(latest) with the base offset of the partition's last record batch
-  plus one, which is short of the end when that batch holds several records. A fetch's high
-  watermark is right, so the end is read by fetching the last batch (:func:`log_end`).
+  plus one, which is short of the end when that batch holds several records, so ends are read
+  with :func:`streams.kafka_io.log_end` (a fetch's high watermark).
 """
 
 from __future__ import annotations
@@ -29,35 +29,11 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from streams.kafka_io import log_end
+
 log = logging.getLogger(__name__)
 
-__all__ = ["DrainWatch", "log_end"]
-
-
-def log_end(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """Next offset a producer would get, per partition of ``topic`` (see the module docstring).
-
-    ``consumer`` must have no group (it is re-assigned here)."""
-    parts = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    if not tps:
-        return {}
-    listed = consumer.end_offsets(tps)
-    ends = {tp.partition: int(listed[tp]) for tp in tps}
-    todo = [tp for tp in tps if listed[tp] > 0]
-    if not todo:
-        return ends
-    consumer.assign(todo)
-    for tp in todo:
-        consumer.seek(tp, int(listed[tp]) - 1)  # the last batch (or the last record)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        consumer.poll(timeout_ms=200, max_records=1)
-        marks = {tp: consumer.highwater(tp) for tp in todo}
-        if all(m is not None for m in marks.values()):
-            ends.update({tp.partition: max(ends[tp.partition], int(m)) for tp, m in marks.items()})
-            return ends
-    raise TimeoutError(f"no high watermark for {topic} within {timeout_s} s")
+__all__ = ["DrainWatch", "log_end"]  # log_end: re-exported from streams.kafka_io
 
 
 def _committed(consumer: KafkaConsumer, topic: str, partitions: list[int]) -> dict[int, int]:

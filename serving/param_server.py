@@ -20,6 +20,25 @@ recommender replica reads only the control partition (``partition=control_partit
 tower, and an empty table whose default vectors stand in for a shard that does not answer.
 Every message names its shard; a replica that meets a partition published for another layout
 stops with an error instead of serving a wrong table.
+
+Pinning and rollback (``headwater params pin|rollback|unpin|status``): the replica keeps its last
+``history_versions`` versions (:mod:`serving.version_history`: the towers, and the pre-images of
+the rows each delta changed) and acts on ``control`` messages on its partition, which a serving
+process's admin endpoint (:mod:`serving.params_admin`) writes to every partition, so every
+replica following the topic acts on the same command within its poll interval:
+
+- ``pin V``: serve version ``V`` and stop applying newer messages. ``V`` older than the served
+  version is restored in place from the pre-images; newer (while pinned behind) is reached by
+  reading on from the pinned version's end offset. A version the replica does not hold is
+  refused (NOT_FOUND in the command's result and the log) and the replica serves as before.
+- ``unpin``: read on from where the pinned version ends (or from a newer complete snapshot, if
+  one was published since) and follow the newest again.
+
+While pinned the replica keeps reading the partition (for the next command, and to know which
+newer versions exist) but applies nothing. Command offsets already acted on are skipped when it
+re-reads, and a warm restart re-reads from the pinned version's end, so the pin survives it.
+A replica that bootstraps from a snapshot newer than the pinned version cannot serve it (it
+never held it): it follows the newest version; ``status`` tells which version each serves.
 """
 
 from __future__ import annotations
@@ -30,17 +49,29 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from prometheus_client import Counter, Gauge
 
 from embedding_store.sharding import shard_of
 from serving.scoring import ServingModel
-from training.params_wire import CONTROL_SHARD, control_partition
+from serving.version_history import HeldVersion, VersionHistory
+from training.params_wire import (CONTROL, CONTROL_SHARD, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE,
+                                  ControlCommand, ParamsMessage, ParamsWireError, control_partition,
+                                  join_payload)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParamServerConfig", "ParamServer", "ShardLayoutError", "shard_of", "parse_shard"]
+__all__ = ["ParamServerConfig", "ParamServer", "ShardLayoutError", "CommandResult", "shard_of", "parse_shard"]
+
+PINNED_VERSION = Gauge("hw_serve_pinned_version", "version serving is pinned to (-1: following the newest)",
+                       multiprocess_mode="livemax")
+COMMANDS = Counter("hw_serve_params_commands", "hw.params control commands acted on", ["action", "code"])
+HELD_VERSIONS = Gauge("hw_serve_held_versions", "published versions a replica can pin or roll back to",
+                      multiprocess_mode="livemin")
 
 
 class ShardLayoutError(RuntimeError):
@@ -68,6 +99,29 @@ class ParamServerConfig:
     num_shards: int = field(default=1, metadata={"help": "shards of the id space (1 = the whole table)"})
     shard_index: int = field(default=0, metadata={"help": "the shard this replica holds"})
     poll_timeout_ms: int = field(default=100, metadata={"help": "Kafka poll timeout"})
+    history_versions: int = field(default=120, metadata={
+        "help": "published versions kept to pin or roll back to (headwater params); about this many "
+                "sparse sync intervals back (0 or 1 = none)"})
+    history_max_mb: float = field(default=256.0, metadata={"help": "memory the kept versions' row pre-images may take; beyond it the oldest versions go"})
+    admin_port: int = field(default=0, metadata={
+        "help": "HTTP admin endpoint for headwater params status|pin|rollback|unpin (0 = off); the "
+                "processes of --processes share it"})
+    admin_host: str = field(default="127.0.0.1", metadata={"help": "interface of the admin endpoint (it has no auth: keep it on loopback or a trusted network)"})
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What this replica did with one control command: ``code`` OK, NOT_FOUND or INVALID_ARGUMENT."""
+
+    command_id: int
+    action: str
+    version: int
+    code: str
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "OK"
 
 
 class ParamServer:
@@ -99,6 +153,17 @@ class ParamServer:
         self._last_persist = time.monotonic()
         self.last_update_s = time.monotonic()  # last applied hw.params message (or start)
         self.error: BaseException | None = None
+        self.history = VersionHistory(max(cfg.history_versions, 0), int(max(cfg.history_max_mb, 0) * (1 << 20)))
+        self.pinned_version: int | None = None
+        self._frozen_at: int | None = None  # pinned: messages at or past this offset are not applied
+        self._later: dict[int, int] = {}  # pinned: versions newer than the served one -> end offset
+        self._snapshot_later = -1  # pinned: begin offset of a complete snapshot past the pin
+        self._seek: int | None = None  # the follower thread moves the consumer here
+        self._commands_upto = -1  # offset of the newest control message acted on
+        self._staging = False  # between a snapshot's begin and end markers
+        self._dense: dict[int, list[ParamsMessage]] = {}  # live tower chunks by publish id
+        self.results: OrderedDict[int, CommandResult] = OrderedDict()
+        self.admin: Any = None
         if cfg.state_dir:
             self._restore(Path(cfg.state_dir))
 
@@ -128,11 +193,17 @@ class ParamServer:
 
     # -- following the topic ---------------------------------------------------------------
     def start(self) -> None:
+        if self.cfg.admin_port:
+            from serving.params_admin import ParamsAdmin
+
+            self.admin = ParamsAdmin(self, self.cfg.admin_host, self.cfg.admin_port).start()
         self._thread = threading.Thread(target=self._run, name="param-server", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self.admin is not None:
+            self.admin.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.cfg.state_dir and self.ready:
@@ -167,12 +238,19 @@ class ParamServer:
             return
         try:
             while not self._stop.is_set():
-                applied = 0
+                changed = False
                 for offset, msg in follower.poll(timeout_ms=self.cfg.poll_timeout_ms):
-                    self.apply(msg)
-                    self.next_offset = offset + 1
-                    applied += 1
-                if applied and self.on_update is not None and self.ready:
+                    changed |= self._handle(offset, msg)
+                    frozen = self._frozen_at
+                    self.next_offset = offset + 1 if frozen is None else min(offset + 1, frozen)
+                    if self._seek is not None:
+                        break  # what was fetched past here is read again after the seek
+                if self._seek is not None:
+                    follower.consumer.seek(follower.tp, self._seek)
+                    self.next_offset, self._seek = self._seek, None
+                    self._dense.clear()
+                    self._staging = False
+                if changed and self.on_update is not None and self.ready:
                     self.on_update(self.current())
                 if (self.cfg.state_dir and self.ready
                         and time.monotonic() - self._last_persist >= self.cfg.persist_interval_s):
@@ -183,17 +261,184 @@ class ParamServer:
         finally:
             follower.close()
 
-    def apply(self, msg) -> None:
-        """Applies one decoded ``ParamsMessage`` after checking it belongs to this partition."""
-        if msg.model_id == self.cfg.model_id and (msg.num_shards != self.cfg.num_shards
-                                                  or msg.shard != self.expect_shard):
+    def _layout_ok(self, msg: ParamsMessage) -> bool:
+        return msg.num_shards == self.cfg.num_shards and msg.shard == self.expect_shard
+
+    def _handle(self, offset: int, msg: ParamsMessage) -> bool:
+        """One message read at ``offset``: a command, a message past the pin (noted, not
+        applied), or an update to apply. Returns whether the served model changed."""
+        if msg.model_id != self.cfg.model_id:
+            return False
+        self.last_update_s = time.monotonic()
+        if msg.kind == CONTROL:
+            return self._command(offset, msg)
+        if self._frozen_at is not None and offset >= self._frozen_at:
+            with self._lock:
+                self._note_later(offset, msg)
+            return False
+        self.apply(msg, offset)
+        return True
+
+    def apply(self, msg: ParamsMessage, offset: int | None = None) -> None:
+        """Applies one decoded ``ParamsMessage`` after checking it belongs to this partition
+        (``offset``: where it was read, for the version history)."""
+        if msg.model_id != self.cfg.model_id:
+            return
+        if not self._layout_ok(msg):
             raise ShardLayoutError(
                 f"{self.topic}[{self.partition}] holds shard {msg.shard} of {msg.num_shards}; this "
                 f"replica expects shard {self.expect_shard} of {self.cfg.num_shards} (match the "
                 f"trainer's num_param_shards)")
         with self._lock:
-            self.state.apply(msg)
+            s = self.state
+            if s.ready and not msg.in_snapshot and msg.kind in (SPARSE, DENSE):
+                self._apply_live(msg)
+            else:
+                loaded = s.snapshot_id
+                s.apply(msg)
+                self._staging = msg.kind == SNAPSHOT_BEGIN or (self._staging and msg.kind != SNAPSHOT_END)
+                if s.snapshot_id != loaded:  # a snapshot replaced table and tower
+                    self._dense.clear()
+                    self.history.reset(s.version, s.watermark_ms, s.tower, -1 if offset is None else offset + 1)
+            # A version's end is where a re-read reproduces it: never inside a snapshot or a tower.
+            if offset is not None and s.ready and not self._staging and not self._dense:
+                self.history.after_message(s.version, s.watermark_ms, s.tower, offset + 1)
+            HELD_VERSIONS.set(len(self.history.entries))
         self.last_update_s = time.monotonic()
+
+    def _apply_live(self, msg: ParamsMessage) -> None:
+        """``ReplicaState``'s live semantics, keeping the pre-images of the rows a delta changes."""
+        from training.model import tower_from_safetensors
+
+        s = self.state
+        if msg.kind == SPARSE:
+            delta = msg.table_delta()
+            self.history.before_rows(msg.version, s.table, delta)
+            s.table.import_delta(delta)
+        else:
+            chunks = self._dense.setdefault(msg.publish_id, [])
+            chunks.append(msg)
+            if len(chunks) == msg.chunk_count:
+                del self._dense[msg.publish_id]
+                s.tower, _ = tower_from_safetensors(join_payload(chunks))
+        s.version = max(s.version, msg.version)
+        s.watermark_ms = max(s.watermark_ms, msg.watermark_ms)
+        s.applied += 1
+
+    # -- pinning ---------------------------------------------------------------------------
+    def _note_later(self, offset: int, msg: ParamsMessage) -> None:
+        """Pinned: remember where each newer version ends (and newer snapshots) without applying."""
+        if msg.snapshot_offset >= (self._frozen_at or 0):
+            self._snapshot_later = max(self._snapshot_later, msg.snapshot_offset)
+        ends_version = (msg.kind == SNAPSHOT_END if msg.in_snapshot
+                        else msg.kind == SPARSE or msg.chunk_index == msg.chunk_count - 1)
+        pinned = -1 if self.pinned_version is None else self.pinned_version
+        if ends_version and msg.version > pinned:
+            self._later[msg.version] = offset + 1
+
+    def _command(self, offset: int, msg: ParamsMessage) -> bool:
+        if offset <= self._commands_upto:
+            return False  # acted on before this re-read
+        self._commands_upto = offset
+        if not self._layout_ok(msg):
+            log.warning("ignoring a control command at %s[%d]@%d written for shard %d of %d", self.topic,
+                        self.partition, offset, msg.shard, msg.num_shards)
+            return False
+        try:
+            cmd = ControlCommand.decode(msg.payload)
+        except ParamsWireError as exc:
+            log.warning("ignoring a bad control message at %s[%d]@%d: %s", self.topic, self.partition, offset, exc)
+            return False
+        with self._lock:
+            code, message = self._pin(cmd.version) if cmd.action == "pin" else self._unpin()
+            self.results[cmd.command_id] = CommandResult(cmd.command_id, cmd.action, cmd.version, code, message)
+            while len(self.results) > 256:
+                self.results.popitem(last=False)
+        COMMANDS.labels(action=cmd.action, code=code).inc()
+        what = f"pin {cmd.version}" if cmd.action == "pin" else cmd.action
+        (log.info if code == "OK" else log.warning)("%s [%s]: %s", what, code, message)
+        return code == "OK"
+
+    def _pin(self, version: int) -> tuple[str, str]:
+        cur = self.history.current
+        if cur is None or not self.ready:
+            return "NOT_FOUND", f"version {version} is not held: no model loaded yet"
+        if version <= cur.version:
+            if self.history.get(version) is None:
+                return "NOT_FOUND", f"version {version} is not held ({self._held_text()})"
+            target, undone = self.history.undo_to(self.state.table, version)
+            for entry in undone:
+                self._later[entry.version] = entry.next_offset
+            self._serve(target)
+        elif self._frozen_at is not None and version in self._later:
+            # Pinned behind: read on from the served version up to the end of the one asked for.
+            self._seek, self._frozen_at = cur.next_offset, self._later[version]
+            self._later = {v: o for v, o in self._later.items() if v > version}
+        else:
+            return "NOT_FOUND", f"version {version} is not held ({self._held_text()})"
+        self.pinned_version = version
+        PINNED_VERSION.set(version)
+        return "OK", f"pinned to version {version}"
+
+    def _serve(self, entry: HeldVersion) -> None:
+        s = self.state
+        s.tower, s.version, s.watermark_ms = entry.tower, entry.version, entry.watermark_ms
+        self._frozen_at = entry.next_offset
+        self._dense.clear()
+
+    def _unpin(self) -> tuple[str, str]:
+        if self._frozen_at is None:
+            return "OK", "not pinned: following the newest version"
+        cur = self.history.current
+        resume = cur.next_offset if cur is not None and cur.next_offset >= 0 else self.next_offset
+        if self._snapshot_later >= resume:  # a complete snapshot since: start there
+            resume = self._snapshot_later
+        self._seek, self._frozen_at = resume, None
+        self._later, self._snapshot_later = {}, -1
+        self.pinned_version = None
+        PINNED_VERSION.set(-1)
+        return "OK", f"unpinned: following the newest version again from offset {resume}"
+
+    def _held_text(self) -> str:
+        held = self.history.versions()
+        if not held:
+            return "none held"
+        return (f"this replica holds {held[0]}..{held[-1]} ({len(held)} versions; "
+                f"history_versions={self.cfg.history_versions})")
+
+    # -- what the admin endpoint reads -------------------------------------------------------
+    def pinnable(self, version: int) -> str | None:
+        """None if ``version`` can be pinned here, else why not (for a NOT_FOUND answer)."""
+        with self._lock:
+            if not self.ready:
+                return "no model loaded yet"
+            if self.history.get(version) is not None or (self._frozen_at is not None and version in self._later):
+                return None
+            return f"version {version} is not held ({self._held_text()})"
+
+    def previous_version(self) -> int | None:
+        """The newest held version older than the one served (what ``rollback`` pins)."""
+        with self._lock:
+            older = [v for v in self.history.versions() if v < int(self.state.version)]
+            return older[-1] if older else None
+
+    def command_result(self, command_id: int) -> CommandResult | None:
+        with self._lock:
+            return self.results.get(command_id)
+
+    def params_status(self) -> dict:
+        """JSON-ready: the version served, whether pinned, the versions held, freshness."""
+        with self._lock:
+            held = self.history.versions()
+            s = self.state
+            newest = max([*held, *self._later], default=int(s.version))
+            return {"model_id": self.cfg.model_id, "ready": self.ready, "version": int(s.version),
+                    "newest_version": int(newest), "pinned": self.pinned_version is not None,
+                    "pinned_version": self.pinned_version, "held_versions": held,
+                    "history_bytes": int(self.history.bytes), "watermark_ms": int(s.watermark_ms),
+                    "freshness_lag_ms": self.freshness_lag_ms(), "partition": self.partition,
+                    "shard": f"{self.cfg.shard_index}/{self.cfg.num_shards}",
+                    "error": None if self.error is None else str(self.error)}
 
     # -- persistence ---------------------------------------------------------------------------
     def persist(self) -> None:
@@ -247,6 +492,7 @@ class ParamServer:
         s.table, s.tower = table, tower
         s.version, s.watermark_ms, s.snapshot_id = meta["version"], meta["watermark_ms"], meta["snapshot_id"]
         self.next_offset = int(meta["next_offset"])
+        self.history.reset(s.version, s.watermark_ms, tower, self.next_offset)
         self.restored = True
         log.info("replica restored from %s at offset %d (version %d)", root, self.next_offset, s.version)
 

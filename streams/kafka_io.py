@@ -332,6 +332,36 @@ def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
     return out
 
 
+def log_end(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """The next offset a producer would get, per partition of ``topic``.
+
+    Tansu answers ListOffsets(latest) with the base offset of the partition's last record batch
+    plus one, which is short of the end when that batch holds several records. A fetch's high
+    watermark is right, so the end is read by fetching the last batch. ``consumer`` must have no
+    group (it is re-assigned here).
+    """
+    parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    if not tps:
+        return {}
+    listed = consumer.end_offsets(tps)
+    ends = {tp.partition: int(listed[tp]) for tp in tps}
+    todo = [tp for tp in tps if listed[tp] > 0]
+    if not todo:
+        return ends
+    consumer.assign(todo)
+    for tp in todo:
+        consumer.seek(tp, int(listed[tp]) - 1)  # the last batch (or the last record)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        consumer.poll(timeout_ms=200, max_records=1)
+        marks = {tp: consumer.highwater(tp) for tp in todo}
+        if all(m is not None for m in marks.values()):
+            ends.update({tp.partition: max(ends[tp.partition], int(m)) for tp, m in marks.items()})
+            return ends
+    raise TimeoutError(f"no high watermark for {topic} within {timeout_s} s")
+
+
 def read_topic(cfg: KafkaConfig, topic: str, stop_after: int | None = None,
                idle_s: float = 2.0, timeout_s: float = 120.0) -> list[Record]:
     """Reads a topic from the beginning without a group (tests, benchmarks, inspection).

@@ -56,6 +56,18 @@ class TrainerConfig:
     sync_fp16: bool = field(default=False, metadata={"help": "ship row values as float16"})
     params_message_bytes: int = field(default=1 << 20, metadata={"help": "largest hw.params message (chunks stay under it)"})
     num_param_shards: int = field(default=1, metadata={"help": "serving PS shards: rows go to hw.params partition shard_of(id, N), the tower to partition N (1 = unsharded)"})
+    # -- publish guard (training/publish_guard.py: what fails, and what happens then)
+    guard: bool = field(default=True, metadata={
+        "help": "check every update before publishing it (finite values, bounded norms, no sudden "
+                "AUC/logloss drop) and hold back what fails"})
+    guard_max_row_norm: float = field(default=100.0, metadata={"help": "largest L2 norm of a published embedding row, counter columns left out (0 = no limit)"})
+    guard_max_tower_norm: float = field(default=1000.0, metadata={"help": "largest L2 norm of any one dense tower tensor (0 = no limit)"})
+    guard_auc_drop: float = field(default=0.05, metadata={"help": "hold updates back when the newest window's prequential AUC is this much below the last good window's (0 = off)"})
+    guard_logloss_rise: float = field(default=0.05, metadata={"help": "hold updates back when the newest window's log loss is this much above the last good window's (0 = off)"})
+    guard_window: int = field(default=20_000, metadata={"help": "examples the quality check judges (the newest ones); fewer since the last failure: not judged"})
+    guard_max_failures: int = field(default=3, metadata={
+        "help": "consecutive failed checks before the trainer rolls back to its last good checkpoint "
+                "(a non-finite state rolls back at once; 0 = never, keep holding)"})
     # -- checkpoints
     checkpoint_dir: str = field(default="", metadata={"help": "checkpoint directory (empty = none)"})
     checkpoint_interval_s: float = field(default=30.0, metadata={"help": "checkpoint this often"})
@@ -85,3 +97,8 @@ class TrainerConfig:
             raise ValueError("sync intervals must be positive")
         if self.params_message_bytes < 4096:
             raise ValueError("params_message_bytes must be at least 4096")
+        if min(self.guard_max_row_norm, self.guard_max_tower_norm, self.guard_auc_drop,
+               self.guard_logloss_rise, self.guard_max_failures) < 0:
+            raise ValueError("guard limits, margins and guard_max_failures must be >= 0 (0 = off)")
+        if self.guard_window <= 0:
+            raise ValueError(f"guard_window must be positive, got {self.guard_window}")

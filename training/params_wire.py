@@ -13,6 +13,12 @@ binary ``payload`` whose meaning depends on the kind:
 - ``snapshot_begin`` / ``snapshot_end``: bracket a full snapshot ``snapshot_id``: every row of every
   slot (``sparse`` messages whose ``snapshot_id`` is set, ``from_version`` = 0) and the dense tower.
   A snapshot is authoritative: a replica that loads it replaces its whole state with it.
+- ``control``: an operator's command to every replica that reads the partition, written by a
+  serving process's admin endpoint (``headwater params pin|rollback|unpin``, see
+  :mod:`serving.params_admin`); ``payload`` is a :class:`ControlCommand`. It changes no
+  parameter: its ``version`` is the pinned version (-1 for unpin), its ``watermark_ms`` -1, and
+  it carries the partition's current ``snapshot_offset`` so bootstrapping keeps working when it
+  is the last message.
 
 Every message carries ``model_id``, ``version`` (the table version the replica is at once it has
 applied the message), ``watermark_ms`` (event time of the newest example the parameters include,
@@ -45,15 +51,17 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["WIRE_VERSION", "SPARSE", "DENSE", "SNAPSHOT_BEGIN", "SNAPSHOT_END", "KINDS",
-           "HEADER_BYTES", "ParamsWireError", "ParamsMessage", "encode_params", "decode_params",
-           "payload_chunks", "join_payload", "CONTROL_SHARD", "params_partitions", "control_partition"]
+__all__ = ["WIRE_VERSION", "SPARSE", "DENSE", "SNAPSHOT_BEGIN", "SNAPSHOT_END", "CONTROL", "KINDS",
+           "HEADER_BYTES", "ParamsWireError", "ParamsMessage", "ControlCommand", "encode_params",
+           "decode_params", "payload_chunks", "join_payload", "CONTROL_SHARD", "params_partitions",
+           "control_partition"]
 
 WIRE_VERSION = 2  # 2 added shard / num_shards; 1 is still written for unsharded topics and read
 READABLE_VERSIONS = (1, 2)
 CONTROL_SHARD = -1  # the ``shard`` of messages on a sharded topic's control (dense) partition
 SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END = "sparse", "dense", "snapshot_begin", "snapshot_end"
-KINDS = (SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END)
+CONTROL = "control"
+KINDS = (SPARSE, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, CONTROL)
 HEADER_BYTES = 512  # generous bound on the envelope around a payload, for chunk sizing
 
 
@@ -96,6 +104,35 @@ class ParamsMessage:
             return decode_delta(self.payload)
         except DeltaFormatError as exc:
             raise ParamsWireError(f"bad sparse payload: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    """The payload of a ``control`` message: ``pin`` serving to ``version``, or ``unpin`` (follow
+    the newest again); ``command_id`` lets the issuer see when a replica has acted on it."""
+
+    action: str
+    version: int = -1
+    command_id: int = 0
+
+    ACTIONS = ("pin", "unpin")
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"a": self.action, "v": int(self.version), "id": int(self.command_id)})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "ControlCommand":
+        """Raises :class:`ParamsWireError` on anything but a well-formed command."""
+        try:
+            obj = msgpack.unpackb(payload, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise ParamsWireError(f"undecodable control payload: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("a") not in cls.ACTIONS:
+            raise ParamsWireError(f"control payload is not a command: {obj!r:.80}")
+        version, cid = obj.get("v"), obj.get("id")
+        if not isinstance(version, int) or not isinstance(cid, int) or isinstance(version, bool):
+            raise ParamsWireError("control command has no integer version / id")
+        return cls(obj["a"], version, cid)
 
 
 def encode_params(msg: ParamsMessage) -> bytes:

@@ -13,6 +13,12 @@ rows go to partition ``i`` and the tower to the control partition N, so a parame
 reads only its part; every partition still gets its own complete snapshots (layout:
 :mod:`training.params_wire`). Each partition is one total order on its own; partitions are not
 ordered against each other, which is fine because a row lives in exactly one of them.
+
+Guarded publishing: given a :class:`training.publish_guard.PublishGuard`, every publish (delta,
+tower, snapshot, the final one on stop) is checked first and sent only if it passes; a failing
+one is held back (nothing sent, ``published_version`` unchanged, so the next passing publish
+carries everything since). While the guard holds, checks repeat at the sparse cadence; the rule
+for what follows (release, rollback) is in that module.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from embedding_store.sharding import shard_of
 from training.params_wire import (CONTROL_SHARD, DENSE, HEADER_BYTES, SNAPSHOT_BEGIN, SNAPSHOT_END,
                                   SPARSE, ParamsMessage, control_partition, encode_params,
                                   params_partitions, payload_chunks)
+from training.publish_guard import PublishGuard
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +101,14 @@ class DeltaPublisher:
     """Publishes changed rows, dense weights and snapshots of one table + tower to ``hw.params``.
 
     ``tower_bytes`` returns the current dense weights as safetensors bytes (it is called only
-    when a dense publish is due). ``producer`` is a kafka-python ``KafkaProducer``.
+    when a dense publish is due). ``producer`` is a kafka-python ``KafkaProducer``. ``guard``, if
+    given, checks every publish first (see the module docstring).
     """
 
     def __init__(self, producer: Any, topic: str, table: Any, tower_bytes: Callable[[], bytes],
-                 cfg: SyncConfig) -> None:
+                 cfg: SyncConfig, guard: PublishGuard | None = None) -> None:
         self.producer = producer
+        self.guard = guard
         self.topic = topic
         self.table = table
         self.tower_bytes = tower_bytes
@@ -116,6 +125,7 @@ class DeltaPublisher:
                                  f"{len(self.partitions)} (see ensure_params_partitions)")
         self._publish_id = int(time.time() * 1000) << 8  # distinct across restarts
         self._last_sparse = self._last_dense = self._last_snapshot = float("-inf")
+        self._last_check = float("-inf")
         self.dense_requested = False
 
     def _next_id(self) -> int:
@@ -154,22 +164,75 @@ class DeltaPublisher:
         self.producer.flush(timeout=timeout_s)
         return [f.get(timeout=timeout_s) for f in futures]  # raises the send's error, if any
 
+    # -- the guard ---------------------------------------------------------------------------
+    @property
+    def holding(self) -> bool:
+        """True while the guard holds every update back."""
+        return self.guard is not None and self.guard.holding
+
+    @property
+    def rollback_due(self) -> bool:
+        """The guard gave up waiting: the trainer should roll back (``training.publish_guard``)."""
+        return self.guard is not None and self.guard.rollback_due
+
+    def _vet(self, delta: TableDelta | None, what: str) -> bool:
+        """The guard's verdict on publishing ``delta`` (None: no rows) with the current tower."""
+        if self.guard is None:
+            return True
+        was_holding = self.guard.holding
+        if delta is None and was_holding and int(self.table.version) != self.published_version:
+            # What releases a hold must cover everything held: the rows too, not just the tower.
+            delta = self.table.export_delta(since_version=max(self.published_version, 0))
+        ok = self.guard.check(delta, self.table.slots, what).ok
+        if ok and was_holding:
+            self.dense_requested = True  # the tower may have moved while everything was held
+        return ok
+
+    def state_is_good(self) -> bool:
+        """Whether the guard passes everything not published yet: what a checkpoint may capture."""
+        if self.guard is None:
+            return True
+        return self._vet(self.table.export_delta(since_version=max(self.published_version, 0)), "checkpoint")
+
+    def _snapshot_delta(self) -> TableDelta:
+        delta = self.table.export_delta(since_version=0)
+        for name, sd in delta.slots.items():  # a snapshot is the full state: no deletions
+            delta.slots[name] = SlotDelta(ids=sd.ids, values=sd.values)
+        return delta
+
     # -- what is due ---------------------------------------------------------------------
     def maybe_publish(self, watermark_ms: int, now: float | None = None) -> bool:
-        """Publishes whatever is due; returns True if anything was sent."""
+        """Publishes whatever is due (and passes the guard); returns True if anything was sent."""
         now = time.monotonic() if now is None else now
-        if self.published_version < 0 or now - self._last_snapshot >= self.cfg.snapshot_interval_s:
-            self.publish_snapshot(watermark_ms)
+        snapshot = self.published_version < 0 or now - self._last_snapshot >= self.cfg.snapshot_interval_s
+        sparse = now - self._last_sparse >= self.cfg.sparse_interval_s
+        dense = self.dense_requested or now - self._last_dense >= self.cfg.dense_interval_s
+        if not (snapshot or sparse or dense):
+            return False
+        rows = None
+        if self.guard is not None:
+            if self.guard.holding and now - self._last_check < self.cfg.sparse_interval_s:
+                return False  # held: check again at the sparse cadence, not every step
+            self._last_check = now
+            if snapshot:
+                rows = self._snapshot_delta()
+            elif sparse and int(self.table.version) != self.published_version:
+                rows = self.table.export_delta(since_version=self.published_version)
+            what = "snapshot" if snapshot else "+".join(k for k, due in (("sparse", sparse), ("dense", dense)) if due)
+            if not self._vet(rows, what):
+                return False
+        if snapshot:
+            self.publish_snapshot(watermark_ms, vetted=rows)
             self._last_snapshot = self._last_sparse = self._last_dense = now
             return True
         sent = False
-        if now - self._last_sparse >= self.cfg.sparse_interval_s:
+        if sparse:
             self._last_sparse = now
-            sent |= self.publish_sparse(watermark_ms)
-        if self.dense_requested or now - self._last_dense >= self.cfg.dense_interval_s:
+            sent |= self.publish_sparse(watermark_ms, vetted=rows)
+        if self.dense_requested or dense:
             self._last_dense = now
             self.dense_requested = False
-            self.publish_dense(watermark_ms)
+            self.publish_dense(watermark_ms, vetted=True)
             sent = True
         return sent
 
@@ -178,12 +241,19 @@ class DeltaPublisher:
         self.dense_requested = True
 
     # -- the three kinds --------------------------------------------------------------------
-    def publish_sparse(self, watermark_ms: int) -> bool:
-        """Rows changed since the last publish; nothing is sent when nothing changed."""
-        version = int(self.table.version)
+    def publish_sparse(self, watermark_ms: int, vetted: TableDelta | None = None) -> bool:
+        """Rows changed since the last publish; nothing is sent when nothing changed or the guard
+        holds them back. ``vetted``: that delta, exported and checked by the caller just now."""
+        delta = vetted
+        if delta is None:
+            if int(self.table.version) == self.published_version:
+                return False
+            delta = self.table.export_delta(since_version=self.published_version)
+            if not self._vet(delta, "sparse"):
+                return False
+        version = int(delta.to_version)
         if version == self.published_version:
             return False
-        delta = self.table.export_delta(since_version=self.published_version)
         msgs = self._row_messages(delta, watermark_ms, -1)
         msgs += self._heartbeats(msgs, delta, watermark_ms)
         self._sync(self._send(msgs, "sparse"))
@@ -194,28 +264,35 @@ class DeltaPublisher:
         PUBLISHED_WATERMARK.set(watermark_ms)
         return True
 
-    def publish_dense(self, watermark_ms: int, snapshot_id: int = -1) -> None:
-        """The tower, to the control partition (parameter shards only need it in snapshots)."""
+    def publish_dense(self, watermark_ms: int, snapshot_id: int = -1, vetted: bool = False) -> bool:
+        """The tower, to the control partition (parameter shards only need it in snapshots).
+        Returns False when the guard held it back (``vetted``: the caller checked it just now)."""
+        if not vetted and not self._vet(None, "dense"):
+            return False
         base = self._header(DENSE, watermark_ms, self.control, publish_id=self._next_id(),
                             snapshot_id=snapshot_id)
         msgs = payload_chunks(base, self.tower_bytes(), self.cfg.max_message_bytes)
         self._sync(self._send(msgs, "dense"))
         PUBLISHED_WATERMARK.set(watermark_ms)
+        return True
 
-    def publish_snapshot(self, watermark_ms: int) -> int:
+    def publish_snapshot(self, watermark_ms: int, vetted: TableDelta | None = None) -> int:
         """A complete, authoritative state between begin/end markers on every partition.
 
-        Returns the begin offset on the control partition (partition 0 when unsharded).
+        Returns the begin offset on the control partition (partition 0 when unsharded), or -1
+        when the guard held it back. ``vetted``: the full-state delta, checked by the caller.
         """
-        version = int(self.table.version)
+        delta = vetted
+        if delta is None:
+            delta = self._snapshot_delta()
+            if not self._vet(delta, "snapshot"):
+                return -1
+        version = int(delta.to_version)
         sid = self._next_id()
         begins = [self._header(SNAPSHOT_BEGIN, watermark_ms, p, publish_id=sid, snapshot_id=sid)
                   for p in self.partitions]
         begin_offsets = {p: int(meta.offset) for p, meta in
                          zip(self.partitions, self._sync(self._send(begins, "snapshot")))}
-        delta = self.table.export_delta(since_version=0)
-        for name, sd in delta.slots.items():  # a snapshot is the full state: no deletions
-            delta.slots[name] = SlotDelta(ids=sd.ids, values=sd.values)
         body = self._row_messages(delta, watermark_ms, sid)
         tower = self.tower_bytes()
         for p in self.partitions:  # each partition's snapshot names the model config

@@ -7,8 +7,15 @@ consistent cut of the state without locks.
 Crash safety: group offsets are committed only *after* a checkpoint holding the state that
 covers them is durable, so the group's committed offsets never run ahead of the newest manifest.
 On restart the trainer loads the checkpoint and drops records below the manifest's offsets
-(those between the last commit and the manifest, if the crash fell in between); the de-dup
-filter, saved in the checkpoint, catches examples the joiner itself emitted twice.
+(those between the last commit and the manifest, if the crash fell in between).
+
+Each example is learned once: examples the joiner emitted twice (it re-emits its uncommitted
+step after a crash, with the same ids) are dropped by id by the de-dup filter
+(:class:`training.dedup.SeenFilter`), which remembers the last ``dedup_capacity`` distinct ids
+at least (its window) and is saved in, and restored from, every checkpoint, so the window spans
+restarts. ``summary()["dedup"]`` and ``hw_train_duplicates_total`` report what it dropped and
+whether it ever forgot an id (``forgotten`` > 0: a copy further back than the window would have
+been trained again).
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from typing import Any, Callable
 from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
-from streams.events import ExampleBatch, SchemaError, decode_examples
+from streams.events import ExampleBatch, SchemaError, decode_examples, encode_examples
 from streams.kafka_io import GroupConsumer, KafkaConfig, topic_names
 from training.batching import BatchFormer, MiniBatch
 from training.checkpoint import CheckpointManifest, CheckpointStore
 from training.config import TrainerConfig
 from training.learner import Learner
 from training.model import tower_to_safetensors
+from training.publish_guard import GuardConfig, PublishGuard, restore_last_good, screen_examples
 from training.sync import DeltaPublisher, SyncConfig, ensure_params_partitions
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,11 @@ class OnlineTrainer:
         self.producer = _make_producer(kafka, cfg.params_message_bytes)
         self.former = BatchFormer(cfg.batch_size, cfg.max_batch_wait_ms / 1000.0)
         self.publisher: DeltaPublisher | None = None
+        # Checks every update before it is published (rules: training.publish_guard).
+        self.guard = PublishGuard(GuardConfig.from_trainer(cfg),
+                                  tower=lambda: self.learner.tower if self.learner else None,
+                                  quality=lambda: self.learner.evaluator.overall.learner if self.learner else None,
+                                  ) if cfg.guard and cfg.publish else None
         if self.learner is not None:
             self._start_publisher()
         now = time.monotonic()
@@ -103,8 +116,18 @@ class OnlineTrainer:
         self.resume_offsets = manifest.offsets_by_partition()
         self.done_offsets = dict(self.resume_offsets)
         self.manifest = manifest
-        log.info("resumed checkpoint %d: %d examples trained, offsets %s, table version %d",
-                 manifest.seq, manifest.examples_trained, manifest.offsets, int(table.version))
+        dedup = self.learner.dedup
+        log.info("resumed checkpoint %d: %d examples trained, offsets %s, table version %d, "
+                 "de-dup filter %d ids (window %d, %d duplicates dropped so far)", manifest.seq,
+                 manifest.examples_trained, manifest.offsets, int(table.version), len(dedup),
+                 dedup.window, dedup.dropped)
+        if int(table.version) > manifest.table_version:
+            # The crash fell between the table save and the manifest: the rows hold updates of
+            # examples past the manifest's offsets, which the filter does not know; replaying
+            # them updates those rows a second time.
+            log.warning("table version %d is ahead of checkpoint %d (table version %d): the "
+                        "examples trained in between update their rows twice", int(table.version),
+                        manifest.seq, manifest.table_version)
 
     def _make_consumer(self) -> Any:
         """The ``hw.examples`` consumer (a ``GroupConsumer``; the multi-rank trainer assigns partitions)."""
@@ -132,7 +155,7 @@ class OnlineTrainer:
         self.publisher = DeltaPublisher(
             self.producer, self.topics.params, learner.table,
             lambda: tower_to_safetensors(learner.tower, {"examples_trained": str(learner.examples_trained)}),
-            sync)
+            sync, guard=self.guard)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None,
@@ -201,6 +224,9 @@ class OnlineTrainer:
             except SchemaError as exc:
                 self._bad(r, exc)
                 batch = ExampleBatch.empty()
+            batch, refused = screen_examples(batch, f"{r.topic}[{r.partition}]@{r.offset}")
+            if refused is not None and self.producer is not None:
+                self.producer.send(self.topics.dlq, value=encode_examples(refused), key=b"trainer")
             self.former.add(batch, r.topic, r.partition, r.offset, now)
         self.consume_s += t1 - t0
         self.decode_s += time.perf_counter() - t1
@@ -258,9 +284,28 @@ class OnlineTrainer:
                 self.publisher.maybe_publish(self.learner.watermark_ms, now)
             except Exception as exc:  # the broker is down or slow: keep training, retry next time
                 log.warning("publish to %s failed, will retry: %s", self.topics.params, exc)
+            if self.publisher.rollback_due:
+                self._rollback()
         if now - self._last_checkpoint >= self.cfg.checkpoint_interval_s:
             self._last_checkpoint = now
             self.checkpoint()
+
+    def _rollback(self) -> None:
+        """The publish guard gave up on the current state: back to the newest checkpoint, keeping
+        the place in hw.examples (``training.publish_guard``, rule 4)."""
+        assert self.guard is not None and self.publisher is not None
+        try:
+            learner = restore_last_good(self.cfg, self.store, self.publisher.published_version)
+        except (OSError, ValueError) as exc:  # a corrupt checkpoint: nothing good to go back to
+            learner, detail = None, f"checkpoint unusable: {exc}"
+        else:
+            detail = "no checkpoint to go back to (set --checkpoint-dir)"
+        if learner is None:
+            self.guard.rolled_back(False, detail)
+            return
+        self.learner = learner
+        self._start_publisher()  # a fresh publisher: its first publish is a snapshot
+        self.guard.rolled_back(True)
 
     def request_dense(self) -> None:
         """Publish the dense tower at the next step instead of waiting for its interval."""
@@ -271,6 +316,9 @@ class OnlineTrainer:
         """Persists state (when a directory is configured), then commits the offsets it covers."""
         offsets = dict(self.done_offsets)
         if self.store is not None and self.learner is not None:
+            if self.publisher is not None and not self.publisher.state_is_good():
+                log.warning("checkpoint skipped: the publish guard holds the current state back")
+                return
             tensors, meta = self.learner.state()
             self.manifest = self.store.write(
                 self.learner.table, tensors, meta, offsets, int(self.learner.table.version),
@@ -316,6 +364,7 @@ class OnlineTrainer:
             "table_version": int(ln.table.version) if ln else 0,
             "published_version": self.publisher.published_version if self.publisher else -1,
             "checkpoints": self.checkpoints,
+            **({"guard": self.guard.summary()} if getattr(self.publisher, "guard", None) else {}),
             "offsets": CheckpointManifest.offsets_key(self.done_offsets),
         }
         if ln is not None:
@@ -324,6 +373,8 @@ class OnlineTrainer:
             out["table_bytes"] = int(sum(s["bytes_used"] for s in stats.values()))
             TABLE_ROWS.set(out["table_rows"])
             out["eval"] = {k: v for k, v in ln.evaluator.summary().items() if k != "windows"}
+            out["dedup"] = {"ids": len(ln.dedup), "window": ln.dedup.window,
+                            "dropped": ln.dedup.dropped, "forgotten": ln.dedup.forgotten}
             out["times"] = {"consume_s": self.consume_s, "decode_s": self.decode_s,
                             **ln.times.as_dict()}
         return out

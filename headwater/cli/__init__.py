@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "headwater.cli.streams_cmd",
     "headwater.cli.train",
     "headwater.cli.serve",
+    "headwater.cli.params",
     "headwater.cli.llm",
     "headwater.cli.dashboard",
     "headwater.cli.llm_serve",  # after llm: adds `serve` to its subcommands

@@ -53,8 +53,8 @@ class SeriesSpec:
 
 
 # The charts and their lines, named after the metrics the components define:
-# training/evaluation.py, streams/metrics.py, training/trainer.py, serving/metrics.py and the
-# LLM HTTP server's serving/http/metrics.py.
+# training/evaluation.py, streams/metrics.py, training/trainer.py, training/publish_guard.py,
+# serving/metrics.py and the LLM HTTP server's serving/http/metrics.py.
 SERIES: tuple[SeriesSpec, ...] = (
     SeriesSpec("auc_learner", "hw_train_auc", "gauge", "auc", "learner",
                {"model": "learner", "scope": "window"}),
@@ -86,6 +86,13 @@ SERIES: tuple[SeriesSpec, ...] = (
     SeriesSpec("serve_p99_ms", "hw_serve_latency_seconds", "quantile", "latency", "p99 (ms)",
                q=0.99, scale=1000.0),
     SeriesSpec("serve_rps", "hw_serve_requests_total", "rate", "rps", "calls/s"),
+    # The publish guard (training/publish_guard.py): held-back updates, the hold, rollbacks.
+    SeriesSpec("guard_failures_per_min", "hw_train_guard_failures_total", "rate", "guard",
+               "updates held back /min", scale=60.0),
+    SeriesSpec("guard_holding", "hw_train_guard_holding", "gauge", "guard", "holding (1 = nothing published)"),
+    SeriesSpec("guard_rollbacks", "hw_train_guard_rollbacks_total", "gauge", "guard", "rollbacks (total)"),
+    SeriesSpec("rejected_examples_per_s", "hw_train_rejected_examples_total", "rate", "guard",
+               "bad examples refused /s"),
     SeriesSpec("llm_tokens_per_s", "hw_llm_output_tokens_total", "rate", "llm_tokens", "output tokens/s"),
     SeriesSpec("llm_prompt_tokens_per_s", "hw_llm_prompt_tokens_total", "rate", "llm_tokens",
                "prompt tokens/s"),

@@ -18,9 +18,14 @@ def _check(report: dict, faults: int) -> None:
     assert report["events_accounted"] == report["events_in"]
     led = report["ledger"]
     assert led["examples_untrained"] == 0 and led["requests_missing_from_topic"] == 0
+    # Each example learned once, whatever the joiner re-emitted (duplicate_examples).
+    assert report["duplicates_trained"] == led["duplicates_trained"] == 0
+    assert led["examples_trained"] == led["examples_on_topic"] - led["duplicate_examples"]
+    assert led["dedup_forgotten"] == 0
     assert report["serving"]["errors"] == 0 and report["serving"]["answered"] > 0
     for f in report["faults"]:
         assert 0 < f["recovery_s"] <= f["downtime_s"]
+        assert f["duplicates_trained"] == 0 and f["duplicates_skipped"] >= 0
         if f["fault"] == "trainer":
             assert f["detail"]["serving_degraded_while_down"]
             assert f["detail"]["serving_fresh_after_recovery"]
