@@ -80,6 +80,7 @@ class Learner:
     times: StepTimes = field(default_factory=StepTimes)
     examples_trained: int = 0
     watermark_ms: int = -1
+    nonfinite_batches: int = 0  # batches skipped because their loss was not finite
     _bias_set: bool = False
     bf16: bool = field(init=False)
 
@@ -139,6 +140,14 @@ class Learner:
                  if mc.dense_dim else None)
         logits = self.logits(bags.emb, dense)
         loss = weighted_bce(logits, labels, rates)
+        if not bool(torch.isfinite(loss)):
+            # A poisoned state (NaN/inf weights) must not spread into the rows or crash the
+            # loop; the publish guard sees the state and rolls back (training.publish_guard).
+            self.nonfinite_batches += 1
+            if self.nonfinite_batches & (self.nonfinite_batches - 1) == 0:  # 1, 2, 4, 8, ...
+                log.error("non-finite loss: batch of %d examples not trained (%d such batches)",
+                          n, self.nonfinite_batches)
+            return 0
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

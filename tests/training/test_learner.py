@@ -100,3 +100,24 @@ def test_a_bf16_tower_learns_like_fp32_and_keeps_its_state_in_fp32():
 def test_an_unknown_dense_precision_is_refused():
     with pytest.raises(ValueError, match="dense_precision"):
         _cfg(dense_precision="fp16").validate()
+
+
+def test_a_poisoned_tower_skips_the_batch_instead_of_crashing_or_poisoning_rows():
+    import torch
+
+    from training.learner import Learner
+    from streams.generator import GeneratorConfig, SyntheticStream
+
+    stream = SyntheticStream(GeneratorConfig(seed=0))
+    batch = stream.examples(stream.block(64))
+    learner = Learner.for_batch(_cfg(), batch)
+    assert learner.train(batch) == len(batch)
+    before = {s: learner.table.lookup(s, torch.from_numpy(learner.table.ids(s))).clone()
+              for s in learner.model_cfg.slots}
+    with torch.no_grad():
+        learner.tower.head.weight.fill_(float("nan"))
+    nxt = stream.examples(stream.block(64))
+    assert learner.train(nxt) == 0 and learner.nonfinite_batches == 1
+    for s, rows in before.items():
+        after = learner.table.lookup(s, torch.from_numpy(learner.table.ids(s))[: len(rows)])
+        assert torch.isfinite(after).all()
