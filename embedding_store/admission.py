@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding_store.id_index import mix64
+from hashing import splitmix64
 
 _SEEDS = np.array(
     [0x8CB92BA72F3D8DD7, 0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3,
@@ -39,7 +39,7 @@ class CountMinSketch:
     def _cols(self, keys: np.ndarray) -> np.ndarray:
         k = keys.astype(np.uint64)
         mask = np.uint64(self.width - 1)
-        return np.stack([(mix64(k ^ _SEEDS[d]) & mask).astype(np.int64) for d in range(self.depth)])
+        return np.stack([(splitmix64(k ^ _SEEDS[d]) & mask).astype(np.int64) for d in range(self.depth)])
 
     def add(self, keys: np.ndarray) -> np.ndarray:
         """Count the keys and return each one's new estimate."""

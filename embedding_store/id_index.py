@@ -18,30 +18,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hashing import GOLDEN, splitmix64
+
 EMPTY = -1
 TOMBSTONE = -2
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN = GOLDEN
 WINDOW = 8
 _WINDOW_STEPS = np.arange(WINDOW, dtype=np.int64)
 
-
-def mix64(keys: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser over int64/uint64 keys -> uint64 (wrapping arithmetic, vectorised).
-
-    A full avalanche matters here: adversarial keys that agree in their low bits must still
-    spread over the table, or linear probing degrades to a scan.
-    """
-    z = keys.astype(np.uint64, copy=True)
-    z += _GOLDEN
-    z ^= z >> np.uint64(30)
-    z *= _M1
-    z ^= z >> np.uint64(27)
-    z *= _M2
-    z ^= z >> np.uint64(31)
-    return z
+mix64 = splitmix64  # the name bench/embedding.py imports; new code imports hashing.splitmix64
 
 
 class IdIndex:

@@ -11,6 +11,10 @@ Consistency: the arrays to be written are copied under the table lock (one consi
 and written after the lock is released, so lookups continue while RocksDB works.
 Integrity: ``load`` checks every record's checksum, size and presence against ``meta`` and raises
 :class:`SnapshotCorruptError` instead of restoring anything partial.
+
+The dependency is one-way: :class:`~embedding_store.table.EmbeddingTable` imports this module, and
+this module sees a table only through :class:`SnapshotTable` (its slot stores, version, seed, lock)
+and builds one on load through the constructor it is given.
 """
 
 from __future__ import annotations
@@ -21,16 +25,15 @@ import os
 import shutil
 import struct
 import zlib
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 import torch
 from rocksdict import Options, Rdict, WriteBatch
 
+from embedding_store.slot_store import SlotStore
 from embedding_store.slots import SlotConfig
-
-if TYPE_CHECKING:
-    from embedding_store.table import EmbeddingTable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,19 @@ _MAGIC = b"HWS1"
 
 class SnapshotCorruptError(RuntimeError):
     """A snapshot that is missing records, truncated or fails its checksums; nothing was loaded."""
+
+
+class SnapshotTable(Protocol):
+    """The parts of a table that a snapshot reads and restores (``EmbeddingTable`` has them)."""
+
+    seed: int
+    version: int
+    lock: AbstractContextManager
+    _stores: dict[str, SlotStore]
+    _last_saved: dict[str, object]  # path -> version of the last snapshot written/read there
+
+
+TableT = TypeVar("TableT", bound=SnapshotTable)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -71,7 +87,7 @@ def _arrays_bytes(arrs: list[np.ndarray]) -> bytes:
     return b"".join(np.ascontiguousarray(a).tobytes() for a in arrs)
 
 
-def _slot_fields(st) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+def _slot_fields(st: SlotStore) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, dtype, per-row shape) of every per-row array, in record order."""
     fields = [("ids", np.dtype("<i8"), ()), ("live", np.dtype("bool"), ()), ("touched", np.dtype("<f8"), ()),
               ("row_version", np.dtype("<i8"), ()), ("values", np.dtype("<f4"), (st.cfg.dim,))]
@@ -80,7 +96,7 @@ def _slot_fields(st) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     return fields
 
 
-def _column(st, name: str, lo: int, hi: int) -> np.ndarray:
+def _column(st: SlotStore, name: str, lo: int, hi: int) -> np.ndarray:
     if name == "values":
         return st.values[lo:hi].detach().cpu().numpy().copy()
     if name.startswith("state:"):
@@ -88,7 +104,7 @@ def _column(st, name: str, lo: int, hi: int) -> np.ndarray:
     return getattr(st, name)[lo:hi].copy()
 
 
-def save_table(table: "EmbeddingTable", path: str, incremental: bool = True) -> dict:
+def save_table(table: SnapshotTable, path: str, incremental: bool = True) -> dict:
     """Snapshot ``table`` to the RocksDB directory ``path``; returns what was written."""
     path = os.fspath(path)
     prev = table._last_saved.get(path)
@@ -185,22 +201,23 @@ def _read_meta(path: str, db: Rdict | None = None) -> dict:
     return meta
 
 
-def load_table(path: str, device: str | torch.device = "cpu") -> "EmbeddingTable":
-    """Restore the table saved at ``path`` bitwise (rows, state, versions, free list, sketch)."""
+def load_table(path: str, new_table: Callable[..., TableT], device: str | torch.device = "cpu") -> TableT:
+    """Restore the table saved at ``path`` bitwise (rows, state, versions, free list, sketch).
+
+    ``new_table(slot_configs, device=..., seed=...)`` builds the empty table the snapshot fills.
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no snapshot directory at {path!r}")
     try:
-        return _load_checked(path, device)
+        return _load_checked(path, new_table, device)
     except SnapshotCorruptError as exc:
         # The caller decides between a fallback and refusing to start; the log names the cause.
         log.error("embedding snapshot %s is corrupt, refusing to load it: %s", path, exc)
         raise
 
 
-def _load_checked(path: str, device: str | torch.device) -> "EmbeddingTable":
-    from embedding_store.table import EmbeddingTable
-
+def _load_checked(path: str, new_table: Callable[..., TableT], device: str | torch.device) -> TableT:
     try:
         db = _open(path)
     except Exception as exc:
@@ -208,7 +225,7 @@ def _load_checked(path: str, device: str | torch.device) -> "EmbeddingTable":
     try:
         meta = _read_meta(path, db)
         cfgs = [SlotConfig(**s["config"]) for s in meta["slots"].values()]
-        table = EmbeddingTable(cfgs, device=device, seed=meta["seed"])
+        table = new_table(cfgs, device=device, seed=meta["seed"])
         for name, sm in meta["slots"].items():
             _load_slot(db, table._stores[name], sm)
         table.version = int(meta["version"])
@@ -230,7 +247,7 @@ def _get(db: Rdict, key: str, blocks: dict) -> bytes:
     return payload
 
 
-def _load_slot(db: Rdict, st, sm: dict) -> None:
+def _load_slot(db: Rdict, st: SlotStore, sm: dict) -> None:
     blocks = sm["blocks"]
     st._grow(int(sm["capacity"]))
     fields = _slot_fields(st)

@@ -23,6 +23,7 @@ from embedding_store import kernels
 from embedding_store.batched_read import read_many
 from embedding_store.delta import SlotDelta, TableDelta
 from embedding_store.optimizers import sparse_update
+from embedding_store.persistence import load_table, save_table
 from embedding_store.slot_store import SlotStore
 from embedding_store.slots import SlotConfig
 
@@ -364,12 +365,8 @@ class EmbeddingTable:
 
     # ---- persistence (see embedding_store.persistence) ------------------------------------------
     def save(self, path: str, incremental: bool = True) -> dict:
-        from embedding_store.persistence import save_table
-
         return save_table(self, path, incremental=incremental)
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "EmbeddingTable":
-        from embedding_store.persistence import load_table
-
-        return load_table(path, device=device)
+        return load_table(path, EmbeddingTable, device=device)

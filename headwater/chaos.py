@@ -1,4 +1,5 @@
-"""``headwater bench chaos``: kill the pipeline's processes and its broker mid-stream, count the damage.
+"""The chaos run behind ``headwater bench chaos`` (:mod:`bench.chaos`): kill the pipeline's
+processes and its broker mid-stream, count the damage.
 
 The platform runs as in the demo, as separate processes (:class:`~headwater.supervisor.Supervisor`):
 a durable broker (Tansu on ``s3://`` storage in a loopback S3 server, so a broker restart keeps
@@ -21,7 +22,6 @@ same figures' growth between the trainer checkpoints before the kill and after t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -42,7 +42,7 @@ from headwater.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChaosConfig", "FaultResult", "run_chaos", "add_arguments", "run"]
+__all__ = ["ChaosConfig", "FaultResult", "run_chaos"]
 
 PROCESS_FAULTS = ("joiner", "trainer", "serving")
 
@@ -412,18 +412,3 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
         "wall_s": round(time.monotonic() - t0, 1), **phases, "load_avg": list(os.getloadavg()),
     }
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from headwater.config import add_config_args
-
-    add_config_args(p, ChaosConfig)
-
-
-def run(args: argparse.Namespace) -> dict:
-    from headwater.config import load_config
-
-    from rich.console import Console
-
-    cfg = load_config(ChaosConfig, args, section="chaos")
-    with Console(stderr=True).status("chaos") as status:
-        return run_chaos(cfg, on_phase=lambda text: status.update(f"chaos: {text}"))

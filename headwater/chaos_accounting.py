@@ -35,7 +35,7 @@ import numpy as np
 
 from streams.events import SchemaError, decode_dead_letter, decode_event, decode_examples
 from streams.generator import GeneratorConfig, SyntheticStream
-from streams.ids import keep_negative, mix64, request_hash
+from streams.ids import keep_negative, request_hash, row_example_ids
 from streams.kafka_io import KafkaConfig, log_end, read_topic, topic_names
 from training.dedup import SeenFilter
 
@@ -97,8 +97,7 @@ def expected_stream(cfg: GeneratorConfig, requests: int, block_requests: int = 5
     k = item_arr.shape[1]
     req_hash = np.fromiter((request_hash(r) for r in rids), np.uint64, len(rids))
     flat = item_arr.reshape(-1)
-    with np.errstate(over="ignore"):
-        ex = mix64(mix64(flat.view(np.uint64)) ^ np.repeat(req_hash, k)).view(np.int64)
+    ex = row_example_ids(flat, np.repeat(req_hash, k))
     click_arr = np.concatenate(clicked).reshape(-1) if clicked else np.zeros(0, bool)
     return Expected(rids, ex, click_arr, np.repeat(np.arange(len(rids)), k), flat)
 

@@ -15,7 +15,6 @@ import importlib.util
 import logging
 import math
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from headwater.demo_dataset import (DatasetPlan, count_dead_letters, dataset_sum
                                     examples_trained, prepare_dataset)
 from headwater.metrics import scrape
 from headwater.supervisor import ChildSpec, Supervisor
+from streams.broker import free_port
 from streams.generator import GeneratorConfig
 
 _WORLD = GeneratorConfig()  # the demo's synthetic world defaults to the generator's
@@ -102,12 +102,6 @@ class DemoConfig:
             raise ConfigError("[demo] eval_window must be >= 0")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _have(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -159,7 +153,8 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
         eval_window = dataset.eval_window if dataset else cfg.eval_window or _EVAL_WINDOW
         add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer"),
                         "--eval-window", str(eval_window),
-                        *(["--checkpoint-interval-s", str(_DATASET_CHECKPOINT_S)] if dataset else [])])
+                        *(["--checkpoint-interval-s", str(_DATASET_CHECKPOINT_S)] if dataset else []),
+                        *(["--crosses", ",".join(dataset.crosses)] if dataset and dataset.crosses else [])])
     if cfg.serve and _have("serving.server"):
         add("serving", ["serve", *common, "--port", str(grpc_port),
                         "--state-dir", str(cfg.data_dir / "serving")])

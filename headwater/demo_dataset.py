@@ -40,6 +40,7 @@ class DatasetPlan:
     rows: int  # data rows in the file, bad ones (cell count, label, time, empty id) included
     dense_dim: int  # width of an impression's dense features (the joiner checks it)
     eval_window: int  # examples per trainer AUC window
+    crosses: tuple[str, ...] = ()  # crossed slots the trainer learns (user x item-side slots)
 
     def replay_args(self) -> list[str]:
         """``headwater replay`` flags beyond the file and the Kafka settings."""
@@ -56,7 +57,9 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     process starts, naming the first bad lines).
     """
     from streams.events import SchemaError
-    from streams.log_schema import LogSchema, infer_schema
+    from streams.log_infer import infer_schema
+    from streams.log_schema import LogSchema
+    from training.model import user_item_crosses
 
     path = Path(path)
     if not path.is_file():
@@ -73,7 +76,9 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     good = stats.rows - stats.bad_rows
     log.info("%s: %d rows (%d bad), schema in %s", path, stats.rows, stats.bad_rows, schema_path)
     return DatasetPlan(path, schema_path, on_bad_row, stats.rows, len(sch.dense_names()),
-                       eval_window or max(1, good // 10))
+                       eval_window or max(1, good // 10), user_item_crosses(sch.item_slots()))
+
+
 
 
 def count_dead_letters(bootstrap_servers: str, topic_prefix: str) -> int | None:

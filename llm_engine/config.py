@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class PreemptionMode(enum.StrEnum):
+    """What happens to a preempted request's KV (see :mod:`llm_engine.scheduler`)."""
+
+    RECOMPUTE = "recompute"  # freed; recomputed from prompt + output so far when it resumes
+    SWAP = "swap"  # copied to the host swap area and back
+
+
+class AttentionBackend(enum.StrEnum):
+    """Paged-attention implementation; ``auto`` resolves to triton on CUDA, torch elsewhere."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
 
 
 @dataclass
@@ -91,8 +107,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         # Checked here, not at first use: a typo in a config file should fail at start-up.
-        if self.preemption_mode not in ("recompute", "swap"):
+        if self.preemption_mode not in tuple(PreemptionMode):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', not {self.preemption_mode!r}")
+        self.preemption_mode = PreemptionMode(self.preemption_mode)  # a str still: flags and files give strings
         for name in ("swap_space_bytes", "num_swap_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from llm_engine.attention import AttentionMetadata
+from llm_engine.config import AttentionBackend
 from llm_engine.model.llama import ForwardContext, LlamaForCausalLM
 
 StepFn = Callable[[], torch.Tensor]
@@ -72,8 +73,8 @@ class CudaGraphCapture:
 class PaddedDecode:
     """Static decode buffers plus one step callable per captured batch size."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], backend: str,
-                 block_size: int, scratch_block: int, max_batch: int, max_blocks: int,
+    def __init__(self, model: LlamaForCausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                 backend: AttentionBackend, block_size: int, scratch_block: int, max_batch: int, max_blocks: int,
                  make_step: Callable[[StepFn], StepFn]):
         self.model, self.kv_layers, self.backend, self.block_size = model, kv_layers, backend, block_size
         self.sizes = capture_sizes(max_batch)

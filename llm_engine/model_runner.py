@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from llm_engine.attention import AttentionMetadata
+from llm_engine.config import AttentionBackend
 from llm_engine.decode_graphs import PaddedDecode, StepFn
 from llm_engine.kv_cache import BlockTableArray
 from llm_engine.model.llama import ForwardContext, LlamaForCausalLM
@@ -37,7 +38,7 @@ class ModelRunner:
     """Owns the model, the KV tensor and the host swap area (same layout, ``None`` unless swap
     preemption is on); reads block tables from the KV manager's array."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, backend: str,
+    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, backend: AttentionBackend,
                  block_tables: BlockTableArray, swap_area: torch.Tensor | None = None):
         self.model, self.kv_cache, self.block_size, self.backend = model, kv_cache, block_size, backend
         self.block_tables = block_tables
@@ -102,13 +103,18 @@ class ModelRunner:
                           meta, torch.from_numpy(qsl[1:] - 1).to(d), qsl[:-1].tolist())
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
-        """Run the step; returns hidden states ``[T, hidden]`` and the inputs used."""
-        inp = self.prepare(out)
+    def run(self, inp: StepInputs) -> torch.Tensor:
+        """The model's forward over prepared inputs; returns hidden states ``[T, hidden]``."""
         if self.decode is not None and self.decode.fits(inp.meta):
-            return self.decode.run(inp.input_ids, inp.positions, inp.meta), inp
+            return self.decode.run(inp.input_ids, inp.positions, inp.meta)
         ctx = ForwardContext(inp.meta, self.kv_layers, self.backend)
-        return self.model(inp.input_ids, inp.positions, ctx), inp
+        return self.model(inp.input_ids, inp.positions, ctx)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
+        """Prepares and runs the step; returns hidden states ``[T, hidden]`` and the inputs used."""
+        inp = self.prepare(out)
+        return self.run(inp), inp
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
 import torch
 
@@ -37,7 +37,12 @@ from llm_engine.scoring import (
     ranking_of,
     reduce_scores,
 )
-from llm_engine.sequence import Sequence
+from llm_engine.sequence import Sequence, SeqStatus
+
+if TYPE_CHECKING:
+    from llm_engine.model_runner import StepInputs
+    from llm_engine.scheduler import SchedulerOutput
+    from llm_engine.step import EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class _Call:
 class ScoringManager:
     """The engine's scoring work items; the engine calls :meth:`collect` and :meth:`after_step`."""
 
-    def __init__(self, engine, max_chunk_elements: int = 1 << 24) -> None:  # noqa: ANN001 - LLMEngine
+    def __init__(self, engine: EngineCore, max_chunk_elements: int = 1 << 24) -> None:
         self.engine = engine
         self.max_chunk_elements = max_chunk_elements
         self.calls: dict[str, _Call] = {}
@@ -147,7 +152,7 @@ class ScoringManager:
                 self.engine.kv.free(seq)
 
     # per step ------------------------------------------------------------------------------
-    def collect(self, sched, hidden: torch.Tensor, inp) -> None:  # noqa: ANN001 - SchedulerOutput, StepInputs
+    def collect(self, sched: SchedulerOutput, hidden: torch.Tensor, inp: StepInputs) -> None:
         """Gathers log-probs at the scored positions of every scoring chunk in this step (one
         chunked projection for all of them)."""
         rows, targets, owners, counts = [], [], [], []
@@ -192,7 +197,7 @@ class ScoringManager:
             k = out.shape[1]
             out[torch.tensor([task.slots[x] for x in sel])] = part[:, :k]
 
-    def after_step(self, sched) -> None:  # noqa: ANN001 - SchedulerOutput
+    def after_step(self, sched: SchedulerOutput) -> None:
         """Retires scoring sequences whose prefill completed; starts phase 2; answers calls."""
         for s in sched.scheduled:
             task: ScoreTask | None = s.seq.score
@@ -218,7 +223,7 @@ class ScoringManager:
         del self.calls[call.request_id]
         if call.prefix is not None:
             self.engine.kv.free(call.prefix)
-            call.prefix.status = call.prefix.status.FINISHED
+            call.prefix.status = SeqStatus.FINISHED
         try:
             n = len(call.items)
             lp = torch.cat(call.logprobs)

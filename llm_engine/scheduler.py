@@ -7,7 +7,7 @@ Policy (one step, token budget ``max_num_batched_tokens``):
    so far; ``"swap"`` copies its KV to the host swap area and back when it resumes (no recompute),
    falling back to recompute for a victim the swap area has no room for. Either gives identical
    output;
-2. waiting requests in :class:`~llm_engine.batching.BatchQueue` order (priority with ageing, then
+2. waiting requests in :class:`batching.BatchQueue` order (priority with ageing, then
    arrival) fill the remaining budget with (chunked) prefills, reusing cached prefix blocks, and
    swapped-out requests resume (swap-in).
 The scheduler only decides; the result is a plain :class:`SchedulerOutput` the runner executes.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from llm_engine.batching import BatchQueue, QueueItem, form_batch
+from batching import BatchQueue, QueueItem, form_batch
 from llm_engine.config import EngineConfig
 from llm_engine.kv_cache import KVCacheManager
 from llm_engine.sequence import Sequence, SeqStatus

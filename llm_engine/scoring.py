@@ -17,13 +17,30 @@ segment sum and the configured length normalisation.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-METHODS = ("loglik", "yes_prob")
-NORMALIZATIONS = ("sum", "mean", "power")
+
+class ScoringMethod(enum.StrEnum):
+    """How a candidate is scored (the ``method`` of a ``/v1/rank`` request)."""
+
+    LOGLIK = "loglik"  # log-likelihood of the candidate's tokens after the context
+    YES_PROB = "yes_prob"  # p(yes) (or p(yes) / (p(yes) + p(no))) after a filled-in template
+
+
+class Normalization(enum.StrEnum):
+    """Length normalisation of a ``loglik`` score."""
+
+    SUM = "sum"
+    MEAN = "mean"  # per token
+    POWER = "power"  # sum / len**alpha
+
+
+METHODS = tuple(m.value for m in ScoringMethod)
+NORMALIZATIONS = tuple(n.value for n in Normalization)
 
 DEFAULT_YES_TEMPLATE = "{context}\nItem:{candidate}\nIs this item a good match? Answer:"
 
@@ -57,7 +74,7 @@ class ScoringOptions:
             raise ScoringError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.normalize not in NORMALIZATIONS:
             raise ScoringError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
-        if self.method == "yes_prob":
+        if self.method == ScoringMethod.YES_PROB:
             c, k = self.template.find("{context}"), self.template.find("{candidate}")
             if c < 0 or k < 0 or k < c:
                 raise ScoringError("template must contain {context} followed later by {candidate}")
@@ -151,7 +168,7 @@ def plan(
     options.validate()
     bos = [bos_id] if bos_id is not None else []
     cand_ids = [encode(c) for c in candidates]
-    if options.method == "loglik":
+    if options.method == ScoringMethod.LOGLIK:
         return plan_loglik(bos + encode(context), cand_ids)
     prefix, suffix = split_template(options.template, context)
     yes = single_token_id(encode, options.yes_token, "yes_token")
@@ -195,7 +212,7 @@ def reduce_scores(
     options: ScoringOptions,
 ) -> torch.Tensor:
     """One score per item from per-target log-probs ([T, K]) grouped by ``segment_ids`` ([T])."""
-    if options.method == "yes_prob":
+    if options.method == ScoringMethod.YES_PROB:
         # One target per item: column 0 is yes, column 1 (when present) no.
         lp = token_logprobs.double()
         if lp.shape[1] == 1:
@@ -205,10 +222,10 @@ def reduce_scores(
         return torch.zeros(num_items, dtype=torch.float64).index_copy_(0, segment_ids, scores)
     lp = token_logprobs[:, 0].double()
     total = torch.zeros(num_items, dtype=torch.float64).index_add_(0, segment_ids, lp)
-    if options.normalize == "sum":
+    if options.normalize == Normalization.SUM:
         return total
     count = torch.zeros(num_items, dtype=torch.float64).index_add_(0, segment_ids, torch.ones_like(lp))
-    if options.normalize == "mean":
+    if options.normalize == Normalization.MEAN:
         return total / count
     return total / count.pow(options.length_alpha)
 

@@ -17,6 +17,21 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class FinishReason(enum.StrEnum):
+    """Why a request ended; the string values are the OpenAI API's ``finish_reason``."""
+
+    STOP = "stop"  # an EOS token, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens, or the model's max length
+    ABORT = "abort"  # cancelled by the caller
+
+
+class RequestKind(enum.StrEnum):
+    """What a sequence is for: generation samples token by token; scoring is prefill only."""
+
+    GENERATE = "generate"
+    SCORE = "score"  # log-probs read at chosen positions (see llm_engine.ranking), no token sampled
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request. ``num_computed_tokens`` counts tokens whose K/V are in the cache."""
@@ -36,7 +51,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     kv_row: int = -1  # this sequence's row in the KV manager's block-table array (-1: none)
     swapped: list[tuple[int, int]] = field(default_factory=list)  # (block-table index, host slot) while swapped out
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
@@ -45,6 +60,10 @@ class Sequence:
     cache_limit: int = 1 << 62
     # Set on prefill-only scoring sequences (see llm_engine.ranking).
     score: Any = None
+
+    @property
+    def kind(self) -> RequestKind:
+        return RequestKind.GENERATE if self.score is None else RequestKind.SCORE
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,8 +1,8 @@
 """Micro-batching: concurrent ``Recommend`` calls share one model forward under a latency budget.
 
-The queue and the budgeted batch former are the generic batching core of
-:mod:`llm_engine.batching` (priorities with ageing, deadlines, a greedy packer); the LLM step
-scheduler is one policy on it and this module is the other. :class:`BatchQueue` adds what a
+The queue and the budgeted batch former are the generic batching core of :mod:`batching`
+(priorities with ageing, deadlines, a greedy packer); the LLM step scheduler is one policy on it
+and this module is the other. :class:`BatchQueue` adds what a
 multi-threaded server needs around the core: a lock, a bound (:class:`Overloaded` beyond
 ``max_jobs``, mapped to RESOURCE_EXHAUSTED), and dropping jobs whose deadline passed
 (:class:`DeadlineExpired`, they cost no compute). The serving *policy* (:class:`MicroBatcher`):
@@ -29,8 +29,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from llm_engine.batching import BatchQueue as CoreQueue
-from llm_engine.batching import QueueItem, form_batch
+from batching import BatchQueue as CoreQueue
+from batching import QueueItem, form_batch
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The serving parameter server: a replica of the trainer's parameters, kept seconds fresh.
 
-It tails ``hw.params`` (format: :mod:`training.params_wire`) and applies each message with
-:class:`training.params_reader.ReplicaState` semantics: sparse deltas into an
+It tails ``hw.params`` (format: :mod:`paramsync.wire`) and applies each message with
+:class:`paramsync.ReplicaState` semantics: sparse deltas into an
 ``embedding_store.EmbeddingTable``, dense safetensors into a new tower, snapshots replacing both.
 A fresh replica bootstraps from the newest complete snapshot (``bootstrap_offset``) and then
 follows; it never replays the whole topic.
@@ -14,7 +14,7 @@ harmless: rows and towers are values, not increments.
 
 Sharding (``num_shards > 1``): the trainer publishes shard ``i``'s rows (placement:
 :func:`shard_of`) to partition ``i`` of ``hw.params`` and the tower to the control partition N
-(layout: :mod:`training.params_wire`). A shard replica reads only its partition, so a fleet of
+(layout: :mod:`paramsync.wire`). A shard replica reads only its partition, so a fleet of
 ``headwater serve --role ps --shard i/N`` processes splits both the table and the tailing work; a
 recommender replica reads only the control partition (``partition=control_partition(N)``): the
 tower, and an empty table whose default vectors stand in for a shard that does not answer.
@@ -57,11 +57,10 @@ from typing import Any, Callable
 from prometheus_client import Counter, Gauge
 
 from embedding_store.sharding import shard_of
+from paramsync import (CONTROL, CONTROL_SHARD, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE, ControlCommand,
+                       ParamsMessage, ParamsWireError, control_partition, join_payload)
 from serving.scoring import ServingModel
 from serving.version_history import HeldVersion, VersionHistory
-from training.params_wire import (CONTROL, CONTROL_SHARD, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE,
-                                  ControlCommand, ParamsMessage, ParamsWireError, control_partition,
-                                  join_payload)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class ParamServer:
                  on_update: Callable[[ServingModel], None] | None = None,
                  partition: int | None = None) -> None:
         """``partition``: which one to tail; default the shard's own (0 unsharded)."""
-        from training.params_reader import ReplicaState
+        from serving.replica import ModelReplica
 
         if not 0 <= cfg.shard_index < max(cfg.num_shards, 1):
             raise ValueError(f"shard_index {cfg.shard_index} out of range for {cfg.num_shards} shards")
@@ -144,7 +143,7 @@ class ParamServer:
         self.cfg = cfg
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.on_update = on_update
-        self.state = ReplicaState(model_id=cfg.model_id)
+        self.state = ModelReplica(model_id=cfg.model_id)
         self.next_offset = -1  # -1: not decided yet (bootstrap)
         self.restored = False
         self._lock = threading.Lock()
@@ -216,7 +215,7 @@ class ParamServer:
         return self.ready
 
     def _run(self) -> None:
-        from training.params_reader import ParamsFollower, bootstrap_offset
+        from paramsync import ParamsFollower, bootstrap_offset
 
         try:
             if self.next_offset < 0:
@@ -308,8 +307,6 @@ class ParamServer:
 
     def _apply_live(self, msg: ParamsMessage) -> None:
         """``ReplicaState``'s live semantics, keeping the pre-images of the rows a delta changes."""
-        from training.model import tower_from_safetensors
-
         s = self.state
         if msg.kind == SPARSE:
             delta = msg.table_delta()
@@ -320,7 +317,7 @@ class ParamServer:
             chunks.append(msg)
             if len(chunks) == msg.chunk_count:
                 del self._dense[msg.publish_id]
-                s.tower, _ = tower_from_safetensors(join_payload(chunks))
+                s.tower = s.load_tower(join_payload(chunks)).tower
         s.version = max(s.version, msg.version)
         s.watermark_ms = max(s.watermark_ms, msg.watermark_ms)
         s.applied += 1

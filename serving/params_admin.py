@@ -34,8 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from training.params_wire import (CONTROL, CONTROL_SHARD, ControlCommand, ParamsMessage, encode_params,
-                                  params_partitions)
+from paramsync import CONTROL, CONTROL_SHARD, ControlCommand, ParamsMessage, encode_params, params_partitions
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ class ParamsAdmin:
     def _publish(self, cmd: ControlCommand) -> None:
         from kafka import KafkaProducer
 
-        from training.params_reader import bootstrap_offset
+        from paramsync import bootstrap_offset
 
         ps = self.ps
         if self._producer is None:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from embedding_store.batched_read import read_rows
+from streams.example_batch import Ragged
+from training.model import cross_bags, cross_parts
 from serving.calibration import Calibrator, calibrated
 
 if TYPE_CHECKING:
@@ -377,6 +379,31 @@ def _row_dense(jobs: Sequence[RankJob], dense_dim: int, tail: np.ndarray, job_of
     return out
 
 
+def _with_cross_feeds(slots: Sequence[str], crosses: Sequence[str],
+                      feeds: dict[str, tuple[np.ndarray, np.ndarray | None]], job_rows: np.ndarray,
+                      item_slot: str, per_row: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``feeds`` in model slot order with every crossed slot's per-row bag added: each part is
+    taken per candidate row (a request-level bag repeated on its job's rows) and the pairs
+    crossed by :func:`training.model.cross_bags`, the function training derives them with."""
+    def rows_of(slot: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, lengths = feeds[slot]
+        if lengths is None:  # one id per row
+            return ids, np.ones(len(ids), np.int64)
+        if slot == item_slot or slot in per_row:
+            return ids, lengths
+        bag = Ragged(ids, lengths.astype(np.int32)).take(job_rows)
+        return bag.values, bag.lengths.astype(np.int64)
+
+    out = {}
+    for slot in slots:
+        if slot in crosses:
+            a, b = cross_parts(slot)
+            out[slot] = cross_bags(*rows_of(a), *rows_of(b))
+        else:
+            out[slot] = feeds[slot]
+    return out
+
+
 def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibrator,
                user_slot: str = "user_id", item_slot: str = "item_id", bf16: bool = False,
                items: ItemSource | None = None) -> list[np.ndarray]:
@@ -396,22 +423,28 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
     catalog = items.rows(all_items, per_row, tail_width > 0) if per_row or tail_width else None
     feeds = {}
     for slot in cfg.slots:
+        if slot in cfg.crosses:
+            continue
         if slot == item_slot:
             feeds[slot] = (all_items, None)
         elif slot in per_row:
             feeds[slot] = _row_bags(jobs, slot, counts, catalog.sparse[slot])
         else:
             feeds[slot] = _job_bags(jobs, slot, user_ids if slot == user_slot else None)
+    if cfg.crosses:  # derived per candidate row from their parts, as training derives them
+        per_row = per_row + list(cfg.crosses)
+        feeds = _with_cross_feeds(cfg.slots, cfg.crosses, feeds, job_rows, item_slot, per_row)
     table = _prefetched(model.table, {slot: ids for slot, (ids, _) in feeds.items()})
     queries = [(slot, ids, lengths) for slot, (ids, lengths) in feeds.items()]
-    row_bags = None if catalog is None else [slot in per_row for slot in feeds]
+    rows_mode = catalog is not None or bool(cfg.crosses)  # some bags are per candidate row
+    row_bags = [slot in per_row for slot in feeds] if rows_mode else None
     dense = None  # per job (plain path) or per row (with the catalog's dense tail)
     if cfg.dense_dim and tail_width:
         dense = _row_dense(jobs, cfg.dense_dim, catalog.dense, job_rows)
     elif cfg.dense_dim:
         dense = np.stack([np.zeros(cfg.dense_dim, np.float32) if j.dense is None
                           else np.asarray(j.dense, np.float32) for j in jobs])
-        if catalog is not None:  # the per-row forward takes per-row dense
+        if rows_mode:  # the per-row forward takes per-row dense
             dense = dense[job_rows]
     probs = _score_in_one_call(model, table, queries, job_of_row, dense, calibrator, bf16, row_bags)
     if probs is None:  # remote table or GPU: the same maths in steps
@@ -425,7 +458,7 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
             dense_t = None
             if dense is not None:
                 dense_t = torch.from_numpy(dense)
-                if catalog is None:
+                if not rows_mode:
                     dense_t = dense_t.index_select(0, job_of_row)
             probs = calibrator.probabilities(_tower_logits(model, emb, dense_t, bf16)).numpy()
     return np.split(probs, np.cumsum(counts)[:-1])
@@ -444,7 +477,11 @@ def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrato
                    bf16: bool = False) -> np.ndarray:
     """Calibrated probabilities float32[B] for explicit rows; a slot not given is an empty bag."""
     cfg = model.tower.cfg
-    feeds = {slot: rows.sparse.get(slot, (np.zeros(0, np.int64), np.zeros(rows.size, np.int64))) for slot in cfg.slots}
+    empty = (np.zeros(0, np.int64), np.zeros(rows.size, np.int64))
+    feeds = {slot: rows.sparse.get(slot, empty) for slot in cfg.slots}
+    for slot in cfg.crosses:  # derived from its parts, never taken from the request
+        a, b = (feeds[p] for p in cross_parts(slot))
+        feeds[slot] = cross_bags(a[0], a[1], b[0], b[1])
     table = _prefetched(model.table, {slot: values for slot, (values, _) in feeds.items()})
     with torch.no_grad():
         pooled = _read(table, [(slot, values, lengths) for slot, (values, lengths) in feeds.items()], cfg.pooling)

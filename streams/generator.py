@@ -209,15 +209,14 @@ class SyntheticStream:
         broker or a join window: the fast path for learning experiments and tests.
         """
         from streams.events import ExampleBatch, Ragged
-        from streams.ids import mix64, request_hash
+        from streams.ids import request_hash, row_example_ids
 
         r, k = block.items.shape
         n = r * k
         req_hash = np.fromiter((request_hash(f"g{self.cfg.seed}-{i}") for i in block.request_index.tolist()),
                                np.uint64, r)
         items = block.items.reshape(-1)
-        with np.errstate(over="ignore"):
-            example_id = mix64(mix64(items.view(np.uint64)) ^ np.repeat(req_hash, k)).view(np.int64)
+        example_id = row_example_ids(items, np.repeat(req_hash, k))
         users = np.repeat(block.user_id, k)
         ones = np.ones(n, np.int32)
         sparse = {"user_id": Ragged(users.copy(), ones), "item_id": Ragged(items.copy(), ones.copy()),

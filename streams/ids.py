@@ -6,19 +6,9 @@ import hashlib
 
 import numpy as np
 
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+from hashing import mix64
 
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser over a uint64 array: a cheap, well-spread 64-bit hash."""
-    x = np.asarray(x).astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= _M1
-        x ^= x >> np.uint64(27)
-        x *= _M2
-        x ^= x >> np.uint64(31)
-    return x
+__all__ = ["example_ids", "keep_negative", "mix64", "request_hash", "row_example_ids"]
 
 
 def request_hash(request_id: str) -> int:
@@ -28,9 +18,16 @@ def request_hash(request_id: str) -> int:
 
 def example_ids(request_id: str, items: np.ndarray) -> np.ndarray:
     """Deterministic int64 example ids of (request_id, item_id) pairs: the de-duplication key."""
+    items = np.asarray(items, dtype=np.int64)
+    return row_example_ids(items, np.full(len(items), request_hash(request_id), np.uint64))
+
+
+def row_example_ids(items: np.ndarray, request_hashes: np.ndarray) -> np.ndarray:
+    """:func:`example_ids` for many rows at once: each row's item with its request's
+    :func:`request_hash` (uint64, one per row). The one definition of an example id."""
     h = mix64(np.asarray(items, dtype=np.int64).view(np.uint64))
     with np.errstate(over="ignore"):
-        h = mix64(h ^ np.uint64(request_hash(request_id)))
+        h = mix64(h ^ np.asarray(request_hashes, np.uint64))
     return h.view(np.int64)
 
 

@@ -11,7 +11,8 @@ from itertools import chain
 
 import numpy as np
 
-from streams.events import ExampleBatch, Ragged, keep_negative, mix64, request_hash
+from streams.events import ExampleBatch, Ragged, keep_negative, request_hash
+from streams.ids import row_example_ids
 from streams.join_state import PendingAction
 
 RESERVED_SLOTS = ("user_id", "item_id")
@@ -45,8 +46,7 @@ def build_examples(closed: list[ClosedRequest], window_ms: int, positive_kinds: 
     n = int(counts.sum())
     items = np.fromiter(chain.from_iterable(o["items"] for o in objs), np.int64, n)
     req_hash = np.fromiter((request_hash(o["request_id"]) for o in objs), np.uint64, len(objs))
-    with np.errstate(over="ignore"):
-        example_id = mix64(mix64(items.view(np.uint64)) ^ np.repeat(req_hash, counts)).view(np.int64)
+    example_id = row_example_ids(items, np.repeat(req_hash, counts))
     user_id = np.repeat(np.fromiter((o["user_id"] for o in objs), np.int64, len(objs)), counts)
     times = np.fromiter((o["event_time_ms"] for o in objs), np.int64, len(objs))
 

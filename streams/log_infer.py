@@ -1,5 +1,7 @@
 """Schema inference: one chunked pass over a log that counts what ``--inspect`` shows and guesses
-each feature column's kind and side (the rules are in :func:`streams.log_schema.infer_schema`)."""
+each feature column's kind and side (the rules are in :func:`infer_schema`).
+
+The reading half of :mod:`streams.log_schema`, which stays data-only and does not import this."""
 
 from __future__ import annotations
 
@@ -85,12 +87,35 @@ def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: An
     described = {c.name for c in base.columns} | set(base.reserved())
     if all(c in described for c in column_names(path)):
         return base
-    return infer(path, overrides, 1 << 18, 100_000, names)[0]
+    return _infer(path, overrides, 1 << 18, 100_000, names)[0]
 
 
-def infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, distinct_cap: int,
-          names: Mapping[str, Any]) -> tuple[LogSchema, LogStats]:
-    """See :func:`streams.log_schema.infer_schema`."""
+def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_rows: int = 1 << 18,
+                 distinct_cap: int = 100_000, **names: str) -> tuple[LogSchema, LogStats]:
+    """Reads the whole log in chunks and infers every feature column's kind and side.
+
+    Rules, in order, for a column not named in ``overrides``:
+
+    - **ignore**: at most one distinct cell value (empty counts as a value), e.g. all empty;
+    - **multi**: at least 2% of its non-empty cells contain the separator ``|``;
+    - **numeric**: every non-empty cell parses as a finite float, unless it is a *code*: all
+      integers and either at most 20 distinct values that repeat (no more than 5% of the
+      non-empty cells: a rating, a position, an age bracket, a flag) or a name ending in ``id``
+      (``shop_id``, ``zipId``) -> categorical;
+    - **categorical**: anything else (strings, mixed cells).
+
+    Side: **item** if the column never varies within an item (the same cell on every row of an
+    item), else **user** (a user or request attribute, or per-event context).
+
+    ``overrides`` (a schema file) wins: its column specs replace inferred ones and its reserved
+    names are used. ``names`` sets ``user_col``/``item_col``/``label_col``/``time_col``/
+    ``truth_col``/``positive_threshold`` directly (flags; they win over the file).
+    """
+    return _infer(path, overrides, chunk_rows, distinct_cap, names)
+
+
+def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, distinct_cap: int,
+           names: Mapping[str, Any]) -> tuple[LogSchema, LogStats]:
     base = _names_schema(path, overrides, names)
     header = column_names(path)
     reserved = set(base.reserved())
@@ -157,7 +182,7 @@ def _is_id_name(name: str) -> bool:
 
 
 def _infer_column(cs: ColumnStats) -> ColumnSpec:
-    """The rules of :func:`streams.log_schema.infer_schema`, on one column's counts."""
+    """The rules of :func:`infer_schema`, on one column's counts."""
     side = "user" if cs.varies_within_item else "item"
     if cs.distinct <= 1:
         return ColumnSpec(cs.name, "ignore", side)

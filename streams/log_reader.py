@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError, mix64, request_hash
+from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError, request_hash
+from streams.ids import row_example_ids
 from streams.log_schema import ColumnSpec, LogSchema, feature_ids
 from streams.log_source import (BadRow, RawChunk, RowChecks, check_columns, parse_core,
                                 parse_floats, read_chunks, source_name)
@@ -265,8 +266,7 @@ def log_examples(log: EncodedLog, source: str, batch_rows: int = 65536) -> Itera
     counts = np.diff(starts)
     req_hash = np.fromiter((request_hash(r) for r in ids), np.uint64, len(ids))
     request_of_row = np.repeat(np.arange(len(ids)), counts)
-    with np.errstate(over="ignore"):
-        example_id = mix64(mix64(log.item_id.view(np.uint64)) ^ req_hash[request_of_row]).view(np.int64)
+    example_id = row_example_ids(log.item_id, req_hash[request_of_row])
     label = _joined_labels(log.label, log.item_id, request_of_row)
     schema = log.schema
     sparse = {"user_id": Ragged(log.user_id, np.ones(n, np.int32)),

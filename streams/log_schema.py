@@ -4,7 +4,8 @@ A log has four reserved columns (user, item, label, event time; names configurab
 optional known click probability (``truth_col``). Every other column is described by a
 :class:`ColumnSpec`: its kind (categorical, multi-valued, numeric, or ignored) and its side
 (user-side features describe the request, item-side ones the item; serving keeps the latter per
-item). :func:`infer_schema` guesses both from the data; a TOML schema file overrides any part.
+item). :func:`streams.log_infer.infer_schema` guesses both from the data; a TOML schema file
+overrides any part.
 
 Feature ids are a contract, the same in every process and run (Python's ``hash`` is not):
 ``xxh64(slot + b"\\x1f" + value, seed=0)`` viewed as int64, see :func:`feature_ids`. User and
@@ -311,30 +312,3 @@ def inspection_toml(schema: LogSchema, stats: LogStats) -> str:
     if reserved:
         notes[""] += "\n" + reserved
     return schema.to_toml(notes)
-
-
-def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_rows: int = 1 << 18,
-                 distinct_cap: int = 100_000, **names: str) -> tuple[LogSchema, LogStats]:
-    """Reads the whole log in chunks and infers every feature column's kind and side.
-
-    Rules, in order, for a column not named in ``overrides``:
-
-    - **ignore**: at most one distinct cell value (empty counts as a value), e.g. all empty;
-    - **multi**: at least 2% of its non-empty cells contain the separator ``|``;
-    - **numeric**: every non-empty cell parses as a finite float, unless it is a *code*: all
-      integers and either at most 20 distinct values that repeat (no more than 5% of the
-      non-empty cells: a rating, a position, an age bracket, a flag) or a name ending in ``id``
-      (``shop_id``, ``zipId``) -> categorical;
-    - **categorical**: anything else (strings, mixed cells).
-
-    Side: **item** if the column never varies within an item (the same cell on every row of an
-    item), else **user** (a user or request attribute, or per-event context).
-
-    ``overrides`` (a schema file) wins: its column specs replace inferred ones and its reserved
-    names are used. ``names`` sets ``user_col``/``item_col``/``label_col``/``time_col``/
-    ``truth_col``/``positive_threshold`` directly (flags; they win over the file).
-    """
-    from streams.log_infer import infer  # the reading half; this module stays data-only
-
-    return infer(path, overrides, chunk_rows, distinct_cap, names)
-

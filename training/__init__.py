@@ -1,19 +1,18 @@
 """training: the online trainer and what serving needs from it.
 
-Serving imports only :mod:`training.model` (the tower and ``score``), :mod:`training.params_wire`
-(the ``hw.params`` envelope) and :mod:`training.params_reader` (bootstrap + replica); none of
-them pulls in the training loop. Importing this package itself imports nothing heavy.
+Serving imports only :mod:`training.model` (the tower and ``score``), which pulls in nothing of the
+training loop; the ``hw.params`` protocol both sides speak is :mod:`paramsync`. Importing this
+package itself imports nothing heavy.
 """
 
 __all__ = ["ModelConfig", "DenseTower", "TrainerConfig", "OnlineTrainer", "DeltaPublisher",
-           "CheckpointStore", "PrequentialEvaluator", "ParamsMessage", "ReplicaState"]
+           "CheckpointStore", "PrequentialEvaluator"]
 
 _WHERE = {
     "ModelConfig": "training.model", "DenseTower": "training.model",
     "TrainerConfig": "training.config", "OnlineTrainer": "training.trainer",
     "DeltaPublisher": "training.sync", "CheckpointStore": "training.checkpoint",
-    "PrequentialEvaluator": "training.evaluation", "ParamsMessage": "training.params_wire",
-    "ReplicaState": "training.params_reader",
+    "PrequentialEvaluator": "training.evaluation",
 }
 
 

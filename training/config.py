@@ -19,6 +19,9 @@ class TrainerConfig:
     fetch_max_wait_ms: int = field(default=20, metadata={"help": "longest the broker may hold a fetch waiting for data"})
     # -- model (empty slots: every slot of the first batch, sorted)
     slots: tuple[str, ...] = field(default=(), metadata={"help": "sparse slots to use (comma list; empty = all seen in the first batch)"})
+    crosses: tuple[str, ...] = field(default=(), metadata={
+        "help": "crossed slots 'a*b' (comma list), e.g. user_id*genres: one row per pair of ids, "
+                "derived where rows are scored, in training and serving alike"})
     embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
     hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP widths"})
     cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers"})

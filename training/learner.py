@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,12 +21,12 @@ from training.config import TrainerConfig
 from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
 from training.evaluation import PrequentialEvaluator
-from training.model import (DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
+from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
                             init_bias_for_ctr, lookup_slots, weighted_bce)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepTimes", "Learner", "make_table", "model_config_for"]
+__all__ = ["StepTimes", "Learner", "make_table", "model_config_for", "model_slots"]
 
 
 @dataclass
@@ -46,8 +46,13 @@ class StepTimes:
                 "forward_backward_s": self.forward_backward, "update_s": self.update}
 
 
+def model_slots(cfg: TrainerConfig, data_slots: tuple[str, ...]) -> tuple[str, ...]:
+    """The model's slots: the data's, then the configured crosses of them."""
+    return tuple(data_slots) + tuple(c for c in cfg.crosses if c not in data_slots)
+
+
 def model_config_for(cfg: TrainerConfig, slots: tuple[str, ...], dense_dim: int) -> ModelConfig:
-    return ModelConfig(slots=tuple(slots), embedding_dim=cfg.embedding_dim, dense_dim=dense_dim,
+    return ModelConfig(slots=tuple(slots), crosses=tuple(cfg.crosses), embedding_dim=cfg.embedding_dim, dense_dim=dense_dim,
                        cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank,
                        hidden=tuple(cfg.hidden), use_fm=cfg.use_fm, pooling=cfg.pooling,
                        wide=cfg.wide, wide_scale=cfg.wide_scale, counters=cfg.counters,
@@ -96,7 +101,7 @@ class Learner:
     @classmethod
     def for_batch(cls, cfg: TrainerConfig, batch: Any, table: Any | None = None) -> "Learner":
         """Builds a learner whose slots/dense width come from ``cfg`` or, if unset, from ``batch``."""
-        slots = tuple(cfg.slots) if cfg.slots else tuple(sorted(batch.sparse))
+        slots = model_slots(cfg, tuple(cfg.slots) if cfg.slots else tuple(sorted(batch.sparse)))
         if not slots:
             raise ValueError("no sparse slots configured and the first batch has none")
         dense_dim = int(batch.dense.shape[1]) if batch.dense.ndim == 2 else 0
@@ -125,6 +130,8 @@ class Learner:
             self.watermark_ms = max(self.watermark_ms, int(batch.event_time_ms.max()))
         now = self.clock() if now is None else now
         mc = self.model_cfg
+        if mc.crosses:
+            batch = replace(batch, sparse=with_cross_bags(batch.sparse, mc.crosses, n))
         bags = lookup_slots(self.table, mc.slots, batch.sparse, n, mc.pooling, train=True, now=now)
         counter_deltas: list[torch.Tensor | None] = []
         if mc.counters:

@@ -1,5 +1,5 @@
 """Ships parameters to serving over ``hw.params``: row deltas each second, the tower each minute,
-full snapshots at start and periodically (see :mod:`training.params_wire` for the format).
+full snapshots at start and periodically (the format and its message kinds: :mod:`paramsync.wire`).
 
 The publisher runs on the trainer's thread between steps, so a delta is always a consistent cut:
 rows changed in table versions ``(last_published, table.version]``. The version only advances once
@@ -11,7 +11,7 @@ see one total order and can find the newest snapshot from the last message's ``s
 Sharded (N > 1), each publish is split by :func:`embedding_store.sharding.shard_of`: shard ``i``'s
 rows go to partition ``i`` and the tower to the control partition N, so a parameter-server shard
 reads only its part; every partition still gets its own complete snapshots (layout:
-:mod:`training.params_wire`). Each partition is one total order on its own; partitions are not
+:mod:`paramsync.wire`). Each partition is one total order on its own; partitions are not
 ordered against each other, which is fine because a row lives in exactly one of them.
 
 Guarded publishing: given a :class:`training.publish_guard.PublishGuard`, every publish (delta,
@@ -34,15 +34,14 @@ from prometheus_client import Counter, Gauge
 
 from embedding_store import SlotDelta, TableDelta, encode_delta
 from embedding_store.sharding import shard_of
+from paramsync import (CONTROL_SHARD, DENSE, HEADER_BYTES, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE,
+                       ParamsMessage, control_partition, encode_params, params_partitions, payload_chunks)
 
-from training.params_wire import (CONTROL_SHARD, DENSE, HEADER_BYTES, SNAPSHOT_BEGIN, SNAPSHOT_END,
-                                  SPARSE, ParamsMessage, control_partition, encode_params,
-                                  params_partitions, payload_chunks)
 from training.publish_guard import PublishGuard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SyncConfig", "DeltaPublisher", "ensure_params_partitions"]
+__all__ = ["SyncConfig", "DeltaPublisher"]
 
 PUBLISHED_ROWS = Counter("hw_train_published_rows", "embedding rows published to hw.params", ["kind"])
 PUBLISHED_BYTES = Counter("hw_train_published_bytes", "bytes published to hw.params", ["kind"])
@@ -61,40 +60,6 @@ class SyncConfig:
     fp16: bool = False
     max_message_bytes: int = 1 << 20
     num_param_shards: int = 1  # > 1: rows split by shard onto partitions 0..N-1, tower on N
-
-
-def ensure_params_partitions(bootstrap_servers: str, topic: str, num_shards: int) -> int:
-    """Makes sure ``topic`` has the partitions ``num_shards`` PS shards need; returns the count.
-
-    Creates the topic when missing and adds partitions when it has too few (a topic that grew
-    keeps its old partition 0 contents; shards bootstrap from the next snapshot anyway).
-    """
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewPartitions, NewTopic
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
-
-    want = params_partitions(num_shards)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="hw-params-admin")
-    try:
-        if topic not in set(admin.list_topics()):
-            try:
-                admin.create_topics([NewTopic(topic, want, 1)])
-                return want
-            except TopicAlreadyExistsError:
-                pass
-        (meta,) = admin.describe_topics([topic])
-        have = len(meta["partitions"])
-        if have < want:
-            try:
-                admin.create_partitions({topic: NewPartitions(total_count=want)})
-            except KafkaError as exc:
-                raise RuntimeError(f"{topic} has {have} partitions; {num_shards} parameter shards "
-                                   f"need {want} and adding them failed ({exc}); recreate the topic "
-                                   f"with {want} partitions") from None
-            have = want
-        return have
-    finally:
-        admin.close()
 
 
 class DeltaPublisher:
@@ -122,7 +87,7 @@ class DeltaPublisher:
             have = len(producer.partitions_for(topic))
             if have < len(self.partitions):
                 raise ValueError(f"{topic} has {have} partitions; num_param_shards={n} needs "
-                                 f"{len(self.partitions)} (see ensure_params_partitions)")
+                                 f"{len(self.partitions)} (see paramsync.ensure_params_partitions)")
         self._publish_id = int(time.time() * 1000) << 8  # distinct across restarts
         self._last_sparse = self._last_dense = self._last_snapshot = float("-inf")
         self._last_check = float("-inf")

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from hashing import GOLDEN, mix64
+
 __all__ = ["slot_names", "synthetic_examples"]
 
 
 def _hash_weight(slot: int, ids: np.ndarray, scale: float) -> np.ndarray:
-    x = ids.astype(np.uint64) ^ np.uint64((slot + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
+    x = mix64(ids.astype(np.uint64) ^ np.uint64((slot + 1) * int(GOLDEN) & 0xFFFFFFFFFFFFFFFF))
     u = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return (u - 0.5) * 2.0 * scale
 

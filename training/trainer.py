@@ -28,6 +28,7 @@ from typing import Any, Callable
 from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
+from paramsync import ensure_params_partitions
 from streams.events import ExampleBatch, SchemaError, decode_examples, encode_examples
 from streams.kafka_io import GroupConsumer, KafkaConfig, topic_names
 from training.batching import BatchFormer, MiniBatch
@@ -36,7 +37,7 @@ from training.config import TrainerConfig
 from training.learner import Learner
 from training.model import tower_to_safetensors
 from training.publish_guard import GuardConfig, PublishGuard, restore_last_good, screen_examples
-from training.sync import DeltaPublisher, SyncConfig, ensure_params_partitions
+from training.sync import DeltaPublisher, SyncConfig
 
 log = logging.getLogger(__name__)
 

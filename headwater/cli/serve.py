@@ -34,12 +34,12 @@ def _serve(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from headwater.metrics import serve_metrics
+    from paramsync import control_partition
     from serving.config import ServeConfig
     from serving.param_server import ParamServer, ParamServerConfig, parse_shard
     from serving.ps_client import PsClientConfig, ShardFleet
     from serving.server import steady_gc
     from streams.kafka_io import KafkaConfig, topic_names
-    from training.params_wire import control_partition
 
     try:  # bad flags are a clear message and exit code 2, not a traceback
         kafka = load_config(KafkaConfig, args, section="serve")

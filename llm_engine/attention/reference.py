@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_engine.attention import AttentionMetadata
+from llm_engine.attention.metadata import AttentionMetadata
 
 
 GROUP_OVERHEAD = 512  # key slots one extra attention call is worth (its fixed cost, measured on CPU)

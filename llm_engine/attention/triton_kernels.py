@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_engine.attention import AttentionMetadata
+from llm_engine.attention.metadata import AttentionMetadata
 
 
 @triton.jit

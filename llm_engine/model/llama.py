@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_engine.attention import AttentionMetadata, paged_attention, write_kv
-from llm_engine.config import ModelConfig
+from llm_engine.config import AttentionBackend, ModelConfig
 from llm_engine.model.rope import RotaryEmbedding, rope_apply
 
 
@@ -26,7 +26,7 @@ class ForwardContext:
 
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [blocks, block_size, Hkv, D]
-    backend: str = "torch"
+    backend: AttentionBackend = AttentionBackend.TORCH
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) of this step, set once per forward
 
 

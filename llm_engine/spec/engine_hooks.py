@@ -6,7 +6,9 @@ the sequence, so the unchanged scheduler and runner compute them like a short pr
 one forward yields the target's distribution after the last real token and after every draft
 token. :meth:`EngineSpeculation.verify` then keeps the accepted prefix plus one token from the
 target and rolls the sequence back (``num_computed_tokens`` and the token list; the KV slots of
-rejected drafts are simply overwritten later).
+rejected drafts are simply overwritten later). The engine calls these steps through
+:class:`~llm_engine.step.SpeculationHooks`: ``propose_drafts`` before scheduling,
+``fit_to_schedule`` after it, ``verify`` after the forward, ``accept`` once the tokens are appended.
 
 Eligible: requests without per-token log-probs and without repetition penalty (the penalty's
 history would differ per draft row). Greedy requests get exactly plain greedy output; sampled
@@ -16,13 +18,21 @@ ones get the target distribution (rejection sampling with per-request reproducib
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from llm_engine.sampling_params import SamplingParams
+from llm_engine.sequence import RequestKind, Sequence
 from llm_engine.spec.adaptive import SpecConfig
 from llm_engine.spec.proposer import SpeculativeProposer
 from llm_engine.spec.verify import VerifyResult, verify_sampled
+from llm_engine.step import Verification
+
+if TYPE_CHECKING:
+    from llm_engine.scheduler import SchedulerOutput
+    from llm_engine.step import EngineCore, ForwardPass
 
 
 def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -48,26 +58,29 @@ def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 class EngineSpeculation:
-    """Per-engine speculation state: drafters, the draft-length controller, this step's drafts."""
+    """N-gram speculation for one engine (its :class:`~llm_engine.step.SpeculationHooks`): the
+    drafters, the draft-length controller and this step's drafts."""
 
-    def __init__(self, engine, config: SpecConfig) -> None:  # noqa: ANN001 - LLMEngine
+    def __init__(self, engine: EngineCore, config: SpecConfig) -> None:
         self.engine = engine
         self.config = config
         self.proposer = SpeculativeProposer(config)
-        self.drafts: dict = {}  # Sequence -> draft tokens appended this step
-        self._sampling: set = set()
+        self.drafts: dict[Sequence, list[int]] = {}  # draft tokens appended this step
+        self._sampling: set[Sequence] = set()
         self._t0 = 0.0
 
     @property
     def acceptance_rate(self) -> float:
         return self.proposer.acceptance_rate
 
-    def _eligible(self, seq) -> bool:  # noqa: ANN001
+    def _eligible(self, seq: Sequence) -> bool:
         p = seq.params
-        return (seq.score is None and p.logprobs is None and p.repetition_penalty == 1.0
+        return (seq.kind is RequestKind.GENERATE and p.logprobs is None and p.repetition_penalty == 1.0
                 and seq.num_tokens - seq.num_computed_tokens == 1 and bool(seq.output_token_ids))
 
-    def before_schedule(self) -> None:
+    def propose_drafts(self) -> None:
+        """Appends each eligible decoding sequence's draft, sized by the goodput rule within the
+        step budget that the other work leaves."""
         self._t0 = time.perf_counter()
         self.drafts = {}
         sched = self.engine.scheduler
@@ -96,7 +109,7 @@ class EngineSpeculation:
                 s.output_token_ids.extend(d)
                 self.drafts[s] = d
 
-    def after_schedule(self, sched) -> None:  # noqa: ANN001 - SchedulerOutput
+    def fit_to_schedule(self, sched: SchedulerOutput) -> None:
         """Drops drafts of sequences that were preempted or not given their whole draft."""
         full = {s.seq for s in sched.scheduled if s.samples}
         self._sampling = full  # ``samples`` turns false once the token is appended: remember it
@@ -110,18 +123,15 @@ class EngineSpeculation:
                     if s.seq is seq:  # a partial chunk: keep only the real token
                         s.num_tokens = seq.num_tokens - s.start
 
-    def verify(self, sched, hidden: torch.Tensor, inp) -> dict:  # noqa: ANN001
-        """Verifies this step's drafts; returns ``{seq: new tokens}`` with each sequence rolled
-        back to its accepted prefix (the new tokens are not yet appended)."""
-        return self.verify_and_project(sched, hidden, inp)[0]
-
-    def verify_and_project(self, sched, hidden: torch.Tensor, inp,  # noqa: ANN001
-                           extra_rows: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
-        """:meth:`verify`, plus the logits of ``extra_rows`` (the engine's sampling rows).
+    def verify(self, sched: SchedulerOutput, forward: ForwardPass,
+               extra_rows: torch.Tensor | None = None) -> Verification:
+        """Verifies this step's drafts, rolling each sequence back to its accepted prefix (the
+        new tokens are not yet appended); also returns the logits of ``extra_rows``.
 
         One LM-head projection covers every drafted row and the extra rows of the step (separate
         projections would each re-read the whole head), and greedy requests compare one batched
         argmax."""
+        hidden, inp = forward.hidden, forward.inputs
         items = []
         for i, s in enumerate(sched.scheduled):
             d = self.drafts.get(s.seq)
@@ -133,14 +143,15 @@ class EngineSpeculation:
         if extra_rows is not None:
             parts.append(extra_rows.cpu())
         if not parts:
-            return {}, None
+            return Verification()
         logits = self.engine.runner.logits(hidden, torch.cat(parts).to(hidden.device))
         extra = logits[nv:] if extra_rows is not None else None
         if not items:
-            return {}, extra
+            return Verification(extra_logits=extra)
         logits = logits[:nv]
         best = logits.argmax(-1).tolist()
-        out, at = {}, 0
+        out: dict[Sequence, list[int]] = {}
+        at = 0
         for seq, d, lo, hi in items:
             k = hi - lo - 1
             del seq.output_token_ids[len(seq.output_token_ids) - k:]
@@ -157,14 +168,14 @@ class EngineSpeculation:
             seq.num_computed_tokens = seq.num_tokens + res.num_accepted
             self.proposer.accept(seq.request_id, k, res.num_accepted, [])
             out[seq] = res.tokens
-        return out, extra
+        return Verification(out, extra)
 
-    def after_step(self, sched, new_tokens: dict) -> None:  # noqa: ANN001
+    def accept(self, sched: SchedulerOutput, verified: Mapping[Sequence, list[int]]) -> None:
         """Feeds appended tokens to the drafters and the step time to the cost model."""
         for s in sched.scheduled:
             seq = s.seq
             if seq.request_id in self.proposer:
-                added = new_tokens.get(seq)
+                added = verified.get(seq)
                 if added is None and seq in self._sampling and seq.output_token_ids:
                     added = seq.output_token_ids[-1:]
                 if added:

@@ -1,14 +1,9 @@
 """Helpers shared by the dashboard tests (a uniquely named module, not conftest)."""
 
-import socket
 import time
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streams.broker import free_port  # noqa: F401 (the dashboard tests import it from here)
 
 
 def wait_http(url: str, timeout_s: float = 60.0) -> None:

@@ -1,6 +1,5 @@
 """The scraper reads real /metrics pages over loopback and turns them into the dashboard's series."""
 
-import socket
 import time
 
 import numpy as np
@@ -8,12 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from serving.dashboard import MetricsScraper, bucket_quantile, parse_sources
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streams.broker import free_port
 
 
 @pytest.fixture
@@ -26,7 +20,7 @@ def endpoint():
         "lat": Histogram("hw_serve_latency_seconds", "x", ["method"], registry=reg,
                          buckets=(0.001, 0.002, 0.005, 0.01, 0.05)),
     }
-    port = _free_port()
+    port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
     yield f"http://127.0.0.1:{port}/metrics", m
     server.shutdown()
@@ -55,7 +49,7 @@ def test_bucket_quantile_interpolates_inside_the_bucket_like_prometheus():
 
 def test_gauges_rates_and_windowed_quantiles_come_from_the_scraped_page(endpoint):
     url, m = endpoint
-    scraper = MetricsScraper({"trainer": url, "gone": f"http://127.0.0.1:{_free_port()}/metrics"},
+    scraper = MetricsScraper({"trainer": url, "gone": f"http://127.0.0.1:{free_port()}/metrics"},
                              interval_s=1.0, rate_window_s=5.0)
     first = scraper.series()["series"]
     assert all(not s["v"] for s in first.values())  # nothing scraped yet: every series empty
@@ -105,7 +99,7 @@ def test_freshness_series_are_the_watermark_gap_and_the_time_since_serving_chang
     version = Gauge("hw_serve_model_version", "x", registry=reg)
     trained_wm = Gauge("hw_train_watermark_ms", "x", registry=reg)
     serve_lag = Gauge("hw_serve_freshness_lag_seconds", "x", registry=reg)
-    port = _free_port()
+    port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
     try:
         scraper = MetricsScraper({"all": f"http://127.0.0.1:{port}/metrics"})

@@ -3,11 +3,12 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from streams.broker import free_port
 
 
 def _processes_matching(*needles: str) -> set[int]:
@@ -29,9 +30,7 @@ def _processes_matching(*needles: str) -> set[int]:
 
 
 def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dashboard_port = s.getsockname()[1]
+    dashboard_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwater", "demo", "--duration", "45", "--json",
          "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(dashboard_port),

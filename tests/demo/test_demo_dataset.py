@@ -5,11 +5,11 @@ the demo with an error that names its line."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 
+from streams.broker import free_port
 from tests.streams.log_fixtures import write_real_shaped_csv
 
 ROWS = 300
@@ -24,17 +24,11 @@ def _log_with_one_bad_row(tmp_path):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _demo(tmp_path, *flags: str, timeout_s: float) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "headwater", "demo", "--json", "--no-llm",
-         "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(_free_port()), *flags],
+         "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(free_port()), *flags],
         capture_output=True, text=True, timeout=timeout_s)
     return proc, time.monotonic() - t0
 

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from embedding_store import bench
+from bench import embedding as bench
 
 
 def test_bench_reports_rates_memory_and_zero_collisions():

@@ -1,23 +1,17 @@
 """Metrics of one process can be read by another over loopback (the demo's live view does it)."""
 
-import socket
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from headwater.metrics import scrape
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streams.broker import free_port
 
 
 def test_scrape_reads_counters_with_labels():
     registry = CollectorRegistry()
     c = Counter("hw_test_things", "things", ["kind"], registry=registry)
     c.labels(kind="a").inc(3)
-    port = _free_port()
+    port = free_port()
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
         samples = scrape(f"http://127.0.0.1:{port}/metrics")
@@ -27,4 +21,4 @@ def test_scrape_reads_counters_with_labels():
 
 
 def test_scrape_of_nothing_is_empty():
-    assert scrape(f"http://127.0.0.1:{_free_port()}/metrics", timeout_s=0.2) == {}
+    assert scrape(f"http://127.0.0.1:{free_port()}/metrics", timeout_s=0.2) == {}

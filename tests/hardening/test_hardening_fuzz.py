@@ -21,12 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedding_store import DeltaFormatError, SlotDelta, TableDelta, decode_delta, encode_delta
+from paramsync import DENSE, SPARSE, ParamsMessage, ParamsWireError, decode_params, encode_params
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark, decode_dead_letter,
                             decode_event, encode_actions, encode_dead_letter, encode_impression, encode_watermark)
 from streams.example_batch import ExampleBatch, Ragged, decode_examples, encode_examples
 from training.model import DenseTower, ModelConfig, tower_from_safetensors, tower_to_safetensors
-from training.params_wire import (DENSE, SPARSE, ParamsMessage, ParamsWireError, decode_params,
-                                  encode_params)
 
 FUZZ = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow],
                 derandomize=True)

@@ -9,7 +9,6 @@ import importlib
 import inspect
 import ipaddress
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -20,9 +19,11 @@ import pytest
 
 from serving.http import HttpServerConfig, create_app
 from serving.http.server import RunningServer
+from streams.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("headwater", "streams", "embedding_store", "training", "serving", "llm_engine", "scripts")
+PACKAGES = ("batching", "hashing", "headwater", "streams", "embedding_store", "paramsync", "training", "serving",
+            "llm_engine", "scripts")
 
 
 # -- binds -------------------------------------------------------------------------------------
@@ -76,9 +77,7 @@ def test_grpc_http_and_metrics_servers_listen_on_loopback_only_by_default(engine
     with RunningServer(create_app(engine_backend)) as http_server:  # RunningServer's default host
         assert listening_addresses(http_server.port) == {"127.0.0.1"}
     monkeypatch.delenv("HW_METRICS_HOST", raising=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve_metrics(port)
     assert listening_addresses(port) == {"127.0.0.1"}
 

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from llm_engine import bench
+from bench import llm as bench
 
 
 def test_bench_runs_engine_and_baseline_on_the_stated_workload():

@@ -8,6 +8,7 @@ from kafka import KafkaProducer
 from embedding_store import EmbeddingTable, SlotConfig, TableDelta
 from embedding_store.delta import SlotDelta
 from embedding_store.sharding import shard_of
+from paramsync import control_partition, params_partitions
 from serving.config import ServeConfig
 from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2_grpc
@@ -17,7 +18,6 @@ from serving.scoring import ServingModel
 from serving.server import RecommendServer, StaticModelSource
 from streams.kafka_io import topic_names
 from training.model import DenseTower, ModelConfig, tower_to_safetensors
-from training.params_wire import control_partition, params_partitions
 from training.sync import DeltaPublisher, SyncConfig
 
 SLOTS = ("user_id", "item_id", "city")

@@ -1,6 +1,5 @@
 """Helpers for the serving tests: the trainer's side of hw.params, and polling."""
 
-import socket
 import time
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 from kafka import KafkaProducer
 
 from embedding_store import EmbeddingTable, SlotConfig
+from streams.broker import free_port as _free_port  # noqa: F401 (tests import it from here)
 from streams.kafka_io import topic_names
 from training.model import DenseTower, ModelConfig, tower_to_safetensors
 from training.sync import DeltaPublisher, SyncConfig
@@ -49,9 +49,3 @@ def _wait(cond, timeout=20.0):
 def _same_rows(a, b, slot, ids):
     t = torch.as_tensor(ids, dtype=torch.int64)
     return torch.equal(a.lookup(slot, t), b.lookup(slot, t))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

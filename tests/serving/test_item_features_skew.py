@@ -23,7 +23,7 @@ from streams.events import ExampleBatch, Ragged
 from streams.item_features import ItemFeaturePublisher
 from streams.kafka_io import BatchProducer, topic_names
 from streams.log_reader import encode_log, log_examples, log_requests
-from streams.log_schema import infer_schema
+from streams.log_infer import infer_schema
 from tests.streams.log_fixtures import write_real_shaped_csv
 from training.config import TrainerConfig
 from training.learner import Learner
@@ -40,8 +40,8 @@ def _bag(batch: ExampleBatch, slot: str, row: int) -> list[int]:
     return rag.values[off[row]:off[row + 1]].tolist()
 
 
-@pytest.fixture
-def world(kafka_topics, tmp_path):
+@pytest.fixture(params=[(), ("user_id*genres",)], ids=["plain", "crossed"])
+def world(kafka_topics, tmp_path, request):
     """Trainer, hw.params, hw.items and a serving replica with its item catalog, all real."""
     path = write_real_shaped_csv(tmp_path / "log.csv", rows=400, seed=1)
     schema, _ = infer_schema(path)
@@ -50,7 +50,8 @@ def world(kafka_topics, tmp_path):
     batches = list(log_examples(log, "skew", batch_rows=100))
     topics = topic_names(kafka_topics.topic_prefix)
 
-    learner = Learner.for_batch(TrainerConfig(embedding_dim=8, hidden=(32, 16), dense_precision="fp32"), batches[0])
+    learner = Learner.for_batch(TrainerConfig(embedding_dim=8, hidden=(32, 16), dense_precision="fp32",
+                                                crosses=request.param), batches[0])
     params_producer = KafkaProducer(bootstrap_servers=kafka_topics.bootstrap_servers, acks="all", linger_ms=0)
     publisher = DeltaPublisher(params_producer, topics.params, learner.table,
                                lambda: tower_to_safetensors(learner.tower), SyncConfig())
@@ -92,7 +93,8 @@ def world(kafka_topics, tmp_path):
 def test_score_on_full_examples_returns_the_trainers_prediction(world):
     learner, _, full, stub = world
     want = model_score(learner.table, learner.tower, full.sparse, full.dense, len(full)).numpy()
-    slots = learner.model_cfg.slots
+    mc = learner.model_cfg
+    slots = [s for s in mc.slots if s not in mc.crosses]  # crossed slots are derived by serving
     examples = [pb2.Example(sparse=[pb2.SparseFeature(slot=s, ids=_bag(full, s, r)) for s in slots],
                             dense=full.dense[r].tolist()) for r in range(len(full))]
     served = np.array(stub.Score(pb2.ScoreRequest(examples=examples)).probabilities)

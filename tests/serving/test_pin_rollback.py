@@ -250,7 +250,7 @@ def test_a_pinned_replica_restarted_warm_is_still_pinned(kafka_topics, tmp_path)
 
 
 def test_bad_or_unheld_commands_on_the_topic_are_refused_and_the_replica_keeps_following(kafka_topics, caplog):
-    from training.params_wire import CONTROL, ControlCommand, ParamsMessage, encode_params
+    from paramsync import CONTROL, ControlCommand, ParamsMessage, encode_params
 
     trainer = Trainer(kafka_topics, seed=7)
     trainer.train("item_id", IDS)

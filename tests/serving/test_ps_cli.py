@@ -4,7 +4,6 @@ stops both cleanly."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps_fleet_helpers import Fleet, ShardedTrainer, StaticServer, sharded_topics
 
 from serving.pb import pb2, pb2_grpc
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streams.broker import free_port
 
 
 def _serve(kafka, *flags):
@@ -56,7 +50,7 @@ def test_ps_shard_and_recommender_processes_serve_and_stop_on_sigterm(kafka_brok
     trainer.pub.publish_snapshot(watermark_ms=int(time.time() * 1000))
     fleet = Fleet(kafka, trainer.topic, 2)  # shard 1 stays in-process; shard 0 is a process
     fleet.kill(0)
-    ps_port, rec_port = _free_port(), _free_port()
+    ps_port, rec_port = free_port(), free_port()
     shard0 = _serve(kafka, "--role", "ps", "--shard", "0/2", "--port", str(ps_port))
     rec = _serve(kafka, "--role", "recommender", "--port", str(rec_port), "--ps-deadline-ms", "2000",
                  "--precision", "float32",

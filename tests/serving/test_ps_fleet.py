@@ -13,9 +13,9 @@ from ps_fleet_helpers import Fleet, RecommenderReplica, ShardedTrainer, StaticSe
 from serving_helpers import _wait
 
 from embedding_store.sharding import shard_of
+from paramsync import CONTROL_SHARD, decode_params
 from serving.param_server import ParamServer, ParamServerConfig, ShardLayoutError
 from serving.pb import pb2
-from training.params_wire import CONTROL_SHARD, decode_params
 
 N = 2
 

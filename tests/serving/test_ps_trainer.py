@@ -11,12 +11,12 @@ from ps_fleet_helpers import Fleet, RecommenderReplica, StaticServer
 from serving_helpers import _wait
 
 from embedding_store.sharding import shard_of
+from paramsync import params_partitions
 from serving.pb import pb2
 from serving.scoring import ServingModel
 from streams.events import encode_examples
 from streams.kafka_io import BatchProducer, topic_names
 from training.config import TrainerConfig
-from training.params_wire import params_partitions
 from training.synthetic import synthetic_examples
 from training.trainer import OnlineTrainer
 

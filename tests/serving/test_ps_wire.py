@@ -8,9 +8,9 @@ import pytest
 from kafka import KafkaProducer
 
 from embedding_store import EmbeddingTable, SlotConfig
-from training.params_wire import (CONTROL_SHARD, SNAPSHOT_END, ParamsMessage, ParamsWireError,
-                                  control_partition, decode_params, encode_params, params_partitions)
-from training.sync import DeltaPublisher, SyncConfig, ensure_params_partitions
+from paramsync import (CONTROL_SHARD, SNAPSHOT_END, ParamsMessage, ParamsWireError, control_partition,
+                       decode_params, encode_params, ensure_params_partitions, params_partitions)
+from training.sync import DeltaPublisher, SyncConfig
 
 
 def test_sharded_headers_round_trip_and_unsharded_ones_keep_wire_version_1():

@@ -10,13 +10,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-from serving_helpers import Trainer, _free_port
+from serving_helpers import Trainer
 
 from serving.pb import pb2
+from streams.broker import free_port
 
 
 def test_serve_process_becomes_healthy_and_stops_on_sigterm(kafka_topics, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwater", "serve", "--bootstrap-servers", kafka_topics.bootstrap_servers,

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import Trainer, _free_port, _wait
+from serving_helpers import Trainer, _wait
 
 from headwater.cli import build_parser
 from headwater.config import load_config
@@ -23,6 +23,7 @@ from serving.pb import pb2, pb2_grpc
 from serving.processes import child_argv, reserve_port
 from serving.server import RecommendServer, StaticModelSource
 from serving.testing import random_model
+from streams.broker import free_port
 
 
 def _recommend_over_connections(address, n, **request):
@@ -89,7 +90,7 @@ def _requests_ok(url):
 
 
 def test_serve_processes_share_one_port_restart_a_dead_child_and_merge_metrics(kafka_topics, tmp_path):
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwater", "serve", "--bootstrap-servers", kafka_topics.bootstrap_servers,
          "--topic-prefix", kafka_topics.topic_prefix, "--port", str(port), "--processes", "2",

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from serving import bench
+from bench import serving as bench
 
 
 def test_bench_reports_points_for_both_modes_and_a_headline():

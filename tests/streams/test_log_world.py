@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from streams.log_reader import encode_log
-from streams.log_schema import LogSchema, infer_schema
+from streams.log_infer import infer_schema
+from streams.log_schema import LogSchema
 from streams.log_world import (GENRES, OCCUPATIONS, LogWorld, LogWorldConfig, generate_log,
                                log_world_schema, schema_path_for, write_log)
 

@@ -10,7 +10,7 @@ import pytest
 from headwater.cli import bench as bench_cli
 from streams.events import ExampleBatch, Ragged
 from tests.streams.log_fixtures import write_real_shaped_csv
-from training import bench_learning
+from bench import learning as bench_learning
 from training.baselines import CountingBaseline
 from training.config import TrainerConfig
 from training.prequential import metrics_of, run_stream

@@ -14,11 +14,11 @@ import pytest
 
 from embedding_store import EmbeddingTable
 from embedding_store.sharding import shard_of
+from paramsync import ParamsFollower, params_partitions
+from serving.replica import ModelReplica
 from streams.events import encode_examples
 from streams.kafka_io import BatchProducer, topic_names
 from training.distributed.checkpoint import SHARDED_MANIFEST
-from training.params_reader import ParamsFollower, ReplicaState
-from training.params_wire import params_partitions
 from training.synthetic import synthetic_examples
 
 
@@ -55,7 +55,7 @@ def _replica(kafka, partition):
     while (not got or got[-1][0] < end - 1) and time.monotonic() < deadline:
         got += list(follower.poll())
     follower.close()
-    replica = ReplicaState("ctr")
+    replica = ModelReplica("ctr")
     for _, msg in got:
         replica.apply(msg)
     return replica

@@ -100,11 +100,11 @@ def test_config_rejects_duplicate_slots():
         DenseTower(ModelConfig(slots=("a", "a")))
 
 
-def test_serving_can_import_the_model_and_wire_format_without_the_training_loop():
+def test_serving_can_import_the_model_and_the_params_protocol_without_the_training_loop():
     import subprocess
     import sys
 
-    code = ("import sys, training.model, training.params_wire, training.params_reader; "
+    code = ("import sys, training.model, paramsync; "
             "print(sorted(m for m in ('kafka', 'streams', 'training.trainer', 'training.sync') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

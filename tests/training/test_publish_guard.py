@@ -11,13 +11,13 @@ import torch
 
 from embedding_store import EmbeddingTable, SlotConfig, SlotDelta, TableDelta
 from headwater.metrics import sample_value
+from paramsync import DENSE, SNAPSHOT_END, SPARSE, decode_params
 from serving.param_server import ParamServer, ParamServerConfig
 from streams.events import encode_examples
 from streams.kafka_io import BatchProducer, topic_names
 from training.config import TrainerConfig
 from training.evaluation import BinnedAUC
 from training.model import DenseTower, ModelConfig, tower_to_safetensors
-from training.params_wire import DENSE, SNAPSHOT_END, SPARSE, decode_params
 from training.publish_guard import GuardConfig, PublishGuard, screen_examples
 from training.sync import DeltaPublisher, SyncConfig
 from training.synthetic import synthetic_examples

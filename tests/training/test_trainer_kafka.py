@@ -7,11 +7,11 @@ import uuid
 import numpy as np
 import torch
 
+from paramsync import SNAPSHOT_BEGIN, ParamsFollower, bootstrap_offset, decode_params
+from serving.replica import ModelReplica
 from streams.events import encode_examples
 from streams.kafka_io import BatchProducer, read_topic, topic_names
 from training.config import TrainerConfig
-from training.params_reader import ParamsFollower, ReplicaState, bootstrap_offset
-from training.params_wire import SNAPSHOT_BEGIN, decode_params
 from training.synthetic import synthetic_examples
 from training.trainer import OnlineTrainer
 
@@ -94,7 +94,7 @@ def test_a_new_replica_bootstraps_from_the_latest_snapshot_plus_deltas(kafka_top
         got += list(follower.poll())
     follower.close()
     assert got[0][0] == start and got[0][1].kind == SNAPSHOT_BEGIN
-    replica = ReplicaState("ctr")
+    replica = ModelReplica("ctr")
     for _, msg in got:
         replica.apply(msg)
     assert replica.ready and replica.version == summary["published_version"]

@@ -16,7 +16,8 @@ lockstep with the others:
   are assembled collectively;
 - :mod:`.consumer` -- each rank's ``hw.examples`` partitions (assigned by rank, one group);
 - :mod:`.trainer` -- the Kafka loop around it;
-- :mod:`.bench` -- ``headwater bench trainer --nproc N``: 1 vs N ranks in one run.
+- its benchmark, ``headwater bench trainer --nproc N`` (1 vs N ranks in one run), is
+  :mod:`bench.trainer_ranks`.
 """
 
 from training.distributed.env import DistEnv

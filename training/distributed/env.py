@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from streams.broker import free_port
+
 log = logging.getLogger(__name__)
 
-__all__ = ["DistEnv", "init_process_group", "free_port", "spawn_ranks"]
+__all__ = ["DistEnv", "init_process_group", "spawn_ranks"]
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,6 @@ def init_process_group(env: DistEnv, backend: str = "", timeout_s: float = 300.0
     log.info("rank %d/%d joined the %s process group at %s:%d", env.rank, env.world_size,
              backend, env.master_addr, env.master_port)
     return backend
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (for MASTER_PORT when we launch the ranks ourselves)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rank_env(rank: int, nproc: int, port: int, addr: str = "127.0.0.1") -> dict[str, str]:

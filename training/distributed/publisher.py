@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from embedding_store import SlotDelta
-from training.params_wire import DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, payload_chunks
+from paramsync import DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, payload_chunks
 from training.sync import DeltaPublisher, SyncConfig
 
 log = logging.getLogger(__name__)

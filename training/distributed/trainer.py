@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from kafka.errors import KafkaError
 
+from paramsync import ensure_params_partitions
 from streams.events import ExampleBatch
 from streams.kafka_io import KafkaConfig
 from training.batching import MiniBatch
@@ -32,7 +33,6 @@ from training.distributed.learner import ShardedLearner
 from training.distributed.publisher import ShardPublisher
 from training.learner import Learner, make_table, model_config_for
 from training.model import tower_to_safetensors
-from training.sync import ensure_params_partitions
 from training.trainer import CHECKPOINTS, DUPLICATES, EXAMPLES, WATERMARK, OnlineTrainer
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ class DistributedTrainer(OnlineTrainer):
     """Rank ``env.rank`` of a multi-rank trainer (the process group must already be joined)."""
 
     def __init__(self, cfg: TrainerConfig, kafka: KafkaConfig, env: DistEnv) -> None:
-        if cfg.counters:
+        if cfg.counters or cfg.crosses:
             # In-batch counts are rank-local, which would break the equivalence with one process
-            # that this trainer keeps; the counter columns are single-process only for now.
-            log.warning("multi-rank training runs without per-id counters (counters=false)")
-            cfg = replace(cfg, counters=False)
+            # that this trainer keeps; counters and crossed slots are single-process for now.
+            log.warning("multi-rank training runs without per-id counters and crossed slots")
+            cfg = replace(cfg, counters=False, crosses=())
         self.env = env
         self.rank, self.world = env.rank, env.world_size
         self.sl: ShardedLearner | None = None

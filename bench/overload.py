@@ -8,6 +8,10 @@ an open loop offers 3x that rate for ``--duration-s`` to the bounded server and 
 line reports, per server and mode, admitted p50/p99, refusals (and whether each carried
 ``Retry-After``), other failures, RSS growth, the latency bound derived from the limit, and the
 load average while it ran.
+
+No ceiling (``ceiling: null``): the bench measures behaviour past capacity, so its references are
+each server's own sustainable rate (``sustainable``) and the latency bound its limit implies
+(``bound_s``), both measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.harness import add_common, no_ceiling, with_ceiling
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration-s", type=float, default=8.0, help="seconds of 3x load per phase")
-    p.add_argument("--repeats", type=int, default=2, help="bounded/baseline phase pairs per server")
     p.add_argument("--http-limit", type=int, default=4, help="LLM server: max_pending_requests")
     p.add_argument("--grpc-limit", type=int, default=8, help="gRPC server: workers = max_concurrent_rpcs = max_queue")
     p.add_argument("--max-tokens", type=int, default=160, help="tokens generated per LLM request")
     p.add_argument("--candidates", type=int, default=2000, help="candidates per Recommend")
     p.add_argument("--model-dir", default="", help="LLM model folder (default: a tiny random Llama)")
     p.add_argument("--which", default="http,grpc", help="servers to load: http, grpc or both")
+    add_common(p, repeats=2, repeats_help="bounded/baseline phase pairs per server",
+               seed_help="seed of the random models")
 
 
 def _phase(r: Any, rss_growth: int) -> dict:
@@ -44,7 +51,8 @@ def _http(args: argparse.Namespace, console: Any) -> dict:
     from serving.http.overload import admitted_latency_bound, rss_bytes, run_http_load
     from serving.http.server import RunningServer
 
-    model_dir = Path(args.model_dir) if args.model_dir else build_random_llama(Path(tempfile.mkdtemp()), max_positions=512)
+    model_dir = (Path(args.model_dir) if args.model_dir
+                 else build_random_llama(Path(tempfile.mkdtemp()), seed=args.seed, max_positions=512))
     backend = EngineBackend.from_model_dir(model_dir, "bench", EngineConfig(max_model_len=256, num_kv_blocks=256))
     body = {"prompt": "hello there", "max_tokens": args.max_tokens, "ignore_eos": True}
     out: dict[str, Any] = {"limit": args.http_limit, "bounded": [], "baseline": []}
@@ -77,7 +85,7 @@ def _grpc(args: argparse.Namespace, console: Any) -> dict:
     from serving.server import RecommendServer, StaticModelSource
     from serving.testing import random_model
 
-    model = random_model(items=args.candidates)
+    model = random_model(items=args.candidates, seed=args.seed)
     req = pb2.RecommendRequest(user_id=3, candidate_item_ids=list(range(args.candidates)))
     lim = args.grpc_limit
     cfgs = {"bounded": ServeConfig(port=0, workers=lim, max_concurrent_rpcs=lim, max_queue=lim),
@@ -118,4 +126,8 @@ def run(args: argparse.Namespace) -> dict:
         if "grpc" in which:
             result["grpc"] = _grpc(args, console)
     result["load_avg_end"] = list(os.getloadavg())
-    return result
+    result["repeats"] = args.repeats
+    return with_ceiling(result, no_ceiling(
+        "none: overload measures behaviour past capacity; its references are each server's "
+        "sustainable rate and the latency bound its limit implies (sustainable, bound_s), "
+        "measured in the same run"))

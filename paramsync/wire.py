@@ -29,9 +29,10 @@ Bootstrapping a new replica without replaying the topic (all messages go to part
 read the one message at ``end_offset - 1``, seek to its ``snapshot_offset``, load the snapshot up
 to its ``snapshot_end`` (same ``snapshot_id``; its ``chunk_count`` is the number of messages of the
 snapshot, markers included, so completeness can be checked), then apply every later message in
-order. See :mod:`training.params_reader` for a reader that does exactly this.
+order. :func:`paramsync.bootstrap_offset`, :class:`paramsync.ParamsFollower` and
+:class:`paramsync.ReplicaState` do exactly this.
 
-Sharded topics (wire version 2, ``SyncConfig.num_param_shards`` = N > 1): ``hw.params`` has N + 1
+Sharded topics (wire version 2, the trainer's ``num_param_shards`` = N > 1): ``hw.params`` has N + 1
 partitions. Partition ``i < N`` carries only the rows whose ids :func:`embedding_store.sharding.shard_of`
 places in shard ``i`` (a parameter-server shard reads just that partition); partition N, the
 *control* partition, carries no rows, only the dense tower (recommender replicas read it). Every

@@ -10,11 +10,19 @@ handler thread. Both modes get the same process count. A separate process, the l
 ``--connections`` HTTP/2 connections), runs a closed loop of C concurrent clients over loopback
 for ``--duration-s`` seconds (after ``--warmup-s``), for each C in ``--clients``.
 
-On a shared machine the two modes are measured interleaved: for each C, ``--rounds`` rounds of
-batched then baseline (the order flips every round: A/B, B/A, ...), and each figure of a point is
-the median over its rounds. The JSON line has every point and, at top level, the highest-QPS
-batched point whose p99 is within ``--p99-budget-ms`` and its speedup over the best baseline
-point within the same budget, plus the machine's load average before and after.
+On a shared machine the two modes are measured interleaved: for each C, ``--repeats`` (or
+``--rounds``) rounds of batched then baseline (the order flips every round: A/B, B/A, ...), and
+each figure of a point is the median over its rounds. The JSON line has every point and, at top
+level, the highest-QPS batched point whose p99 is within ``--p99-budget-ms`` and its speedup over
+the best baseline point within the same budget, plus the machine's load average before and after.
+
+Ceiling (``ceiling_ms_per_call``, next to ``server_cpu_ms_per_call``): the CPU time of the
+tower's forward alone (the very function the server runs, same precision and threads, in a
+server process of the run) on the batch shapes the batched server formed at that point (calls
+per forward from its ``hw_serve_batch_requests`` histogram, times ``--candidates`` rows), per
+call. Everything else a call costs (lookups, gRPC, protobuf, top-k) is the distance to it;
+``fraction_of_ceiling`` = ceiling / server CPU per call. ``baseline_ceiling_ms_per_call`` is the
+same for one call per forward. The forward's figure is the least of 50 runs: what the machine can do.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+from bench.harness import Ceiling, add_common, with_ceiling
 from serving.loadgen import LoadSpec, recv_json, send_json, serve_commands, spec_dict
 
 log = logging.getLogger(__name__)
@@ -38,7 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", default="1,4,8,16,24,32,48,64", help="concurrent clients, comma list")
     p.add_argument("--duration-s", type=float, default=2.0, help="measured seconds per point and round")
     p.add_argument("--warmup-s", type=float, default=0.5, help="unmeasured seconds before each round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved batched/baseline rounds per point (medians)")
     p.add_argument("--candidates", type=int, default=200, help="candidate items per Recommend")
     p.add_argument("--top-k", type=int, default=10, help="items returned per call")
     p.add_argument("--items", type=int, default=100_000, help="item rows in the table")
@@ -54,11 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="server processes per mode on one port, as serve --processes (both modes alike)")
     p.add_argument("--connections", type=int, default=16,
                    help="HTTP/2 connections the clients spread over (at most one per client)")
+    add_common(p, repeats=3, repeats_aliases=("--rounds",),
+               repeats_help="interleaved batched/baseline rounds per point (medians)",
+               seed_help="seed of the model's weights and the load's requests (+ clients)")
 
 
 def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, max_batch_rows: int,
-                 torch_threads: int, precision: str, workers: int, dim: int, hidden: list[int], port: int = 0,
-                 reuse_port: bool = False) -> None:
+                 torch_threads: int, precision: str, workers: int, dim: int, hidden: list[int], seed: int = 0,
+                 port: int = 0, reuse_port: bool = False) -> None:
     import torch
 
     from serving.config import ServeConfig
@@ -67,7 +78,7 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, max_
 
     torch.set_num_threads(torch_threads)
     model = random_model(slots=("user_id", "item_id", "f00", "f01"), items=items, users=items, dim=dim,
-                         hidden=tuple(hidden))
+                         hidden=tuple(hidden), seed=seed)
     cfg = ServeConfig(port=port, reuse_port=reuse_port, batching=batching, max_wait_ms=max_wait_ms,
                       max_batch_rows=max_batch_rows, max_queue=1024, precision=precision)
     if workers > 0:
@@ -75,15 +86,51 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, max_
     server = RecommendServer(cfg, StaticModelSource(model)).start()
     steady_gc()  # as `headwater serve` does
     send_json(conn, server.address)
-    while True:  # "cpu" -> this process's CPU seconds so far; anything else (or EOF) -> stop
+    # "cpu" -> this process's CPU seconds so far; "batches" -> [forwards, calls] batched so far;
+    # {"forward_rows": n} -> CPU ms of the tower's forward alone on n rows; else (or EOF) -> stop.
+    while True:
         try:
             msg = recv_json(conn)
         except EOFError:
             break
-        if msg != "cpu":
+        if msg == "cpu":
+            send_json(conn, time.process_time())
+        elif msg == "batches":
+            send_json(conn, _batch_counts())
+        elif isinstance(msg, dict) and "forward_rows" in msg:
+            send_json(conn, _forward_cpu_ms(model, server.service.bf16, msg["forward_rows"], msg.get("repeats", 50)))
+        else:
             break
-        send_json(conn, time.process_time())
     server.stop(0.5)
+
+
+def _batch_counts() -> list[float]:
+    """[model forwards, calls merged into them] of this process so far (the batcher's histogram)."""
+    from serving import metrics as m
+
+    got = {s.name: s.value for metric in m.BATCH_REQUESTS.collect() for s in metric.samples}
+    return [got.get("hw_serve_batch_requests_count", 0.0), got.get("hw_serve_batch_requests_sum", 0.0)]
+
+
+def _forward_cpu_ms(model: Any, bf16: bool, rows: int, repeats: int) -> float:
+    """Least CPU ms of the tower's forward alone on ``rows`` rows over ``repeats`` runs (a ceiling
+    is what the machine can do: the least disturbed run): the function the server's forward runs
+    (traced tower, the server's precision), fed random embeddings."""
+    import torch
+
+    from serving.scoring import _tower_logits  # the server's own forward, on purpose
+
+    cfg = model.tower.cfg
+    emb = torch.randn(rows, len(cfg.slots), cfg.embedding_dim)
+    dense = torch.zeros(rows, cfg.dense_dim) if cfg.dense_dim else None
+    for _ in range(3):  # warm-up: tracing, allocations
+        _tower_logits(model, emb, dense, bf16)
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        _tower_logits(model, emb, dense, bf16)
+        times.append(time.process_time() - c0)
+    return min(times) * 1000.0
 
 
 class _Child:
@@ -122,6 +169,14 @@ def _round(servers: list[_Child], load: _Child, spec: LoadSpec) -> dict:
     return point
 
 
+def _calls_per_forward(servers: list[_Child], before: list[list[float]]) -> float:
+    """Calls per model forward in ``servers`` since ``before`` (their "batches" answers)."""
+    after = [s.ask("batches") for s in servers]
+    forwards = sum(a[0] - b[0] for a, b in zip(after, before))
+    calls = sum(a[1] - b[1] for a, b in zip(after, before))
+    return max(calls / forwards, 1.0) if forwards > 0 else 1.0
+
+
 def _start_servers(n: int, *args: Any) -> tuple[list[_Child], Any]:
     """``n`` server processes on one port: a reserved port and SO_REUSEPORT when ``n`` > 1."""
     if n <= 1:
@@ -139,6 +194,15 @@ def _median(rounds: list[dict]) -> dict:
     out["clients"] = rounds[0]["clients"]
     out["errors"] = sum(r["errors"] for r in rounds)
     return out
+
+
+def _ceiling_ms(server: _Child, calls: float, candidates: int, measured: dict[int, float]) -> float:
+    """The tower's forward alone on ``calls`` calls' rows, per call (CPU ms); ``measured`` keeps
+    each row count's figure, so equal shapes get one figure."""
+    rows = max(1, round(calls * candidates))
+    if rows not in measured:
+        measured[rows] = server.ask({"forward_rows": rows})
+    return measured[rows] / calls
 
 
 def _best(points: list[dict], budget_ms: float) -> dict | None:
@@ -167,24 +231,31 @@ def run(args: argparse.Namespace) -> dict:
             servers[mode], sock = _start_servers(
                 args.processes, batching, args.items, args.max_wait_ms, args.max_batch_rows, args.torch_threads,
                 args.precision,
-                args.workers, args.dim, [int(h) for h in str(args.hidden).split(",") if h])
+                args.workers, args.dim, [int(h) for h in str(args.hidden).split(",") if h], args.seed)
             children += servers[mode]
             sockets += [sock] if sock is not None else []
         load = _Child(serve_commands)
         children.append(load)
         batched, baseline = [], []
+        forward_ms: dict[int, float] = {}  # rows -> CPU ms of the tower's forward alone
         for c in clients:
             per_mode: dict[str, list[dict]] = {"batched": [], "baseline": []}
-            for r in range(max(args.rounds, 1)):
+            counts = [s.ask("batches") for s in servers["batched"]]
+            for r in range(max(args.repeats, 1)):
                 order = ("batched", "baseline") if r % 2 == 0 else ("baseline", "batched")
                 for mode in order:
                     spec = LoadSpec(servers[mode][0].hello, c, args.duration_s, args.warmup_s,
-                                    args.candidates, args.top_k, args.items, seed=c, connections=args.connections)
+                                    args.candidates, args.top_k, args.items, seed=args.seed + c,
+                                    connections=args.connections)
                     point = _round(servers[mode], load, spec)
                     progress(mode, r, point)
                     per_mode[mode].append(point)
             batched.append(_median(per_mode["batched"]))
             baseline.append(_median(per_mode["baseline"]))
+            calls = _calls_per_forward(servers["batched"], counts)
+            batched[-1].update(calls_per_forward=calls, ceiling_ms_per_call=_ceiling_ms(
+                servers["batched"][0], calls, args.candidates, forward_ms))
+        base_ceiling = _ceiling_ms(servers["batched"][0], 1.0, args.candidates, forward_ms)
     finally:
         for child in children:
             child.close()
@@ -196,13 +267,21 @@ def run(args: argparse.Namespace) -> dict:
                "client_cpu_ms_per_call": round(b["client_cpu_ms_per_call"], 3),
                "baseline_server_cpu_ms_per_call": round(n["server_cpu_ms_per_call"], 3),
                "baseline_qps": round(n["qps"], 1), "baseline_p50_ms": round(n["p50_ms"], 2),
-               "baseline_p99_ms": round(n["p99_ms"], 2), "baseline_errors": n["errors"]}
+               "baseline_p99_ms": round(n["p99_ms"], 2), "baseline_errors": n["errors"],
+               "calls_per_forward": round(b["calls_per_forward"], 2),
+               "ceiling_ms_per_call": round(b["ceiling_ms_per_call"], 3),
+               "baseline_ceiling_ms_per_call": round(base_ceiling, 3)}
               for b, n in zip(batched, baseline)]
     best, best_base = _best(batched, args.p99_budget_ms), _best(baseline, args.p99_budget_ms)
-    return {
+    ceiling = Ceiling(best["ceiling_ms_per_call"] if best else None, "ms/call", lower_is_better=True,
+                      measured=best["server_cpu_ms_per_call"] if best else None, note=(
+                          "CPU time of the tower's forward alone (the server's own traced forward, "
+                          "same precision and threads) on the batch shapes the batched server formed at "
+                          "the headline point, per call; against server_cpu_ms_per_call"))
+    return with_ceiling({
         "bench": "serving", "candidates": args.candidates, "top_k": args.top_k,
         "model": {"slots": 4, "dim": args.dim, "hidden": args.hidden},
-        "duration_s": args.duration_s, "rounds": args.rounds, "precision": args.precision,
+        "duration_s": args.duration_s, "rounds": args.repeats, "precision": args.precision,
         "p99_budget_ms": args.p99_budget_ms, "cpus": os.cpu_count(),
         "processes": args.processes, "connections": args.connections,
         "loadavg_start": round(load_start[0], 2), "loadavg_end": round(os.getloadavg()[0], 2),
@@ -219,4 +298,6 @@ def run(args: argparse.Namespace) -> dict:
         "server_cpu_ms_per_call": round(best["server_cpu_ms_per_call"], 3) if best else None,
         "baseline_server_cpu_ms_per_call": (round(best_base["server_cpu_ms_per_call"], 3)
                                             if best_base else None),
-    }
+        "calls_per_forward": round(best["calls_per_forward"], 2) if best else None,
+        "baseline_ceiling_ms_per_call": round(base_ceiling, 3), "seed": args.seed,
+    }, ceiling, named="ceiling_ms_per_call")

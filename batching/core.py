@@ -1,7 +1,7 @@
 """Generic budgeted batch forming: a priority queue with ageing and deadlines, and a greedy packer.
 
-Shared by the LLM scheduler (items are requests, cost is tokens of the next chunk) and, later, the
-recommender's micro-batcher (items are scoring requests, cost is candidates). Order is
+Shared by the LLM scheduler (items are requests, cost is tokens of the next chunk) and the
+recommender's micro-batcher (items are scoring requests, cost is candidate rows). Order is
 ``(effective priority, deadline, arrival)`` where effective priority improves by one level per
 ``aging_s`` seconds of waiting, so a steady stream of urgent work cannot starve the rest.
 """

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from embedding_store import SlotDelta, TableDelta, encode_delta
-from training.params_wire import (DENSE, SNAPSHOT_END, SPARSE, ParamsMessage, ParamsWireError,
-                                  decode_params, encode_params, join_payload, payload_chunks)
+from paramsync import (DENSE, SNAPSHOT_END, SPARSE, ParamsMessage, ParamsWireError,
+                       decode_params, encode_params, join_payload, payload_chunks)
 
 
 def test_envelope_round_trips_every_header_field():

@@ -21,6 +21,12 @@ of the examples in time order), ``logloss``, ``examples_per_s`` (the learner's o
 over seeds (``examples`` the sum), per-seed figures are under ``runs``, and ``max_auc_gap`` /
 ``mean_auc_gap`` are truth minus learner on the last 10% (each run also gives
 ``auc_gap_eval_window``, the gap on its last ``--eval-window`` examples, the older figure).
+
+A learning curve has no physical ceiling; where the truth is known (the generator) its AUC on the
+same examples is the ceiling: ``ceiling_auc`` = ``auc_truth_overall`` and ``fraction_of_ceiling``
+= ``auc_overall`` / ``auc_truth_overall``. On a log the ceiling is null. ``--repeats N`` runs the
+generator on seeds 0 .. N-1 (``--seeds`` lists them instead); ``--seed`` is the learner's own
+(``TrainerConfig.seed``: table and tower initialisation), as for the trainer.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import logging
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+
+from bench.harness import Ceiling, add_common, no_ceiling, with_ceiling
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--counting-prior", type=float, default=10.0,
                    help="Beta prior strength (rows) of the counting baseline")
     p.add_argument("--events", type=int, default=300_000, help="generated events (shown items + clicks)")
-    p.add_argument("--seeds", default="0,1,2", help="comma list: one generator run per seed")
+    p.add_argument("--seeds", default=None, help="comma list: one generator run per seed "
+                   "(default: 0 .. --repeats - 1, i.e. 0,1,2)")
     p.add_argument("--eval-window", type=int, default=10_000, help="examples per prequential window")
     p.add_argument("--users", type=int, default=None)
     p.add_argument("--items", type=int, default=None)
     p.add_argument("--segments", type=int, default=None)
     p.add_argument("--categories", type=int, default=None)
-    _add_trainer_flags(p)
+    _add_trainer_flags(p)  # before the common flags: its --seed (the learner's) is the --seed
+    add_common(p, repeats=3, repeats_help="generator runs, on seeds 0 .. N-1")
 
 
 def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
@@ -132,15 +142,31 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int | None], Callable[[i
 def run(args: argparse.Namespace) -> dict:
     cfg = trainer_config(args)
     with _progress(not getattr(args, "json", False)) as task:
-        if args.dataset:
-            return _run_dataset(args, cfg, task)
-        return _run_generator(args, cfg, task)
+        out = _run_dataset(args, cfg, task) if args.dataset else _run_generator(args, cfg, task)
+    truth = out.get("auc_truth_overall")
+    if truth is None:
+        ceiling = no_ceiling("none: a log has no known truth, and learning has no physical ceiling; "
+                             "compare with the baselines", "AUC")
+    else:
+        ceiling = Ceiling(truth, "AUC", measured=out["auc_overall"], note=(
+            "the hidden truth's AUC on the same examples (the generator knows each click's "
+            "probability); fraction = learner AUC / truth AUC, overall"))
+    return with_ceiling(out, ceiling, named="ceiling_auc", digits=4)
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if args.seeds:
+        return [int(s) for s in args.seeds.split(",")]
+    return list(range(max(1, args.repeats)))
 
 
 def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
+    from dataclasses import replace
+
     from streams.log_infer import schema_for
     from streams.log_reader import encode_log, source_name
     from streams.log_schema import LogSchema
+    from training.model import user_item_crosses
     from training.prequential import run_log
 
     t0 = time.perf_counter()
@@ -149,6 +175,8 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     schema = schema_for(args.dataset, overrides, user_col=args.user_col, item_col=args.item_col,
                         label_col=args.label_col, time_col=args.time_col)
     encoded = encode_log(args.dataset, schema, on_bad_row=args.on_bad_row)
+    if getattr(args, "tc_crosses", None) is None:  # the trainer's default on a log: user x item side
+        cfg = replace(cfg, crosses=user_item_crosses(schema.item_slots()))
     done(len(encoded))
     read_s = time.perf_counter() - t0
     log.info("%s: %d rows encoded in %.1fs", args.dataset, len(encoded), read_s)
@@ -158,6 +186,7 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
             "bad_rows": len(encoded.bad_rows), "batch_size": cfg.batch_size,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],
+            "crosses": list(cfg.crosses),
             "dense_width": int(encoded.dense.shape[1])}
 
 
@@ -171,7 +200,7 @@ def _run_generator(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     changes = {k: getattr(args, k) for k in ("users", "items", "segments", "categories")
                if getattr(args, k) is not None}
     world = replace(world, **changes)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = _seeds(args)
     runs = []
     for seed in seeds:
         res = run_prequential(replace(world, seed=seed), cfg, args.events,

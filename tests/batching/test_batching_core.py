@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_engine.batching import BatchQueue, QueueItem, form_batch
+from batching import BatchQueue, QueueItem, form_batch
 
 
 def test_priority_then_deadline_then_arrival():

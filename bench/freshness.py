@@ -10,6 +10,11 @@ acknowledged by the broker. A second watcher on ``hw.examples`` gives the joiner
 The joiner must wait its join window before it can emit an example (it cannot know no further
 click will come), so the window is part of the figure and is reported; the baseline figure is
 the broker's own round trip for one message (produce -> consume), measured in the same run.
+
+Ceiling (a floor here: ``ceiling_ms``, against ``p50_ms``): the waits the design imposes plus
+the transport, measured in the same run: the join window, half the sparse sync interval (a
+click lands at a random phase of the periodic publish) and three broker round trips (click ->
+joiner, example -> trainer, row -> watcher). Compute (join, train, encode) is what is left.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.harness import Ceiling, add_common, with_ceiling
+
 log = logging.getLogger(__name__)
 
 _PROBE_BASE = 7_000_000_000_000  # user ids far above anything else in the stream
@@ -34,11 +41,12 @@ _PROBE_BASE = 7_000_000_000_000  # user ids far above anything else in the strea
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-servers", default="", help="use this broker (default: start Tansu)")
-    p.add_argument("--samples", type=int, default=200, help="clicks to time")
     p.add_argument("--rate", type=float, default=20.0, help="requests per second")
     p.add_argument("--window-s", type=float, default=0.2, help="joiner's join window")
     p.add_argument("--sparse-sync-interval-s", type=float, default=1.0)
     p.add_argument("--timeout-s", type=float, default=15.0, help="give up on a sample after this")
+    add_common(p, repeats=200, repeats_aliases=("--samples",), repeats_help="clicks to time",
+               seed_help="seed of the probes' items")
 
 
 class _Watcher(threading.Thread):
@@ -64,7 +72,7 @@ class _Watcher(threading.Thread):
 
     def _users(self, value: bytes) -> np.ndarray:
         from streams.events import decode_examples
-        from training.params_wire import SPARSE, decode_params
+        from paramsync import SPARSE, decode_params
 
         if self.kind == "examples":
             return decode_examples(value).user_id
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         for t in threads:
             t.start()
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=0)
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(args.seed)
         period = 1.0 / args.rate
 
         def request(k: int) -> tuple[int, float]:
@@ -173,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
             time.sleep(period)
         sent: dict[int, float] = {}
         next_t = time.time()
-        for k in range(args.samples):
+        for k in range(args.repeats):
             user, t = request(k)
             sent[user] = t
             next_t += period
@@ -184,9 +192,14 @@ def run(args: argparse.Namespace) -> dict:
         producer.close()
         lat = np.array([(watcher.seen[u] - t) * 1000 for u, t in sent.items() if u in watcher.seen])
         join = np.array([(joined.seen[u] - t) * 1000 for u, t in sent.items() if u in joined.seen])
-        return {
+        p50 = float(np.percentile(lat, 50)) if len(lat) else None
+        floor = args.window_s * 1000 + args.sparse_sync_interval_s * 500 + 3 * floor_ms
+        ceiling = Ceiling(floor, "ms", measured=p50, lower_is_better=True, note=(
+            "a floor (lower is better; the fraction is floor / p50): join window + half the "
+            "sparse sync interval + 3 broker round trips measured in this run"))
+        return with_ceiling({
             "bench": "freshness", "samples": int(len(lat)), "missing": len(sent) - int(len(lat)),
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p50_ms": p50,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "max_ms": float(lat.max()) if len(lat) else None,
             # The joiner's share: action produced -> its example on hw.examples.
@@ -195,7 +208,8 @@ def run(args: argparse.Namespace) -> dict:
             "join_window_ms": args.window_s * 1000,
             "sparse_sync_interval_s": args.sparse_sync_interval_s,
             "baseline_broker_round_trip_ms": floor_ms,
-        }
+            "repeats": args.repeats, "seed": args.seed,
+        }, ceiling, named="ceiling_ms", digits=1)
     finally:
         for p in procs:  # SIGTERM: both stop cleanly
             p.terminate()

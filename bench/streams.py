@@ -5,6 +5,12 @@ source. ``events_per_s`` counts input events (shown items + actions) from the fi
 last example read back; ``lost`` is expected examples minus unique example ids received. The
 baseline measured in the same run is the producer alone (``produce_events_per_s``): the joiner
 cannot be faster than events can be put into the broker.
+
+Ceiling (``ceiling_events_per_s``): the same bytes (the generator's messages, re-made from the
+seed) produced and then consumed by plain kafka-python clients on fresh topics of the same
+broker, ``--repeats`` passes, medians. The joiner's input must be produced and consumed at least
+once, by processes that run side by side, so the slower of the two raw rates bounds its
+events/s (its output, examples, is extra traffic on top).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import uuid
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
+from bench.harness import Ceiling, add_common, median, with_ceiling
 from streams.broker import BrokerConfig, EmbeddedBroker
 from streams.events import decode_examples, example_ids, keep_negative
 from streams.generator import GeneratorConfig, SyntheticStream, produce_synthetic
@@ -35,9 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=1_000_000, help="input events to push (approx.)")
     p.add_argument("--items-per-request", type=int, default=20)
     p.add_argument("--negative-rate", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="profile the joiner; top functions to stderr")
     p.add_argument("--timeout-s", type=float, default=300.0)
+    add_common(p, repeats=3, repeats_help="raw produce/consume passes of the ceiling (medians)",
+               seed_help="generator seed")
 
 
 def _joiner_process(cfg: JoinerConfig, ready, stop, profile: bool, out) -> None:
@@ -96,19 +104,90 @@ def run(args: argparse.Namespace) -> dict:
                 proc.kill()
         dlq = len(read_topic(kafka, topics.dlq, idle_s=0.5))
         late = len(read_topic(kafka, topics.late, idle_s=0.5))
+        raw = _raw_ceiling(broker, kafka, gen, topics, prefix, args.repeats,
+                           time.perf_counter() + args.timeout_s)
     if profile_text:
         log.warning("joiner profile (tottime):\n%s", profile_text)
     unique = np.unique(received)
     lost = int(len(np.setdiff1d(expected, unique)))
     elapsed = t_last - t0
-    return {
+    events_per_s = events / elapsed
+    ceiling = Ceiling(events / max(raw["produce_s"], raw["consume_s"]), "events/s", measured=events_per_s,
+                      note="the same input bytes produced, then consumed, by plain kafka-python on this "
+                           "broker (the slower of the two raw rates); the joiner does both and more")
+    return with_ceiling({
         "bench": "streams", "events": events, "requests": requests,
         "events_per_s": round(events / elapsed, 1), "elapsed_s": round(elapsed, 3),
         "examples": int(len(unique)), "expected_examples": int(len(expected)),
         "duplicates": int(len(received) - len(unique)), "lost": lost, "dlq": dlq, "late": late,
         "produce_events_per_s": round(events / (t_produced - t0), 1),
         "items_per_request": args.items_per_request, "negative_rate": args.negative_rate,
-    }
+        "ceiling_produce_events_per_s": round(events / raw["produce_s"], 1),
+        "ceiling_consume_events_per_s": round(events / raw["consume_s"], 1),
+        "raw_messages": raw["messages"], "raw_bytes": raw["bytes"], "repeats": args.repeats,
+        "seed": args.seed,
+    }, ceiling, named="ceiling_events_per_s", digits=1)
+
+
+class _Recorder:
+    """Stands in for the producer: keeps every (topic, bytes) the generator sends."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
+        self.messages.append((topic, value))
+
+    def flush(self) -> None:
+        pass
+
+
+def _raw_ceiling(broker: EmbeddedBroker, kafka, gen: GeneratorConfig, topics, prefix: str,
+                 repeats: int, deadline: float) -> dict:
+    """Median seconds to produce, then to consume, the generator's bytes with plain kafka-python."""
+    from kafka import KafkaProducer
+
+    recorder = _Recorder()
+    produce_synthetic(gen, recorder, topics)
+    messages = recorder.messages
+    compression = None if kafka.compression in ("", "none") else kafka.compression
+    produce_s, consume_s = [], []
+    for r in range(max(1, repeats)):
+        raw = broker.create_topics(f"{prefix}-raw{r}")
+        rename = {topics.impressions: raw.impressions, topics.actions: raw.actions}
+        producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all",
+                                 compression_type=compression, linger_ms=kafka.linger_ms,
+                                 batch_size=kafka.batch_bytes, max_request_size=kafka.max_message_bytes + 4096)
+        try:
+            t0 = time.perf_counter()
+            for topic, value in messages:
+                producer.send(rename[topic], value)
+            producer.flush()
+            produce_s.append(time.perf_counter() - t0)
+        finally:
+            producer.close()
+        consume_s.append(_raw_consume(kafka, sorted(set(rename.values())), len(messages), deadline))
+    return {"produce_s": median(produce_s), "consume_s": median(consume_s), "messages": len(messages),
+            "bytes": sum(len(v) for _, v in messages)}
+
+
+def _raw_consume(kafka, topics: list[str], want: int, deadline: float) -> float:
+    """Seconds to fetch ``want`` messages from the start of ``topics`` (no decoding)."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False,
+                             max_partition_fetch_bytes=kafka.max_message_bytes)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or {0})]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        got = 0
+        t0 = time.perf_counter()
+        while got < want and time.perf_counter() < deadline:
+            got += sum(len(m) for m in consumer.poll(timeout_ms=100, max_records=1000).values())
+        if got < want:
+            raise RuntimeError(f"raw consume read {got} of {want} messages before the deadline")
+        return time.perf_counter() - t0
+    finally:
+        consumer.close()
 
 
 def _expected_ids(gen: GeneratorConfig, negative_rate: float) -> np.ndarray:

@@ -6,19 +6,24 @@ tokens. ``ms_per_call`` is the shared-prefix path (context prefilled once, candi
 over its KV, log-probs gathered for candidate tokens only); ``naive_ms_per_call`` runs the model
 on context + candidate for each candidate and takes ``log_softmax`` of its full logits.
 ``max_abs_diff`` says the two agree.
+
+Ceiling (``ceiling_ms_per_call``, a floor against ``ms_per_call``): the compute no ranking of this
+workload can skip, measured in the same run on the same weights (the transformers model of the
+reference path, same threads): every token (context once, then each candidate's) through the
+model body once, and the output head with ``log_softmax`` at the candidates' target positions
+only. The engine's own model may beat that bound slightly; a fraction near 1 means nothing is left.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from bench.harness import Ceiling, add_common, timed, with_ceiling
 from llm_engine.scoring import ScoringItem, ScoringOptions, plan_loglik, ranking_of, reduce_scores, score_items
 
 log = logging.getLogger(__name__)
@@ -31,14 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-tokens", type=int, default=512)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--candidate-tokens", type=int, default=16, help="mean candidate length (+-25%%)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (median reported)")
     parser.add_argument("--batch", type=int, default=50, help="candidates per forward on the shared-prefix path")
     parser.add_argument("--step-tokens", type=int, default=2048, help="engine token budget per step")
     parser.add_argument("--backend", choices=["engine", "reference"], default="engine",
                         help="engine: the scheduler + paged KV path; reference: transformers with a reused cache")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 keeps timings stable on a shared machine (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common(parser, repeats=3, repeats_help="timed calls per method (median reported)",
+               seed_help="seed of the random model and the workload")
 
 
 def workload(vocab: int, context_tokens: int, candidates: int, mean_len: int, seed: int) -> tuple[list[int], list[list[int]]]:
@@ -60,13 +65,16 @@ def naive_scores(model: torch.nn.Module, items: list[ScoringItem], options: Scor
     return reduce_scores(torch.cat(per_token), seg, len(items), options)
 
 
-def _time(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001
-    out, times = None, []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), out
+@torch.no_grad()
+def every_token_once(model: torch.nn.Module, ctx: list[int], cands: list[list[int]]) -> torch.Tensor:
+    """The floor of any ranking: all tokens through the body once (in chunks the model's
+    positions allow), the head and ``log_softmax`` at the candidates' target positions only."""
+    tokens = ctx + [t for c in cands for t in c]
+    limit = model.config.max_position_embeddings
+    hidden = torch.cat([model.get_decoder()(torch.tensor([tokens[i:i + limit]])).last_hidden_state[0]
+                        for i in range(0, len(tokens), limit)])
+    targets = sum(map(len, cands))
+    return torch.log_softmax(model.get_output_embeddings()(hidden[-targets:]).float(), -1)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -90,11 +98,15 @@ def run(args: argparse.Namespace) -> dict:
         head = model.get_output_embeddings()
         weight = head.weight.detach()
         fast_fn, backend = _fast_scorer(args, model_dir, runner, items, options, weight)
-        fast_fn()  # warm-up (allocations, first-call paths)
-        ms, fast = _time(fast_fn, args.repeats)
-        naive_ms, naive = _time(lambda: naive_scores(model, items, options), max(1, args.repeats // 2))
+        fast_s, _, fast = timed(fast_fn, args.repeats, warmup=1)  # warm-up: allocations, first-call paths
+        naive_s, _, naive = timed(lambda: naive_scores(model, items, options), max(1, args.repeats // 2), warmup=0)
+        ms, naive_ms = fast_s * 1000, naive_s * 1000
         diff = float((torch.tensor(fast.scores, dtype=torch.float64) - naive).abs().max())
-        return {
+        floor_s, _, _ = timed(lambda: every_token_once(model, ctx, cands), args.repeats)
+        ceiling = Ceiling(floor_s * 1000, "ms/call", measured=ms, lower_is_better=True, note=(
+            "a floor (lower is better; the fraction is floor / ms_per_call): every token through "
+            "the model body once and the head at target positions only, same weights and threads"))
+        return with_ceiling({
             "bench": "rank",
             "backend": backend,
             "model_params": params,
@@ -107,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
             "max_abs_diff": diff,
             "same_ranking": fast.ranking == ranking_of(naive),
             "threads": torch.get_num_threads(),
-        }
+            "repeats": args.repeats, "seed": args.seed,
+        }, ceiling, named="ceiling_ms_per_call", digits=2)
     finally:
         if tmp is not None:
             tmp.cleanup()

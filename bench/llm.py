@@ -9,7 +9,13 @@ the same token ids through ``generate()`` in static batches of ``max_num_seqs`` 
 longest request is done (the random model has no EOS), which is how static batching behaves.
 Both sides produce exactly the requested output tokens; tokens/s counts those. Both run with the
 same number of torch threads (``--threads``, 1 by default: on a shared machine extra threads spin
-against other work). Wall-clock and process-CPU speedups are both reported.
+against other work). Wall-clock and process-CPU speedups are both reported. ``--repeats N`` runs
+both sides N times, interleaved, and reports each side's median run.
+
+Ceiling (``ceiling_decode_steps_per_s``): the decode roofline, every step reading all weights once
+at the memory bandwidth: the card's peak HBM bandwidth on a GPU the table below knows (then
+``fraction_of_ceiling`` is the ``decode_roofline_fraction`` it always reported), else the copy
+bandwidth measured in this run (``memory_bandwidth_gb_s``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import time
 
 import numpy as np
 import torch
+
+from bench.harness import Ceiling, add_common, with_ceiling
 
 logger = logging.getLogger(__name__)
 PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12, "A10": 0.6e12}
@@ -34,7 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-sigma", type=float, default=1.2, help="log-normal sigma of output lengths")
     p.add_argument("--output-min", type=int, default=4)
     p.add_argument("--output-max", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for both sides (0 = torch's default); on a shared machine more "
@@ -45,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-mib", type=int, default=128,
                    help="KV pool on CPU, MiB (small values force preemption: compare --preemption-mode)")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for decode steps (CUDA only)")
+    add_common(p, repeats=1, repeats_help="runs of the engine and the baseline, interleaved (median run)",
+               seed_help="seed of the workload and the weights")
 
 
 def model_shape(cuda: bool) -> dict:
@@ -141,8 +150,13 @@ def _run(args: argparse.Namespace) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(tmp, safe_serialization=True)
         del model
-        ours = run_engine(tmp, prompts, olens, args, device)
-        base = None if args.skip_baseline else run_baseline(tmp, prompts, olens, args.max_num_seqs, device)
+        engine_runs, base_runs = [], []
+        for _ in range(max(1, args.repeats)):
+            engine_runs.append(run_engine(tmp, prompts, olens, args, device))
+            if not args.skip_baseline:
+                base_runs.append(run_baseline(tmp, prompts, olens, args.max_num_seqs, device))
+        ours = _median_run(engine_runs)
+        base = _median_run(base_runs) if base_runs else None
     out = {
         "benchmark": "llm", "device": device, "params": n_params, "num_requests": len(prompts),
         "max_num_seqs": args.max_num_seqs, "threads": torch.get_num_threads(),
@@ -167,6 +181,7 @@ def _run(args: argparse.Namespace) -> dict:
             # CPU seconds (all threads): steadier than wall time when other work shares the cores
             "cpu_speedup_vs_baseline": round(base["cpu_seconds"] / ours["cpu_seconds"], 2),
         }
+    bandwidth, source = None, "measured"
     if device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_HBM.items() if k in name), None)
@@ -174,5 +189,38 @@ def _run(args: argparse.Namespace) -> dict:
         # decode roofline: every step reads all weights once; KV read is small next to 2 GB of weights
         if peak:
             out["decode_roofline_fraction"] = round((bytes_w * ours["steps"] / ours["seconds"]) / peak, 3)
+            bandwidth, source = peak, f"{name} peak HBM"
         out["gpu"] = name
-    return out
+    else:
+        bytes_w = n_params * 4  # float32 on CPU (EngineConfig dtype "auto")
+    if bandwidth is None:
+        bandwidth = memory_bandwidth(device)
+    out["memory_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+    out["decode_steps_per_s"] = round(ours["steps"] / ours["seconds"], 2)
+    out["repeats"] = max(1, args.repeats)
+    ceiling = Ceiling(bandwidth / bytes_w, "steps/s", measured=ours["steps"] / ours["seconds"], note=(
+        f"decode roofline: every engine step reads all {bytes_w / 1e6:.0f} MB of weights once at "
+        f"the memory bandwidth ({source}, {bandwidth / 1e9:.0f} GB/s); prefill chunks and "
+        "sampling make steps slower than that"))
+    return with_ceiling(out, ceiling, named="ceiling_decode_steps_per_s", digits=2)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def memory_bandwidth(device: str, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of a plain tensor copy (read + write) on ``device``, best of ``repeats``."""
+    n = (mib << 20) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy faults the pages in
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best

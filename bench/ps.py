@@ -9,6 +9,10 @@ fan-out per slot, one after another: the pre-batching path). One client calls al
 interleaved rounds (so load on the shared machine hits them alike) with ``--candidates``
 candidates per call, and the JSON line reports p50/p99 of each, the fan-out overhead, the largest
 score difference from the baseline (should be ~0) and the load average.
+
+Ceiling (a floor: ``ceiling_ms``, against ``sharded_p50_ms``): the local call plus one gRPC round
+trip to a shard (a ``Health.Check`` on the same loopback, p50, measured in the same run). The
+fan-out to the shards runs in parallel, so no sharded call can take less.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +28,9 @@ import uuid
 from typing import Any
 
 import numpy as np
+
+from bench.harness import Ceiling, add_common, with_ceiling
+from streams.broker import free_port
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=2, help="PS shards of the candidate")
     p.add_argument("--items", type=int, default=100_000, help="item rows in the table")
     p.add_argument("--candidates", type=int, default=200, help="candidate items per Recommend")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
     p.add_argument("--calls", type=int, default=25, help="calls per server per round")
     p.add_argument("--deadline-ms", type=float, default=200.0, help="the recommender's --ps-deadline-ms")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    add_common(p, repeats=20, repeats_aliases=("--rounds",), repeats_help="interleaved rounds",
+               seed_help="seed of the model's weights and the requests")
 
 
 def _publish(kafka: Any, model: Any, num_shards: int) -> None:
@@ -91,6 +92,24 @@ def _wait_serving(port: int, service: str, procs: list[subprocess.Popen], timeou
     raise TimeoutError(f"127.0.0.1:{port} did not become SERVING")
 
 
+def _round_trip_ms(port: int, service: str, calls: int = 200) -> float:
+    """p50 of a minimal gRPC call (``Health.Check``) to ``port``: the transport's floor."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        req = health_pb2.HealthCheckRequest(service=service)
+        for _ in range(10):  # connection set-up is not the floor
+            stub.Check(req, timeout=5)
+        lat = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            stub.Check(req, timeout=5)
+            lat.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.percentile(lat, 50))
+
+
 def run(args: argparse.Namespace) -> dict:
     import grpc
     from rich.console import Console
@@ -99,11 +118,11 @@ def run(args: argparse.Namespace) -> dict:
     from serving.ps_service import PS_SERVICE_NAME
     from serving.testing import random_model
     from streams.broker import BrokerConfig, EmbeddedBroker
-    from training.params_wire import params_partitions
+    from paramsync import params_partitions
 
     console = Console(stderr=True)
     n = args.shards
-    model = random_model(slots=("user_id", "item_id", "f00"), items=args.items, users=args.items)
+    model = random_model(slots=("user_id", "item_id", "f00"), items=args.items, users=args.items, seed=args.seed)
     procs: list[subprocess.Popen] = []
     broker = EmbeddedBroker(BrokerConfig(port=0, topic_prefix="hwbench"))
     broker.start()
@@ -116,8 +135,8 @@ def run(args: argparse.Namespace) -> dict:
         with console.status("publishing the model, starting servers..."):
             _publish(flat_kafka, model, 1)
             _publish(sharded_kafka, model, n)
-            ps_ports = [_free_port() for _ in range(n)]
-            base_port, rec_port, slot_port = _free_port(), _free_port(), _free_port()
+            ps_ports = [free_port() for _ in range(n)]
+            base_port, rec_port, slot_port = free_port(), free_port(), free_port()
             addrs = ",".join(f"127.0.0.1:{p}" for p in ps_ports)
             procs += [_serve(sharded_kafka, p, "--role", "ps", "--shard", f"{i}/{n}") for i, p in enumerate(ps_ports)]
             procs.append(_serve(flat_kafka, base_port))
@@ -130,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
             _wait_serving(base_port, SERVICE_NAME, procs)
             _wait_serving(rec_port, SERVICE_NAME, procs)
             _wait_serving(slot_port, SERVICE_NAME, procs)
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(args.seed)
         pool = [pb2.RecommendRequest(user_id=int(u), candidate_item_ids=rng.choice(args.items, args.candidates,
                                                                                    replace=False).tolist(),
                                      context=[pb2.SparseFeature(slot="f00", ids=[int(u) % 97])])
@@ -146,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
                 a, b, c = (np.array(sorted((i.item_id, i.score) for i in stubs[k].Recommend(req, timeout=10).items))
                            for k in names)
                 diff = max(diff, float(np.max(np.abs(a - b))), float(np.max(np.abs(a - c))))
-            for r in range(args.rounds):
+            for r in range(args.repeats):
                 for name in names[r % 3:] + names[:r % 3]:
                     for k in range(args.calls):
                         t0 = time.perf_counter()
@@ -155,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             for c in channels:
                 c.close()
+        round_trip_ms = _round_trip_ms(ps_ports[0], PS_SERVICE_NAME)
         load_after = os.getloadavg()
     finally:
         for p in procs:
@@ -171,7 +191,10 @@ def run(args: argparse.Namespace) -> dict:
     console.print(f"local p50 {stats['local'][0]:.2f} ms p99 {stats['local'][1]:.2f} ms; sharded ({n} shards) "
                   f"p50 {stats['sharded'][0]:.2f} ms p99 {stats['sharded'][1]:.2f} ms; one fan-out per slot "
                   f"p50 {stats['per_slot'][0]:.2f} ms p99 {stats['per_slot'][1]:.2f} ms")
-    return {
+    ceiling = Ceiling(stats["local"][0] + round_trip_ms, "ms", measured=stats["sharded"][0], lower_is_better=True,
+                      note="a floor (lower is better; the fraction is floor / sharded p50): the local "
+                           "call's p50 plus one gRPC round trip (Health.Check p50) to a shard")
+    return with_ceiling({
         "bench": "ps", "shards": n, "items": args.items, "candidates": args.candidates,
         "calls_each": len(lat["local"]),
         "local_p50_ms": round(stats["local"][0], 3), "local_p99_ms": round(stats["local"][1], 3),
@@ -181,4 +204,5 @@ def run(args: argparse.Namespace) -> dict:
         "per_slot_overhead_p50_ms": round(stats["per_slot"][0] - stats["local"][0], 3),
         "max_score_diff": diff, "cpus": os.cpu_count(),
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
-    }
+        "grpc_round_trip_p50_ms": round(round_trip_ms, 3), "rounds": args.repeats, "seed": args.seed,
+    }, ceiling, named="ceiling_ms")

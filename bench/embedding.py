@@ -3,20 +3,24 @@ natural first version (a Python ``dict`` id -> row plus a torch gather), in the 
 
 Workload (issue 3): one slot, dim 64, Adagrad; ids drawn Zipf(s=1.1) over a universe of 10M ids
 (scrambled to arbitrary 64-bit values), batches of 65,536 ids of which 10% were never seen before.
+
+Ceiling: a lookup is a memory-bound gather once each id is resolved to its row, so the ceiling is
+a plain gather of the same rows from the same dense array with the rows known in advance
+(``torch.index_select`` and NumPy ``take``; the faster counts), timed like the lookups, in the
+same interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import time
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from bench.harness import Ceiling, add_common, interleaved, per_item_seconds, with_ceiling
 from embedding_store.id_index import mix64
 from embedding_store.slots import SlotConfig
 from embedding_store.table import EmbeddingTable
@@ -32,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--warmup-batches", type=int, default=40, help="training batches before timing")
     parser.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timing passes (best kept)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common(parser, repeats=3, repeats_aliases=("--rounds",),
+               repeats_help="interleaved timing passes of the table, baselines and ceiling (best kept)")
 
 
 class ZipfStream:
@@ -56,19 +60,6 @@ class ZipfStream:
         r = np.concatenate([ranks.astype(np.int64), fresh])
         self.rng.shuffle(r)
         return torch.from_numpy(mix64(r).view(np.int64))  # bijective scramble to 64-bit ids
-
-
-def _timed(fn, batches) -> float:
-    """Seconds for all batches, as ``len(batches) x`` the median batch time: the machine is
-    shared, and the median keeps a neighbour's burst from deciding the result (same rule for
-    the table and the baseline)."""
-    gc.collect()
-    times = []
-    for b in batches:
-        t0 = time.perf_counter()
-        fn(b)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * len(batches)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -99,9 +90,9 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
     n = args.batches
     train_b = [stream.next() for _ in range(n)]
     rows_before = table.stats()["x"]["live_rows"]
-    t_insert = _timed(lambda b: table.lookup("x", b, train=True), train_b)
+    t_insert = per_item_seconds(lambda b: table.lookup("x", b, train=True), train_b)
     new_rows = table.stats()["x"]["live_rows"] - rows_before
-    t_update = _timed(lambda b: table.apply_gradients("x", b, grads), train_b)
+    t_update = per_item_seconds(lambda b: table.apply_gradients("x", b, grads), train_b)
     read_b = [stream.next() for _ in range(n)]
 
     # Baseline: the natural first version, a dict id -> row and a gather, same semantics
@@ -127,14 +118,27 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
         out[rows < 0] = default_np
         return torch.from_numpy(out)
 
-    # Alternate whole passes (table, baselines, table, ...) and keep each side's best pass: a
-    # neighbour's burst on the shared cores then hits every side alike or none.
-    t_lookup = t_torch = t_numpy = float("inf")
-    for _ in range(args.rounds):
-        t_lookup = min(t_lookup, _timed(lambda b: table.lookup("x", b), read_b))
-        t_torch = min(t_torch, _timed(baseline_torch, read_b))
-        t_numpy = min(t_numpy, _timed(baseline_numpy, read_b))
+    # The ceiling: the same rows gathered from the same array, resolved outside the clock.
+    rows_of = {id(b): torch.from_numpy(st.index.find(b.numpy(), missing=0)) for b in read_b}
+
+    def ceiling_index_select(b: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(values, 0, rows_of[id(b)])
+
+    def ceiling_take(b: torch.Tensor) -> np.ndarray:
+        return values_np.take(rows_of[id(b)].numpy(), axis=0)
+
+    # Alternate whole passes (table, baselines, ceiling, in rotating order) and keep each side's
+    # best pass: a neighbour's burst on the shared cores then hits every side alike or none.
+    passes = interleaved({
+        "lookup": lambda: per_item_seconds(lambda b: table.lookup("x", b), read_b),
+        "torch": lambda: per_item_seconds(baseline_torch, read_b),
+        "numpy": lambda: per_item_seconds(baseline_numpy, read_b),
+        "index_select": lambda: per_item_seconds(ceiling_index_select, read_b),
+        "take": lambda: per_item_seconds(ceiling_take, read_b),
+    }, args.repeats)
+    t_lookup, t_torch, t_numpy, t_select, t_take = (min(passes[k]) for k in passes)
     t_base = min(t_torch, t_numpy)  # compare against the stronger of the two first versions
+    t_ceiling = min(t_select, t_take)
     same = all(torch.equal(base(b), table.lookup("x", b)) for b in read_b[:2] for base in (baseline_torch, baseline_numpy))
 
     # Collision audit over every live row: distinct ids, and each id finds exactly its row.
@@ -144,7 +148,10 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
     ids_timed = n * args.batch
     lookup_rate = ids_timed / t_lookup
     base_rate = ids_timed / t_base
-    return {
+    ceiling = Ceiling(ids_timed / t_ceiling, "ids/s", measured=lookup_rate, note=(
+        "memory-bound: a plain gather of the same rows from the same dense array, rows resolved "
+        "in advance (the faster of torch.index_select and numpy take), timed like the lookups"))
+    return with_ceiling({
         "benchmark": "embedding",
         "dim": args.dim,
         "batch": args.batch,
@@ -164,4 +171,7 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
         "raw_bytes_per_row": s["raw_bytes_per_row"],
         "bytes_ratio": round(s["bytes_per_row"] / s["raw_bytes_per_row"], 3),
         "collisions": collisions,
-    }
+        "ceiling_index_select_ids_per_s": round(ids_timed / t_select),
+        "ceiling_numpy_take_ids_per_s": round(ids_timed / t_take),
+        "repeats": args.repeats,
+    }, ceiling, named="ceiling_ids_per_s", digits=0)
