@@ -1,6 +1,6 @@
 """``headwater bench chaos --json``: kill the pipeline's processes and its broker mid-stream, count
-the damage (the run itself is :func:`headwater.chaos.run_chaos`; its settings are
-:class:`~headwater.chaos.ChaosConfig`'s flags, ``--config`` and ``HW_*``).
+the damage (the run itself is :func:`headwater.chaos.run.run_chaos`; its settings are
+:class:`~headwater.chaos.run.ChaosConfig`'s flags, ``--config`` and ``HW_*``).
 
 ``--repeats N`` runs the whole thing N times, one after another; the JSON line is then the worst
 run's report (fewest faults survived, then most events lost, then slowest recovery) with every

@@ -24,7 +24,7 @@ and the group's first fetch are not throughput).
 exchange, averaged over ranks; waiting for a slower peer counts as exchange time. The 8-rank
 figure is a model, not a measurement: per-step compute from the 1-rank run (each rank of 8 has
 a core of its own and the same local batch), the N-rank run's exchange time per step scaled by
-the share of ids that live on another rank ((k-1)/k) -- see README "Multi-rank training".
+the share of ids that live on another rank ((k-1)/k) -- see docs/benchmarks.md "Multi-rank training".
 
 Ceiling (``ceiling_examples_per_s``): linear scaling, N times the 1-rank run's examples/s in the
 same run; ``fraction_of_ceiling`` is then ``scaling / N``.

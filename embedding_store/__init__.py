@@ -1,4 +1,5 @@
-"""embedding_store: the collisionless, expirable embedding table (see README section)."""
+"""embedding_store: the collisionless, expirable embedding table (see docs/architecture.md "The
+embedding store" and docs/api.md)."""
 
 from embedding_store.delta import DeltaFormatError, SlotDelta, TableDelta, decode_delta, encode_delta
 from embedding_store.kernels import bag_grads_to_ids

@@ -14,7 +14,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -97,11 +97,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def load_config(cls: type[T], args: argparse.Namespace | Mapping[str, Any] | None = None,
                 file: Path | str | None = None, section: str | None = None,
-                env: Mapping[str, str] | None = None) -> T:
+                env: Mapping[str, str] | None = None, *, also: Sequence[type] = ()) -> T:
     """Builds ``cls`` from its defaults, then a TOML file, then ``HW_*`` env vars, then flags.
 
     ``section`` picks a table of the TOML file (``[joiner]``); top-level keys apply to every
-    process that has a field of that name (``bootstrap_servers``, ``topic_prefix``).
+    process that has a field of that name (``bootstrap_servers``, ``topic_prefix``). A process
+    that loads several config classes from one table names the others in ``also`` (or uses
+    :func:`load_configs`): each class takes the table's keys it has, and a key that none of them
+    has is an error naming the key and the table.
     """
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
@@ -109,14 +112,14 @@ def load_config(cls: type[T], args: argparse.Namespace | Mapping[str, Any] | Non
     file = file if file is not None else flags.get("config")
     if file is not None:
         data = tomllib.loads(Path(file).read_text())
-        merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        if section and isinstance(data.get(section), dict):
-            merged.update(data[section])
-        for key, raw in merged.items():
+        table = data.get(section) if section else None
+        table = table if isinstance(table, dict) else {}
+        top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        # No section: the top level is this config's own table and is checked like one.
+        _check_keys(table if section else top, [cls, *also], section, file)
+        for key, raw in {**top, **table}.items():
             if key in types_:
                 values[key] = _parse(key, types_[key], raw)
-            elif section is None or key in data.get(section, {}):
-                raise ConfigError(f"unknown config field {key!r} for {cls.__name__}")
     env = os.environ if env is None else env
     for name, tp in types_.items():
         raw = env.get(ENV_PREFIX + name.upper())
@@ -131,6 +134,27 @@ def load_config(cls: type[T], args: argparse.Namespace | Mapping[str, Any] | Non
     if callable(check):
         check()
     return cfg
+
+
+def load_configs(classes: Sequence[type], args: argparse.Namespace | Mapping[str, Any] | None = None,
+                 file: Path | str | None = None, section: str | None = None,
+                 env: Mapping[str, str] | None = None) -> tuple[Any, ...]:
+    """One :func:`load_config` per class, all from the same table: ``[train]`` holds the fields of
+    ``KafkaConfig`` and ``TrainerConfig`` alike; a key that none of ``classes`` has is an error."""
+    return tuple(load_config(cls, args, file, section, env, also=classes) for cls in classes)
+
+
+def _check_keys(table: Mapping[str, Any], classes: Sequence[type], section: str | None,
+                file: Path | str) -> None:
+    """Refuses a key of ``table`` that no class in ``classes`` has (a typo), naming it and the table."""
+    known: set[str] = set()
+    for c in classes:
+        known.update(_field_types(c))
+    for key in table:
+        if key not in known:
+            where = f"[{section}] of {file}" if section else f"the top level of {file}"
+            names = ", ".join(dict.fromkeys(c.__name__ for c in classes))
+            raise ConfigError(f"unknown config field {key!r} in {where} (not a field of {names})")
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:

@@ -1,7 +1,8 @@
 """LLM engine: Llama-family models over a paged KV cache with continuous batching.
 
 Public API: :class:`LLM` (offline), :class:`LLMEngine` (step-wise), :class:`AsyncLLMEngine`
-(streaming), :class:`SamplingParams`, :class:`EngineConfig`. Depends on no other Headwater package.
+(streaming), :class:`SamplingParams`, :class:`EngineConfig`. Of the other Headwater packages it
+depends only on ``batching`` (the scheduler's request queue).
 """
 
 from llm_engine.config import EngineConfig, ModelConfig

@@ -9,7 +9,7 @@ import os
 import signal
 
 from headwater.cli.runtime import die_with_parent, stop_on_signals
-from headwater.config import ConfigError, add_config_args, load_config
+from headwater.config import ConfigError, add_config_args, load_configs
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
     from streams.kafka_io import KafkaConfig, topic_names
 
     try:  # bad flags are a clear message and exit code 2, not a traceback
-        kafka = load_config(KafkaConfig, args, section="serve")
-        cfg = load_config(ServeConfig, args, section="serve")
-        ps_cfg = load_config(ParamServerConfig, args, section="serve")
-        client_cfg = load_config(PsClientConfig, args, section="serve")
+        kafka, cfg, ps_cfg, client_cfg = load_configs(
+            (KafkaConfig, ServeConfig, ParamServerConfig, PsClientConfig), args, section="serve")
         cfg.validate()
         if args.shard:
             ps_cfg.shard_index, ps_cfg.num_shards = parse_shard(args.shard)

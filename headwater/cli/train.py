@@ -7,7 +7,7 @@ import logging
 import signal
 
 from headwater.cli.runtime import print_json, stop_on_signals
-from headwater.config import add_config_args, load_config
+from headwater.config import add_config_args, load_configs
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ def _train_rank(args: argparse.Namespace) -> int:
     from training.distributed.trainer import DistributedTrainer
 
     env = DistEnv.from_env()
-    kafka = load_config(KafkaConfig, args, section="train")
-    cfg = load_config(TrainerConfig, args, section="train")
+    kafka, cfg = load_configs((KafkaConfig, TrainerConfig), args, section="train")
     if cfg.torch_threads:
         import torch
 
@@ -97,8 +96,7 @@ def _train_one(args: argparse.Namespace) -> int:
     from training.config import TrainerConfig
     from training.trainer import OnlineTrainer
 
-    kafka = load_config(KafkaConfig, args, section="train")
-    cfg = load_config(TrainerConfig, args, section="train")
+    kafka, cfg = load_configs((KafkaConfig, TrainerConfig), args, section="train")
     if cfg.torch_threads:
         import torch
 

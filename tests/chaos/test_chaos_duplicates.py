@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chaos_helpers import drain_joiner
 from kafka import KafkaConsumer
 
-from headwater.chaos_accounting import account, expected_stream
+from headwater.chaos.accounting import account, expected_stream
 from streams.events import decode_examples
 from streams.generator import GeneratorConfig, produce_synthetic
 from streams.kafka_io import BatchProducer, log_end, read_topic, topic_names
@@ -140,15 +141,7 @@ def re_emitted(kafka_broker, tmp_path_factory):
         bootstrap_servers=kafka_topics.bootstrap_servers, topic_prefix=kafka_topics.topic_prefix,
         state_dir=str(tmp_path / "joiner"), window_s=2.0, allowed_lateness_s=0.0,
         negative_rate=0.5, examples_per_message=200))
-    try:
-        deadline, quiet, seen = time.monotonic() + 60, 0, 0
-        while time.monotonic() < deadline and quiet < 10:  # until all read and every window closed
-            stats = joiner.step(timeout_ms=100)
-            seen += stats.records
-            idle = seen and stats.records == 0 and joiner.state.count_pending() == 0
-            quiet = quiet + 1 if idle else 0
-    finally:
-        joiner.close()
+    drain_joiner(joiner)
     topic = topic_names(kafka_topics.topic_prefix).examples
     messages = [r.value for r in read_topic(kafka_topics, topic, idle_s=0.5)]
     assert len(messages) >= 4

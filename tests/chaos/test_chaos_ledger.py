@@ -4,12 +4,12 @@ trainer never saw)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
+from chaos_helpers import drain_joiner
 
-from headwater.chaos_accounting import account
+from headwater.chaos.accounting import account
 from streams.generator import GeneratorConfig, produce_synthetic
 from streams.joiner import JoinerConfig, OnlineJoiner
 from streams.kafka_io import BatchProducer, topic_names
@@ -33,15 +33,7 @@ def joined(kafka_broker, tmp_path_factory):
         bootstrap_servers=kafka_topics.bootstrap_servers, topic_prefix=kafka_topics.topic_prefix,
         state_dir=str(tmp_path / "joiner"), window_s=5.0, allowed_lateness_s=0.0,
         negative_rate=0.5))
-    try:
-        deadline, quiet, seen = time.monotonic() + 60, 0, 0
-        while time.monotonic() < deadline and quiet < 10:  # until all read and every window closed
-            stats = joiner.step(timeout_ms=100)
-            seen += stats.records
-            idle = seen and stats.records == 0 and joiner.state.count_pending() == 0
-            quiet = quiet + 1 if idle else 0
-    finally:
-        joiner.close()
+    drain_joiner(joiner)
     return kafka_topics, gen
 
 

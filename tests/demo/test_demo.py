@@ -1,32 +1,15 @@
 """`headwater demo` runs the pipeline end to end as real processes and leaves none behind."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 import urllib.request
 
+from demo_helpers import processes_matching as _processes_matching
+
 from streams.broker import free_port
-
-
-def _processes_matching(*needles: str) -> set[int]:
-    """Live (non-zombie) pids whose command line contains any of ``needles``."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(n in cmd for n in needles):
-            found.add(int(entry))
-    return found
 
 
 def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):

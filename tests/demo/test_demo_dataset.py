@@ -4,10 +4,11 @@ the demo with an error that names its line."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
+
+from demo_helpers import processes_matching
 
 from streams.broker import free_port
 from tests.streams.log_fixtures import write_real_shaped_csv
@@ -33,23 +34,6 @@ def _demo(tmp_path, *flags: str, timeout_s: float) -> tuple[subprocess.Completed
     return proc, time.monotonic() - t0
 
 
-def _live_processes_mentioning(needle: str) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and needle in cmd:
-            found.add(int(entry))
-    return found
-
-
 def _unit_interval(x) -> bool:
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
@@ -70,7 +54,7 @@ def test_demo_replays_a_log_to_its_end_and_exits_with_its_summary(tmp_path):
     assert summary["eval_window"] == (ROWS + 1) // 10  # the last window is the log's last tenth
     for name in ("counting", "vw"):
         assert _unit_interval(summary["baselines"][name]["auc_overall"]), summary["baselines"]
-    assert _live_processes_mentioning(str(tmp_path)) == set()
+    assert processes_matching(str(tmp_path)) == set()
 
 
 def test_a_bad_row_stops_the_demo_before_it_starts_when_dead_letters_are_refused(tmp_path):
@@ -108,7 +92,7 @@ def _commit(kafka, group: str, topic: str, offset: int) -> None:
 def test_log_end_counts_every_record_of_a_several_record_last_batch(kafka_topics):
     from kafka import KafkaConsumer
 
-    from headwater.demo_drain import log_end
+    from headwater.demo.drain import log_end
     from streams.kafka_io import topic_names
 
     topic = topic_names(kafka_topics.topic_prefix).examples
@@ -121,7 +105,7 @@ def test_log_end_counts_every_record_of_a_several_record_last_batch(kafka_topics
 
 
 def test_drained_once_the_joiner_then_the_trainer_have_committed_the_ends(kafka_topics):
-    from headwater.demo_drain import DrainWatch
+    from headwater.demo.drain import DrainWatch
     from streams.kafka_io import topic_names
 
     t = topic_names(kafka_topics.topic_prefix)

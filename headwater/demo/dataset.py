@@ -87,7 +87,7 @@ def count_dead_letters(bootstrap_servers: str, topic_prefix: str) -> int | None:
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
-    from headwater.demo_drain import log_end
+    from headwater.demo.drain import log_end
     from streams.kafka_io import topic_names
 
     try:

@@ -5,8 +5,8 @@ trainer and serving as children of one :class:`~headwater.supervisor.Supervisor`
 through their ``/metrics`` endpoints, and shows a live view. It holds no component logic.
 
 The generator runs until stopped. A replay (``--dataset``) is a finite child: once it has
-exited 0 and the pipeline has drained (:mod:`headwater.demo_drain`), the demo stops by itself
-and its summary covers the whole log (:mod:`headwater.demo_dataset`).
+exited 0 and the pipeline has drained (:mod:`headwater.demo.drain`), the demo stops by itself
+and its summary covers the whole log (:mod:`headwater.demo.dataset`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headwater.config import ConfigError
-from headwater.demo_dataset import (DatasetPlan, count_dead_letters, dataset_summary,
+from headwater.demo.dataset import (DatasetPlan, count_dead_letters, dataset_summary,
                                     examples_trained, prepare_dataset)
 from headwater.metrics import scrape
 from headwater.supervisor import ChildSpec, Supervisor
@@ -65,7 +65,8 @@ class DemoConfig:
     items_per_request: int = field(default=20, metadata={"help": "items shown per generated request"})
     events: int = field(default=0, metadata={
         "help": "stop once the trainer has learned from this many generated events (0 = no cap)"})
-    # -- the synthetic world (see streams/generator.py; the README describes the default)
+    # -- the synthetic world (see streams/generator.py; docs/architecture.md "The synthetic world"
+    # describes the default)
     users: int = field(default=_WORLD.users, metadata={"help": "synthetic users"})
     items: int = field(default=_WORLD.items, metadata={"help": "synthetic items"})
     latent_dim: int = field(default=_WORLD.dim, metadata={"help": "latent dim of the hidden model"})
@@ -317,13 +318,13 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     components = plan(cfg, bootstrap, grpc_port, dataset)
     load = None
     if any(c.spec.name == "serving" for c in components) and cfg.load_qps > 0:
-        from headwater.demo_load import LoadClient
+        from headwater.demo.load import LoadClient
 
         load = LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, items=cfg.items, users=cfg.users,
                           seed=cfg.seed)
     llm_load = None
     if any(c.spec.name == "llm" for c in components):
-        from headwater.demo_load import LLMLoadClient
+        from headwater.demo.load import LLMLoadClient
 
         llm_load = LLMLoadClient(f"http://127.0.0.1:{cfg.llm_port}")
     monitor = DemoMonitor(components, load, llm_load, replay=dataset is not None)
@@ -371,7 +372,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
 
 def _drain_watch(cfg: DemoConfig, bootstrap: str, components: list[Component]) -> "DrainWatch | None":
     """The replay's end-of-log check, when the joiner and the trainer it waits for both run."""
-    from headwater.demo_drain import DrainWatch
+    from headwater.demo.drain import DrainWatch
     from streams.kafka_io import topic_names
 
     names = {c.spec.name for c in components}
