@@ -15,13 +15,21 @@ def pack(obj: dict) -> bytes:
     return msgpack.packb({"v": SCHEMA_VERSION, **obj}, use_bin_type=True)
 
 
-def unpack(data: bytes) -> dict:
+def unpack_map(data: bytes, error: type[Exception] | None = None, what: str = "message") -> dict:
+    """A msgpack map from ``data``; anything else (garbage, another type) raises ``error``
+    (default :class:`SchemaError`) with ``what`` in its message. Every wire format's first step."""
+    error = error or SchemaError
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise SchemaError(f"undecodable message: {exc}") from None
+        raise error(f"undecodable {what}: {exc}") from None
     if not isinstance(obj, dict):
-        raise SchemaError("message is not a map")
+        raise error(f"{what} is not a map")
+    return obj
+
+
+def unpack(data: bytes) -> dict:
+    obj = unpack_map(data)
     if obj.get("v") != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema version {obj.get('v')!r} (want {SCHEMA_VERSION})")
     return obj
