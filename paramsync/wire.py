@@ -52,8 +52,6 @@ from typing import Any
 
 import msgpack
 
-from streams.wire import unpack_map
-
 __all__ = ["WIRE_VERSION", "SPARSE", "DENSE", "SNAPSHOT_BEGIN", "SNAPSHOT_END", "CONTROL", "KINDS",
            "HEADER_BYTES", "ParamsWireError", "ParamsMessage", "ControlCommand", "encode_params",
            "decode_params", "payload_chunks", "join_payload", "CONTROL_SHARD", "params_partitions",
@@ -126,8 +124,11 @@ class ControlCommand:
     @classmethod
     def decode(cls, payload: bytes) -> "ControlCommand":
         """Raises :class:`ParamsWireError` on anything but a well-formed command."""
-        obj = unpack_map(payload, ParamsWireError, "control payload")
-        if obj.get("a") not in cls.ACTIONS:
+        try:
+            obj = msgpack.unpackb(payload, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise ParamsWireError(f"undecodable control payload: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("a") not in cls.ACTIONS:
             raise ParamsWireError(f"control payload is not a command: {obj!r:.80}")
         version, cid = obj.get("v"), obj.get("id")
         if not isinstance(version, int) or not isinstance(cid, int) or isinstance(version, bool):
@@ -160,7 +161,12 @@ def _get(obj: dict, key: str, typ: type | tuple[type, ...], name: str) -> Any:
 
 def decode_params(data: bytes) -> ParamsMessage:
     """Inverse of :func:`encode_params`; anything malformed raises :class:`ParamsWireError`."""
-    obj = unpack_map(data, ParamsWireError, "params message")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ParamsWireError(f"undecodable params message: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ParamsWireError("params message is not a map")
     wire = obj.get("w")
     if wire not in READABLE_VERSIONS or isinstance(wire, bool):
         raise ParamsWireError(f"unsupported params wire version {wire!r} (want one of {READABLE_VERSIONS})")
