@@ -15,7 +15,7 @@ from types import ModuleType
 __all__ = ["NAMES", "load"]
 
 NAMES: tuple[str, ...] = ("streams", "embedding", "trainer", "freshness", "learning", "serving",
-                          "ps", "llm", "rank", "spec", "overload", "chaos")
+                          "ps", "llm", "rank", "rerank", "spec", "overload", "chaos", "retrieval")
 
 
 def load(name: str) -> ModuleType:

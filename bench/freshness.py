@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import Ceiling, add_common, with_ceiling
+from bench.harness import Ceiling, add_broker, add_common, with_ceiling
+from streams.broker import stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _PROBE_BASE = 7_000_000_000_000  # user ids far above anything else in the strea
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap-servers", default="", help="use this broker (default: start Tansu)")
+    add_broker(p)
     p.add_argument("--rate", type=float, default=20.0, help="requests per second")
     p.add_argument("--window-s", type=float, default=0.2, help="joiner's join window")
     p.add_argument("--sparse-sync-interval-s", type=float, default=1.0)
@@ -211,13 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             "repeats": args.repeats, "seed": args.seed,
         }, ceiling, named="ceiling_ms", digits=1)
     finally:
-        for p in procs:  # SIGTERM: both stop cleanly
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)  # SIGTERM: both stop cleanly
         for t in threads:
             t.stop.set()
         for t in threads:

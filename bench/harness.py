@@ -2,9 +2,10 @@
 medians, the same-run baseline, the physical ceiling, and one JSON line.
 
 A bench module has ``add_arguments(parser)``, which calls :func:`add_common` (``--json``,
-``--repeats``, ``--seed``), and ``run(args) -> dict``. The dict keeps the bench's own figures and
-its same-run baseline (``baseline_*``) and gains, through :func:`with_ceiling`, the fields every
-bench prints:
+``--repeats``, ``--seed``) and, for the flags several benches share, :func:`add_broker`,
+:func:`add_threads` and :func:`add_recommend_load`; and ``run(args) -> dict``. The dict keeps the
+bench's own figures and its same-run baseline (``baseline_*``) and gains, through
+:func:`with_ceiling`, the fields every bench prints:
 
 - ``ceiling``: the most this machine allows for the bench's headline figure, measured in the
   same run (null where there is no physical ceiling worth the name);
@@ -26,8 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-__all__ = ["Ceiling", "add_common", "emit", "interleaved", "median", "no_ceiling",
-           "per_item_seconds", "timed", "warm_up", "with_ceiling"]
+__all__ = ["Ceiling", "add_broker", "add_common", "add_recommend_load", "add_threads", "emit", "interleaved",
+           "median", "no_ceiling", "per_item_seconds", "timed", "warm_up", "with_ceiling"]
 
 T = TypeVar("T")
 
@@ -91,6 +92,27 @@ def add_common(parser: argparse.ArgumentParser, *, repeats: int, repeats_help: s
                             help=f"{repeats_help} (default {repeats})")
     if "--seed" not in have:
         parser.add_argument("--seed", type=int, default=seed, help=f"{seed_help} (default {seed})")
+
+
+# The flags several benches share, each defined once: the same name means the same thing.
+THREADS_HELP = "torch threads; 1 keeps timings stable on a shared machine (0: torch's default)"
+
+
+def add_broker(parser: argparse.ArgumentParser) -> None:
+    """``--bootstrap-servers``: a bench on Kafka uses the broker given, else starts Tansu for the run."""
+    parser.add_argument("--bootstrap-servers", default="", help="use this broker (default: start Tansu)")
+
+
+def add_threads(parser: argparse.ArgumentParser, help_text: str = THREADS_HELP) -> None:
+    """``--threads`` (default 1): torch threads of the measured side (``help_text``: what they run)."""
+    parser.add_argument("--threads", type=int, default=1, help=help_text)
+
+
+def add_recommend_load(parser: argparse.ArgumentParser, *, candidates: int, items: int | None = None) -> None:
+    """``--candidates`` per ``Recommend`` call and, for a bench that builds its own table, ``--items``."""
+    parser.add_argument("--candidates", type=int, default=candidates, help="candidate items per Recommend")
+    if items is not None:
+        parser.add_argument("--items", type=int, default=items, help="item rows in the table")
 
 
 def warm_up(fn: Callable[[], Any], times: int = 1) -> None:

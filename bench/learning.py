@@ -161,12 +161,9 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 
 def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
-    from dataclasses import replace
-
     from streams.log_infer import schema_for
     from streams.log_reader import encode_log, source_name
     from streams.log_schema import LogSchema
-    from training.model import user_item_crosses
     from training.prequential import run_log
 
     t0 = time.perf_counter()
@@ -175,8 +172,9 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     schema = schema_for(args.dataset, overrides, user_col=args.user_col, item_col=args.item_col,
                         label_col=args.label_col, time_col=args.time_col)
     encoded = encode_log(args.dataset, schema, on_bad_row=args.on_bad_row)
-    if getattr(args, "tc_crosses", None) is None:  # the trainer's default on a log: user x item side
-        cfg = replace(cfg, crosses=user_item_crosses(schema.item_slots()))
+    # The trainer's defaults on a log: user x item-side crosses (unless --crosses is given), and
+    # the schema's pooling of its multi-valued columns.
+    cfg = cfg.for_log(schema, crosses=getattr(args, "tc_crosses", None))
     done(len(encoded))
     read_s = time.perf_counter() - t0
     log.info("%s: %d rows encoded in %.1fs", args.dataset, len(encoded), read_s)
@@ -186,7 +184,8 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
             "bad_rows": len(encoded.bad_rows), "batch_size": cfg.batch_size,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],
-            "crosses": list(cfg.crosses),
+            "crosses": list(cfg.crosses), "pooling": cfg.pooling,
+            **({"slot_pooling": list(cfg.slot_pooling)} if cfg.slot_pooling else {}),
             "dense_width": int(encoded.dense.shape[1])}
 
 

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from bench.harness import Ceiling, add_common, with_ceiling
+from bench.harness import Ceiling, add_common, add_threads, with_ceiling
 
 logger = logging.getLogger(__name__)
 PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12, "A10": 0.6e12}
@@ -43,9 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-min", type=int, default=4)
     p.add_argument("--output-max", type=int, default=512)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads for both sides (0 = torch's default); on a shared machine more "
-                        "than one thread spins against other work and slows both sides erratically")
+    add_threads(p, "torch CPU threads for both sides (0 = torch's default); on a shared machine more "
+                   "than one thread spins against other work and slows both sides erratically")
     p.add_argument("--no-speculative", action="store_true", help="engine without n-gram speculation")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")

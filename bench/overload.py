@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.harness import add_common, no_ceiling, with_ceiling
+from bench.harness import add_common, add_recommend_load, no_ceiling, with_ceiling
 
 __all__ = ["add_arguments", "run"]
 
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-limit", type=int, default=4, help="LLM server: max_pending_requests")
     p.add_argument("--grpc-limit", type=int, default=8, help="gRPC server: workers = max_concurrent_rpcs = max_queue")
     p.add_argument("--max-tokens", type=int, default=160, help="tokens generated per LLM request")
-    p.add_argument("--candidates", type=int, default=2000, help="candidates per Recommend")
+    add_recommend_load(p, candidates=2000)
     p.add_argument("--model-dir", default="", help="LLM model folder (default: a tiny random Llama)")
     p.add_argument("--which", default="http,grpc", help="servers to load: http, grpc or both")
     add_common(p, repeats=2, repeats_help="bounded/baseline phase pairs per server",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import Ceiling, add_common, with_ceiling
-from streams.broker import free_port
+from bench.harness import Ceiling, add_common, add_recommend_load, with_ceiling
+from streams.broker import free_port, stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=2, help="PS shards of the candidate")
-    p.add_argument("--items", type=int, default=100_000, help="item rows in the table")
-    p.add_argument("--candidates", type=int, default=200, help="candidate items per Recommend")
+    add_recommend_load(p, candidates=200, items=100_000)
     p.add_argument("--calls", type=int, default=25, help="calls per server per round")
     p.add_argument("--deadline-ms", type=float, default=200.0, help="the recommender's --ps-deadline-ms")
     add_common(p, repeats=20, repeats_aliases=("--rounds",), repeats_help="interleaved rounds",
@@ -177,15 +175,7 @@ def run(args: argparse.Namespace) -> dict:
         round_trip_ms = _round_trip_ms(ps_ports[0], PS_SERVICE_NAME)
         load_after = os.getloadavg()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
         broker.stop()
     stats = {k: (float(np.percentile(v, 50)), float(np.percentile(v, 99))) for k, v in lat.items()}
     console.print(f"local p50 {stats['local'][0]:.2f} ms p99 {stats['local'][1]:.2f} ms; sharded ({n} shards) "

@@ -118,17 +118,17 @@ def _forward_cpu_ms(model: Any, bf16: bool, rows: int, repeats: int) -> float:
     (traced tower, the server's precision), fed random embeddings."""
     import torch
 
-    from serving.scoring import _tower_logits  # the server's own forward, on purpose
+    from serving.compiled_forward import tower_logits  # the server's own forward, on purpose
 
     cfg = model.tower.cfg
     emb = torch.randn(rows, len(cfg.slots), cfg.embedding_dim)
     dense = torch.zeros(rows, cfg.dense_dim) if cfg.dense_dim else None
     for _ in range(3):  # warm-up: tracing, allocations
-        _tower_logits(model, emb, dense, bf16)
+        tower_logits(model, emb, dense, bf16)
     times = []
     for _ in range(repeats):
         c0 = time.process_time()
-        _tower_logits(model, emb, dense, bf16)
+        tower_logits(model, emb, dense, bf16)
         times.append(time.process_time() - c0)
     return min(times) * 1000.0
 

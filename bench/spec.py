@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.harness import add_common, no_ceiling, with_ceiling
+from bench.harness import add_common, add_threads, no_ceiling, with_ceiling
 from llm_engine.spec.adaptive import SpecConfig
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--backend", choices=["engine", "reference"], default="engine")
     parser.add_argument("--max-draft", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 keeps timings stable on a shared machine (0: torch's default)")
+    add_threads(parser)
     parser.add_argument("--skip-nomatch", action="store_true", help="only the copy workload")
     add_common(parser, repeats=2, repeats_help="runs per prompt and mode (fastest counts)",
                seed_help="torch seed (greedy decoding: outputs do not depend on it)")

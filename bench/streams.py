@@ -33,7 +33,9 @@ from streams.broker import BrokerConfig, EmbeddedBroker
 from streams.events import decode_examples, example_ids, keep_negative
 from streams.generator import GeneratorConfig, SyntheticStream, produce_synthetic
 from streams.joiner import JoinerConfig, OnlineJoiner
-from streams.kafka_io import BatchProducer, read_topic, topic_names
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,13 @@ import time
 import uuid
 from typing import Any
 
-from bench.harness import Ceiling, add_common, with_ceiling
+from bench.harness import Ceiling, add_broker, add_common, add_threads, with_ceiling
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap-servers", default="", help="use this broker (default: start Tansu)")
+    add_broker(p)
     p.add_argument("--examples", type=int, default=50 * 4096, help="examples to train")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--slots", type=int, default=26, help="sparse slots")
@@ -58,9 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", default="256,128,64", help="MLP widths (3 layers)")
     p.add_argument("--vocab", type=int, default=200_000, help="distinct ids per slot")
     p.add_argument("--message-rows", type=int, default=4096, help="examples per hw.examples message")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: on a shared 2-core box, OpenMP wake-ups of a "
-                        "second thread cost more than it computes; the other core runs Kafka I/O)")
+    add_threads(p, "torch intra-op threads (1: on a shared 2-core box, OpenMP wake-ups of a second "
+                   "thread cost more than it computes; the other core runs Kafka I/O)")
     p.add_argument("--dense-precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="tower forward/backward precision (TrainerConfig.dense_precision)")
     p.add_argument("--publish", action="store_true", help="also publish deltas to hw.params every 1 s")
@@ -75,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _fill(kafka: Any, topic: str, batches: list[Any], partitions: int = 1) -> None:
     """Sends the example batches; over ``partitions`` > 1, round-robin."""
     from streams.events import encode_examples
-    from streams.kafka_io import BatchProducer
+    from streams.kafka_producer import BatchProducer
 
     producer = BatchProducer(kafka, client_id="bench-fill")
     try:
@@ -92,7 +91,7 @@ def _baseline(kafka: Any, topic: str, expect: int) -> float:
     Timed from the poll that completes the group assignment, like the trainer's run.
     """
     from streams.events import decode_examples
-    from streams.kafka_io import GroupConsumer
+    from streams.kafka_consumer import GroupConsumer
 
     consumer = GroupConsumer(kafka, [topic], f"bench-baseline-{uuid.uuid4().hex[:6]}")
     try:

@@ -26,17 +26,31 @@ def read_rows(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[to
                lengths: List[Optional[torch.Tensor]], mode: str) -> List[torch.Tensor]:
     out: List[torch.Tensor] = []
     for i in range(len(tabs)):
-        rows = find_rows_torch(tabs[i], ids[i], 0)  # row 0: the slot's default vector
         bag_lengths = lengths[i]
         if bag_lengths is None:
-            out.append(values[i].index_select(0, rows))
+            out.append(values[i].index_select(0, find_rows_torch(tabs[i], ids[i], 0)))  # row 0: the default
         else:
-            if bool((bag_lengths < 0).any()) or int(bag_lengths.sum()) != ids[i].numel():
-                raise ValueError("bag lengths must be >= 0 and cover the ids exactly")
-            offsets = torch.zeros(bag_lengths.numel() + 1, dtype=torch.int64)
-            offsets[1:] = torch.cumsum(bag_lengths, 0)
-            out.append(embedding_bag_reference(values[i], rows, offsets, mode, None, None))
+            out.append(_pooled(tabs[i], values[i], ids[i], bag_lengths, mode))
     return out
+
+
+def _pooled(tab: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+            mode: str) -> torch.Tensor:
+    """One vector per bag. A serving batch reads a few small bags, where each op costs more than
+    its data, so the common shapes take shortcuts: one id per bag (a user id) is that id's row
+    whatever the mode, and a slot without ids pools to zeros without a probe."""
+    shortest = int(lengths.min()) if lengths.numel() > 0 else 0
+    longest = int(lengths.max()) if lengths.numel() > 0 else 0
+    if shortest < 0 or int(lengths.sum()) != ids.numel():
+        raise ValueError("bag lengths must be >= 0 and cover the ids exactly")
+    if longest == 0:
+        return torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype)
+    rows = find_rows_torch(tab, ids, 0)
+    if shortest == 1 and longest == 1:
+        return values.index_select(0, rows)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return embedding_bag_reference(values, rows, offsets, mode, None, None)
 
 
 _SCRIPTED: dict[Callable[..., Any], Any] = {}

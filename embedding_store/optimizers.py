@@ -46,8 +46,20 @@ def sparse_update(cfg: SlotConfig, w: torch.Tensor, state: dict[str, torch.Tenso
 
 
 def _ftrl(cfg: SlotConfig, w: torch.Tensor, z: torch.Tensor, n: torch.Tensor, g: torch.Tensor) -> None:
-    """FTRL-Proximal (McMahan et al. 2013, per-coordinate learning rates)."""
+    """FTRL-Proximal (McMahan et al. 2013, per-coordinate learning rates).
+
+    The weights are a function of the state ``(z, n)``, and the paper starts every weight at 0.
+    Embedding rows start random (a factorisation needs that: a factor's gradient is the other
+    factors), so a coordinate's ``z`` is first set to the value whose solution is the row's
+    current weight; without it the first update replaced the initialisation with about
+    ``-alpha * g / beta`` and the factors never left zero.
+    """
     alpha = cfg.lr
+    fresh = n == 0
+    if bool(fresh.any()):
+        # -z = w * ((beta + sqrt(0)) / alpha + l2) + sign(w) * l1 reproduces w in the update below.
+        start = -(w * (cfg.ftrl_beta / alpha + cfg.ftrl_l2) + torch.sign(w) * cfg.ftrl_l1)
+        z.copy_(torch.where(fresh, start, z))
     n_new = n + g * g
     sigma = (n_new.sqrt() - n.sqrt()) / alpha
     z.add_(g - sigma * w)

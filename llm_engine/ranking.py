@@ -80,6 +80,7 @@ class _Call:
     pending: set[int] = field(default_factory=set)
     seqs: dict[int, Sequence] = field(default_factory=dict)
     cached_tokens: int = 0
+    context_cached_tokens: int = 0
 
 
 class ScoringManager:
@@ -206,6 +207,7 @@ class ScoringManager:
             seq, call = s.seq, task.call
             if task.index < 0:
                 # Prefix computed: register its blocks, keep them referenced, admit candidates.
+                call.context_cached_tokens = seq.num_cached_tokens
                 self.engine.kv.cache_full_blocks(seq)
                 self.engine.scheduler.running.remove(seq)
                 if call.request_id in self.calls:
@@ -234,7 +236,9 @@ class ScoringManager:
             per_item = torch.split(lp[:, 0], [it.num_targets for it in call.items])
             result: ScoreResult | Exception = ScoreResult(
                 scores=scores.tolist(), ranking=ranking_of(scores), token_logprobs=[p.tolist() for p in per_item],
-                prompt_tokens=sum(len(it.token_ids) for it in call.items), cached_tokens=call.cached_tokens)
+                prompt_tokens=sum(len(it.token_ids) for it in call.items), cached_tokens=call.cached_tokens,
+                context_tokens=len(call.prefix.prompt_token_ids) if call.prefix is not None else 0,
+                context_cached_tokens=call.context_cached_tokens)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             result = exc
         call.callback(result)

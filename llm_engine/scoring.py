@@ -108,6 +108,10 @@ class ScoreResult:
     token_logprobs: list[list[float]]
     prompt_tokens: int
     cached_tokens: int = 0
+    # The shared context's own sequence (prefix-cached calls only): its length, and how much of
+    # it the prefix cache already held when the call arrived (a returning user's history).
+    context_tokens: int = 0
+    context_cached_tokens: int = 0
 
 
 def plan_loglik(context_ids: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[ScoringItem]:

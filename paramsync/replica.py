@@ -101,9 +101,11 @@ class ReplicaState:
         elif msg.kind == DENSE:
             chunks = self._dense_chunks.setdefault(msg.publish_id, [])
             chunks.append(msg)
-            if len(chunks) == msg.chunk_count:
-                self.tower = self.load_tower(join_payload(chunks)).tower
-                del self._dense_chunks[msg.publish_id]
+            if len(chunks) < msg.chunk_count:
+                self.applied += 1
+                return  # the version a tower names is served once the whole tower is
+            self.tower = self.load_tower(join_payload(chunks)).tower
+            del self._dense_chunks[msg.publish_id]
         self.version = max(self.version, msg.version)
         self.watermark_ms = max(self.watermark_ms, msg.watermark_ms)
         self.applied += 1

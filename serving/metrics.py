@@ -10,7 +10,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG",
-           "QUEUE_JOBS", "PARAMS_AGE", "DEGRADED"]
+           "QUEUE_JOBS", "PARAMS_AGE", "DEGRADED", "RERANK_CALLS", "RERANK_DEGRADED", "RERANK_SECONDS",
+           "RERANK_SKIPPED", "RERANK_PREFIX_HIT", "HISTORY_USERS", "HISTORY_EVENTS", "ITEM_TEXTS",
+           "ITEM_TEXT_EVICTIONS", "ITEM_TEXT_REJECTED", "GATE_HELD", "ANN_REBUILDS", "ANN_LOAD_FAILURES"]
 
 _MS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
        0.1, 0.25, 0.5, 1.0, 2.5)
@@ -29,3 +31,27 @@ PARAMS_AGE = Gauge("hw_serve_params_age_seconds", "seconds since the last hw.par
                    multiprocess_mode="livemax")
 DEGRADED = Gauge("hw_serve_degraded", "1 while the model is stale (no hw.params update within stale_after_s); "
                  "serving goes on with the stale model", multiprocess_mode="livemax")
+
+# -- the LLM rerank stage (serving.rerank) and what it reads ----------------------------------
+RERANK_CALLS = Counter("hw_serve_rerank_calls", "Recommend calls whose top candidates the LLM reranked")
+RERANK_DEGRADED = Counter("hw_serve_rerank_degraded", "Recommend calls answered in DLRM order because the "
+                          "rerank could not finish (reason: deadline, llm_error, too_long, no_text)", ["reason"])
+RERANK_SECONDS = Histogram("hw_serve_rerank_seconds", "LLM time of one rerank (submit to scores)",
+                           buckets=_MS + (5.0,))
+RERANK_SKIPPED = Counter("hw_serve_rerank_skipped_items", "items left out of a rerank prompt for want of "
+                         "text (where: history, candidate)", ["where"])
+RERANK_PREFIX_HIT = Gauge("hw_serve_rerank_prefix_hit_rate", "share of rerank context tokens found in the "
+                          "LLM's prefix cache (since start)", multiprocess_mode="livemin")
+HISTORY_USERS = Gauge("hw_serve_history_users", "users with a live interaction history in serving",
+                      multiprocess_mode="livesum")
+HISTORY_EVENTS = Counter("hw_serve_history_events", "interactions applied to the live user history")
+ITEM_TEXTS = Gauge("hw_serve_item_texts", "item texts held for the rerank stage", multiprocess_mode="livemax")
+ITEM_TEXT_EVICTIONS = Counter("hw_serve_item_text_evictions", "item texts evicted (least recently used)")
+ITEM_TEXT_REJECTED = Counter("hw_serve_item_text_rejected", "item catalog rows refused (no id or no text)")
+GATE_HELD = Counter("hw_serve_llm_gate_held_seconds", "time LLM steps waited for DLRM scoring to drain")
+
+# -- the ANN item index (serving.ann_index) ---------------------------------------------------
+ANN_REBUILDS = Counter("hw_serve_ann_rebuilds", "background rebuilds of the ANN item index swapped in "
+                       "(reason: churn, recall, manual, load)", ["reason"])
+ANN_LOAD_FAILURES = Counter("hw_serve_ann_load_failures", "saved ANN indexes that failed to load and were "
+                            "rebuilt from the vectors (reason: missing, checksum, format, vectors)", ["reason"])

@@ -107,30 +107,38 @@ class BatchQueue(Generic[T]):
         self.core: CoreQueue[Job[T]] = CoreQueue(aging_s=aging_s)
         self._keys = itertools.count()
         self.cond = threading.Condition()
+        self._cost = 0  # rows queued, kept as jobs come and go
+        # A submit wakes a waiter only once this many jobs (or rows) wait: the batcher, waiting
+        # for company, sets them to what it waits for, so it is not woken (a thread switch and
+        # a GIL hand-over on the submitting event loop) by every call that cannot end its wait.
+        self.wake_jobs = 1
+        self.wake_cost = 1
 
     def __len__(self) -> int:
         return len(self.core)
 
     def submit(self, payload: T, cost: int = 1, priority: int = 0,
                deadline: float = float("inf"), loop: asyncio.AbstractEventLoop | None = None) -> Job[T]:
-        now = time.monotonic()
-        job = Job(payload=payload, cost=cost, priority=priority, deadline=deadline, arrived=now,
-                  future=Future() if loop is None else loop.create_future(), loop=loop)
+        future = Future() if loop is None else loop.create_future()
         with self.cond:
             if len(self.core) >= self.max_jobs:
                 raise Overloaded(f"queue full ({self.max_jobs} jobs waiting)")
+            now = time.monotonic()  # under the lock: queue order is arrival order
+            job = Job(payload=payload, cost=cost, priority=priority, deadline=deadline, arrived=now,
+                      future=future, loop=loop)
             self.core.push(QueueItem(key=next(self._keys), payload=job, priority=priority,
                                      arrival=now, deadline=deadline))
-            self.cond.notify()
+            self._cost += cost
+            if len(self.core) >= self.wake_jobs or self._cost >= self.wake_cost:
+                self.cond.notify()
         return job
 
     def oldest_arrival(self) -> float | None:
-        with self.cond:
-            return min((it.arrival for it in self.core.items.values()), default=None)
+        with self.cond:  # items keep insertion order, which is arrival order (see submit)
+            return next(iter(self.core.items.values())).arrival if self.core.items else None
 
     def queued_cost(self) -> int:
-        with self.cond:
-            return sum(it.payload.cost for it in self.core.items.values())
+        return self._cost
 
     def form_batch(self, budget: int, now: float | None = None) -> tuple[list[Job[T]], list[Job[T]]]:
         """Jobs in the core's service order while they fit ``budget`` (the first always fits).
@@ -144,6 +152,7 @@ class BatchQueue(Generic[T]):
                     if it.deadline <= now or it.payload.future.cancelled()]
             for it in dead:
                 self.core.remove(it.key)
+                self._cost -= it.payload.cost
             empty = [True]
 
             def admit(item: QueueItem[Job[T]], remaining: int) -> int:
@@ -154,6 +163,7 @@ class BatchQueue(Generic[T]):
                 return 0
 
             taken = form_batch(self.core, budget, max_items=len(self.core), admit=admit, now=now)
+            self._cost -= sum(it.payload.cost for it, _ in taken)
         return [it.payload for it, _ in taken], [it.payload for it in dead]
 
 
@@ -218,16 +228,22 @@ class MicroBatcher(Generic[T]):
         with q.cond:
             while not len(q) and not self._stop.is_set():
                 q.cond.wait(timeout=0.1)
-        oldest = q.oldest_arrival()
-        if oldest is None:
-            return
-        wait_until = oldest + cfg.max_wait_ms / 1000.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= wait_until or len(q) >= self._last_jobs or q.queued_cost() >= cfg.max_batch_rows:
+            oldest = q.oldest_arrival()
+            if oldest is None:
                 return
-            with q.cond:
-                q.cond.wait(timeout=wait_until - now)
+            wait_until = oldest + cfg.max_wait_ms / 1000.0
+            # Woken only when the company waited for is there (or on time-out, or close).
+            q.wake_jobs, q.wake_cost = self._last_jobs, cfg.max_batch_rows
+            try:
+                while not self._stop.is_set():
+                    if len(q) >= self._last_jobs or q.queued_cost() >= cfg.max_batch_rows:
+                        return
+                    now = time.monotonic()
+                    if now >= wait_until:
+                        return
+                    q.cond.wait(timeout=wait_until - now)
+            finally:
+                q.wake_jobs = q.wake_cost = 1
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -7,10 +7,8 @@ A fresh replica bootstraps from the newest complete snapshot (``bootstrap_offset
 follows; it never replays the whole topic.
 
 Warm restart: every ``persist_interval_s`` (and on stop) the replica is saved under
-``state_dir``: the table as a RocksDB snapshot (incremental: only changed blocks), the tower as
-safetensors, and ``meta.json`` last (the next offset to read, version, watermark). A restart loads
-them and resumes at that offset. Re-applying a message after a crash between the writes is
-harmless: rows and towers are values, not increments.
+``state_dir`` (:mod:`serving.replica_persistence`); a restart loads it and resumes at the saved
+offset.
 
 Sharding (``num_shards > 1``): the trainer publishes shard ``i``'s rows (placement:
 :func:`shard_of`) to partition ``i`` of ``hw.params`` and the tower to the control partition N
@@ -22,34 +20,15 @@ Every message names its shard; a replica that meets a partition published for an
 stops with an error instead of serving a wrong table.
 
 Pinning and rollback (``headwater params pin|rollback|unpin|status``): the replica keeps its last
-``history_versions`` versions (:mod:`serving.version_history`: the towers, and the pre-images of
-the rows each delta changed) and acts on ``control`` messages on its partition, which a serving
-process's admin endpoint (:mod:`serving.params_admin`) writes to every partition, so every
-replica following the topic acts on the same command within its poll interval:
-
-- ``pin V``: serve version ``V`` and stop applying newer messages. ``V`` older than the served
-  version is restored in place from the pre-images; newer (while pinned behind) is reached by
-  reading on from the pinned version's end offset. A version the replica does not hold is
-  refused (NOT_FOUND in the command's result and the log) and the replica serves as before.
-- ``unpin``: read on from where the pinned version ends (or from a newer complete snapshot, if
-  one was published since) and follow the newest again.
-
-While pinned the replica keeps reading the partition (for the next command, and to know which
-newer versions exist) but applies nothing. Command offsets already acted on are skipped when it
-re-reads, and a warm restart re-reads from the pinned version's end, so the pin survives it.
-A replica that bootstraps from a snapshot newer than the pinned version cannot serve it (it
-never held it): it follows the newest version; ``status`` tells which version each serves.
+``history_versions`` versions and acts on ``control`` messages on its partition; the pin itself
+(which version is served, what is held back, where to read next) is :mod:`serving.version_pin`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -59,15 +38,16 @@ from prometheus_client import Counter, Gauge
 from embedding_store.sharding import shard_of
 from paramsync import (CONTROL, CONTROL_SHARD, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE, ControlCommand,
                        ParamsMessage, ParamsWireError, control_partition, join_payload)
+from serving.params_admin import ParamsAdmin, ParamsStatus
+from serving.replica_persistence import ReplicaPlace, ReplicaPosition, load_replica, save_replica
 from serving.scoring import ServingModel
-from serving.version_history import HeldVersion, VersionHistory
+from serving.version_history import VersionHistory
+from serving.version_pin import CommandResult, VersionPin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParamServerConfig", "ParamServer", "ShardLayoutError", "CommandResult", "shard_of", "parse_shard"]
+__all__ = ["ParamServerConfig", "ParamServer", "ShardLayoutError", "shard_of", "parse_shard"]
 
-PINNED_VERSION = Gauge("hw_serve_pinned_version", "version serving is pinned to (-1: following the newest)",
-                       multiprocess_mode="livemax")
 COMMANDS = Counter("hw_serve_params_commands", "hw.params control commands acted on", ["action", "code"])
 HELD_VERSIONS = Gauge("hw_serve_held_versions", "published versions a replica can pin or roll back to",
                       multiprocess_mode="livemin")
@@ -108,21 +88,6 @@ class ParamServerConfig:
     admin_host: str = field(default="127.0.0.1", metadata={"help": "interface of the admin endpoint (it has no auth: keep it on loopback or a trusted network)"})
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    """What this replica did with one control command: ``code`` OK, NOT_FOUND or INVALID_ARGUMENT."""
-
-    command_id: int
-    action: str
-    version: int
-    code: str
-    message: str
-
-    @property
-    def ok(self) -> bool:
-        return self.code == "OK"
-
-
 class ParamServer:
     """Follows ``hw.params`` on a background thread; :meth:`current` is what serving scores with."""
 
@@ -153,16 +118,11 @@ class ParamServer:
         self.last_update_s = time.monotonic()  # last applied hw.params message (or start)
         self.error: BaseException | None = None
         self.history = VersionHistory(max(cfg.history_versions, 0), int(max(cfg.history_max_mb, 0) * (1 << 20)))
-        self.pinned_version: int | None = None
-        self._frozen_at: int | None = None  # pinned: messages at or past this offset are not applied
-        self._later: dict[int, int] = {}  # pinned: versions newer than the served one -> end offset
-        self._snapshot_later = -1  # pinned: begin offset of a complete snapshot past the pin
-        self._seek: int | None = None  # the follower thread moves the consumer here
-        self._commands_upto = -1  # offset of the newest control message acted on
+        self.pin = VersionPin(self.history, cfg.history_versions)
         self._staging = False  # between a snapshot's begin and end markers
         self._dense: dict[int, list[ParamsMessage]] = {}  # live tower chunks by publish id
-        self.results: OrderedDict[int, CommandResult] = OrderedDict()
         self.admin: Any = None
+        self.place = ReplicaPlace(cfg.model_id, cfg.num_shards, cfg.shard_index, self.partition)
         if cfg.state_dir:
             self._restore(Path(cfg.state_dir))
 
@@ -170,6 +130,10 @@ class ParamServer:
     @property
     def ready(self) -> bool:
         return self.state.ready and self.state.table is not None and self.state.tower is not None
+
+    @property
+    def pinned_version(self) -> int | None:
+        return self.pin.version
 
     def current(self) -> ServingModel | None:
         with self._lock:
@@ -193,8 +157,6 @@ class ParamServer:
     # -- following the topic ---------------------------------------------------------------
     def start(self) -> None:
         if self.cfg.admin_port:
-            from serving.params_admin import ParamsAdmin
-
             self.admin = ParamsAdmin(self, self.cfg.admin_host, self.cfg.admin_port).start()
         self._thread = threading.Thread(target=self._run, name="param-server", daemon=True)
         self._thread.start()
@@ -240,13 +202,13 @@ class ParamServer:
                 changed = False
                 for offset, msg in follower.poll(timeout_ms=self.cfg.poll_timeout_ms):
                     changed |= self._handle(offset, msg)
-                    frozen = self._frozen_at
+                    frozen = self.pin.frozen_at
                     self.next_offset = offset + 1 if frozen is None else min(offset + 1, frozen)
-                    if self._seek is not None:
+                    if self.pin.seek is not None:
                         break  # what was fetched past here is read again after the seek
-                if self._seek is not None:
-                    follower.consumer.seek(follower.tp, self._seek)
-                    self.next_offset, self._seek = self._seek, None
+                if self.pin.seek is not None:
+                    follower.consumer.seek(follower.tp, self.pin.seek)
+                    self.next_offset, self.pin.seek = self.pin.seek, None
                     self._dense.clear()
                     self._staging = False
                 if changed and self.on_update is not None and self.ready:
@@ -271,9 +233,9 @@ class ParamServer:
         self.last_update_s = time.monotonic()
         if msg.kind == CONTROL:
             return self._command(offset, msg)
-        if self._frozen_at is not None and offset >= self._frozen_at:
+        if self.pin.holds_back(offset):
             with self._lock:
-                self._note_later(offset, msg)
+                self.pin.note_later(offset, msg)
             return False
         self.apply(msg, offset)
         return True
@@ -315,28 +277,20 @@ class ParamServer:
         else:
             chunks = self._dense.setdefault(msg.publish_id, [])
             chunks.append(msg)
-            if len(chunks) == msg.chunk_count:
-                del self._dense[msg.publish_id]
-                s.tower = s.load_tower(join_payload(chunks)).tower
+            if len(chunks) < msg.chunk_count:
+                s.applied += 1
+                return  # the version a tower names is served once the whole tower is
+            del self._dense[msg.publish_id]
+            s.tower = s.load_tower(join_payload(chunks)).tower
         s.version = max(s.version, msg.version)
         s.watermark_ms = max(s.watermark_ms, msg.watermark_ms)
         s.applied += 1
 
     # -- pinning ---------------------------------------------------------------------------
-    def _note_later(self, offset: int, msg: ParamsMessage) -> None:
-        """Pinned: remember where each newer version ends (and newer snapshots) without applying."""
-        if msg.snapshot_offset >= (self._frozen_at or 0):
-            self._snapshot_later = max(self._snapshot_later, msg.snapshot_offset)
-        ends_version = (msg.kind == SNAPSHOT_END if msg.in_snapshot
-                        else msg.kind == SPARSE or msg.chunk_index == msg.chunk_count - 1)
-        pinned = -1 if self.pinned_version is None else self.pinned_version
-        if ends_version and msg.version > pinned:
-            self._later[msg.version] = offset + 1
-
     def _command(self, offset: int, msg: ParamsMessage) -> bool:
-        if offset <= self._commands_upto:
+        if offset <= self.pin.commands_upto:
             return False  # acted on before this re-read
-        self._commands_upto = offset
+        self.pin.commands_upto = offset
         if not self._layout_ok(msg):
             log.warning("ignoring a control command at %s[%d]@%d written for shard %d of %d", self.topic,
                         self.partition, offset, msg.shard, msg.num_shards)
@@ -347,61 +301,13 @@ class ParamServer:
             log.warning("ignoring a bad control message at %s[%d]@%d: %s", self.topic, self.partition, offset, exc)
             return False
         with self._lock:
-            code, message = self._pin(cmd.version) if cmd.action == "pin" else self._unpin()
-            self.results[cmd.command_id] = CommandResult(cmd.command_id, cmd.action, cmd.version, code, message)
-            while len(self.results) > 256:
-                self.results.popitem(last=False)
-        COMMANDS.labels(action=cmd.action, code=code).inc()
+            result = self.pin.act(cmd, self.state, self.ready, self.next_offset)
+            if result.ok and cmd.action == "pin":
+                self._dense.clear()  # towers in flight belong to the versions left behind
+        COMMANDS.labels(action=cmd.action, code=result.code).inc()
         what = f"pin {cmd.version}" if cmd.action == "pin" else cmd.action
-        (log.info if code == "OK" else log.warning)("%s [%s]: %s", what, code, message)
-        return code == "OK"
-
-    def _pin(self, version: int) -> tuple[str, str]:
-        cur = self.history.current
-        if cur is None or not self.ready:
-            return "NOT_FOUND", f"version {version} is not held: no model loaded yet"
-        if version <= cur.version:
-            if self.history.get(version) is None:
-                return "NOT_FOUND", f"version {version} is not held ({self._held_text()})"
-            target, undone = self.history.undo_to(self.state.table, version)
-            for entry in undone:
-                self._later[entry.version] = entry.next_offset
-            self._serve(target)
-        elif self._frozen_at is not None and version in self._later:
-            # Pinned behind: read on from the served version up to the end of the one asked for.
-            self._seek, self._frozen_at = cur.next_offset, self._later[version]
-            self._later = {v: o for v, o in self._later.items() if v > version}
-        else:
-            return "NOT_FOUND", f"version {version} is not held ({self._held_text()})"
-        self.pinned_version = version
-        PINNED_VERSION.set(version)
-        return "OK", f"pinned to version {version}"
-
-    def _serve(self, entry: HeldVersion) -> None:
-        s = self.state
-        s.tower, s.version, s.watermark_ms = entry.tower, entry.version, entry.watermark_ms
-        self._frozen_at = entry.next_offset
-        self._dense.clear()
-
-    def _unpin(self) -> tuple[str, str]:
-        if self._frozen_at is None:
-            return "OK", "not pinned: following the newest version"
-        cur = self.history.current
-        resume = cur.next_offset if cur is not None and cur.next_offset >= 0 else self.next_offset
-        if self._snapshot_later >= resume:  # a complete snapshot since: start there
-            resume = self._snapshot_later
-        self._seek, self._frozen_at = resume, None
-        self._later, self._snapshot_later = {}, -1
-        self.pinned_version = None
-        PINNED_VERSION.set(-1)
-        return "OK", f"unpinned: following the newest version again from offset {resume}"
-
-    def _held_text(self) -> str:
-        held = self.history.versions()
-        if not held:
-            return "none held"
-        return (f"this replica holds {held[0]}..{held[-1]} ({len(held)} versions; "
-                f"history_versions={self.cfg.history_versions})")
+        (log.info if result.ok else log.warning)("%s [%s]: %s", what, result.code, result.message)
+        return result.ok
 
     # -- what the admin endpoint reads -------------------------------------------------------
     def pinnable(self, version: int) -> str | None:
@@ -409,9 +315,7 @@ class ParamServer:
         with self._lock:
             if not self.ready:
                 return "no model loaded yet"
-            if self.history.get(version) is not None or (self._frozen_at is not None and version in self._later):
-                return None
-            return f"version {version} is not held ({self._held_text()})"
+            return self.pin.unavailable(version)
 
     def previous_version(self) -> int | None:
         """The newest held version older than the one served (what ``rollback`` pins)."""
@@ -421,83 +325,43 @@ class ParamServer:
 
     def command_result(self, command_id: int) -> CommandResult | None:
         with self._lock:
-            return self.results.get(command_id)
+            return self.pin.results.get(command_id)
 
-    def params_status(self) -> dict:
-        """JSON-ready: the version served, whether pinned, the versions held, freshness."""
+    def params_status(self) -> ParamsStatus:
+        """The version served, whether pinned, the versions held, freshness."""
         with self._lock:
             held = self.history.versions()
             s = self.state
-            newest = max([*held, *self._later], default=int(s.version))
-            return {"model_id": self.cfg.model_id, "ready": self.ready, "version": int(s.version),
-                    "newest_version": int(newest), "pinned": self.pinned_version is not None,
-                    "pinned_version": self.pinned_version, "held_versions": held,
-                    "history_bytes": int(self.history.bytes), "watermark_ms": int(s.watermark_ms),
-                    "freshness_lag_ms": self.freshness_lag_ms(), "partition": self.partition,
-                    "shard": f"{self.cfg.shard_index}/{self.cfg.num_shards}",
-                    "error": None if self.error is None else str(self.error)}
+            newest = max([*held, *self.pin.later], default=int(s.version))
+            return ParamsStatus(
+                model_id=self.cfg.model_id, ready=self.ready, version=int(s.version), newest_version=int(newest),
+                pinned_version=self.pin.version, held_versions=tuple(held),
+                history_bytes=int(self.history.bytes), watermark_ms=int(s.watermark_ms),
+                freshness_lag_ms=self.freshness_lag_ms(), partition=self.partition,
+                shard=f"{self.cfg.shard_index}/{self.cfg.num_shards}",
+                error=None if self.error is None else str(self.error))
 
     # -- persistence ---------------------------------------------------------------------------
     def persist(self) -> None:
-        """Saves table (RocksDB), tower and meta under ``state_dir``; meta is written last."""
+        """Saves the replica under ``state_dir`` (:mod:`serving.replica_persistence`)."""
         from training.model import tower_to_safetensors
 
-        root = Path(self.cfg.state_dir)
-        root.mkdir(parents=True, exist_ok=True)
         with self._lock:
             s = self.state
-            table, tower = s.table, s.tower
-            meta = {"model_id": self.cfg.model_id, "next_offset": self.next_offset, "version": int(s.version),
-                    "watermark_ms": int(s.watermark_ms), "snapshot_id": int(s.snapshot_id),
-                    "num_shards": self.cfg.num_shards, "shard_index": self.cfg.shard_index,
-                    "partition": self.partition}
-            tower_bytes = tower_to_safetensors(tower)
-            meta["tower_sha256"] = hashlib.sha256(tower_bytes).hexdigest()  # checked on restore
-        table.save(str(root / "table"), incremental=True)
-        _atomic_write(root / "tower.safetensors", tower_bytes)
-        _atomic_write(root / "meta.json", json.dumps(meta).encode())
+            table = s.table
+            position = ReplicaPosition(self.next_offset, int(s.version), int(s.watermark_ms), int(s.snapshot_id))
+            tower_bytes = tower_to_safetensors(s.tower)
+        save_replica(Path(self.cfg.state_dir), self.place, position, table, tower_bytes)
         self._last_persist = time.monotonic()
-        log.info("replica persisted at offset %d (version %d)", meta["next_offset"], meta["version"])
 
     def _restore(self, root: Path) -> None:
-        from embedding_store import EmbeddingTable
-        from training.model import tower_from_safetensors
-
-        meta_path = root / "meta.json"
-        if not meta_path.exists():
+        saved = load_replica(root, self.place)
+        if saved is None:
             return
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as exc:
-            log.error("replica meta %s is unreadable (%s); bootstrapping from the topic", meta_path, exc)
-            return
-        if meta.get("model_id") != self.cfg.model_id or meta.get("num_shards") != self.cfg.num_shards \
-                or meta.get("shard_index") != self.cfg.shard_index \
-                or meta.get("partition", 0) != self.partition:
-            log.warning("state in %s is for another model or shard; starting cold", root)
-            return
-        try:
-            table = EmbeddingTable.load(str(root / "table"))
-            tower_bytes = (root / "tower.safetensors").read_bytes()
-            if meta.get("tower_sha256") not in (None, hashlib.sha256(tower_bytes).hexdigest()):
-                raise ValueError("tower.safetensors fails its sha256 (truncated or corrupted)")
-            tower, _ = tower_from_safetensors(tower_bytes)
-        except Exception as exc:  # corrupt or partial state: Kafka still has everything
-            log.error("replica state in %s is unusable (%s); bootstrapping from the topic", root, exc)
-            return
-        s = self.state
-        s.table, s.tower = table, tower
-        s.version, s.watermark_ms, s.snapshot_id = meta["version"], meta["watermark_ms"], meta["snapshot_id"]
-        self.next_offset = int(meta["next_offset"])
-        self.history.reset(s.version, s.watermark_ms, tower, self.next_offset)
+        s, p = self.state, saved.position
+        s.table, s.tower = saved.table, saved.tower
+        s.version, s.watermark_ms, s.snapshot_id = p.version, p.watermark_ms, p.snapshot_id
+        self.next_offset = p.next_offset
+        self.history.reset(s.version, s.watermark_ms, saved.tower, self.next_offset)
         self.restored = True
         log.info("replica restored from %s at offset %d (version %d)", root, self.next_offset, s.version)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

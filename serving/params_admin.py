@@ -29,6 +29,7 @@ import logging
 import random
 import threading
 import time
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,12 +39,39 @@ from paramsync import CONTROL, CONTROL_SHARD, ControlCommand, ParamsMessage, enc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParamsAdmin", "AdminError", "HTTP_STATUS", "admin_request"]
+__all__ = ["ParamsAdmin", "ParamsStatus", "AdminError", "HTTP_STATUS", "admin_request"]
 
 HTTP_STATUS = {"OK": HTTPStatus.OK, "INVALID_ARGUMENT": HTTPStatus.BAD_REQUEST,
                "FAILED_PRECONDITION": HTTPStatus.BAD_REQUEST, "NOT_FOUND": HTTPStatus.NOT_FOUND,
                "UNAVAILABLE": HTTPStatus.SERVICE_UNAVAILABLE,
                "DEADLINE_EXCEEDED": HTTPStatus.GATEWAY_TIMEOUT, "INTERNAL": HTTPStatus.INTERNAL_SERVER_ERROR}
+
+
+@dataclass(frozen=True, slots=True)
+class ParamsStatus:
+    """One replica's parameters as ``headwater params status`` shows them: the version served,
+    whether pinned, the versions held, freshness, and the shard (:meth:`to_json`: the
+    ``status`` of every answer)."""
+
+    model_id: str
+    ready: bool
+    version: int
+    newest_version: int  # the newest version seen on the partition, applied or held back
+    pinned_version: int | None  # None: following the newest
+    held_versions: tuple[int, ...]  # what pin and rollback can go back to
+    history_bytes: int
+    watermark_ms: int
+    freshness_lag_ms: int
+    partition: int
+    shard: str  # "i/N"
+    error: str | None  # why the replica stopped following, if it did
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_version is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "pinned": self.pinned, "held_versions": list(self.held_versions)}
 
 
 class AdminError(Exception):
@@ -139,7 +167,7 @@ class ParamsAdmin:
 
     # -- the commands ----------------------------------------------------------------------------
     def status(self) -> dict:
-        return {"code": "OK", "status": self.ps.params_status()}
+        return {"code": "OK", "status": self.ps.params_status().to_json()}
 
     def pin(self, version: Any = None) -> dict:
         if isinstance(version, bool) or version is None:
@@ -161,8 +189,8 @@ class ParamsAdmin:
         target = self.ps.previous_version()
         if target is None:
             st = self.ps.params_status()
-            raise AdminError("FAILED_PRECONDITION", f"no version older than the one served ({st['version']}) "
-                             f"is held (held: {st['held_versions'] or 'none'}); nothing to roll back to")
+            raise AdminError("FAILED_PRECONDITION", f"no version older than the one served ({st.version}) "
+                             f"is held (held: {list(st.held_versions) or 'none'}); nothing to roll back to")
         return self._command(ControlCommand("pin", target, random.getrandbits(62)))
 
     def unpin(self) -> dict:
@@ -188,8 +216,9 @@ class ParamsAdmin:
                 if result is not None:
                     if not result.ok:
                         raise AdminError(result.code, result.message)
-                    if cmd.action == "unpin" or self.ps.params_status()["version"] == cmd.version:
-                        return {"code": "OK", "message": result.message, "status": self.ps.params_status()}
+                    status = self.ps.params_status()
+                    if cmd.action == "unpin" or status.version == cmd.version:
+                        return {"code": "OK", "message": result.message, "status": status.to_json()}
                 time.sleep(0.01)
             raise AdminError("DEADLINE_EXCEEDED", f"{cmd.action} was written to {self.ps.topic} but this "
                              f"replica has not acted on it within {self.timeout_s:g} s")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from streams.broker import stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +162,7 @@ class ServeProcesses:
         with self._lock:
             self._stopping = True
         procs = [c.proc for c in self.children if c.proc is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        codes: list[int | None] = []
-        for proc in procs:
-            try:
-                codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
-            except subprocess.TimeoutExpired:
-                log.warning("serving process pid %d did not stop in %.0f s; killing it", proc.pid, timeout_s)
-                proc.kill()
-                codes.append(proc.wait())
+        codes: list[int | None] = list(stop_processes(procs, timeout_s))
         self._sock.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return codes

@@ -5,7 +5,7 @@ protobuf message) -> INVALID_ARGUMENT naming the field, no model yet or no param
 answering -> UNAVAILABLE, queue full -> RESOURCE_EXHAUSTED, deadline passed -> DEADLINE_EXCEEDED.
 
 Every method works in both layouts: over the one-process replica table (``--role all``) and over
-the PS shards (``--role recommender``, a :class:`~serving.ps_client.RemoteTable`), with the same
+the PS shards (``--role recommender``, a :class:`~serving.remote_table.RemoteTable`), with the same
 answers. Where the sharded table offers its own way (``retrieve``: top k searched on the shards;
 ``lookup_known``: rows and ``known`` flags in one fan-out) the service uses it.
 """
@@ -13,32 +13,49 @@ answers. Where the sharded table offers its own way (``retrieve``: top k searche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor, TimeoutError as FutureTimeout
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
 import numpy as np
 import torch
 
+from batching import ComputeGate
 from serving import metrics as m
 from serving.calibration import Calibrator
 from serving.config import ServeConfig
 from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
-from serving.ps_client import ShardsUnavailable
 from serving.response_wire import encode_recommend_response
 from serving.retrieval import ItemIndex
 from serving.rpc_guard import MalformedRequest
 from serving.scoring import ItemSource, RankJob, ServingModel, item_dense_width, score_examples, score_jobs
+from serving.shard_fleet import ShardsUnavailable
 from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
 from training.model import bf16_supported
 
+if TYPE_CHECKING:  # the rerank stage (and the LLM engine under it) loads only with --llm
+    from serving.rerank import RerankStage
+
 log = logging.getLogger(__name__)
 
-__all__ = ["RecommenderService", "ServiceError"]
+__all__ = ["RecommenderService", "ServiceError", "top_order"]
+
+
+def top_order(items: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best items, score desc then id asc (deterministic). Only the top k
+    are sorted: partition first, keeping every item that ties with the k-th score (below ~300
+    items one sort of them all is cheaper, and gives the same order)."""
+    if probs.size <= 256:
+        return np.lexsort((items, -probs))[:k]
+    cand = np.arange(probs.size)
+    if k < probs.size:
+        cand = np.flatnonzero(probs >= probs[np.argpartition(-probs, k - 1)[k - 1]])
+    return cand[np.lexsort((items[cand], -probs[cand]))][:k]
 
 
 class ServiceError(Exception):
@@ -114,6 +131,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.batcher: MicroBatcher | None = None
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
+        self.rerank: RerankStage | None = None  # set by the server when an LLM is attached
+        self.gate: ComputeGate | None = None  # held while DLRM scoring runs (the LLM steps wait)
 
     def _model(self) -> ServingModel:
         model = self.source.current()
@@ -174,6 +193,17 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.index.sync(model.table)
         return self.index.topk(query, self.cfg.retrieve_k)[0]
 
+    def _rerank_args(self, request) -> tuple[int, float]:
+        """``(top_n, weight)`` of this call's rerank: the server's, or the call's override."""
+        if self.rerank is None:
+            return 0, 0.0
+        cfg = self.rerank.cfg
+        n = request.rerank_top_n if request.HasField("rerank_top_n") else cfg.rerank_top_n
+        w = request.rerank_weight if request.HasField("rerank_weight") else cfg.rerank_weight
+        if not 0.0 <= w <= 1.0:  # also NaN
+            raise InvalidRequest(f"rerank_weight must be in [0, 1], got {w}")
+        return min(int(n), self.limits.max_candidates), float(w)
+
     @_rpc("Recommend")
     async def Recommend(self, request, context):
         model = self._model()
@@ -182,23 +212,38 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         if self.cfg.item_slot not in model.slots:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model has no item slot {self.cfg.item_slot!r}")
+        rerank_n, weight = self._rerank_args(request)
         if job.items.size == 0:
             job.items = await self._offload(self._retrieve, model, job)
             top_k = top_k or self.cfg.default_top_k
         ids, scores = job.items[:0], np.zeros(0, np.float32)
+        extra: dict[str, Any] = {}
         if job.items.size:
-            probs, model = await self._rank(job, context)
+            with self.gate.busy() if self.gate is not None else contextlib.nullcontext():
+                probs, model = await self._rank(job, context)
             k = min(top_k or probs.size, probs.size)
-            # Score desc, then id asc (deterministic). Only the top k need sorting: partition
-            # first, keeping every item that ties with the k-th score.
-            cand = np.arange(probs.size)
-            if k < probs.size:
-                cand = np.flatnonzero(probs >= probs[np.argpartition(-probs, k - 1)[k - 1]])
-            order = cand[np.lexsort((job.items[cand], -probs[cand]))][:k]
+            order = top_order(job.items, probs, max(k, min(rerank_n, probs.size)))
+            if rerank_n > 1 and order.size > 1:
+                order, extra = await self._reranked(job.user_id, job.items, probs, order, rerank_n, weight)
+            order = order[:k]
             ids, scores = job.items[order], probs[order]
         # Already-encoded bytes (the server sends them as they are): see serving.response_wire.
         return encode_recommend_response(ids, scores, model_version=model.version, model_id=model.model_id,
-                                         freshness_lag_ms=self.source.freshness_lag_ms())
+                                         freshness_lag_ms=self.source.freshness_lag_ms(), **extra)
+
+    async def _reranked(self, user_id: int, items: np.ndarray, probs: np.ndarray, order: np.ndarray,
+                        top_n: int, weight: float) -> tuple[np.ndarray, dict[str, Any]]:
+        """The DLRM ``order`` with its head reordered by the LLM (or left, degraded)."""
+        n = min(top_n, order.size)
+        head = order[:n]
+        outcome = await self.rerank.rerank(user_id, items[head], probs[head], weight)
+        if isinstance(outcome, str):
+            m.RERANK_DEGRADED.labels(outcome).inc()
+            return order, {"degraded_reason": outcome}
+        m.RERANK_CALLS.inc()
+        order = np.concatenate([head[outcome.order], order[n:]])
+        return order, {"llm_scores": outcome.llm_scores[outcome.order], "blended": outcome.blended[outcome.order],
+                       "rerank_ms": outcome.llm_ms}
 
     def _score(self, request) -> Any:
         model = self._model()

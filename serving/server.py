@@ -150,7 +150,8 @@ class RecommendServer:
     owner) that fills candidates' item-side features; None scores with the request's alone.
     """
 
-    def __init__(self, cfg: ServeConfig, source: ModelSource, items: ItemSource | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, source: ModelSource, items: ItemSource | None = None,
+                 rerank: Any = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.source = source
@@ -159,6 +160,8 @@ class RecommendServer:
         self.batcher: MicroBatcher | None = None
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="serve")
         self.service = RecommenderService(cfg, source, self.calibrator, pool=self.pool, items=items)
+        if rerank is not None:  # a serving.runtime.LlmRuntime's stage and gate (``serve --llm``)
+            self.service.rerank, self.service.gate = rerank.stage, rerank.gate
         if cfg.batching:
             self.batcher = MicroBatcher(self.service.forward_jobs, BatcherConfig(
                 cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue), on_batch=self._on_batch)

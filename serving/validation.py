@@ -32,7 +32,11 @@ class Limits:
 
 
 def _ids(values, field: str, limit: int) -> np.ndarray:
-    arr = np.array(values, dtype=np.int64).reshape(-1)  # a repeated int64 field converts in one step
+    n = len(values)
+    if n <= 32:  # a short bag: fromiter skips np.array's sequence probing (0.6 vs 3 us)
+        arr = np.fromiter(values, dtype=np.int64, count=n)
+    else:
+        arr = np.array(values, dtype=np.int64).reshape(-1)  # a repeated int64 field converts in one step
     if arr.size > limit:
         raise InvalidRequest(f"{field}: {arr.size} ids exceed the limit of {limit}")
     return arr

@@ -13,7 +13,7 @@ minute means a few towers for a few minutes of versions).
 
 Each kept version also records ``next_offset``, the ``hw.params`` offset right after its last
 message: reading on from there reproduces every later version exactly (rows are values), which
-is how a pinned replica returns to the newest version (see :mod:`serving.param_server`).
+is how a pinned replica returns to the newest version (see :mod:`serving.version_pin`).
 
 A full snapshot replaces the table, so the history restarts at the snapshot's version.
 """

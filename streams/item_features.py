@@ -8,8 +8,9 @@ beginning and keeps the newest features per item. The key is the item id
 (:func:`item_key`), so compaction keeps exactly one message per item.
 
 Wire form: the msgpack envelope of :mod:`streams.wire` (``"v"`` schema version), ``"t": "item"``,
-``item_id``, ``event_time_ms``, ``sparse`` (slot -> ids) and ``dense`` (the item-side tail of the
-dense layout: ``(value, missing)`` per item-side numeric column). A *tombstone* (the item is
+``item_id``, ``event_time_ms``, ``sparse`` (slot -> ids), ``dense`` (the item-side tail of the
+dense layout: ``(value, missing)`` per item-side numeric column) and, optionally, ``text`` (what the
+LLM rerank reads about the item: ``serving.item_text``). A *tombstone* (the item is
 gone) carries ``sparse`` and ``dense`` as nil. It is an ordinary message rather than a Kafka null
 value so that it goes through every producer the same way; a null value with an item key (what a
 tool or Kafka Connect would send) decodes to a tombstone too.
@@ -38,6 +39,7 @@ __all__ = ["ItemFeatures", "item_key", "encode_item_features", "decode_item_feat
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _KEY = struct.Struct(">q")
+MAX_TEXT_CHARS = 4096
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ItemFeatures:
     sparse: dict[str, list[int]] | None
     dense: list[float] | None
     event_time_ms: int
+    text: str | None = None  # what an LLM reads about the item (serving.item_text); optional
 
     @property
     def tombstone(self) -> bool:
@@ -111,14 +114,18 @@ def validate_item_features(f: ItemFeatures) -> ItemFeatures:
             raise SchemaError(f"sparse slot names must be non-empty strings, got {slot!r}")
         _ids(f"sparse[{slot!r}]", ids)
     _dense("dense", f.dense)
+    if f.text is not None and (not isinstance(f.text, str) or len(f.text) > MAX_TEXT_CHARS):
+        raise SchemaError(f"text must be a string of at most {MAX_TEXT_CHARS} characters")
     return f
 
 
 def encode_item_features(f: ItemFeatures) -> bytes:
     """The message value of ``f`` (validated first, so a bad one fails at the producer)."""
     validate_item_features(f)
-    return pack({"t": "item", "item_id": f.item_id, "event_time_ms": f.event_time_ms,
-                 "sparse": f.sparse, "dense": f.dense})
+    obj = {"t": "item", "item_id": f.item_id, "event_time_ms": f.event_time_ms, "sparse": f.sparse, "dense": f.dense}
+    if f.text is not None and not f.tombstone:
+        obj["text"] = f.text
+    return pack(obj)
 
 
 def decode_item_features(data: bytes) -> ItemFeatures:
@@ -130,7 +137,7 @@ def decode_item_features(data: bytes) -> ItemFeatures:
     if missing:
         raise SchemaError(f"item-features message lacks {sorted(missing)}")
     f = validate_item_features(ItemFeatures(obj["item_id"], obj["sparse"], obj["dense"],
-                                            obj["event_time_ms"]))
+                                            obj["event_time_ms"], obj.get("text")))
     if f.dense is not None:
         f.dense = [float(x) for x in f.dense]  # another producer may have sent integers
     return f
@@ -185,6 +192,8 @@ def features_digest(f: ItemFeatures) -> int:
         h.update(slot.encode() + b"\x1f")
         h.update(np.asarray(f.sparse[slot], "<i8").tobytes() + b"\x1e")
     h.update(b"\x1d" + np.asarray(f.dense, "<f4").tobytes())
+    if f.text is not None:
+        h.update(b"\x1c" + f.text.encode())
     return h.intdigest()
 
 
@@ -198,7 +207,7 @@ class ItemFeaturePublisher:
     Memory is bounded: it remembers one 8-byte digest per item for at most ``max_items`` items,
     least recently observed forgotten first; a forgotten item is simply sent again when next seen
     (the topic is compacted, a repeat costs one message). ``producer`` is a
-    ``streams.kafka_io.BatchProducer`` (flushed by its owner, with the rest of its output).
+    ``streams.kafka_producer.BatchProducer`` (flushed by its owner, with the rest of its output).
     """
 
     def __init__(self, producer: _Producer, topic: str, item_slots: Sequence[str],

@@ -5,14 +5,19 @@ Each impression request waits in RocksDB until the event-time watermark passes i
 closes every shown item becomes one example: label 1 if a positive action joined it, else a
 negative, kept with probability ``negative_rate`` (recorded per example as ``sample_rate``).
 
-Watermark: the later of ``max impression event time - allowed_lateness`` and the producers'
-:class:`~streams.events.Watermark` messages (the smaller of those seen on the two input topics;
-a producer ending a stream sends one to each), but held back by any input topic that still has unread
-messages (to that topic's own progress), so actions lagging behind impressions in the broker do
-not turn late; it never moves back. An action whose
+Watermark (:mod:`streams.join_watermark`): the later of ``max impression event time -
+allowed_lateness`` and the producers' :class:`~streams.events.Watermark` messages (the smaller of
+those seen on the two input topics; a producer ending a stream sends one to each), held back to
+the progress of every input partition that may still deliver (unread messages, or delivered
+recently), and not moved at all while the consumer owns no partition of an input topic (a
+restarted joiner, before it has joined its group). So actions lagging behind impressions in the
+broker, or left unread by a crash, do not turn late; it never moves back. The idle close
+(``idle_close_s``) counts only time spent read to the end of every input. An action whose
 request is no longer pending and whose time is already behind the watermark is *late*: it is
 counted and routed to ``hw.late`` with its reason. An action whose impression has not arrived yet
-is parked until the watermark passes it (then it is late too, reason ``no_impression``).
+is parked (in the state, like everything else) until the watermark passes it; then, if its
+impression came meanwhile, it waits for that request to close, else it is late too, reason
+``no_impression``.
 
 One step = poll -> ingest (write new state) -> close due windows -> produce and flush examples,
 DLQ and late -> delete closed state -> commit input offsets. Offsets are committed only once the
@@ -38,10 +43,14 @@ from streams.events import (Action, DeadLetter, Impression, SchemaError, Waterma
                             decode_event, encode_actions, encode_dead_letter, encode_examples)
 from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
 from streams.join_state import JoinState, PendingAction
-from streams.kafka_io import (BatchProducer, GroupConsumer, KafkaConfig, Record, next_offsets,
-                              topic_names)
+from streams.join_watermark import JoinWatermark
+from streams.kafka_consumer import GroupConsumer, Record, next_offsets
+from streams.kafka_io import KafkaConfig, topic_names
+from streams.kafka_producer import BatchProducer
 
 log = logging.getLogger(__name__)
+
+_WATERMARK_META = "watermark_inputs"  # JoinWatermark.saved(), beside the state
 
 
 @dataclass
@@ -105,34 +114,41 @@ class OnlineJoiner:
         self.lateness_ms = int(cfg.allowed_lateness_s * 1000)
         self.positive = frozenset(k.strip() for k in cfg.positive_kinds.split(",") if k.strip())
         self.state = JoinState(cfg.state_dir, fsync=cfg.fsync)
-        self.watermark = self.state.watermark()
-        self.max_time = self.state.max_time()
+        saved = self.state.meta(_WATERMARK_META)
+        if saved is None:  # a state from before per-partition progress: its promises still hold
+            saved = {"explicit": {t: v[1] for t, v in (self.state.meta("inputs") or {}).items()}}
+        self.clock = JoinWatermark((self.topics.impressions, self.topics.actions), self.lateness_ms,
+                                   cfg.idle_topic_s, self.state.watermark(), self.state.max_time(),
+                                   saved)
         kafka = cfg.kafka()
         self.producer = BatchProducer(kafka, client_id="hw-joiner")
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
                                       group_id=cfg.group_id, client_id="hw-joiner")
-        self._last_input = time.monotonic()
+        self._last_input = time.monotonic()  # or the last time the input was not read to its end
         self._pending_refreshed = self._last_input
-        # Progress of each input topic (event time seen, minus lateness, or explicit watermarks).
-        inputs = (self.topics.impressions, self.topics.actions)
-        saved = self.state.meta("inputs") or {}
-        self._topic_progress = {t: saved.get(t, [0, 0])[0] for t in inputs}
-        # Explicit Watermark messages, per input topic: a promise on one topic says nothing
-        # about the other, so the joiner uses the smaller of the two.
-        self._explicit = {t: saved.get(t, [0, 0])[1] for t in inputs}
-        self._last_record = {t: 0.0 for t in inputs}
         metrics.PENDING.set(self.state.count_pending())
+
+    @property
+    def watermark(self) -> int:
+        return self.clock.watermark
+
+    @property
+    def max_time(self) -> int:
+        """The newest impression event time read."""
+        return self.clock.max_time
 
     # ------------------------------------------------------------ one step
     def step(self, timeout_ms: int = 100) -> StepStats:
         records = self.consumer.poll(timeout_ms, self.cfg.poll_max_records)
         stats = StepStats(records=len(records))
         now = time.monotonic()
-        if records:
+        if records or not self.clock.read_to_end(self.consumer.assignment(),
+                                                 self.consumer.partitions_behind()):
+            # Not idle: a joiner still joining its group, or with unread input, is not quiet.
             self._last_input = now
         elif self.cfg.idle_close_s and now - self._last_input > self.cfg.idle_close_s:
             # A quiet stream: close everything instead of holding it until traffic returns.
-            self.watermark = max(self.watermark, self.max_time + self.window_ms)
+            self.clock.advance_to(self.max_time + self.window_ms)
         self._ingest(records, stats)
         self._close_due(stats)
         try:
@@ -152,7 +168,8 @@ class OnlineJoiner:
         dead: list[DeadLetter] = []
         now = time.monotonic()
         for rec in records:
-            self._last_record[rec.topic] = now
+            source = (rec.topic, rec.partition)
+            self.clock.delivered(source, now)
             try:
                 event = decode_event(rec.value)
                 self._check(event, rec.topic)
@@ -163,41 +180,23 @@ class OnlineJoiner:
                 rid = event.request_id.encode()
                 self.state.put_impression(wb, rid, event.event_time_ms + self.window_ms, rec.value)
                 new_requests.add(rid)
-                self.max_time = max(self.max_time, event.event_time_ms)
-                self._advance(rec.topic, event.event_time_ms - self.lateness_ms)
+                self.clock.impression(source, event.event_time_ms)
                 stats.impressions += len(event.items)
             elif isinstance(event, Watermark):
-                self._explicit[rec.topic] = max(self._explicit.get(rec.topic, 0), event.event_time_ms)
-                self._advance(rec.topic, event.event_time_ms)
+                self.clock.promise(source, event.event_time_ms)
             else:
                 actions.extend((rec, a) for a in event)
-                self._advance(rec.topic, max(a.event_time_ms for a in event) - self.lateness_ms)
+                self.clock.action(source, max(a.event_time_ms for a in event))
         stats.actions = len(actions)
         metrics.EVENTS_IN.labels("impression").inc(stats.impressions)
         metrics.EVENTS_IN.labels("action").inc(stats.actions)
         late = self._ingest_actions(wb, actions, new_requests)
-        self._update_watermark()
+        self.clock.update(self.consumer.assignment(), self.consumer.partitions_behind(), now)
         self.state.put_times(wb, self.watermark, self.max_time)
-        self.state.put_meta(wb, "inputs", {t: [self._topic_progress[t], self._explicit[t]]
-                                           for t in self._topic_progress})
+        self.state.put_meta(wb, _WATERMARK_META, self.clock.saved())
         # Adding state before the output is safe: a replay re-adds the same keys.
         self.state.write(wb)
         self._send_dead(dead, late, stats)
-
-    def _advance(self, topic: str, t: int) -> None:
-        if t > self._topic_progress.get(topic, t):
-            self._topic_progress[topic] = t
-
-    def _update_watermark(self) -> None:
-        candidate = max(self.max_time - self.lateness_ms, min(self._explicit.values()))
-        # A topic holds the watermark back while it has unread messages or delivered some
-        # recently (the lag seen by the client is only as fresh as its last fetch).
-        now = time.monotonic()
-        active = self.consumer.topics_behind() | {
-            t for t, seen in self._last_record.items() if now - seen < self.cfg.idle_topic_s}
-        for topic in active:
-            candidate = min(candidate, self._topic_progress.get(topic, candidate))
-        self.watermark = max(self.watermark, candidate)
 
     def _check(self, event: object, topic: str) -> None:
         if isinstance(event, Impression):
@@ -238,14 +237,16 @@ class OnlineJoiner:
                                                   self.cfg.negative_rate, self.cfg.dense_dim)
         orphans = list(self.state.expired_orphans(self.watermark, self.cfg.max_close_per_step))
         orphan_values = self.state.get_many([a for _, a in orphans])
+        # A parked action whose impression came meanwhile belongs to that request (closing now
+        # or soon, up to max_close_per_step a step): it is joined there, not late.
+        claimed = self.state.pending_requests([_rid_of(a).encode() for _, a in orphans])
         for payload in encode_chunks(batch, self.cfg.examples_per_message,
                                      self.producer.max_message_bytes):
             self.producer.send(self.topics.examples, payload)
         late = [(u.request_id, u.action, u.reason) for u in unjoined]
-        consumed = {k for acts in stored for k, _ in acts}
-        for (_, akey), value in zip(orphans, orphan_values):
-            # Skip actions consumed by a request that closed earlier or in this very step.
-            if value is not None and akey not in consumed:
+        for (_, akey), value, is_claimed in zip(orphans, orphan_values, claimed):
+            # value None: a request that closed earlier consumed it.
+            if value is not None and not is_claimed:
                 late.append((_rid_of(akey), _parse_action(akey, value), "no_impression"))
         for rid, pa, reason in late:
             self._send_late(rid, pa, reason)
@@ -253,9 +254,10 @@ class OnlineJoiner:
         wb = self.state.batch()
         for (key, _), acts in zip(due, stored):
             self.state.delete_request(wb, key, [k for k, _ in acts])
-        for okey, akey in orphans:
+        for (okey, akey), is_claimed in zip(orphans, claimed):
             wb.delete(okey)
-            wb.delete(akey)
+            if not is_claimed:  # a claimed one goes with its request
+                wb.delete(akey)
         self.state.write(wb)
         positives = int(batch.label.sum()) if len(batch) else 0
         metrics.EXAMPLES_OUT.labels("1").inc(positives)

@@ -32,7 +32,7 @@ from streams.log_source import (BadRow, RawChunk, RowChecks, check_columns, pars
                                 parse_floats, read_chunks, source_name)
 
 __all__ = ["EncodedLog", "BadRow", "encode_log", "log_requests", "log_examples", "request_ids",
-           "source_name"]
+           "log_entities", "source_name"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,42 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
                     bad_rows[0].message(path))
     return EncodedLog(user, item, cat["label"].astype(np.float32)[order],
                       ts, truth, sparse, dense, cat["line"].astype(np.int64)[order], schema, bad_rows)
+
+
+def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items): every user id and item id of the log's good rows, as :func:`encode_log`
+    encodes them, each once, in the order a replay first sends them (event time, then file
+    order). One chunked pass that keeps only the distinct ids, not the rows."""
+    firsts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"user": [], "item": []}
+    done = 0
+    for chunk in read_chunks(path, chunk_rows):
+        checks = RowChecks(chunk)
+        core = parse_core(chunk, schema, checks)
+        ok = np.flatnonzero(~checks.bad)
+        for k, ids in (("user", core.user_id), ("item", core.item_id)):
+            firsts[k].append(_first_seen(ids[ok], core.ts_ms[ok], ok + done))
+        done += chunk.table.num_rows
+    out = []
+    for k in ("user", "item"):
+        parts = firsts[k]
+        if not parts:
+            out.append(np.zeros(0, np.int64))
+            continue
+        ids, ts, pos = (np.concatenate(x) for x in zip(*parts))
+        ids, ts, pos = _first_seen(ids, ts, pos)
+        out.append(ids[np.lexsort((pos, ts))])
+    return out[0], out[1]
+
+
+def _first_seen(ids: np.ndarray, ts: np.ndarray, pos: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct id once, with the (time, position) of its earliest row."""
+    order = np.lexsort((pos, ts, ids))
+    first = np.ones(len(order), bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    keep = order[first]
+    return ids[keep].astype(np.int64), ts[keep], pos[keep]
 
 
 def _encode_column(c: ColumnSpec, chunk: RawChunk, checks: RowChecks) -> Ragged | np.ndarray:

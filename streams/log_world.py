@@ -4,9 +4,11 @@
 people bring look different: one row per (user, item, time) with label = liked, a few users who
 rate thousands of items and most who rate a few dozen, a catalogue whose head takes most of the
 rows, strong per-user and per-item base rates (so per-id counting is a strong baseline), string,
-multi-valued and empty side columns, and slow drift. This module writes such a log, with the true
+multi-valued and empty side columns, and slow drift. This module draws such a log, with the true
 probability of every row in ``truth_p``, so learning quality can be developed where the best
-achievable AUC is known. The true logit of user u's n-th event, on item i at event time t, is
+achievable AUC is known (its knobs: :mod:`streams.log_world_config`; written as a file with its
+schema: :mod:`streams.log_world_writer`). The true logit of user u's n-th event, on item i at
+event time t, is
 
     base + b_u + user_drift_std * w_u(n) + b_i + drift_i(t) + taste_std * <x_u(t), v_i> / sqrt(dim)
 
@@ -29,93 +31,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from streams.log_schema import ColumnSpec, LogSchema
+from streams.log_world_config import GENRES, OCCUPATIONS, LogWorldConfig
 
 log = logging.getLogger(__name__)
-
-GENRES = ("Drama", "Comedy", "Action", "Thriller", "Romance", "Adventure", "Crime", "Sci-Fi",
-          "Horror", "Fantasy", "Children", "Animation", "Mystery", "Documentary", "Musical", "War",
-          "Western", "Film-Noir")
-OCCUPATIONS = ("student", "other", "educator", "engineer", "programmer", "executive",
-               "administrator", "writer", "technician", "artist", "librarian", "entertainment",
-               "marketing", "scientist", "healthcare", "retired", "salesman", "lawyer", "homemaker",
-               "doctor", "none")
-
-
-@dataclass
-class LogWorldConfig:
-    """Size, shape and hidden-truth parameters of a rating-like log (``generate_log``)."""
-
-    seed: int = field(default=0, metadata={"help": "random seed: same seed and config, same log"})
-    users: int = field(default=2_000, metadata={"help": "number of users"})
-    items: int = field(default=3_000, metadata={"help": "number of items"})
-    rows: int = field(default=200_000, metadata={"help": "rows (events) in the log"})
-    dim: int = field(default=8, metadata={"help": "latent dimension of the user x item taste"})
-    genres: int = field(default=len(GENRES), metadata={
-        "help": "distinct genre tags (multi-valued item column 'genres')"})
-    brands: int = field(default=40, metadata={"help": "distinct brands (string item column 'brand')"})
-    string_ids: bool = field(default=True, metadata={
-        "help": "user/item ids as strings ('u12', 'i345'); false: integers"})
-    item_zipf_a: float = field(default=1.2, metadata={
-        "help": "Zipf exponent of item popularity: weight of rank r is (r + offset)^-a"})
-    item_zipf_offset: float = field(default=0.013, metadata={
-        "help": "Zipf-Mandelbrot offset as a share of items (flattens the head, as on real logs)"})
-    activity_depth: float = field(default=0.1, metadata={
-        "help": "heavy users reach deeper into the tail: a user's exponent is "
-                "a * (events / median events)^-depth"})
-    user_activity_sigma: float = field(default=1.1, metadata={
-        "help": "lognormal sigma of events per user (heavy-tailed activity)"})
-    min_user_events: int = field(default=5, metadata={"help": "fewest events of a user"})
-    base_logit: float = field(default=-0.35, metadata={"help": "base logit (sets the label rate)"})
-    user_bias_std: float = field(default=1.1, metadata={"help": "logit std of per-user base rates"})
-    item_bias_std: float = field(default=1.0, metadata={"help": "logit std of per-item base rates"})
-    taste_std: float = field(default=0.7, metadata={"help": "logit std of the user x item taste term"})
-    user_attr_share: float = field(default=0.25, metadata={
-        "help": "share of user bias and taste variance explained by gender, age, occupation"})
-    item_attr_share: float = field(default=0.8, metadata={
-        "help": "share of item bias and taste variance explained by brand, genres, year"})
-    choice_strength: float = field(default=0.0, metadata={
-        "help": "users pick what they expect to like: selection strength on taste + item rate"})
-    pop_quality_corr: float = field(default=0.3, metadata={
-        "help": "correlation of item popularity rank with item base rate"})
-    item_drift_std: float = field(default=0.3, metadata={
-        "help": "logit amplitude of slow per-item base-rate drift over the log's span"})
-    user_drift_std: float = field(default=0.7, metadata={
-        "help": "logit std of a user's base rate wandering over their own history"})
-    user_drift_events: float = field(default=30.0, metadata={
-        "help": "correlation length, in the user's own events, of that wandering (AR(1))"})
-    taste_drift: float = field(default=1.0, metadata={
-        "help": "radians a user's personal taste rotates over the log's span"})
-    new_item_fraction: float = field(default=0.3, metadata={
-        "help": "share of items released during the log (the rest exist at its start)"})
-    start_ts: int = field(default=1_420_070_400, metadata={"help": "epoch seconds of the log's start"})
-    span_days: float = field(default=730.0, metadata={"help": "event-time span of the log in days"})
-    user_window_days: float = field(default=7.0, metadata={
-        "help": "median days between a user's first and last event (lognormal, bursty users)"})
-    year_missing: float = field(default=0.1, metadata={"help": "share of items with an empty year"})
-    age_missing: float = field(default=0.15, metadata={"help": "share of users with an empty age"})
-    gender_missing: float = field(default=0.02, metadata={"help": "share of users with an empty gender"})
-    genres_missing: float = field(default=0.01, metadata={"help": "share of items with no genres"})
-
-    def validate(self) -> None:
-        if min(self.users, self.items, self.rows, self.dim, self.genres, self.brands) <= 0:
-            raise ValueError("users, items, rows, dim, genres and brands must be positive")
-        if self.min_user_events < 1 or self.span_days <= 0 or self.user_window_days <= 0:
-            raise ValueError("min_user_events must be >= 1, span_days and user_window_days > 0")
-        if min(self.user_bias_std, self.item_bias_std, self.taste_std, self.item_drift_std,
-               self.user_activity_sigma, self.user_drift_std, self.item_zipf_a, self.item_zipf_offset,
-               self.activity_depth, self.taste_drift) < 0:
-            raise ValueError("stds, sigma, zipf exponent and drift must be >= 0")
-        shares = (self.user_attr_share, self.item_attr_share, self.new_item_fraction,
-                  self.year_missing, self.age_missing, self.gender_missing, self.genres_missing)
-        if not all(0.0 <= s <= 1.0 for s in shares) or not -1.0 <= self.pop_quality_corr <= 1.0:
-            raise ValueError("shares and missing rates must lie in [0, 1], pop_quality_corr in [-1, 1]")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -353,51 +275,3 @@ def generate_log(cfg: LogWorldConfig) -> pa.Table:
     log.info("log world: %d rows, label rate %.3f", table.num_rows,
              float(np.mean(table.column("label").to_numpy())))
     return table
-
-
-def log_world_schema() -> LogSchema:
-    """The schema of ``generate_log``'s table, as a user would write it for their own log."""
-    return LogSchema(columns=(
-        ColumnSpec("gender", "categorical", side="user"),
-        ColumnSpec("age", "numeric", side="user"),
-        ColumnSpec("occupation", "categorical", side="user"),
-        ColumnSpec("brand", "categorical", side="item"),
-        ColumnSpec("genres", "multi", side="item"),
-        ColumnSpec("year", "numeric", side="item"),
-    ))
-
-
-def schema_path_for(path: str | Path) -> Path:
-    """``log.csv.gz`` -> ``log.schema.toml`` (next to the log)."""
-    path = Path(path)
-    stem = path.name
-    for ext in (".csv.gz", ".csv", ".parquet"):
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    return path.with_name(stem + ".schema.toml")
-
-
-def write_log(cfg: LogWorldConfig, path: str | Path) -> tuple[Path, Path]:
-    """Writes the log to ``path`` (``.csv``, ``.csv.gz`` or ``.parquet``, by extension) and its
-    schema TOML beside it (:func:`schema_path_for`); returns (log path, schema path)."""
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith((".csv", ".csv.gz", ".parquet")):
-        raise ValueError(f"{path}: the extension must be .csv, .csv.gz or .parquet")
-    table = generate_log(cfg)
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, path)
-    else:
-        import pyarrow.csv as pacsv
-
-        if name.endswith(".gz"):
-            with pa.CompressedOutputStream(str(path), "gzip") as out:
-                pacsv.write_csv(table, out)
-        else:
-            pacsv.write_csv(table, path)
-    schema_path = schema_path_for(path)
-    schema_path.write_text(log_world_schema().to_toml())
-    return path, schema_path

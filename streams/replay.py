@@ -23,7 +23,8 @@ from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark, encode_actions,
                             encode_dead_letter, encode_event, encode_impression, event_from_json)
 from streams.item_features import ItemFeaturePublisher
-from streams.kafka_io import BatchProducer, Topics
+from streams.kafka_io import Topics
+from streams.kafka_producer import BatchProducer
 from streams.log_infer import schema_for
 from streams.log_reader import ON_BAD_ROW, BadRow, EncodedLog, encode_log, log_requests, source_name
 from streams.log_schema import LogSchema

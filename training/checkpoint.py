@@ -2,26 +2,32 @@
 
 Layout of a checkpoint directory::
 
-    table/                      the embedding table's RocksDB (saved incrementally in place)
+    tables/<seq>/               the embedding table of checkpoint <seq> (RocksDB): a hard-linked
+                                copy of the previous checkpoint's table, saved incrementally
     state-<seq>.safetensors     dense tower, dense optimizer, de-dup filter, evaluator (tensors;
                                 non-tensor parts as JSON in the safetensors metadata)
-    MANIFEST.json               written LAST: which state file (and its sha256), which table
-                                version, and the consumer offsets (next offset to read) this
-                                state corresponds to
-    MANIFEST.prev.json          the previous manifest: the fallback when the newest state file
-                                fails its checksum (truncated, bit-flipped)
+    MANIFEST.json               written LAST: which table directory, which state file (and its
+                                sha256), which table version, and the consumer offsets (next
+                                offset to read) this state corresponds to
+    MANIFEST.prev.json          the previous manifest: the fallback when the newest checkpoint
+                                fails its checks (truncated, bit-flipped, missing)
 
-Order of a write: table save -> state file (temp, fsync, rename) -> manifest (temp, fsync,
-rename, fsync dir). A crash at any point leaves the previous manifest intact and pointing at a
-state file that still exists (we only delete state files older than the previous one). The table
-directory may then be *ahead* of the manifest (it kept rows trained after the manifest's
-offsets); resuming replays those examples once more: at-least-once, never a lost example.
+Order of a write: table into a directory of its own (never one a manifest names), fsync ->
+state file (temp, fsync, rename) -> manifest (temp, fsync, rename, fsync dir). A crash at any
+point (kill -9 between the table and the manifest included) leaves the previous manifest intact
+and pointing at a table, a state file and offsets that are one consistent cut: a restart reads
+only the last complete manifest, so what it trains again is exactly what that state has not
+learned, and the de-dup filter in the same state knows every id it has. (Before the table had a
+directory per checkpoint, one table saved in place could be *ahead* of the manifest, and the
+examples in between updated their rows twice.) Only the tables and state files of the newest two
+manifests are kept.
 
-Integrity: :meth:`CheckpointStore.latest` verifies the state file's sha256 against its manifest.
-A mismatch logs an error naming the file and falls back to the previous checkpoint (whose
-offsets are older, so the fallback only replays more: still at-least-once); when no checkpoint
-verifies, it raises :class:`CheckpointCorruptError` and the trainer refuses to start rather
-than train on garbage.
+Integrity: :meth:`CheckpointStore.latest` verifies the state file's sha256 against its manifest
+and that its table directory exists (the table checks its own records when loaded). A mismatch
+logs an error naming the file and falls back to the previous checkpoint (whose offsets are
+older, so the fallback only replays more: still at-least-once); when no checkpoint verifies, it
+raises :class:`CheckpointCorruptError` and the trainer refuses to start rather than train on
+garbage. Manifests of the older layout (one ``table/`` saved in place) are still read.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +53,8 @@ __all__ = ["CheckpointCorruptError", "CheckpointManifest", "CheckpointStore", "a
 
 MANIFEST = "MANIFEST.json"
 PREV_MANIFEST = "MANIFEST.prev.json"
+TABLES = "tables"
+LEGACY_TABLE = "table"  # the older layout: one table saved in place, ahead of its manifest after a crash
 FORMAT = 1
 _STATE_RE = re.compile(r"^state-(\d+)\.safetensors$")
 
@@ -98,6 +107,7 @@ class CheckpointManifest:
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
     state_sha256: str = ""  # empty: written before checksums (not verified)
+    table_dir: str = ""  # relative to the store; empty: no table, or the older layout's table/
 
     def offsets_by_partition(self) -> dict[tuple[str, int], int]:
         out = {}
@@ -119,9 +129,15 @@ class CheckpointStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._good: CheckpointManifest | None = None  # last manifest this store wrote (verified)
 
+    def table_path_of(self, manifest: CheckpointManifest) -> Path:
+        """The table directory of ``manifest`` (load the table from there, with its state)."""
+        return self.root / (manifest.table_dir or LEGACY_TABLE)
+
     @property
     def table_path(self) -> Path:
-        return self.root / "table"
+        """The table of the newest usable checkpoint (``table/`` when there is none)."""
+        manifest = self.latest()
+        return self.table_path_of(manifest) if manifest is not None else self.root / LEGACY_TABLE
 
     def latest(self) -> CheckpointManifest | None:
         """The newest checkpoint whose state file verifies, or None when there is none yet.
@@ -164,6 +180,8 @@ class CheckpointStore:
             raise CheckpointCorruptError(f"checkpoint manifest {name} names missing file {manifest.state_file}")
         if manifest.state_sha256 and file_sha256(state) != manifest.state_sha256:
             raise CheckpointCorruptError(f"state file {state} fails its sha256 (truncated or corrupted)")
+        if manifest.table_dir and not (self.root / manifest.table_dir).is_dir():
+            raise CheckpointCorruptError(f"checkpoint manifest {name} names missing table {manifest.table_dir}")
         return manifest
 
     def _newest_readable(self) -> CheckpointManifest | None:
@@ -190,8 +208,7 @@ class CheckpointStore:
         newest = self._newest_readable()
         seq = max(prev.seq if prev else 0, newest.seq if newest else 0) + 1
         t0 = time.perf_counter()
-        if table is not None:
-            table.save(str(self.table_path), incremental=True)
+        table_dir = self._save_table(table, seq, prev) if table is not None else ""
         t1 = time.perf_counter()
         state_file = f"state-{seq:08d}.safetensors"
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -203,12 +220,14 @@ class CheckpointStore:
                                       examples_trained=int(examples_trained),
                                       watermark_ms=int(watermark_ms), created_s=time.time(),
                                       extra=dict(extra or {}),
-                                      state_sha256=hashlib.sha256(blob).hexdigest())
+                                      state_sha256=hashlib.sha256(blob).hexdigest(),
+                                      table_dir=table_dir)
         if prev is not None:
             atomic_write_bytes(self.root / PREV_MANIFEST, json.dumps(asdict(prev), indent=1).encode())
         atomic_write_bytes(self.root / MANIFEST, json.dumps(asdict(manifest), indent=1).encode())
         self._good = manifest
-        self._prune(keep={state_file, prev.state_file if prev else ""})
+        self._prune(keep={state_file, prev.state_file if prev else ""},
+                    keep_tables={table_dir, prev.table_dir if prev else ""})
         log.info("checkpoint %d: table %.0f ms, state %d KiB, offsets %s", seq, (t1 - t0) * 1000,
                  len(blob) // 1024, manifest.offsets)
         return manifest
@@ -228,10 +247,52 @@ class CheckpointStore:
             raise CheckpointCorruptError(f"state file {path} is unreadable: {exc}") from None
         return tensors, meta
 
-    def _prune(self, keep: set[str]) -> None:
+    def _save_table(self, table: Any, seq: int, prev: CheckpointManifest | None) -> str:
+        """Saves ``table`` into a directory of its own for checkpoint ``seq`` and returns it
+        (relative): a hard-linked copy of ``prev``'s table updated incrementally, or a full save."""
+        from embedding_store.persistence import link_snapshot
+
+        rel = f"{TABLES}/{seq:08d}"
+        dst = self.root / rel
+        shutil.rmtree(dst, ignore_errors=True)  # left by a write that crashed before its manifest
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        base = self.table_path_of(prev) if prev is not None else None
+        if base is not None and base.is_dir():
+            try:
+                link_snapshot(table, str(base), str(dst))
+            except Exception as exc:  # unreadable: a full save instead
+                log.warning("checkpoint %d: cannot copy the previous table %s (%s); saving in full",
+                            seq, base, exc)
+                shutil.rmtree(dst, ignore_errors=True)
+        table.save(str(dst), incremental=True)
+        _fsync_tree(dst)
+        _fsync_dir(dst.parent)
+        return rel
+
+    def _prune(self, keep: set[str], keep_tables: set[str]) -> None:
         for p in self.root.iterdir():
             if _STATE_RE.match(p.name) and p.name not in keep:
                 p.unlink(missing_ok=True)
+        tables = self.root / TABLES
+        if tables.is_dir():
+            for p in tables.iterdir():
+                if f"{TABLES}/{p.name}" not in keep_tables:
+                    shutil.rmtree(p, ignore_errors=True)
+        legacy = self.root / LEGACY_TABLE
+        if "" not in keep_tables and legacy.is_dir():  # no manifest kept reads the older layout
+            shutil.rmtree(legacy, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsyncs every file under ``root`` and the directories holding them."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from training.model.config import ModelFields, model_field
+
+if TYPE_CHECKING:
+    from streams.log_schema import LogSchema
 
 __all__ = ["TrainerConfig"]
 
 
 @dataclass
-class TrainerConfig:
-    """How ``headwater train`` learns, syncs and checkpoints. Kafka settings live in ``KafkaConfig``."""
+class TrainerConfig(ModelFields):
+    """How ``headwater train`` learns, syncs and checkpoints. Kafka settings live in ``KafkaConfig``.
+
+    The model's own fields (embedding_dim, hidden, pooling, crosses, ...) are those of
+    :class:`~training.model.config.ModelFields`, inherited: one definition, one flag each.
+    """
 
     model_id: str = field(default="ctr", metadata={"help": "model name carried by every hw.params message"})
     group_id: str = field(default="hw-trainer", metadata={"help": "consumer group on hw.examples"})
@@ -17,25 +27,12 @@ class TrainerConfig:
     batch_size: int = field(default=1024, metadata={"help": "examples per mini-batch"})
     max_batch_wait_ms: int = field(default=50, metadata={"help": "train a partial batch once its oldest row waited this long"})
     fetch_max_wait_ms: int = field(default=20, metadata={"help": "longest the broker may hold a fetch waiting for data"})
-    # -- model (empty slots: every slot of the first batch, sorted)
+    # -- model: the ModelFields (training.model.config) are inherited; only the data's slots here
     slots: tuple[str, ...] = field(default=(), metadata={"help": "sparse slots to use (comma list; empty = all seen in the first batch)"})
-    crosses: tuple[str, ...] = field(default=(), metadata={
-        "help": "crossed slots 'a*b' (comma list), e.g. user_id*genres: one row per pair of ids, "
-                "derived where rows are scored, in training and serving alike"})
-    embedding_dim: int = field(default=16, metadata={"help": "embedding dim of every slot"})
-    hidden: tuple[int, ...] = field(default=(256, 128, 64), metadata={"help": "MLP widths"})
-    cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers"})
-    cross_rank: int = field(default=32, metadata={"help": "low-rank factor of cross layers (0 = full rank)"})
-    use_fm: bool = field(default=True, metadata={"help": "add the factorisation-machine pairwise term"})
-    pooling: str = field(default="sum", metadata={"help": "bag pooling: sum or mean"})
-    wide: bool = field(default=False, metadata={"help": "per-id logit weights (a column of each row)"})
-    wide_scale: float = field(default=1.0, metadata={"help": "multiplier of the wide weights in the logit"})
-    counters: bool = field(default=True, metadata={
-        "help": "per-id click counters (the last two columns of each row: weighted positives and examples) whose smoothed log-odds join the logit"})
+    counters: bool = model_field("counters", True)  # the trainer learns with per-id counters
     count_decay: float = field(default=0.95, metadata={
         "help": "each new example of an id first multiplies its counters by this (1 = plain counts; "
                 "below 1 follows drifting rates)"})
-    count_prior: float = field(default=5.0, metadata={"help": "pseudo-examples smoothing each id's count log-odds"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})
@@ -85,13 +82,33 @@ class TrainerConfig:
                 "slowed training many-fold under load; Kafka I/O has the other core"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
 
+    def for_log(self, schema: "LogSchema", crosses: tuple[str, ...] | None = None) -> "TrainerConfig":
+        """This config for a model over a log described by ``schema``: crossed slots ``crosses``
+        (default: the user with every item-side categorical and multi-valued column) and each
+        multi-valued column pooled as the schema says (entries already in ``slot_pooling`` win).
+
+        Every other slot of a log holds one id per row, which pools alike by sum or by mean; so
+        when the multi-valued columns all pool one way, that becomes ``pooling`` for every slot,
+        and the per-slot entries stay empty (serving's one-mode read path then pools exactly as
+        training does).
+        """
+        from training.model.crosses import user_item_crosses
+
+        crosses = user_item_crosses(schema.item_slots()) if crosses is None else tuple(crosses)
+        given = self.pooling_overrides()
+        wanted = {c.name: c.pooling for c in schema.columns if c.kind == "multi" and c.name not in given}
+        modes = set(wanted.values())
+        if not given and len(modes) == 1:
+            return replace(self, crosses=crosses, pooling=modes.pop())
+        entries = tuple(f"{slot}={mode}" for slot, mode in wanted.items())
+        return replace(self, crosses=crosses, slot_pooling=entries + tuple(self.slot_pooling))
+
     def validate(self) -> None:
         if self.batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if self.ttl_clock not in ("event", "wall"):
             raise ValueError(f"ttl_clock must be event or wall, got {self.ttl_clock!r}")
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"pooling must be sum or mean, got {self.pooling!r}")
+        self.validate_fields()
         if self.dense_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dense_precision must be auto, fp32 or bf16, got {self.dense_precision!r}")
         if not 0.5 <= self.count_decay <= 1.0:

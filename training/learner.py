@@ -52,11 +52,8 @@ def model_slots(cfg: TrainerConfig, data_slots: tuple[str, ...]) -> tuple[str, .
 
 
 def model_config_for(cfg: TrainerConfig, slots: tuple[str, ...], dense_dim: int) -> ModelConfig:
-    return ModelConfig(slots=tuple(slots), crosses=tuple(cfg.crosses), embedding_dim=cfg.embedding_dim, dense_dim=dense_dim,
-                       cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank,
-                       hidden=tuple(cfg.hidden), use_fm=cfg.use_fm, pooling=cfg.pooling,
-                       wide=cfg.wide, wide_scale=cfg.wide_scale, counters=cfg.counters,
-                       count_prior=cfg.count_prior)
+    """The model the trainer builds over ``slots``: its ModelFields, the data's shape."""
+    return cfg.model_config(slots, dense_dim)
 
 
 def make_table(cfg: TrainerConfig, slots: tuple[str, ...]) -> Any:
@@ -132,10 +129,11 @@ class Learner:
         mc = self.model_cfg
         if mc.crosses:
             batch = replace(batch, sparse=with_cross_bags(batch.sparse, mc.crosses, n))
-        bags = lookup_slots(self.table, mc.slots, batch.sparse, n, mc.pooling, train=True, now=now)
+        poolings = mc.slot_poolings()
+        bags = lookup_slots(self.table, mc.slots, batch.sparse, n, poolings, train=True, now=now)
         counter_deltas: list[torch.Tensor | None] = []
         if mc.counters:
-            counter_deltas = self._in_batch_counts(bags.emb, batch)
+            counter_deltas = self._in_batch_counts(bags.emb, batch, poolings)
         t2 = time.perf_counter()
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
@@ -165,7 +163,7 @@ class Learner:
         for s, slot in enumerate(mc.slots):
             if len(bags.ids[s]) == 0:
                 continue
-            per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s], mc.pooling)
+            per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s], poolings[s])
             if counter_deltas:  # counters take what the batch adds to them, not a gradient
                 per_id[:, -2:] = counter_deltas[s]
             self.table.apply_gradients(slot, bags.ids[s], per_id, now=now)
@@ -178,7 +176,8 @@ class Learner:
         self.examples_trained += n
         return n
 
-    def _in_batch_counts(self, emb: torch.Tensor, batch: Any) -> list[torch.Tensor | None]:
+    def _in_batch_counts(self, emb: torch.Tensor, batch: Any,
+                         poolings: tuple[str, ...]) -> list[torch.Tensor | None]:
         """Sets each row's counter columns to what its ids had seen when it was scored (the
         table's counts, decayed and added to by the ids' earlier examples in this batch; see
         :mod:`training.counting`); returns per slot the per-id additions for the table."""
@@ -195,7 +194,7 @@ class Learner:
                 before = self.table.lookup(slot, torch.from_numpy(values))[:, -2:].numpy()
                 pooled, delta = decayed_counts(values, np.asarray(bag.lengths), batch.event_time_ms,
                                                increments, before.astype(np.float64),
-                                               self.cfg.count_decay, mean=mc.pooling == "mean")
+                                               self.cfg.count_decay, mean=poolings[s] == "mean")
                 emb[:, s, -2:] = torch.from_numpy(pooled)
                 deltas.append(torch.from_numpy(delta))
         return deltas

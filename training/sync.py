@@ -14,6 +14,11 @@ reads only its part; every partition still gets its own complete snapshots (layo
 :mod:`paramsync.wire`). Each partition is one total order on its own; partitions are not
 ordered against each other, which is fine because a row lives in exactly one of them.
 
+Versions name content: a replica's ``version`` says which rows *and* which tower it serves. A
+dense publish first sends the rows not published yet, and a tower that differs from the last one
+published takes a version of its own (the table's version is advanced by one, with no rows under
+it), so a replica never shows one version number with two different towers.
+
 Guarded publishing: given a :class:`training.publish_guard.PublishGuard`, every publish (delta,
 tower, snapshot, the final one on stop) is checked first and sent only if it passes; a failing
 one is held back (nothing sent, ``published_version`` unchanged, so the next passing publish
@@ -23,6 +28,7 @@ for what follows (release, rollback) is in that module.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -45,7 +51,7 @@ __all__ = ["SyncConfig", "DeltaPublisher"]
 
 PUBLISHED_ROWS = Counter("hw_train_published_rows", "embedding rows published to hw.params", ["kind"])
 PUBLISHED_BYTES = Counter("hw_train_published_bytes", "bytes published to hw.params", ["kind"])
-PUBLISHED_VERSION = Gauge("hw_train_published_version", "table version of the last sparse publish")
+PUBLISHED_VERSION = Gauge("hw_train_published_version", "table version of the last publish (rows and tower)")
 PUBLISHED_WATERMARK = Gauge("hw_train_published_watermark_ms", "event-time watermark of the last publish")
 
 
@@ -92,6 +98,7 @@ class DeltaPublisher:
         self._last_sparse = self._last_dense = self._last_snapshot = float("-inf")
         self._last_check = float("-inf")
         self.dense_requested = False
+        self._tower_digest = b""  # of the tower bytes last published (dense or snapshot)
 
     def _next_id(self) -> int:
         self._publish_id += 1
@@ -175,6 +182,8 @@ class DeltaPublisher:
         if not (snapshot or sparse or dense):
             return False
         rows = None
+        # A tower goes out with every row trained before it (its version names both).
+        sparse = sparse or (dense and int(self.table.version) != self.published_version)
         if self.guard is not None:
             if self.guard.holding and now - self._last_check < self.cfg.sparse_interval_s:
                 return False  # held: check again at the sparse cadence, not every step
@@ -230,14 +239,34 @@ class DeltaPublisher:
         return True
 
     def publish_dense(self, watermark_ms: int, snapshot_id: int = -1, vetted: bool = False) -> bool:
-        """The tower, to the control partition (parameter shards only need it in snapshots).
-        Returns False when the guard held it back (``vetted``: the caller checked it just now)."""
-        if not vetted and not self._vet(None, "dense"):
+        """The tower, to the control partition (parameter shards only need it in snapshots),
+        after the rows not published yet; a changed tower under a version of its own (module
+        doc). Returns False when the guard held it back (``vetted``: the caller checked it just
+        now, rows included)."""
+        pending = self.published_version >= 0 and int(self.table.version) != self.published_version
+        rows = self.table.export_delta(since_version=self.published_version) if pending and not vetted else None
+        if not vetted and not self._vet(rows, "dense"):
             return False
+        if pending and not self.publish_sparse(watermark_ms, vetted=rows) \
+                and int(self.table.version) != self.published_version:
+            return False  # the rows were held back: so is the tower that learned from them
+        tower = self.tower_bytes()
+        digest = hashlib.blake2b(tower, digest_size=16).digest()
+        bump = self.published_version >= 0 and digest != self._tower_digest
+        if bump:
+            with self.table.lock:  # a version with no rows under it: this tower's
+                self.table.version = int(self.table.version) + 1
         base = self._header(DENSE, watermark_ms, self.control, publish_id=self._next_id(),
                             snapshot_id=snapshot_id)
-        msgs = payload_chunks(base, self.tower_bytes(), self.cfg.max_message_bytes)
+        msgs = payload_chunks(base, tower, self.cfg.max_message_bytes)
+        if bump:  # shard partitions learn the version too (their rows did not change)
+            empty = TableDelta(self.published_version, int(self.table.version), {})
+            msgs += self._heartbeats(msgs, empty, watermark_ms)
         self._sync(self._send(msgs, "dense"))
+        self._tower_digest = digest
+        if bump:
+            self.published_version = int(self.table.version)
+            PUBLISHED_VERSION.set(self.published_version)
         PUBLISHED_WATERMARK.set(watermark_ms)
         return True
 
@@ -273,6 +302,7 @@ class DeltaPublisher:
             end.snapshot_offset = begin_offsets[p]
             ends.append(end)
         self._sync(self._send(body, "snapshot") + self._send(ends, "snapshot"))
+        self._tower_digest = hashlib.blake2b(tower, digest_size=16).digest()
         self.snapshot_offsets = begin_offsets
         self.published_version = version
         PUBLISHED_VERSION.set(version)

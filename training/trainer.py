@@ -30,7 +30,8 @@ from prometheus_client import Counter, Gauge
 
 from paramsync import ensure_params_partitions
 from streams.events import ExampleBatch, SchemaError, decode_examples, encode_examples
-from streams.kafka_io import GroupConsumer, KafkaConfig, topic_names
+from streams.kafka_consumer import GroupConsumer
+from streams.kafka_io import KafkaConfig, topic_names
 from training.batching import BatchFormer, MiniBatch
 from training.checkpoint import CheckpointManifest, CheckpointStore
 from training.config import TrainerConfig
@@ -111,7 +112,7 @@ class OnlineTrainer:
             return
         from embedding_store import EmbeddingTable
 
-        table = EmbeddingTable.load(str(self.store.table_path))
+        table = EmbeddingTable.load(str(self.store.table_path_of(manifest)))  # this checkpoint's own
         tensors, meta = self.store.load_state(manifest)
         self.learner = Learner.restore(self.cfg, table, tensors, meta)
         self.resume_offsets = manifest.offsets_by_partition()
@@ -123,9 +124,9 @@ class OnlineTrainer:
                  manifest.examples_trained, manifest.offsets, int(table.version), len(dedup),
                  dedup.window, dedup.dropped)
         if int(table.version) > manifest.table_version:
-            # The crash fell between the table save and the manifest: the rows hold updates of
-            # examples past the manifest's offsets, which the filter does not know; replaying
-            # them updates those rows a second time.
+            # Only a checkpoint of the older layout (one table saved in place) can be ahead of
+            # its manifest: a crash between its table save and its manifest; replaying the
+            # examples in between updates their rows a second time (training.checkpoint).
             log.warning("table version %d is ahead of checkpoint %d (table version %d): the "
                         "examples trained in between update their rows twice", int(table.version),
                         manifest.seq, manifest.table_version)

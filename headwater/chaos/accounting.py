@@ -36,7 +36,8 @@ import numpy as np
 from streams.events import SchemaError, decode_dead_letter, decode_event, decode_examples
 from streams.generator import GeneratorConfig, SyntheticStream
 from streams.ids import keep_negative, request_hash, row_example_ids
-from streams.kafka_io import KafkaConfig, log_end, read_topic, topic_names
+from streams.kafka_consumer import log_end, read_topic
+from streams.kafka_io import KafkaConfig, topic_names
 from training.dedup import SeenFilter
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def end_offset(kafka: KafkaConfig, topic: str, partition: int = 0) -> int:
     """The next offset a producer would get on ``topic[partition]`` (the true end on Tansu too:
-    :func:`streams.kafka_io.log_end`)."""
+    :func:`streams.kafka_consumer.log_end`)."""
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)

@@ -26,8 +26,10 @@ __all__ = ["ChaosConfig", "Cluster"]
 class ChaosConfig:
     """Settings of ``headwater bench chaos`` (defaults: the shortened run, ~2-3 minutes)."""
 
-    faults: str = field(default="joiner,trainer,serving,broker", metadata={
-        "help": "faults in order: joiner, trainer, serving (kill -9 + restart), broker (down + up)"})
+    faults: str = field(default="joiner,trainer,serving,broker,trainer-checkpoint,broker-replay", metadata={
+        "help": "faults in order: joiner, trainer, serving (kill -9 + restart), broker (down + up), "
+                "trainer-checkpoint (kill -9 inside a checkpoint write + restart), broker-replay "
+                "(broker down + up while `headwater replay` sends a real-shaped CSV log)"})
     storage: str = field(default="s3", metadata={"help": "broker storage: s3 (durable, local S3) or memory"})
     data_dir: str = field(default="", metadata={"help": "state and logs (empty = a temp dir, removed)"})
     events_per_s: float = field(default=1000.0, metadata={"help": "generator rate (impression items + clicks)"})
@@ -37,6 +39,9 @@ class ChaosConfig:
     warmup_s: float = field(default=5.0, metadata={"help": "stream time after serving is up, before the first fault"})
     settle_s: float = field(default=4.0, metadata={"help": "stream time between faults"})
     broker_down_s: float = field(default=10.0, metadata={"help": "how long the broker stays down"})
+    replay_rows: int = field(default=4000, metadata={"help": "rows of the log the broker-replay fault replays"})
+    replay_s: float = field(default=30.0, metadata={
+        "help": "wall time the broker-replay fault's replay is paced to (the outage falls inside it)"})
     stale_after_s: float = field(default=8.0, metadata={
         "help": "serving's staleness bound (degraded after it); above the generator's burst "
                 "period (512 requests per block: 5 s at the default rate)"})
@@ -66,6 +71,7 @@ class Cluster:
         self.sup: Supervisor | None = None
         self.gen_sup: Supervisor | None = None
         self.load: FailoverLoadClient | None = None
+        self.killpoint_note = root / "trainer-killpoint.json"  # written by the armed kill point
 
     # -- start / stop ------------------------------------------------------------------------
     def start_broker(self) -> str:
@@ -85,10 +91,13 @@ class Cluster:
         common = ["--bootstrap-servers", bootstrap, "--topic-prefix", "hw"]
         c = self.cfg
 
-        def spec(name: str, argv: list[str], **kw) -> ChildSpec:
+        def spec(name: str, argv: list[str], head: list[str] = hw, **kw) -> ChildSpec:
             self.ports[name] = free_port()
-            return ChildSpec(name, hw + argv + ["--metrics-port", str(self.ports[name])],
+            return ChildSpec(name, head + argv + ["--metrics-port", str(self.ports[name])],
                              env={"OMP_NUM_THREADS": "1"}, log_file=logs / f"{name}.log", **kw)
+
+        # The trainer carries a kill point for the checkpoint fault (idle unless armed).
+        killpoint = [sys.executable, "-m", "headwater.chaos.killpoint", str(self.killpoint_note)]
 
         children = [spec("joiner", ["join", *common, "--state-dir", str(self.root / "joiner"),
                                     "--window-s", str(c.join_window_s), "--allowed-lateness-s", "1",
@@ -96,7 +105,7 @@ class Cluster:
                     spec("trainer", ["train", *common, "--checkpoint-dir", str(self.root / "trainer"),
                                      "--checkpoint-interval-s", "3", "--embedding-dim", "8",
                                      "--hidden", "64,32", "--eval-window", "5000",
-                                     "--torch-threads", "1"])]
+                                     "--torch-threads", "1"], head=killpoint)]
         for r in ("a", "b"):
             self.ports[f"grpc-{r}"] = free_port()
             children.append(spec(f"serving-{r}", [

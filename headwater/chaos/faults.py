@@ -1,15 +1,20 @@
-"""The faults of a chaos run (:mod:`headwater.chaos.run`): ``kill -9`` a process and restart it, or
-take the broker down and up; each measures how long the pipeline took to process again."""
+"""The faults of a chaos run (:mod:`headwater.chaos.run`): ``kill -9`` a process and restart it,
+kill the trainer in the middle of a checkpoint write, or take the broker down and up; each
+measures how long the pipeline took to process again."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
 from headwater.chaos.accounting import TrainedLineage
 from headwater.chaos.cluster import Cluster
 
-__all__ = ["PROCESS_FAULTS", "FaultResult", "broker_fault", "count_duplicates", "process_fault"]
+__all__ = ["PROCESS_FAULTS", "FaultResult", "broker_fault", "checkpoint_fault", "count_duplicates",
+           "process_fault"]
 
 PROCESS_FAULTS = ("joiner", "trainer", "serving")
 
@@ -26,6 +31,8 @@ class FaultResult:
     detail: dict = field(default_factory=dict)
     duplicates_skipped: int = -1  # copies the trainer dropped, kill -> settle (-1: not measured)
     duplicates_trained: int = -1  # examples learned twice, kill -> settle (-1: not measured)
+    lost: int = -1  # input events lost in the run this fault was part of (its own log's too)
+    failed_calls: int = -1  # Recommend calls no replica answered, fault -> settle
 
 
 def processing(cl: Cluster, name: str, since: float):
@@ -71,8 +78,59 @@ def process_fault(cl: Cluster, fault: str) -> FaultResult:
     return res
 
 
-def broker_fault(cl: Cluster) -> FaultResult:
-    res = FaultResult("broker")
+def checkpoint_fault(cl: Cluster) -> FaultResult:
+    """kill -9 the trainer between its checkpoint's table and its manifest, then restart it.
+
+    The kill point (:mod:`headwater.chaos.killpoint`) is armed by SIGUSR2 and fires inside the
+    next checkpoint write. Survived when the kill landed there (a table written, no manifest
+    for it), the restarted trainer trains again, and it restarted from the last complete
+    checkpoint's own table: ``rows_retrained`` counts the examples whose updates the table it
+    read already held and which it trains again (the older in-place table: all those since the
+    manifest), and is added to ``duplicates_trained``.
+    """
+    from training.checkpoint import CheckpointStore
+
+    res = FaultResult("trainer-checkpoint")
+    before = dict(cl.crashes)
+    store, note_path = CheckpointStore(cl.root / "trainer"), cl.killpoint_note
+    note_path.unlink(missing_ok=True)
+    child = cl.sup.children.pop("trainer")  # its death is the fault's, not a crash to restart
+    t_arm = time.monotonic()
+    os.kill(child.proc.pid, signal.SIGUSR2)
+    # The next checkpoint is at most one interval away (the guard may skip one while holding).
+    died = cl.wait("the trainer to die in a checkpoint write", lambda: child.proc.poll() is not None,
+                   cl.cfg.recovery_timeout_s)
+    if not died:  # the kill point never fired: do it the plain way, and fail the fault
+        os.killpg(child.proc.pid, signal.SIGKILL)
+        child.proc.wait()
+    t_kill = time.monotonic()
+    res.detail["armed_to_kill_s"] = round(t_kill - t_arm, 2)
+    res.detail["exit"] = child.proc.returncode
+    note = json.loads(note_path.read_text()) if note_path.exists() else {}
+    manifest = store.latest()
+    written = cl.root / "trainer" / note["table_dir"] if note else None
+    read = store.table_path_of(manifest) if manifest is not None else None
+    # Landed mid-write: the killed write's table is on disk and no manifest names it.
+    landed = bool(note) and written.is_dir() and manifest is not None and manifest.seq < note["seq"]
+    res.detail["killed_in_checkpoint"] = note.get("seq", -1)
+    res.detail["resumed_from_checkpoint"] = manifest.seq if manifest is not None else -1
+    res.detail["kill_landed_mid_write"] = landed
+    retrained = 0
+    if landed and read == written:  # the restart reads a table ahead of its manifest
+        retrained = int(note["examples_trained"]) - int(manifest.examples_trained)
+    res.detail["rows_retrained"] = retrained
+    t_restart = time.monotonic()
+    cl.sup.start(child.spec)
+    ok = cl.wait("trainer to process", processing(cl, "trainer", t_restart), cl.cfg.recovery_timeout_s)
+    now = time.monotonic()
+    res.downtime_s, res.recovery_s = round(now - t_kill, 2), round(now - t_restart, 2)
+    res.survived = ok and died and landed and retrained == 0
+    res.crashes = {k: v - before.get(k, 0) for k, v in cl.crashes.items() if v != before.get(k, 0)}
+    return res
+
+
+def broker_fault(cl: Cluster, name: str = "broker") -> FaultResult:
+    res = FaultResult(name)
     before = dict(cl.crashes)
     t_kill = time.monotonic()
     cl.broker.kill()
@@ -110,4 +168,5 @@ def count_duplicates(res: FaultResult, before: TrainedLineage | None,
         return
     before = before or TrainedLineage()
     res.duplicates_skipped = after.duplicates_skipped - before.duplicates_skipped
-    res.duplicates_trained = after.duplicates_trained - before.duplicates_trained
+    res.duplicates_trained = (after.duplicates_trained - before.duplicates_trained
+                              + int(res.detail.get("rows_retrained", 0)))

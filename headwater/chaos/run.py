@@ -8,7 +8,14 @@ under a failover Recommend load. Then, one after another and each mid-stream:
 
 - ``joiner``, ``trainer``, ``serving``: ``kill -9`` the process group, start it again (the
   trainer is held down until serving reports ``hw_serve_degraded 1``: the stale-model signal);
-- ``broker``: ``kill -9`` the broker, keep it down ``broker_down_s``, start it on the same port.
+- ``broker``: ``kill -9`` the broker, keep it down ``broker_down_s``, start it on the same port;
+- ``trainer-checkpoint``: ``kill -9`` the trainer inside a checkpoint write, between its table
+  and its manifest (:mod:`headwater.chaos.killpoint`), and restart it: it must resume from the
+  last complete checkpoint, whose table, de-dup filter and offsets are one cut, so nothing is
+  trained twice (``rows_retrained``, counted into ``duplicates_trained``);
+- ``broker-replay``: the broker fault while ``headwater replay`` sends a real-shaped CSV log
+  (string, multi-valued and empty cells) to topics of its own; the replay must finish on its own
+  and that log's ledger lose nothing (:mod:`headwater.chaos.replay`).
 
 Recovery of a fault = restart -> the component processing again (joiner: consuming; trainer:
 training; serving replica: answering Recommend; broker: the joiner and the trainer both making
@@ -17,7 +24,10 @@ reports how many requests were acknowledged), the pipeline drains, the trainer c
 :mod:`headwater.chaos.accounting` accounts for every input event (``lost``) and for every example
 the final state learned more than once (``duplicates_trained``, from the trainer's checkpoint, not
 from what the joiner emitted). Per fault, ``duplicates_skipped`` / ``duplicates_trained`` are the
-same figures' growth between the trainer checkpoints before the kill and after the settle.
+same figures' growth between the trainer checkpoints before the kill and after the settle;
+``failed_calls`` are the Recommend calls no replica answered from the fault to the end of its
+settle, and ``lost`` the events the run lost (plus, for ``broker-replay``, its own log's). The
+rerank load on serving waits for the rerank stage (issue 18, item 5).
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ from typing import Callable
 
 from headwater.chaos.accounting import account, end_offset
 from headwater.chaos.cluster import ChaosConfig, Cluster
-from headwater.chaos.faults import PROCESS_FAULTS, FaultResult, broker_fault, count_duplicates, process_fault
+from headwater.chaos.faults import (PROCESS_FAULTS, FaultResult, broker_fault, checkpoint_fault,
+                                   count_duplicates, process_fault)
+from headwater.chaos.replay import replay_fault
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +71,19 @@ def _drain(cl: Cluster) -> bool:
     """Waits until the joiner has closed every window and the trainer has trained everything,
     then stops the trainer cleanly (its final checkpoint covers all of hw.examples)."""
     from streams.kafka_io import KafkaConfig, topic_names
-    from training.checkpoint import CheckpointStore
+    from training.checkpoint import CheckpointCorruptError, CheckpointStore
 
     examples = topic_names("hw").examples
+    kafka = KafkaConfig(bootstrap_servers=cl.broker.bootstrap_servers)
     store = CheckpointStore(cl.root / "trainer")
+
+    def covered() -> int:
+        try:
+            manifest = store.latest()
+        except (OSError, CheckpointCorruptError):  # pruned under the read: the next one will do
+            return 0
+        return manifest.offsets.get(f"{examples}:0", 0) if manifest else 0
+
     deadline = time.monotonic() + cl.cfg.drain_timeout_s
     for _ in range(3):
         last, stable_since = None, time.monotonic()
@@ -73,20 +94,26 @@ def _drain(cl: Cluster) -> bool:
                    cl.metric("trainer", "hw_train_examples_total"))
             if row != last:
                 last, stable_since = row, time.monotonic()
-            elif row[0] == 0 and time.monotonic() - stable_since > 3:
+            # The joiner is done; the trainer is too once a checkpoint covers hw.examples (a
+            # lagging trainer, e.g. after a broker outage under load, just takes longer), or
+            # when it has not moved for a long while (stuck: stop it and run it again).
+            quiet = time.monotonic() - stable_since
+            if row[0] == 0 and quiet > 3 and (quiet > 30 or covered() >= end_offset(kafka, examples)):
                 break
             time.sleep(0.5)
         child = cl.sup.children.pop("trainer")
         os.killpg(child.proc.pid, signal.SIGTERM)
         child.proc.wait(timeout=60)
-        end = end_offset(KafkaConfig(bootstrap_servers=cl.broker.bootstrap_servers), examples)
-        manifest = store.latest()
-        covered = manifest.offsets.get(f"{examples}:0", 0) if manifest else 0
-        if covered >= end:
+        end, done = end_offset(kafka, examples), covered()
+        if done >= end:
             return True
-        log.info("trainer stopped at offset %d of %d; running it again", covered, end)
+        log.info("trainer stopped at offset %d of %d; running it again", done, end)
         cl.sup.start(child.spec)
     return False
+
+
+_OTHER_FAULTS: dict[str, Callable[[Cluster], FaultResult]] = {
+    "broker": broker_fault, "trainer-checkpoint": checkpoint_fault, "broker-replay": replay_fault}
 
 
 def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -> dict:
@@ -96,7 +123,7 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
     from streams.kafka_io import KafkaConfig
 
     faults = [f.strip() for f in cfg.faults.split(",") if f.strip()]
-    unknown = set(faults) - {*PROCESS_FAULTS, "broker"}
+    unknown = set(faults) - {*PROCESS_FAULTS, *_OTHER_FAULTS}
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}")
     root = Path(cfg.data_dir) if cfg.data_dir else Path(tempfile.mkdtemp(prefix="hw-chaos-"))
@@ -114,10 +141,12 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
         for fault in faults:
             log.info("fault: %s", fault)
             phase(f"fault {len(results) + 1}/{len(faults)}: {fault}")
-            before = cl.lineage()
-            results.append(broker_fault(cl) if fault == "broker" else process_fault(cl, fault))
+            before, errors = cl.lineage(), cl.load.errors
+            inject = _OTHER_FAULTS.get(fault)
+            results.append(inject(cl) if inject is not None else process_fault(cl, fault))
             cl.sleep(cfg.settle_s)
             count_duplicates(results[-1], before, cl.lineage())
+            results[-1].failed_calls = cl.load.errors - errors
             log.info("fault %s: %s", fault, asdict(results[-1]))
         phase("stopping the stream and draining")
         requests = _stop_generator(cl)
@@ -135,13 +164,17 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
         cl.close()
         if not cfg.data_dir:
             shutil.rmtree(root, ignore_errors=True)
-    ok = (ledger.lost == 0 and ledger.examples_untrained == 0 and ledger.duplicates_trained == 0
-          and load["errors"] == 0 and drained)
+    for r in results:  # the run's ledger covers every fault; a replayed log adds its own
+        r.lost = ledger.lost + int(r.detail.get("replay", {}).get("lost", 0))
+    lost = ledger.lost + sum(int(r.detail.get("replay", {}).get("lost", 0)) for r in results)
+    retrained = sum(int(r.detail.get("rows_retrained", 0)) for r in results)
+    ok = (lost == 0 and ledger.examples_untrained == 0 and ledger.duplicates_trained == 0
+          and retrained == 0 and load["errors"] == 0 and drained)
     return {
         "faults_injected": len(results),
         "faults_survived": sum(r.survived and ok for r in results),
         "events_in": ledger.events_in, "events_accounted": ledger.events_accounted,
-        "lost": ledger.lost, "duplicates_trained": ledger.duplicates_trained,
+        "lost": lost, "duplicates_trained": ledger.duplicates_trained + retrained,
         "max_recovery_s": max((r.recovery_s for r in results), default=0.0),
         "max_downtime_s": max((r.downtime_s for r in results), default=0.0),
         "faults": [asdict(r) for r in results],

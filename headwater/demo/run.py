@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headwater.config import ConfigError
-from headwater.demo.dataset import (DatasetPlan, count_dead_letters, dataset_summary,
+from headwater.demo.dataset import (DatasetPlan, count_dead_letters, dataset_load, dataset_summary,
                                     examples_trained, prepare_dataset)
 from headwater.metrics import scrape
 from headwater.supervisor import ChildSpec, Supervisor
@@ -155,7 +155,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
         add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer"),
                         "--eval-window", str(eval_window),
                         *(["--checkpoint-interval-s", str(_DATASET_CHECKPOINT_S)] if dataset else []),
-                        *(["--crosses", ",".join(dataset.crosses)] if dataset and dataset.crosses else [])])
+                        *(dataset.trainer_args() if dataset else [])])
     if cfg.serve and _have("serving.server"):
         add("serving", ["serve", *common, "--port", str(grpc_port),
                         "--state-dir", str(cfg.data_dir / "serving")])
@@ -320,8 +320,9 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     if any(c.spec.name == "serving" for c in components) and cfg.load_qps > 0:
         from headwater.demo.load import LoadClient
 
-        load = LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, items=cfg.items, users=cfg.users,
-                          seed=cfg.seed)
+        load = (dataset_load(dataset, f"127.0.0.1:{grpc_port}", cfg.load_qps, seed=cfg.seed) if dataset
+                else LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, items=cfg.items, users=cfg.users,
+                                seed=cfg.seed))
     llm_load = None
     if any(c.spec.name == "llm" for c in components):
         from headwater.demo.load import LLMLoadClient
@@ -350,6 +351,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
                 monitor.sample()  # the trainer's figures as of the commit that ended the run
                 break
         if dataset is not None:
+            if drained and load is not None:
+                load.settle()  # some calls on the model of the whole log
             dead_letters = count_dead_letters(bootstrap, cfg.topic_prefix)
     finally:
         for client in (load, llm_load):
@@ -366,7 +369,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         summary.pop("auc_first_window", None)
         last = monitor.history[-1] if monitor.history else {}
         summary.update(dataset_summary(dataset, last, dead_letters, drained, cfg.baselines,
-                                       examples_trained(cfg.data_dir / "trainer")))
+                                       examples_trained(cfg.data_dir / "trainer"), load))
     return summary
 
 

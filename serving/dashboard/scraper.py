@@ -99,6 +99,14 @@ SERIES: tuple[SeriesSpec, ...] = (
     SeriesSpec("llm_kv_usage_pct", "hw_llm_kv_usage", "gauge", "llm_kv", "KV blocks used (%)",
                scale=100.0),
     SeriesSpec("llm_running", "hw_llm_running", "gauge", "llm_kv", "running requests"),
+    # The LLM rerank stage of Recommend (serving/rerank.py; `headwater serve --llm`).
+    SeriesSpec("rerank_per_s", "hw_serve_rerank_calls_total", "rate", "rerank", "reranked calls/s"),
+    SeriesSpec("rerank_degraded_per_s", "hw_serve_rerank_degraded_total", "rate", "rerank",
+               "degraded calls/s (DLRM order)"),
+    SeriesSpec("rerank_prefix_hit_pct", "hw_serve_rerank_prefix_hit_rate", "gauge", "rerank_llm",
+               "prefix-cache hit (%)", scale=100.0),
+    SeriesSpec("rerank_llm_p50_ms", "hw_serve_rerank_seconds", "quantile", "rerank_llm",
+               "LLM ms per rerank, p50", q=0.5, scale=1000.0),
 )
 
 

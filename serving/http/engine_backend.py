@@ -4,6 +4,11 @@ The engine is single-threaded by design, so every call into it (add, abort, step
 the driver thread; the asyncio side sends commands through a queue and receives each request's
 outputs on its own ``asyncio.Queue`` (``call_soon_threadsafe``). Generation and ranking share the
 one engine: one scheduler, one KV pool, one copy of the weights.
+
+Work enters the scheduler in its :class:`batching.Priority` class (rerank before ``/v1/rank``
+before generation). In ``headwater serve --llm`` the DLRM shares the process: ``gate`` (a
+:class:`batching.ComputeGate`) holds each engine step back, a bounded time, while DLRM scoring
+is in flight.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from batching import ComputeGate, Priority
 from llm_engine import EngineConfig, LLMEngine, SamplingParams
 from llm_engine.outputs import RequestOutput
-from llm_engine.scoring import ScoreResult, ScoringOptions
+from llm_engine.scoring import ScoreResult, ScoringItem, ScoringOptions
+from serving.metrics import GATE_HELD
 from serving.http.backend import BackendStats, GenerateParams, TokenEvent, TokenizerDelegate
 from serving.http.textstream import TextStream
 from serving.http.tokenizer import ModelTokenizer
@@ -43,8 +50,10 @@ class _Listener:
 class EngineBackend(TokenizerDelegate):
     """:class:`~serving.http.backend.Backend` driving an :class:`LLMEngine` from one thread."""
 
-    def __init__(self, engine: LLMEngine, tokenizer: ModelTokenizer, model_id: str) -> None:
+    def __init__(self, engine: LLMEngine, tokenizer: ModelTokenizer, model_id: str,
+                 gate: ComputeGate | None = None) -> None:
         self.engine, self.tok, self.model_id = engine, tokenizer, model_id
+        self.gate = gate
         self.max_model_len = engine.max_model_len
         self.vocab_size = int(engine.model.config.vocab_size)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -78,6 +87,8 @@ class EngineBackend(TokenizerDelegate):
                 except queue.Empty:
                     cmd = None
             if self.engine.has_unfinished():
+                if self.gate is not None and (waited := self.gate.wait_clear()):
+                    GATE_HELD.inc(waited)
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
@@ -124,7 +135,7 @@ class EngineBackend(TokenizerDelegate):
         def add() -> None:
             self._listeners[request_id] = _Listener(loop, q)
             try:
-                self.engine.add_request(list(prompt_ids), sp, request_id=request_id)
+                self.engine.add_request(list(prompt_ids), sp, request_id=request_id, priority=Priority.GENERATE)
             except Exception:
                 self._listeners.pop(request_id, None)
                 raise
@@ -189,6 +200,17 @@ class EngineBackend(TokenizerDelegate):
         from llm_engine.ranking import plan_request
 
         items = plan_request(options, context, candidates, self.encode, self.bos_token_id)
+        return await self.score_items(request_id, items, options, Priority.RANK)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool holds in all (what one call may occupy at most)."""
+        return self.engine.pool.num_blocks * self.engine.config.block_size
+
+    async def score_items(self, request_id: str, items: list[ScoringItem], options: ScoringOptions,
+                          priority: int = Priority.RANK) -> ScoreResult:
+        """Scores tokenised items (one shared context) on the engine; cancelling aborts the call
+        and frees its blocks."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -199,7 +221,7 @@ class EngineBackend(TokenizerDelegate):
                 else:
                     loop.call_soon_threadsafe(_set_result, fut, result)
 
-            self.engine.scoring.submit(request_id, items, options, done)
+            self.engine.scoring.submit(request_id, items, options, done, priority=int(priority))
 
         await self._call(submit)
         try:

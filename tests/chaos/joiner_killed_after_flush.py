@@ -11,11 +11,11 @@ import os
 import signal
 import sys
 
-from streams import kafka_io
+from streams import kafka_producer
 
 AFTER = int(sys.argv[1])
 _sent = {"examples": False, "flushes": 0}
-_send, _flush = kafka_io.BatchProducer.send, kafka_io.BatchProducer.flush
+_send, _flush = kafka_producer.BatchProducer.send, kafka_producer.BatchProducer.flush
 
 
 def _send_noting_examples(self, topic, value, *args, **kwargs):
@@ -33,8 +33,8 @@ def _flush_then_die(self, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-kafka_io.BatchProducer.send = _send_noting_examples
-kafka_io.BatchProducer.flush = _flush_then_die
+kafka_producer.BatchProducer.send = _send_noting_examples
+kafka_producer.BatchProducer.flush = _flush_then_die
 
 from headwater.cli import main  # noqa: E402  (after the patch: the joiner must see it)
 

@@ -14,7 +14,9 @@ import pytest
 from kafka.errors import KafkaError
 
 from streams.broker import BrokerConfig, EmbeddedBroker, LocalS3Server
-from streams.kafka_io import BatchProducer, GroupConsumer, read_topic, topic_names
+from streams.kafka_consumer import GroupConsumer, read_topic
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 
 
 class _Producing(threading.Thread):

@@ -19,7 +19,9 @@ from kafka import KafkaConsumer
 from headwater.chaos.accounting import account, expected_stream
 from streams.events import decode_examples
 from streams.generator import GeneratorConfig, produce_synthetic
-from streams.kafka_io import BatchProducer, log_end, read_topic, topic_names
+from streams.kafka_consumer import log_end, read_topic
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.checkpoint import CheckpointStore
 from training.config import TrainerConfig
 from training.trainer import OnlineTrainer
@@ -74,16 +76,17 @@ def _wait(cond, timeout_s: float, what: str, every_s: float = 0.2) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow  # 25-40 s of real processes; also: 1 run in 3 loses clicks (see below)
+@pytest.mark.slow  # 30-80 s of real processes: a restarted joiner waits for its partitions
 def test_examples_re_emitted_after_a_joiner_kill_9_are_trained_once(kafka_topics, tmp_path):
     """Real processes on a real broker: the joiner is killed -9 twice where a restart re-emits
     examples, while a trainer process trains; the ledger of the trainer's final checkpoint then
-    shows every example trained exactly once.
+    shows every example trained exactly once, and every click joined or on hw.late.
 
-    Open defect (2026-12-06): in about 1 run in 3 the ledger finds 674 of the 1,008 clicks
-    neither joined to their example nor on hw.late after the two kills (examples: all 7,500
-    there, none trained twice). Until the joiner's restart path is fixed this test is in the
-    slow suite (``scripts/test.sh --slow``), where it fails when that happens.
+    In the slow suite (``scripts/test.sh --slow``) for its time: after a kill -9, Tansu hands
+    the input partitions to the restarted joiner only once the dead member's session has expired
+    (about 18 s with the 10 s session timeout), and the restarted joiner must read the clicks the
+    killed one left unread before it closes their windows (issue 18: it used to close them at
+    once, and the clicks were lost).
     """
     requests = 1500
     gen = _produce(kafka_topics, requests)
@@ -120,7 +123,9 @@ def test_examples_re_emitted_after_a_joiner_kill_9_are_trained_once(kafka_topics
     assert led.duplicate_examples > 0
     assert led.lost == 0 and led.examples_untrained == 0
     assert led.duplicates_trained == 0 and led.examples_trained == want
-    assert led.duplicates_skipped == led.duplicate_examples  # the trainer never restarted
+    # Every copy on the topic was skipped; a trainer that lost its group membership under load
+    # (a poll gap over max_poll_interval_ms) re-reads its uncommitted messages and skips those too.
+    assert led.duplicates_skipped >= led.duplicate_examples
     assert led.dedup_forgotten == 0
 
 

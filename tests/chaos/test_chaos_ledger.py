@@ -12,7 +12,8 @@ from chaos_helpers import drain_joiner
 from headwater.chaos.accounting import account
 from streams.generator import GeneratorConfig, produce_synthetic
 from streams.joiner import JoinerConfig, OnlineJoiner
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 
 
 @pytest.fixture(scope="module")

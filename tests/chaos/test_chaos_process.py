@@ -26,6 +26,7 @@ def _check(report: dict, faults: int) -> None:
     for f in report["faults"]:
         assert 0 < f["recovery_s"] <= f["downtime_s"]
         assert f["duplicates_trained"] == 0 and f["duplicates_skipped"] >= 0
+        assert f["lost"] == 0 and f["failed_calls"] == 0
         if f["fault"] == "trainer":
             assert f["detail"]["serving_degraded_while_down"]
             assert f["detail"]["serving_fresh_after_recovery"]
@@ -39,11 +40,16 @@ def test_process_faults_short(tmp_path):
 
 @pytest.mark.slow
 def test_chaos_benchmark_full():
-    """The README's ``headwater bench chaos --json``: all four faults, the broker down 10 s."""
+    """The README's ``headwater bench chaos --json``: all six faults, the broker down 10 s twice
+    (once during a log replay), the trainer killed once plainly and once inside a checkpoint write."""
     out = subprocess.run([sys.executable, "-m", "headwater", "bench", "chaos", "--json"],
-                         capture_output=True, text=True, timeout=900, check=True)
+                         capture_output=True, text=True, timeout=1200, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    _check(report, faults=4)
+    _check(report, faults=6)
+    checkpoint = next(f for f in report["faults"] if f["fault"] == "trainer-checkpoint")
+    assert checkpoint["detail"]["kill_landed_mid_write"] and checkpoint["detail"]["rows_retrained"] == 0
+    replay = next(f for f in report["faults"] if f["fault"] == "broker-replay")
+    assert replay["detail"]["replay_running_at_kill"] and replay["detail"]["replay"]["lost"] == 0
     trainer = next(f for f in report["faults"] if f["fault"] == "trainer")
     assert not trainer["detail"]["serving_degraded_before_kill"]  # the kill turned it on
     broker = next(f for f in report["faults"] if f["fault"] == "broker")

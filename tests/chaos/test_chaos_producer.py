@@ -11,8 +11,9 @@ import pytest
 from streams.broker import BrokerConfig, EmbeddedBroker
 from streams.events import ExampleBatch, Ragged, decode_examples
 from streams.joiner import encode_chunks
-from streams.kafka_io import (BatchProducer, KafkaConfig, MessageTooLargeError, ProducerBoundError,
-                              read_topic, topic_names)
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import KafkaConfig, topic_names
+from streams.kafka_producer import BatchProducer, MessageTooLargeError, ProducerBoundError
 
 
 def test_oversized_message_is_refused_before_sending_with_topic_and_size(kafka_topics):

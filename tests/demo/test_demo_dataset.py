@@ -54,6 +54,10 @@ def test_demo_replays_a_log_to_its_end_and_exits_with_its_summary(tmp_path):
     assert summary["eval_window"] == (ROWS + 1) // 10  # the last window is the log's last tenth
     for name in ("counting", "vw"):
         assert _unit_interval(summary["baselines"][name]["auc_overall"]), summary["baselines"]
+    # The Recommend load called with the log's own ids, and the served model knows every item
+    # it sent (the generator's id range would hit almost none of them).
+    assert summary["serving_ids"] == "dataset" and summary["serving_calls"] > 0, summary
+    assert summary["serving_errors"] == 0 and summary["serving_known_item_share"] == 1.0, summary
     assert processes_matching(str(tmp_path)) == set()
 
 
@@ -68,7 +72,7 @@ def test_a_bad_row_stops_the_demo_before_it_starts_when_dead_letters_are_refused
 
 # ---------------------------------------------------------------- the end-of-log check, alone
 def _send(kafka, topic: str, n: int) -> None:
-    from streams.kafka_io import BatchProducer
+    from streams.kafka_producer import BatchProducer
 
     producer = BatchProducer(kafka)
     for i in range(n):  # sent together: one record batch of n records

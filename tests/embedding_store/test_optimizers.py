@@ -63,8 +63,10 @@ def test_adam_matches_dense_adam_when_every_row_is_touched():
 
 
 def _ftrl_dense(w0, alpha, beta, l1, l2):
-    """Per-coordinate FTRL-Proximal, written out densely (McMahan et al. 2013, Algorithm 1)."""
+    """Per-coordinate FTRL-Proximal, written out densely (McMahan et al. 2013, Algorithm 1),
+    with each row's z starting where its solution is the row's random initial weight."""
     w, z, n = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    z = -(w0 * (beta / alpha + l2) + torch.sign(w0) * l1)
     for idx, g in _dense_grads(False):
         touched = torch.zeros(N_IDS, dtype=torch.bool)
         touched[idx] = True

@@ -87,7 +87,7 @@ def _train_classes():
 def _serve_classes():
     from serving.config import ServeConfig
     from serving.param_server import ParamServerConfig
-    from serving.ps_client import PsClientConfig
+    from serving.shard_fleet import PsClientConfig
     from streams.kafka_io import KafkaConfig
     return KafkaConfig, ServeConfig, ParamServerConfig, PsClientConfig
 

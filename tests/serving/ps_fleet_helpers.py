@@ -12,10 +12,11 @@ from paramsync import control_partition, params_partitions
 from serving.config import ServeConfig
 from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2_grpc
-from serving.ps_client import ShardedModelSource, ShardFleet
 from serving.ps_service import PsServer
+from serving.remote_table import ShardedModelSource
 from serving.scoring import ServingModel
 from serving.server import RecommendServer, StaticModelSource
+from serving.shard_fleet import ShardFleet
 from streams.kafka_io import topic_names
 from training.model import DenseTower, ModelConfig, tower_to_safetensors
 from training.sync import DeltaPublisher, SyncConfig

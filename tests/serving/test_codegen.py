@@ -34,7 +34,7 @@ def test_editing_the_proto_makes_the_stubs_stale_and_generation_follows_it(tmp_p
     protogen.generate(tmp_path)
     assert protogen.is_current(tmp_path)
     proto = tmp_path / protogen.PROTO_REL
-    proto.write_text(proto.read_text().replace("uint32 top_k = 5;", "uint32 top_k = 5;\n  string tag = 6;"))
+    proto.write_text(proto.read_text().replace("uint32 top_k = 5;", "uint32 top_k = 5;\n  string tag = 99;"))
     assert not protogen.is_current(tmp_path)
     protogen.generate(tmp_path)
     text = (proto.parent / "recommender_pb2.pyi").read_text()

@@ -188,7 +188,8 @@ class _NoViews:
 # -- following hw.items -------------------------------------------------------------------------
 def test_the_catalog_follows_hw_items_from_the_beginning_and_skips_bad_messages(kafka_topics):
     from streams.item_features import encode_item_features, item_key
-    from streams.kafka_io import BatchProducer, topic_names
+    from streams.kafka_io import topic_names
+    from streams.kafka_producer import BatchProducer
 
     topic = topic_names(kafka_topics.topic_prefix).items
     producer = BatchProducer(kafka_topics)

@@ -21,7 +21,8 @@ from serving.pb import pb2, pb2_grpc
 from serving.server import RecommendServer
 from streams.events import ExampleBatch, Ragged
 from streams.item_features import ItemFeaturePublisher
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from streams.log_reader import encode_log, log_examples, log_requests
 from streams.log_infer import infer_schema
 from tests.streams.log_fixtures import write_real_shaped_csv

@@ -15,7 +15,8 @@ from paramsync import params_partitions
 from serving.pb import pb2
 from serving.scoring import ServingModel
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
 from training.synthetic import synthetic_examples
 from training.trainer import OnlineTrainer

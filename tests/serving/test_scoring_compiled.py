@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from serving.calibration import Calibrator
-from serving.scoring import RankJob, _compiled_tower, score_jobs
+from serving.compiled_forward import compiled_tower as _compiled_tower
+from serving.scoring import RankJob, score_jobs
 from serving.testing import random_model
 from training.model import DenseTower, ModelConfig
 

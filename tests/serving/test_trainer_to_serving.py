@@ -13,7 +13,8 @@ from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2, pb2_grpc
 from serving.server import RecommendServer
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
 from training.model import score as model_score
 from training.synthetic import synthetic_examples

@@ -6,7 +6,9 @@ import numpy as np
 
 from streams.events import ExampleBatch, decode_dead_letter, decode_examples, encode_event
 from streams.joiner import JoinerConfig, OnlineJoiner
-from streams.kafka_io import BatchProducer, KafkaConfig, read_topic, topic_names
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import KafkaConfig, topic_names
+from streams.kafka_producer import BatchProducer
 
 
 def send(kafka: KafkaConfig, impressions=(), actions=(), watermark=None) -> None:

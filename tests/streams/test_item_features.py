@@ -9,7 +9,9 @@ from streams.events import Impression
 from streams.item_features import (ItemFeaturePublisher, ItemFeatures, decode_item_features,
                                    decode_item_message, encode_item_features, features_digest,
                                    item_features_from_impression, item_key)
-from streams.kafka_io import BatchProducer, admin_client, read_topic, topic_names
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import admin_client, topic_names
+from streams.kafka_producer import BatchProducer
 from streams.wire import SCHEMA_VERSION, SchemaError
 
 

@@ -15,7 +15,8 @@ from streams.events import (ExampleBatch, Impression, SchemaError, Watermark, de
                             decode_event, encode_impression)
 from streams.join_build import ClosedRequest, build_examples
 from streams.join_state import PendingAction
-from streams.kafka_io import read_topic, topic_names
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import topic_names
 from streams.log_infer import infer_schema
 from streams.log_reader import EncodedLog, encode_log, log_examples, log_requests
 from streams.log_schema import ColumnSpec, LogSchema, entity_ids, feature_ids

@@ -15,8 +15,9 @@ import pytest
 from streams.log_reader import encode_log
 from streams.log_infer import infer_schema
 from streams.log_schema import LogSchema
-from streams.log_world import (GENRES, OCCUPATIONS, LogWorld, LogWorldConfig, generate_log,
-                               log_world_schema, schema_path_for, write_log)
+from streams.log_world import LogWorld, generate_log
+from streams.log_world_config import GENRES, OCCUPATIONS, LogWorldConfig
+from streams.log_world_writer import log_world_schema, schema_path_for, write_log
 
 SMALL = LogWorldConfig(users=400, items=600, rows=40_000, seed=3)
 

@@ -4,7 +4,9 @@ import time
 
 import pytest
 
-from streams.kafka_io import BatchProducer, GroupConsumer, topic_names
+from streams.kafka_consumer import GroupConsumer
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 
 
 def _poll_for(consumer: GroupConsumer, seconds: float) -> list:

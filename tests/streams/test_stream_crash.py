@@ -11,7 +11,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streams.events import example_ids
 from streams.generator import GeneratorConfig, SyntheticStream, produce_synthetic
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 
 from joinhelp import examples
 

@@ -6,7 +6,8 @@ import pytest
 from streams import metrics
 from streams.events import Action, Impression, Watermark, decode_event, example_ids
 from streams.joiner import OnlineJoiner
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 
 from joinhelp import dead_letters, examples, joiner_config, run_until, send
 

@@ -3,8 +3,9 @@
 import pytest
 
 from streams.broker import BrokerConfig, BrokerError, EmbeddedBroker
-from streams.kafka_io import (BatchProducer, GroupConsumer, admin_client, next_offsets,
-                              read_topic, topic_names)
+from streams.kafka_consumer import GroupConsumer, next_offsets, read_topic
+from streams.kafka_io import admin_client, topic_names
+from streams.kafka_producer import BatchProducer
 
 
 def test_broker_fixture_answers_metadata_and_has_the_topic_set(kafka_broker, kafka_topics):

@@ -10,7 +10,9 @@ import pytest
 
 from streams.events import Action, Impression, SchemaError, Watermark, decode_event
 from streams.generator import GeneratorConfig, SyntheticStream
-from streams.kafka_io import BatchProducer, read_topic, topic_names
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from streams.log_schema import feature_ids
 from streams.replay import ReplayConfig, load_requests, produce_json_lines, produce_requests
 

@@ -20,7 +20,7 @@ DENSE_DIM = 3
 NOW = 1_000.0
 CASES = {
     "sum_adagrad": {"pooling": "sum", "sparse_optimizer": "adagrad", "sparse_lr": 0.1},
-    "mean_ftrl": {"pooling": "mean", "sparse_optimizer": "ftrl", "sparse_lr": 5.0},
+    "mean_ftrl": {"pooling": "mean", "sparse_optimizer": "ftrl", "sparse_lr": 0.1},
 }
 
 

@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
 from training.synthetic import synthetic_examples
 from training.trainer import OnlineTrainer

@@ -12,7 +12,8 @@ import uuid
 import numpy as np
 
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.checkpoint import CheckpointStore
 from training.config import TrainerConfig
 from training.synthetic import synthetic_examples

@@ -17,7 +17,8 @@ from embedding_store.sharding import shard_of
 from paramsync import ParamsFollower, params_partitions
 from serving.replica import ModelReplica
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.distributed.checkpoint import SHARDED_MANIFEST
 from training.synthetic import synthetic_examples
 

@@ -14,7 +14,8 @@ from headwater.metrics import sample_value
 from paramsync import DENSE, SNAPSHOT_END, SPARSE, decode_params
 from serving.param_server import ParamServer, ParamServerConfig
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, topic_names
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
 from training.evaluation import BinnedAUC
 from training.model import DenseTower, ModelConfig, tower_to_safetensors
@@ -254,12 +255,17 @@ def _train_clean(trainer, kafka, ps, n, seed):
             and time.monotonic() < deadline:
         trainer.step()
     feeder.join()
+    # Publish the tower of the trained state too (else it leaves at the next dense interval, as a
+    # new version), then wait until serving holds that version: a version names rows and tower.
+    trainer.request_dense()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (
-            ps.ready and trainer.publisher.published_version == int(trainer.learner.table.version)
-            == ps.state.version):
+            ps.ready and not trainer.publisher.dense_requested
+            and trainer.publisher.published_version == int(trainer.learner.table.version) == ps.state.version):
         trainer.step(poll_timeout_ms=20)
     assert ps.state.version == trainer.publisher.published_version
+    assert all(torch.equal(t, trainer.learner.tower.state_dict()[k])
+               for k, t in ps.current().tower.state_dict().items())
 
 
 def _finite(model):
@@ -268,8 +274,6 @@ def _finite(model):
     return tower_ok and all(torch.isfinite(r).all() for r in rows)
 
 
-@pytest.mark.slow  # races under load: serving's tower can change at the same version between the
-# capture below and the burst (2 of 3 full-suite runs on 2026-12-06); fix the capture, then move back
 def test_a_poisoned_burst_never_reaches_serving(kafka_topics):
     trainer = OnlineTrainer(_cfg(guard_max_failures=0), kafka_topics)  # hold; never roll back
     ps = ParamServer(ParamServerConfig(poll_timeout_ms=50), kafka_topics.bootstrap_servers,

@@ -10,7 +10,9 @@ import torch
 from paramsync import SNAPSHOT_BEGIN, ParamsFollower, bootstrap_offset, decode_params
 from serving.replica import ModelReplica
 from streams.events import encode_examples
-from streams.kafka_io import BatchProducer, read_topic, topic_names
+from streams.kafka_consumer import read_topic
+from streams.kafka_io import topic_names
+from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
 from training.synthetic import synthetic_examples
 from training.trainer import OnlineTrainer

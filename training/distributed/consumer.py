@@ -17,7 +17,8 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streams.kafka_io import GroupConsumer, KafkaConfig
+from streams.kafka_consumer import GroupConsumer
+from streams.kafka_io import KafkaConfig
 
 log = logging.getLogger(__name__)
 

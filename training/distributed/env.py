@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from streams.broker import free_port
+from streams.broker import free_port, stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,7 @@ def spawn_ranks(nproc: int, argv: Sequence[str], env: Mapping[str, str] | None =
             if failed or late:
                 log.error("rank failed (exit %s) or timed out; stopping the others",
                           [p.returncode for p in procs])
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in procs:
-                    try:
-                        p.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+                stop_processes(procs)
                 break
             time.sleep(0.05)
     finally:

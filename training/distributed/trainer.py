@@ -44,11 +44,13 @@ class DistributedTrainer(OnlineTrainer):
     """Rank ``env.rank`` of a multi-rank trainer (the process group must already be joined)."""
 
     def __init__(self, cfg: TrainerConfig, kafka: KafkaConfig, env: DistEnv) -> None:
-        if cfg.counters or cfg.crosses:
+        if cfg.counters or cfg.crosses or cfg.slot_pooling:
             # In-batch counts are rank-local, which would break the equivalence with one process
-            # that this trainer keeps; counters and crossed slots are single-process for now.
-            log.warning("multi-rank training runs without per-id counters and crossed slots")
-            cfg = replace(cfg, counters=False, crosses=())
+            # that this trainer keeps; counters, crossed slots and per-slot pooling (the sharded
+            # exchange pools every slot one way) are single-process for now.
+            log.warning("multi-rank training runs without per-id counters, crossed slots and "
+                        "per-slot pooling (every slot pools by %s)", cfg.pooling)
+            cfg = replace(cfg, counters=False, crosses=(), slot_pooling=())
         self.env = env
         self.rank, self.world = env.rank, env.world_size
         self.sl: ShardedLearner | None = None

@@ -1,35 +1,25 @@
 """The recommender's side of sharded parameter servers: one lookup fanned out to every shard.
 
-The embedding source interface the recommender scores with is the read API of
-``embedding_store.EmbeddingTable``: ``slots``, ``lookup(slot, ids)`` and
-``lookup_bags(slot, ids, lengths, mode)``. The local source is the table itself (today's
-``--role all``); :class:`RemoteTable` is the sharded one, so :mod:`serving.scoring` and
-:mod:`serving.recommender` need no change to use it.
-
 A lookup de-duplicates the ids, splits them by :func:`embedding_store.sharding.shard_of` (the one
 placement rule, shared with the trainer's publisher) and sends one ``ParameterServer.Lookup`` per
-shard, all in flight at once, with one deadline. Scoring asks for every slot of a micro-batch up
-front (:meth:`RemoteTable.prefetch`), so a batch costs ONE multi-slot Lookup per shard, not one
-fan-out per slot one after another; the per-slot ``lookup``/``lookup_bags`` are then served from
-the prefetched rows. A shard that errs, is down or misses the deadline
-costs only its ids: they read the slot's default vector (what an unknown id reads anyway), the
-metric ``hw_serve_ps_degraded_total{shard,reason}`` counts it and a warning is logged (at most
-once per shard every few seconds). Bags are pooled here, with the store's own ``embedding_bag``, so
-the scores equal those of one unsharded table over the same parameters.
+shard, all in flight at once, with one deadline. Many slots' ids go in one call
+(:meth:`ShardFleet.fetch_unique`): scoring asks for every slot of a micro-batch up front, so a
+batch costs ONE multi-slot Lookup per shard, not one fan-out per slot one after another. A shard
+that errs, is down or misses the deadline costs only its ids: they read the slot's default vector
+(what an unknown id reads anyway), the metric ``hw_serve_ps_degraded_total{shard,reason}`` counts
+it and a warning is logged (at most once per shard every few seconds).
 
 The two calls that need more than rows also work over the fleet, with the answers of one
 unsharded table. ``GetEmbeddings`` reads rows and ``known`` flags in one fan-out
-(:meth:`RemoteTable.lookup_known`); unlike scoring it does not degrade: a shard that does not
+(:meth:`ShardFleet.fetch_known`); unlike scoring it does not degrade: a shard that does not
 answer fails the call with :class:`ShardsUnavailable` (UNAVAILABLE), because default vectors
 flagged "unknown" would read as a true answer. Retrieval (``Recommend`` without candidates) runs
 on the shards: each returns the top k of its own items for the query (``ParameterServer.Retrieve``)
-and :meth:`RemoteTable.retrieve` merges them, so no replica copies every item row and the result
+and :meth:`ShardFleet.retrieve` merges them, so no replica copies every item row and the result
 is as fresh as the shards. A shard that fails costs only its items; if none answers, the call is
 UNAVAILABLE.
 
-:class:`ShardedModelSource` is the recommender replica's model: the tower from the control
-partition of ``hw.params`` (a :class:`~serving.param_server.ParamServer` reading no rows) plus a
-:class:`RemoteTable` over the shards.
+What scoring reads through the fleet is :class:`serving.remote_table.RemoteTable`.
 """
 
 from __future__ import annotations
@@ -45,14 +35,12 @@ import numpy as np
 import torch
 from prometheus_client import Counter
 
-from embedding_store import kernels
 from embedding_store.sharding import shard_of
 from serving.pb import pb2, pb2_grpc
-from serving.scoring import ServingModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PsClientConfig", "ShardFleet", "RemoteTable", "ShardedModelSource", "ShardsUnavailable", "DEGRADED"]
+__all__ = ["PsClientConfig", "ShardFleet", "ShardsUnavailable", "DEGRADED"]
 
 DEGRADED = Counter("hw_serve_ps_degraded", "shard calls answered without that shard "
                    "(its ids read default vectors, or its items sit out a retrieval)", ["shard", "reason"])
@@ -268,125 +256,6 @@ class ShardFleet:
                         self.addresses[shard], reason, detail)
 
 
-class RemoteTable:
-    """The sharded embedding source: ``EmbeddingTable``'s read API over a :class:`ShardFleet`.
-
-    Beyond that API: :meth:`lookup_known` (rows and ``known`` in one fan-out) and
-    :meth:`retrieve` (top k items, searched on the shards), which the recommender uses when a
-    table offers them. ``version`` is the oldest version any shard reported (the trainer's table
-    version, as :class:`ServingModel` carries it; -1 until every shard answered once).
-
-    A table made by :meth:`prefetch` also holds prefetched rows (per slot: sorted unique ids and
-    their rows) and answers ids among them without a round trip.
-    """
-
-    def __init__(self, fleet: ShardFleet, defaults: Any,
-                 cached: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
-        self.fleet = fleet
-        self.defaults = defaults
-        self.slots = defaults.slots
-        self.cached = dict(cached or {})
-
-    def prefetch(self, wanted: Mapping[str, Any]) -> "RemoteTable":
-        """A view of this table with every slot's ``wanted`` ids fetched in one fan-out.
-
-        Scoring calls this once per micro-batch with all the ids it will look up; with
-        ``fleet.batch_slots`` off it returns ``self`` (one fan-out per lookup, as before).
-        """
-        if not self.fleet.batch_slots:
-            return self
-        uniq = {slot: np.unique(_np_ids(ids)) for slot, ids in wanted.items()}
-        rows = self.fleet.fetch_unique(uniq, self.defaults)
-        return RemoteTable(self.fleet, self.defaults, {slot: (uniq[slot], rows[slot]) for slot in uniq})
-
-    def _positions(self, slot: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """(rows, index of each id in rows) from the prefetched rows, or None if some id is not there."""
-        hit = self.cached.get(slot)
-        if hit is None:
-            return None
-        known, rows = hit
-        if ids.size == 0:
-            return rows, np.zeros(0, np.int64)
-        pos = np.searchsorted(known, ids)
-        if pos.max() >= known.size or not np.array_equal(known[pos], ids):
-            return None
-        return rows, pos
-
-    def lookup(self, slot: str, ids: torch.Tensor, train: bool = False, now: float | None = None) -> torch.Tensor:
-        if train:
-            raise ValueError("a remote table is read-only")
-        ids_np = _np_ids(ids)
-        hit = self._positions(slot, ids_np)
-        if hit is not None:
-            return torch.from_numpy(hit[0][hit[1]])
-        return torch.from_numpy(self.fleet.fetch(slot, ids_np, self.defaults))
-
-    def lookup_bags(self, slot: str, ids: torch.Tensor, lengths: torch.Tensor | None = None,
-                    mode: str = "sum", train: bool = False, per_sample_weights: torch.Tensor | None = None,
-                    *, offsets: torch.Tensor | None = None, now: float | None = None) -> torch.Tensor:
-        """Pooled bags, pooled here from the fetched rows by the store's own kernel."""
-        if train:
-            raise ValueError("a remote table is read-only")
-        ids_np = _np_ids(ids)
-        offs = kernels.to_offsets(ids_np.size, lengths, offsets)
-        hit = self._positions(slot, ids_np)
-        if hit is None:
-            uniq, inv = np.unique(ids_np, return_inverse=True)
-            hit = (self.fleet.fetch(slot, uniq, self.defaults), inv)
-        w = None if per_sample_weights is None else per_sample_weights.to(torch.float32)
-        return kernels.embedding_bag(torch.from_numpy(hit[0]), torch.from_numpy(hit[1].astype(np.int64)), offs, mode, w)
-
-    @property
-    def version(self) -> int:
-        return self.fleet.version()
-
-    def lookup_known(self, slot: str, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """(float32[n, dim] rows, bool[n]: the id has a row of its own) from every shard at once;
-        :class:`ShardsUnavailable` if a shard holding some of them does not answer."""
-        rows, known = self.fleet.fetch_known(slot, _np_ids(ids), self.defaults)
-        return torch.from_numpy(rows), known
-
-    def retrieve(self, slot: str, query: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` items of ``slot`` by dot product with ``query``, searched on the shards."""
-        return self.fleet.retrieve(slot, query.detach().float().cpu().numpy(), k)
-
-    def ids(self, slot: str) -> np.ndarray:
-        raise NotImplementedError("the rows live on the PS shards and are not listed here; use "
-                                  "lookup_known / retrieve, which ask the shards")
-
-    def export_delta(self, *args: Any, **kw: Any) -> Any:
-        raise NotImplementedError("the rows live on the PS shards; retrieval runs there (retrieve)")
-
-
-class ShardedModelSource:
-    """A recommender replica's model source: control-partition tower + rows from the shards."""
-
-    def __init__(self, control: Any, fleet: ShardFleet) -> None:
-        self.control = control  # a ParamServer on the control partition
-        self.fleet = fleet
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.control.ready)
-
-    def current(self) -> ServingModel | None:
-        base = self.control.current()
-        if base is None:
-            return None
-        version = self.fleet.version()
-        watermark = self.fleet.watermark_ms()
-        return ServingModel(base.model_id, RemoteTable(self.fleet, base.table), base.tower,
-                            version if version >= 0 else base.version,
-                            watermark if watermark >= 0 else base.watermark_ms)
-
-    def freshness_lag_ms(self, now_ms: int | None = None) -> int:
-        wm = self.fleet.watermark_ms()
-        if wm < 0:
-            return self.control.freshness_lag_ms(now_ms)
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        return max(now_ms - wm, 0)
-
-
 def _reason(exc: Exception) -> str:
     return exc.code().name if isinstance(exc, grpc.RpcError) else "BAD_ANSWER"
 
@@ -394,9 +263,3 @@ def _reason(exc: Exception) -> str:
 def _failure(addresses: list[str], shard: int, exc: Exception) -> str:
     detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
     return f"shard {shard} ({addresses[shard]}): {_reason(exc)} {detail}"
-
-
-def _np_ids(ids: Any) -> np.ndarray:
-    if isinstance(ids, torch.Tensor):
-        return ids.detach().cpu().numpy().astype(np.int64, copy=False)
-    return np.asarray(ids, dtype=np.int64)

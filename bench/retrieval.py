@@ -1,0 +1,271 @@
+"""``headwater bench retrieval --json``: the ANN item index (``serving.ann_index``) on a synthetic
+catalog while a stream of updates runs, against the exact brute force serving uses today
+(``serving.retrieval.ItemIndex``), in the same run.
+
+Catalog (issue 21): ``--items`` vectors (default 1M, dim 64, float32), a mixture of 1,024
+Gaussian clusters plus unit noise, directions normalised and norms log-normal (sigma 0.25), the
+way learned item embeddings spread; queries are independent draws of the same distribution.
+Scores are inner products.
+
+Phases: build the index (all cores); static queries (recall@100 against an exact scan of the same
+vectors, latency p50/p99 per single query, the exact baseline's latency); then ``--duration-s``
+of one thread querying in a closed loop while another applies a stream of updates in batches of
+``--update-batch`` (half new items, 40% changed vectors, 10% removals). ``query_p50_ms`` and
+``query_p99_ms`` are measured in that second phase, ``updates_per_s`` is the items it applied per
+second, and ``insert_to_visible_*`` is, for one new item per batch, the time from the batch's
+arrival to the first query (the item's own vector) that returns it. Recall is measured again on
+the final catalog after the updates.
+
+Ceiling (``ceiling_ms_per_query``, next to ``static_query_p50_ms``): usearch's own search on the
+same graph, same queries and ef, called directly (no lock, no validation, no conversion): the
+least a query through the index can cost. ``exact_scan_floor_ms`` adds the memory-bound time of
+reading every vector once, the floor under any exact scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+from bench.harness import Ceiling, add_common, add_threads, with_ceiling
+from serving.ann_index import AnnConfig, AnnIndex
+from serving.ann_vectors import topk_rows
+from serving.retrieval import ItemIndex
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "synthetic_vectors"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", type=int, default=1_000_000, help="items in the catalog")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--k", type=int, default=100, help="items per query (recall is recall@k)")
+    p.add_argument("--queries", type=int, default=1000, help="timed single queries on the static index")
+    p.add_argument("--recall-queries", type=int, default=200, help="queries scored against exact search")
+    p.add_argument("--exact-queries", type=int, default=30, help="timed queries of the exact baseline")
+    p.add_argument("--duration-s", type=float, default=20.0, help="seconds of queries while updates run")
+    p.add_argument("--update-batch", type=int, default=64, help="items per update batch")
+    p.add_argument("--ef", type=int, default=768, help="HNSW search depth (expansion_search)")
+    p.add_argument("--ef-sweep", default="", help="also report recall and latency at these ef, comma list")
+    p.add_argument("--connectivity", type=int, default=32, help="HNSW links per node (M)")
+    p.add_argument("--expansion-add", type=int, default=128, help="HNSW construction depth")
+    p.add_argument("--update-chunk", type=int, default=2, help="items per hold of the index lock")
+    p.add_argument("--small", action="store_true", help="a seconds-long run for tests: 3,000 items, few queries")
+    add_threads(p, help_text="torch threads of the exact baseline (the index queries on one thread)")
+    add_common(p, repeats=1, repeats_help="interleaved static passes of index, baseline and ceiling (medians)")
+
+
+def synthetic_vectors(n: int, dim: int, seed: int, draw: int, clusters: int = 1024) -> np.ndarray:
+    """Learned-embedding-like vectors: Gaussian clusters (centres fixed by ``seed``) plus unit
+    noise, normalised, times a log-normal norm; ``draw`` picks an independent sample."""
+    centres = np.random.default_rng(seed).standard_normal((clusters, dim)).astype(np.float32)
+    rng = np.random.default_rng([seed, draw])
+    v = rng.standard_normal((n, dim), dtype=np.float32)
+    v += centres[rng.integers(0, clusters, n)]
+    v *= (rng.lognormal(0.0, 0.25, n) / np.linalg.norm(v, axis=1)).astype(np.float32)[:, None]
+    return v
+
+
+def _pcts(times_s: list[float]) -> tuple[float, float]:
+    a = np.asarray(times_s) * 1e3
+    return (float(np.percentile(a, 50)), float(np.percentile(a, 99))) if a.size else (float("nan"),) * 2
+
+
+def _recall(found: list[np.ndarray], truth: np.ndarray) -> float:
+    return float(np.mean([np.intersect1d(f, t).size / max(1, t.size) for f, t in zip(found, truth)]))
+
+
+class _Catalog:
+    """The bench's own copy of the catalog as updates change it, for the exact truth at the end."""
+
+    def __init__(self, ids: np.ndarray, vecs: np.ndarray, extra: int) -> None:
+        n = ids.size
+        self.ids = np.concatenate([ids, np.zeros(extra, np.int64)])
+        self.vecs = np.concatenate([vecs, np.zeros((extra, vecs.shape[1]), np.float32)])
+        self.live = np.concatenate([np.ones(n, bool), np.zeros(extra, bool)])
+        self.high = n
+
+    def next_batch(self, rng: np.random.Generator, batch: int, fresh: np.ndarray, next_id: int):
+        n_new, n_chg = batch // 2, (batch * 2) // 5
+        n_del = batch - n_new - n_chg
+        live = np.flatnonzero(self.live[:self.high])
+        pick = rng.choice(live, n_chg + n_del, replace=False)
+        chg, dele = pick[:n_chg], pick[n_chg:]
+        new_rows = np.arange(self.high, self.high + n_new)
+        self.high += n_new
+        self.ids[new_rows] = next_id + np.arange(n_new)
+        self.vecs[new_rows], self.live[new_rows] = fresh[:n_new], True
+        self.vecs[chg] = fresh[n_new:n_new + n_chg]
+        self.live[dele] = False
+        return (self.ids[np.concatenate([new_rows, chg])], self.vecs[np.concatenate([new_rows, chg])],
+                self.ids[dele], self.ids[new_rows[0]], self.vecs[new_rows[0]])
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.small:
+        args.items, args.queries, args.recall_queries, args.exact_queries = 3_000, 30, 30, 5
+        args.duration_s, args.update_batch = min(args.duration_s, 1.0), min(args.update_batch, 32)
+    torch.set_num_threads(args.threads or (os.cpu_count() or 1))
+    load_before = os.getloadavg()[0]
+    vecs = synthetic_vectors(args.items, args.dim, args.seed, 0)
+    ids = np.arange(args.items, dtype=np.int64) * 2 + 1  # arbitrary ids, not row numbers
+    queries = synthetic_vectors(max(args.queries, args.recall_queries), args.dim, args.seed, 1)
+    cfg = AnnConfig(dim=args.dim, expansion_search=args.ef, connectivity=args.connectivity,
+                    expansion_add=args.expansion_add, max_k=max(1000, args.k), update_chunk=args.update_chunk)
+    index = AnnIndex(cfg)
+    t0 = time.perf_counter()
+    index.install(ids, vecs, graph=None)  # builds on every core
+    build_s = time.perf_counter() - t0
+    log.info("built %d items in %.1f s", args.items, build_s)
+
+    exact = ItemIndex()
+    order = np.argsort(ids)
+    exact.ids, exact.vectors = ids[order], torch.from_numpy(vecs[order])
+    live = np.ones(args.items, bool)
+    truth = topk_rows(ids, vecs, live, queries[:args.recall_queries], args.k)[0]
+    graph = index._graph  # noqa: SLF001 - the ceiling calls the library on the very same graph
+    graph.expansion_search = max(args.ef, args.k)
+
+    def ann_pass() -> list[float]:
+        out = []
+        for q in queries[:args.queries]:
+            t = time.perf_counter()
+            index.topk(q, args.k)
+            out.append(time.perf_counter() - t)
+        return out
+
+    def raw_pass() -> list[float]:
+        out = []
+        for q in queries[:args.queries]:
+            t = time.perf_counter()
+            graph.search(q, args.k, threads=1)
+            out.append(time.perf_counter() - t)
+        return out
+
+    def exact_pass() -> list[float]:
+        out = []
+        for q in queries[:args.exact_queries]:
+            t = time.perf_counter()
+            exact.topk(torch.from_numpy(q), args.k)
+            out.append(time.perf_counter() - t)
+        return out
+
+    ann_t, raw_t, exact_t = [], [], []
+    for r in range(max(1, args.repeats)):  # rotate the order so a neighbour's burst hits all alike
+        passes = [(ann_pass, ann_t), (raw_pass, raw_t), (exact_pass, exact_t)]
+        for fn, acc in passes[r % 3:] + passes[:r % 3]:
+            acc.extend(fn())
+    recall = _recall([index.topk(q, args.k)[0] for q in queries[:args.recall_queries]], truth)
+    sweep = []
+    for ef in [int(e) for e in args.ef_sweep.split(",") if e]:  # same graph, other search depths
+        cfg.expansion_search = ef
+        t_ef, found = [], []
+        for q in queries[:args.recall_queries]:
+            t = time.perf_counter()
+            found.append(index.topk(q, args.k)[0])
+            t_ef.append(time.perf_counter() - t)
+        sweep.append({"ef": ef, "recall_at_100": round(_recall(found, truth), 4),
+                      **dict(zip(("p50_ms", "p99_ms"), (round(x, 3) for x in _pcts(t_ef))))})
+    cfg.expansion_search = args.ef
+    t0 = time.perf_counter()
+    float(vecs.sum(dtype=np.float32))
+    scan_floor_ms = (time.perf_counter() - t0) * 1e3
+
+    live_phase = _concurrent(args, index, vecs, ids, queries)
+    cat = live_phase.pop("catalog")
+    final_truth = topk_rows(cat.ids[:cat.high], cat.vecs[:cat.high], cat.live[:cat.high],
+                            queries[:args.recall_queries], args.k)[0]
+    recall_after = _recall([index.topk(q, args.k)[0] for q in queries[:args.recall_queries]], final_truth)
+
+    static_p50, static_p99 = _pcts(ann_t)
+    raw_p50, _ = _pcts(raw_t)
+    exact_p50, exact_p99 = _pcts(exact_t)
+    graph_bytes = int(graph.memory_usage)
+    result = {
+        "bench": "retrieval", "items": args.items, "dim": args.dim, "k": args.k, "library": "usearch",
+        "ef": args.ef, "connectivity": args.connectivity, "expansion_add": args.expansion_add,
+        "build_s": round(build_s, 1),
+        "recall_at_100": round(recall, 4), "recall_at_100_after_updates": round(recall_after, 4),
+        **live_phase,
+        "static_query_p50_ms": round(static_p50, 3), "static_query_p99_ms": round(static_p99, 3),
+        "baseline_exact_p50_ms": round(exact_p50, 2), "baseline_exact_p99_ms": round(exact_p99, 2),
+        "speedup_vs_exact": round(exact_p50 / static_p50, 1),
+        "index_bytes_per_item": round(index.memory_bytes() / len(index), 1),
+        "graph_bytes_per_item": round(graph_bytes / len(index), 1),
+        "exact_scan_floor_ms": round(scan_floor_ms, 2),
+        **({"ef_sweep": sweep} if sweep else {}),
+        "threads_exact": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
+    }
+    index.stop()
+    note = ("usearch's own search on the same static graph and queries (ef, k alike), called directly "
+            "without the index's lock, validation and conversion: per-query p50; fraction = ceiling / "
+            "static_query_p50_ms. exact_scan_floor_ms: one memory-bound read of every vector, the floor "
+            "under any exact scan")
+    return with_ceiling(result, Ceiling(raw_p50, "ms per query", note, measured=static_p50, lower_is_better=True),
+                        named="ceiling_ms_per_query")
+
+
+def _concurrent(args: argparse.Namespace, index: AnnIndex, vecs: np.ndarray, ids: np.ndarray,
+                queries: np.ndarray) -> dict:
+    """Queries in a closed loop on this thread while a thread applies the update stream."""
+    rng = np.random.default_rng([args.seed, 7])
+    extra = int(args.update_batch * max(1.0, args.duration_s) * 4000)  # room for the new items
+    cat = _Catalog(ids, vecs, extra)
+    stop = threading.Event()
+    applied, visible, missed = [0], [], [0]
+    next_id = [int(ids.max()) + 2]
+
+    def updates() -> None:
+        draw = 2
+        while not stop.is_set() and cat.high + args.update_batch < cat.ids.size:
+            fresh = synthetic_vectors(args.update_batch, args.dim, args.seed, draw)
+            draw += 1
+            t_arrive = time.perf_counter()
+            up_ids, up_vecs, del_ids, probe_id, probe_vec = cat.next_batch(rng, args.update_batch, fresh, next_id[0])
+            next_id[0] += args.update_batch
+            index.upsert(up_ids, up_vecs)
+            index.remove(del_ids)
+            applied[0] += up_ids.size + del_ids.size
+            # visibility: the new item's own vector as the query, until a query returns it
+            deadline = t_arrive + 5.0
+            while time.perf_counter() < deadline:
+                if probe_id in index.topk(probe_vec, args.k)[0]:
+                    visible.append(time.perf_counter() - t_arrive)
+                    break
+                if probe_id not in index.exact_topk(probe_vec[None], args.k)[0][0]:
+                    break  # not among its own exact top k either: no query would return it
+                time.sleep(0.001)
+            else:
+                missed[0] += 1
+
+    lat: list[float] = []
+    th = threading.Thread(target=updates, name="bench-updates", daemon=True)
+    t_start = time.perf_counter()
+    th.start()
+    i = 0
+    while time.perf_counter() - t_start < args.duration_s:
+        q = queries[i % len(queries)]
+        t = time.perf_counter()
+        index.topk(q, args.k)
+        lat.append(time.perf_counter() - t)
+        i += 1
+    stop.set()
+    th.join()
+    elapsed = time.perf_counter() - t_start
+    p50, p99 = _pcts(lat)
+    v50, v99 = _pcts(visible)
+    probes = len(visible) + missed[0]
+    return {"query_p50_ms": round(p50, 3), "query_p99_ms": round(p99, 3),
+            "queries_per_s_during_updates": round(len(lat) / elapsed, 1),
+            "updates_per_s": round(applied[0] / elapsed, 1), "updates_applied": applied[0],
+            "insert_to_visible_p50_ms": round(v50, 2), "insert_to_visible_p99_ms": round(v99, 2),
+            "insert_visible_fraction": round(len(visible) / probes, 4) if probes else None,
+            "catalog": cat}

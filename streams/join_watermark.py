@@ -1,0 +1,98 @@
+"""The joiner's event-time watermark: how far every input partition has been read.
+
+Flink's rule for a source read as several splits: the combined watermark is the minimum over the
+splits, a split that has not produced anything yet holds it back (it may hold the oldest events
+of all), and a split stops holding it once it is idle. Here a split is one partition of
+``hw.impressions`` or ``hw.actions``; its *progress* is the newest event time read from it minus
+the allowed lateness (a :class:`~streams.events.Watermark` message on it moves it too).
+
+The watermark is the later of ``max impression time - allowed lateness`` and the smaller of the
+producers' explicit watermarks on the two topics, held back to the progress of every assigned
+input partition that may still deliver older events:
+
+- one with unread messages, or whose end is not known yet (no fetch answered);
+- one that delivered within ``idle_s`` (the lag the client sees is only as fresh as its last
+  fetch).
+
+An assigned partition read to its end and quiet for ``idle_s`` is idle and holds nothing. While
+the consumer owns no partition of an input topic, nothing is known about what that topic still
+holds, and the watermark does not move: at start-up, before the group is joined (seconds on
+Tansu; after a kill -9, until the dead member's session has expired), and during a rebalance. It
+never moves back. Progress and explicit watermarks are saved with the join state, so a restarted
+joiner resumes from them.
+"""
+
+from __future__ import annotations
+
+Partition = tuple[str, int]
+
+
+class JoinWatermark:
+    """Event-time progress of the joiner's input partitions, and the watermark it allows."""
+
+    def __init__(self, inputs: tuple[str, ...], lateness_ms: int, idle_s: float, watermark: int = 0,
+                 max_time: int = 0, saved: dict | None = None) -> None:
+        """``saved``: what :meth:`saved` returned before a restart (None on a fresh state)."""
+        self.inputs = inputs
+        self.lateness_ms = lateness_ms
+        self.idle_s = idle_s
+        self.watermark = watermark
+        self.max_time = max_time  # newest impression event time
+        saved = saved or {}
+        self._progress: dict[Partition, int] = {
+            (t, p): ms for t, p, ms in saved.get("progress", [])}
+        # Explicit Watermark messages, per input topic: a promise on one topic says nothing
+        # about the other, so the smaller of the two counts.
+        explicit = saved.get("explicit", {})
+        self._explicit = {t: int(explicit.get(t, 0)) for t in inputs}
+        self._delivered: dict[Partition, float] = {}  # monotonic time of the last message
+
+    def saved(self) -> dict:
+        """A msgpack-able snapshot to keep beside the join state."""
+        return {"progress": [[t, p, ms] for (t, p), ms in sorted(self._progress.items())],
+                "explicit": dict(self._explicit)}
+
+    # ---- what was read
+    def delivered(self, partition: Partition, now: float) -> None:
+        """A message (of any kind, valid or not) came from ``partition``."""
+        self._delivered[partition] = now
+
+    def impression(self, partition: Partition, event_time_ms: int) -> None:
+        self.max_time = max(self.max_time, event_time_ms)
+        self._advance(partition, event_time_ms - self.lateness_ms)
+
+    def action(self, partition: Partition, event_time_ms: int) -> None:
+        self._advance(partition, event_time_ms - self.lateness_ms)
+
+    def promise(self, partition: Partition, event_time_ms: int) -> None:
+        """A producer's Watermark message: nothing older will come on this topic."""
+        topic = partition[0]
+        self._explicit[topic] = max(self._explicit.get(topic, 0), event_time_ms)
+        self._advance(partition, event_time_ms)
+
+    def _advance(self, partition: Partition, t: int) -> None:
+        self._progress[partition] = max(t, self._progress.get(partition, t))
+
+    # ---- what may close
+    def read_to_end(self, assigned: set[Partition], behind: set[Partition]) -> bool:
+        """Whether the consumer owns a partition of every input and none has unread messages."""
+        return not behind and self._owns_every_input(assigned)
+
+    def _owns_every_input(self, assigned: set[Partition]) -> bool:
+        owned = {t for t, _ in assigned}
+        return all(t in owned for t in self.inputs)
+
+    def update(self, assigned: set[Partition], behind: set[Partition], now: float) -> int:
+        """Moves the watermark as far as the inputs allow (never back); returns it."""
+        if not self._owns_every_input(assigned):
+            return self.watermark
+        candidate = max(self.max_time - self.lateness_ms, min(self._explicit.values()))
+        for tp in assigned:
+            if tp in behind or now - self._delivered.get(tp, float("-inf")) < self.idle_s:
+                candidate = min(candidate, self._progress.get(tp, 0))
+        self.watermark = max(self.watermark, candidate)
+        return self.watermark
+
+    def advance_to(self, t: int) -> None:
+        """Closes up to ``t`` whatever the inputs hold (the joiner's idle close)."""
+        self.watermark = max(self.watermark, t)

@@ -1,0 +1,189 @@
+"""Reading Kafka: a consumer-group member that commits only what was made durable, and
+group-less reads of a whole topic or of where it ends.
+
+Why by hand: auto-commit would commit offsets of input whose output is not durable yet; every
+stage commits :func:`next_offsets` of what it processed (see :mod:`streams.kafka_io`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from streams.kafka_io import KafkaConfig
+
+
+@dataclass
+class Record:
+    """One consumed message, with where it came from (for DLQ reports and commits)."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None
+    timestamp_ms: int
+
+
+class GroupConsumer:
+    """A consumer-group member that never auto-commits: callers commit what they made durable."""
+
+    def __init__(self, cfg: KafkaConfig, topics: Iterable[str], group_id: str,
+                 client_id: str = "hw-consumer", fetch_max_wait_ms: int = 500) -> None:
+        """``fetch_max_wait_ms``: longest the broker may hold a fetch open waiting for data.
+
+        Tansu answers a waiting fetch only when the wait ends, so on a quiet topic this wait is
+        added to every message's latency; latency-sensitive consumers lower it.
+        """
+        if fetch_max_wait_ms < 0:
+            raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
+        self._consumer = KafkaConsumer(
+            *topics, bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
+            client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            max_poll_interval_ms=cfg.max_poll_interval_ms, session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=min(1000, cfg.session_timeout_ms // 3),
+            fetch_max_bytes=max(52428800, cfg.max_message_bytes),
+            max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms)
+
+    def pause(self) -> None:
+        """Stops fetching from the assigned partitions; :meth:`poll` still keeps group membership.
+
+        Back-pressure for a consumer with a backlog of work: partitions assigned later (after a
+        rebalance) start unpaused.
+        """
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        """Fetches again from every paused partition."""
+        paused = self._consumer.paused()
+        if paused:
+            self._consumer.resume(*paused)
+
+    def paused(self) -> set[tuple[str, int]]:
+        """The (topic, partition)s not being fetched."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.paused()}
+
+    def poll(self, timeout_ms: int = 200, max_records: int = 1000) -> list[Record]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out = []
+        for tp, msgs in batches.items():
+            out.extend(Record(tp.topic, tp.partition, m.offset, m.value, m.key, m.timestamp)
+                       for m in msgs)
+        return out
+
+    def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        """Commits ``{(topic, partition): next offset to read}`` synchronously."""
+        if next_offsets:
+            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                   for (t, p), o in next_offsets.items()})
+
+    def partitions_behind(self) -> set[tuple[str, int]]:
+        """Assigned (topic, partition)s that still have unread messages (lag > 0).
+
+        Uses the high watermark from the last fetch, so it costs no request; a partition not
+        fetched yet counts as behind (we cannot know it is caught up).
+        """
+        behind = set()
+        subs = self._consumer._subscription  # position/highwater without blocking requests
+        for tp in self._consumer.assignment():
+            state = subs.assignment.get(tp)
+            if state is None:
+                continue
+            if state.highwater is None or state.position is None or \
+                    state.highwater > state.position.offset:
+                behind.add((tp.topic, tp.partition))
+        return behind
+
+    def topics_behind(self) -> set[str]:
+        """Topics with an assigned partition that still has unread messages (lag > 0)."""
+        return {topic for topic, _ in self.partitions_behind()}
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
+    """The offsets to commit after processing ``records``: last offset + 1 per partition."""
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        if r.offset + 1 > out.get(key, -1):
+            out[key] = r.offset + 1
+    return out
+
+
+def log_end(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """The next offset a producer would get, per partition of ``topic``.
+
+    Tansu answers ListOffsets(latest) with the base offset of the partition's last record batch
+    plus one, which is short of the end when that batch holds several records. A fetch's high
+    watermark is right, so the end is read by fetching the last batch. ``consumer`` must have no
+    group (it is re-assigned here).
+    """
+    parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    if not tps:
+        return {}
+    listed = consumer.end_offsets(tps)
+    ends = {tp.partition: int(listed[tp]) for tp in tps}
+    todo = [tp for tp in tps if listed[tp] > 0]
+    if not todo:
+        return ends
+    consumer.assign(todo)
+    for tp in todo:
+        consumer.seek(tp, int(listed[tp]) - 1)  # the last batch (or the last record)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        consumer.poll(timeout_ms=200, max_records=1)
+        marks = {tp: consumer.highwater(tp) for tp in todo}
+        if all(m is not None for m in marks.values()):
+            ends.update({tp.partition: max(ends[tp.partition], int(m)) for tp, m in marks.items()})
+            return ends
+    raise TimeoutError(f"no high watermark for {topic} within {timeout_s} s")
+
+
+def read_topic(cfg: KafkaConfig, topic: str, stop_after: int | None = None,
+               idle_s: float = 2.0, timeout_s: float = 120.0) -> list[Record]:
+    """Reads a topic from the beginning without a group (tests, benchmarks, inspection).
+
+    Stops after ``stop_after`` records, or when nothing arrived for ``idle_s``, or at ``timeout_s``.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False,
+                             group_id=None, fetch_max_bytes=max(52428800, cfg.max_message_bytes),
+                             max_partition_fetch_bytes=cfg.max_message_bytes)
+    try:
+        parts = None
+        deadline = time.monotonic() + timeout_s
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                time.sleep(0.1)
+        if not parts:
+            raise KafkaError(f"topic {topic} not found")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: list[Record] = []
+        last = time.monotonic()
+        while time.monotonic() < deadline:
+            got = consumer.poll(timeout_ms=200, max_records=10000)
+            for tp, msgs in got.items():
+                out.extend(Record(tp.topic, tp.partition, m.offset, m.value, m.key, m.timestamp)
+                           for m in msgs)
+            if got:
+                last = time.monotonic()
+            if stop_after is not None and len(out) >= stop_after:
+                break
+            if time.monotonic() - last > idle_s:
+                break
+        return out
+    finally:
+        consumer.close()
