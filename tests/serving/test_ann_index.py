@@ -96,7 +96,7 @@ def test_expired_rows_of_the_table_leave_the_index_by_sync():
     assert sync_from_table(index, table) == 80 and sync_from_table(index, table) == 0
     table.expire()
     assert sync_from_table(index, table) == 50
-    assert sorted(index.store.snapshot()[0].tolist()) == list(range(50, 80))
+    assert sorted(index.ids().tolist()) == list(range(50, 80))
 
 
 def test_sync_applies_only_changed_rows_and_a_new_table_is_reconciled(queries):
