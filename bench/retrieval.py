@@ -217,7 +217,7 @@ def _concurrent(args: argparse.Namespace, index: AnnIndex, vecs: np.ndarray, ids
                 queries: np.ndarray) -> dict:
     """Queries in a closed loop on this thread while a thread applies the update stream."""
     rng = np.random.default_rng([args.seed, 7])
-    extra = int(args.update_batch * max(1.0, args.duration_s) * 4000)  # room for the new items
+    extra = int(max(10_000, 10_000 * args.duration_s))  # room for new items (the stream stops when full)
     cat = _Catalog(ids, vecs, extra)
     stop = threading.Event()
     applied, visible, missed = [0], [], [0]
