@@ -54,6 +54,7 @@ class AnnConfig:
     update_chunk: int = 2  # items per hold of the lock while updating: a query waits at most one
     # chunk, and one HNSW insert costs about as much as a query (usearch shares one search context
     # between Python threads, so graph calls cannot overlap)
+    writer_yield_s: float = 0.005  # longest an update chunk waits for queries to go first
     max_churn: float = 0.25  # (removed + replaced) since the last build / items then: rebuild
     min_probe_recall: float = 0.9  # recall@k of the probe queries against exact: below it, rebuild
     probe_queries: int = 16
@@ -90,6 +91,8 @@ class AnnIndex:
         self.store = VectorStore(cfg.dim)
         self.synced_version = -1  # the table version the contents reflect (serving.ann_feed)
         self._lock = threading.Lock()
+        self._turn = threading.Condition()  # queries waiting for the lock go before the next update chunk
+        self._queries_waiting = 0
         self._graph: Any = self._new_graph() if cfg.retrieval == "hnsw" else None
         self._touched: list[np.ndarray] | None = None  # ids changed while a rebuild runs
         self._rebuild_thread: threading.Thread | None = None
@@ -124,12 +127,19 @@ class AnnIndex:
         """The ``k`` items with the largest ``<query, item>``: (ids int64, scores float32), best
         first; fewer when fewer items are held. Raises ``ValueError`` on a bad query or ``k``."""
         q = self._check_query(query, k)
-        with self._lock:
-            if self._graph is None:
-                ids, scores = self.store.topk(q, k)
-                return ids[0], scores[0]
-            self._graph.expansion_search = max(self.cfg.expansion_search, k)
-            m = self._graph.search(q, k, threads=1)
+        with self._turn:
+            self._queries_waiting += 1
+        try:
+            with self._lock:
+                if self._graph is None:
+                    ids, scores = self.store.topk(q, k)
+                    return ids[0], scores[0]
+                self._graph.expansion_search = max(self.cfg.expansion_search, k)
+                m = self._graph.search(q, k, threads=1)
+        finally:
+            with self._turn:
+                self._queries_waiting -= 1
+                self._turn.notify_all()
         return np.asarray(m.keys).view(np.int64), (1.0 - np.asarray(m.distances)).astype(np.float32)
 
     def exact_topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +155,7 @@ class AnnIndex:
         changed = 0
         for lo in range(0, ids.size, self.cfg.update_chunk):
             cid, cvec = ids[lo:lo + self.cfg.update_chunk], vecs[lo:lo + self.cfg.update_chunk]
+            self._yield_to_queries()
             with self._lock:
                 plan = self.store.upsert(cid, cvec)
                 if self._graph is not None and (plan.added.size or plan.replaced.size):
@@ -152,7 +163,6 @@ class AnnIndex:
                 self._stats.churn_since_build += int(plan.replaced.size)
                 self._note_touched(np.concatenate([plan.added, plan.replaced]))
             changed += int(plan.added.size + plan.replaced.size)
-            time.sleep(0)  # a query woken by the release gets the lock before our next chunk
         return changed
 
     def remove(self, ids: Any) -> int:
@@ -160,6 +170,7 @@ class AnnIndex:
         ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         gone = 0
         for lo in range(0, ids.size, self.cfg.update_chunk * 8):  # a removal only marks a node
+            self._yield_to_queries()
             with self._lock:
                 hit = self.store.remove(ids[lo:lo + self.cfg.update_chunk * 8])
                 if self._graph is not None and hit.size:
@@ -167,7 +178,6 @@ class AnnIndex:
                 self._stats.churn_since_build += int(hit.size)
                 self._note_touched(hit)
             gone += int(hit.size)
-            time.sleep(0)
         return gone
 
     # ---- persistence (serving.ann_persist) -----------------------------------------------------
@@ -269,12 +279,10 @@ class AnnIndex:
     def stop(self) -> None:
         """Stops maintenance and waits for a running rebuild."""
         self._maint_stop.set()
-        if self._maint is not None:
-            self._maint.join()
-            self._maint = None
-        t = self._rebuild_thread
-        if t is not None:
-            t.join()
+        for t in (self._maint, self._rebuild_thread):
+            if t is not None:
+                t.join()
+        self._maint = None
 
     # ---- internals -----------------------------------------------------------------------------
     def _new_graph(self) -> Any:
@@ -293,6 +301,12 @@ class AnnIndex:
         if which.size:
             pos = np.flatnonzero(np.isin(ids, which))
             graph.add(ids[pos].view(np.uint64), vecs[pos], threads=1)
+
+    def _yield_to_queries(self) -> None:
+        """Lets waiting queries take the lock first (for at most ``writer_yield_s``): a query
+        should wait for at most the one update chunk already running, not a queue of them."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._queries_waiting == 0, timeout=self.cfg.writer_yield_s)
 
     def _note_touched(self, ids: np.ndarray) -> None:
         if self._touched is not None and ids.size:

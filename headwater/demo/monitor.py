@@ -10,7 +10,6 @@ from headwater.metrics import scrape
 
 if TYPE_CHECKING:
     from headwater.demo.load import LoadClient
-    from headwater.demo.run import Component
 
 __all__ = ["DemoMonitor"]
 
@@ -22,7 +21,7 @@ class DemoMonitor:
     job); they are counted as the joiner consumes them instead.
     """
 
-    def __init__(self, components: list[Component], load: "LoadClient | None" = None,
+    def __init__(self, components: list, load: "LoadClient | None" = None,
                  replay: bool = False) -> None:
         self.load, self.replay = load, replay
         self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"

@@ -74,6 +74,7 @@ def test_a_rerank_is_scheduled_before_queued_generation(runtime, serve_with):
 
     resp, answered, ends = asyncio.run(scenario())
     assert resp.reranked == 6 and not resp.degraded
-    # first come first served would put the rerank after all 8 queued generations (after the
-    # 12th end at the earliest, behind the second wave at least); its class puts it first
-    assert answered < ends[7], (answered - ends[0], [e - ends[0] for e in ends])
+    # Three waves of 4 generations. First come first served would put the rerank's context
+    # behind all 8 queued generations and its candidates behind the third wave (after the 12th
+    # end); its class puts it into the second wave, answered before the third wave ends.
+    assert answered < ends[8], (answered - ends[0], [e - ends[0] for e in ends])

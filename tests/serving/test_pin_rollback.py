@@ -115,6 +115,11 @@ def _publish(trainer, rows, towers, scale):
     """One trained step, published as a sparse delta (and a tower every other step)."""
     trainer.train("item_id", IDS[::3] + int(scale) % 3, scale=scale)
     if int(scale) % 2:
+        # A dense publish first ships the rows not yet published, under their own version with
+        # the tower serving already has; the new tower then gets a version of its own.
+        v = int(trainer.table.version)
+        rows[v] = trainer.table.lookup("item_id", torch.from_numpy(IDS)).clone()
+        towers[v] = trainer.tower.head.bias.clone()
         with torch.no_grad():
             trainer.tower.head.bias.add_(0.25)
         trainer.pub.publish_dense(watermark_ms=int(time.time() * 1000))

@@ -83,7 +83,9 @@ def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(two_r
     assert manifest["world_size"] == 2 and manifest["examples_trained"] == 2400
     assert manifest["offsets"] == {f"{examples}:0": 4, f"{examples}:1": 4}
 
-    shards = [EmbeddingTable.load(str(ckpt / e["dir"] / "table")) for e in manifest["shards"]]
+    from training.checkpoint import CheckpointStore
+
+    shards = [EmbeddingTable.load(str(CheckpointStore(ckpt / e["dir"]).table_path)) for e in manifest["shards"]]
     owned = {slot: [t.ids(slot) for t in shards] for slot in ("user_id", "item_id", "f00")}
     for slot, per_rank in owned.items():
         for r, ids in enumerate(per_rank):
