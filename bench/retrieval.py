@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-sweep", default="", help="also report recall and latency at these ef, comma list")
     p.add_argument("--connectivity", type=int, default=32, help="HNSW links per node (M)")
     p.add_argument("--expansion-add", type=int, default=128, help="HNSW construction depth")
-    p.add_argument("--update-chunk", type=int, default=2, help="items per hold of the index lock")
+    p.add_argument("--update-chunk", type=int, default=1, help="items per hold of the index lock")
     p.add_argument("--small", action="store_true", help="a seconds-long run for tests: 3,000 items, few queries")
     add_threads(p, help_text="torch threads of the exact baseline (the index queries on one thread)")
     add_common(p, repeats=1, repeats_help="interleaved static passes of index, baseline and ceiling (medians)")

@@ -12,10 +12,9 @@ of a few probe queries against an exact scan. When either crosses its limit, :me
 builds a fresh graph from a snapshot of the vectors on a background thread, replays the ids
 touched meanwhile, and swaps it in under the lock: queries never see a half-built graph.
 
-Concurrency: usearch's Python calls release the GIL but share one per-thread search context, so
-every graph call holds the index lock; updates take it in chunks of ``update_chunk`` items, which
-bounds how long a query waits behind them. ``retrieval: exact`` skips the graph and scans the
-vectors (small catalogs, tests). Persistence: :mod:`serving.ann_persist`.
+Concurrency: usearch's Python calls release the GIL but share one search context, so every graph
+call holds the index lock; updates take it per ``update_chunk`` items, after waiting queries.
+``retrieval: exact`` scans the vectors instead (small catalogs, tests). Saving: ``ann_persist``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,12 +47,13 @@ class AnnConfig:
     # HNSW's M (links per node, 2M on the base layer): 32, not usearch's 16, because recall@100
     # on 1M clustered dim-64 items was 0.87 at ef 512 with 16 (100k: 0.936 vs 0.985 with 32)
     connectivity: int = 32
-    expansion_add: int = 128  # efConstruction
+    expansion_add: int = 128  # efConstruction of a build
+    expansion_add_live: int = 64  # ... of an insert on the hot path (half the cost; a rebuild restores)
     expansion_search: int = 768  # ef: the candidate list of a query, raised to k when k is larger
     max_k: int = 1000
-    update_chunk: int = 2  # items per hold of the lock while updating: a query waits at most one
-    # chunk, and one HNSW insert costs about as much as a query (usearch shares one search context
-    # between Python threads, so graph calls cannot overlap)
+    update_chunk: int = 1  # items per hold of the lock while updating: a query waits for at most
+    # one insert, which costs about as much as a query (usearch shares one search context between
+    # Python threads, so graph calls cannot overlap)
     writer_yield_s: float = 0.005  # longest an update chunk waits for queries to go first
     max_churn: float = 0.25  # (removed + replaced) since the last build / items then: rebuild
     min_probe_recall: float = 0.9  # recall@k of the probe queries against exact: below it, rebuild
@@ -80,7 +80,7 @@ class AnnStats:
     last_probe_recall: float | None = None
     rebuilding: bool = False
     last_build_s: float = 0.0
-    drift_reason: str | None = field(default=None)
+    drift_reason: str | None = None
 
 
 class AnnIndex:
@@ -159,6 +159,7 @@ class AnnIndex:
             with self._lock:
                 plan = self.store.upsert(cid, cvec)
                 if self._graph is not None and (plan.added.size or plan.replaced.size):
+                    self._graph.expansion_add = self.cfg.expansion_add_live
                     self._graph_upsert(self._graph, plan.replaced, cid, cvec, np.concatenate([plan.added, plan.replaced]))
                 self._stats.churn_since_build += int(plan.replaced.size)
                 self._note_touched(np.concatenate([plan.added, plan.replaced]))
@@ -167,12 +168,11 @@ class AnnIndex:
 
     def remove(self, ids: Any) -> int:
         """Removes the given items (unknown ids are ignored); returns how many were held."""
-        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
-        gone = 0
-        for lo in range(0, ids.size, self.cfg.update_chunk * 8):  # a removal only marks a node
+        ids, gone = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1)), 0
+        for lo in range(0, ids.size, 256):  # a removal only marks a node: microseconds each
             self._yield_to_queries()
             with self._lock:
-                hit = self.store.remove(ids[lo:lo + self.cfg.update_chunk * 8])
+                hit = self.store.remove(ids[lo:lo + 256])
                 if self._graph is not None and hit.size:
                     self._graph.remove(hit.view(np.uint64))
                 self._stats.churn_since_build += int(hit.size)
