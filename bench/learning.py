@@ -68,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None, help="comma list: one generator run per seed "
                    "(default: 0 .. --repeats - 1, i.e. 0,1,2)")
     p.add_argument("--eval-window", type=int, default=10_000, help="examples per prequential window")
+    p.add_argument("--emit", choices=("off", "window", "early", "both"), default="off",
+                   help="also compare the joiner's emissions on the generator (bench/delayed.py): "
+                   "window, early (+FNW and uncorrected) or both, under `delayed` in the JSON")
+    p.add_argument("--join-window-s", type=float, default=10.0, help="with --emit: join window")
+    p.add_argument("--early-hold-s", type=float, default=1.0, help="with --emit: early hold")
+    p.add_argument("--max-action-delay-s", type=float, default=None,
+                   help="generator: clicks follow within this delay (default: the generator's 30)")
     p.add_argument("--users", type=int, default=None)
     p.add_argument("--items", type=int, default=None)
     p.add_argument("--segments", type=int, default=None)
@@ -198,6 +205,8 @@ def _run_generator(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     world = GeneratorConfig()
     changes = {k: getattr(args, k) for k in ("users", "items", "segments", "categories")
                if getattr(args, k) is not None}
+    if args.max_action_delay_s is not None:
+        changes["max_action_delay_ms"] = int(args.max_action_delay_s * 1000)
     world = replace(world, **changes)
     seeds = _seeds(args)
     runs = []
@@ -231,6 +240,15 @@ def _run_generator(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
                      "segments": world.segments, "categories": world.categories,
                      "user_noise": world.user_noise, "item_noise": world.item_noise,
                      "temperature": world.temperature}}
+    if args.emit != "off":
+        from bench.delayed import ARMS, run_arms
+
+        arms = {"window": ARMS[:1], "early": ARMS[1:], "both": ARMS}[args.emit]
+        out["delayed"] = {
+            "arms": run_arms(replace(world, seed=seeds[0]), cfg, args.events, arms,
+                             int(args.join_window_s * 1000), int(args.early_hold_s * 1000)),
+            "seed": seeds[0], "join_window_s": args.join_window_s,
+            "early_hold_s": args.early_hold_s, "max_action_delay_ms": world.max_action_delay_ms}
     return out
 
 

@@ -23,14 +23,16 @@ __all__ = ["read_many", "read_rows", "find_rows", "scripted"]
 
 
 def read_rows(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-               lengths: List[Optional[torch.Tensor]], mode: str) -> List[torch.Tensor]:
+              lengths: List[Optional[torch.Tensor]], modes: List[str]) -> List[torch.Tensor]:
+    """Every slot's read: ``modes[i]`` pools slot ``i``'s bags (sum or mean; one id per row
+    where ``lengths[i]`` is None)."""
     out: List[torch.Tensor] = []
     for i in range(len(tabs)):
         bag_lengths = lengths[i]
         if bag_lengths is None:
             out.append(values[i].index_select(0, find_rows_torch(tabs[i], ids[i], 0)))  # row 0: the default
         else:
-            out.append(_pooled(tabs[i], values[i], ids[i], bag_lengths, mode))
+            out.append(_pooled(tabs[i], values[i], ids[i], bag_lengths, modes[i]))
     return out
 
 
@@ -72,10 +74,10 @@ def scripted(fn: Callable[..., Any]) -> Any:
 
 
 def read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-              lengths: List[Optional[torch.Tensor]], mode: str = "sum") -> List[torch.Tensor]:
+              lengths: List[Optional[torch.Tensor]], modes: List[str]) -> List[torch.Tensor]:
     """Per query ``i``: rows of ``ids[i]`` in probe table ``tabs[i]`` gathered from ``values[i]``,
-    one vector per id (``lengths[i]`` None) or pooled per bag (``mode`` sum or mean)."""
-    return scripted(read_rows)(tabs, values, ids, lengths, mode)
+    one vector per id (``lengths[i]`` None) or pooled per bag (``modes[i]``: sum or mean)."""
+    return scripted(read_rows)(tabs, values, ids, lengths, modes)
 
 
 def find_rows(tab: torch.Tensor, keys: torch.Tensor, missing: int = -1) -> torch.Tensor:

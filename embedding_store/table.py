@@ -158,23 +158,28 @@ class EmbeddingTable:
             return kernels.embedding_bag(st.values, r, offs.to(st.device), mode, w)
 
     def lookup_many(self, queries: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
-                    mode: str = "sum") -> list[torch.Tensor]:
+                    mode: str | Sequence[str] = "sum") -> list[torch.Tensor]:
         """Several read-only lookups at once: per ``(slot, ids, lengths)``, what
         ``lookup(slot, ids)`` (``lengths`` None) or ``lookup_bags(slot, ids, lengths, mode)``
-        returns, bit for bit. On CPU the whole read is one TorchScript call (one GIL release,
-        see :mod:`embedding_store.batched_read`): what a serving forward thread wants."""
-        if mode not in ("sum", "mean"):
-            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        returns, bit for bit; ``mode`` is one pooling for every query or one per query. On CPU
+        the whole read is one TorchScript call (one GIL release, see
+        :mod:`embedding_store.batched_read`): what a serving forward thread wants."""
+        modes = [mode] * len(queries) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(queries):
+            raise ValueError(f"{len(modes)} pooling modes for {len(queries)} queries")
+        for m in modes:
+            if m not in ("sum", "mean"):
+                raise ValueError(f"mode must be 'sum' or 'mean', got {m!r}")
         # NumPy-side preparation only: every torch call here would release the GIL and queue to get it back.
         ids = [torch.from_numpy(_ids_np(q[1])) for q in queries]
         lengths = [None if q[2] is None else torch.from_numpy(np.ascontiguousarray(q[2], dtype=np.int64).reshape(-1))
                    for q in queries]
         with self.read_views([slot for slot, _, _ in queries]) as views:
             if views is None:
-                return [self.lookup(slot, i) if n is None else self.lookup_bags(slot, i, n, mode=mode)
-                        for (slot, _, _), i, n in zip(queries, ids, lengths)]
+                return [self.lookup(slot, i) if n is None else self.lookup_bags(slot, i, n, mode=m)
+                        for (slot, _, _), i, n, m in zip(queries, ids, lengths, modes)]
             try:
-                return read_many(*views, ids, lengths, mode)
+                return read_many(*views, ids, lengths, modes)
             except torch.jit.Error as exc:
                 raise ValueError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
 

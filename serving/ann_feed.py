@@ -21,7 +21,7 @@ import numpy as np
 
 from serving.ann_index import AnnIndex
 
-__all__ = ["on_delta", "sync_from_table"]
+__all__ = ["on_delta", "sync_from_table", "table_rows"]
 
 _lock = threading.Lock()
 _last_table: "weakref.WeakKeyDictionary[AnnIndex, Any]" = weakref.WeakKeyDictionary()
@@ -59,3 +59,9 @@ def on_delta(index: AnnIndex, delta: Any, slot: str = "item_id") -> int:
             changed += index.upsert(sd.ids.astype(np.int64), sd.values.float())
     index.synced_version = max(index.synced_version, int(delta.to_version))
     return changed
+
+
+def table_rows(table: Any, slot: str = "item_id") -> tuple[np.ndarray, Any]:
+    """Every live (id, row) of ``slot``: what a first build (``AnnIndex.install``) starts from."""
+    sd = table.export_delta(since_version=-1, slots=[slot]).slots[slot]
+    return sd.ids.astype(np.int64), sd.values.float()

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.ann_vectors import VectorStore
-from serving.metrics import ANN_REBUILDS
+from serving.ann_vectors import VectorStore, check_items, check_query
+from serving.metrics import ANN_GRAPH_UPDATES, ANN_REBUILDS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class AnnIndex:
         self.cfg = cfg
         self.store = VectorStore(cfg.dim)
         self.synced_version = -1  # the table version the contents reflect (serving.ann_feed)
+        self.origin = "new"  # where the contents came from: new, loaded, rebuilt, source (serving.ann_persist)
         self._lock = threading.Lock()
         self._turn = threading.Condition()  # queries waiting for the lock go before the next update chunk
         self._queries_waiting = 0
@@ -126,7 +127,7 @@ class AnnIndex:
     def topk(self, query: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` items with the largest ``<query, item>``: (ids int64, scores float32), best
         first; fewer when fewer items are held. Raises ``ValueError`` on a bad query or ``k``."""
-        q = self._check_query(query, k)
+        q = check_query(query, k, self.cfg.dim, self.cfg.max_k)
         with self._turn:
             self._queries_waiting += 1
         try:
@@ -151,8 +152,10 @@ class AnnIndex:
     def upsert(self, ids: Any, vectors: Any) -> int:
         """Adds new items and replaces the vectors of known ones; returns how many changed (an
         item sent again with the same vector costs nothing). Ids repeated in one call: the last wins."""
-        ids, vecs = self._check_items(ids, vectors)
-        changed = 0
+        ids, vecs = check_items(ids, vectors, self.cfg.dim)
+        with self._lock:  # items sent again unchanged skip the loop (a reconcile resends them all)
+            keep = ~self.store.unchanged(ids, vecs)
+        ids, vecs, changed = ids[keep], vecs[keep], 0
         for lo in range(0, ids.size, self.cfg.update_chunk):
             cid, cvec = ids[lo:lo + self.cfg.update_chunk], vecs[lo:lo + self.cfg.update_chunk]
             self._yield_to_queries()
@@ -164,6 +167,7 @@ class AnnIndex:
                 self._stats.churn_since_build += int(plan.replaced.size)
                 self._note_touched(np.concatenate([plan.added, plan.replaced]))
             changed += int(plan.added.size + plan.replaced.size)
+        ANN_GRAPH_UPDATES.inc(changed if self._graph is not None else 0)
         return changed
 
     def remove(self, ids: Any) -> int:
@@ -193,7 +197,7 @@ class AnnIndex:
     def install(self, ids: np.ndarray, vecs: np.ndarray, graph: Any, synced_version: int = -1) -> None:
         """Replaces the contents with ``ids``/``vecs`` and ``graph`` (a usearch index over exactly
         them); with ``graph=None`` in ``hnsw`` mode the graph is built here, on every core."""
-        ids, vecs = self._check_items(ids, vecs)
+        ids, vecs = check_items(ids, vecs, self.cfg.dim)
         store = VectorStore(self.cfg.dim, capacity=ids.size)
         store.upsert(ids, vecs)
         if self.cfg.retrieval == "hnsw" and graph is None:
@@ -371,30 +375,3 @@ class AnnIndex:
                 graph.remove(in_graph.view(np.uint64))
             if found.any():
                 graph.add(part[found].view(np.uint64), vecs, threads=1)
-
-    def _check_query(self, query: Any, k: int) -> np.ndarray:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"k: must be an integer, got {type(k).__name__}")
-        if not 1 <= k <= self.cfg.max_k:
-            raise ValueError(f"k: must be in [1, {self.cfg.max_k}], got {k}")
-        q = np.asarray(query.detach().cpu().numpy() if hasattr(query, "detach") else query, dtype=np.float32)
-        if q.ndim != 1 and not (q.ndim == 2 and q.shape[0] == 1):
-            raise ValueError(f"query: must be one vector, got shape {tuple(q.shape)}")
-        q = q.reshape(-1)
-        if q.size != self.cfg.dim:
-            raise ValueError(f"query: dimension {q.size} != index dimension {self.cfg.dim}")
-        if not np.isfinite(q).all():
-            raise ValueError("query: has NaN or infinite values")
-        return np.ascontiguousarray(q)
-
-    def _check_items(self, ids: Any, vectors: Any) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        v = vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors
-        v = np.ascontiguousarray(v, dtype=np.float32)
-        if v.ndim != 2 or v.shape != (ids.size, self.cfg.dim):
-            raise ValueError(f"vectors: shape {tuple(v.shape)} != ({ids.size}, {self.cfg.dim})")
-        if not np.isfinite(v).all():
-            raise ValueError("vectors: have NaN or infinite values")
-        _, last = np.unique(ids[::-1], return_index=True)  # repeated ids: the last one wins
-        keep = np.sort(ids.size - 1 - last)
-        return ids[keep], v[keep]

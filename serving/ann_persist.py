@@ -69,6 +69,7 @@ def load_index(path: str, cfg: AnnConfig, rebuild_from: RebuildSource | None = N
         log.info("ann index: none saved at %s; building from the source", path)
         ids, vecs = _from_source(rebuild_from, cfg)
         index.install(ids, vecs, graph=None, synced_version=-1)
+        index.origin = "source"
         return index
     try:
         meta = _read_meta(path, cfg)
@@ -77,6 +78,7 @@ def load_index(path: str, cfg: AnnConfig, rebuild_from: RebuildSource | None = N
         _failed(path, e)
         ids, vecs = _from_source(rebuild_from, cfg)
         index.install(ids, vecs, graph=None, synced_version=-1)
+        index.origin = "source"
         return index
     graph = None
     if cfg.retrieval == "hnsw":
@@ -85,6 +87,7 @@ def load_index(path: str, cfg: AnnConfig, rebuild_from: RebuildSource | None = N
         except _Unusable as e:
             _failed(path, e)
     index.install(ids, vecs, graph=graph, synced_version=int(meta.get("synced_version", -1)))
+    index.origin = "loaded" if graph is not None or cfg.retrieval == "exact" else "rebuilt"
     return index
 
 

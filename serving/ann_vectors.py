@@ -14,13 +14,14 @@ writer (a rebuild's copy, a probe scan) read through :meth:`arrays`, whose array
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from embedding_store.id_index import IdIndex
 
-__all__ = ["UpsertPlan", "VectorStore", "topk_rows"]
+__all__ = ["UpsertPlan", "VectorStore", "check_items", "check_query", "topk_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,13 @@ class VectorStore:
         rows = self._map.find(ids)
         found = rows >= 0
         return found, self._vecs[rows[found]]
+
+    def unchanged(self, ids: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+        """Mask of the ``ids`` stored already with exactly ``vecs``."""
+        found, old = self.get(ids)
+        same = np.zeros(ids.size, bool)
+        same[found] = np.all(old == vecs[found], axis=1)
+        return same
 
     def upsert(self, ids: np.ndarray, vecs: np.ndarray) -> UpsertPlan:
         """Stores ``vecs`` under ``ids`` (distinct); returns which were new and which changed."""
@@ -142,3 +150,36 @@ def topk_rows(ids: np.ndarray, vecs: np.ndarray, live: np.ndarray, queries: np.n
     n_live = int(live.sum())
     best_s, best_r = best_s[:, :n_live], best_r[:, :n_live]
     return ids[best_r.numpy()], best_s.numpy()
+
+
+def check_query(query: Any, k: int, dim: int, max_k: int) -> np.ndarray:
+    """One finite query vector of ``dim`` values (float32, contiguous) and ``1 <= k <= max_k``, or
+    a ``ValueError`` naming what is wrong (serving answers it as INVALID_ARGUMENT)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k: must be an integer, got {type(k).__name__}")
+    if not 1 <= k <= max_k:
+        raise ValueError(f"k: must be in [1, {max_k}], got {k}")
+    q = np.asarray(query.detach().cpu().numpy() if hasattr(query, "detach") else query, dtype=np.float32)
+    if q.ndim != 1 and not (q.ndim == 2 and q.shape[0] == 1):
+        raise ValueError(f"query: must be one vector, got shape {tuple(q.shape)}")
+    q = q.reshape(-1)
+    if q.size != dim:
+        raise ValueError(f"query: dimension {q.size} != index dimension {dim}")
+    if not np.isfinite(q).all():
+        raise ValueError("query: has NaN or infinite values")
+    return np.ascontiguousarray(q)
+
+
+def check_items(ids: Any, vectors: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, vectors float32 ``[n, dim]``), finite, each id once (a repeated id: the last
+    one wins), or a ``ValueError``."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    v = vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if v.ndim != 2 or v.shape != (ids.size, dim):
+        raise ValueError(f"vectors: shape {tuple(v.shape)} != ({ids.size}, {dim})")
+    if not np.isfinite(v).all():
+        raise ValueError("vectors: have NaN or infinite values")
+    _, last = np.unique(ids[::-1], return_index=True)
+    keep = np.sort(ids.size - 1 - last)
+    return ids[keep], v[keep]

@@ -94,9 +94,9 @@ def tower_logits(model: "ServingModel", emb: torch.Tensor, dense: torch.Tensor |
 
 
 def _batch_embeddings(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-                      lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str) -> torch.Tensor:
+                      lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, modes: List[str]) -> torch.Tensor:
     """float32[rows, slots, dim]: every slot's read, request-level bags broadcast to their rows."""
-    read = read_rows(tabs, values, ids, lengths, mode)
+    read = read_rows(tabs, values, ids, lengths, modes)
     cols: List[torch.Tensor] = []
     for i in range(len(read)):
         bag_lengths = lengths[i]
@@ -122,9 +122,9 @@ class _LocalBatch(torch.nn.Module):
         self.tower = tower
 
     def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,
+                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, modes: List[str],
                 shift: float) -> torch.Tensor:
-        emb = _batch_embeddings(tabs, values, ids, lengths, job_of_row, mode)
+        emb = _batch_embeddings(tabs, values, ids, lengths, job_of_row, modes)
         return calibrated(_float(self.tower(emb)), shift)
 
 
@@ -132,18 +132,18 @@ class _LocalBatchDense(_LocalBatch):
     """:class:`_LocalBatch` for a tower with dense inputs (per row: its job's dense features)."""
 
     def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,
+                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, modes: List[str],
                 shift: float, dense: torch.Tensor) -> torch.Tensor:
-        emb = _batch_embeddings(tabs, values, ids, lengths, job_of_row, mode)
+        emb = _batch_embeddings(tabs, values, ids, lengths, job_of_row, modes)
         return calibrated(_float(self.tower(emb, dense.index_select(0, job_of_row))), shift)
 
 
 def _row_embeddings(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
                     lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, row_bags: List[bool],
-                    mode: str) -> torch.Tensor:
+                    modes: List[str]) -> torch.Tensor:
     """:func:`_batch_embeddings` where some bags are per candidate row already (``row_bags[i]``:
     item-side slots read from the catalog), so only the others are broadcast."""
-    read = read_rows(tabs, values, ids, lengths, mode)
+    read = read_rows(tabs, values, ids, lengths, modes)
     cols: List[torch.Tensor] = []
     for i in range(len(read)):
         if lengths[i] is None or row_bags[i]:
@@ -157,9 +157,9 @@ class _LocalRows(_LocalBatch):
     """:class:`_LocalBatch` with item-side features: per-row bags where ``row_bags`` says so."""
 
     def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,
+                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, modes: List[str],
                 shift: float, row_bags: List[bool]) -> torch.Tensor:
-        emb = _row_embeddings(tabs, values, ids, lengths, job_of_row, row_bags, mode)
+        emb = _row_embeddings(tabs, values, ids, lengths, job_of_row, row_bags, modes)
         return calibrated(_float(self.tower(emb)), shift)
 
 
@@ -167,9 +167,9 @@ class _LocalRowsDense(_LocalBatch):
     """:class:`_LocalRows` for a tower with dense inputs, given per row (user part + item tail)."""
 
     def forward(self, tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
-                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, mode: str,
+                lengths: List[Optional[torch.Tensor]], job_of_row: torch.Tensor, modes: List[str],
                 shift: float, row_bags: List[bool], dense: torch.Tensor) -> torch.Tensor:
-        emb = _row_embeddings(tabs, values, ids, lengths, job_of_row, row_bags, mode)
+        emb = _row_embeddings(tabs, values, ids, lengths, job_of_row, row_bags, modes)
         return calibrated(_float(self.tower(emb, dense)), shift)
 
 
@@ -203,10 +203,11 @@ def score_in_one_call(model: "ServingModel", table: Any, queries: list[tuple[str
     extra = () if dense is None else (torch.from_numpy(dense),)
     if row_bags is not None:
         extra = (row_bags, *extra)
+    modes = [model.tower.cfg.pooling_of(slot) for slot, _, _ in queries]
     with views_of([slot for slot, _, _ in queries]) as views:  # the table's lock: no writer meanwhile
         if views is None:
             return None
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            probs = forward(*views, ids, lengths, job_of_row, model.tower.cfg.pooling, calibrator.shift, *extra)
+            probs = forward(*views, ids, lengths, job_of_row, modes, calibrator.shift, *extra)
     return probs.numpy()
 

@@ -26,7 +26,9 @@ class ServeConfig:
     negative_sample_rate: float = field(default=1.0, metadata={"help": "negative downsampling rate the model was fitted on UNWEIGHTED (log-odds shift log(r)); 1 = none (the trainer's weighted loss)"})
     user_slot: str = field(default="user_id", metadata={"help": "slot that receives the request's user_id"})
     item_slot: str = field(default="item_id", metadata={"help": "slot of candidate items (and retrieval)"})
-    retrieve_k: int = field(default=200, metadata={"help": "items retrieved by dot product before ranking when no candidates are given"})
+    retrieve_k: int = field(default=200, metadata={"help": "items retrieved by dot product before ranking when no candidates are given (a call may ask for up to 1000: retrieve_k)"})
+    retrieval: str = field(default="auto", metadata={"help": "how Recommend without candidates finds them: ann (an HNSW index fed from the replica's deltas, saved with the replica's state), exact (a scan of every item row), or auto (ann once the item slot holds ann_min_items rows, exact below)"})
+    ann_min_items: int = field(default=250_000, metadata={"help": "retrieval auto: item rows from which the ANN index is built and used; below, an exact scan is as fast (200k dim-64 items: scan p50 4.1 ms, index 5.1 ms at ef 768 on 2 cores) and exact"})
     default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
     precision: str = field(default="auto", metadata={"help": "tower matmuls: float32, bfloat16, or auto (bfloat16 where the CPU has native bf16)"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (0 = torch's default); 1 by default: idle OpenMP workers spin and starve the gRPC threads on small boxes"})
@@ -44,6 +46,10 @@ class ServeConfig:
             raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
         if self.max_batch_rows <= 0 or self.max_queue <= 0 or self.workers <= 0:
             raise ValueError("max_batch_rows, max_queue and workers must be positive")
+        if self.retrieval not in ("auto", "ann", "exact"):
+            raise ValueError(f"retrieval must be auto, ann or exact, got {self.retrieval!r}")
+        if self.retrieve_k <= 0 or self.ann_min_items < 0:
+            raise ValueError("retrieve_k must be positive and ann_min_items not negative")
         if self.max_catalog_items <= 0:
             raise ValueError(f"max_catalog_items must be positive, got {self.max_catalog_items}")
         if self.processes < 1:

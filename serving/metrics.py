@@ -12,7 +12,8 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG",
            "QUEUE_JOBS", "PARAMS_AGE", "DEGRADED", "RERANK_CALLS", "RERANK_DEGRADED", "RERANK_SECONDS",
            "RERANK_SKIPPED", "RERANK_PREFIX_HIT", "HISTORY_USERS", "HISTORY_EVENTS", "ITEM_TEXTS",
-           "ITEM_TEXT_EVICTIONS", "ITEM_TEXT_REJECTED", "GATE_HELD", "ANN_REBUILDS", "ANN_LOAD_FAILURES"]
+           "ITEM_TEXT_EVICTIONS", "ITEM_TEXT_REJECTED", "GATE_HELD", "ANN_REBUILDS", "ANN_LOAD_FAILURES",
+           "ANN_GRAPH_UPDATES", "ANN_ITEMS", "RETRIEVALS"]
 
 _MS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
        0.1, 0.25, 0.5, 1.0, 2.5)
@@ -55,3 +56,8 @@ ANN_REBUILDS = Counter("hw_serve_ann_rebuilds", "background rebuilds of the ANN 
                        "(reason: churn, recall, manual, load)", ["reason"])
 ANN_LOAD_FAILURES = Counter("hw_serve_ann_load_failures", "saved ANN indexes that failed to load and were "
                             "rebuilt from the vectors (reason: missing, checksum, format, vectors)", ["reason"])
+ANN_GRAPH_UPDATES = Counter("hw_serve_ann_graph_updates", "items added to or replaced in the ANN graph one by "
+                            "one from the replica's deltas (builds and loads not counted)")
+ANN_ITEMS = Gauge("hw_serve_ann_items", "items in the ANN item index", multiprocess_mode="livemax")
+RETRIEVALS = Counter("hw_serve_retrievals", "Recommend calls without candidates by the stage that produced them "
+                     "(source: ann, exact)", ["source"])

@@ -27,15 +27,15 @@ import torch
 from batching import ComputeGate
 from serving import metrics as m
 from serving.calibration import Calibrator
+from serving.ann_retrieval import ItemRetriever, Retrieved
 from serving.config import ServeConfig
 from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
 from serving.response_wire import encode_recommend_response
-from serving.retrieval import ItemIndex
 from serving.rpc_guard import MalformedRequest
 from serving.scoring import ItemSource, RankJob, ServingModel, item_dense_width, score_examples, score_jobs
 from serving.shard_fleet import ShardsUnavailable
-from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job
+from serving.validation import InvalidRequest, Limits, embedding_ids, example_rows, rank_job, retrieval_args
 from training.model import bf16_supported
 
 if TYPE_CHECKING:  # the rerank stage (and the LLM engine under it) loads only with --llm
@@ -44,6 +44,10 @@ if TYPE_CHECKING:  # the rerank stage (and the LLM engine under it) loads only w
 log = logging.getLogger(__name__)
 
 __all__ = ["RecommenderService", "ServiceError", "top_order"]
+
+# candidate_source of a call that brought its candidates: appended to the encoded response
+# (a message's fields may come in any order on the wire; a later field merges into the message)
+_FROM_REQUEST = pb2.RecommendResponse(candidate_source="request").SerializeToString()
 
 
 def top_order(items: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
@@ -127,7 +131,10 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.items = items
         self.calibrator = calibrator
         self.limits = Limits()
-        self.index = ItemIndex(cfg.item_slot)
+        # a ParamServer's state_dir: the ANN index is saved beside the replica there
+        state_dir = getattr(getattr(source, "cfg", None), "state_dir", "")
+        self.retriever = ItemRetriever(cfg.retrieval, cfg.item_slot, cfg.ann_min_items,
+                                       max(self.limits.max_retrieve_k, cfg.retrieve_k), state_dir)
         self.batcher: MicroBatcher | None = None
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
@@ -170,8 +177,11 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         # the batcher drops jobs whose deadline passed anyway; either way they cost no compute.
         return await self.batcher.submit_async(job, cost=max(int(job.items.size), 1), deadline=deadline)
 
-    def _retrieve(self, model: ServingModel, job: RankJob) -> np.ndarray:
-        """Candidates by dot product between the pooled user/context bags and every item row."""
+    def _retrieve(self, model: ServingModel, job: RankJob, k: int, query: np.ndarray | None) -> Retrieved:
+        """Candidates by dot product between ``query`` (default: the pooled user/context bags) and
+        the item rows: the ANN index or an exact scan (``serving.ann_retrieval``)."""
+        if query is not None:
+            return self._search(model, torch.from_numpy(query), k)
         cfg = model.tower.cfg
         wanted = {}
         for slot in cfg.slots:
@@ -187,11 +197,13 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         query = torch.zeros(cfg.embedding_dim)
         for slot, ids in wanted.items():
             query += self.lookup(table, slot, ids).sum(dim=0)
-        search = getattr(model.table, "retrieve", None)  # sharded: each shard searches its own items
+        return self._search(model, query, k)
+
+    def _search(self, model: ServingModel, query: torch.Tensor, k: int) -> Retrieved:
+        search = getattr(model.table, "retrieve", None)  # sharded: each shard scans its own items
         if search is not None:
-            return search(self.cfg.item_slot, query, self.cfg.retrieve_k)[0]
-        self.index.sync(model.table)
-        return self.index.topk(query, self.cfg.retrieve_k)[0]
+            return Retrieved(search(self.cfg.item_slot, query, k)[0], "exact", int(model.version))
+        return self.retriever.retrieve(model.table, query, k)
 
     def _rerank_args(self, request) -> tuple[int, float]:
         """``(top_n, weight)`` of this call's rerank: the server's, or the call's override."""
@@ -213,9 +225,13 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model has no item slot {self.cfg.item_slot!r}")
         rerank_n, weight = self._rerank_args(request)
+        retrieve_k, query = retrieval_args(request, self.cfg.retrieve_k, model.tower.cfg.embedding_dim, self.limits)
+        stage = _FROM_REQUEST
         if job.items.size == 0:
-            job.items = await self._offload(self._retrieve, model, job)
-            top_k = top_k or self.cfg.default_top_k
+            found = await self._offload(self._retrieve, model, job, retrieve_k, query)
+            job.items, top_k = found.ids, top_k or self.cfg.default_top_k
+            stage = pb2.RecommendResponse(candidate_source=found.source,
+                                          retrieval_version=found.version).SerializeToString()
         ids, scores = job.items[:0], np.zeros(0, np.float32)
         extra: dict[str, Any] = {}
         if job.items.size:
@@ -229,7 +245,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
             ids, scores = job.items[order], probs[order]
         # Already-encoded bytes (the server sends them as they are): see serving.response_wire.
         return encode_recommend_response(ids, scores, model_version=model.version, model_id=model.model_id,
-                                         freshness_lag_ms=self.source.freshness_lag_ms(), **extra)
+                                         freshness_lag_ms=self.source.freshness_lag_ms(), **extra) + stage
 
     async def _reranked(self, user_id: int, items: np.ndarray, probs: np.ndarray, order: np.ndarray,
                         top_n: int, weight: float) -> tuple[np.ndarray, dict[str, Any]]:

@@ -6,6 +6,11 @@ only changed blocks), the tower as safetensors, and ``meta.json`` last (the next
 version, watermark, the tower's sha256). Re-applying a message after a crash between the writes
 is harmless: rows and towers are values, not increments. A state that is missing, unreadable,
 corrupt or saved for another model or shard is not loaded: Kafka still has everything.
+
+Companions: state derived from the table (the ANN item index, :mod:`serving.ann_retrieval`) is
+saved beside it, in ``root/<name>``, each time the replica is: its owner :func:`attach`-es it to
+the root and loads it back itself. A companion that fails to save is logged, never the replica's
+save's failure (a restart rebuilds it from the table).
 """
 
 from __future__ import annotations
@@ -14,13 +19,49 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["ReplicaPlace", "ReplicaPosition", "SavedReplica", "load_replica", "save_replica"]
+__all__ = ["ReplicaCompanion", "ReplicaPlace", "ReplicaPosition", "SavedReplica", "attach", "load_replica",
+           "save_replica"]
 
 log = logging.getLogger(__name__)
+
+
+class ReplicaCompanion(Protocol):
+    """State saved beside a replica's table, in ``root/<name>``."""
+
+    name: str
+
+    def save_beside(self, directory: Path) -> None: ...
+
+
+_companions: dict[Path, dict[str, "weakref.ref[Any]"]] = {}
+_companions_lock = threading.Lock()
+
+
+def attach(root: Path, companion: ReplicaCompanion) -> Path:
+    """Saves ``companion`` with every replica save under ``root`` (until it is garbage, or another
+    of the same name is attached there); returns its directory."""
+    root = Path(root).resolve()
+    with _companions_lock:
+        _companions.setdefault(root, {})[companion.name] = weakref.ref(companion)
+    return root / companion.name
+
+
+def _save_companions(root: Path) -> None:
+    with _companions_lock:
+        refs = list(_companions.get(root.resolve(), {}).values())
+    for c in (r() for r in refs):
+        if c is None:
+            continue
+        try:
+            c.save_beside(root / c.name)
+        except Exception:  # derived state: a restart rebuilds it from the table
+            log.exception("saving %s beside the replica in %s failed", c.name, root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +102,7 @@ def save_replica(root: Path, place: ReplicaPlace, position: ReplicaPosition, tab
             "num_shards": place.num_shards, "shard_index": place.shard_index, "partition": place.partition,
             "tower_sha256": hashlib.sha256(tower_bytes).hexdigest()}  # checked on restore
     table.save(str(root / "table"), incremental=True)
+    _save_companions(root)
     _atomic_write(root / "tower.safetensors", tower_bytes)
     _atomic_write(root / "meta.json", json.dumps(meta).encode())
     log.info("replica persisted at offset %d (version %d)", meta["next_offset"], meta["version"])

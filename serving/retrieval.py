@@ -35,6 +35,11 @@ class ItemIndex:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    @property
+    def version(self) -> int:
+        """The table version the rows reflect (-1 before the first sync)."""
+        return self._version
+
     def sync(self, table: Any) -> int:
         """Brings the index up to ``table``'s current version; returns rows changed."""
         with self._lock:

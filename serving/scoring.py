@@ -43,7 +43,7 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
     if probs is None:  # remote table or GPU: the same maths in steps
         cfg = model.tower.cfg
         with torch.no_grad():
-            read = _read(batch.table, batch.queries, cfg.pooling)
+            read = _read(batch.table, batch.queries, cfg)
             # The item slot (and item-side slots) have one row per candidate; request-level bags
             # are broadcast to theirs.
             pooled = [v if lengths is None or (row_bags is not None and row_bags[i]) else v.index_select(0, job_of_row)
@@ -71,7 +71,7 @@ def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrato
         feeds[slot] = cross_bags(a[0], a[1], b[0], b[1])
     table = prefetched(model.table, {slot: values for slot, (values, _) in feeds.items()})
     with torch.no_grad():
-        pooled = _read(table, [(slot, values, lengths) for slot, (values, lengths) in feeds.items()], cfg.pooling)
+        pooled = _read(table, [(slot, values, lengths) for slot, (values, lengths) in feeds.items()], cfg)
         emb = torch.stack(pooled, dim=1).float()
         dense = None
         if cfg.dense_dim:
@@ -80,12 +80,14 @@ def score_examples(model: ServingModel, rows: ExampleRows, calibrator: Calibrato
         return calibrator.probabilities(tower_logits(model, emb, dense, bf16)).numpy()
 
 
-def _read(table: Any, queries: list[tuple[str, np.ndarray, np.ndarray | None]], mode: str) -> list[torch.Tensor]:
-    """Every slot's lookup of one batch: in one call where the table offers ``lookup_many`` (a
-    local ``EmbeddingTable``), else one ``lookup`` / ``lookup_bags`` per slot (a remote table)."""
+def _read(table: Any, queries: list[tuple[str, np.ndarray, np.ndarray | None]], cfg: Any) -> list[torch.Tensor]:
+    """Every slot's lookup of one batch, each slot pooled as the model pools it
+    (``cfg.pooling_of``): in one call where the table offers ``lookup_many`` (a local
+    ``EmbeddingTable``), else one ``lookup`` / ``lookup_bags`` per slot (a remote table)."""
+    modes = [cfg.pooling_of(slot) for slot, _, _ in queries]
     many = getattr(table, "lookup_many", None)
     if many is not None:
-        return many(queries, mode=mode)
+        return many(queries, mode=modes)
     return [table.lookup(slot, torch.from_numpy(ids)) if lengths is None
             else table.lookup_bags(slot, torch.from_numpy(ids), torch.from_numpy(lengths), mode=mode)
-            for slot, ids, lengths in queries]
+            for (slot, ids, lengths), mode in zip(queries, modes)]

@@ -13,7 +13,7 @@ import numpy as np
 
 from serving.scoring import ExampleRows, RankJob
 
-__all__ = ["InvalidRequest", "Limits", "rank_job", "example_rows", "embedding_ids"]
+__all__ = ["InvalidRequest", "Limits", "rank_job", "retrieval_args", "example_rows", "embedding_ids"]
 
 
 class InvalidRequest(ValueError):
@@ -29,6 +29,7 @@ class Limits:
     max_ids_per_bag: int = 1_000
     max_examples: int = 10_000
     max_total_ids: int = 1_000_000  # ids over all bags of one call: bounds a call's work and memory
+    max_retrieve_k: int = 1_000  # items one call may retrieve (the ANN index's largest k)
 
 
 def _ids(values, field: str, limit: int) -> np.ndarray:
@@ -85,6 +86,30 @@ def rank_job(req, slots: tuple[str, ...], dense_dim: int, item_slot: str, limits
         raise InvalidRequest(f"context: slot {item_slot!r} is the candidate slot; use candidate_item_ids")
     dense = _dense(req.dense, "dense", dense_dim, item_dense_dim)
     return RankJob(user_id=int(req.user_id), items=items, context=context, dense=dense), top_k
+
+
+def retrieval_args(req, default_k: int, dim: int, limits: Limits) -> tuple[int, np.ndarray | None]:
+    """``RecommendRequest`` without candidates -> (items to retrieve, the caller's query vector or
+    None); with candidates, the retrieval fields are refused rather than silently ignored."""
+    has_query = len(req.retrieval_query) > 0
+    if len(req.candidate_item_ids):
+        if has_query or req.HasField("retrieve_k"):
+            raise InvalidRequest("retrieval_query, retrieve_k: only used without candidate_item_ids")
+        return 0, None
+    k = default_k  # the server's own --retrieve-k is trusted; a call's is bounded
+    if req.HasField("retrieve_k"):
+        k = int(req.retrieve_k)
+        if not 1 <= k <= limits.max_retrieve_k:
+            raise InvalidRequest(f"retrieve_k: must be in [1, {limits.max_retrieve_k}], got {k}")
+    if not has_query:
+        return k, None
+    if len(req.retrieval_query) != dim:
+        raise InvalidRequest(f"retrieval_query: expected {dim} values (the item slot's dim), "
+                             f"got {len(req.retrieval_query)}")
+    query = np.fromiter(req.retrieval_query, dtype=np.float32, count=dim)
+    if not np.isfinite(query).all():
+        raise InvalidRequest("retrieval_query: values must be finite")
+    return k, query
 
 
 def example_rows(req, slots: tuple[str, ...], dense_dim: int, limits: Limits) -> ExampleRows:

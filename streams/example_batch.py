@@ -6,7 +6,7 @@ Columns travel as raw little-endian buffers inside the msgpack envelope and deco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,19 @@ class Ragged:
         return Ragged(np.zeros(0, np.int64), np.zeros(n, np.int32))
 
 
+EMIT_WINDOW = 0  # the label is final: emitted when the request's join window closed
+EMIT_EARLY = 1  # early emission: a negative at the hold, or the positive copy of a later click
+
+
 @dataclass
 class ExampleBatch:
-    """Columnar training examples: the payload of ``hw.examples`` (see docs/contracts)."""
+    """Columnar training examples: the payload of ``hw.examples`` (see docs/contracts).
+
+    ``emit`` (uint8 per row) says how the joiner emitted the row: :data:`EMIT_WINDOW` or
+    :data:`EMIT_EARLY` (a biased stream in which every positive also came once as a negative;
+    the trainer corrects for it, :mod:`training.delayed_feedback`). Absent on the wire (older
+    messages, windowed joins) it reads as all :data:`EMIT_WINDOW`.
+    """
 
     example_id: np.ndarray  # int64[n]
     user_id: np.ndarray  # int64[n]
@@ -56,13 +66,23 @@ class ExampleBatch:
     sparse: dict[str, Ragged]
     dense: np.ndarray  # float32[n, d]
     truth_p: np.ndarray  # float32[n], NaN when unknown
+    emit: np.ndarray = field(default=None)  # type: ignore[assignment]  # uint8[n]; None = window
 
     _COLUMNS = (("example_id", np.int64), ("user_id", np.int64), ("item_id", np.int64),
                 ("label", np.float32), ("sample_rate", np.float32),
                 ("event_time_ms", np.int64), ("truth_p", np.float32))
 
+    def __post_init__(self) -> None:
+        if self.emit is None:
+            self.emit = np.zeros(len(self.example_id), np.uint8)
+
     def __len__(self) -> int:
         return len(self.example_id)
+
+    @property
+    def early(self) -> np.ndarray:
+        """bool[n]: rows of an early-emitted (delayed-feedback) stream."""
+        return self.emit == EMIT_EARLY
 
     def take(self, index: np.ndarray) -> "ExampleBatch":
         """The rows ``index`` (a boolean mask or integer indices) as a new batch."""
@@ -71,7 +91,7 @@ class ExampleBatch:
             index = np.flatnonzero(index)
         cols = {name: getattr(self, name)[index] for name, _ in self._COLUMNS}
         return ExampleBatch(**cols, sparse={k: r.take(index) for k, r in self.sparse.items()},
-                            dense=self.dense[index])
+                            dense=self.dense[index], emit=self.emit[index])
 
     @staticmethod
     def concat(batches: list["ExampleBatch"]) -> "ExampleBatch":
@@ -91,7 +111,8 @@ class ExampleBatch:
             sparse[s] = Ragged(np.concatenate([p.values for p in parts]).astype(np.int64, copy=False),
                                np.concatenate([p.lengths for p in parts]).astype(np.int32, copy=False))
         dense = np.concatenate([b.dense.reshape(len(b), d) for b in batches]).astype(np.float32, copy=False)
-        return ExampleBatch(**cols, sparse=sparse, dense=dense)
+        emit = np.concatenate([b.emit for b in batches]).astype(np.uint8, copy=False)
+        return ExampleBatch(**cols, sparse=sparse, dense=dense, emit=emit)
 
     @staticmethod
     def empty() -> "ExampleBatch":
@@ -112,6 +133,8 @@ def encode_examples(batch: ExampleBatch) -> bytes:
                      for s, r in batch.sparse.items()}
     dense = np.ascontiguousarray(batch.dense, "<f4").reshape(n, -1) if n else batch.dense
     msg["dense"] = [int(dense.shape[1]) if dense.ndim == 2 else 0, dense.tobytes()]
+    if batch.emit.any():  # windowed batches keep the older wire form, byte for byte
+        msg["emit"] = np.ascontiguousarray(batch.emit, np.uint8).tobytes()
     return pack(msg)
 
 
@@ -154,4 +177,7 @@ def decode_examples(data: bytes) -> ExampleBatch:
         raise SchemaError("dense is not [width >= 0, buffer]")
     d = dense_pair[0]
     dense = _column("dense", dense_pair[1], "<f4", n * d).reshape(n, d)
-    return ExampleBatch(**cols, sparse=sparse, dense=dense)
+    emit = _column("emit", obj["emit"], "|u1", n) if "emit" in obj else None
+    if emit is not None and (emit > EMIT_EARLY).any():
+        raise SchemaError(f"emit holds an unknown kind (want {EMIT_WINDOW} or {EMIT_EARLY})")
+    return ExampleBatch(**cols, sparse=sparse, dense=dense, emit=emit)

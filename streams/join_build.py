@@ -1,4 +1,8 @@
-"""Turns closed requests (an impression plus the actions that joined it) into an ExampleBatch.
+"""Turns requests (an impression plus the actions that joined it) into an ExampleBatch.
+
+Two emissions (``headwater join --emit``): :func:`build_examples` at window close, labels final;
+:func:`build_early` at the request's short hold (every item as a negative) and again for each
+positive action that comes later (its positive copy, under :func:`positive_copy_ids`).
 
 Python touches each request once to gather its lists; the per-example work (ids, hashing,
 labels, downsampling, ragged features) is NumPy over the whole step's examples.
@@ -11,7 +15,8 @@ from itertools import chain
 
 import numpy as np
 
-from streams.events import ExampleBatch, Ragged, keep_negative, request_hash
+from streams.events import ExampleBatch, Ragged, keep_negative, mix64, request_hash
+from streams.example_batch import EMIT_EARLY
 from streams.ids import row_example_ids
 from streams.join_state import PendingAction
 
@@ -35,11 +40,59 @@ class Unjoined:
     reason: str  # "no_such_item" | "outside_window"
 
 
+def positive_copy_ids(example_id: np.ndarray) -> np.ndarray:
+    """The id of an early-emitted example's positive copy: distinct from its negative's (so
+    de-duplication keeps both) and the same on every replay and for every positive action kind
+    (so a second click on the item, or a replayed one, is dropped as a duplicate)."""
+    h = np.asarray(example_id, np.int64).view(np.uint64) ^ np.uint64(0x9E3779B97F4A7C15)
+    return mix64(h).view(np.int64)
+
+
 def build_examples(closed: list[ClosedRequest], window_ms: int, positive_kinds: frozenset[str],
                    negative_rate: float, dense_dim: int) -> tuple[ExampleBatch, list[Unjoined], int]:
-    """(examples kept, actions that matched nothing, negatives dropped by downsampling)."""
+    """At window close: (examples kept, actions that matched nothing, negatives dropped by
+    downsampling)."""
     if not closed:
         return ExampleBatch.empty(), [], 0
+    batch, unjoined = _labelled(closed, window_ms, positive_kinds, dense_dim)
+    batch.sample_rate = np.where(batch.label > 0, 1.0, negative_rate).astype(np.float32)
+    if negative_rate >= 1.0:
+        return batch, unjoined, 0
+    keep = (batch.label > 0) | keep_negative(batch.example_id, negative_rate)
+    return batch.take(keep), unjoined, int(len(batch) - keep.sum())
+
+
+def build_early(requests: list[ClosedRequest], window_ms: int, positive_kinds: frozenset[str],
+                negative_rate: float, dense_dim: int, negatives: bool = True
+                ) -> tuple[ExampleBatch, list[Unjoined], int]:
+    """Early emission (fake-negative stream, Ktena et al. 2019): with ``negatives``, every shown
+    item once as a negative (kept at ``negative_rate``), then a positive copy of each item a
+    positive action within the window labelled. So every positive also appears once as a
+    negative, whenever its click came: the bias the trainer's correction assumes. Rows are
+    marked :data:`~streams.example_batch.EMIT_EARLY`. Returns what :func:`build_examples` does."""
+    if not requests:
+        return ExampleBatch.empty(), [], 0
+    batch, unjoined = _labelled(requests, window_ms, positive_kinds, dense_dim)
+    batch.emit = np.full(len(batch), EMIT_EARLY, np.uint8)
+    pos = batch.take(batch.label > 0)
+    pos.example_id = positive_copy_ids(pos.example_id)
+    pos.sample_rate = np.ones(len(pos), np.float32)
+    if not negatives:
+        return pos, unjoined, 0
+    batch.label = np.zeros(len(batch), np.float32)
+    batch.sample_rate = np.full(len(batch), negative_rate, np.float32)
+    dropped = 0
+    if negative_rate < 1.0:
+        keep = keep_negative(batch.example_id, negative_rate)
+        dropped = int(len(batch) - keep.sum())
+        batch = batch.take(keep)
+    return ExampleBatch.concat([batch, pos]), unjoined, dropped
+
+
+def _labelled(closed: list[ClosedRequest], window_ms: int, positive_kinds: frozenset[str],
+              dense_dim: int) -> tuple[ExampleBatch, list[Unjoined]]:
+    """Every shown item of ``closed`` as one row, labelled 1 where a positive action within the
+    window joined it (sample rate 1), and the actions that labelled nothing."""
     objs = [c.impression for c in closed]
     counts = np.fromiter((len(o["items"]) for o in objs), np.int64, len(objs))
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -93,10 +146,7 @@ def build_examples(closed: list[ClosedRequest], window_ms: int, positive_kinds: 
                               np.fromiter(map(len, rows), np.int32, n))
 
     batch = ExampleBatch(example_id=example_id, user_id=user_id, item_id=items, label=label,
-                         sample_rate=np.where(label > 0, 1.0, negative_rate).astype(np.float32),
+                         sample_rate=np.ones(n, np.float32),
                          event_time_ms=np.repeat(times, counts), sparse=sparse, dense=dense,
                          truth_p=np.asarray(truth, np.float32))
-    if negative_rate >= 1.0:
-        return batch, unjoined, 0
-    keep = (label > 0) | keep_negative(example_id, negative_rate)
-    return batch.take(keep), unjoined, int(n - keep.sum())
+    return batch, unjoined

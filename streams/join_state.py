@@ -4,6 +4,8 @@ Key layout (raw bytes; big-endian times so that key order is time order):
 
     i <close_ms:8> <request_id>              -> the impression message as received
     r <request_id>                           -> <close_ms:8>  (request is pending)
+                                                <close_ms:8><hold_ms:8> (early emission: held)
+    h <hold_ms:8> <request_id>               -> ""  (early emission: negatives not yet sent)
     a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms, user_id]
     o <expire_ms:8> <a-key>                  -> ""  (an action whose impression is not here yet)
     m watermark | m max_time                 -> <ms:8>
@@ -136,7 +138,38 @@ class JoinState:
             n += 1
         return n
 
+    def request_states(self, request_ids: list[bytes]) -> list[bytes | None]:
+        """The r-value of each request (None: not pending); 16 bytes while its early hold runs."""
+        return self.db.get([b"r" + r for r in request_ids]) if request_ids else []
+
+    def due_holds(self, until_ms: int, limit: int) -> list[bytes]:
+        """Request ids whose early hold ended (hold_ms <= ``until_ms``), oldest first."""
+        out = []
+        upper = b"h" + _BE64.pack(until_ms + 1)
+        for key in self.db.keys(from_key=b"h"):
+            if key >= upper or len(out) >= limit:
+                break
+            out.append(key[9:])
+        return out
+
     # ---- writes (into a batch)
+    @staticmethod
+    def put_held(wb: WriteBatch, request_id: bytes, close_ms: int, hold_ms: int) -> None:
+        """Marks a just-stored impression as held for early emission until ``hold_ms``."""
+        wb.put(b"h" + _BE64.pack(hold_ms) + request_id, b"")
+        wb.put(b"r" + request_id, _BE64.pack(close_ms) + _BE64.pack(hold_ms))
+
+    @staticmethod
+    def release(wb: WriteBatch, request_id: bytes, r_value: bytes) -> None:
+        """Ends a request's hold (its negatives are out); it stays pending until window close."""
+        if len(r_value) == 16:
+            wb.delete(b"h" + r_value[8:] + request_id)
+            wb.put(b"r" + request_id, r_value[:8])
+
+    @staticmethod
+    def impression_key(request_id: bytes, r_value: bytes) -> bytes:
+        return b"i" + r_value[:8] + request_id
+
     @staticmethod
     def put_impression(wb: WriteBatch, request_id: bytes, close_ms: int, message: bytes) -> None:
         wb.put(b"i" + _BE64.pack(close_ms) + request_id, message)

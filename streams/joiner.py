@@ -23,7 +23,9 @@ One step = poll -> ingest (write new state) -> close due windows -> produce and 
 DLQ and late -> delete closed state -> commit input offsets. Offsets are committed only once the
 output is acknowledged and the state durable, so kill -9 at any point replays input: no
 impression is lost, and a re-emitted example carries the same ``example_id`` (de-duplicate on it).
-The joiner owns its state directory; run one joiner per consumer group (partitions are not
+``--emit early`` (:mod:`streams.join_early`) sends each impression's items as negatives after a
+short hold and each later positive as a positive copy at once, for the trainer's delayed-feedback
+correction; the window then only bounds which clicks still count. The joiner owns its state directory; run one joiner per consumer group (partitions are not
 re-balanced between joiners with separate state).
 """
 
@@ -42,6 +44,7 @@ from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
                             decode_event, encode_actions, encode_dead_letter, encode_examples)
 from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
+from streams.join_early import EarlyEmitter
 from streams.join_state import JoinState, PendingAction
 from streams.join_watermark import JoinWatermark
 from streams.kafka_consumer import GroupConsumer, Record, next_offsets
@@ -62,6 +65,11 @@ class JoinerConfig:
     group_id: str = field(default="hw-joiner", metadata={"help": "consumer group of the joiner"})
     state_dir: str = field(default="state/joiner", metadata={"help": "RocksDB directory of pending state"})
     window_s: float = field(default=600.0, metadata={"help": "event-time join window after an impression"})
+    emit: str = field(default="window", metadata={
+        "help": "window: examples at window close, labels final; early: negatives after "
+                "--early-hold-s and a positive copy per later click (delayed-feedback stream)"})
+    early_hold_s: float = field(
+        default=1.0, metadata={"help": "with --emit early: event time an impression is held"})
     allowed_lateness_s: float = field(
         default=5.0, metadata={"help": "watermark lag behind the newest impression time"})
     negative_rate: float = field(
@@ -84,6 +92,10 @@ class JoinerConfig:
             raise ValueError("negative_rate must be in (0, 1]")
         if self.window_s <= 0 or self.allowed_lateness_s < 0:
             raise ValueError("window_s must be > 0 and allowed_lateness_s >= 0")
+        if self.emit not in ("window", "early"):
+            raise ValueError(f"emit must be window or early, got {self.emit!r}")
+        if not 0 <= self.early_hold_s < self.window_s:
+            raise ValueError("early_hold_s must be in [0, window_s)")
 
     def kafka(self) -> KafkaConfig:
         return KafkaConfig(bootstrap_servers=self.bootstrap_servers, topic_prefix=self.topic_prefix,
@@ -120,6 +132,9 @@ class OnlineJoiner:
         self.clock = JoinWatermark((self.topics.impressions, self.topics.actions), self.lateness_ms,
                                    cfg.idle_topic_s, self.state.watermark(), self.state.max_time(),
                                    saved)
+        self.early = (EarlyEmitter(self.state, self.window_ms, int(cfg.early_hold_s * 1000),
+                                   self.positive, cfg.negative_rate, cfg.dense_dim,
+                                   cfg.max_close_per_step) if cfg.emit == "early" else None)
         kafka = cfg.kafka()
         self.producer = BatchProducer(kafka, client_id="hw-joiner")
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
@@ -179,6 +194,8 @@ class OnlineJoiner:
             if isinstance(event, Impression):
                 rid = event.request_id.encode()
                 self.state.put_impression(wb, rid, event.event_time_ms + self.window_ms, rec.value)
+                if self.early is not None:
+                    self.early.hold(wb, rid, event.event_time_ms)
                 new_requests.add(rid)
                 self.clock.impression(source, event.event_time_ms)
                 stats.impressions += len(event.items)
@@ -214,9 +231,13 @@ class OnlineJoiner:
     def _ingest_actions(self, wb, actions: list[tuple[Record, Action]],
                         new_requests: set[bytes]) -> list[tuple[Record, Action, str]]:
         rids = [a.request_id.encode() for _, a in actions]
-        pending = self.state.pending_requests(rids)
+        states = self.state.request_states(rids)
         late = []
-        for (rec, a), rid, is_pending in zip(actions, rids, pending):
+        for (rec, a), rid, state in zip(actions, rids, states):
+            is_pending = state is not None
+            if self.early is not None and rid not in new_requests and self.early.takes(
+                    rid, state, PendingAction(a.item_id, a.kind, a.value, a.event_time_ms, a.user_id)):
+                continue  # its positive copy leaves this step
             if is_pending or rid in new_requests:
                 self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
                                       a.user_id)
@@ -231,10 +252,16 @@ class OnlineJoiner:
         due = self.state.due_impressions(self.watermark, self.cfg.max_close_per_step)
         rids = [key[9:] for key, _ in due]
         stored = self.state.actions_of(rids)
-        closed = [ClosedRequest(msgpack.unpackb(msg, raw=False),
-                                [pa for _, pa in acts]) for (_, msg), acts in zip(due, stored)]
-        batch, unjoined, dropped = build_examples(closed, self.window_ms, self.positive,
-                                                  self.cfg.negative_rate, self.cfg.dense_dim)
+        released: list = []
+        if self.early is None:
+            closed = [ClosedRequest(msgpack.unpackb(msg, raw=False),
+                                    [pa for _, pa in acts]) for (_, msg), acts in zip(due, stored)]
+            batch, unjoined, dropped = build_examples(closed, self.window_ms, self.positive,
+                                                      self.cfg.negative_rate, self.cfg.dense_dim)
+        else:  # the examples left at the hold; window close only ends the request
+            early = self.early.step(max(self.watermark, self.max_time), rids)
+            batch, unjoined, dropped, released = (early.batch, early.unjoined, early.dropped,
+                                                  early.released)
         orphans = list(self.state.expired_orphans(self.watermark, self.cfg.max_close_per_step))
         orphan_values = self.state.get_many([a for _, a in orphans])
         # A parked action whose impression came meanwhile belongs to that request (closing now
@@ -252,6 +279,8 @@ class OnlineJoiner:
             self._send_late(rid, pa, reason)
         self.producer.flush()  # output durable before state is deleted and offsets committed
         wb = self.state.batch()
+        if self.early is not None:
+            self.early.commit(wb, released)
         for (key, _), acts in zip(due, stored):
             self.state.delete_request(wb, key, [k for k, _ in acts])
         for (okey, akey), is_claimed in zip(orphans, claimed):

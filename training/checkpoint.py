@@ -184,6 +184,27 @@ class CheckpointStore:
             raise CheckpointCorruptError(f"checkpoint manifest {name} names missing table {manifest.table_dir}")
         return manifest
 
+    def find(self, seq: int) -> CheckpointManifest | None:
+        """The kept checkpoint ``seq`` (this store's newest two), verified; None when not kept.
+
+        An outer manifest (the sharded one) names a checkpoint of this store by ``seq``; this
+        store's own newest may be ahead of it, when a crash came between the two manifests."""
+        for name in (MANIFEST, PREV_MANIFEST):
+            if not (self.root / name).exists():
+                continue
+            try:
+                if self._read(name).seq == seq:
+                    return self._verified(name)
+            except CheckpointCorruptError as exc:
+                log.warning("checkpoint manifest %s in %s: %s", name, self.root, exc)
+        return None
+
+    def continue_from(self, manifest: CheckpointManifest) -> None:
+        """Makes ``manifest`` the base of the next write (its table is copied, it is kept as the
+        fallback), whatever this store's own newest manifest says: the checkpoint a restart
+        resumed from, when an outer manifest chose an older one than this store's newest."""
+        self._good = manifest
+
     def _newest_readable(self) -> CheckpointManifest | None:
         """The manifest to continue the sequence from (no hashing: only ``seq`` matters)."""
         for name in (MANIFEST, PREV_MANIFEST):

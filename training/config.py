@@ -33,6 +33,9 @@ class TrainerConfig(ModelFields):
     count_decay: float = field(default=0.95, metadata={
         "help": "each new example of an id first multiplies its counters by this (1 = plain counts; "
                 "below 1 follows drifting rates)"})
+    early_correction: str = field(default="fnw", metadata={
+        "help": "loss on examples the joiner emitted early (join --emit early): fnw (fake-negative "
+                "weighting, Ktena et al. 2019) or none (uncorrected, biased low)"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})
@@ -88,9 +91,9 @@ class TrainerConfig(ModelFields):
         multi-valued column pooled as the schema says (entries already in ``slot_pooling`` win).
 
         Every other slot of a log holds one id per row, which pools alike by sum or by mean; so
-        when the multi-valued columns all pool one way, that becomes ``pooling`` for every slot,
-        and the per-slot entries stay empty (serving's one-mode read path then pools exactly as
-        training does).
+        when the multi-valued columns all pool one way, that becomes ``pooling`` for every slot
+        and the per-slot entries stay empty; otherwise each gets its entry (serving pools every
+        slot by ``pooling_of`` either way, as training does).
         """
         from training.model.crosses import user_item_crosses
 
@@ -109,6 +112,8 @@ class TrainerConfig(ModelFields):
         if self.ttl_clock not in ("event", "wall"):
             raise ValueError(f"ttl_clock must be event or wall, got {self.ttl_clock!r}")
         self.validate_fields()
+        if self.early_correction not in ("fnw", "none"):
+            raise ValueError(f"early_correction must be fnw or none, got {self.early_correction!r}")
         if self.dense_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dense_precision must be auto, fp32 or bf16, got {self.dense_precision!r}")
         if not 0.5 <= self.count_decay <= 1.0:

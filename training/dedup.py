@@ -14,6 +14,10 @@ Why the window suffices: a joiner re-emits only the output of its last uncommitt
 it is down, so the copies follow the originals on ``hw.examples`` by far fewer examples than the
 default window (2**20 ids, ``--dedup-capacity``).
 
+Early emission (``join --emit early``) sends an example twice on purpose, as a negative and as
+a positive copy; the copy has its own id (:func:`streams.join_build.positive_copy_ids`), so the
+filter keeps both and drops only true re-emissions of either.
+
 Durability: :meth:`SeenFilter.state` (the remembered ids plus the counters) is saved in every
 trainer checkpoint and restored with it, so the window spans restarts: the filter and the
 consumer offsets of a checkpoint always describe the same trained examples.

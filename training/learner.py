@@ -20,6 +20,7 @@ from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
 from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
+from training.delayed_feedback import early_weights
 from training.evaluation import PrequentialEvaluator
 from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
                             init_bias_for_ctr, lookup_slots, weighted_bce)
@@ -139,12 +140,17 @@ class Learner:
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
         if not self._bias_set:
             w = 1.0 / rates.clamp(min=1e-6)
-            init_bias_for_ctr(self.tower, float((w * labels).sum() / w.sum()))
+            # Not from an early-emitted stream: its first rows are negatives whose clicks are
+            # still to come, so their rate says nothing of the CTR (it would start near 0).
+            if not np.any(getattr(batch, "emit", 0)):
+                init_bias_for_ctr(self.tower, float((w * labels).sum() / w.sum()))
             self._bias_set = True
         dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32))
                  if mc.dense_dim else None)
         logits = self.logits(bags.emb, dense)
-        loss = weighted_bce(logits, labels, rates)
+        loss = weighted_bce(logits, labels, rates,  # FNW on early-emitted rows
+                            early_weights(logits, labels, getattr(batch, "emit", None),
+                                          self.cfg.early_correction))
         if not bool(torch.isfinite(loss)):
             # A poisoned state (NaN/inf weights) must not spread into the rows or crash the
             # loop; the publish guard sees the state and rolls back (training.publish_guard).

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from headwater.metrics import scrape
+from serving.end_to_end import EndToEndFreshness, lag_from_metrics
 
 if TYPE_CHECKING:
     from headwater.demo.load import LoadClient
@@ -27,6 +28,7 @@ class DemoMonitor:
         self.urls = {c.spec.name: f"http://127.0.0.1:{c.metrics_port}/metrics"
                      for c in components if c.metrics_port}
         self.history: list[dict[str, float]] = []
+        self.end_to_end = EndToEndFreshness()
 
     def sample(self) -> dict[str, float]:
         s = {name: scrape(url, timeout_s=0.5) for name, url in self.urls.items()}
@@ -59,6 +61,8 @@ class DemoMonitor:
         serve_lag_s = _value(serving, "hw_serve_freshness_lag_seconds", {})
         row["freshness_ms"] = (trained_wm - (time.time() * 1000 - serve_lag_s * 1000)
                                if trained_wm > 0 and serve_lag_s >= 0 else math.nan)
+        row["end_to_end_s"] = lag_from_metrics(serving)
+        self.end_to_end.add(row["end_to_end_s"])
         row["serving_p99_ms"] = self.load.p99_ms() if self.load else math.nan
         self.history.append(row)
         return row
@@ -88,6 +92,7 @@ class DemoMonitor:
             "auc_truth_last_window": _none_if_nan(auc_truth),
             "auc_gap": _none_if_nan(auc_truth - auc_last),
             "freshness_p99_ms": _p99([r["freshness_ms"] for r in self.history]),
+            **self.end_to_end.quantiles(),
             "serving_p99_ms": self.load.p99_ms(all_calls=True) if self.load else None,
             "serving_calls": self.load.calls if self.load else 0,
             "serving_errors": self.load.errors if self.load else 0,

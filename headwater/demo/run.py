@@ -79,6 +79,9 @@ class DemoConfig:
     temperature: float = field(default=_WORLD.temperature, metadata={
         "help": "divides the truth's varying logit terms (higher = noisier clicks)"})
     join_window_s: float = field(default=10.0, metadata={"help": "joiner's event-time window"})
+    join_emit: str = field(default="window", metadata={
+        "help": "joiner's emission: window (labels final at window close) or early (negatives "
+                "after a 1 s hold, clicks at once; the trainer corrects the bias)"})
     max_action_delay_s: float = field(default=5.0, metadata={"help": "clicks follow within this delay"})
     eval_window: int = field(default=0, metadata={
         "help": "examples per prequential AUC window (0 = 10000, or with --dataset a tenth of "
@@ -107,6 +110,8 @@ class DemoConfig:
             raise ConfigError(f"[demo] on_bad_row must be error or dead-letter, got {self.on_bad_row!r}")
         if self.schema is not None and self.dataset is None:
             raise ConfigError("[demo] --schema describes a --dataset log; give --dataset FILE too")
+        if self.join_emit not in ("window", "early"):
+            raise ConfigError(f"[demo] join_emit must be window or early, got {self.join_emit!r}")
         if self.eval_window < 0:
             raise ConfigError("[demo] eval_window must be >= 0")
 
@@ -160,7 +165,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                                        log_file=logs / f"{name}.log"), port))
 
     add("joiner", ["join", *common, "--state-dir", str(cfg.data_dir / "joiner"),
-                   "--window-s", str(cfg.join_window_s),
+                   "--window-s", str(cfg.join_window_s), "--emit", cfg.join_emit,
                    *(["--dense-dim", str(dataset.dense_dim)] if dataset else [])])
     if cfg.train and _have("training.trainer"):
         eval_window = dataset.eval_window if dataset else cfg.eval_window or _EVAL_WINDOW

@@ -276,18 +276,21 @@ class MetricsScraper:
             return (a - b) * spec.scale
         if spec.kind == "behind":
             wm = max(_matching(snap.samples, spec.metric, spec.labels), default=0.0)
-            lag = _matching(snap.samples, spec.minus, spec.labels)
-            if wm <= 0 or not lag or lag[0] <= 0:  # nothing trained or nothing applied yet
+            # Every headwater process exports serving's lag gauge (at 0 where it does not serve:
+            # the trainer's comes first), so the lag is the one a process set, not the first.
+            lag = _first_set(_matching(snap.samples, spec.minus, spec.labels) or [0.0])
+            if wm <= 0 or lag <= 0:  # nothing trained or nothing applied yet
                 return None
             # Scrapes of the two processes are a few ms apart: a tiny negative is measurement noise.
-            return max(0.0, wm / 1000.0 - (snap.wall - lag[0])) * spec.scale
+            return max(0.0, wm / 1000.0 - (snap.wall - lag)) * spec.scale
         if spec.kind == "age":
             vals = _matching(snap.samples, spec.metric, spec.labels)
             if not vals:
                 return None
+            value = _first_set(vals)  # serving's version, not another process's idle copy at 0
             last = self._changed.get(spec.name)
-            if last is None or last[0] != vals[0]:
-                self._changed[spec.name] = last = (vals[0], snap.t)
+            if last is None or last[0] != value:
+                self._changed[spec.name] = last = (value, snap.t)
             return (snap.t - last[1]) * spec.scale
         if spec.kind == "rate":
             cur = _matching(snap.samples, spec.metric, spec.labels)

@@ -39,10 +39,6 @@ def _points(page, chart):
     return int(page.get_attribute(f'svg[data-chart="{chart}"]', "data-points") or 0)
 
 
-@pytest.mark.slow  # open defect (2026-12-06, second session): the "serving behind trainer" series
-# stays empty in this pipeline since the publisher gives a changed tower its own version; every
-# other chart draws. Investigate (serving's freshness lag gauge vs the trainer's watermark), then
-# move back to the default suite.
 def test_the_page_draws_auc_logloss_throughput_freshness_and_latency_from_live_metrics(pipeline, page, tmp_path):
     requests, errors = [], []
     page.on("request", lambda r: requests.append(r.url))

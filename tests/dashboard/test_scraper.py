@@ -123,3 +123,39 @@ def test_freshness_series_are_the_watermark_gap_and_the_time_since_serving_chang
     finally:
         server.shutdown()
         thread.join()
+
+
+def _serve(reg):
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
+    return f"http://127.0.0.1:{port}/metrics", server, thread
+
+
+def test_freshness_reads_servings_gauges_past_the_idle_copies_other_processes_export_at_zero():
+    """Every headwater process imports serving's metrics and exports its gauges at 0; the
+    trainer's page comes before serving's, and its zeros must not blank "serving behind
+    trainer" nor freeze the replica's age (the defect behind the browser test's empty series)."""
+    trainer, serving = CollectorRegistry(), CollectorRegistry()
+    trained_wm = Gauge("hw_train_watermark_ms", "x", registry=trainer)
+    Gauge("hw_serve_freshness_lag_seconds", "x", registry=trainer)  # idle copy: 0
+    Gauge("hw_serve_model_version", "x", registry=trainer)  # idle copy: 0
+    serve_lag = Gauge("hw_serve_freshness_lag_seconds", "x", registry=serving)
+    version = Gauge("hw_serve_model_version", "x", registry=serving)
+    pages = [_serve(trainer), _serve(serving)]
+    try:
+        scraper = MetricsScraper({"trainer": pages[0][0], "serving": pages[1][0]})
+        now = time.time()
+        trained_wm.set((now - 100.0) * 1000)  # event time far behind the wall clock, as in a replay
+        serve_lag.set(102.0)  # serving applied an update 2 s of event time older
+        version.set(7)
+        scraper.tick()
+        scraper._changed["replica_age_s"] = (7.0, scraper._recent[-1].t - 5.0)  # version 7 since 5 s
+        version.set(8)
+        scraper.tick()
+        s = scraper.series()["series"]
+        assert s["serving_behind_trainer_s"]["v"] == [pytest.approx(2.0, abs=0.5)] * 2
+        assert s["replica_age_s"]["v"][-1] < 1.0  # serving's new version, not the trainer's 0
+    finally:
+        for _, server, thread in pages:
+            server.shutdown()
+            thread.join()

@@ -41,9 +41,13 @@ def _bag(batch: ExampleBatch, slot: str, row: int) -> list[int]:
     return rag.values[off[row]:off[row + 1]].tolist()
 
 
-@pytest.fixture(params=[(), ("user_id*genres",)], ids=["plain", "crossed"])
+@pytest.fixture(params=[((), ()), (("user_id*genres",), ()), (("user_id*genres",), ("genres=mean",))],
+                ids=["plain", "crossed", "mean-genres"])
 def world(kafka_topics, tmp_path, request):
-    """Trainer, hw.params, hw.items and a serving replica with its item catalog, all real."""
+    """Trainer, hw.params, hw.items and a serving replica with its item catalog, all real.
+    ``mean-genres``: the multi-valued slot (and its cross) pools by mean, every other by sum, so
+    serving must pool slot by slot as the trainer does."""
+    crosses, slot_pooling = request.param
     path = write_real_shaped_csv(tmp_path / "log.csv", rows=400, seed=1)
     schema, _ = infer_schema(path)
     assert schema.item_slots() == ("genres",) and schema.item_dense_width() == 2  # what this test is about
@@ -52,7 +56,7 @@ def world(kafka_topics, tmp_path, request):
     topics = topic_names(kafka_topics.topic_prefix)
 
     learner = Learner.for_batch(TrainerConfig(embedding_dim=8, hidden=(32, 16), dense_precision="fp32",
-                                                crosses=request.param), batches[0])
+                                                crosses=crosses, slot_pooling=slot_pooling), batches[0])
     params_producer = KafkaProducer(bootstrap_servers=kafka_topics.bootstrap_servers, acks="all", linger_ms=0)
     publisher = DeltaPublisher(params_producer, topics.params, learner.table,
                                lambda: tower_to_safetensors(learner.tower), SyncConfig())

@@ -92,3 +92,41 @@ def test_a_corrupt_manifest_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / SHARDED_MANIFEST).write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         ShardedCheckpointer(tmp_path, 0, 2).restore(h.make_learner(CASE).cfg)
+
+
+class _Killed(BaseException):
+    """Stands for the SIGKILL: nothing after it in the write runs."""
+
+
+def test_a_rank_killed_between_its_shard_and_the_sharded_manifest_resumes_from_the_named_tables(
+        tmp_path, monkeypatch):
+    import training.distributed.checkpoint as dc
+
+    batches = h.global_batches()
+    learner = h.make_learner(CASE)
+    learner.train(batches[0], now=h.NOW)
+    first = ShardedCheckpointer(tmp_path, 0, 1).write(learner, {("hw.examples", 0): 1})
+    assert first.shards[0]["table_dir"] and first.shards[0]["state_sha256"]
+    named = h.table_rows(learner.table)
+
+    write = dc.atomic_write_bytes
+
+    def die_at_the_sharded_manifest(path, data):
+        if path.name == SHARDED_MANIFEST:
+            raise _Killed
+        write(path, data)
+
+    monkeypatch.setattr(dc, "atomic_write_bytes", die_at_the_sharded_manifest)
+    for kill in range(2):  # twice: the named checkpoint must survive the next shard write too
+        ckpt = ShardedCheckpointer(tmp_path, 0, 1)
+        resumed, m = ckpt.restore(learner.cfg)
+        assert m.seq == first.seq and m.offsets == {"hw.examples:0": 1}
+        for slot, (ids, vals) in named.items():  # the named table, not the shard's newer one
+            got_ids, got_vals = h.table_rows(resumed.table)[slot]
+            np.testing.assert_array_equal(got_ids, ids)
+            np.testing.assert_array_equal(got_vals, vals)
+        resumed.train(batches[1 + kill], now=h.NOW)
+        with pytest.raises(_Killed):
+            ckpt.write(resumed, {("hw.examples", 0): 2 + kill})
+        # The shard's own manifest is ahead of the sharded one: its table holds the new updates.
+        assert ckpt.store.latest().seq > first.shards[0]["seq"]

@@ -3,17 +3,23 @@
 Layout under the checkpoint directory::
 
     shard-000-of-002/           rank 0's checkpoint (training.checkpoint.CheckpointStore layout:
-    shard-001-of-002/             table/ RocksDB, state-<seq>.safetensors, its own MANIFEST.json)
+    shard-001-of-002/             tables/<seq>/ RocksDB, state-<seq>.safetensors, its own
+                                  MANIFEST.json)
     SHARDED_MANIFEST.json       written LAST, by rank 0, after every shard is durable: which
-                                state file of which shard belongs to this checkpoint, and the
-                                consumer offsets (all partitions, all ranks) it covers
+                                table directory and state file of which shard belong to this
+                                checkpoint, and the consumer offsets (all partitions, all
+                                ranks) it covers
 
 Order of a write: every rank writes its shard (``CheckpointStore.write``) -> an all-gather of the
 shard manifests (which is also the barrier) -> rank 0 writes ``SHARDED_MANIFEST.json``
-atomically -> a barrier, after which ranks may commit offsets. A crash before the manifest leaves
-the previous one valid: ``CheckpointStore`` keeps the previous state file of every shard, and a
-shard's table directory being ahead of the manifest only means some examples train twice, as in
-one process.
+atomically -> a barrier, after which ranks may commit offsets. A crash before the manifest (a
+rank killed between its table and the sharded manifest) leaves the previous one valid, and a
+restart reads only what it names: each shard's own table directory and state file, one cut with
+the offsets, even where that shard's own ``MANIFEST.json`` is already a checkpoint ahead (its
+table would hold updates of examples the offsets replay: trained twice). The restarted rank's
+store then continues from the named checkpoint (:meth:`CheckpointStore.continue_from`), so it
+is kept until a newer sharded manifest names another. Sharded manifests written before the
+table directory was recorded find it by the shard's ``seq`` among that store's kept manifests.
 
 Restoring onto the same number of ranks loads each rank's own shard. Onto a different number,
 each new rank reads every old shard's table and keeps the rows it owns now
@@ -37,8 +43,8 @@ import numpy as np
 import torch
 
 from embedding_store.sharding import shard_of
-from training.checkpoint import (MANIFEST, CheckpointManifest, CheckpointStore,
-                                 atomic_write_bytes)
+from training.checkpoint import (MANIFEST, CheckpointCorruptError, CheckpointManifest,
+                                 CheckpointStore, atomic_write_bytes)
 from training.config import TrainerConfig
 from training.learner import Learner
 
@@ -78,7 +84,17 @@ class ShardedManifest:
                                   offsets=dict(e.get("offsets", {})),
                                   table_version=int(e.get("table_version", 0)),
                                   examples_trained=int(e.get("examples_trained", 0)),
-                                  watermark_ms=int(e.get("watermark_ms", -1)))
+                                  watermark_ms=int(e.get("watermark_ms", -1)),
+                                  state_sha256=str(e.get("state_sha256", "")),
+                                  table_dir=str(e.get("table_dir", "")))
+
+
+def _entry(manifest: CheckpointManifest, dir_name: str) -> dict[str, Any]:
+    """A shard's entry in the sharded manifest: everything a restart needs to read that shard."""
+    return {"dir": dir_name, "state_file": manifest.state_file, "seq": manifest.seq,
+            "offsets": manifest.offsets, "table_version": manifest.table_version,
+            "examples_trained": manifest.examples_trained, "watermark_ms": manifest.watermark_ms,
+            "state_sha256": manifest.state_sha256, "table_dir": manifest.table_dir}
 
 
 class ShardedCheckpointer:
@@ -106,10 +122,8 @@ class ShardedCheckpointer:
         plain = CheckpointStore(self.root).latest() if (self.root / MANIFEST).exists() else None
         if plain is None:
             return None
-        entry = {"dir": ".", "state_file": plain.state_file, "seq": plain.seq,
-                 "offsets": plain.offsets, "table_version": plain.table_version,
-                 "examples_trained": plain.examples_trained, "watermark_ms": plain.watermark_ms}
-        return ShardedManifest(seq=plain.seq, world_size=1, shards=[entry], offsets=plain.offsets,
+        return ShardedManifest(seq=plain.seq, world_size=1, shards=[_entry(plain, ".")],
+                               offsets=plain.offsets,
                                examples_trained=plain.examples_trained,
                                watermark_ms=plain.watermark_ms, created_s=plain.created_s)
 
@@ -121,18 +135,33 @@ class ShardedCheckpointer:
         if m is None:
             return None
         src = min(self.rank, m.world_size - 1)
-        src_store = CheckpointStore(self.root / m.shards[src]["dir"])
-        tensors, meta = src_store.load_state(m.shard_manifest(src))
+        src_store, src_manifest = self._shard(m, src)
+        tensors, meta = src_store.load_state(src_manifest)
         if m.world_size == self.world:
-            table = EmbeddingTable.load(str(src_store.table_path))
+            table = EmbeddingTable.load(str(src_store.table_path_of(src_manifest)))
+            if src_store.root == self.store.root:
+                self.store.continue_from(src_manifest)
         else:
-            table = self._reshard(m, [CheckpointStore(self.root / e["dir"]).table_path
-                                      for e in m.shards])
+            table = self._reshard(m, [store.table_path_of(sm) for store, sm in
+                                      (self._shard(m, i) for i in range(m.world_size))])
         learner = Learner.restore(cfg, table, tensors, meta)
         log.info("rank %d/%d restored sharded checkpoint %d (written by %d ranks): %d rows",
                  self.rank, self.world, m.seq, m.world_size,
                  sum(int(s["live_rows"]) for s in table.stats().values()))
         return learner, m
+
+    def _shard(self, m: ShardedManifest, index: int) -> tuple[CheckpointStore, CheckpointManifest]:
+        """Shard ``index``'s store and the checkpoint of it that ``m`` names (table and state)."""
+        store = CheckpointStore(self.root / m.shards[index]["dir"])
+        manifest = m.shard_manifest(index)
+        if not manifest.table_dir:  # written before the entry recorded it: the store knows it
+            kept = store.find(manifest.seq)
+            if kept is None or kept.state_file != manifest.state_file:
+                raise CheckpointCorruptError(
+                    f"sharded checkpoint {m.seq}: shard {m.shards[index]['dir']} no longer holds "
+                    f"its checkpoint {manifest.seq}")
+            manifest = kept
+        return store, manifest
 
     def _reshard(self, m: ShardedManifest, table_paths: list[Path]) -> Any:
         """A table holding this rank's ids from every old shard (values and optimizer state)."""
@@ -164,9 +193,7 @@ class ShardedCheckpointer:
 
         sm = self.store.write(learner.table, *learner.state(), offsets, int(learner.table.version),
                               learner.examples_trained, learner.watermark_ms)
-        mine = {"dir": shard_dir_name(self.rank, self.world), "state_file": sm.state_file,
-                "seq": sm.seq, "offsets": sm.offsets, "table_version": sm.table_version,
-                "examples_trained": sm.examples_trained, "watermark_ms": sm.watermark_ms}
+        mine = _entry(sm, shard_dir_name(self.rank, self.world))
         entries = agree_json(mine) if self.world > 1 else [mine]  # also the "all shards durable" barrier
         prev = self.latest() if self.rank == 0 else None
         merged: dict[str, int] = {}
