@@ -23,7 +23,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import xxhash
@@ -208,24 +208,30 @@ class ItemFeaturePublisher:
     least recently observed forgotten first; a forgotten item is simply sent again when next seen
     (the topic is compacted, a repeat costs one message). ``producer`` is a
     ``streams.kafka_producer.BatchProducer`` (flushed by its owner, with the rest of its output).
+    ``texts`` (item -> text, e.g. a log's text columns) rides along as each item's ``text``.
     """
 
     def __init__(self, producer: _Producer, topic: str, item_slots: Sequence[str],
-                 item_dense_width: int, max_items: int = 1_000_000) -> None:
+                 item_dense_width: int, max_items: int = 1_000_000,
+                 texts: Mapping[int, str] | None = None) -> None:
         if max_items <= 0:
             raise ValueError(f"max_items must be positive, got {max_items}")
         self.producer, self.topic = producer, topic
         self.item_slots = tuple(item_slots)
         self.item_dense_width = int(item_dense_width)
         self.max_items = max_items
+        self.texts = texts or {}
         self._digests: dict[int, int] = {}
         self.sent = 0
         self.unchanged = 0
 
     def observe(self, imp: Impression) -> int:
         """Publishes the changed features of the items ``imp`` shows; returns messages sent."""
-        return sum(self.publish(f) for f in
-                   item_features_from_impression(imp, self.item_slots, self.item_dense_width))
+        sent = 0
+        for f in item_features_from_impression(imp, self.item_slots, self.item_dense_width):
+            f.text = self.texts.get(f.item_id)
+            sent += self.publish(f)
+        return sent
 
     def publish(self, f: ItemFeatures) -> bool:
         """Sends ``f`` unless it equals what was last sent for its item; True when sent."""

@@ -30,6 +30,7 @@ from streams.ids import row_example_ids
 from streams.log_schema import ColumnSpec, LogSchema, feature_ids
 from streams.log_source import (BadRow, RawChunk, RowChecks, check_columns, parse_core,
                                 parse_floats, read_chunks, source_name)
+from streams.log_text import ItemTexts
 
 __all__ = ["EncodedLog", "BadRow", "encode_log", "log_requests", "log_examples", "request_ids",
            "log_entities", "source_name"]
@@ -54,6 +55,7 @@ class EncodedLog:
     source_line: np.ndarray  # int64[n] line (CSV) / row (Parquet) number
     schema: LogSchema
     bad_rows: list[BadRow] = field(default_factory=list)  # dead-lettered, in file order
+    item_text: dict[int, str] = field(default_factory=dict)  # item -> its text (text columns)
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -71,7 +73,8 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     check_columns(path, schema)
-    features = [c for c in schema.columns if c.kind != "ignore"]
+    features = [c for c in schema.columns if c.kind not in ("ignore", "text")]
+    texts = ItemTexts(schema.text_columns())
     parts: dict[str, list] = {k: [] for k in ("user", "item", "label", "ts", "truth", "line")}
     bags: dict[str, list[Ragged]] = {c.name: [] for c in features if c.kind != "numeric"}
     raw: dict[str, list[np.ndarray]] = {c.name: [] for c in features if c.kind == "numeric"}
@@ -85,6 +88,7 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
             raise SchemaError(found[0].message(path))
         bad_rows += found
         keep = np.flatnonzero(~checks.bad)
+        texts.add(chunk.table, core.item_id, core.ts_ms, chunk.line, keep)
         for k, v in (("user", core.user_id), ("item", core.item_id), ("label", core.label),
                      ("ts", core.ts_ms), ("truth", core.truth_p), ("line", chunk.line)):
             parts[k].append(v[keep])
@@ -124,7 +128,8 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
         log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
                     bad_rows[0].message(path))
     return EncodedLog(user, item, cat["label"].astype(np.float32)[order],
-                      ts, truth, sparse, dense, cat["line"].astype(np.int64)[order], schema, bad_rows)
+                      ts, truth, sparse, dense, cat["line"].astype(np.int64)[order], schema, bad_rows,
+                      texts.result())
 
 
 def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18

@@ -2,9 +2,10 @@
 
 A log has four reserved columns (user, item, label, event time; names configurable) and an
 optional known click probability (``truth_col``). Every other column is described by a
-:class:`ColumnSpec`: its kind (categorical, multi-valued, numeric, or ignored) and its side
-(user-side features describe the request, item-side ones the item; serving keeps the latter per
-item). :func:`streams.log_infer.infer_schema` guesses both from the data; a TOML schema file
+:class:`ColumnSpec`: its kind (categorical, multi-valued, numeric, text, or ignored) and its
+side (user-side features describe the request, item-side ones the item; serving keeps the latter
+per item). A ``text`` column is no feature: it is what the LLM rerank reads about the item
+(item side only; :mod:`streams.log_text`). :func:`streams.log_infer.infer_schema` guesses both from the data; a TOML schema file
 overrides any part.
 
 Feature ids are a contract, the same in every process and run (Python's ``hash`` is not):
@@ -29,7 +30,7 @@ import xxhash
 
 from streams.wire import SchemaError
 
-KINDS = ("categorical", "multi", "numeric", "ignore")
+KINDS = ("categorical", "multi", "numeric", "text", "ignore")
 SIDES = ("user", "item")
 POOLINGS = ("sum", "mean")
 RESERVED_SLOTS = ("user_id", "item_id")  # the joiner's own slots; no feature column may take them
@@ -56,6 +57,8 @@ class ColumnSpec:
                                   f"(one of {', '.join(allowed)})")
         if not isinstance(self.separator, str) or not self.separator:
             raise SchemaError(f"column {self.name!r}: separator must be a non-empty string")
+        if self.kind == "text" and self.side != "item":
+            raise SchemaError(f"column {self.name!r}: a text column describes the item (side = \"item\")")
 
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold")
@@ -84,7 +87,7 @@ class LogSchema:
                 raise SchemaError(f"column {c.name!r} is described twice")
             if c.name in reserved:
                 raise SchemaError(f"column {c.name!r} is a reserved column, not a feature")
-            if c.name in RESERVED_SLOTS and c.kind != "ignore":
+            if c.name in RESERVED_SLOTS and c.kind not in ("ignore", "text"):
                 raise SchemaError(f"column {c.name!r}: the slot name is taken by the user/item id")
             seen.add(c.name)
 
@@ -104,6 +107,10 @@ class LogSchema:
     def item_slots(self) -> tuple[str, ...]:
         """Categorical and multi columns of the item side, in schema order."""
         return self._names(("categorical", "multi"), "item")
+
+    def text_columns(self) -> tuple[str, ...]:
+        """Item text columns (no features), in schema order."""
+        return self._names(("text",), "item")
 
     def numeric_columns(self) -> tuple[str, ...]:
         """Numeric columns in dense-layout order: user side first, then item side."""

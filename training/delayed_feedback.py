@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CORRECTIONS", "fnw_weights", "early_weights"]
+__all__ = ["CORRECTIONS", "fnw_weights", "early_weights", "first_batch_ctr"]
 
 CORRECTIONS = ("fnw", "none")
 
@@ -40,3 +40,20 @@ def early_weights(logits: torch.Tensor, labels: torch.Tensor, emit: np.ndarray |
         return None
     early = torch.from_numpy(np.asarray(emit) != 0)
     return torch.where(early, fnw_weights(logits, labels), torch.ones_like(labels))
+
+
+def first_batch_ctr(labels: torch.Tensor, sample_rate: torch.Tensor, emit: np.ndarray | None) -> float:
+    """The click rate a fresh model's bias starts at, from its first batch.
+
+    An early-emitted positive is there twice (its negative and its copy), so the rate counts
+    impressions once: windowed rows plus early negatives, against windowed positives plus early
+    copies (weighted by 1/sample_rate). Without this a fresh model on an early stream started at
+    p = 1/2, and the dense tower's small Adam steps took thousands of batches to move its bias.
+    """
+    w = 1.0 / sample_rate.clamp(min=1e-6)
+    positives = float((w * labels).sum())
+    if emit is None or not np.any(emit):
+        return positives / max(float(w.sum()), 1e-12)
+    early = torch.from_numpy(np.asarray(emit) != 0)
+    impressions = float(w[~early | (labels <= 0.5)].sum())
+    return positives / max(impressions, 1e-12)

@@ -20,7 +20,7 @@ from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
 from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
-from training.delayed_feedback import early_weights
+from training.delayed_feedback import early_weights, first_batch_ctr
 from training.evaluation import PrequentialEvaluator
 from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
                             init_bias_for_ctr, lookup_slots, weighted_bce)
@@ -139,11 +139,7 @@ class Learner:
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
         if not self._bias_set:
-            w = 1.0 / rates.clamp(min=1e-6)
-            # Not from an early-emitted stream: its first rows are negatives whose clicks are
-            # still to come, so their rate says nothing of the CTR (it would start near 0).
-            if not np.any(getattr(batch, "emit", 0)):
-                init_bias_for_ctr(self.tower, float((w * labels).sum() / w.sum()))
+            init_bias_for_ctr(self.tower, first_batch_ctr(labels, rates, getattr(batch, "emit", None)))
             self._bias_set = True
         dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32))
                  if mc.dense_dim else None)

@@ -29,7 +29,9 @@ class ChaosConfig:
     faults: str = field(default="joiner,trainer,serving,broker,trainer-checkpoint,broker-replay", metadata={
         "help": "faults in order: joiner, trainer, serving (kill -9 + restart), broker (down + up), "
                 "trainer-checkpoint (kill -9 inside a checkpoint write + restart), broker-replay "
-                "(broker down + up while `headwater replay` sends a real-shaped CSV log)"})
+                "(broker down + up while `headwater replay` sends a real-shaped CSV log); not by "
+                "default: serving-rerank (both replicas run the LLM in-process, serve --llm, under a "
+                "load that asks for a rerank every --rerank-every-th call; kill -9 one mid-rerank + restart)"})
     storage: str = field(default="s3", metadata={"help": "broker storage: s3 (durable, local S3) or memory"})
     data_dir: str = field(default="", metadata={"help": "state and logs (empty = a temp dir, removed)"})
     events_per_s: float = field(default=1000.0, metadata={"help": "generator rate (impression items + clicks)"})
@@ -46,6 +48,10 @@ class ChaosConfig:
         "help": "serving's staleness bound (degraded after it); above the generator's burst "
                 "period (512 requests per block: 5 s at the default rate)"})
     load_qps: float = field(default=20.0, metadata={"help": "Recommend calls per second (failover client)"})
+    rerank_every: int = field(default=5, metadata={
+        "help": "with serving-rerank: every N-th Recommend call of the load asks serving's LLM to rerank"})
+    rerank_deadline_ms: float = field(default=500.0, metadata={
+        "help": "with serving-rerank: serving's rerank deadline (later: answered in DLRM order, degraded)"})
     startup_timeout_s: float = field(default=240.0, metadata={"help": "wait this long for serving's first answer"})
     recovery_timeout_s: float = field(default=120.0, metadata={"help": "a fault not recovered by then failed"})
     drain_timeout_s: float = field(default=180.0, metadata={"help": "wait this long for the pipeline to drain"})
@@ -72,6 +78,10 @@ class Cluster:
         self.gen_sup: Supervisor | None = None
         self.load: FailoverLoadClient | None = None
         self.killpoint_note = root / "trainer-killpoint.json"  # written by the armed kill point
+        # Set by headwater.chaos.rerank.attach_llm for the serving-rerank fault: both replicas'
+        # LLM flags, and every how many calls the load asks for a rerank (0 = never).
+        self.serving_args: list[str] = []
+        self.rerank_every = 0
 
     # -- start / stop ------------------------------------------------------------------------
     def start_broker(self) -> str:
@@ -111,7 +121,7 @@ class Cluster:
             children.append(spec(f"serving-{r}", [
                 "serve", *common, "--port", str(self.ports[f"grpc-{r}"]),
                 "--state-dir", str(self.root / f"serving-{r}"), "--persist-interval-s", "5",
-                "--stale-after-s", str(c.stale_after_s), "--workers", "8"]))
+                "--stale-after-s", str(c.stale_after_s), "--workers", "8", *self.serving_args]))
         g = self.gen
         generator = spec("generator", [
             "generate", *common, "--seed", str(g.seed), "--events-per-s", str(g.events_per_s),
@@ -127,8 +137,11 @@ class Cluster:
         self.gen_sup = Supervisor([generator])
         self.sup.start_all()
         self.gen_sup.start_all()
+        # A rerank call waits up to serving's rerank deadline on top of the DLRM's time.
         self.load = FailoverLoadClient([f"127.0.0.1:{self.ports['grpc-a']}",
-                                        f"127.0.0.1:{self.ports['grpc-b']}"], qps=self.cfg.load_qps)
+                                        f"127.0.0.1:{self.ports['grpc-b']}"], qps=self.cfg.load_qps,
+                                       rerank_every=self.rerank_every, rerank_items=self.gen.items,
+                                       rerank_timeout_s=1.0 + self.cfg.rerank_deadline_ms / 1000.0)
         self.load.start()
 
     def close(self) -> None:

@@ -33,6 +33,8 @@ class FaultResult:
     duplicates_trained: int = -1  # examples learned twice, kill -> settle (-1: not measured)
     lost: int = -1  # input events lost in the run this fault was part of (its own log's too)
     failed_calls: int = -1  # Recommend calls no replica answered, fault -> settle
+    reranked_calls: int = -1  # rerank calls the LLM reordered, fault -> settle (-1: no rerank load)
+    degraded_calls: int = -1  # rerank calls answered in DLRM order (answered, not failed), same
 
 
 def processing(cl: Cluster, name: str, since: float):

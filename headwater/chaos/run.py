@@ -16,6 +16,10 @@ under a failover Recommend load. Then, one after another and each mid-stream:
 - ``broker-replay``: the broker fault while ``headwater replay`` sends a real-shaped CSV log
   (string, multi-valued and empty cells) to topics of its own; the replay must finish on its own
   and that log's ledger lose nothing (:mod:`headwater.chaos.replay`).
+- ``serving-rerank`` (not in the default list: it puts the LLM into both serving replicas for the
+  whole run): ``kill -9`` a replica running the LLM in-process (``serve --llm``) while a rerank
+  call is in flight to it, under a load whose every ``rerank_every``-th call asks for a rerank,
+  and restart it (:mod:`headwater.chaos.rerank`).
 
 Recovery of a fault = restart -> the component processing again (joiner: consuming; trainer:
 training; serving replica: answering Recommend; broker: the joiner and the trainer both making
@@ -26,8 +30,10 @@ the final state learned more than once (``duplicates_trained``, from the trainer
 from what the joiner emitted). Per fault, ``duplicates_skipped`` / ``duplicates_trained`` are the
 same figures' growth between the trainer checkpoints before the kill and after the settle;
 ``failed_calls`` are the Recommend calls no replica answered from the fault to the end of its
-settle, and ``lost`` the events the run lost (plus, for ``broker-replay``, its own log's). The
-rerank load on serving waits for the rerank stage (issue 18, item 5).
+settle, and ``lost`` the events the run lost (plus, for ``broker-replay``, its own log's). With
+the rerank load on (a run with ``serving-rerank``), each fault also reports the rerank calls of
+the same span that were ``reranked_calls`` and ``degraded_calls`` (answered in DLRM order: an
+answer, not a failure).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from headwater.chaos.cluster import ChaosConfig, Cluster
 from headwater.chaos.faults import (PROCESS_FAULTS, FaultResult, broker_fault, checkpoint_fault,
                                    count_duplicates, process_fault)
 from headwater.chaos.replay import replay_fault
+from headwater.chaos.rerank import RERANK_FAULT, attach_llm, rerank_fault
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +120,8 @@ def _drain(cl: Cluster) -> bool:
 
 
 _OTHER_FAULTS: dict[str, Callable[[Cluster], FaultResult]] = {
-    "broker": broker_fault, "trainer-checkpoint": checkpoint_fault, "broker-replay": replay_fault}
+    "broker": broker_fault, "trainer-checkpoint": checkpoint_fault, "broker-replay": replay_fault,
+    RERANK_FAULT: rerank_fault}
 
 
 def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -> dict:
@@ -131,7 +139,11 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
     t0 = time.monotonic()
     results: list[FaultResult] = []
     try:
-        phase("starting broker, generator, joiner, trainer, 2 serving replicas")
+        if RERANK_FAULT in faults:
+            phase("writing the LLM and the item catalog for serving's rerank")
+            attach_llm(cl)
+        phase("starting broker, generator, joiner, trainer, 2 serving replicas"
+              + (" with the LLM" if cl.rerank_every else ""))
         cl.start()
         if not cl.wait("serving's first answer", cl.load.ready.is_set, cfg.startup_timeout_s):
             raise RuntimeError(f"serving did not answer within {cfg.startup_timeout_s}s; logs in {root}/logs")
@@ -142,11 +154,15 @@ def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -
             log.info("fault: %s", fault)
             phase(f"fault {len(results) + 1}/{len(faults)}: {fault}")
             before, errors = cl.lineage(), cl.load.errors
+            reranked, degraded = cl.load.reranked, cl.load.degraded
             inject = _OTHER_FAULTS.get(fault)
             results.append(inject(cl) if inject is not None else process_fault(cl, fault))
             cl.sleep(cfg.settle_s)
             count_duplicates(results[-1], before, cl.lineage())
             results[-1].failed_calls = cl.load.errors - errors
+            if cl.rerank_every:
+                results[-1].reranked_calls = cl.load.reranked - reranked
+                results[-1].degraded_calls = cl.load.degraded - degraded
             log.info("fault %s: %s", fault, asdict(results[-1]))
         phase("stopping the stream and draining")
         requests = _stop_generator(cl)

@@ -20,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = which.add_parser(name, help=f"benchmark: {name}", description=(module.__doc__ or "").split("\n\n")[0])
         module.add_arguments(p)  # with bench.harness.add_common: --json, --repeats, --seed
         p.set_defaults(handler=_runner(name))
+    # The one bench whose command has a hyphen: its module is bench.retrieval_quality.
+    from bench import retrieval_quality
+    p = which.add_parser("retrieval-quality", help="benchmark: retrieval-quality",
+                         description=(retrieval_quality.__doc__ or "").split("\n\n")[0])
+    retrieval_quality.add_arguments(p)
+    p.set_defaults(handler=lambda args: emit(retrieval_quality.run(args)) or 0)
 
 
 def _runner(name: str):

@@ -163,8 +163,8 @@ def _replay(args: argparse.Namespace) -> int:
             log.warning("replay: %d bad rows of %s dead-lettered to %s", dead, args.file, topics.dlq)
         schema = encoded.schema
         items = (ItemFeaturePublisher(producer, topics.items, schema.item_slots(),
-                                      schema.item_dense_width())
-                 if schema.item_slots() or schema.item_dense_width() else None)
+                                      schema.item_dense_width(), texts=encoded.item_text)
+                 if schema.item_slots() or schema.item_dense_width() or encoded.item_text else None)
         with _progress() as progress:
             task = progress.add_task("replaying", total=None)
             events = produce_requests(

@@ -1,0 +1,175 @@
+"""Online learning of the two towers from the trainer's own example batches.
+
+:meth:`TwoTowerLearner.step` takes the very :class:`~streams.example_batch.ExampleBatch` the
+ranker's :class:`~training.learner.Learner` trains on. Every row tells the item cache the item's
+features; the clicked rows (``label > 0``) are the positives. Each positive's user history is
+read *before* the batch's own clicks enter the store, and only clicks with an earlier event time
+count, so no row ever sees its own or a later click. Positives wait until
+``positives_per_step`` of them have come (a trainer batch holds a few dozen clicks: too few
+in-batch negatives), then one step of in-batch sampled softmax:
+
+    logits[i, j] = <u_i, v_j> / temperature - log q(item_j)
+
+with ``q`` the streaming frequency estimate (logQ correction, Yi et al. 2019), rows ``j != i``
+holding row ``i``'s own item masked out, and cross-entropy against the diagonal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streams.example_batch import ExampleBatch, Ragged
+from training.dedup import SeenFilter
+from training.two_tower.model import TowerInputs, TwoTowerConfig, TwoTowerModel
+from training.two_tower.state import FrequencyEstimator, HistoryStore, ItemFeatureCache, padded
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TwoTowerStats", "TwoTowerLearner"]
+
+
+@dataclass
+class TwoTowerStats:
+    """What the learner did so far."""
+
+    examples: int = 0  # rows given to step (after de-dup)
+    positives: int = 0  # clicked rows among them
+    steps: int = 0  # in-batch softmax steps taken
+    trained: int = 0  # positives trained on
+    last_loss: float = float("nan")
+    seconds: float = 0.0  # inside step()
+
+
+class TwoTowerLearner:
+    """The two-tower model, its optimizers and its online state; :meth:`step` learns a batch."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = TwoTowerModel(cfg)
+        self.sparse_opt = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=cfg.lr)
+        self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=cfg.lr)
+        self.history = HistoryStore(max(cfg.history_length, 1))
+        self.items = ItemFeatureCache(cfg.item_slots, cfg.max_bag)
+        self.freq = FrequencyEstimator(cfg.freq_buckets, cfg.freq_alpha)
+        self.dedup = SeenFilter(cfg.dedup_capacity, generations=2)
+        self.stats = TwoTowerStats()
+        self._pending: list[tuple[TowerInputs, TowerInputs]] = []
+        self._pending_rows = 0
+
+    # -- inputs ---------------------------------------------------------------------------
+    def user_inputs(self, users: np.ndarray, time_ms: np.ndarray,
+                    user_sparse: dict[str, Ragged] | None = None) -> TowerInputs:
+        """User-tower rows for ``users`` at ``time_ms`` (history: clicks strictly before it)."""
+        users = np.asarray(users, np.int64)
+        n, sparse = len(users), user_sparse or {}
+        hist = self.history.lookup(users, time_ms) if self.cfg.history_length else None
+        return TowerInputs(users, {s: padded(sparse.get(s), n, self.cfg.max_bag)
+                                   for s in self.cfg.user_slots}, hist)
+
+    def item_inputs(self, item_ids: np.ndarray, item_sparse: dict[str, Ragged] | None = None
+                    ) -> TowerInputs:
+        """Item-tower rows: features from ``item_sparse`` if given, else the item cache."""
+        ids = np.asarray(item_ids, np.int64)
+        if item_sparse is None:
+            return TowerInputs(ids, self.items.features(ids))
+        return TowerInputs(ids, {s: padded(item_sparse.get(s), len(ids), self.cfg.max_bag)
+                                 for s in self.cfg.item_slots})
+
+    # -- vectors --------------------------------------------------------------------------
+    @torch.no_grad()
+    def user_vectors(self, users: np.ndarray, time_ms: np.ndarray,
+                     user_sparse: dict[str, Ragged] | None = None) -> torch.Tensor:
+        """float32[n, dim], unit norm: the query vectors of ``users`` at ``time_ms``."""
+        return self.model.user(self.user_inputs(users, time_ms, user_sparse))
+
+    def user_vectors_for(self, batch: ExampleBatch) -> torch.Tensor:
+        """The query vector of each row of ``batch`` (its user, time and user-side features)."""
+        return self.user_vectors(batch.user_id, batch.event_time_ms,
+                                 {s: batch.sparse[s] for s in self.cfg.user_slots if s in batch.sparse})
+
+    @torch.no_grad()
+    def item_vectors(self, item_ids: np.ndarray, chunk: int = 65536) -> torch.Tensor:
+        """float32[n, dim], unit norm: the vectors of ``item_ids`` with their cached features."""
+        ids = np.asarray(item_ids, np.int64)
+        if len(ids) == 0:
+            return torch.zeros(0, self.cfg.dim)
+        return torch.cat([self.model.item(self.item_inputs(ids[lo:lo + chunk]))
+                          for lo in range(0, len(ids), chunk)])
+
+    def items_seen(self) -> np.ndarray:
+        """Every item any batch has shown so far (the retrieval catalog)."""
+        return self.items.ids()
+
+    # -- learning -------------------------------------------------------------------------
+    def step(self, batch: ExampleBatch) -> int:
+        """Learns ``batch``; returns the positives trained by this call (0 while they gather)."""
+        t0 = time.perf_counter()
+        keep = self.dedup.filter_new(batch.example_id)
+        if not keep.all():
+            batch = batch.take(keep)
+        self.stats.examples += len(batch)
+        if not len(batch):
+            return 0
+        self.items.observe(batch.item_id, {s: batch.sparse[s] for s in self.cfg.item_slots
+                                           if s in batch.sparse})
+        pos = np.flatnonzero(batch.label > 0)
+        trained = 0
+        if len(pos):
+            clicks = batch.take(pos)
+            # History read before this batch's clicks are stored: a row never sees its own click.
+            self._pending.append((self.user_inputs(clicks.user_id, clicks.event_time_ms,
+                                                   {s: clicks.sparse[s] for s in self.cfg.user_slots
+                                                    if s in clicks.sparse}),
+                                  self.item_inputs(clicks.item_id, {s: clicks.sparse[s] for s in
+                                                                    self.cfg.item_slots if s in clicks.sparse})))
+            self._pending_rows += len(pos)
+            self.stats.positives += len(pos)
+            if self.cfg.history_length:
+                self.history.add(clicks.user_id, clicks.item_id, clicks.event_time_ms)
+            if self._pending_rows >= self.cfg.positives_per_step:
+                trained = self.flush()
+        self.stats.seconds += time.perf_counter() - t0
+        return trained
+
+    def flush(self) -> int:
+        """Trains the positives gathered so far (however few); returns how many."""
+        if not self._pending_rows:
+            return 0
+        users = TowerInputs.concat([u for u, _ in self._pending])
+        items = TowerInputs.concat([i for _, i in self._pending])
+        self._pending, self._pending_rows = [], 0
+        loss = self._train(users, items)
+        if not np.isfinite(loss):
+            log.error("two-tower: non-finite loss on %d positives; step skipped", len(users))
+            return 0
+        self.stats.steps += 1
+        self.stats.trained += len(users)
+        self.stats.last_loss = loss
+        return len(users)
+
+    def _train(self, users: TowerInputs, items: TowerInputs) -> float:
+        self.freq.update(items.ids, self.stats.steps)
+        u, v = self.model.user(users), self.model.item(items)
+        logits = (u @ v.T) / self.cfg.temperature
+        if self.cfg.logq:
+            q = torch.from_numpy(self.freq.probability(items.ids)).to(logits.dtype)
+            logits = logits - torch.log(q.clamp(min=1e-12)).unsqueeze(0)
+        same = torch.from_numpy(items.ids[:, None] == items.ids[None, :])
+        same.fill_diagonal_(False)  # the row's own positive stays; its duplicates are no negative
+        logits = logits.masked_fill(same, float("-inf"))
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(users)))
+        if not bool(torch.isfinite(loss)):
+            return float("nan")
+        self.sparse_opt.zero_grad(set_to_none=True)
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sparse_opt.step()
+        self.dense_opt.step()
+        return float(loss.detach())
