@@ -1,19 +1,28 @@
 """``headwater bench learning --emit early|both``: early emission + correction against the windowed
-join, on the generator (truth known), in one run.
+join, on the generator (truth known) or on a real log (``--dataset``), in one run.
 
-The same generated impressions and clicks go through the joiner's own emission logic
+The same impressions and clicks go through the joiner's own emission logic
 (:func:`~streams.join_build.build_examples` for ``window``, :func:`~streams.join_build.build_early`
 for ``early``), and the rows reach a fresh learner in the order the joiner would emit them: a
 windowed example at its request's window close, an early negative at the hold, a positive copy
 at its click (or at the hold, for a click within it). Arms: ``window``, ``early_fnw`` (the
 trainer's default correction) and ``early_none`` (no correction).
 
-Every arm is scored twice on the true label, each impression's item once:
+A log has no click times (its clicks come 1 ms after the impression, :func:`log_requests`), so
+each of its clicks is given a delay drawn uniformly in [1, ``max_action_delay_ms``] (seeded), as
+the generator's are; the log replays in its own event time.
+
+Every arm is scored on each impression's true final label (its click if one comes within the
+window, else 0), each impression once:
 
 - ``auc_overall``, ``logloss``, ``calibration``: prequentially, by the model as it stood when the
   item first reached the trainer (early arms: its negative's pre-update score; the positive copy
   is not scored again). This favours the window: it scores at window close, with every click of
   the window before it already learned.
+- ``auc_after_warmup``, ``logloss_after_warmup``, ``calibration_after_warmup``: the same scores
+  on the second half of the impressions (by event time). An early stream's first seconds are
+  all fake negatives (no click has come yet), which a cold model learns and then unlearns for
+  a while; a trainer restored from a checkpoint never sees that start again.
 - ``serving_auc``, ``serving_logloss``, ``serving_calibration``: at the impression's own event
   time, by the model trained on what had been emitted by then (serving's view, publish delay
   left out), over the second half of the stream (the first is warm-up): the freshness the
@@ -25,7 +34,7 @@ Every arm is scored twice on the true label, each impression's item once:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -35,10 +44,11 @@ from streams.generator import GeneratorConfig, SyntheticStream
 from streams.join_build import ClosedRequest, build_early, build_examples
 from streams.join_state import PendingAction
 
-__all__ = ["ARMS", "run_arms"]
+__all__ = ["ARMS", "run_arms", "generator_source", "log_source"]
 
 ARMS = ("window", "early_fnw", "early_none")
 _POSITIVE = frozenset({"click"})
+_NEVER = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -51,7 +61,54 @@ class _Stream:
     times: np.ndarray  # emission event time of each row (ms)
 
 
-def _requests(stream: SyntheticStream, block: Any) -> list[ClosedRequest]:
+Source = Callable[[str], "_Stream"]  # emit mode ("window" | "early") -> the rows it emits
+
+
+def _click_times(reqs: list[ClosedRequest]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of the requests' examples (requests in order, items in shown order): the
+    impression's time and its item's first positive action's time (``_NEVER`` if none)."""
+    t_imp, click = [], []
+    for c in reqs:
+        items = c.impression["items"]
+        t = int(c.impression["event_time_ms"])
+        first = {}
+        for a in c.actions:
+            if a.kind in _POSITIVE:
+                first[a.item_id] = min(first.get(a.item_id, _NEVER), a.event_time_ms)
+        t_imp.append(np.full(len(items), t, np.int64))
+        click.append(np.fromiter((first.get(i, _NEVER) for i in items), np.int64, len(items)))
+    return np.concatenate(t_imp), np.concatenate(click)
+
+
+def _emit(reqs: list[ClosedRequest], emit: str, window_ms: int, hold_ms: int, dense_dim: int
+          ) -> tuple[ExampleBatch, np.ndarray, np.ndarray, np.ndarray]:
+    """One block of requests as mode ``emit`` sends it: (rows, emission times, true labels,
+    first-of-impression flags), rows in the order the join functions build them."""
+    t_imp, click = _click_times(reqs)
+    label = (click != _NEVER) & (click - t_imp <= window_ms)
+    if emit == "window":
+        batch, _, _ = build_examples(reqs, window_ms, _POSITIVE, 1.0, dense_dim)
+        return batch, t_imp + window_ms, label, np.ones(len(batch), bool)
+    batch, _, _ = build_early(reqs, window_ms, _POSITIVE, 1.0, dense_dim)  # n negatives, then copies
+    n, k = len(label), int(label.sum())
+    times = np.concatenate([t_imp + hold_ms, np.maximum(click[label], t_imp[label] + hold_ms)])
+    return (batch, times, np.concatenate([label, np.ones(k, bool)]),
+            np.concatenate([np.ones(n, bool), np.zeros(k, bool)]))
+
+
+def _collect(blocks: Iterator[list[ClosedRequest]], emit: str, window_ms: int, hold_ms: int,
+             dense_dim: int = 0) -> _Stream:
+    parts, times, truth, first = [], [], [], []
+    for reqs in blocks:
+        b, t, y, f = _emit(reqs, emit, window_ms, hold_ms, dense_dim)
+        parts.append(b), times.append(t), truth.append(y), first.append(f)
+    order = np.argsort(np.concatenate(times), kind="stable")
+    return _Stream(ExampleBatch.concat(parts).take(order),
+                   np.concatenate(truth)[order].astype(np.float32), np.concatenate(first)[order],
+                   np.concatenate(times)[order])
+
+
+def _generator_requests(stream: SyntheticStream, block: Any) -> list[ClosedRequest]:
     reqs: dict[str, ClosedRequest] = {}
     for topic, value in stream.messages(block):
         obj = msgpack.unpackb(value, raw=False)
@@ -63,38 +120,45 @@ def _requests(stream: SyntheticStream, block: Any) -> list[ClosedRequest]:
     return list(reqs.values())
 
 
-def emitted(world: GeneratorConfig, events: int, emit: str, window_ms: int, hold_ms: int,
-            block_requests: int = 256) -> _Stream:
-    """``events`` generated events as the joiner in mode ``emit`` would send them."""
-    stream = SyntheticStream(world)
-    parts, times, truth, first = [], [], [], []
-    seen = 0
-    while seen < events:
-        block = stream.block(block_requests)
-        seen += stream.count_events(block)
-        reqs = _requests(stream, block)
-        k = block.items.shape[1]
-        t_imp = np.repeat(block.event_time_ms, k)
-        delay = (block.click_time_ms - block.event_time_ms[:, None]).reshape(-1)
-        label = block.clicked.reshape(-1) & (delay <= window_ms)
-        if emit == "window":
-            batch, _, _ = build_examples(reqs, window_ms, _POSITIVE, 1.0, 0)
-            parts.append(batch)
-            times.append(t_imp + window_ms)
-            truth.append(label)
-            first.append(np.ones(len(batch), bool))
-            continue
-        batch, _, _ = build_early(reqs, window_ms, _POSITIVE, 1.0, 0)  # n negatives, then copies
-        n = len(label)
-        click_at = block.click_time_ms.reshape(-1)[label]
-        parts.append(batch)
-        times.append(np.concatenate([t_imp + hold_ms, np.maximum(click_at, t_imp[label] + hold_ms)]))
-        truth.append(np.concatenate([label, np.ones(int(label.sum()), bool)]))
-        first.append(np.concatenate([np.ones(n, bool), np.zeros(int(label.sum()), bool)]))
-    order = np.argsort(np.concatenate(times), kind="stable")
-    return _Stream(ExampleBatch.concat(parts).take(order),
-                   np.concatenate(truth)[order].astype(np.float32), np.concatenate(first)[order],
-                   np.concatenate(times)[order])
+def generator_source(world: GeneratorConfig, events: int, window_ms: int, hold_ms: int,
+                     block_requests: int = 256) -> Source:
+    """``events`` generated events (shown items + clicks) as each mode would emit them."""
+    def source(emit: str) -> _Stream:
+        stream = SyntheticStream(world)
+
+        def blocks() -> Iterator[list[ClosedRequest]]:
+            seen = 0
+            while seen < events:
+                block = stream.block(block_requests)
+                seen += stream.count_events(block)
+                yield _generator_requests(stream, block)
+        return _collect(blocks(), emit, window_ms, hold_ms)
+    return source
+
+
+def log_source(encoded: Any, name: str, window_ms: int, hold_ms: int, max_delay_ms: int,
+               seed: int = 0, block_rows: int = 8192) -> Source:
+    """An encoded log (:func:`streams.log_reader.encode_log`) as each mode would emit it, every
+    click delayed by a seeded uniform draw in [1, ``max_delay_ms``] after its impression."""
+    from streams.log_reader import log_requests
+
+    def source(emit: str) -> _Stream:
+        rng = np.random.default_rng(seed)
+
+        def blocks() -> Iterator[list[ClosedRequest]]:
+            reqs: list[ClosedRequest] = []
+            for imp, clicks in log_requests(encoded, name):
+                delay = rng.integers(1, max(2, max_delay_ms + 1), len(clicks)).tolist()
+                reqs.append(ClosedRequest(dict(vars(imp)), [
+                    PendingAction(a.item_id, a.kind, a.value, imp.event_time_ms + d, a.user_id)
+                    for a, d in zip(clicks, delay)]))
+                if len(reqs) >= block_rows:
+                    yield reqs
+                    reqs = []
+            if reqs:
+                yield reqs
+        return _collect(blocks(), emit, window_ms, hold_ms, int(encoded.dense.shape[1]))
+    return source
 
 
 def _serving(s: _Stream, times: np.ndarray, probes: ExampleBatch, probe_t: np.ndarray,
@@ -132,14 +196,23 @@ def _score(s: _Stream, cfg: Any) -> dict:
     from training.prequential import metrics_of, run_stream
 
     res = run_stream(_chunks(s.batch, 4096), cfg)
-    logits = np.concatenate(res.evaluator.logits)[s.first]
-    y = s.true_label[s.first]
+    if res.examples != len(s.batch):  # the scores below are matched to the rows by position
+        raise RuntimeError(f"{len(s.batch) - res.examples} rows dropped as duplicates")
+    order = np.argsort(s.batch.event_time_ms[s.first], kind="stable")  # impression time
+    logits = np.concatenate(res.evaluator.logits)[s.first][order]
+    y = s.true_label[s.first][order]
     m = metrics_of(logits, y, np.ones(len(y))).to_dict()
     q = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     rate = float(y.mean())
+    half = len(y) // 2
+    late = metrics_of(logits[half:], y[half:], np.ones(len(y) - half)).to_dict()
+    late_rate = float(y[half:].mean())
     return {**m, "rows_trained": res.examples, "mean_prediction": round(float(q.mean()), 5),
             "positive_rate": round(rate, 5),
             "calibration": round(float(q.mean()) / rate, 4) if rate > 0 else None,
+            "auc_after_warmup": late["auc_overall"], "logloss_after_warmup": late["logloss"],
+            "calibration_after_warmup": (round(float(q[half:].mean()) / late_rate, 4)
+                                         if late_rate > 0 else None),
             "examples_per_s": round(res.examples_per_s, 1)}
 
 
@@ -148,30 +221,34 @@ def _chunks(batch: ExampleBatch, size: int):
         yield batch.take(np.arange(s, min(len(batch), s + size)))
 
 
-def run_arms(world: GeneratorConfig, cfg: Any, events: int, arms: tuple[str, ...],
-             window_ms: int, hold_ms: int, serving: bool = True, progress: Callable[[str], None] = lambda _a: None) -> dict:
-    """Each arm's figures on the same generated stream, and early minus window deltas."""
+def run_arms(source: Source, cfg: Any, arms: tuple[str, ...], window_ms: int,
+             serving: bool = True, progress: Callable[[str], None] = lambda _a: None) -> dict:
+    """Each arm's figures on the same stream (``source``: :func:`generator_source` or
+    :func:`log_source`), and early minus window deltas."""
     out: dict[str, Any] = {}
     streams: dict[str, _Stream] = {}
     for arm in arms:
         progress(arm)
         emit = "window" if arm == "window" else "early"
         if emit not in streams:
-            streams[emit] = emitted(world, events, emit, window_ms, hold_ms)
-        correction = "none" if arm == "early_none" else "fnw"
+            streams[emit] = source(emit)
+        correction = arm.split("_", 1)[1] if emit == "early" else cfg.early_correction
         arm_cfg = replace(cfg, early_correction=correction)
-        out[arm] = _score(streams[emit], arm_cfg)
+        out[arm] = {"correction": correction if emit == "early" else None, **_score(streams[emit], arm_cfg)}
         if serving:
-            probes = streams["window"] if "window" in streams else emitted(
-                world, events, "window", window_ms, hold_ms)
-            streams.setdefault("window", probes)
-            probe_batch = probes.batch.take(np.argsort(probes.times - window_ms, kind="stable"))
-            probe_batch.label = probes.true_label  # the window's rows: final labels, time order
+            probes = streams.setdefault("window", streams.get("window") or source("window"))
+            order = np.argsort(probes.times - window_ms, kind="stable")
+            probe_batch = probes.batch.take(order)
+            probe_batch.label = probes.true_label[order]  # final labels, impression time order
             out[arm].update(_serving(streams[emit], streams[emit].times, probe_batch,
-                                     np.sort(probes.times - window_ms), arm_cfg))
+                                     (probes.times - window_ms)[order], arm_cfg))
     if "window" in out:
-        for arm in ("early_fnw", "early_none"):
+        for arm in ARMS[1:]:
             if arm in out and out[arm]["auc_overall"] is not None:
-                out[arm]["auc_delta_vs_window"] = round(out[arm]["auc_overall"] - out["window"]["auc_overall"], 4)
-                out[arm]["logloss_delta_vs_window"] = round(out[arm]["logloss"] - out["window"]["logloss"], 4)
+                for k, name in (("auc_overall", "auc"), ("logloss", "logloss"),
+                                ("auc_after_warmup", "auc_after_warmup"),
+                                ("logloss_after_warmup", "logloss_after_warmup"),
+                                ("serving_auc", "serving_auc"), ("serving_logloss", "serving_logloss")):
+                    if out[arm].get(k) is not None and out["window"].get(k) is not None:
+                        out[arm][f"{name}_delta_vs_window"] = round(out[arm][k] - out["window"][k], 4)
     return out

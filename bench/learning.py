@@ -53,6 +53,9 @@ _NOT_LEARNING = {"model_id", "group_id", "max_batch_wait_ms", "fetch_max_wait_ms
                  "metrics_port", "expire_interval_s"}
 
 
+_LOG_ACTION_DELAY_S = 30.0  # --emit on a log: clicks follow within this (the generator's default)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="a log to run (CSV, CSV.GZ or Parquet); "
                    "default: the synthetic generator")
@@ -69,12 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: 0 .. --repeats - 1, i.e. 0,1,2)")
     p.add_argument("--eval-window", type=int, default=10_000, help="examples per prequential window")
     p.add_argument("--emit", choices=("off", "window", "early", "both"), default="off",
-                   help="also compare the joiner's emissions on the generator (bench/delayed.py): "
-                   "window, early (+FNW and uncorrected) or both, under `delayed` in the JSON")
+                   help="also compare the joiner's emissions on the generator or --dataset "
+                   "(bench/delayed.py): window, early (+FNW and uncorrected) or both, under "
+                   "`delayed` in the JSON")
     p.add_argument("--join-window-s", type=float, default=10.0, help="with --emit: join window")
     p.add_argument("--early-hold-s", type=float, default=1.0, help="with --emit: early hold")
     p.add_argument("--max-action-delay-s", type=float, default=None,
-                   help="generator: clicks follow within this delay (default: the generator's 30)")
+                   help="clicks follow within this delay: the generator's (default 30), and with "
+                   "--emit on a --dataset its clicks' (uniform, seeded; default 30)")
     p.add_argument("--users", type=int, default=None)
     p.add_argument("--items", type=int, default=None)
     p.add_argument("--segments", type=int, default=None)
@@ -187,13 +192,22 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     log.info("%s: %d rows encoded in %.1fs", args.dataset, len(encoded), read_s)
     res = run_log(encoded, source_name(args.dataset), cfg, _baselines(args),
                   on_progress=task("prequential", len(encoded)))
-    return {"bench": "learning", "dataset": str(args.dataset), **res.to_dict(),
+    out = {"bench": "learning", "dataset": str(args.dataset), **res.to_dict(),
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
             "bad_rows": len(encoded.bad_rows), "batch_size": cfg.batch_size,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],
             "crosses": list(cfg.crosses), "pooling": cfg.pooling,
             **({"slot_pooling": list(cfg.slot_pooling)} if cfg.slot_pooling else {}),
             "dense_width": int(encoded.dense.shape[1])}
+    if args.emit != "off":  # the log's clicks, delayed as the generator's are (bench.delayed)
+        from bench.delayed import log_source
+
+        delay_ms = int((args.max_action_delay_s if args.max_action_delay_s is not None
+                        else _LOG_ACTION_DELAY_S) * 1000)
+        source = log_source(encoded, source_name(args.dataset), int(args.join_window_s * 1000),
+                            int(args.early_hold_s * 1000), delay_ms, seed=getattr(args, "tc_seed", None) or 0)
+        out["delayed"] = {**_delayed(args, cfg, source), "max_action_delay_ms": delay_ms}
+    return out
 
 
 def _run_generator(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
@@ -241,15 +255,22 @@ def _run_generator(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
                      "user_noise": world.user_noise, "item_noise": world.item_noise,
                      "temperature": world.temperature}}
     if args.emit != "off":
-        from bench.delayed import ARMS, run_arms
+        from bench.delayed import generator_source
 
-        arms = {"window": ARMS[:1], "early": ARMS[1:], "both": ARMS}[args.emit]
-        out["delayed"] = {
-            "arms": run_arms(replace(world, seed=seeds[0]), cfg, args.events, arms,
-                             int(args.join_window_s * 1000), int(args.early_hold_s * 1000)),
-            "seed": seeds[0], "join_window_s": args.join_window_s,
-            "early_hold_s": args.early_hold_s, "max_action_delay_ms": world.max_action_delay_ms}
+        window_ms, hold_ms = int(args.join_window_s * 1000), int(args.early_hold_s * 1000)
+        source = generator_source(replace(world, seed=seeds[0]), args.events, window_ms, hold_ms)
+        out["delayed"] = {**_delayed(args, cfg, source), "seed": seeds[0],
+                          "max_action_delay_ms": world.max_action_delay_ms}
     return out
+
+
+def _delayed(args: argparse.Namespace, cfg: Any, source: Any) -> dict:
+    """``--emit``: the arms of :mod:`bench.delayed` on ``source``, under ``delayed``."""
+    from bench.delayed import ARMS, run_arms
+
+    arms = {"window": ARMS[:1], "early": ARMS[1:], "both": ARMS}[args.emit]
+    return {"arms": run_arms(source, cfg, arms, int(args.join_window_s * 1000)),
+            "join_window_s": args.join_window_s, "early_hold_s": args.early_hold_s}
 
 
 def _mean(rows: list[dict], key: str, digits: int = 4) -> float | None:

@@ -57,8 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tt-hidden", type=int, default=128)
     g.add_argument("--tt-temperature", type=float, default=0.05)
     g.add_argument("--tt-lr", type=float, default=0.005)
+    g.add_argument("--tt-init-std", type=float, default=0.1, help="std of new embedding rows")
     g.add_argument("--tt-history", type=int, default=20, help="recent clicks in the user tower (0: none)")
     g.add_argument("--tt-positives-per-step", type=int, default=256)
+    g.add_argument("--tt-passes", type=int, default=1, help="softmax steps per gathered group")
+    g.add_argument("--tt-freq-alpha", type=float, default=None,
+                   help="moving-average rate of the logQ frequency estimate (default: the config's)")
     g.add_argument("--no-logq", action="store_true", help="leave out the logQ correction")
     p.set_defaults(eval_window=50_000)  # trainer_config reads it
     _add_trainer_flags(p)
@@ -67,9 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _two_tower_config(args: argparse.Namespace, base: Any) -> Any:
     return replace(base, dim=args.tt_dim, hidden=args.tt_hidden, temperature=args.tt_temperature,
-                   lr=args.tt_lr, history_length=args.tt_history,
+                   lr=args.tt_lr, init_std=args.tt_init_std, passes=args.tt_passes, history_length=args.tt_history,
                    positives_per_step=args.tt_positives_per_step, logq=not args.no_logq,
-                   seed=args.tc_seed or 0)
+                   seed=args.tc_seed or 0,
+                   freq_alpha=base.freq_alpha if args.tt_freq_alpha is None else args.tt_freq_alpha)
 
 
 def _generator_batches(args: argparse.Namespace, task: Callable) -> tuple[list, Any, dict]:
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     out = {"bench": "retrieval-quality", "dataset": args.dataset, **info, **res,
            "k": args.k, "eval_fraction": args.eval_fraction, "seconds": round(time.perf_counter() - t0, 2),
            "two_tower": {"dim": args.tt_dim, "hidden": args.tt_hidden, "temperature": args.tt_temperature,
-                         "lr": args.tt_lr, "history": args.tt_history, "logq": not args.no_logq,
+                         "lr": args.tt_lr, "init_std": args.tt_init_std, "passes": args.tt_passes, "history": args.tt_history, "logq": not args.no_logq,
                          "positives_per_step": args.tt_positives_per_step}}
     return with_ceiling(out, no_ceiling("none: recall of later clicks has no physical ceiling; "
                                         "compare with recall_at_100_popular", "recall"))

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 MULTI_SHARE = 0.02  # a column is multi-valued when this share of its non-empty cells has a "|"
 CODE_DISTINCT = 20  # integer columns with at most this many distinct values are codes...
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
+TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
+TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold")
 
 
@@ -102,6 +104,10 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
       integers and either at most 20 distinct values that repeat (no more than 5% of the
       non-empty cells: a rating, a position, an age bracket, a flag) or a name ending in ``id``
       (``shop_id``, ``zipId``) -> categorical;
+    - **text**: item side, not numeric, at least half of its non-empty cells hold words (a
+      space between two non-spaces) and at least half as many distinct values as there are
+      items: a title or a description, nearly one per item (no feature: the LLM rerank reads
+      it; as a categorical it would only repeat the item id);
     - **categorical**: anything else (strings, mixed cells).
 
     Side: **item** if the column never varies within an item (the same cell on every row of an
@@ -153,7 +159,8 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
     if good:
         stats.time_min, stats.time_max = _iso(t_min), _iso(t_max)
     given = {c.name: c for c in base.columns}
-    specs = tuple(given.get(c) or _infer_column(stats.columns[c]) for c in features)
+    items = stats.columns[base.item_col].distinct
+    specs = tuple(given.get(c) or _infer_column(stats.columns[c], items) for c in features)
     log.info("inferred the schema of %s: %d rows, %d bad, %d feature columns", path, stats.rows,
              stats.bad_rows, len(specs))
     return replace(base, columns=specs), stats
@@ -174,6 +181,7 @@ def _count_column(cs: ColumnStats, col: pa.ChunkedArray, seen: set, cap: int) ->
     if cs.integer and len(nonempty):
         cs.integer = bool(pc.all(pc.match_substring_regex(nonempty, INT_CELL)).as_py())
     cs.with_separator += int(pc.sum(pc.match_substring(col, "|")).as_py() or 0)
+    cs.with_space += int(pc.sum(pc.match_substring_regex(col, r"\S\s+\S")).as_py() or 0)
 
 
 def _is_id_name(name: str) -> bool:
@@ -181,8 +189,8 @@ def _is_id_name(name: str) -> bool:
     return low == "id" or low.endswith(("_id", "-id", " id")) or name.endswith(("Id", "ID"))
 
 
-def _infer_column(cs: ColumnStats) -> ColumnSpec:
-    """The rules of :func:`infer_schema`, on one column's counts."""
+def _infer_column(cs: ColumnStats, items: int) -> ColumnSpec:
+    """The rules of :func:`infer_schema`, on one column's counts (``items``: distinct items)."""
     side = "user" if cs.varies_within_item else "item"
     if cs.distinct <= 1:
         return ColumnSpec(cs.name, "ignore", side)
@@ -191,4 +199,9 @@ def _infer_column(cs: ColumnStats) -> ColumnSpec:
     values = cs.distinct - (1 if cs.empty else 0)  # distinct non-empty values
     few = values <= CODE_DISTINCT and values <= CODE_SHARE * (cs.cells - cs.empty)
     code = cs.integer and (few or _is_id_name(cs.name))
-    return ColumnSpec(cs.name, "numeric" if cs.numeric and not code else "categorical", side)
+    if cs.numeric and not code:
+        return ColumnSpec(cs.name, "numeric", side)
+    if (side == "item" and not cs.numeric and cs.with_space >= TEXT_SHARE * (cs.cells - cs.empty)
+            and values >= TEXT_DISTINCT * items):
+        return ColumnSpec(cs.name, "text", side)
+    return ColumnSpec(cs.name, "categorical", side)

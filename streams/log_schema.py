@@ -274,6 +274,7 @@ class ColumnStats:
     cells: int = 0
     empty: int = 0
     with_separator: int = 0  # non-empty cells containing the multi-value separator
+    with_space: int = 0  # non-empty cells with a space between words (a title, a description)
     numeric: bool = True  # every non-empty cell parses as a finite float
     integer: bool = True  # every non-empty cell is an integer
     varies_within_item: bool = False

@@ -36,6 +36,9 @@ class TrainerConfig(ModelFields):
     early_correction: str = field(default="fnw", metadata={
         "help": "loss on examples the joiner emitted early (join --emit early): fnw (fake-negative "
                 "weighting, Ktena et al. 2019) or none (uncorrected, biased low)"})
+    early_memory_rows: int = field(default=1 << 20, metadata={
+        "help": "early negatives whose counter features are kept for their positive copy (about "
+                "the impressions of one join window; 0 = off)"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})

@@ -13,6 +13,16 @@ learn through. The model then predicts the true click probability, so serving ne
 Rule: rows marked early (``ExampleBatch.emit``) get these weights when ``early_correction`` is
 ``fnw`` (the default); windowed rows always keep plain weighted BCE; ``none`` trains the early
 stream uncorrected (the bench's comparison arm, biased low).
+
+The correction assumes the positive copy is the *same* x as its fake negative. The joiner sends
+the same ids, but the per-id counters (``ModelConfig.counters``) are features the learner reads
+from its table when it trains a row, and by the time the click comes they have moved (and the
+copy's in-batch neighbours are other copies): the model then learns to tell a copy from a
+negative by its counters, a signal that serving never sees. With counters on, a generator run
+with clicks up to 5 s after a 1 s hold lost 0.15 AUC to the windowed join this way.
+:class:`EarlyCounterMemory` keeps the counter features each early negative was trained with,
+under its copy's id, and gives them to the copy; and a copy adds a positive to its ids'
+counters but no second example (:func:`early_increments`).
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CORRECTIONS", "fnw_weights", "early_weights", "first_batch_ctr"]
+__all__ = ["CORRECTIONS", "EarlyCounterMemory", "fnw_weights", "early_weights", "early_increments",
+           "start_counts"]
 
 CORRECTIONS = ("fnw", "none")
 
@@ -42,18 +53,88 @@ def early_weights(logits: torch.Tensor, labels: torch.Tensor, emit: np.ndarray |
     return torch.where(early, fnw_weights(logits, labels), torch.ones_like(labels))
 
 
-def first_batch_ctr(labels: torch.Tensor, sample_rate: torch.Tensor, emit: np.ndarray | None) -> float:
-    """The click rate a fresh model's bias starts at, from its first batch.
+def start_counts(labels: torch.Tensor, sample_rate: torch.Tensor, emit: np.ndarray | None
+                 ) -> tuple[float, float, bool]:
+    """(positives, impressions, early) of a batch, for the click rate a fresh model's bias starts
+    at (weighted by 1/sample_rate).
 
-    An early-emitted positive is there twice (its negative and its copy), so the rate counts
-    impressions once: windowed rows plus early negatives, against windowed positives plus early
-    copies (weighted by 1/sample_rate). Without this a fresh model on an early stream started at
-    p = 1/2, and the dense tower's small Adam steps took thousands of batches to move its bias.
+    An early-emitted positive is there twice (its negative and its copy), so impressions are
+    counted once: windowed rows plus early negatives. A fresh learner on an early stream sums
+    these over its first batches until one holds a positive (its first rows are negatives whose
+    clicks are still to come), then starts its bias there: without a start the bias sat at
+    p = 1/2, and the dense tower's small Adam steps took thousands of batches to move it.
+    The start is low on a stream's very first batches (clicks after the hold not yet in);
+    FNW's weights then pull it up.
     """
     w = 1.0 / sample_rate.clamp(min=1e-6)
     positives = float((w * labels).sum())
     if emit is None or not np.any(emit):
-        return positives / max(float(w.sum()), 1e-12)
+        return positives, float(w.sum()), False
     early = torch.from_numpy(np.asarray(emit) != 0)
-    impressions = float(w[~early | (labels <= 0.5)].sum())
-    return positives / max(impressions, 1e-12)
+    return positives, float(w[~early | (labels <= 0.5)].sum()), True
+
+
+def early_increments(increments: np.ndarray, label: np.ndarray, emit: np.ndarray | None) -> np.ndarray:
+    """``increments`` (float[B, 2], positives and examples per row, from
+    :func:`training.counting.example_increments`) with an early positive copy's example count
+    set to 0: its impression was counted once already, by its negative."""
+    if emit is None or not np.any(emit):
+        return increments
+    copy = (np.asarray(emit) != 0) & (np.asarray(label) > 0.5)
+    out = increments.copy()
+    out[copy, 1] = 0.0
+    return out
+
+
+class EarlyCounterMemory:
+    """The counter features each early negative was trained with, under its positive copy's id.
+
+    A direct-mapped table of ``rows`` entries (rounded up to a power of two), keyed by
+    :func:`~streams.join_build.positive_copy_ids` of the negative: O(1) and vectorised, bounded
+    memory (``rows`` x slots x 2 float32). A newer negative that maps to the same entry replaces
+    the older one; a copy whose negative is gone (replaced, or trained before a restart) keeps
+    the counters it reads now (counted in ``misses``). Size it for the impressions of one join
+    window: the generator's 10 s window at 4,000 impressions/s needs 40k, the default 1M holds
+    a 10 s window of 100k impressions/s.
+    """
+
+    def __init__(self, rows: int, slots: int, columns: int = 2) -> None:
+        size = 1 << max(10, int(rows - 1).bit_length())
+        self.mask = np.uint64(size - 1)
+        self.keys = np.zeros(size, np.int64)
+        self.used = np.zeros(size, bool)
+        self.values = np.zeros((size, slots, columns), np.float32)
+        self.hits = 0
+        self.misses = 0
+
+    def _index(self, keys: np.ndarray) -> np.ndarray:
+        return (keys.view(np.uint64) & self.mask).astype(np.int64)
+
+    def apply(self, counters: np.ndarray, example_id: np.ndarray, label: np.ndarray,
+              emit: np.ndarray | None) -> np.ndarray | None:
+        """Remembers the early negatives' rows of ``counters`` (float[B, slots, 2], what each row
+        was scored with) and returns ``counters`` with each early copy's rows replaced by its
+        negative's (None when the batch has no early copy)."""
+        if emit is None or not np.any(emit):
+            return None
+        from streams.join_build import positive_copy_ids
+
+        early = np.asarray(emit) != 0
+        positive = np.asarray(label) > 0.5
+        neg = np.flatnonzero(early & ~positive)
+        if len(neg):
+            keys = positive_copy_ids(np.asarray(example_id)[neg])
+            at = self._index(keys)
+            self.keys[at], self.used[at] = keys, True
+            self.values[at] = counters[neg]
+        copies = np.flatnonzero(early & positive)
+        if not len(copies):
+            return None
+        keys = np.asarray(example_id, np.int64)[copies]
+        at = self._index(keys)
+        hit = self.used[at] & (self.keys[at] == keys)
+        self.hits += int(hit.sum())
+        self.misses += int(len(hit) - hit.sum())
+        out = counters.copy()
+        out[copies[hit]] = self.values[at[hit]]
+        return out

@@ -20,7 +20,8 @@ from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
 from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
-from training.delayed_feedback import early_weights, first_batch_ctr
+from training.delayed_feedback import (EarlyCounterMemory, early_increments, early_weights,
+                                       start_counts)
 from training.evaluation import PrequentialEvaluator
 from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
                             init_bias_for_ctr, lookup_slots, weighted_bce)
@@ -85,6 +86,8 @@ class Learner:
     watermark_ms: int = -1
     nonfinite_batches: int = 0  # batches skipped because their loss was not finite
     _bias_set: bool = False
+    _start: tuple[float, float] = (0.0, 0.0)  # positives, impressions before the bias was set
+    early_memory: EarlyCounterMemory | None = None  # made at the first early batch (counters on)
     bf16: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,9 +141,12 @@ class Learner:
         t2 = time.perf_counter()
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
-        if not self._bias_set:
-            init_bias_for_ctr(self.tower, first_batch_ctr(labels, rates, getattr(batch, "emit", None)))
-            self._bias_set = True
+        if not self._bias_set:  # the head starts at the stream's click rate
+            pos, imps, early = start_counts(labels, rates, getattr(batch, "emit", None))
+            self._start = (self._start[0] + pos, self._start[1] + imps)
+            if not early or self._start[0] > 0:  # early: once a positive copy came
+                init_bias_for_ctr(self.tower, self._start[0] / max(self._start[1], 1e-12))
+                self._bias_set = True
         dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32))
                  if mc.dense_dim else None)
         logits = self.logits(bags.emb, dense)
@@ -184,7 +190,9 @@ class Learner:
         table's counts, decayed and added to by the ids' earlier examples in this batch; see
         :mod:`training.counting`); returns per slot the per-id additions for the table."""
         mc = self.model_cfg
-        increments = example_increments(batch.label, batch.sample_rate)
+        emit = getattr(batch, "emit", None)
+        increments = early_increments(example_increments(batch.label, batch.sample_rate),
+                                      batch.label, emit)
         deltas: list[torch.Tensor | None] = []
         with torch.no_grad():
             for s, slot in enumerate(mc.slots):
@@ -199,6 +207,14 @@ class Learner:
                                                self.cfg.count_decay, mean=poolings[s] == "mean")
                 emb[:, s, -2:] = torch.from_numpy(pooled)
                 deltas.append(torch.from_numpy(delta))
+            if emit is not None and np.any(emit) and self.cfg.early_memory_rows > 0:
+                # A positive copy is scored with its negative's counters: the same x (FNW).
+                if self.early_memory is None:
+                    self.early_memory = EarlyCounterMemory(self.cfg.early_memory_rows, len(mc.slots))
+                same = self.early_memory.apply(emb[:, :, -2:].numpy(), batch.example_id,
+                                               batch.label, emit)
+                if same is not None:
+                    emb[:, :, -2:] = torch.from_numpy(same)
         return deltas
 
     def logits(self, emb: torch.Tensor, dense: torch.Tensor | None,

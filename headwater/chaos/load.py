@@ -140,7 +140,6 @@ class FailoverLoadClient:
             if reranked:
                 self.last_reranked[target] = now
             if self._counting:
-                self.rerank_asked += 1
                 self.reranked += reranked
                 self.degraded += degraded
                 if degraded:
@@ -192,6 +191,7 @@ class FailoverLoadClient:
                 break
             if not ok:
                 self._remember(seq, CallOutcome("", rerank))
+            self.rerank_asked += rerank and self._counting  # answered: reranked + degraded
             turn += 1
             if ok:
                 self.ready.set()

@@ -123,7 +123,7 @@ def test_a_rerank_in_flight_to_a_stopped_replica_is_answered_by_the_other_and_co
     assert load.last_reranked[a] > 0 and load.last_reranked[b] == 0  # a degraded answer is no rerank
 
 
-@pytest.mark.slow  # the whole chaos cluster with the LLM in both serving replicas: ~2 min
+@pytest.mark.slow  # the whole chaos cluster with the LLM in both serving replicas: ~45-60 s
 def test_the_chaos_run_kills_a_serving_replica_mid_rerank_and_every_call_is_answered(tmp_path):
     report = run_chaos(ChaosConfig(faults=RERANK_FAULT, storage="memory", data_dir=str(tmp_path),
                                    warmup_s=2.0, settle_s=2.0, load_qps=10.0))

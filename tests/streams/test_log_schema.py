@@ -186,6 +186,6 @@ def test_headwater_replay_inspect_prints_a_schema_to_edit_and_pass_back(ratings,
     again = hw("--inspect", str(ratings), "--schema", str(schema_file))
     assert again.returncode == 0, again.stderr
     assert kinds(LogSchema.from_mapping(tomllib.loads(again.stdout)))["year"] == ("categorical", "item")
-    schema_file.write_text(edited.replace('kind = "categorical"', 'kind = "text"', 1))
+    schema_file.write_text(edited.replace('kind = "categorical"', 'kind = "image"', 1))
     bad = hw("--inspect", str(ratings), "--schema", str(schema_file))
-    assert bad.returncode == 2 and "column 'year': unknown kind 'text'" in bad.stderr
+    assert bad.returncode == 2 and "column 'year': unknown kind 'image'" in bad.stderr

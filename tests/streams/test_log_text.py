@@ -85,3 +85,23 @@ def test_replay_publishes_each_items_text_on_hw_items(kafka_topics, shop):
     hat, cap, bag = entity_ids("item_id", ["hat", "cap", "bag"]).tolist()
     assert {i: f.text for i, f in got.items()} == {hat: "Old Hat", cap: "Base Cap. cotton", bag: None}
     assert set(got[hat].sparse) == {"genres"}
+
+
+def test_a_title_like_item_column_is_inferred_as_text_and_a_category_is_not(tmp_path):
+    from streams.log_infer import infer_schema
+
+    rows = ["user_id,item_id,label,ts,title,brand,tagline,city"]
+    for k in range(40):
+        item = k % 10
+        rows.append(f"u{k % 7},i{item},{k % 2},{k},The Movie Number {item},Acme {item % 2},"
+                    f"{'Big Fun' if item < 3 else 'x'}{item},New York {k % 3}")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    schema, stats = infer_schema(tmp_path / "t.csv")
+    kinds = {c.name: (c.kind, c.side) for c in schema.columns}
+    # title: words, one per item -> text. brand: words but 2 values for 10 items -> categorical.
+    # tagline: one per item but mostly single words -> categorical. city: varies within an item.
+    assert kinds == {"title": ("text", "item"), "brand": ("categorical", "item"),
+                     "tagline": ("categorical", "item"), "city": ("categorical", "user")}
+    assert stats.columns["title"].with_space == 40
+    enc = encode_log(tmp_path / "t.csv", schema)
+    assert enc.item_text[int(entity_ids("item_id", ["i4"])[0])] == "The Movie Number 4"

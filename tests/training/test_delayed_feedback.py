@@ -57,16 +57,121 @@ def test_dedup_keeps_an_early_negative_and_its_positive_copy_but_drops_a_replaye
     assert not seen.filter_new(positive_copy_ids(neg[:1])).any()
 
 
-def test_the_learner_trains_an_early_stream_without_taking_its_first_labels_as_the_ctr():
+def _early(ids, items, labels, t=1_000):
+    """Early rows: one per (example id, item), user = item, at event time ``t``."""
+    from streams.events import ExampleBatch, Ragged
+
+    n = len(ids)
+    ids, items = np.asarray(ids, np.int64), np.asarray(items, np.int64)
+    ones = np.ones(n, np.int32)
+    return ExampleBatch(example_id=ids, user_id=items.copy(), item_id=items,
+                        label=np.asarray(labels, np.float32), sample_rate=np.ones(n, np.float32),
+                        event_time_ms=np.full(n, t, np.int64),
+                        sparse={"user_id": Ragged(items.copy(), ones), "item_id": Ragged(items.copy(), ones.copy())},
+                        dense=np.zeros((n, 0), np.float32), truth_p=np.full(n, np.nan, np.float32),
+                        emit=np.full(n, EMIT_EARLY, np.uint8))
+
+
+def _copy_of(batch, rows, t):
+    """The positive copies of ``batch``'s rows, as the joiner sends them (same features)."""
+    from streams.join_build import positive_copy_ids
+
+    c = batch.take(np.asarray(rows))
+    c.example_id = positive_copy_ids(c.example_id)
+    c.label = np.ones(len(c), np.float32)
+    c.event_time_ms = np.full(len(c), t, np.int64)  # a copy keeps its impression's time;
+    return c                                          # here a later one, to move the counters
+
+
+def _learner(**kw):
     from training.config import TrainerConfig
     from training.learner import Learner
 
-    from training_helpers import make_batch
+    cfg = TrainerConfig(publish=False, batch_size=64, counters=True, **kw)
+    return Learner.for_batch(cfg, _early([1], [1], [0.0]))
 
-    batch = make_batch(256)
-    batch.label[:] = 0.0  # an early stream starts with negatives only: clicks come later
-    batch.emit = np.full(len(batch), EMIT_EARLY, np.uint8)
-    learner = Learner.for_batch(TrainerConfig(publish=False, batch_size=256), batch)
-    assert learner.train(batch) == 256
-    # A windowed start would have put the head's bias at logit(1e-4) = -9.2.
-    assert float(learner.tower.head.bias.abs().max()) < 1.0
+
+def _counters_seen(learner):
+    """Records the counter columns each trained batch was scored with."""
+    seen = []
+    logits = learner.logits
+
+    def spy(emb, dense, tower=None):
+        seen.append(emb[:, :, -2:].detach().clone())
+        return logits(emb, dense, tower)
+    learner.logits = spy
+    return seen
+
+
+def test_a_positive_copy_is_scored_with_the_counters_its_negative_had():
+    learner = _learner()
+    seen = _counters_seen(learner)
+    first = _early([10, 11, 12], [5, 6, 7], [0, 0, 0])
+    learner.train(first)
+    learner.train(_early(np.arange(100, 108), [5] * 8, [0] * 8, t=2_000))  # item 5 moves on
+    learner.train(_copy_of(first, [0], t=3_000))
+    torch.testing.assert_close(seen[2][0], seen[0][0])
+    assert learner.early_memory.hits == 1 and learner.early_memory.misses == 0
+
+
+def test_without_the_memory_the_copy_reads_counters_that_moved_since_its_negative():
+    learner = _learner(early_memory_rows=0)
+    seen = _counters_seen(learner)
+    first = _early([10, 11, 12], [5, 6, 7], [0, 0, 0])
+    learner.train(first)
+    learner.train(_early(np.arange(100, 108), [5] * 8, [0] * 8, t=2_000))
+    learner.train(_copy_of(first, [0], t=3_000))
+    assert not torch.allclose(seen[2][0], seen[0][0])
+
+
+def test_a_positive_copy_adds_a_click_to_its_counters_but_no_second_impression():
+    learner = _learner(count_decay=1.0)
+    first = _early([10, 11], [5, 6], [0, 0])
+    learner.train(first)
+    learner.train(_copy_of(first, [0], t=1_000))
+    counts = learner.table.lookup("item_id", torch.tensor([5, 6]))[:, -2:]
+    torch.testing.assert_close(counts, torch.tensor([[1.0, 1.0], [0.0, 1.0]]))  # clicks, shown
+
+
+def test_early_increments_zero_only_the_copies_example_count():
+    from training.delayed_feedback import early_increments
+
+    inc = np.array([[0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    out = early_increments(inc, np.array([0.0, 1.0, 1.0]), np.array([EMIT_EARLY, EMIT_EARLY, 0], np.uint8))
+    assert out.tolist() == [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    assert early_increments(inc, np.ones(3), None) is inc
+
+
+def test_the_counter_memory_forgets_a_negative_whose_entry_a_newer_one_took():
+    from streams.join_build import positive_copy_ids
+    from training.delayed_feedback import EarlyCounterMemory
+
+    memory = EarlyCounterMemory(1024, slots=1)
+    early = np.full(1, EMIT_EARLY, np.uint8)
+    neg = np.array([3], np.int64)
+    memory.apply(np.full((1, 1, 2), 7.0, np.float32), neg, np.zeros(1), early)
+    slot = int(positive_copy_ids(neg)[0]) & 1023
+    other = next(i for i in range(10_000, 10**6) if int(positive_copy_ids(np.array([i]))[0]) & 1023 == slot)
+    memory.apply(np.full((1, 1, 2), 9.0, np.float32), np.array([other]), np.zeros(1), early)
+    now = np.full((1, 1, 2), 1.0, np.float32)
+    assert memory.apply(now, positive_copy_ids(neg), np.ones(1), early).tolist() == now.tolist()
+    assert memory.apply(now, positive_copy_ids(np.array([other])), np.ones(1), early)[0, 0, 0] == 9.0
+    assert (memory.hits, memory.misses) == (1, 1)
+
+
+def test_an_early_stream_starts_its_bias_only_once_a_click_came_counting_impressions_once():
+    learner = _learner()
+    learner.train(_early(np.arange(100), np.arange(100), np.zeros(100)))
+    # A windowed start would have put the head's bias at logit(1e-4) = -9.2: no click yet.
+    assert not learner._bias_set and abs(float(learner.tower.head.bias)) < 1.0
+    nxt = _early(np.arange(100, 200), np.arange(100), np.zeros(100))
+    learner.train(ExampleBatch_concat(nxt, _copy_of(nxt, np.arange(20), t=1_000)))
+    # 20 clicks in 200 impressions (each clicked row is there twice, its copy not counted again)
+    assert learner._bias_set
+    assert float(learner.tower.head.bias) == pytest.approx(math.log(0.1 / 0.9), abs=1e-5)
+
+
+def ExampleBatch_concat(*batches):
+    from streams.events import ExampleBatch
+
+    return ExampleBatch.concat(list(batches))

@@ -145,7 +145,8 @@ class TwoTowerLearner:
         users = TowerInputs.concat([u for u, _ in self._pending])
         items = TowerInputs.concat([i for _, i in self._pending])
         self._pending, self._pending_rows = [], 0
-        loss = self._train(users, items)
+        for _ in range(self.cfg.passes):
+            loss = self._train(users, items)
         if not np.isfinite(loss):
             log.error("two-tower: non-finite loss on %d positives; step skipped", len(users))
             return 0

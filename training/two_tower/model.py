@@ -39,8 +39,10 @@ class TwoTowerConfig:
     max_bag: int = 8  # ids kept per multi-valued feature
     history_length: int = 20  # recent clicks pooled into the user tower (0 = none)
     temperature: float = 0.05  # logits = <u, v> / temperature
+    init_std: float = 0.1  # std of new embedding rows
     lr: float = 0.005  # Adam on the heads, SparseAdam on the rows
     positives_per_step: int = 256  # clicks gathered before one in-batch softmax step
+    passes: int = 1  # softmax steps over each gathered group (>1: the same clicks again)
     logq: bool = True  # subtract log q(item) from the in-batch logits (Yi et al. 2019)
     freq_buckets: int = 1 << 20  # hashed counters of the frequency estimate
     freq_alpha: float = 0.05  # moving-average rate of the frequency estimate
@@ -107,7 +109,7 @@ class TwoTowerModel(nn.Module):
         self.user_rows = nn.Embedding(cfg.buckets, e, sparse=True)
         self.item_rows = nn.Embedding(cfg.buckets, e, sparse=True)
         for rows in (self.user_rows, self.item_rows):
-            nn.init.normal_(rows.weight, std=0.1)
+            nn.init.normal_(rows.weight, std=cfg.init_std)
         n_user = 1 + len(cfg.user_slots) + (1 if cfg.history_length else 0)
         self.user_head = _head(n_user * e, cfg.hidden, cfg.dim)
         self.item_head = _head((1 + len(cfg.item_slots)) * e, cfg.hidden, cfg.dim)
