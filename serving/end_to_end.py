@@ -6,9 +6,9 @@ of the newest ``hw.params`` message applied), taken once a second; ``end_to_end_
 ``end_to_end_p99_s`` are quantiles over the recent samples. It covers the whole path (join hold or
 window, examples topic, training, publish interval, params topic, apply), where
 ``freshness_p99_ms`` covers only trainer -> serving. ``headwater demo --json`` and ``headwater
-bench freshness`` report it; a dashboard charts the per-second sample as a line and the two
-quantiles from :meth:`EndToEndFreshness.quantiles` (or Prometheus ``quantile_over_time`` on the
-gauge).
+bench freshness`` report it; the serving process samples it itself and exports the two quantiles
+as ``hw_serve_end_to_end_seconds{quantile="0.5"|"0.99"}`` (last 10 minutes), which the dashboard
+charts beside the per-second sample.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG",
+__all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG", "END_TO_END",
            "QUEUE_JOBS", "PARAMS_AGE", "DEGRADED", "RERANK_CALLS", "RERANK_DEGRADED", "RERANK_SECONDS",
            "RERANK_SKIPPED", "RERANK_PREFIX_HIT", "HISTORY_USERS", "HISTORY_EVENTS", "ITEM_TEXTS",
            "ITEM_TEXT_EVICTIONS", "ITEM_TEXT_REJECTED", "GATE_HELD", "ANN_REBUILDS", "ANN_LOAD_FAILURES",
@@ -27,6 +27,9 @@ MODEL_VERSION = Gauge("hw_serve_model_version", "table version of the served rep
                       multiprocess_mode="livemin")
 FRESHNESS_LAG = Gauge("hw_serve_freshness_lag_seconds", "now minus the watermark of the newest applied update",
                       multiprocess_mode="livemax")
+END_TO_END = Gauge("hw_serve_end_to_end_seconds", "end-to-end freshness: p50 / p99 over the last 10 min of "
+                   "once-a-second samples of hw_serve_freshness_lag_seconds (serving.end_to_end)",
+                   ["quantile"], multiprocess_mode="livemax")
 QUEUE_JOBS = Gauge("hw_serve_queue_jobs", "calls waiting for the micro-batcher", multiprocess_mode="livesum")
 PARAMS_AGE = Gauge("hw_serve_params_age_seconds", "seconds since the last hw.params update was applied",
                    multiprocess_mode="livemax")

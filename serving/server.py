@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from serving import metrics as m
 from serving.calibration import Calibrator
 from serving.config import ServeConfig
+from serving.end_to_end import EndToEndFreshness
 from serving.microbatch import BatcherConfig, MicroBatcher
 from serving.pb import SERVICE_NAME, pb2
 from serving.recommender import RecommenderService
@@ -183,6 +184,7 @@ class RecommendServer:
             self.stop(0)
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         self._stop = threading.Event()
+        self.end_to_end = EndToEndFreshness(horizon=600)  # once a second: the last 10 minutes
         self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
 
     def _call(self, coro: Awaitable[Any], timeout: float | None = 30.0) -> Any:
@@ -256,6 +258,7 @@ class RecommendServer:
         m.BATCH_ROWS.observe(rows)
 
     def _watch(self) -> None:
+        sampled = 0.0
         while not self._stop.wait(0.05):
             ready = bool(self.source.ready)
             if ready != self._serving:
@@ -273,6 +276,12 @@ class RecommendServer:
                 lag = self.source.freshness_lag_ms()
                 if lag >= 0:
                     m.FRESHNESS_LAG.set(lag / 1000.0)
+                    if time.monotonic() - sampled >= 1.0:  # end-to-end freshness: one sample a second
+                        sampled = time.monotonic()
+                        self.end_to_end.add(lag / 1000.0)
+                        q = self.end_to_end.quantiles()
+                        m.END_TO_END.labels("0.5").set(q["end_to_end_p50_s"])
+                        m.END_TO_END.labels("0.99").set(q["end_to_end_p99_s"])
             age = getattr(self.source, "params_age_s", None)
             if age is not None:
                 age_s = age()

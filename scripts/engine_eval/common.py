@@ -180,14 +180,18 @@ class JoinedReader:
                 rid = obj["rid"]
                 self.total += 1
                 n += 1
-                if rid in truth and list(truth[rid]) != [obj["items"], obj["clicks"]]:
-                    self.bad += 1
-                self.seen[rid] = (obj["items"], obj["clicks"])
+                got = self.seen.get(rid, (0, 0))  # parts of one request (split windows) add up
+                self.seen[rid] = (got[0] + obj["items"], got[1] + obj["clicks"])
         if n:
             now = time.time()
             self.first = self.first or now
             self.last = now
         return n
+
+    def complete(self, truth: dict) -> int:
+        """Requests whose impression and every click have been emitted."""
+        return sum(1 for rid, t in truth.items()
+                   if (g := self.seen.get(rid)) and g[0] >= t[0] and g[1] >= t[1])
 
     def until(self, truth: dict, timeout_s: float, idle_s: float = 0.0) -> None:
         deadline = time.perf_counter() + timeout_s
@@ -198,10 +202,21 @@ class JoinedReader:
             self.poll(truth)
 
     def summary(self, truth: dict) -> dict:
-        unique = set(self.seen)
-        return {"joined_unique": len(unique), "expected": len(truth),
-                "lost": len(set(truth) - unique), "duplicates": self.total - len(unique),
-                "wrong_counts": self.bad}
+        """Per request, emitted items/clicks summed over its parts vs the truth: ``lost`` =
+        requests missing any of them, ``duplicated`` = requests with any emitted twice;
+        ``dup_events`` / ``lost_events`` = shown items + clicks emitted twice / never."""
+        lost = dup = lost_ev = dup_ev = 0
+        for rid, (items, clicks) in truth.items():
+            gi, gc = self.seen.get(rid, (0, 0))
+            if gi < items or gc < clicks:
+                lost += 1
+                lost_ev += max(0, items - gi) + max(0, clicks - gc)
+            if gi > items or gc > clicks:
+                dup += 1
+                dup_ev += max(0, gi - items) + max(0, gc - clicks)
+        return {"requests_seen": len(self.seen), "expected": len(truth), "output_messages":
+                self.total, "lost": lost, "duplicated": dup, "lost_events": lost_ev,
+                "dup_events": dup_ev}
 
 
 def env_with_repo() -> dict:

@@ -93,8 +93,10 @@ def main() -> None:
         t_start = time.time()
         deadline = time.perf_counter() + args.timeout_s
         killed_at = None
-        while len(reader.seen) < n_requests and time.perf_counter() < deadline:
-            reader.poll(truth)
+        done = 0
+        while done < n_requests and time.perf_counter() < deadline:
+            if reader.poll(truth):
+                done = reader.complete(truth)
             if args.kill_at and killed_at is None and len(reader.seen) >= args.kill_at * n_requests:
                 os.kill(procs[0].pid, signal.SIGKILL)
                 killed_at = len(reader.seen)

@@ -163,12 +163,13 @@ def test_an_early_stream_starts_its_bias_only_once_a_click_came_counting_impress
     learner = _learner()
     learner.train(_early(np.arange(100), np.arange(100), np.zeros(100)))
     # A windowed start would have put the head's bias at logit(1e-4) = -9.2: no click yet.
-    assert not learner._bias_set and abs(float(learner.tower.head.bias)) < 1.0
+    assert not learner._bias_set and abs(learner.tower.head.bias.item()) < 1.0
     nxt = _early(np.arange(100, 200), np.arange(100), np.zeros(100))
     learner.train(ExampleBatch_concat(nxt, _copy_of(nxt, np.arange(20), t=1_000)))
     # 20 clicks in 200 impressions (each clicked row is there twice, its copy not counted again)
     assert learner._bias_set
-    assert float(learner.tower.head.bias) == pytest.approx(math.log(0.1 / 0.9), abs=1e-5)
+    # (then the batch's one Adam step moves it by about the learning rate)
+    assert learner.tower.head.bias.item() == pytest.approx(math.log(0.1 / 0.9), abs=2e-3)
 
 
 def ExampleBatch_concat(*batches):

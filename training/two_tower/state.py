@@ -177,26 +177,24 @@ class FrequencyEstimator:
     """Yi et al.'s streaming estimate of each item's probability of being in a training batch.
 
     Per hashed item: ``A`` the step it was last seen, ``B`` the moving average (rate ``alpha``)
-    of the steps between its sightings. The first sighting at step ``t`` takes ``B = t + 1`` (as
-    if last seen at the start). ``q = min(1, 1 / B)``.
+    of the steps between its sightings, both starting at 0 as in the paper's Algorithm 2 (so a
+    first sighting at step ``t`` gives ``B = alpha * t``); ``q = 1 / max(B, 1)``.
     """
 
     def __init__(self, buckets: int, alpha: float) -> None:
         self.buckets, self.alpha = buckets, alpha
-        self._last = np.full(buckets, -1, np.int64)
-        self._gap = np.ones(buckets, np.float64)
+        self._last = np.zeros(buckets, np.int64)
+        self._gap = np.zeros(buckets, np.float64)
 
     def _buckets(self, item_id: np.ndarray) -> np.ndarray:
         return bucket_ids(item_id, "freq", self.buckets)
 
     def update(self, item_id: np.ndarray, step: int) -> None:
+        """Records that ``item_id`` (duplicates count once) were in the batch of ``step``."""
         h = np.unique(self._buckets(item_id))
-        seen = self._last[h] >= 0
-        gap = np.where(seen, (1 - self.alpha) * self._gap[h] + self.alpha * (step - self._last[h]),
-                       float(step + 1))
-        self._gap[h] = np.maximum(gap, 1.0)
+        self._gap[h] = (1 - self.alpha) * self._gap[h] + self.alpha * (step - self._last[h])
         self._last[h] = step
 
     def probability(self, item_id: np.ndarray) -> np.ndarray:
         """float64[n]: the estimated per-batch sampling probability of each item."""
-        return 1.0 / self._gap[self._buckets(item_id)]
+        return 1.0 / np.maximum(self._gap[self._buckets(item_id)], 1.0)
