@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=300_000, help="generated events (shown items + clicks)")
     p.add_argument("--users", type=int, default=None, help="generator users")
     p.add_argument("--items", type=int, default=None, help="generator items")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="clicks of the last fraction are evaluated")
+    p.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="the clicks of this last fraction of the examples are evaluated")
     p.add_argument("--k", type=int, default=100, help="items retrieved per click")
     g = p.add_argument_group("two-tower (training.two_tower.TwoTowerConfig)")
     g.add_argument("--tt-dim", type=int, default=64)
@@ -60,9 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tt-init-std", type=float, default=0.1, help="std of new embedding rows")
     g.add_argument("--tt-history", type=int, default=20, help="recent clicks in the user tower (0: none)")
     g.add_argument("--tt-positives-per-step", type=int, default=256)
-    g.add_argument("--tt-passes", type=int, default=1, help="softmax steps per gathered group")
     g.add_argument("--tt-freq-alpha", type=float, default=None,
                    help="moving-average rate of the logQ frequency estimate (default: the config's)")
+    g.add_argument("--tt-freq-estimator", choices=("gap", "count"), default=None,
+                   help="logQ frequency estimate: gap (Yi et al.) or count (decayed click share)")
+    g.add_argument("--tt-freq-decay", type=float, default=None, help="count estimate: per-step decay")
     g.add_argument("--no-logq", action="store_true", help="leave out the logQ correction")
     p.set_defaults(eval_window=50_000)  # trainer_config reads it
     _add_trainer_flags(p)
@@ -71,10 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _two_tower_config(args: argparse.Namespace, base: Any) -> Any:
     return replace(base, dim=args.tt_dim, hidden=args.tt_hidden, temperature=args.tt_temperature,
-                   lr=args.tt_lr, init_std=args.tt_init_std, passes=args.tt_passes, history_length=args.tt_history,
+                   lr=args.tt_lr, init_std=args.tt_init_std, history_length=args.tt_history,
                    positives_per_step=args.tt_positives_per_step, logq=not args.no_logq,
                    seed=args.tc_seed or 0,
-                   freq_alpha=base.freq_alpha if args.tt_freq_alpha is None else args.tt_freq_alpha)
+                   **{f: getattr(args, f"tt_{f}") for f in ("freq_alpha", "freq_estimator", "freq_decay")
+                      if getattr(args, f"tt_{f}") is not None})
 
 
 def _generator_batches(args: argparse.Namespace, task: Callable) -> tuple[list, Any, dict]:
@@ -108,6 +112,10 @@ def _log_batches(args: argparse.Namespace, task: Callable) -> tuple[list, Any, d
     return batches, TwoTowerConfig.for_log(schema), {"bad_rows": len(encoded.bad_rows)}, schema
 
 
+_REPORTED = ("user_slots", "item_slots", "dim", "hidden", "temperature", "lr", "init_std",
+             "history_length", "positives_per_step", "logq", "freq_estimator", "freq_alpha", "freq_decay")
+
+
 def run(args: argparse.Namespace) -> dict:
     from training.prequential import _rebatch
 
@@ -124,15 +132,15 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 source, tt_base, info = _generator_batches(args, task)
             batches = list(_rebatch(source, cfg.batch_size))
-            res = _evaluate(batches, cfg, _two_tower_config(args, tt_base), args.k,
-                            args.eval_fraction, task("prequential", sum(len(b) for b in batches)))
+            tt_cfg = _two_tower_config(args, tt_base)
+            res = _evaluate(batches, cfg, tt_cfg, args.k, args.eval_fraction,
+                            task("prequential", sum(len(b) for b in batches)))
     finally:
         torch.set_num_threads(torch_threads)
     out = {"bench": "retrieval-quality", "dataset": args.dataset, **info, **res,
            "k": args.k, "eval_fraction": args.eval_fraction, "seconds": round(time.perf_counter() - t0, 2),
-           "two_tower": {"dim": args.tt_dim, "hidden": args.tt_hidden, "temperature": args.tt_temperature,
-                         "lr": args.tt_lr, "init_std": args.tt_init_std, "passes": args.tt_passes, "history": args.tt_history, "logq": not args.no_logq,
-                         "positives_per_step": args.tt_positives_per_step}}
+           "two_tower": {f: getattr(tt_cfg, f) for f in _REPORTED},
+           "ranker": {"embedding_dim": cfg.embedding_dim, "counters": cfg.counters}}
     return with_ceiling(out, no_ceiling("none: recall of later clicks has no physical ceiling; "
                                         "compare with recall_at_100_popular", "recall"))
 

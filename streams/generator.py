@@ -19,7 +19,8 @@ Generation is vectorised per block of requests.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import msgpack
@@ -57,7 +58,9 @@ class GeneratorConfig:
         "help": "divides every non-constant logit term: higher = noisier clicks, lower truth AUC"})
     drift_period_s: float = field(default=3600.0, metadata={"help": "event-time period of interest drift"})
     request_interval_ms: float = field(default=5.0, metadata={"help": "event-time gap between requests"})
-    start_time_ms: int = field(default=1_700_000_000_000, metadata={"help": "event time of the first request"})
+    start_time_ms: int = field(default=1_700_000_000_000, metadata={
+        "help": "event time of the first request (0 = the wall clock when the first is sent: live "
+                "event time, so end-to-end freshness does not count the generator's start-up)"})
     max_action_delay_ms: int = field(default=30_000, metadata={"help": "clicks follow within this delay"})
     requests: int = field(default=0, metadata={"help": "requests to produce (0 = until stopped)"})
     events_per_s: float = field(default=0.0, metadata={"help": "rate limit in events/s (0 = max speed)"})
@@ -250,6 +253,10 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
     from streams import metrics
     from streams.replay import Pacer, send_final_watermark
 
+    if cfg.start_time_ms == 0:  # live: the clock starts now, after imports and connecting
+        cfg = replace(cfg, start_time_ms=int(time.time() * 1000))
+    if cfg.events_per_s > 0:  # paced: a block spans at most ~100 ms of event time, not seconds
+        block_requests = max(1, min(block_requests, int(100 / cfg.request_interval_ms)))
     world = SyntheticStream(cfg)
     events = requests = 0
     last_t = 0

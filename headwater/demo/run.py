@@ -187,7 +187,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                           "--items-per-request", str(cfg.items_per_request),
                           *world_args(cfg),
                           "--request-interval-ms", str(interval_ms),
-                          "--start-time-ms", str(int(time.time() * 1000)),
+                          "--start-time-ms", "0",  # live: the wall clock once it sends
                           "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
     if cfg.dashboard_port and _have("serving.dashboard"):
         sources = ",".join(f"{c.spec.name}=127.0.0.1:{c.metrics_port}" for c in out if c.metrics_port)

@@ -162,11 +162,12 @@ def raw_consume(bootstrap: str, prefix: str, want: int, timeout_s: float = 300) 
 class JoinedReader:
     """Follows ``<prefix>.joined`` from the start; counts unique / duplicate request ids."""
 
-    def __init__(self, bootstrap: str, prefix: str) -> None:
+    def __init__(self, bootstrap: str, prefix: str, read_committed: bool = False) -> None:
         from kafka import KafkaConsumer
         self.c = KafkaConsumer(f"{prefix}.joined", bootstrap_servers=bootstrap,
                                auto_offset_reset="earliest", enable_auto_commit=False,
-                               group_id=None)
+                               group_id=None, isolation_level="read_committed"
+                               if read_committed else "read_uncommitted")
         self.seen: dict[str, tuple[int, int]] = {}
         self.total = 0
         self.bad = 0  # joined with the wrong item/click counts
@@ -223,3 +224,44 @@ def env_with_repo() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+class ExamplesReader(JoinedReader):
+    """For today's joiner: counts example ids on ``<prefix>.examples`` (items) and positives
+    (clicks) in total, against the truth's totals; one pseudo-request ``"all"``."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        from kafka import KafkaConsumer
+        self.c = KafkaConsumer(f"{prefix}.examples", bootstrap_servers=bootstrap,
+                               auto_offset_reset="earliest", enable_auto_commit=False,
+                               group_id=None, max_partition_fetch_bytes=8 << 20)
+        self.ids: set[int] = set()
+        self.total = self.positives = 0
+        self.seen: dict = {}
+        self.first = self.last = None
+
+    def poll(self, truth: dict) -> int:
+        from streams.events import decode_examples
+        n = 0
+        for recs in self.c.poll(timeout_ms=200, max_records=500).values():
+            for r in recs:
+                b = decode_examples(r.value)
+                self.ids.update(b.example_id.tolist())
+                self.total += len(b.example_id)
+                self.positives += int(b.label.sum())
+                n += 1
+        if n:
+            self.last = time.time()
+            self.seen = {"all": (len(self.ids), self.positives)}
+        return n
+
+    def complete(self, truth: dict) -> int:
+        items = sum(t[0] for t in truth.values())
+        return len(truth) if len(self.ids) >= items else 0
+
+    def summary(self, truth: dict) -> dict:
+        items = sum(t[0] for t in truth.values())
+        clicks = sum(t[1] for t in truth.values())
+        return {"examples_unique": len(self.ids), "expected_examples": items,
+                "lost_events": items - len(self.ids), "dup_events": self.total - len(self.ids),
+                "positives": self.positives, "expected_positives": clicks}

@@ -39,6 +39,14 @@ def main() -> None:
     ap.add_argument("state_dir")
     ap.add_argument("--eos", action="store_true", help="processing_guarantee=exactly-once")
     ap.add_argument("--window-s", type=float, default=60.0)
+    ap.add_argument("--grace-ms", type=int, default=35_000,
+                    help="partition event time runs ahead by the click delay (clicks up to 30 s "
+                         "after their impression share the partition): grace must cover it")
+    ap.add_argument("--one-per-batch", action="store_true",
+                    help="producer batch.num.messages=1: Tansu 0.6 reports a partition's high "
+                         "watermark as the last *batch's* base offset + 1, so a multi-message "
+                         "changelog batch makes Quix's restore check fail "
+                         "(InvalidStoreChangelogOffset) on rebalance")
     ap.add_argument("--window", choices=("tumbling", "session"), default="tumbling",
                     help="session: O(keys) sweep per message once windows start closing "
                          "(closing_strategy=partition), unusable with one key per request")
@@ -52,8 +60,9 @@ def main() -> None:
         processing_guarantee="exactly-once" if args.eos else "at-least-once",
         # Tansu needs short group timeouts for prompt rebalances (as kafka-python does here)
         consumer_extra_config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
-                               "max.poll.interval.ms": 30000},
-        producer_extra_config={"compression.type": "lz4", "linger.ms": 5},
+                               "max.poll.interval.ms": 300000},
+        producer_extra_config={"compression.type": "lz4", "linger.ms": 5,
+                               **({"batch.num.messages": 1} if args.one_per_batch else {})},
     )
     imp = app.topic(f"{args.prefix}.impressions", value_deserializer="bytes", key_deserializer="str")
     act = app.topic(f"{args.prefix}.actions", value_deserializer="bytes", key_deserializer="str")
@@ -85,10 +94,10 @@ def main() -> None:
     sdf = app.dataframe(imp).concat(app.dataframe(act))
     sdf = sdf.apply(decode)
     if args.window == "session":
-        win = sdf.session_window(inactivity_gap_ms=gap_ms, grace_ms=5000)
+        win = sdf.session_window(inactivity_gap_ms=gap_ms, grace_ms=args.grace_ms)
         win = win.reduce(reducer=merge, initializer=lambda v: dict(v), merger=merge)
     else:  # epoch-aligned: a click past the boundary lands in the next window (a 2nd part)
-        win = sdf.tumbling_window(duration_ms=gap_ms, grace_ms=5000)
+        win = sdf.tumbling_window(duration_ms=gap_ms, grace_ms=args.grace_ms)
         win = win.reduce(reducer=merge, initializer=lambda v: dict(v))
     sdf = win.final(closing_strategy="partition")
     sdf = sdf.apply(emit, metadata=True)

@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 ENGINES = {
     "quix": ["/tmp/engine_venv/bin/python", str(HERE / "quix_join.py")],
     "faust": ["/tmp/engine_venv/bin/python", str(HERE / "faust_join.py")],
+    # today's joiner, project venv; output = <prefix>.examples (counted by example id)
+    "headwater": [str(common.REPO / ".venv/bin/python"), str(HERE / "headwater_join.py")],
 }
 
 
@@ -75,12 +77,15 @@ def main() -> None:
     try:
         broker.create([f"{prefix}.{t}" for t in ("impressions", "actions", "joined")],
                       args.partitions)
+        if args.engine == "headwater":
+            broker.create([f"{prefix}.{t}" for t in ("examples", "dlq", "late")], 1)
         produce_s = common.produce(broker.bootstrap, prefix, messages, last_t, args.partitions)
         result["produce_events_per_s"] = round(n_events / produce_s)
         raw_s = common.raw_consume(broker.bootstrap, prefix, len(messages))
         result["raw_consume_events_per_s"] = round(n_events / raw_s)
 
-        reader = common.JoinedReader(broker.bootstrap, prefix)
+        reader = (common.ExamplesReader(broker.bootstrap, prefix) if args.engine == "headwater"
+                  else common.JoinedReader(broker.bootstrap, prefix, read_committed=args.eos))
         group = f"{prefix}-joiner"
         for i in range(args.instances):
             cmd = ENGINES[args.engine] + [broker.bootstrap, prefix, group, str(tmp / f"state{i}"),

@@ -183,3 +183,34 @@ def test_block_examples_are_what_the_joiner_would_emit():
     np.testing.assert_allclose(ex.truth_p, block.truth_p.ravel())
     imp = decode_event(next(v for t, v in world.messages(block) if t == "impressions"))
     assert imp.user_sparse["segment"] == [int(world.segment[block.user_id[0]])]
+
+
+def test_a_live_generator_starts_its_event_clock_when_it_sends_and_keeps_to_it():
+    """start_time_ms=0 with a rate: event time is the wall clock from the first send, and paced
+    blocks are short, so events never run seconds ahead of (or behind) their event time."""
+    import time
+
+    from streams.generator import produce_synthetic
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []  # (wall ms when sent, event)
+
+        def send(self, topic, value, key=None):
+            self.sent.append((time.time() * 1000, decode_event(value)))
+
+        def flush(self):
+            pass
+
+    cfg = GeneratorConfig(users=50, items=100, items_per_request=5, requests=120, start_time_ms=0,
+                          events_per_s=2000, request_interval_ms=2.5, final_watermark=False)
+    time.sleep(0.2)  # what a slow start-up would cost: not counted in event time
+    rec = Recorder()
+    t0 = int(time.time() * 1000)
+    produce_synthetic(cfg, rec, topic_names("t"))
+    imps = [(sent, e) for sent, e in rec.sent if isinstance(e, Impression)]
+    assert len(imps) == 120
+    assert t0 <= imps[0][1].event_time_ms <= t0 + 50
+    # Each impression goes out within ~100 ms (one block) of its event time, either way.
+    ahead = [e.event_time_ms - sent for sent, e in imps]
+    assert max(ahead) <= 110 and min(ahead) >= -150

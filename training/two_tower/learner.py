@@ -26,7 +26,8 @@ import torch
 from streams.example_batch import ExampleBatch, Ragged
 from training.dedup import SeenFilter
 from training.two_tower.model import TowerInputs, TwoTowerConfig, TwoTowerModel
-from training.two_tower.state import FrequencyEstimator, HistoryStore, ItemFeatureCache, padded
+from training.two_tower.state import (CountEstimator, FrequencyEstimator, HistoryStore,
+                                      ItemFeatureCache, padded)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class TwoTowerStats:
     seconds: float = 0.0  # inside step()
 
 
+def _bags(batch: ExampleBatch, slots: tuple[str, ...]) -> dict[str, Ragged]:
+    return {s: batch.sparse[s] for s in slots if s in batch.sparse}
+
+
 class TwoTowerLearner:
     """The two-tower model, its optimizers and its online state; :meth:`step` learns a batch."""
 
@@ -57,7 +62,8 @@ class TwoTowerLearner:
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=cfg.lr)
         self.history = HistoryStore(max(cfg.history_length, 1))
         self.items = ItemFeatureCache(cfg.item_slots, cfg.max_bag)
-        self.freq = FrequencyEstimator(cfg.freq_buckets, cfg.freq_alpha)
+        self.freq = (FrequencyEstimator(cfg.freq_buckets, cfg.freq_alpha)
+                     if cfg.freq_estimator == "gap" else CountEstimator(cfg.freq_buckets, cfg.freq_decay))
         self.dedup = SeenFilter(cfg.dedup_capacity, generations=2)
         self.stats = TwoTowerStats()
         self._pending: list[tuple[TowerInputs, TowerInputs]] = []
@@ -91,8 +97,7 @@ class TwoTowerLearner:
 
     def user_vectors_for(self, batch: ExampleBatch) -> torch.Tensor:
         """The query vector of each row of ``batch`` (its user, time and user-side features)."""
-        return self.user_vectors(batch.user_id, batch.event_time_ms,
-                                 {s: batch.sparse[s] for s in self.cfg.user_slots if s in batch.sparse})
+        return self.user_vectors(batch.user_id, batch.event_time_ms, _bags(batch, self.cfg.user_slots))
 
     @torch.no_grad()
     def item_vectors(self, item_ids: np.ndarray, chunk: int = 65536) -> torch.Tensor:
@@ -117,43 +122,49 @@ class TwoTowerLearner:
         self.stats.examples += len(batch)
         if not len(batch):
             return 0
-        self.items.observe(batch.item_id, {s: batch.sparse[s] for s in self.cfg.item_slots
-                                           if s in batch.sparse})
+        self.items.observe(batch.item_id, _bags(batch, self.cfg.item_slots))
         pos = np.flatnonzero(batch.label > 0)
         trained = 0
         if len(pos):
             clicks = batch.take(pos)
             # History read before this batch's clicks are stored: a row never sees its own click.
-            self._pending.append((self.user_inputs(clicks.user_id, clicks.event_time_ms,
-                                                   {s: clicks.sparse[s] for s in self.cfg.user_slots
-                                                    if s in clicks.sparse}),
-                                  self.item_inputs(clicks.item_id, {s: clicks.sparse[s] for s in
-                                                                    self.cfg.item_slots if s in clicks.sparse})))
+            users = self.user_inputs(clicks.user_id, clicks.event_time_ms,
+                                     _bags(clicks, self.cfg.user_slots))
+            items = self.item_inputs(clicks.item_id, _bags(clicks, self.cfg.item_slots))
+            self._pending.append((users, items))
             self._pending_rows += len(pos)
             self.stats.positives += len(pos)
             if self.cfg.history_length:
                 self.history.add(clicks.user_id, clicks.item_id, clicks.event_time_ms)
             if self._pending_rows >= self.cfg.positives_per_step:
-                trained = self.flush()
+                trained = self.flush(everything=False)
         self.stats.seconds += time.perf_counter() - t0
         return trained
 
-    def flush(self) -> int:
-        """Trains the positives gathered so far (however few); returns how many."""
+    def flush(self, everything: bool = True) -> int:
+        """Trains the gathered positives in steps of ``positives_per_step`` (in arrival order);
+        the rest too when ``everything``, else it waits for more. Returns how many trained."""
         if not self._pending_rows:
             return 0
         users = TowerInputs.concat([u for u, _ in self._pending])
         items = TowerInputs.concat([i for _, i in self._pending])
-        self._pending, self._pending_rows = [], 0
-        for _ in range(self.cfg.passes):
-            loss = self._train(users, items)
-        if not np.isfinite(loss):
-            log.error("two-tower: non-finite loss on %d positives; step skipped", len(users))
-            return 0
-        self.stats.steps += 1
-        self.stats.trained += len(users)
-        self.stats.last_loss = loss
-        return len(users)
+        size, n = self.cfg.positives_per_step, len(users)
+        stop = n if everything else n - n % size
+        self._pending = [] if stop == n else [(users.take(slice(stop, n)), items.take(slice(stop, n)))]
+        self._pending_rows = n - stop
+        trained = 0
+        for lo in range(0, stop, size):
+            part = slice(lo, min(lo + size, stop))
+            u, i = users.take(part), items.take(part)
+            loss = self._train(u, i)
+            if not np.isfinite(loss):
+                log.error("two-tower: non-finite loss on %d positives; step skipped", len(u))
+                continue
+            self.stats.steps += 1
+            self.stats.trained += len(u)
+            self.stats.last_loss = loss
+            trained += len(u)
+        return trained
 
     def _train(self, users: TowerInputs, items: TowerInputs) -> float:
         self.freq.update(items.ids, self.stats.steps)

@@ -41,11 +41,15 @@ class TwoTowerConfig:
     temperature: float = 0.05  # logits = <u, v> / temperature
     init_std: float = 0.1  # std of new embedding rows
     lr: float = 0.005  # Adam on the heads, SparseAdam on the rows
-    positives_per_step: int = 256  # clicks gathered before one in-batch softmax step
-    passes: int = 1  # softmax steps over each gathered group (>1: the same clicks again)
+    positives_per_step: int = 256  # clicks per in-batch softmax step (fewer wait for more)
     logq: bool = True  # subtract log q(item) from the in-batch logits (Yi et al. 2019)
     freq_buckets: int = 1 << 20  # hashed counters of the frequency estimate
-    freq_alpha: float = 0.05  # moving-average rate of the frequency estimate
+    # The logQ estimate (training.two_tower.state): count, each item's decayed share of the clicks
+    # trained, or gap, Yi et al.'s average steps between sightings. count is the default: it
+    # retrieved better on both the generator and MovieLens (docs/benchmarks.md, retrieval-quality).
+    freq_estimator: str = "count"
+    freq_alpha: float = 0.2  # gap: moving-average rate (0.2 beat the paper's 0.05 in our runs)
+    freq_decay: float = 0.97  # count: per-step decay of the counts
     dedup_capacity: int = 1 << 20  # example ids per de-dup generation (as the trainer's)
     seed: int = 0
 
@@ -54,6 +58,8 @@ class TwoTowerConfig:
             raise ValueError("dim, embedding_dim, buckets, max_bag, positives_per_step must be > 0")
         if self.temperature <= 0 or self.lr <= 0 or not 0 < self.freq_alpha <= 1:
             raise ValueError("temperature and lr must be > 0, freq_alpha in (0, 1]")
+        if self.freq_estimator not in ("gap", "count") or not 0 < self.freq_decay <= 1:
+            raise ValueError("freq_estimator must be gap or count, freq_decay in (0, 1]")
         if self.history_length < 0 or self.hidden < 0:
             raise ValueError("history_length and hidden must be >= 0")
         if {USER_SLOT, ITEM_SLOT} & set(self.user_slots + self.item_slots):
@@ -62,13 +68,14 @@ class TwoTowerConfig:
     @classmethod
     def for_generator(cls, **changes: object) -> "TwoTowerConfig":
         """The synthetic world's sides: ``segment`` describes the user, ``category`` the item."""
-        return cls(**{"user_slots": ("segment",), "item_slots": ("category",), **changes})  # type: ignore[arg-type]
+        sides: dict[str, object] = {"user_slots": ("segment",), "item_slots": ("category",)}
+        return cls(**{**sides, **changes})  # type: ignore[arg-type]
 
     @classmethod
     def for_log(cls, schema: "LogSchema", **changes: object) -> "TwoTowerConfig":
         """A log's sides as its schema gives them (categorical and multi-valued columns)."""
-        return cls(**{"user_slots": schema.user_slots(), "item_slots": schema.item_slots(),  # type: ignore[arg-type]
-                      **changes})
+        sides: dict[str, object] = {"user_slots": schema.user_slots(), "item_slots": schema.item_slots()}
+        return cls(**{**sides, **changes})  # type: ignore[arg-type]
 
 
 @dataclass
@@ -82,15 +89,20 @@ class TowerInputs:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, rows: slice | np.ndarray) -> "TowerInputs":
+        """The rows ``rows`` (a slice or indices)."""
+        return TowerInputs(self.ids[rows], {s: (p[0][rows], p[1][rows]) for s, p in self.slots.items()},
+                           None if self.history is None else (self.history[0][rows], self.history[1][rows]))
+
     @staticmethod
     def concat(parts: list["TowerInputs"]) -> "TowerInputs":
         def cat(pads: list[Padded]) -> Padded:
             return np.concatenate([p[0] for p in pads]), np.concatenate([p[1] for p in pads])
 
         first = parts[0]
+        history = None if first.history is None else cat([p.history for p in parts])  # type: ignore[misc]
         return TowerInputs(np.concatenate([p.ids for p in parts]),
-                           {s: cat([p.slots[s] for p in parts]) for s in first.slots},
-                           None if first.history is None else cat([p.history for p in parts]))  # type: ignore[misc]
+                           {s: cat([p.slots[s] for p in parts]) for s in first.slots}, history)
 
 
 def _head(n_in: int, hidden: int, dim: int) -> nn.Module:

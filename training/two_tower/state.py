@@ -198,3 +198,33 @@ class FrequencyEstimator:
     def probability(self, item_id: np.ndarray) -> np.ndarray:
         """float64[n]: the estimated per-batch sampling probability of each item."""
         return 1.0 / np.maximum(self._gap[self._buckets(item_id)], 1.0)
+
+
+class CountEstimator:
+    """The other streaming estimate: each item's share of the clicks trained, counts decayed by
+    ``decay`` per step (lazily, per hashed item). Unlike the gap average, every step informs every
+    item (an item no longer clicked fades), so it settles in fewer steps. ``q`` is the share;
+    a constant factor (clicks per step) would shift every logit of a row alike.
+    """
+
+    def __init__(self, buckets: int, decay: float) -> None:
+        self.buckets, self.decay = buckets, decay
+        self._count = np.zeros(buckets, np.float64)
+        self._last = np.zeros(buckets, np.int64)
+        self._total, self._step = 0.0, 0
+
+    def _buckets(self, item_id: np.ndarray) -> np.ndarray:
+        return bucket_ids(item_id, "freq", self.buckets)
+
+    def update(self, item_id: np.ndarray, step: int) -> None:
+        """Adds one count per row of ``item_id`` at ``step`` (steps never go back)."""
+        h, n = np.unique(self._buckets(item_id), return_counts=True)
+        self._total = self._total * self.decay ** (step - self._step) + len(item_id)
+        self._count[h] = self._count[h] * self.decay ** (step - self._last[h]) + n
+        self._last[h], self._step = step, step
+
+    def probability(self, item_id: np.ndarray) -> np.ndarray:
+        """float64[n]: each item's decayed share of the clicks (at the last step)."""
+        h = self._buckets(item_id)
+        count = self._count[h] * self.decay ** (self._step - self._last[h])
+        return np.maximum(count, 1e-3) / max(self._total, 1.0)
