@@ -5,8 +5,9 @@ example once): for every click in the evaluation part (the last ``--eval-fractio
 examples), *before* its batch is learned, the top ``--k`` items among every item seen in earlier
 batches are retrieved by
 
-- ``two_tower``: the :class:`~training.two_tower.TwoTowerLearner`'s user vector (history:
-  clicks before the row's event time) dotted with its item vectors;
+- ``two_tower``: the :class:`~training.two_tower.TwoTowerLearner`'s user vector (history: the
+  user's clicks before the row's event time, earlier rows of the same batch included: they
+  happened before it) dotted with its item vectors;
 - ``ranker_embeddings``: what serving does today without candidates (:mod:`serving.retrieval`):
   the sum of the ranker's user-side rows (``user_id`` and the user-side slots) dotted with its
   ``item_id`` rows, the ranker learned by the trainer's :class:`~training.learner.Learner`
@@ -193,6 +194,7 @@ def _evaluate(batches: list, cfg: Any, tt_cfg: Any, k: int, eval_fraction: float
         if ranker is None:
             ranker = Learner.for_batch(cfg, batch)
         clicks = batch.take(batch.label > 0)
+        tt.remember(batch)  # histories: a row reads only clicks before its event time
         if done >= eval_from and len(clicks) and len(catalog):
             recall.clicks += len(clicks)
             new_item_clicks += int((~np.isin(clicks.item_id, catalog)).sum())
@@ -211,7 +213,7 @@ def _evaluate(batches: list, cfg: Any, tt_cfg: Any, k: int, eval_fraction: float
         t = time.perf_counter()
         ranker.train(batch)
         ranker_s += time.perf_counter() - t
-        tt.step(batch)
+        tt.learn(batch)
         catalog = np.union1d(catalog, batch.item_id)
         clicked.append(clicks.item_id)
         done += len(batch)

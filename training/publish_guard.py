@@ -47,6 +47,7 @@ The multi-rank trainer does not guard its updates yet.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -177,7 +178,10 @@ class PublishGuard:
         if self.holding and not verdict.judged:
             return Verdict(False, WAITING, f"holding: waiting for {self.cfg.window} examples to judge",
                            judged=False)
-        if figures is not None and (self.baseline is None or figures.start_n >= self.baseline.end_n):
+        # A window of one class only (no AUC: e.g. the first seconds of an early-emitting joiner,
+        # before any click came) passes, but never becomes the reference: its log loss is ~0.
+        if figures is not None and math.isfinite(figures.auc) and (
+                self.baseline is None or figures.start_n >= self.baseline.end_n):
             self.baseline = figures
         if self.holding:
             log.warning("publish guard: %s passes again (%s); publishing resumes", what,
@@ -251,7 +255,8 @@ class PublishGuard:
         if not self._marks:
             self._marks = [now]
             if self.baseline is None and now.n >= self.cfg.window:  # restored: run-long figures
-                self.baseline = now.since(_Mark(0, np.zeros_like(now.pos), np.zeros_like(now.neg), 0.0, 0.0))
+                whole = now.since(_Mark(0, np.zeros_like(now.pos), np.zeros_like(now.neg), 0.0, 0.0))
+                self.baseline = whole if math.isfinite(whole.auc) else None
             return Verdict(True, judged=False), None
         base = next((m for m in reversed(self._marks) if now.n - m.n >= self.cfg.window), None)
         if now.n - self._marks[-1].n >= max(self.cfg.window // 8, 1):

@@ -55,7 +55,7 @@ app = faust.App(
     processing_guarantee="exactly_once" if args.eos else "at_least_once",
     web_enabled=False, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
     broker_commit_interval=1.0, consumer_auto_offset_reset="earliest",
-    producer_compression_type="lz4", producer_linger=0.005,
+    producer_compression_type="lz4", producer_linger=0.005,  # aiokafka: lz4 via cramjam
 )
 inputs = app.topic(f"{args.prefix}.impressions", f"{args.prefix}.actions",
                    key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -101,5 +101,5 @@ async def join(stream):
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "worker", "-l", "warning"]
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
     app.main()

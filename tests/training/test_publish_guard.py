@@ -105,6 +105,21 @@ def test_a_rising_logloss_fails_on_its_own():
     assert not v.ok and v.reason == "logloss"
 
 
+def test_a_window_without_clicks_passes_but_never_becomes_the_reference():
+    # An early-emitting joiner's first examples are all negatives (no click has arrived yet): the
+    # model is confidently right on them and their log loss is ~0. As the reference, it would hold
+    # every later, normal window back.
+    guard, acc, _ = _guard()
+    for seed in range(2):
+        acc.update(np.full(1000, -8.0), np.zeros(1000))
+        assert guard.check(None, {}, "sparse").ok
+    assert guard.baseline is None
+    for seed in range(3):
+        _feed(acc, 1000, seed)
+        assert guard.check(None, {}, "sparse").ok, "a normal window after the click-less start"
+    assert guard.baseline is not None and guard.baseline.auc > 0.75
+
+
 def test_a_window_too_small_to_judge_neither_fails_nor_releases_a_hold():
     guard, acc, _ = _guard()
     _feed(acc, 400, 0, flip=True)

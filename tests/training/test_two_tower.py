@@ -63,21 +63,21 @@ def test_history_keeps_the_newest_clicks_by_event_time_even_when_late():
     assert items[0][mask[0]].tolist() == [11, 12]
 
 
-def test_a_batch_trains_with_histories_read_before_its_own_clicks():
-    tt = TwoTowerLearner(TwoTowerConfig(**SMALL, history_length=5, positives_per_step=2))
+def test_a_batch_trains_each_click_with_only_the_clicks_before_it():
+    tt = TwoTowerLearner(TwoTowerConfig(**SMALL, history_length=5, positives_per_step=3))
     seen: list[np.ndarray] = []
     user_tower = tt.model.user
+
     def spy(x):
-        seen.append(x.history[1].copy())
+        seen.append(x.history)
         return user_tower(x)
 
     tt.model.user = spy  # type: ignore[method-assign]
-    # user 1 clicks twice in one batch: the later row must not see the earlier one yet (it is
-    # in the same batch), and neither may see itself.
-    assert tt.step(clicks([1, 1], [10, 11], [100, 200])) == 2
-    assert not seen[0].any()
-    tt.step(clicks([1, 3], [12, 30], [300, 50], first_id=10))
-    assert seen[1][0].sum() == 2 and not seen[1][1].any()  # earlier batch's clicks, by time
+    # user 1 clicks three times in one batch, the rows out of time order: each row's history is
+    # the clicks before its event time, never its own or a later one.
+    assert tt.step(clicks([1, 1, 1], [12, 10, 11], [300, 100, 200])) == 3
+    items, mask = seen[0]
+    assert [sorted(items[r][mask[r]].tolist()) for r in range(3)] == [[10, 11], [], [10]]
 
 
 def test_non_clicks_feed_the_catalog_but_are_not_positives():

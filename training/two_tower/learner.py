@@ -2,9 +2,9 @@
 
 :meth:`TwoTowerLearner.step` takes the very :class:`~streams.example_batch.ExampleBatch` the
 ranker's :class:`~training.learner.Learner` trains on. Every row tells the item cache the item's
-features; the clicked rows (``label > 0``) are the positives. Each positive's user history is
-read *before* the batch's own clicks enter the store, and only clicks with an earlier event time
-count, so no row ever sees its own or a later click. Positives wait until
+features; the clicked rows (``label > 0``) are the positives. A user's history holds the clicks
+stored so far, and a row reads only those with an event time strictly before its own (those of
+its own batch included), so no row ever sees its own or a later click. Positives wait until
 ``positives_per_step`` of them have come (a trainer batch holds a few dozen clicks: too few
 in-batch negatives), then one step of in-batch sampled softmax:
 
@@ -38,12 +38,12 @@ __all__ = ["TwoTowerStats", "TwoTowerLearner"]
 class TwoTowerStats:
     """What the learner did so far."""
 
-    examples: int = 0  # rows given to step (after de-dup)
+    examples: int = 0  # rows learned (after de-dup)
     positives: int = 0  # clicked rows among them
     steps: int = 0  # in-batch softmax steps taken
     trained: int = 0  # positives trained on
     last_loss: float = float("nan")
-    seconds: float = 0.0  # inside step()
+    seconds: float = 0.0  # inside remember() and learn()
 
 
 def _bags(batch: ExampleBatch, slots: tuple[str, ...]) -> dict[str, Ragged]:
@@ -114,28 +114,44 @@ class TwoTowerLearner:
 
     # -- learning -------------------------------------------------------------------------
     def step(self, batch: ExampleBatch) -> int:
-        """Learns ``batch``; returns the positives trained by this call (0 while they gather)."""
-        t0 = time.perf_counter()
+        """Learns ``batch`` (:meth:`remember`, then :meth:`learn`; example ids already seen are
+        dropped); returns the positives trained by this call (0 while they gather)."""
         keep = self.dedup.filter_new(batch.example_id)
         if not keep.all():
             batch = batch.take(keep)
-        self.stats.examples += len(batch)
         if not len(batch):
             return 0
+        self.remember(batch)
+        return self.learn(batch)
+
+    def remember(self, batch: ExampleBatch) -> None:
+        """Stores the batch's items (catalog, features) and its clicks in the users' histories.
+
+        A stored click only ever shows in the history of a row with a later event time, so
+        remembering a batch before scoring or learning it lets each row see the clicks that
+        came before it, those of the same batch included, and never its own or a later one.
+        """
+        t0 = time.perf_counter()
         self.items.observe(batch.item_id, _bags(batch, self.cfg.item_slots))
-        pos = np.flatnonzero(batch.label > 0)
+        if self.cfg.history_length:
+            clicked = batch.label > 0
+            self.history.add(batch.user_id[clicked], batch.item_id[clicked], batch.event_time_ms[clicked])
+        self.stats.seconds += time.perf_counter() - t0
+
+    def learn(self, batch: ExampleBatch) -> int:
+        """Gathers the batch's clicks as positives (call :meth:`remember` first) and trains every
+        full group of ``positives_per_step``; returns how many were trained."""
+        t0 = time.perf_counter()
+        self.stats.examples += len(batch)
+        clicks = batch.take(batch.label > 0)
         trained = 0
-        if len(pos):
-            clicks = batch.take(pos)
-            # History read before this batch's clicks are stored: a row never sees its own click.
+        if len(clicks):
             users = self.user_inputs(clicks.user_id, clicks.event_time_ms,
                                      _bags(clicks, self.cfg.user_slots))
             items = self.item_inputs(clicks.item_id, _bags(clicks, self.cfg.item_slots))
             self._pending.append((users, items))
-            self._pending_rows += len(pos)
-            self.stats.positives += len(pos)
-            if self.cfg.history_length:
-                self.history.add(clicks.user_id, clicks.item_id, clicks.event_time_ms)
+            self._pending_rows += len(clicks)
+            self.stats.positives += len(clicks)
             if self._pending_rows >= self.cfg.positives_per_step:
                 trained = self.flush(everything=False)
         self.stats.seconds += time.perf_counter() - t0
