@@ -173,6 +173,30 @@ def _ranker_query(learner: Any, clicks: Any, user_slots: tuple[str, ...]) -> tor
     return out
 
 
+def _popular(clicked: list[np.ndarray], k: int) -> np.ndarray:
+    """The ``k`` items clicked most so far (ties: the lower id)."""
+    if not clicked:
+        return np.zeros(0, np.int64)
+    ids, counts = np.unique(np.concatenate(clicked), return_counts=True)
+    return ids[np.argsort(-counts, kind="stable")[:k]].astype(np.int64)
+
+
+@torch.no_grad()
+def _retrieve(recall: _Recall, clicks: Any, catalog: np.ndarray, k: int, tt: Any, ranker: Any,
+              counters: int, popular: np.ndarray) -> None:
+    """Each retriever's top ``k`` of ``catalog`` for every click, scored into ``recall``."""
+    items = clicks.item_id
+    recall.clicks += len(clicks)
+    u = tt.user_vectors_for(clicks)
+    recall.add("two_tower", _top(u @ tt.item_vectors(catalog).T, catalog, k), items)
+    rows = ranker.table.lookup("item_id", torch.from_numpy(catalog))
+    query = _ranker_query(ranker, clicks, tt.cfg.user_slots)
+    recall.add("ranker_embeddings", _top(query @ rows.T, catalog, k), items)
+    d = rows.shape[1] - counters
+    recall.add("ranker_embeddings_no_counters", _top(query[:, :d] @ rows[:, :d].T, catalog, k), items)
+    recall.add("popular", np.broadcast_to(popular, (len(clicks), len(popular))), items)
+
+
 def _evaluate(batches: list, cfg: Any, tt_cfg: Any, k: int, eval_fraction: float,
               progress: Callable[[int], None]) -> dict:
     from training.dedup import SeenFilter
@@ -196,20 +220,8 @@ def _evaluate(batches: list, cfg: Any, tt_cfg: Any, k: int, eval_fraction: float
         clicks = batch.take(batch.label > 0)
         tt.remember(batch)  # histories: a row reads only clicks before its event time
         if done >= eval_from and len(clicks) and len(catalog):
-            recall.clicks += len(clicks)
             new_item_clicks += int((~np.isin(clicks.item_id, catalog)).sum())
-            with torch.no_grad():
-                u = tt.user_vectors_for(clicks)
-                recall.add("two_tower", _top(u @ tt.item_vectors(catalog).T, catalog, k), clicks.item_id)
-                rows = ranker.table.lookup("item_id", torch.from_numpy(catalog))
-                query = _ranker_query(ranker, clicks, tt_cfg.user_slots)
-                recall.add("ranker_embeddings", _top(query @ rows.T, catalog, k), clicks.item_id)
-                d = rows.shape[1] - counters
-                recall.add("ranker_embeddings_no_counters",
-                           _top(query[:, :d] @ rows[:, :d].T, catalog, k), clicks.item_id)
-            ids, counts = np.unique(np.concatenate(clicked), return_counts=True) if clicked else ([], [])
-            popular = np.asarray(ids, np.int64)[np.argsort(-np.asarray(counts), kind="stable")[:k]]
-            recall.add("popular", np.broadcast_to(popular, (len(clicks), len(popular))), clicks.item_id)
+            _retrieve(recall, clicks, catalog, k, tt, ranker, counters, _popular(clicked, k))
         t = time.perf_counter()
         ranker.train(batch)
         ranker_s += time.perf_counter() - t

@@ -77,8 +77,8 @@ class GuardConfig:
 
     max_row_norm: float = 100.0
     max_tower_norm: float = 1000.0
-    auc_drop: float = 0.05
-    logloss_rise: float = 0.05
+    auc_drop: float = 0.1
+    logloss_rise: float = 0.1
     window: int = 20_000
     max_failures: int = 3
 

@@ -99,8 +99,9 @@ class DemoConfig:
     rerank_every: int = field(default=10, metadata={
         "help": "with --llm: every N-th Recommend call of the load asks for the LLM rerank (0 = none)"})
     item_text: Path | None = field(default=None, metadata={
-        "help": "with --dataset and --llm: the item catalog the rerank reads (default: none; the "
-                "generator's world writes its own)"})
+        "help": "with --dataset and --llm: an item catalog file the rerank reads (default: the "
+                "log's text columns, which the replay sends on hw.items; the generator's world "
+                "writes its own)"})
     dashboard_port: int = field(default=8050, metadata={
         "help": "live dashboard on http://127.0.0.1:PORT/ (0 = off)"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})

@@ -63,7 +63,7 @@ joined = app.topic(f"{args.prefix}.joined", key_type=bytes, value_type=bytes,
                    key_serializer="raw", value_serializer="raw")
 # [close_ms, items, clicks]; use_partitioner: the changelog partition follows the key, not the
 # event being processed (closes touch other keys of the same partition set).
-pending = app.Table("pending", default=None, partitions=PARTS, key_type=str, value_type=list,
+pending = app.Table("pending", default=None, partitions=PARTS, key_type=str,
                     use_partitioner=True)
 
 WINDOW_MS = int(args.window_s * 1000)
@@ -81,13 +81,13 @@ async def join(stream):
         ev = decode_event(raw)
         rid = key.decode()
         if isinstance(ev, Impression):
-            cur = pending[rid]
+            cur = pending.get(rid)
             pending[rid] = [ev.event_time_ms + WINDOW_MS, len(ev.items), cur[2] if cur else 0]
             clock["max_t"] = max(clock["max_t"], ev.event_time_ms)
         elif isinstance(ev, Watermark):
             clock["max_t"] = max(clock["max_t"], ev.event_time_ms)
         else:
-            cur = pending[rid] or [0, 0, 0]  # an action before its impression: kept (close 0)
+            cur = pending.get(rid) or [0, 0, 0]  # an action before its impression: kept (close 0)
             cur[2] += len(ev)
             pending[rid] = cur
         wm = clock["max_t"] - args.lateness_ms

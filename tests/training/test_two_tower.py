@@ -183,3 +183,16 @@ def test_learner_recalls_planted_groups_far_better_than_random():
     top = catalog[torch.topk(scores, 20, dim=1).indices.numpy()]
     recall = float((top == items[:, None]).any(1).mean())
     assert recall > 4 * 20 / items_n  # random: 0.05; the group alone allows 20 / 50 = 0.4
+
+
+def test_retrieval_quality_bench_reports_each_retrievers_recall():
+    from bench import retrieval_quality
+    from headwater.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "retrieval-quality", "--json", "--events", "20000",
+                                      "--users", "500", "--items", "300", "--eval-fraction", "0.5"])
+    out = retrieval_quality.run(args)
+    assert out["clicks_evaluated"] > 100 and out["examples"] > 15_000
+    for name in ("two_tower", "ranker_embeddings", "popular"):
+        assert 0.0 <= out[f"recall_at_100_{name}"] <= 1.0
+    assert out["recall_at_100_two_tower"] > 100 / 300  # a third of the catalog retrieved at random

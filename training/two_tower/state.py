@@ -72,32 +72,40 @@ def _grown(a: np.ndarray, need: int, fill: int | bool) -> np.ndarray:
 
 
 class HistoryStore:
-    """Per user, the last ``length`` clicked items by event time (late clicks merge in order)."""
+    """Per user, the last ``length`` clicked items before a time (late clicks merge in order).
+
+    It stores ``2 * length`` per user: a row reads the clicks before its own event time, and
+    the clicks of its own batch that came after it (stored already) must not crowd out the
+    earlier ones it may see.
+    """
 
     def __init__(self, length: int, capacity: int = 1024) -> None:
         self.length = length
+        self.kept = 2 * length
         self._index = IdIndex(capacity)
         self._size = 0
-        self._items = np.zeros((capacity, length), np.int64)
-        self._times = np.full((capacity, length), _NO_TIME, np.int64)
+        self._items = np.zeros((capacity, self.kept), np.int64)
+        self._times = np.full((capacity, self.kept), _NO_TIME, np.int64)
 
     def __len__(self) -> int:
         return self._size
 
     def lookup(self, users: np.ndarray, time_ms: np.ndarray) -> Padded:
-        """Each row's history strictly before its ``time_ms``: ``(items[n, length], mask)``."""
+        """Each row's newest ``length`` clicks strictly before its ``time_ms``:
+        ``(items[n, 2 * length], mask)``, oldest first."""
         users = np.asarray(users, np.int64)
         rows = self._index.find(users)
         known = rows >= 0
-        items = np.zeros((len(users), self.length), np.int64)
-        mask = np.zeros((len(users), self.length), bool)
+        items = np.zeros((len(users), self.kept), np.int64)
+        mask = np.zeros((len(users), self.kept), bool)
         r = rows[known]
         items[known] = self._items[r]
         mask[known] = (self._times[r] != _NO_TIME) & (self._times[r] < np.asarray(time_ms)[known, None])
-        return items, mask
+        newer = np.cumsum(mask[:, ::-1], axis=1)[:, ::-1]  # visible clicks at or after each column
+        return items, mask & (newer <= self.length)
 
     def add(self, users: np.ndarray, items: np.ndarray, time_ms: np.ndarray) -> None:
-        """Merges clicks into their users' histories, keeping each user's newest ``length``."""
+        """Merges clicks into their users' histories, keeping each user's newest ``2 * length``."""
         if len(users) == 0:
             return
         rows, self._size = _rows_for(self._index, np.asarray(users, np.int64), self._size)
@@ -105,7 +113,7 @@ class HistoryStore:
         self._times = _grown(self._times, self._size, _NO_TIME)
         touched = np.unique(rows)
         old_t, old_i = self._times[touched].reshape(-1), self._items[touched].reshape(-1)
-        owner = np.concatenate([np.repeat(touched, self.length), rows])
+        owner = np.concatenate([np.repeat(touched, self.kept), rows])
         t = np.concatenate([old_t, np.asarray(time_ms, np.int64)])
         it = np.concatenate([old_i, np.asarray(items, np.int64)])
         valid = t != _NO_TIME
@@ -114,10 +122,10 @@ class HistoryStore:
         owner, t, it = owner[order], t[order], it[order]
         ends = np.searchsorted(owner, owner, side="right")
         from_end = ends - 1 - np.arange(len(owner))  # 0 = the newest of its owner
-        keep = from_end < self.length
+        keep = from_end < self.kept
         self._times[touched] = _NO_TIME
         self._items[touched] = 0
-        slot = self.length - 1 - from_end[keep]  # oldest left, newest in the last column
+        slot = self.kept - 1 - from_end[keep]  # oldest left, newest in the last column
         self._times[owner[keep], slot] = t[keep]
         self._items[owner[keep], slot] = it[keep]
 
