@@ -60,8 +60,10 @@ class DemoMonitor:
         trained_wm = _value(trainer, "hw_train_watermark_ms", {})
         serve_lag_s = _value(serving, "hw_serve_freshness_lag_seconds", {})
         row["freshness_ms"] = (trained_wm - (time.time() * 1000 - serve_lag_s * 1000)
-                               if trained_wm > 0 and serve_lag_s >= 0 else math.nan)
-        row["end_to_end_s"] = lag_from_metrics(serving)
+                               if trained_wm > 0 and serve_lag_s >= 0 and not self.replay else math.nan)
+        # A replay's event time is the log's (years ago, running faster than the clock): "now
+        # minus event time" is no freshness there, so both figures are left out (None).
+        row["end_to_end_s"] = math.nan if self.replay else lag_from_metrics(serving)
         self.end_to_end.add(row["end_to_end_s"])
         row["serving_p99_ms"] = self.load.p99_ms() if self.load else math.nan
         self.history.append(row)

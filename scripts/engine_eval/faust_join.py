@@ -59,6 +59,7 @@ app = faust.App(
 )
 inputs = app.topic(f"{args.prefix}.impressions", f"{args.prefix}.actions",
                    key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+inputs_names = (f"{args.prefix}.impressions", f"{args.prefix}.actions")
 joined = app.topic(f"{args.prefix}.joined", key_type=bytes, value_type=bytes,
                    key_serializer="raw", value_serializer="raw")
 # [close_ms, items, clicks]; use_partitioner: the changelog partition follows the key, not the
@@ -67,12 +68,13 @@ pending = app.Table("pending", default=None, partitions=PARTS, key_type=str,
                     use_partitioner=True)
 
 WINDOW_MS = int(args.window_s * 1000)
-clock = {"max_t": 0, "scanned_at": 0, "first": None}
+clock = {"max_t": 0, "scanned_at": 0, "first": None, "n": 0}
 
 
 @app.agent(inputs)
 async def join(stream):
-    async for key, raw in stream.items():
+    async for event in stream.events():
+        key, raw, topic = event.key, event.value, event.message.topic
         if clock["first"] is None:
             clock["first"] = time.time()
             if args.stats:
@@ -80,17 +82,27 @@ async def join(stream):
                                                         "first_input": clock["first"]}))
         ev = decode_event(raw)
         rid = key.decode()
+        clock["n"] += 1
+        if clock["n"] % 10000 == 0:
+            print(f"progress n={clock['n']} max_t={clock['max_t']} pending={len(pending)}",
+                  flush=True)
         if isinstance(ev, Impression):
             cur = pending.get(rid)
             pending[rid] = [ev.event_time_ms + WINDOW_MS, len(ev.items), cur[2] if cur else 0]
-            clock["max_t"] = max(clock["max_t"], ev.event_time_ms)
+            t = ev.event_time_ms
         elif isinstance(ev, Watermark):
-            clock["max_t"] = max(clock["max_t"], ev.event_time_ms)
+            t = ev.event_time_ms
         else:
             cur = pending.get(rid) or [0, 0, 0]  # an action before its impression: kept (close 0)
             cur[2] += len(ev)
             pending[rid] = cur
-        wm = clock["max_t"] - args.lateness_ms
+            t = max(a.event_time_ms for a in ev)
+        # Faust reads the two topics in no event-time order (bursts of one, then the other), so
+        # the watermark is the slower topic's progress (what streams.join_watermark does, minus
+        # its per-partition refinements); one max over both closed requests before their clicks.
+        clock[topic] = max(clock.get(topic, 0), t)
+        clock["max_t"] = max(clock["max_t"], t)
+        wm = min(clock.get(inputs_names[0], 0), clock.get(inputs_names[1], 0)) - args.lateness_ms
         if wm - clock["scanned_at"] >= 1000:
             clock["scanned_at"] = wm
             due = [(r, v) for r, v in pending.items() if v and v[1] and v[0] <= wm]
