@@ -1,0 +1,49 @@
+"""bench/delayed.py: each mode's rows, and an evaluation that scores each impression once."""
+
+from dataclasses import replace
+
+import numpy as np
+
+from streams.example_batch import EMIT_EARLY
+from streams.generator import GeneratorConfig
+from streams.join_build import positive_copy_ids
+
+from bench.delayed import generator_source, log_source
+
+WORLD = replace(GeneratorConfig(), seed=3, users=200, items=100, max_action_delay_ms=5_000)
+
+
+def test_the_early_stream_is_every_impression_once_as_a_negative_plus_one_copy_per_click():
+    source = generator_source(WORLD, 4_000, window_ms=10_000, hold_ms=1_000)
+    window, early = source("window"), source("early")
+    first = early.batch.take(early.first)
+    assert sorted(first.example_id.tolist()) == sorted(window.batch.example_id.tolist())
+    assert (first.label == 0).all() and (first.emit == EMIT_EARLY).all()
+    # the true label the evaluation uses is the window's, impression by impression
+    truth = dict(zip(window.batch.example_id.tolist(), window.true_label.tolist()))
+    assert [truth[i] for i in first.example_id.tolist()] == early.true_label[early.first].tolist()
+    copies = early.batch.take(~early.first)
+    clicked = window.batch.example_id[window.true_label > 0]
+    assert sorted(copies.example_id.tolist()) == sorted(positive_copy_ids(clicked).tolist())
+    assert (copies.label == 1).all()
+    assert (np.diff(early.times) >= 0).all() and (np.diff(window.times) >= 0).all()
+
+
+def test_a_log_replays_with_its_clicks_delayed_through_the_same_emission(tmp_path):
+    from streams.log_reader import encode_log
+    from streams.log_schema import LogSchema
+
+    rows = ["user_id,item_id,label,ts"] + [f"u{i % 7},i{i % 11},{int(i % 3 == 0)},{1000 + i}"
+                                          for i in range(300)]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    schema = LogSchema(user_col="user_id", item_col="item_id", label_col="label", time_col="ts")
+    encoded = encode_log(path, schema)
+    source = log_source(encoded, "log", window_ms=10_000, hold_ms=1_000, max_delay_ms=5_000)
+    window, early = source("window"), source("early")
+    assert len(window.batch) == 300 and window.true_label.sum() == 100
+    assert early.first.sum() == 300 and (~early.first).sum() == 100
+    copy_times = early.times[~early.first]
+    imp_times = early.batch.event_time_ms[~early.first]
+    assert (copy_times >= imp_times + 1_000).all() and (copy_times <= imp_times + 5_000).all()
+    assert (copy_times > imp_times + 1_000).any()  # some clicks come after the hold
