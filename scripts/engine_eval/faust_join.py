@@ -36,6 +36,9 @@ ap.add_argument("--window-s", type=float, default=60.0)
 ap.add_argument("--lateness-ms", type=int, default=5000)
 ap.add_argument("--partitions", type=int, default=0, help="table partitions (0 = input's)")
 ap.add_argument("--stats", default="")
+ap.add_argument("--one-per-batch", action="store_true",
+                help="tiny producer batches: Tansu 0.6 reports the high watermark as the last "
+                     "batch's base offset + 1, and faust's recovery then raises ConsistencyError")
 args = ap.parse_args()
 
 
@@ -55,6 +58,7 @@ app = faust.App(
     processing_guarantee="exactly_once" if args.eos else "at_least_once",
     web_enabled=False, broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
     broker_commit_interval=1.0, consumer_auto_offset_reset="earliest",
+    **({"producer_max_batch_size": 64} if args.one_per_batch else {}),
     producer_compression_type="lz4", producer_linger=0.005,  # aiokafka: lz4 via cramjam
 )
 inputs = app.topic(f"{args.prefix}.impressions", f"{args.prefix}.actions",
