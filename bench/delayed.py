@@ -76,7 +76,8 @@ def _click_times(reqs: list[ClosedRequest]) -> tuple[np.ndarray, np.ndarray]:
             if a.kind in _POSITIVE:
                 first[a.item_id] = min(first.get(a.item_id, _NEVER), a.event_time_ms)
         t_imp.append(np.full(len(items), t, np.int64))
-        click.append(np.fromiter((first.get(i, _NEVER) for i in items), np.int64, len(items)))
+        # pop: an item shown twice is labelled once, on its first row (as the joiner does)
+        click.append(np.fromiter((first.pop(i, _NEVER) for i in items), np.int64, len(items)))
     return np.concatenate(t_imp), np.concatenate(click)
 
 
@@ -91,6 +92,8 @@ def _emit(reqs: list[ClosedRequest], emit: str, window_ms: int, hold_ms: int, de
         return batch, t_imp + window_ms, label, np.ones(len(batch), bool)
     batch, _, _ = build_early(reqs, window_ms, _POSITIVE, 1.0, dense_dim)  # n negatives, then copies
     n, k = len(label), int(label.sum())
+    if len(batch) != n + k:
+        raise RuntimeError(f"{len(batch) - n} positive copies for {k} clicked rows")
     times = np.concatenate([t_imp + hold_ms, np.maximum(click[label], t_imp[label] + hold_ms)])
     return (batch, times, np.concatenate([label, np.ones(k, bool)]),
             np.concatenate([np.ones(n, bool), np.zeros(k, bool)]))
@@ -101,7 +104,10 @@ def _collect(blocks: Iterator[list[ClosedRequest]], emit: str, window_ms: int, h
     parts, times, truth, first = [], [], [], []
     for reqs in blocks:
         b, t, y, f = _emit(reqs, emit, window_ms, hold_ms, dense_dim)
-        parts.append(b), times.append(t), truth.append(y), first.append(f)
+        parts.append(b)
+        times.append(t)
+        truth.append(y)
+        first.append(f)
     order = np.argsort(np.concatenate(times), kind="stable")
     return _Stream(ExampleBatch.concat(parts).take(order),
                    np.concatenate(truth)[order].astype(np.float32), np.concatenate(first)[order],

@@ -67,7 +67,8 @@ def _early(ids, items, labels, t=1_000):
     return ExampleBatch(example_id=ids, user_id=items.copy(), item_id=items,
                         label=np.asarray(labels, np.float32), sample_rate=np.ones(n, np.float32),
                         event_time_ms=np.full(n, t, np.int64),
-                        sparse={"user_id": Ragged(items.copy(), ones), "item_id": Ragged(items.copy(), ones.copy())},
+                        sparse={"user_id": Ragged(items.copy(), ones),
+                                "item_id": Ragged(items.copy(), ones.copy())},
                         dense=np.zeros((n, 0), np.float32), truth_p=np.full(n, np.nan, np.float32),
                         emit=np.full(n, EMIT_EARLY, np.uint8))
 
@@ -79,8 +80,8 @@ def _copy_of(batch, rows, t):
     c = batch.take(np.asarray(rows))
     c.example_id = positive_copy_ids(c.example_id)
     c.label = np.ones(len(c), np.float32)
-    c.event_time_ms = np.full(len(c), t, np.int64)  # a copy keeps its impression's time;
-    return c                                          # here a later one, to move the counters
+    c.event_time_ms = np.full(len(c), t, np.int64)  # (the joiner's keeps the impression's)
+    return c
 
 
 def _learner(**kw):
