@@ -277,8 +277,11 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
     obj = _unpack(data)
     if obj.get("t") != "dead":
         raise SchemaError(f"not a dead letter (type {obj.get('t')!r})")
+    payload = obj.get("payload")
+    if not isinstance(payload, (bytes, bytearray)):  # bytes(N) of an int would allocate N bytes
+        raise SchemaError(f"dead letter: payload must be bytes, got {type(payload).__name__}")
     try:
         return DeadLetter(str(obj["reason"]), str(obj["topic"]), int(obj["partition"]),
-                          int(obj["offset"]), bytes(obj["payload"]))
+                          int(obj["offset"]), bytes(payload))
     except (KeyError, TypeError, ValueError) as exc:
         raise SchemaError(f"dead letter: {exc}") from None

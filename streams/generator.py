@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
 import msgpack
@@ -255,8 +255,9 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
 
     if cfg.start_time_ms == 0:  # live: the clock starts now, after imports and connecting
         cfg = replace(cfg, start_time_ms=int(time.time() * 1000))
-    if cfg.events_per_s > 0:  # paced: a block spans at most ~100 ms of event time, not seconds
-        block_requests = max(1, min(block_requests, int(100 / cfg.request_interval_ms)))
+    # Paced, a block goes out in slices of ~100 ms of event time, not all at its first request's
+    # time (the blocks themselves stay as drawn: the stream does not depend on the pacing).
+    step = max(1, int(100 / cfg.request_interval_ms)) if cfg.events_per_s > 0 else block_requests
     world = SyntheticStream(cfg)
     events = requests = 0
     last_t = 0
@@ -266,9 +267,11 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
         if stop is not None and stop.is_set():
             break
         r = len(block.request_index)
-        pacer.wait_for(int(block.event_time_ms[0]), stop)
-        for topic, value in world.messages(block):
-            producer.send(getattr(topics, topic), value)
+        for lo in range(0, r, step):
+            part = Block(*(getattr(block, f.name)[lo:lo + step] for f in fields(Block)))
+            pacer.wait_for(int(part.event_time_ms[0]), stop)
+            for topic, value in world.messages(part):
+                producer.send(getattr(topics, topic), value)
         n = world.count_events(block)
         metrics.PRODUCED.labels("generator").inc(n)  # live, so a watcher sees the rate
         events += n

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -28,6 +27,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -42,12 +43,13 @@ ENGINES = {
 
 
 def load_messages(events: int):
-    cache = Path(f"/tmp/engine_eval/msgs_{events}.pkl")
+    cache = Path(f"/tmp/engine_eval/msgs_{events}.msgpack")
     if cache.exists():
-        return pickle.loads(cache.read_bytes())
+        out, n_events, n_requests, truth, last_t = msgpack.unpackb(cache.read_bytes(), raw=False)
+        return [tuple(m) for m in out], n_events, n_requests, truth, last_t
     data = common.generator_messages(events)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(pickle.dumps(data))
+    cache.write_bytes(msgpack.packb(data, use_bin_type=True))
     return data
 
 

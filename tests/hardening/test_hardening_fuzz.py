@@ -89,15 +89,21 @@ DECODERS: dict[str, tuple[Callable[[bytes], Any], type[Exception], list[bytes]]]
 def check(name: str, data: bytes) -> None:
     """Decodes ``data``: success or the documented error, and bounded allocation either way."""
     decode, error, _ = DECODERS[name]
-    tracemalloc.start()
-    try:
-        decode(data)
-    except error:
-        pass
-    finally:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    assert peak <= 64 * len(data) + ALLOC_SLACK, f"{name} allocated {peak} bytes for a {len(data)}-byte input"
+    bound = 64 * len(data) + ALLOC_SLACK
+    # tracemalloc counts every thread: a daemon thread an earlier test left running can allocate
+    # inside the window. An unbounded decode allocates again on the second try; that cannot.
+    for _attempt in range(2):
+        tracemalloc.start()
+        try:
+            decode(data)
+        except error:
+            pass
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        if peak <= bound:
+            break
+    assert peak <= bound, f"{name} allocated {peak} bytes for a {len(data)}-byte input"
 
 
 @st.composite

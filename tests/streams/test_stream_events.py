@@ -142,3 +142,13 @@ def test_negative_downsampling_keeps_the_requested_fraction_deterministically():
     assert abs(kept.mean() - 0.25) < 0.01
     np.testing.assert_array_equal(kept, keep_negative(ids, 0.25))
     assert keep_negative(ids, 1.0).all() and not keep_negative(ids, 0.0).any()
+
+
+def test_a_dead_letter_whose_payload_is_a_number_is_refused_not_allocated():
+    # bytes(2**31) would allocate 2 GiB of zeros from a 60-byte message (found by the fuzz run)
+    from streams.events import decode_dead_letter
+
+    forged = msgpack.packb({"v": SCHEMA_VERSION, "t": "dead", "reason": "x", "topic": "t",
+                            "partition": 0, "offset": 1, "payload": 2**31})
+    with pytest.raises(SchemaError, match="payload must be bytes"):
+        decode_dead_letter(forged)
