@@ -39,6 +39,10 @@ class TrainerConfig(ModelFields):
     early_memory_rows: int = field(default=1 << 20, metadata={
         "help": "early negatives whose counter features are kept for their positive copy (about "
                 "the impressions of one join window; 0 = off)"})
+    early_label_wait_s: float = field(default=605.0, metadata={
+        "help": "live evaluation of an early stream: an early negative is scored on its final label "
+                "once event time is this far past it (the joiner's window + lateness; 605 = the "
+                "default join window 600 s + 5 s)"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})

@@ -22,6 +22,7 @@ from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
 from training.delayed_feedback import (EarlyCounterMemory, early_increments, early_weights,
                                        start_counts)
+from training.early_labels import EarlyLabels
 from training.evaluation import PrequentialEvaluator
 from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
                             init_bias_for_ctr, lookup_slots, weighted_bce)
@@ -81,6 +82,7 @@ class Learner:
     optimizer: torch.optim.Optimizer = field(init=False)
     dedup: SeenFilter = field(init=False)
     evaluator: PrequentialEvaluator = field(init=False)
+    early_labels: EarlyLabels = field(init=False)
     times: StepTimes = field(default_factory=StepTimes)
     examples_trained: int = 0
     watermark_ms: int = -1
@@ -98,6 +100,7 @@ class Learner:
         self.optimizer = torch.optim.Adam(self.tower.parameters(), lr=self.cfg.dense_lr)
         self.dedup = SeenFilter(self.cfg.dedup_capacity, generations=2)
         self.evaluator = PrequentialEvaluator(self.cfg.eval_window)
+        self.early_labels = EarlyLabels(int(self.cfg.early_label_wait_s * 1000))
 
     @classmethod
     def for_batch(cls, cfg: TrainerConfig, batch: Any, table: Any | None = None) -> "Learner":
@@ -165,8 +168,13 @@ class Learner:
         loss.backward()
         self.optimizer.step()
         t3 = time.perf_counter()
-        # Scored before this batch's update: the prequential (test-then-train) figure.
-        self.evaluator.update(logits.detach().numpy(), batch.label, batch.sample_rate, batch.truth_p)
+        # Scored before this batch's update: the prequential (test-then-train) figure; an early
+        # stream's rows on their final labels (training.early_labels).
+        scored = self.early_labels.route(logits.detach().numpy(), batch.label, batch.sample_rate,
+                                         batch.truth_p, batch.example_id, batch.event_time_ms,
+                                         getattr(batch, "emit", None))
+        if len(scored):
+            self.evaluator.update(scored.logits, scored.labels, scored.sample_rate, scored.truth_p)
         grad = bags.emb.grad
         for s, slot in enumerate(mc.slots):
             if len(bags.ids[s]) == 0:

@@ -172,6 +172,9 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
         eval_window = dataset.eval_window if dataset else cfg.eval_window or _EVAL_WINDOW
         add("trainer", ["train", *common, "--checkpoint-dir", str(cfg.data_dir / "trainer"),
                         "--eval-window", str(eval_window),
+                        # an early negative's label is final once the join window (+ 5 s
+                        # lateness) has passed: the live AUC scores final labels
+                        "--early-label-wait-s", str(cfg.join_window_s + 5.0),
                         *(["--checkpoint-interval-s", str(_DATASET_CHECKPOINT_S)] if dataset else []),
                         *(dataset.trainer_args() if dataset else [])])
     if cfg.serve and _have("serving.server"):
