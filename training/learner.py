@@ -82,7 +82,7 @@ class Learner:
     optimizer: torch.optim.Optimizer = field(init=False)
     dedup: SeenFilter = field(init=False)
     evaluator: PrequentialEvaluator = field(init=False)
-    early_labels: EarlyLabels = field(init=False)
+    early_labels: EarlyLabels | None = field(init=False)  # None: every row scored as given
     times: StepTimes = field(default_factory=StepTimes)
     examples_trained: int = 0
     watermark_ms: int = -1
@@ -170,11 +170,14 @@ class Learner:
         t3 = time.perf_counter()
         # Scored before this batch's update: the prequential (test-then-train) figure; an early
         # stream's rows on their final labels (training.early_labels).
-        scored = self.early_labels.route(logits.detach().numpy(), batch.label, batch.sample_rate,
-                                         batch.truth_p, batch.example_id, batch.event_time_ms,
-                                         getattr(batch, "emit", None))
-        if len(scored):
-            self.evaluator.update(scored.logits, scored.labels, scored.sample_rate, scored.truth_p)
+        if self.early_labels is None:  # the caller scores rows itself (training.prequential)
+            self.evaluator.update(logits.detach().numpy(), batch.label, batch.sample_rate, batch.truth_p)
+        else:
+            scored = self.early_labels.route(logits.detach().numpy(), batch.label, batch.sample_rate,
+                                             batch.truth_p, batch.example_id, batch.event_time_ms,
+                                             getattr(batch, "emit", None))
+            if len(scored):
+                self.evaluator.update(scored.logits, scored.labels, scored.sample_rate, scored.truth_p)
         grad = bags.emb.grad
         for s, slot in enumerate(mc.slots):
             if len(bags.ids[s]) == 0:
