@@ -141,21 +141,22 @@ class TwoTowerModel(nn.Module):
     def _single(self, rows: nn.Embedding, slot: str, ids: np.ndarray) -> torch.Tensor:
         return rows(torch.from_numpy(bucket_ids(ids, slot, self.cfg.buckets)))
 
-    def user(self, x: TowerInputs) -> torch.Tensor:
+    def _parts(self, rows: nn.Embedding, id_slot: str, slots: tuple[str, ...], x: TowerInputs) -> list[torch.Tensor]:
+        """The id's row and each feature slot's pooled bag (an absent slot pools to zeros)."""
         n, w = len(x), self.cfg.max_bag
-        parts = [self._single(self.user_rows, USER_SLOT, x.ids)]
-        for s in self.cfg.user_slots:
+        parts = [self._single(rows, id_slot, x.ids)]
+        for s in slots:
             pad = x.slots.get(s) or (np.zeros((n, w), np.int64), np.zeros((n, w), bool))
-            parts.append(self._pool(self.user_rows, s, pad))
+            parts.append(self._pool(rows, s, pad))
+        return parts
+
+    def user(self, x: TowerInputs) -> torch.Tensor:
+        parts = self._parts(self.user_rows, USER_SLOT, tuple(self.cfg.user_slots), x)
         if self.cfg.history_length:
             assert x.history is not None, "the user tower pools a history"
             parts.append(self._pool(self.item_rows, ITEM_SLOT, x.history))
         return nn.functional.normalize(self.user_head(torch.cat(parts, 1)), dim=1)
 
     def item(self, x: TowerInputs) -> torch.Tensor:
-        n, w = len(x), self.cfg.max_bag
-        parts = [self._single(self.item_rows, ITEM_SLOT, x.ids)]
-        for s in self.cfg.item_slots:
-            pad = x.slots.get(s) or (np.zeros((n, w), np.int64), np.zeros((n, w), bool))
-            parts.append(self._pool(self.item_rows, s, pad))
+        parts = self._parts(self.item_rows, ITEM_SLOT, tuple(self.cfg.item_slots), x)
         return nn.functional.normalize(self.item_head(torch.cat(parts, 1)), dim=1)
