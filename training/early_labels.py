@@ -32,12 +32,13 @@ __all__ = ["EarlyLabels", "Scored"]
 
 @dataclass
 class Scored:
-    """Rows ready for the evaluator: logits, final labels, sample rates, truth (NaN = unknown)."""
+    """Rows ready for the evaluator: logits, final labels, sample rates, truth (NaN or None =
+    unknown)."""
 
     logits: np.ndarray
     labels: np.ndarray
     sample_rate: np.ndarray
-    truth_p: np.ndarray
+    truth_p: np.ndarray | None
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -63,6 +64,8 @@ class EarlyLabels:
               truth_p: np.ndarray | None, example_id: np.ndarray, event_time_ms: np.ndarray,
               emit: np.ndarray | None) -> Scored:
         """One trained batch's scores in; out the rows whose label is final now."""
+        if (emit is None or not np.any(emit)) and not self._pending:  # a windowed stream: as given
+            return Scored(logits, labels, sample_rate, truth_p)
         n = len(logits)
         truth = np.full(n, np.nan, np.float64) if truth_p is None else np.asarray(truth_p, np.float64)
         logits = np.asarray(logits, np.float64)
