@@ -109,3 +109,55 @@ def test_serving_can_import_the_model_and_the_params_protocol_without_the_traini
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _fm_only(**kw):
+    """A tower whose logit is its FM term alone (no MLP, cross net or dense part)."""
+    tower = DenseTower(_cfg(dense_dim=0, hidden=(), cross_layers=0, **kw))
+    with torch.no_grad():
+        tower.head.weight.zero_()
+        tower.head.bias.zero_()
+    return tower
+
+
+def test_pair_weights_start_as_plain_fm_and_can_turn_one_pair_off():
+    from training.model.tower import PAIR_GAIN
+
+    torch.manual_seed(2)
+    emb = torch.randn(6, 3, 4)
+    weighted, plain = _fm_only(), _fm_only(fm_pair_weights=False)
+    e = emb.detach()
+    every_pair = (e[:, 0] * e[:, 1] + e[:, 0] * e[:, 2] + e[:, 1] * e[:, 2]).sum(dim=1)
+    with torch.no_grad():
+        assert torch.allclose(weighted(emb), every_pair, atol=1e-5)
+        assert torch.allclose(plain(emb), every_pair, atol=1e-5)
+        # Pairs in slot order: (user_id, item_id), (user_id, cat), (item_id, cat).
+        weighted.fm_pair[0] = -1.0 / PAIR_GAIN
+        without_first = (e[:, 0] * e[:, 2] + e[:, 1] * e[:, 2]).sum(dim=1)
+        assert torch.allclose(weighted(emb), without_first, atol=1e-5)
+
+
+def test_pair_weights_learn_to_turn_down_a_noise_pair():
+    # y depends on <a, b>; slot c is noise. FwFM must learn w(a,b) > w(a,c), w(b,c).
+    torch.manual_seed(3)
+    tower = _fm_only(slots=("a", "b", "c"))
+    opt = torch.optim.Adam([tower.fm_pair], lr=1e-3)
+    emb = torch.randn(2048, 3, 4) * 0.5
+    y = ((emb[:, 0] * emb[:, 1]).sum(dim=1) > 0).float()
+    for _ in range(200):
+        opt.zero_grad()
+        weighted_bce(tower(emb), y).backward()
+        opt.step()
+    w = tower.fm_pair.detach()
+    assert w[0] > w[1] + 0.005 and w[0] > w[2] + 0.005
+
+
+def test_a_config_written_before_pair_weights_loads_as_the_model_it_was():
+    import json
+
+    old = json.loads(_cfg().to_json())
+    del old["fm_pair_weights"]
+    cfg = ModelConfig.from_json(json.dumps(old))
+    assert cfg.fm_pair_weights is False
+    assert "fm_pair" not in DenseTower(cfg).state_dict()
+    assert ModelConfig.from_json(_cfg().to_json()).fm_pair_weights is True

@@ -29,6 +29,9 @@ class ModelFields:
     cross_layers: int = field(default=2, metadata={"help": "DCN-v2 cross layers (0 disables)"})
     cross_rank: int = field(default=32, metadata={"help": "low-rank factor of each cross layer (0 = full rank)"})
     use_fm: bool = field(default=True, metadata={"help": "add the factorisation-machine pairwise term"})
+    fm_pair_weights: bool = field(default=True, metadata={
+        "help": "field-weighted FM (Pan et al., WWW 2018): one learned weight per slot pair, so a "
+                "pair that is noise (e.g. a rare user id with everything) is turned down"})
     pooling: str = field(default="sum", metadata={
         "help": "bag pooling (sum or mean) of every slot that slot_pooling does not name"})
     slot_pooling: tuple[str, ...] = field(default=(), metadata={
@@ -148,6 +151,8 @@ class ModelConfig(ModelFields):
         if not isinstance(raw, dict):
             raise ValueError("model config JSON must be an object")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        # A config written before pair weights existed describes a model without them.
+        known.setdefault("fm_pair_weights", False)
         for key in ("slots", "hidden", "crosses", "slot_pooling"):
             if key in known:
                 known[key] = tuple(known[key])

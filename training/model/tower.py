@@ -1,4 +1,4 @@
-"""The dense half of the click model: DCN-v2 cross network + MLP (+ FM, wide and count terms).
+"""The dense half of the click model: DCN-v2 cross network + MLP (+ field-weighted FM, wide and count terms).
 
 :class:`DenseTower` is an ordinary ``nn.Module`` over pooled slot embeddings and dense features;
 the sparse half (the rows it pools) lives in an ``embedding_store`` table.
@@ -25,6 +25,14 @@ def bf16_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+# The FwFM pair weights move this many times faster than the rest of the tower: Adam steps each
+# parameter by about its learning rate, and 1e-3 a step left the weights near 1 for the first
+# hundreds of batches. Measured (bench learning, generator gap to truth, mean of 3 seeds):
+# plain FM 0.0203, gain 1 0.0190, 20 0.0146, 50 0.0141, 100 0.0139; MovieLens and the world log
+# gain 0.0003 / 0.002 AUC at 50.
+PAIR_GAIN = 50.0
 
 
 class _Cross(nn.Module):
@@ -66,6 +74,13 @@ class DenseTower(nn.Module):
         # Standard FM (scale 1) from the start: a zero scale would also zero the FM gradient
         # reaching the embeddings, and pairwise affinity would be learned only through the MLP.
         self.fm_scale = nn.Parameter(torch.ones(())) if cfg.use_fm else None
+        self.fm_pair = None
+        if cfg.use_fm and cfg.fm_pair_weights and len(cfg.slots) > 1:
+            # FwFM: pair (i, j) adds (1 + PAIR_GAIN * w_ij) <e_i, e_j>, w starting at 0 (plain FM).
+            n = len(cfg.slots)
+            self.fm_pair = nn.Parameter(torch.zeros(n * (n - 1) // 2))
+            iu = torch.triu_indices(n, n, offset=1)
+            self.register_buffer("fm_pair_index", iu[0] * n + iu[1], persistent=False)
         if cfg.counters:
             self.count_weight = nn.Parameter(torch.full((len(cfg.slots),), 0.5))
             # The global click rate the count log-odds shrink toward (set from the first batch).
@@ -95,8 +110,12 @@ class DenseTower(nn.Module):
         logit = self.head(self.mlp(x)).squeeze(1)
         if self.fm_scale is not None and factors.shape[1] > 1:
             # FM: sum over slot pairs of <e_i, e_j> = ((sum e)^2 - sum e^2) / 2.
-            s = factors.sum(dim=1)
-            fm = 0.5 * (s.pow(2) - factors.pow(2).sum(dim=1)).sum(dim=1)
+            if self.fm_pair is not None:
+                pairs = torch.bmm(factors, factors.transpose(1, 2)).reshape(b, -1)[:, self.fm_pair_index]
+                fm = pairs @ (1 + PAIR_GAIN * self.fm_pair).to(pairs.dtype)
+            else:
+                s = factors.sum(dim=1)
+                fm = 0.5 * (s.pow(2) - factors.pow(2).sum(dim=1)).sum(dim=1)
             logit = logit + self.fm_scale * fm
         return logit + extra
 
