@@ -36,6 +36,13 @@ def _consumer(bootstrap_servers: str, topic: str, partition: int = PARTITION) ->
     return consumer, tp
 
 
+def _end(consumer: Any, tp: Any) -> int:
+    """``tp``'s end offset as a fetch sees it (Tansu's ListOffsets is short: see ``log_end``)."""
+    from streams.kafka_consumer import log_end
+
+    return log_end(consumer, tp.topic, partitions=[tp.partition])[tp.partition]
+
+
 def bootstrap_offset(bootstrap_servers: str, topic: str, timeout_s: float = 10.0,
                      partition: int = PARTITION) -> int:
     """Offset a new replica starts reading at: the newest complete snapshot's begin marker.
@@ -44,9 +51,10 @@ def bootstrap_offset(bootstrap_servers: str, topic: str, timeout_s: float = 10.0
     """
     consumer, tp = _consumer(bootstrap_servers, topic, partition)
     try:
-        end = consumer.end_offsets([tp])[tp]
+        end = _end(consumer, tp)
         if end == 0:
             return 0
+        consumer.assign([tp])
         consumer.seek(tp, end - 1)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -68,7 +76,12 @@ class ParamsFollower:
         self.bad = 0
 
     def end_offset(self) -> int:
-        return self.consumer.end_offsets([self.tp])[self.tp]
+        """The partition's end; the follower's position is kept."""
+        at = self.consumer.position(self.tp)
+        end = _end(self.consumer, self.tp)
+        self.consumer.assign([self.tp])
+        self.consumer.seek(self.tp, at)
+        return end
 
     def poll(self, timeout_ms: int = 200) -> Iterator[tuple[int, ParamsMessage]]:
         for msgs in self.consumer.poll(timeout_ms=timeout_ms).values():

@@ -120,15 +120,17 @@ def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:
     return out
 
 
-def log_end(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """The next offset a producer would get, per partition of ``topic``.
+def log_end(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0,
+            partitions: Iterable[int] | None = None) -> dict[int, int]:
+    """The next offset a producer would get, per partition of ``topic`` (or of ``partitions``).
 
     Tansu answers ListOffsets(latest) with the base offset of the partition's last record batch
     plus one, which is short of the end when that batch holds several records. A fetch's high
     watermark is right, so the end is read by fetching the last batch. ``consumer`` must have no
-    group (it is re-assigned here).
+    group (it is re-assigned here: callers assign and seek afterwards). Every reader that asks
+    where a topic ends asks here, never ``end_offsets`` directly.
     """
-    parts = consumer.partitions_for_topic(topic) or set()
+    parts = set(partitions) if partitions is not None else (consumer.partitions_for_topic(topic) or set())
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
     if not tps:
         return {}

@@ -63,22 +63,23 @@ class TopicFollower:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def _seek(self, consumer: Any, tps: list[Any]) -> None:
+    def _seek(self, consumer: Any, tps: list[Any], ends: dict[int, int]) -> None:
         if self.start_at == BEGINNING:
             consumer.seek_to_beginning(*tps)
             return
-        ends = consumer.end_offsets(tps)
         if self.start_at == END:
             for tp in tps:
-                consumer.seek(tp, ends[tp])
+                consumer.seek(tp, ends[tp.partition])
             return
         found = consumer.offsets_for_times({tp: int(self.start_at) for tp in tps})
         for tp in tps:
             at = found.get(tp)
-            consumer.seek(tp, at.offset if at is not None else ends[tp])
+            consumer.seek(tp, at.offset if at is not None else ends[tp.partition])
 
     def _run(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
+
+        from streams.kafka_consumer import log_end
 
         try:
             consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
@@ -97,10 +98,11 @@ class TopicFollower:
             if self._stop.is_set():
                 return
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            ends = log_end(consumer, self.topic, partitions=parts)  # re-assigns: before ours
             consumer.assign(tps)
-            self._seek(consumer, tps)
+            self._seek(consumer, tps, ends)
             self._next = {tp.partition: consumer.position(tp) for tp in tps}
-            self._end = {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+            self._end = {tp.partition: ends[tp.partition] for tp in tps}
             log.info("%s following %s (%d partitions) from %s", self.client_id, self.topic, len(tps),
                      self.start_at)
             while not self._stop.is_set():
