@@ -164,7 +164,7 @@ def _uncached_comparison(rt, model_dir: str, users: list[int], cand_sets: list[n
     try:
         for u, cands in zip(users, cand_sets):
             texts = rt.texts.get(cands.tolist())
-            toks = [rt.stage._tokens(" " + t) for t in texts]
+            toks = [rt.stage.candidate_tokens(t) for t in texts]
             items = plan_loglik(rt.stage.context_ids(u, fit=True), toks)
 
             async def both():
@@ -194,8 +194,8 @@ def _floor_ms(model_dir: str, rt, user: int, cands: np.ndarray) -> float:
 
     model = ReferenceRunner(model_dir).model
     texts = rt.texts.get(cands.tolist())
-    toks = [list(rt.stage._tokens(" " + t)) for t in texts]
-    new_line = list(rt.stage._tokens("- " + texts[0] + " [click]\n"))
+    toks = [list(rt.stage.candidate_tokens(t)) for t in texts]
+    new_line = list(rt.stage.line_tokens(texts[0], "click"))
     times = []
     for _ in range(5):
         t0 = time.perf_counter()

@@ -11,12 +11,20 @@ where ``z`` standardises over the call's reranked items (mean 0, standard deviat
 when they are equal) and ``w`` is ``weight``. Items the LLM did not score (no text) take
 ``z = 0`` on its side. Items below the top ``top_n`` keep the DLRM order after them.
 
-Prefix caching across calls. The context is built at the token level, each history line
-tokenised on its own (``- <text> [<kind>]\\n``), oldest first, so a new interaction appends tokens
-and the KV prefix cache keeps every full block before it. The window of shown history moves in
-whole chunks of ``history_chunk`` interactions (its start is the first multiple of the chunk at
-or after ``total - history_len``), so it shifts once every ``history_chunk`` interactions instead
-of at every one: a returning user's context is a cache hit up to its last block.
+Prefix caching across calls. The prompt is laid out so that what stays the same comes first
+and what changes is appended: the instruction (in the header), then the history, oldest first,
+one line per interaction (``- <item tokens> [<kind>]\\n``), then only the marker ``-`` that opens
+the next line, which each candidate completes (its tokens are the same item tokens a history line
+shows). A new interaction then appends tokens, and the KV prefix cache keeps every full block
+before it; only the new lines and the last partial block are computed again (an instruction
+after the history would be recomputed at every call).
+
+The shown history starts at an absolute position that is a multiple of ``history_chunk``: the
+first one at or after ``total - history_len``, moved further by whole chunks while the history
+does not fit the model with the longest possible candidate. A moved start changes every position
+after it, so the whole context is computed again; the start therefore moves only once every
+``history_chunk`` interactions (a window that slid by one line would miss at every call). A
+larger chunk means fewer full recomputes and, on average, fewer lines shown.
 
 Never a failure: a rerank that does not answer within ``deadline_ms``, fails, or cannot fit the
 model or the KV pool returns None, and Recommend answers in DLRM order with ``degraded`` set and
@@ -40,14 +48,15 @@ from batching import Priority
 from llm_engine.scoring import ScoreResult, ScoringItem, ScoringOptions, plan_loglik, plan_yes_prob, single_token_id
 from serving import metrics as m
 from serving.item_text import ItemTexts
-from serving.user_history import Interaction, UserHistory
+from serving.user_history import UserHistory
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RerankConfig", "RerankBackend", "RerankOutcome", "RerankStage", "blend", "history_window"]
 
-HEADER = "A user's recent activity, oldest first:\n"
-TRAILER = "The user will next choose:"
+HEADER = "A user's recent activity, oldest first, then their next choice:\n"
+LINE_MARK = "-"  # opens a history line; the loglik context ends with it, so a candidate completes a line
+YES_HEADER = "A user's recent activity, oldest first:\n"
 YES_ITEM, YES_QUESTION = "\nItem:", "\nIs this item a good match? Answer:"
 
 
@@ -60,7 +69,7 @@ class RerankConfig:
     rerank_deadline_ms: float = field(default=250.0, metadata={"help": "longest the LLM may take; later, Recommend answers in DLRM order, degraded"})
     rerank_method: str = field(default="loglik", metadata={"help": "how the LLM scores a candidate: loglik (mean token log-likelihood) or yes_prob"})
     rerank_history: int = field(default=50, metadata={"help": "most recent interactions shown in the prompt"})
-    rerank_history_chunk: int = field(default=8, metadata={"help": "the shown window moves in steps of this many interactions (keeps the prompt a cached prefix)"})
+    rerank_history_chunk: int = field(default=16, metadata={"help": "the shown window moves in steps of this many interactions; each move recomputes the prompt (larger: fewer recomputes, fewer lines shown)"})
     rerank_item_tokens: int = field(default=48, metadata={"help": "tokens kept of each item's text"})
 
     def validate(self) -> None:
@@ -140,56 +149,73 @@ class RerankStage:
         self._ids = itertools.count()
         bos = backend.bos_token_id
         self._bos = [bos] if bos is not None else []
-        self._header = self._bos + backend.encode(HEADER)
-        self._trailer = backend.encode(TRAILER)
+        yes = cfg.rerank_method == "yes_prob"
+        self._header = self._bos + backend.encode(YES_HEADER if yes else HEADER)
+        self._mark = tuple(backend.encode(LINE_MARK))
+        # yes_prob appends its own "Item:" after the history, so it needs no marker there.
+        self._trailer = [] if yes else list(self._mark)
         # Texts repeat across calls (an item's text, a history line): tokenised once each.
         self._tokens = functools.lru_cache(maxsize=200_000)(self._encode)
-        if cfg.rerank_method == "yes_prob":
+        self._kind = functools.lru_cache(maxsize=1024)(lambda kind: tuple(backend.encode(f" [{kind}]\n")))
+        if yes:
             self._yes_item, self._yes_question = backend.encode(YES_ITEM), backend.encode(YES_QUESTION)
             self._yes = single_token_id(backend.encode, self.options.yes_token, "yes_token")
             self._no = single_token_id(backend.encode, self.options.no_token, "no_token")
-        self._extra = len(self._yes_item) + len(self._yes_question) if cfg.rerank_method == "yes_prob" else 0
+        self._extra = len(self._yes_item) + len(self._yes_question) if yes else 0
         self.context_tokens = 0  # since start, for the prefix hit rate
         self.context_cached = 0
 
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.backend.encode(text)[: self.cfg.rerank_item_tokens])
 
-    def _line(self, it: Interaction, text: str) -> tuple[int, ...]:
-        return self._tokens(f"- {text} [{it.kind}]\n")
+    def candidate_tokens(self, text: str) -> tuple[int, ...]:
+        """An item's tokens as a candidate and inside a history line (its first ``rerank_item_tokens``)."""
+        return self._tokens(" " + text)
+
+    def line_tokens(self, text: str, kind: str) -> tuple[int, ...]:
+        """One history line: the marker, the item's tokens (truncated, never the kind) and the kind."""
+        return self._mark + self.candidate_tokens(text) + self._kind(kind)
+
+    def _shown(self, user_id: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """Absolute positions and tokens of the lines in the count window (items with text only)."""
+        if self.history is None or self.cfg.rerank_history <= 0:
+            return np.zeros(0, np.int64), []
+        items, first = self.history.recent(user_id)
+        start = history_window(first, len(items), self.cfg.rerank_history, self.cfg.rerank_history_chunk)
+        shown = items[start:]
+        texts = self.texts.get([it.item_id for it in shown])
+        keep = [k for k, text in enumerate(texts) if text is not None]
+        if len(keep) < len(shown):
+            m.RERANK_SKIPPED.labels("history").inc(len(shown) - len(keep))
+        lines = [self.line_tokens(texts[k], shown[k].kind) for k in keep]
+        return first + start + np.asarray(keep, np.int64), lines
 
     def history_lines(self, user_id: int) -> list[tuple[int, ...]]:
         """The shown history, one token tuple per interaction, oldest first (see the module doc)."""
-        if self.history is None or self.cfg.rerank_history <= 0:
-            return []
-        items, first = self.history.recent(user_id)
-        shown = items[history_window(first, len(items), self.cfg.rerank_history, self.cfg.rerank_history_chunk):]
-        texts = self.texts.get([it.item_id for it in shown])
-        lines = [self._line(it, text) for it, text in zip(shown, texts) if text is not None]
-        if len(lines) < len(shown):
-            m.RERANK_SKIPPED.labels("history").inc(len(shown) - len(lines))
-        return lines
+        return self._shown(user_id)[1]
 
     def context_ids(self, user_id: int, fit: bool = False) -> list[int]:
         """The user's history prompt as token ids (the shared prefix of every candidate).
 
-        With ``fit``, the oldest lines go, a whole chunk at a time, until the longest possible
-        candidate (``rerank_item_tokens``) fits the model. The cut depends on the history alone,
-        never on the call's candidates, and moves in chunks, so it stays put while the history
-        grows and the prompt stays a cached prefix (cutting tokens one by one, or by this call's
-        longest candidate, would shift it at every call).
+        With ``fit``, the start moves on by whole chunks (multiples of ``rerank_history_chunk`` in
+        absolute position, like the count window) until the longest possible candidate
+        (``rerank_item_tokens``) fits the model. The cut depends on the history alone, never on
+        the call's candidates, so it stays put while the history grows and the prompt stays a
+        cached prefix (cutting tokens one by one, or by this call's longest candidate, would
+        shift it at every call).
         """
-        lines = self.history_lines(user_id)
-        if fit:
+        pos, lines = self._shown(user_id)
+        if fit and lines:
             budget = self.backend.max_model_len - self.cfg.rerank_item_tokens - len(self._header) \
                 - len(self._trailer) - self._extra
-            total = sum(map(len, lines))
-            drop = 0
-            while total > budget and drop < len(lines):
-                cut = lines[drop:drop + self.cfg.rerank_history_chunk]
-                total -= sum(map(len, cut))
-                drop += len(cut)
-            lines = lines[drop:]
+            chunk = self.cfg.rerank_history_chunk
+            # tokens from line k to the end, and from each chunk-aligned start on
+            suffix = np.cumsum(np.fromiter(map(len, reversed(lines)), np.int64, len(lines)))[::-1]
+            suffix = np.append(suffix, 0)
+            starts = np.arange(int(pos[0]) // chunk * chunk, int(pos[-1]) + chunk + 1, chunk)
+            first_line = np.searchsorted(pos, starts)
+            ok = np.flatnonzero(suffix[first_line] <= budget)
+            lines = lines[first_line[ok[0]]:] if ok.size else []
         return self._header + [t for line in lines for t in line] + self._trailer
 
     def _items(self, context: list[int], cands: list[tuple[int, ...]]) -> list[ScoringItem]:
@@ -217,7 +243,7 @@ class RerankStage:
             m.RERANK_SKIPPED.labels("candidate").inc(len(texts) - len(scored))
         if len(scored) < 2:
             return "no_text"
-        cands = [self._tokens(" " + texts[k]) for k in scored]
+        cands = [self.candidate_tokens(texts[k]) for k in scored]
         context = self.context_ids(user_id, fit=True)
         if not self._fits(context, cands):
             return "too_long"
