@@ -74,6 +74,14 @@ class EmbeddingTable:
         self._expiry_stop = threading.Event()
         self._last_saved: dict[str, object] = {}  # persistence bookkeeping per snapshot dir
 
+    def add_slot(self, cfg: SlotConfig) -> None:
+        """Adds an empty slot (a replica meeting rows of a slot its tower does not name)."""
+        with self.lock:
+            if cfg.name in self.slots:
+                raise ValueError(f"duplicate slot name {cfg.name!r}")
+            self.slots[cfg.name] = cfg
+            self._stores[cfg.name] = SlotStore(cfg, self.device, seed=self.seed * 1_000_003 + len(self._stores))
+
     def _store(self, slot: str) -> SlotStore:
         try:
             return self._stores[slot]

@@ -10,12 +10,14 @@ model: the tower travels as opaque bytes that the replica's :data:`TowerLoader` 
   partition (:class:`ParamsFollower`).
 - :mod:`paramsync.replica`: :class:`ReplicaState`, the semantics of applying messages in order.
 - :mod:`paramsync.topic`: creating the topic with the partitions a shard count needs.
+- :mod:`paramsync.retrieval_slots`: the slots a retrieval model's vectors travel in.
 
 Importing it loads neither Kafka nor torch.
 """
 
 from paramsync.follower import ParamsFollower, bootstrap_offset
-from paramsync.replica import LoadedTower, ReplicaState, TowerLoader
+from paramsync.replica import LoadedTower, ReplicaState, TowerLoader, add_retrieval_slots
+from paramsync.retrieval_slots import ITEM_VECTORS, RETRIEVAL_SLOTS, USER_VECTORS
 from paramsync.topic import ensure_params_partitions
 from paramsync.wire import (CONTROL, CONTROL_SHARD, DENSE, HEADER_BYTES, KINDS, SNAPSHOT_BEGIN,
                             SNAPSHOT_END, SPARSE, WIRE_VERSION, ControlCommand, ParamsMessage,
@@ -26,4 +28,5 @@ __all__ = ["WIRE_VERSION", "SPARSE", "DENSE", "SNAPSHOT_BEGIN", "SNAPSHOT_END", 
            "CONTROL_SHARD", "HEADER_BYTES", "ParamsMessage", "ParamsWireError", "ControlCommand",
            "encode_params", "decode_params", "payload_chunks", "join_payload", "params_partitions",
            "control_partition", "bootstrap_offset", "ParamsFollower", "ReplicaState", "LoadedTower",
-           "TowerLoader", "ensure_params_partitions"]
+           "TowerLoader", "ensure_params_partitions", "add_retrieval_slots", "USER_VECTORS", "ITEM_VECTORS",
+           "RETRIEVAL_SLOTS"]

@@ -13,11 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from paramsync.retrieval_slots import RETRIEVAL_SLOTS
 from paramsync.wire import DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE, ParamsMessage, join_payload
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedTower", "TowerLoader", "ReplicaState"]
+__all__ = ["LoadedTower", "TowerLoader", "ReplicaState", "add_retrieval_slots"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,21 @@ class LoadedTower:
 
 TowerLoader = Callable[[bytes], LoadedTower]
 """Rebuilds a tower from a dense payload (all chunks joined); raises ``ValueError`` on bad bytes."""
+
+
+def add_retrieval_slots(table: Any, delta: Any) -> None:
+    """Adds each retrieval slot ``delta`` has rows of and ``table`` lacks, as wide as its rows
+    (the tower names only the ranker's slots). Any other unknown slot stays an error."""
+    from embedding_store import SlotConfig
+
+    for name, sd in delta.slots.items():
+        if name not in table.slots and name in RETRIEVAL_SLOTS and sd.values.dim() == 2:
+            table.add_slot(SlotConfig(name=name, dim=int(sd.values.shape[1])))
+
+
+def _import(table: Any, delta: Any) -> None:
+    add_retrieval_slots(table, delta)
+    table.import_delta(delta)
 
 
 @dataclass
@@ -89,7 +105,7 @@ class ReplicaState:
         table = EmbeddingTable([SlotConfig(name=s, dim=loaded.embedding_dim) for s in loaded.slots])
         for m in staged:
             if m.kind == SPARSE:
-                table.import_delta(m.table_delta())
+                _import(table, m.table_delta())
         self.table, self.tower, self._dense_chunks = table, loaded.tower, {}
         self.snapshot_id = end.snapshot_id
         self.version, self.watermark_ms = end.version, end.watermark_ms
@@ -97,7 +113,7 @@ class ReplicaState:
 
     def _apply_live(self, msg: ParamsMessage) -> None:
         if msg.kind == SPARSE:
-            self.table.import_delta(msg.table_delta())
+            _import(self.table, msg.table_delta())
         elif msg.kind == DENSE:
             chunks = self._dense_chunks.setdefault(msg.publish_id, [])
             chunks.append(msg)

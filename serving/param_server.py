@@ -37,7 +37,7 @@ from prometheus_client import Counter, Gauge
 
 from embedding_store.sharding import shard_of
 from paramsync import (CONTROL, CONTROL_SHARD, DENSE, SNAPSHOT_BEGIN, SNAPSHOT_END, SPARSE, ControlCommand,
-                       ParamsMessage, ParamsWireError, control_partition, join_payload)
+                       ParamsMessage, ParamsWireError, add_retrieval_slots, control_partition, join_payload)
 from serving.params_admin import ParamsAdmin, ParamsStatus
 from serving.replica_persistence import ReplicaPlace, ReplicaPosition, load_replica, save_replica
 from serving.scoring import ServingModel
@@ -272,6 +272,7 @@ class ParamServer:
         s = self.state
         if msg.kind == SPARSE:
             delta = msg.table_delta()
+            add_retrieval_slots(s.table, delta)
             self.history.before_rows(msg.version, s.table, delta)
             s.table.import_delta(delta)
         else:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from batching import ComputeGate
+from paramsync.retrieval_slots import ITEM_VECTORS, USER_VECTORS
 from serving import metrics as m
 from serving.calibration import Calibrator
 from serving.ann_retrieval import ItemRetriever, Retrieved
@@ -135,6 +136,10 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         state_dir = getattr(getattr(source, "cfg", None), "state_dir", "")
         self.retriever = ItemRetriever(cfg.retrieval, cfg.item_slot, cfg.ann_min_items,
                                        max(self.limits.max_retrieve_k, cfg.retrieve_k), state_dir)
+        # The two-tower's item vectors (paramsync.retrieval_slots), when the trainer ships them.
+        # Not saved beside the replica yet: a restart indexes them again from the table.
+        self.vector_retriever = ItemRetriever(cfg.retrieval, ITEM_VECTORS, cfg.ann_min_items,
+                                              max(self.limits.max_retrieve_k, cfg.retrieve_k))
         self.batcher: MicroBatcher | None = None
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
@@ -182,6 +187,10 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         the item rows: the ANN index or an exact scan (``serving.ann_retrieval``)."""
         if query is not None:
             return self._search(model, torch.from_numpy(query), k)
+        user_vector = self._user_vector(model, job.user_id)
+        if user_vector is not None:
+            found = self.vector_retriever.retrieve(model.table, user_vector, k)
+            return Retrieved(found.ids, f"two_tower_{found.source}", found.version)
         cfg = model.tower.cfg
         wanted = {}
         for slot in cfg.slots:
@@ -198,6 +207,15 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         for slot, ids in wanted.items():
             query += self.lookup(table, slot, ids).sum(dim=0)
         return self._search(model, query, k)
+
+    def _user_vector(self, model: ServingModel, user_id: int) -> torch.Tensor | None:
+        """The user's two-tower query vector: when the replica holds both retrieval slots and a
+        row for this user (an unknown user reads zeros: the ranker's query answers instead)."""
+        slots = model.table.slots
+        if USER_VECTORS not in slots or ITEM_VECTORS not in slots:
+            return None
+        row = self.lookup(model.table, USER_VECTORS, np.array([user_id], np.int64))[0]
+        return row if bool(row.abs().sum() > 0) else None
 
     def _search(self, model: ServingModel, query: torch.Tensor, k: int) -> Retrieved:
         search = getattr(model.table, "retrieve", None)  # sharded: each shard scans its own items

@@ -78,6 +78,15 @@ class TrainerConfig(ModelFields):
     guard_max_failures: int = field(default=3, metadata={
         "help": "consecutive failed checks before the trainer rolls back to its last good checkpoint "
                 "(a non-finite state rolls back at once; 0 = never, keep holding)"})
+    # -- retrieval (training.two_tower.rows: a two-tower model learns the same batches)
+    two_tower: bool = field(default=False, metadata={
+        "help": "also learn a two-tower retrieval model on every batch and ship each user's query "
+                "vector and each item's vector as rows of the retrieval slots "
+                "(paramsync.retrieval_slots): Recommend without candidates then searches those"})
+    two_tower_dim: int = field(default=64, metadata={"help": "width of the two-tower vectors"})
+    two_tower_refresh_s: float = field(default=30.0, metadata={
+        "help": "re-ship every known item's vector this often (each step moves them all a little; "
+                "a batch's own items and users go at once)"})
     # -- checkpoints
     checkpoint_dir: str = field(default="", metadata={"help": "checkpoint directory (empty = none)"})
     checkpoint_interval_s: float = field(default=30.0, metadata={"help": "checkpoint this often"})
@@ -132,5 +141,7 @@ class TrainerConfig(ModelFields):
         if min(self.guard_max_row_norm, self.guard_max_tower_norm, self.guard_auc_drop,
                self.guard_logloss_rise, self.guard_max_failures) < 0:
             raise ValueError("guard limits, margins and guard_max_failures must be >= 0 (0 = off)")
+        if self.two_tower_dim <= 0 or self.two_tower_refresh_s <= 0:
+            raise ValueError("two_tower_dim and two_tower_refresh_s must be positive")
         if self.guard_window <= 0:
             raise ValueError(f"guard_window must be positive, got {self.guard_window}")

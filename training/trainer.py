@@ -36,6 +36,7 @@ from training.batching import BatchFormer, MiniBatch
 from training.checkpoint import CheckpointManifest, CheckpointStore
 from training.config import TrainerConfig
 from training.learner import Learner
+from training.two_tower.rows import TwoTowerRows
 from training.model import tower_to_safetensors
 from training.publish_guard import GuardConfig, PublishGuard, restore_last_good, screen_examples
 from training.sync import DeltaPublisher, SyncConfig
@@ -90,6 +91,9 @@ class OnlineTrainer:
         self.producer = _make_producer(kafka, cfg.params_message_bytes)
         self.former = BatchFormer(cfg.batch_size, cfg.max_batch_wait_ms / 1000.0)
         self.publisher: DeltaPublisher | None = None
+        # The retrieval model beside the ranker: its vectors ship as rows of the same table.
+        self.two_tower = (TwoTowerRows(cfg.two_tower_dim, cfg.two_tower_refresh_s, cfg.seed)
+                          if cfg.two_tower else None)
         # Checks every update before it is published (rules: training.publish_guard).
         self.guard = PublishGuard(GuardConfig.from_trainer(cfg),
                                   tower=lambda: self.learner.tower if self.learner else None,
@@ -253,6 +257,8 @@ class OnlineTrainer:
                 self._start_publisher()
             dup_before = self.learner.times.duplicates
             n = self.learner.train(mb.batch)
+            if self.two_tower is not None:
+                self.two_tower.step(mb.batch, self.learner.table)
             EXAMPLES.inc(n)
             DUPLICATES.inc(self.learner.times.duplicates - dup_before)
             WATERMARK.set(self.learner.watermark_ms)
