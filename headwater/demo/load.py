@@ -1,5 +1,6 @@
 """A small steady Recommend load for the demo, so serving latency is measured on live traffic;
-with ``rerank_every``, some of its calls are the LLM's rerank traffic (``serve --llm``)."""
+with ``rerank_every``, some of its calls are the LLM's rerank traffic (``serve --llm``); with
+``retrieve_every``, some send no candidates, so serving retrieves them (retrieval → ranking)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class LoadClient:
         self.rerank_every = 0
         self.rerank_asked = self.reranked = 0
         self.rerank_reasons: dict[str, int] = {}  # degraded calls by reason
+        # Every retrieve_every-th call sends no candidates: serving retrieves them (0 = never).
+        self.retrieve_every = 0
+        self.retrieval_sources: dict[str, int] = {}  # retrieval calls by candidate_source
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-load", daemon=True)
 
@@ -78,10 +82,16 @@ class LoadClient:
             rerank = self.rerank_every > 0 and self.calls % self.rerank_every == 0
             if rerank:
                 req.rerank_top_n = RERANK_TOP_N
+            retrieve = self.retrieve_every > 0 and (self.calls + 1) % self.retrieve_every == 0
+            if retrieve:
+                del req.candidate_item_ids[:]
             t0 = time.perf_counter()
             try:
                 # A rerank may take the LLM's deadline; it is then answered degraded, not failed.
                 resp = stub.Recommend(req, timeout=10.0 if rerank else 1.0)
+                if retrieve:
+                    src = resp.candidate_source
+                    self.retrieval_sources[src] = self.retrieval_sources.get(src, 0) + 1
                 if rerank:
                     self._count_rerank(resp)
                 else:

@@ -104,6 +104,8 @@ class DemoMonitor:
             "llm_errors": self.load.rerank_reasons.get("llm_error", 0) if self.load else 0,
             "rerank_asked": self.load.rerank_asked if self.load else 0,
             "rerank_degraded": dict(self.load.rerank_reasons) if self.load else {},
+            # calls without candidates, by the stage that retrieved them (demo --two-tower)
+            "retrieval_sources": dict(self.load.retrieval_sources) if self.load else {},
         }
 
 

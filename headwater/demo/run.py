@@ -105,6 +105,10 @@ class DemoConfig:
     dashboard_port: int = field(default=8050, metadata={
         "help": "live dashboard on http://127.0.0.1:PORT/ (0 = off)"})
     train: bool = field(default=True, metadata={"help": "run the online trainer"})
+    two_tower: bool = field(default=False, metadata={
+        "help": "the trainer also learns the two-tower retrieval model and ships its vectors "
+                "(train --two-tower); every 4th load call then sends no candidates, so serving "
+                "retrieves them with the user's vector before ranking"})
 
     def validate(self) -> None:
         if self.on_bad_row not in ("error", "dead-letter"):
@@ -176,6 +180,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                         # lateness) has passed: the live AUC scores final labels
                         "--early-label-wait-s", str(cfg.join_window_s + 5.0),
                         *(["--checkpoint-interval-s", str(_DATASET_CHECKPOINT_S)] if dataset else []),
+                        *(["--two-tower"] if cfg.two_tower else []),
                         *(dataset.trainer_args() if dataset else [])])
     if cfg.serve and _have("serving.server"):
         add("serving", ["serve", *common, "--port", str(grpc_port),
@@ -232,6 +237,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
                 else LoadClient(f"127.0.0.1:{grpc_port}", cfg.load_qps, items=cfg.items, users=cfg.users,
                                 seed=cfg.seed))
         load.rerank_every = cfg.rerank_every if cfg.llm else 0
+        load.retrieve_every = 4 if cfg.two_tower else 0
     monitor = DemoMonitor(components, load, replay=dataset is not None)
     sup = Supervisor([c.spec for c in components])
     drain = _drain_watch(cfg, bootstrap, components) if dataset is not None else None
