@@ -83,6 +83,9 @@ class OnlineTrainer:
         self.bad_messages = 0
         self.batches = 0
         self.consume_s = self.decode_s = 0.0  # time in poll / in decoding (benchmark split)
+        # The retrieval model beside the ranker: its vectors ship as rows of the same table.
+        self.two_tower = (TwoTowerRows(cfg.two_tower_dim, cfg.two_tower_refresh_s, cfg.seed)
+                          if cfg.two_tower else None)
         self._resume()
         # A short fetch wait: Tansu holds a fetch for the whole wait, which would add to every
         # example's way to serving.
@@ -91,9 +94,6 @@ class OnlineTrainer:
         self.producer = _make_producer(kafka, cfg.params_message_bytes)
         self.former = BatchFormer(cfg.batch_size, cfg.max_batch_wait_ms / 1000.0)
         self.publisher: DeltaPublisher | None = None
-        # The retrieval model beside the ranker: its vectors ship as rows of the same table.
-        self.two_tower = (TwoTowerRows(cfg.two_tower_dim, cfg.two_tower_refresh_s, cfg.seed)
-                          if cfg.two_tower else None)
         # Checks every update before it is published (rules: training.publish_guard).
         self.guard = PublishGuard(GuardConfig.from_trainer(cfg),
                                   tower=lambda: self.learner.tower if self.learner else None,
@@ -119,6 +119,8 @@ class OnlineTrainer:
         table = EmbeddingTable.load(str(self.store.table_path_of(manifest)))  # this checkpoint's own
         tensors, meta = self.store.load_state(manifest)
         self.learner = Learner.restore(self.cfg, table, tensors, meta)
+        if self.two_tower is not None:
+            self.two_tower.load_state(tensors, meta)
         self.resume_offsets = manifest.offsets_by_partition()
         self.done_offsets = dict(self.resume_offsets)
         self.manifest = manifest
@@ -328,6 +330,9 @@ class OnlineTrainer:
                 log.warning("checkpoint skipped: the publish guard holds the current state back")
                 return
             tensors, meta = self.learner.state()
+            if self.two_tower is not None:
+                tt_tensors, tt_meta = self.two_tower.state()
+                tensors, meta = {**tensors, **tt_tensors}, {**meta, **tt_meta}
             self.manifest = self.store.write(
                 self.learner.table, tensors, meta, offsets, int(self.learner.table.version),
                 self.learner.examples_trained, self.learner.watermark_ms)

@@ -66,3 +66,46 @@ def test_a_replica_adds_a_retrieval_slot_it_meets_and_refuses_any_other_unknown_
     add_retrieval_slots(table, stray)
     with pytest.raises(KeyError, match="unknown slot"):
         table.import_delta(stray)
+
+
+def test_the_towers_continue_from_their_saved_state_exactly(tmp_path):
+    from training.checkpoint import CheckpointStore
+
+    torch.set_num_threads(1)
+    batches = _batches(40, seed=1)
+    table = EmbeddingTable([SlotConfig(name=s, dim=8) for s in ("user_id", "item_id")])
+    rows = TwoTowerRows(dim=16, refresh_s=1e9)
+    for b in batches[:30]:
+        rows.step(b, table)
+    tensors, meta = rows.state()  # trains the gathered positives first
+    assert rows.learner._pending_rows == 0
+    # Through the trainer's checkpoint files (safetensors + its metadata), as a restart reads them.
+    store = CheckpointStore(tmp_path)
+    store.load_state(store.write(None, tensors, meta, {}, 0))
+    saved, saved_meta = store.load_state(store.latest())
+    restored = TwoTowerRows(dim=16, refresh_s=1e9)
+    restored.load_state(saved, saved_meta)
+    a, b = rows.learner, restored.learner
+    assert b.cfg == a.cfg and b.stats == a.stats
+    assert np.array_equal(b.items_seen(), a.items_seen())
+    # The same batches after the restart: the same vectors (weights, Adam moments, histories,
+    # item features, frequency counts and de-dup all came back).
+    t_a, t_b = table, EmbeddingTable([SlotConfig(name=s, dim=8) for s in ("user_id", "item_id")])
+    for batch in batches[30:]:
+        rows.step(batch, t_a)
+        restored.step(batch, t_b)
+    users = np.unique(np.concatenate([x.user_id for x in batches]))
+    at = np.full(len(users), 10**15)
+    assert torch.allclose(a.user_vectors(users, at), b.user_vectors(users, at), atol=1e-6)
+    assert torch.allclose(a.item_vectors(a.items_seen()), b.item_vectors(b.items_seen()), atol=1e-6)
+    assert b.stats.steps == a.stats.steps > 0
+    # A batch seen before the checkpoint is not learned again after it.
+    before = b.stats.examples
+    restored.step(batches[5], t_b)
+    assert b.stats.examples == before
+
+
+def test_a_checkpoint_without_towers_leaves_a_fresh_start():
+    rows = TwoTowerRows(dim=16)
+    rows.load_state({}, {"model_config": "{}"})
+    assert rows.learner is None and rows.state() == ({}, {})

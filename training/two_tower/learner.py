@@ -16,14 +16,16 @@ holding row ``i``'s own item masked out, and cross-entropy against the diagonal.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from streams.example_batch import ExampleBatch, Ragged
+from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.dedup import SeenFilter
 from training.two_tower.model import TowerInputs, TwoTowerConfig, TwoTowerModel
 from training.two_tower.state import (CountEstimator, FrequencyEstimator, HistoryStore,
@@ -201,3 +203,40 @@ class TwoTowerLearner:
         self.sparse_opt.step()
         self.dense_opt.step()
         return float(loss.detach())
+
+    # -- checkpoint -----------------------------------------------------------------------
+    _PARTS = ("history", "items", "freq")
+
+    def state(self, prefix: str = "tt.") -> tuple[dict[str, torch.Tensor], str]:
+        """What a restarted trainer continues from (weights, optimizers, histories, item
+        features, frequency counts, de-dup) as tensors and one JSON string. The positives still
+        gathering are trained first, in a smaller last step, so none is lost at a restart."""
+        self.flush(everything=True)
+        tensors = {f"{prefix}model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        sparse, sparse_meta = optimizer_to_tensors(self.sparse_opt, f"{prefix}sopt.")
+        dense, dense_meta = optimizer_to_tensors(self.dense_opt, f"{prefix}dopt.")
+        tensors.update(sparse)
+        tensors.update(dense)
+        arrays = {f"{part}.{k}": v for part in self._PARTS for k, v in getattr(self, part).state().items()}
+        arrays.update(self.dedup.state())
+        tensors.update({f"{prefix}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        meta = {"config": asdict(self.cfg), "sparse_opt": sparse_meta, "dense_opt": dense_meta,
+                "stats": asdict(self.stats)}
+        return tensors, json.dumps(meta)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta_json: str, prefix: str = "tt.") -> "TwoTowerLearner":
+        """The learner :meth:`state` saved."""
+        meta = json.loads(meta_json)
+        cfg = TwoTowerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        tt = cls(cfg)
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        tt.model.load_state_dict({k[len("model."):]: v for k, v in mine.items() if k.startswith("model.")})
+        optimizer_from_tensors(tt.sparse_opt, mine, meta["sparse_opt"], "sopt.")
+        optimizer_from_tensors(tt.dense_opt, mine, meta["dense_opt"], "dopt.")
+        arrays = {k: v.numpy() for k, v in mine.items()}
+        for part in cls._PARTS:
+            getattr(tt, part).load_state({k[len(part) + 1:]: v for k, v in arrays.items() if k.startswith(part + ".")})
+        tt.dedup.load_state({k: v for k, v in arrays.items() if k.startswith("dedup.")})
+        tt.stats = TwoTowerStats(**meta["stats"])
+        return tt

@@ -11,9 +11,9 @@ changed rows like any others, and a serving replica's ANN index follows the item
 
 Which of the data's slots describe the user and which the item is read from the first batch: a
 slot whose bag is the same on every row of an item is item-side, any other user-side (the rule
-the log schema's inference uses). The towers' own state (weights, histories, frequency counts)
-is not checkpointed: a restarted trainer starts a fresh model, and its first refresh re-ships
-every item's vector from it.
+the log schema's inference uses). The towers' state (weights, optimizers, histories, item
+features, frequency counts, de-dup) is saved in the trainer's checkpoint; a restarted trainer
+continues from it and re-ships every item's vector with its first batch.
 """
 
 from __future__ import annotations
@@ -76,6 +76,20 @@ class TwoTowerRows:
         self.learner: TwoTowerLearner | None = None
         self._refreshed = clock()
         self.refreshes = 0
+
+    # -- checkpoint (beside the ranker's, in the trainer's) -----------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The towers' state for the trainer's checkpoint (nothing before the first batch)."""
+        if self.learner is None:
+            return {}, {}
+        tensors, meta = self.learner.state()
+        return tensors, {"two_tower": meta}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Continues from a checkpoint's towers; one without them leaves a fresh start."""
+        if "two_tower" in meta:
+            self.learner = TwoTowerLearner.from_state(tensors, meta["two_tower"])
+            self._refreshed = float("-inf")  # the first batch re-ships every item's vector
 
     def _start(self, batch: ExampleBatch) -> TwoTowerLearner:
         item = item_side_slots(batch)

@@ -84,6 +84,7 @@ class HistoryStore:
         self.kept = 2 * length
         self._index = IdIndex(capacity)
         self._size = 0
+        self._users = np.zeros(capacity, np.int64)
         self._items = np.zeros((capacity, self.kept), np.int64)
         self._times = np.full((capacity, self.kept), _NO_TIME, np.int64)
 
@@ -109,6 +110,8 @@ class HistoryStore:
         if len(users) == 0:
             return
         rows, self._size = _rows_for(self._index, np.asarray(users, np.int64), self._size)
+        self._users = _grown(self._users, self._size, 0)
+        self._users[rows] = users
         self._items = _grown(self._items, self._size, 0)
         self._times = _grown(self._times, self._size, _NO_TIME)
         touched = np.unique(rows)
@@ -128,6 +131,24 @@ class HistoryStore:
         slot = self.kept - 1 - from_end[keep]  # oldest left, newest in the last column
         self._times[owner[keep], slot] = t[keep]
         self._items[owner[keep], slot] = it[keep]
+
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every user's kept clicks, as arrays (the trainer's checkpoint)."""
+        n = self._size
+        return {"users": self._users[:n].copy(), "items": self._items[:n].copy(), "times": self._times[:n].copy()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        users = np.asarray(state["users"], np.int64)
+        n = len(users)
+        if state["items"].shape != (n, self.kept) or state["times"].shape != (n, self.kept):
+            raise ValueError(f"history state must hold {self.kept} clicks per user")
+        self._index = IdIndex(max(1024, 2 * n))
+        self._index.insert(users, np.arange(n, dtype=np.int64))
+        self._size = n
+        self._users = users.copy()
+        self._items = np.asarray(state["items"], np.int64).copy()
+        self._times = np.asarray(state["times"], np.int64).copy()
 
 
 class ItemFeatureCache:
@@ -181,6 +202,25 @@ class ItemFeatureCache:
         return out
 
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Every item's newest features, as arrays (the trainer's checkpoint)."""
+        n = self._size
+        out = {"ids": self._ids[:n].copy()}
+        for s, (ids, mask) in self._feat.items():
+            out[f"{s}.ids"], out[f"{s}.mask"] = ids[:n].copy(), mask[:n].copy()
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        ids = np.asarray(state["ids"], np.int64)
+        n = len(ids)
+        self._index = IdIndex(max(1024, 2 * n))
+        self._index.insert(ids, np.arange(n, dtype=np.int64))
+        self._size, self._ids = n, ids.copy()
+        self._feat = {s: (np.asarray(state[f"{s}.ids"], np.int64).reshape(n, self.width).copy(),
+                          np.asarray(state[f"{s}.mask"], bool).reshape(n, self.width).copy())
+                      for s in self.slots}
+
+
 class FrequencyEstimator:
     """Yi et al.'s streaming estimate of each item's probability of being in a training batch.
 
@@ -206,6 +246,13 @@ class FrequencyEstimator:
     def probability(self, item_id: np.ndarray) -> np.ndarray:
         """float64[n]: the estimated per-batch sampling probability of each item."""
         return 1.0 / np.maximum(self._gap[self._buckets(item_id)], 1.0)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"last": self._last.copy(), "gap": self._gap.copy()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._last = _same_shape(state["last"], self._last, np.int64)
+        self._gap = _same_shape(state["gap"], self._gap, np.float64)
 
 
 class CountEstimator:
@@ -236,3 +283,19 @@ class CountEstimator:
         h = self._buckets(item_id)
         count = self._count[h] * self.decay ** (self._step - self._last[h])
         return np.maximum(count, 1e-3) / max(self._total, 1.0)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"count": self._count.copy(), "last": self._last.copy(),
+                "total": np.array([self._total]), "step": np.array([self._step], np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._count = _same_shape(state["count"], self._count, np.float64)
+        self._last = _same_shape(state["last"], self._last, np.int64)
+        self._total, self._step = float(state["total"][0]), int(state["step"][0])
+
+
+def _same_shape(saved: np.ndarray, like: np.ndarray, dtype: type) -> np.ndarray:
+    """``saved`` as ``dtype``; a checkpoint of another size is an error, not a silent resize."""
+    if saved.shape != like.shape:
+        raise ValueError(f"saved estimator state has shape {saved.shape}, this one {like.shape}")
+    return np.asarray(saved, dtype).copy()
