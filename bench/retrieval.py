@@ -2,10 +2,22 @@
 catalog while a stream of updates runs, against the exact brute force serving uses today
 (``serving.retrieval.ItemIndex``), in the same run.
 
-Catalog (issue 21): ``--items`` vectors (default 1M, dim 64, float32), a mixture of 1,024
-Gaussian clusters plus unit noise, directions normalised and norms log-normal (sigma 0.25), the
-way learned item embeddings spread; queries are independent draws of the same distribution.
-Scores are inner products.
+Catalog (issue 21, ``--catalog``, named with its parameters in the JSON's ``catalog``): ``--items``
+vectors (default 1M, dim 64, float32), each a topic centre (one of ``clusters``, standard normal)
+plus its own deviation (``spread`` times standard normal), direction normalised, norm log-normal
+(sigma 0.25), as learned item embeddings spread. ``clustered`` (the default, the issue's): 1,024
+topics, spread 1, deviations as wide as the centres: an item's nearest neighbours by inner product
+are as much other topics' outliers as its own topic, close to the worst case for every index.
+``gaussian``: no topics at all (i.i.d. directions), the worst case. ``topics``: 1,024 topics,
+spread 0.15, as ``streams.generator`` draws items around their category. Queries are users' taste
+vectors drawn the same way (a topic plus a personal deviation), never copies of items. Scores are
+inner products.
+
+Index (``--index``): ``ivf_sq8`` (the default: faiss inverted lists of 8-bit codes, a shortlist of
+``rerank * k`` rescored from float32; ``--nlist``, ``--nprobe``) or ``hnsw`` (usearch; ``--ef``,
+``--connectivity``, ``--expansion-add``). The exact baseline is the best brute force measured in
+the same run: one matrix-vector product over the contiguous float32 catalog and a top-k, torch on
+one thread, torch on every core, or numpy with argpartition (``baseline_exact_variants_p50_ms``).
 
 Phases: build the index (all cores); static queries (recall@100 against an exact scan of the same
 vectors, latency p50/p99 per single query, the exact baseline's latency); then ``--duration-s``
@@ -58,19 +70,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-sweep", default="", help="also report recall and latency at these ef, comma list")
     p.add_argument("--connectivity", type=int, default=32, help="HNSW links per node (M)")
     p.add_argument("--expansion-add", type=int, default=128, help="HNSW construction depth")
-    p.add_argument("--update-chunk", type=int, default=1, help="items per hold of the index lock")
+    p.add_argument("--update-chunk", type=int, default=0,
+                   help="items per hold of the index lock (0: 16 for ivf_sq8, whose insert costs ~50 us; 1 for hnsw)")
+    p.add_argument("--index", choices=("ivf_sq8", "hnsw"), default="ivf_sq8", help="the ANN index (AnnConfig.retrieval)")
+    p.add_argument("--nlist", type=int, default=0, help="ivf_sq8 lists (0: power of two nearest 2 sqrt(items))")
+    p.add_argument("--nprobe", type=int, default=0, help="ivf_sq8 lists scanned per query (0: AnnIndex.nprobe)")
+    p.add_argument("--rerank", type=int, default=2, help="ivf_sq8 candidates per result rescored in float32")
+    p.add_argument("--nprobe-sweep", default="", help="ivf_sq8: also report recall and latency at these nprobe")
+    p.add_argument("--catalog", choices=tuple(CATALOGS), default="clustered", help="how items and users are drawn")
+    p.add_argument("--clusters", type=int, default=None, help="topics (overrides the catalog's)")
+    p.add_argument("--spread", type=float, default=None, help="deviation std around a topic (overrides the catalog's)")
     p.add_argument("--small", action="store_true", help="a seconds-long run for tests: 3,000 items, few queries")
     add_threads(p, help_text="torch threads of the exact baseline (the index queries on one thread)")
     add_common(p, repeats=1, repeats_help="interleaved static passes of index, baseline and ceiling (medians)")
 
 
-def synthetic_vectors(n: int, dim: int, seed: int, draw: int, clusters: int = 1024) -> np.ndarray:
-    """Learned-embedding-like vectors: Gaussian clusters (centres fixed by ``seed``) plus unit
-    noise, normalised, times a log-normal norm; ``draw`` picks an independent sample."""
-    centres = np.random.default_rng(seed).standard_normal((clusters, dim)).astype(np.float32)
+CATALOGS = {"clustered": {"clusters": 1024, "spread": 1.0}, "gaussian": {"clusters": 0, "spread": 1.0},
+            "topics": {"clusters": 1024, "spread": 0.15}}
+
+
+def synthetic_vectors(n: int, dim: int, seed: int, draw: int, clusters: int = 1024, spread: float = 1.0) -> np.ndarray:
+    """Learned-embedding-like vectors: a topic centre (one of ``clusters``, fixed by ``seed``;
+    none when 0) plus ``spread`` times standard normal noise, normalised, times a log-normal norm;
+    ``draw`` picks an independent sample."""
     rng = np.random.default_rng([seed, draw])
     v = rng.standard_normal((n, dim), dtype=np.float32)
-    v += centres[rng.integers(0, clusters, n)]
+    if spread != 1.0:
+        v *= np.float32(spread)
+    if clusters > 0:
+        centres = np.random.default_rng(seed).standard_normal((clusters, dim)).astype(np.float32)
+        v += centres[rng.integers(0, clusters, n)]
     v *= (rng.lognormal(0.0, 0.25, n) / np.linalg.norm(v, axis=1)).astype(np.float32)[:, None]
     return v
 
@@ -114,13 +143,22 @@ def run(args: argparse.Namespace) -> dict:
     if args.small:
         args.items, args.queries, args.recall_queries, args.exact_queries = 3_000, 30, 30, 5
         args.duration_s, args.update_batch = min(args.duration_s, 1.0), min(args.update_batch, 32)
-    torch.set_num_threads(args.threads or (os.cpu_count() or 1))
+    torch.set_num_threads(os.cpu_count() or 1)  # the truth's scans; the baseline sets its own
     load_before = os.getloadavg()[0]
-    vecs = synthetic_vectors(args.items, args.dim, args.seed, 0)
+    catalog = {"name": args.catalog, **CATALOGS[args.catalog], "norm_sigma": 0.25, "queries": "user taste: topic + deviation"}
+    if args.clusters is not None:
+        catalog["clusters"] = args.clusters
+    if args.spread is not None:
+        catalog["spread"] = args.spread
+    args.draw = lambda n, draw: synthetic_vectors(n, args.dim, args.seed, draw, catalog["clusters"], catalog["spread"])
+    vecs = args.draw(args.items, 0)
     ids = np.arange(args.items, dtype=np.int64) * 2 + 1  # arbitrary ids, not row numbers
-    queries = synthetic_vectors(max(args.queries, args.recall_queries), args.dim, args.seed, 1)
-    cfg = AnnConfig(dim=args.dim, expansion_search=args.ef, connectivity=args.connectivity,
-                    expansion_add=args.expansion_add, max_k=max(1000, args.k), update_chunk=args.update_chunk)
+    queries = args.draw(max(args.queries, args.recall_queries), 1)
+    cfg = AnnConfig(dim=args.dim, retrieval=args.index, expansion_search=args.ef, connectivity=args.connectivity,
+                    expansion_add=args.expansion_add, max_k=max(1000, args.k),
+                    update_chunk=args.update_chunk or (16 if args.index == "ivf_sq8" else 1),
+                    nlist=args.nlist, nprobe=args.nprobe, rerank=args.rerank)
+    args.update_chunk = cfg.update_chunk
     index = AnnIndex(cfg)
     t0 = time.perf_counter()
     index.install(ids, vecs, graph=None)  # builds on every core
@@ -133,7 +171,11 @@ def run(args: argparse.Namespace) -> dict:
     live = np.ones(args.items, bool)
     truth = topk_rows(ids, vecs, live, queries[:args.recall_queries], args.k)[0]
     graph = index._graph  # noqa: SLF001 - the ceiling calls the library on the very same graph
-    graph.expansion_search = max(args.ef, args.k)
+    ivf = args.index == "ivf_sq8"
+    if ivf:
+        graph.nprobe = index.nprobe()
+    else:
+        graph.expansion_search = max(args.ef, args.k)
 
     def ann_pass() -> list[float]:
         out = []
@@ -151,31 +193,47 @@ def run(args: argparse.Namespace) -> dict:
             out.append(time.perf_counter() - t)
         return out
 
-    def exact_pass() -> list[float]:
-        out = []
-        for q in queries[:args.exact_queries]:
-            t = time.perf_counter()
-            exact.topk(torch.from_numpy(q), args.k)
-            out.append(time.perf_counter() - t)
-        return out
+    def numpy_topk(q: np.ndarray) -> np.ndarray:
+        s = vecs @ q
+        top = np.argpartition(-s, args.k)[:args.k]
+        return ids[top[np.argsort(-s[top])]]
 
-    ann_t, raw_t, exact_t = [], [], []
+    cores = args.threads if args.threads > 1 else (os.cpu_count() or 1)
+    exact_fns = {"torch_t1": (1, lambda q: exact.topk(torch.from_numpy(q), args.k)),
+                 f"torch_t{cores}": (cores, lambda q: exact.topk(torch.from_numpy(q), args.k)),
+                 "numpy_argpartition": (cores, numpy_topk)}
+    exact_t: dict[str, list[float]] = {name: [] for name in exact_fns}
+
+    def exact_pass() -> list[float]:
+        for name, (threads, fn) in exact_fns.items():
+            torch.set_num_threads(threads)
+            fn(queries[0])  # warm: the first call of a thread count builds its pool
+            for q in queries[:args.exact_queries]:
+                t = time.perf_counter()
+                fn(q)
+                exact_t[name].append(time.perf_counter() - t)
+        return []
+
+    ann_t, raw_t = [], []
     for r in range(max(1, args.repeats)):  # rotate the order so a neighbour's burst hits all alike
-        passes = [(ann_pass, ann_t), (raw_pass, raw_t), (exact_pass, exact_t)]
+        passes = [(ann_pass, ann_t), (raw_pass, raw_t), (exact_pass, [])]
         for fn, acc in passes[r % 3:] + passes[:r % 3]:
             acc.extend(fn())
+    exact_p50s = {name: _pcts(t)[0] for name, t in exact_t.items()}
+    best_exact = min(exact_p50s, key=exact_p50s.get)
     recall = _recall([index.topk(q, args.k)[0] for q in queries[:args.recall_queries]], truth)
     sweep = []
-    for ef in [int(e) for e in args.ef_sweep.split(",") if e]:  # same graph, other search depths
-        cfg.expansion_search = ef
+    knob = "nprobe" if ivf else "ef"
+    for v in [int(e) for e in (args.nprobe_sweep if ivf else args.ef_sweep).split(",") if e]:  # same index
+        setattr(cfg, "nprobe" if ivf else "expansion_search", v)
         t_ef, found = [], []
         for q in queries[:args.recall_queries]:
             t = time.perf_counter()
             found.append(index.topk(q, args.k)[0])
             t_ef.append(time.perf_counter() - t)
-        sweep.append({"ef": ef, "recall_at_100": round(_recall(found, truth), 4),
+        sweep.append({knob: v, "recall_at_100": round(_recall(found, truth), 4),
                       **dict(zip(("p50_ms", "p99_ms"), (round(x, 3) for x in _pcts(t_ef))))})
-    cfg.expansion_search = args.ef
+    cfg.expansion_search, cfg.nprobe = args.ef, args.nprobe
     t0 = time.perf_counter()
     float(vecs.sum(dtype=np.float32))
     scan_floor_ms = (time.perf_counter() - t0) * 1e3
@@ -188,27 +246,35 @@ def run(args: argparse.Namespace) -> dict:
 
     static_p50, static_p99 = _pcts(ann_t)
     raw_p50, _ = _pcts(raw_t)
-    exact_p50, exact_p99 = _pcts(exact_t)
+    exact_p50, exact_p99 = _pcts(exact_t[best_exact])
     graph_bytes = int(graph.memory_usage)
+    params = ({"nlist": graph.nlist, "nprobe": index.nprobe(), "rerank": args.rerank} if ivf else
+              {"ef": args.ef, "connectivity": args.connectivity, "expansion_add": args.expansion_add})
+    params["update_chunk"] = cfg.update_chunk
     result = {
-        "bench": "retrieval", "items": args.items, "dim": args.dim, "k": args.k, "library": "usearch",
-        "ef": args.ef, "connectivity": args.connectivity, "expansion_add": args.expansion_add,
+        "bench": "retrieval", "items": args.items, "dim": args.dim, "k": args.k,
+        "library": "faiss" if ivf else "usearch", "index": args.index, **params, "catalog": catalog,
         "build_s": round(build_s, 1),
         "recall_at_100": round(recall, 4), "recall_at_100_after_updates": round(recall_after, 4),
         **live_phase,
         "static_query_p50_ms": round(static_p50, 3), "static_query_p99_ms": round(static_p99, 3),
         "baseline_exact_p50_ms": round(exact_p50, 2), "baseline_exact_p99_ms": round(exact_p99, 2),
+        "baseline_exact": best_exact,
+        "baseline_exact_variants_p50_ms": {n: round(v, 2) for n, v in exact_p50s.items()},
         "speedup_vs_exact": round(exact_p50 / static_p50, 1),
         "index_bytes_per_item": round(index.memory_bytes() / len(index), 1),
         "graph_bytes_per_item": round(graph_bytes / len(index), 1),
         "exact_scan_floor_ms": round(scan_floor_ms, 2),
-        **({"ef_sweep": sweep} if sweep else {}),
-        "threads_exact": torch.get_num_threads(), "cpus": os.cpu_count(),
+        **({f"{knob}_sweep": sweep} if sweep else {}),
+        "threads_exact": exact_fns[best_exact][0], "cpus": os.cpu_count(),
         "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
     }
     index.stop()
-    note = ("usearch's own search on the same static graph and queries (ef, k alike), called directly "
-            "without the index's lock, validation and conversion: per-query p50; fraction = ceiling / "
+    note = ("faiss's own search on the same lists and queries (nprobe, k alike), called directly without the "
+            "index's lock, validation and float32 rescoring" if ivf else
+            "usearch's own search on the same static graph and queries (ef, k alike), called directly "
+            "without the index's lock, validation and conversion")
+    note += (": per-query p50; fraction = ceiling / "
             "static_query_p50_ms. exact_scan_floor_ms: one memory-bound read of every vector, the floor "
             "under any exact scan")
     return with_ceiling(result, Ceiling(raw_p50, "ms per query", note, measured=static_p50, lower_is_better=True),
@@ -228,7 +294,7 @@ def _concurrent(args: argparse.Namespace, index: AnnIndex, vecs: np.ndarray, ids
     def updates() -> None:
         draw = 2
         while not stop.is_set() and cat.high + args.update_batch < cat.ids.size:
-            fresh = synthetic_vectors(args.update_batch, args.dim, args.seed, draw)
+            fresh = args.draw(args.update_batch, draw)
             draw += 1
             t_arrive = time.perf_counter()
             up_ids, up_vecs, del_ids, probe_id, probe_vec = cat.next_batch(rng, args.update_batch, fresh, next_id[0])

@@ -1,9 +1,11 @@
 """Saving an :class:`~serving.ann_index.AnnIndex` to a directory and loading it back, so that a
 restart does not re-index the catalog from scratch.
 
-A saved index is a directory of ``ids.npy`` and ``vectors.npy`` (the vector store), ``graph.usearch``
-(the HNSW graph, usearch's own format; absent for ``retrieval: exact``) and ``meta.json`` (format,
-mode, dim, item count, the table version the contents reflect, and the SHA-256 of every file).
+A saved index is a directory of ``ids.npy`` and ``vectors.npy`` (the vector store), the graph
+(``graph.usearch``, the HNSW graph in usearch's format, or ``graph.faiss``, the ``ivf_sq8`` lists
+in faiss's; absent for ``retrieval: exact`` or lists not yet trained) and ``meta.json`` (format,
+mode, dim, item count, the table version the contents reflect, and the SHA-256 of every file). A
+graph saved under another mode than the one loading it is rebuilt from the saved vectors.
 It is written beside the target and renamed over it, so a crash mid-save leaves the old one.
 
 Loading never crashes on a bad directory: a graph that is missing, fails its checksum or does not
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serving import ann_ivf
 from serving.ann_index import AnnConfig, AnnIndex
 from serving.metrics import ANN_LOAD_FAILURES
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMAT", "load_index", "save_index"]
 
 FORMAT = 1
+GRAPH_FILES = {"hnsw": "graph.usearch", "ivf_sq8": "graph.faiss"}  # per retrieval mode
 RebuildSource = Callable[[], tuple[np.ndarray, Any]]
 """Returns (ids, vectors ``[n, dim]``) to rebuild from when the saved vectors are unusable."""
 
@@ -46,10 +50,11 @@ def save_index(index: AnnIndex, path: str) -> dict:
     tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ids, vecs, has_graph, version = index.export_state(os.path.join(tmp, "graph.usearch"))
+    graph_file = GRAPH_FILES.get(index.cfg.retrieval, "graph")
+    ids, vecs, has_graph, version = index.export_state(os.path.join(tmp, graph_file))
     np.save(os.path.join(tmp, "ids.npy"), ids)
     np.save(os.path.join(tmp, "vectors.npy"), vecs)
-    files = ["ids.npy", "vectors.npy"] + (["graph.usearch"] if has_graph else [])
+    files = ["ids.npy", "vectors.npy"] + ([graph_file] if has_graph else [])
     meta = {"format": FORMAT, "retrieval": index.cfg.retrieval, "dim": index.cfg.dim, "items": int(ids.size),
             "synced_version": int(version), "sha256": {n: _sha256(os.path.join(tmp, n)) for n in files}}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -81,13 +86,15 @@ def load_index(path: str, cfg: AnnConfig, rebuild_from: RebuildSource | None = N
         index.origin = "source"
         return index
     graph = None
-    if cfg.retrieval == "hnsw":
+    # an ivf_sq8 index saved before its lists were trained has no graph file, and needs none
+    untrained = cfg.retrieval == "ivf_sq8" and meta.get("retrieval") == "ivf_sq8" and "graph.faiss" not in meta.get("sha256", {})
+    if cfg.retrieval != "exact" and not untrained:
         try:
             graph = _read_graph(path, meta, cfg)
         except _Unusable as e:
             _failed(path, e)
     index.install(ids, vecs, graph=graph, synced_version=int(meta.get("synced_version", -1)))
-    index.origin = "loaded" if graph is not None or cfg.retrieval == "exact" else "rebuilt"
+    index.origin = "loaded" if graph is not None or cfg.retrieval == "exact" or untrained else "rebuilt"
     return index
 
 
@@ -131,14 +138,18 @@ def _read_vectors(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
 def _read_graph(path: str, meta: dict, cfg: AnnConfig) -> Any:
     from usearch.index import Index
 
-    file = _checked(path, meta, "graph.usearch")
+    if meta.get("retrieval", "hnsw") != cfg.retrieval:
+        raise _Unusable("format", f"saved as {meta.get('retrieval')!r}, loading as {cfg.retrieval!r}")
+    name = GRAPH_FILES[cfg.retrieval]
+    file = _checked(path, meta, name)
     try:
-        graph = Index.restore(file)
+        graph = Index.restore(file) if cfg.retrieval == "hnsw" else ann_ivf.restore(file)
     except (RuntimeError, ValueError, OSError) as e:
-        raise _Unusable("format", f"graph.usearch does not restore: {e}") from e
+        raise _Unusable("format", f"{name} does not restore: {e}") from e
     if graph is None or graph.ndim != cfg.dim or len(graph) != meta["items"]:
-        raise _Unusable("format", "graph.usearch: dim or item count disagrees with meta.json")
-    graph.expansion_search = cfg.expansion_search
+        raise _Unusable("format", f"{name}: dim or item count disagrees with meta.json")
+    if cfg.retrieval == "hnsw":
+        graph.expansion_search = cfg.expansion_search
     return graph
 
 
