@@ -182,7 +182,8 @@ class AnnIndex:
         store.upsert(ids, vecs)
         if self.cfg.retrieval != "exact" and graph is None:
             graph = self._build(ids, vecs, threads=max(self.cfg.build_threads, os.cpu_count() or 1))
-            ANN_REBUILDS.labels(reason="load").inc()
+            if graph is not None:  # ivf_sq8 below ivf_min_items builds nothing: it scans
+                ANN_REBUILDS.labels(reason="load").inc()
         with self._lock:
             self.store, self._graph, self.synced_version = store, graph, synced_version
             self._stats.items_at_build, self._stats.churn_since_build = len(store), 0

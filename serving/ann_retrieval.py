@@ -67,11 +67,13 @@ class ItemRetriever:
     name = "ann"  # its directory under the replica's state_dir
 
     def __init__(self, mode: str = "auto", slot: str = "item_id", min_items: int = 250_000, max_k: int = 1000,
-                 state_dir: str = "", save_interval_s: float = 300.0, drift_check_s: float = 30.0) -> None:
+                 state_dir: str = "", save_interval_s: float = 300.0, drift_check_s: float = 30.0,
+                 index: str = "ivf_sq8") -> None:
         if mode not in MODES:
             raise ValueError(f"retrieval: must be one of {MODES}, got {mode!r}")
         self.mode, self.slot, self.min_items, self.max_k = mode, slot, min_items, max_k
         self.save_interval_s, self.drift_check_s = save_interval_s, drift_check_s
+        self.index = index  # serving.ann_config.RETRIEVAL_MODES: ivf_sq8 or hnsw
         self.exact = ItemIndex(slot)
         self.ann: AnnIndex | None = None
         self.loaded = False  # the ANN index came from the saved state (no build)
@@ -142,7 +144,10 @@ class ItemRetriever:
 
     def _first_index(self, table: Any) -> AnnIndex:
         """The saved index (``state_dir/ann``) or one built from ``table``'s rows on every core."""
-        cfg = AnnConfig(dim=int(table.slots[self.slot].dim), max_k=self.max_k)
+        # An IVF insert costs ~50 us: 16 per lock hold keep updates flowing (1 per hold capped
+        # them at ~100-160/s); a graph insert costs a query's time, so one at a time.
+        cfg = AnnConfig(dim=int(table.slots[self.slot].dim), max_k=self.max_k, retrieval=self.index,
+                        update_chunk=16 if self.index == "ivf_sq8" else 1)
         t0 = time.perf_counter()
         if self.dir is not None:
             index = load_index(str(self.dir), cfg, rebuild_from=lambda: table_rows(table, self.slot))

@@ -28,6 +28,7 @@ class ServeConfig:
     item_slot: str = field(default="item_id", metadata={"help": "slot of candidate items (and retrieval)"})
     retrieve_k: int = field(default=200, metadata={"help": "items retrieved by dot product before ranking when no candidates are given (a call may ask for up to 1000: retrieve_k)"})
     retrieval: str = field(default="auto", metadata={"help": "how Recommend without candidates finds them: ann (an HNSW index fed from the replica's deltas, saved with the replica's state), exact (a scan of every item row), or auto (ann once the item slot holds ann_min_items rows, exact below)"})
+    ann_index: str = field(default="ivf_sq8", metadata={"help": "the ANN index of retrieval ann/auto: ivf_sq8 (faiss inverted lists of 8-bit codes, rescored exactly; 1M dim-64 items build in ~35 s, recall@100 0.97 at ~2 ms) or hnsw (usearch graph; ~25 min to build 1M on 2 cores)"})
     ann_min_items: int = field(default=250_000, metadata={"help": "retrieval auto: item rows from which the ANN index is built and used; below, an exact scan is as fast (200k dim-64 items: scan p50 4.1 ms, index 5.1 ms at ef 768 on 2 cores) and exact"})
     default_top_k: int = field(default=10, metadata={"help": "items returned after retrieval when top_k is 0"})
     precision: str = field(default="auto", metadata={"help": "tower matmuls: float32, bfloat16, or auto (bfloat16 where the CPU has native bf16)"})
@@ -48,6 +49,8 @@ class ServeConfig:
             raise ValueError("max_batch_rows, max_queue and workers must be positive")
         if self.retrieval not in ("auto", "ann", "exact"):
             raise ValueError(f"retrieval must be auto, ann or exact, got {self.retrieval!r}")
+        if self.ann_index not in ("ivf_sq8", "hnsw"):
+            raise ValueError(f"ann_index must be ivf_sq8 or hnsw, got {self.ann_index!r}")
         if self.retrieve_k <= 0 or self.ann_min_items < 0:
             raise ValueError("retrieve_k must be positive and ann_min_items not negative")
         if self.max_catalog_items <= 0:

@@ -135,11 +135,13 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         # a ParamServer's state_dir: the ANN index is saved beside the replica there
         state_dir = getattr(getattr(source, "cfg", None), "state_dir", "")
         self.retriever = ItemRetriever(cfg.retrieval, cfg.item_slot, cfg.ann_min_items,
-                                       max(self.limits.max_retrieve_k, cfg.retrieve_k), state_dir)
+                                       max(self.limits.max_retrieve_k, cfg.retrieve_k), state_dir,
+                                       index=cfg.ann_index)
         # The two-tower's item vectors (paramsync.retrieval_slots), when the trainer ships them.
         # Not saved beside the replica yet: a restart indexes them again from the table.
         self.vector_retriever = ItemRetriever(cfg.retrieval, ITEM_VECTORS, cfg.ann_min_items,
-                                              max(self.limits.max_retrieve_k, cfg.retrieve_k))
+                                              max(self.limits.max_retrieve_k, cfg.retrieve_k),
+                                              index=cfg.ann_index)
         self.batcher: MicroBatcher | None = None
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())

@@ -13,6 +13,7 @@ from serving_helpers import Trainer, _wait
 
 from embedding_store import SlotDelta, TableDelta
 from headwater.metrics import metrics_text, sample_value
+from serving.ann_persist import GRAPH_FILES
 from serving.config import ServeConfig
 from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2, pb2_grpc
@@ -81,10 +82,11 @@ def test_a_callers_query_vector_retrieves_along_it(start_server):
 
 
 # ---- over the broker: freshness, expiry, restart ------------------------------------------------
-def _serve(kafka, state_dir=""):
+def _serve(kafka, state_dir="", index=ServeConfig.ann_index):
     ps = ParamServer(ParamServerConfig(poll_timeout_ms=50, state_dir=str(state_dir)), kafka.bootstrap_servers,
                      topic_names(kafka.topic_prefix).params)
-    server = RecommendServer(ServeConfig(port=0, precision="float32", retrieval="ann", retrieve_k=20), ps).start()
+    server = RecommendServer(ServeConfig(port=0, precision="float32", retrieval="ann", retrieve_k=20,
+                                         ann_index=index), ps).start()
     ps.start()
     assert ps.wait_ready(20)
     channel = grpc.insecure_channel(server.address)
@@ -103,9 +105,9 @@ def _publish(trainer, slot_delta):
     assert trainer.pub.publish_sparse(int(time.time() * 1000))
 
 
-def _trained(kafka):
+def _trained(kafka, items=300):
     trainer = Trainer(kafka)
-    trainer.train("item_id", np.arange(300))
+    trainer.train("item_id", np.arange(items))
     trainer.train("user_id", np.arange(10))
     trainer.pub.publish_snapshot(int(time.time() * 1000))
     return trainer
@@ -135,9 +137,11 @@ def test_a_new_items_delta_is_retrievable_within_2s_and_an_expired_one_leaves(ka
         trainer.close()
 
 
-def test_a_restart_loads_the_saved_index_and_a_corrupted_one_is_rebuilt(kafka_topics, tmp_path, caplog):
-    trainer = _trained(kafka_topics)
-    running = _serve(kafka_topics, tmp_path)
+# Each index kind on a catalog large enough for it to build (ivf_sq8 scans below 1,000 items).
+@pytest.mark.parametrize("index,items", [("hnsw", 300), ("ivf_sq8", 1500)])
+def test_a_restart_loads_the_saved_index_and_a_corrupted_one_is_rebuilt(kafka_topics, tmp_path, caplog, index, items):
+    trainer = _trained(kafka_topics, items)
+    running = _serve(kafka_topics, tmp_path, index)
     try:
         assert _ann_ready(running[1], running[3], user_id=3, top_k=20)
         first = _items(running[3], user_id=3, top_k=20)[1]
@@ -149,7 +153,7 @@ def test_a_restart_loads_the_saved_index_and_a_corrupted_one_is_rebuilt(kafka_to
 
     builds = sample_value("hw_serve_ann_rebuilds_total", {"reason": "load"}) or 0.0
     updates = sample_value("hw_serve_ann_graph_updates_total") or 0.0
-    running = _serve(kafka_topics, tmp_path)
+    running = _serve(kafka_topics, tmp_path, index)
     try:
         assert running[0].restored and _ann_ready(running[1], running[3], user_id=3, top_k=20)
         assert running[1].service.retriever.wait_synced(10)
@@ -162,10 +166,10 @@ def test_a_restart_loads_the_saved_index_and_a_corrupted_one_is_rebuilt(kafka_to
     finally:
         _stop(*running)
 
-    graph = tmp_path / "ann" / "graph.usearch"
+    graph = tmp_path / "ann" / GRAPH_FILES[index]
     graph.write_bytes(b"\0" * 64 + graph.read_bytes()[64:])
     failures = sample_value("hw_serve_ann_load_failures_total", {"reason": "checksum"}) or 0.0
-    running = _serve(kafka_topics, tmp_path)
+    running = _serve(kafka_topics, tmp_path, index)
     try:
         assert _ann_ready(running[1], running[3], user_id=3, top_k=20)
         assert running[1].service.retriever.ann.origin == "rebuilt"
