@@ -64,16 +64,16 @@ class Retrieved:
 class ItemRetriever:
     """Top k item ids by inner product with a query, from the ANN index or an exact scan."""
 
-    name = "ann"  # its directory under the replica's state_dir
 
     def __init__(self, mode: str = "auto", slot: str = "item_id", min_items: int = 250_000, max_k: int = 1000,
                  state_dir: str = "", save_interval_s: float = 300.0, drift_check_s: float = 30.0,
-                 index: str = "ivf_sq8") -> None:
+                 index: str = "ivf_sq8", name: str = "ann") -> None:
         if mode not in MODES:
             raise ValueError(f"retrieval: must be one of {MODES}, got {mode!r}")
         self.mode, self.slot, self.min_items, self.max_k = mode, slot, min_items, max_k
         self.save_interval_s, self.drift_check_s = save_interval_s, drift_check_s
         self.index = index  # serving.ann_config.RETRIEVAL_MODES: ivf_sq8 or hnsw
+        self.name = name  # its directory under the replica's state_dir (one per retriever)
         self.exact = ItemIndex(slot)
         self.ann: AnnIndex | None = None
         self.loaded = False  # the ANN index came from the saved state (no build)

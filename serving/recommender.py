@@ -137,11 +137,11 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.retriever = ItemRetriever(cfg.retrieval, cfg.item_slot, cfg.ann_min_items,
                                        max(self.limits.max_retrieve_k, cfg.retrieve_k), state_dir,
                                        index=cfg.ann_index)
-        # The two-tower's item vectors (paramsync.retrieval_slots), when the trainer ships them.
-        # Not saved beside the replica yet: a restart indexes them again from the table.
+        # The two-tower's item vectors (paramsync.retrieval_slots), when the trainer ships them;
+        # their index is saved beside the replica too, in a directory of its own.
         self.vector_retriever = ItemRetriever(cfg.retrieval, ITEM_VECTORS, cfg.ann_min_items,
-                                              max(self.limits.max_retrieve_k, cfg.retrieve_k),
-                                              index=cfg.ann_index)
+                                              max(self.limits.max_retrieve_k, cfg.retrieve_k), state_dir,
+                                              index=cfg.ann_index, name="ann_two_tower")
         self.batcher: MicroBatcher | None = None
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())

@@ -72,3 +72,31 @@ def test_recommend_without_candidates_retrieves_with_the_trainers_two_tower_vect
         channel.close()
         server.stop(0)
         ps.stop()
+
+
+def test_the_two_tower_index_is_saved_beside_the_replica_in_a_directory_of_its_own(tmp_path):
+    from embedding_store import SlotConfig, SlotDelta, TableDelta
+    from serving.ann_retrieval import ItemRetriever
+    from serving.replica_persistence import _save_companions
+    from serving.testing import random_model
+
+    table = random_model(items=1200, dim=8).table
+    table.add_slot(SlotConfig(name=ITEM_VECTORS, dim=16))
+    vecs = torch.nn.functional.normalize(torch.randn(1500, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    table.import_delta(TableDelta(0, int(table.version) + 1, {ITEM_VECTORS: SlotDelta(np.arange(1500), vecs)}))
+
+    def retriever(slot, **kw):
+        r = ItemRetriever("ann", slot, 0, 100, str(tmp_path), save_interval_s=0.0, **kw)
+        dim = table.slots[slot].dim
+        r.retrieve(table, torch.ones(dim), 10)
+        assert _wait(lambda: r.ann is not None and r.wait_synced(1), 20)
+        return r
+
+    ranker, vectors = retriever("item_id"), retriever(ITEM_VECTORS, name="ann_two_tower")
+    _save_companions(tmp_path)
+    assert (tmp_path / "ann" / "meta.json").exists() and (tmp_path / "ann_two_tower" / "meta.json").exists()
+    again = retriever(ITEM_VECTORS, name="ann_two_tower")
+    assert again.loaded and len(again.ann) == 1500
+    q = vecs[7]
+    assert np.array_equal(again.retrieve(table, q, 10).ids, vectors.retrieve(table, q, 10).ids)
+    del ranker
