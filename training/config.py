@@ -37,7 +37,7 @@ class TrainerConfig(ModelFields):
         "help": "loss on examples the joiner emitted early (join --emit early): fnw (fake-negative "
                 "weighting, Ktena et al. 2019) or none (uncorrected, biased low)"})
     early_memory_rows: int = field(default=1 << 20, metadata={
-        "help": "early negatives whose counter features are kept for their positive copy (about "
+        "help": "early negatives whose tower input (rows and counters) is kept for their positive copy (about "
                 "the impressions of one join window; 0 = off)"})
     early_label_wait_s: float = field(default=605.0, metadata={
         "help": "live evaluation of an early stream: an early negative is scored on its final label "

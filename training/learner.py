@@ -20,7 +20,7 @@ from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
 from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
-from training.delayed_feedback import (EarlyCounterMemory, early_increments, early_weights,
+from training.delayed_feedback import (EarlyFeatureMemory, early_increments, early_weights,
                                        start_counts)
 from training.early_labels import EarlyLabels
 from training.evaluation import PrequentialEvaluator
@@ -89,7 +89,7 @@ class Learner:
     nonfinite_batches: int = 0  # batches skipped because their loss was not finite
     _bias_set: bool = False
     _start: tuple[float, float] = (0.0, 0.0)  # positives, impressions before the bias was set
-    early_memory: EarlyCounterMemory | None = None  # made at the first early batch (counters on)
+    early_memory: EarlyFeatureMemory | None = None  # made at the first early batch
     bf16: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -144,8 +144,11 @@ class Learner:
         t2 = time.perf_counter()
         labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
         rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
+        emit = getattr(batch, "emit", None)
+        if emit is not None and np.any(emit) and self.cfg.early_memory_rows > 0:
+            self._same_x(bags.emb, batch, emit)
         if not self._bias_set:  # the head starts at the stream's click rate
-            pos, imps, early = start_counts(labels, rates, getattr(batch, "emit", None))
+            pos, imps, early = start_counts(labels, rates, emit)
             self._start = (self._start[0] + pos, self._start[1] + imps)
             if not early or self._start[0] > 0:  # early: once a positive copy came
                 init_bias_for_ctr(self.tower, self._start[0] / max(self._start[1], 1e-12))
@@ -154,8 +157,7 @@ class Learner:
                  if mc.dense_dim else None)
         logits = self.logits(bags.emb, dense)
         loss = weighted_bce(logits, labels, rates,  # FNW on early-emitted rows
-                            early_weights(logits, labels, getattr(batch, "emit", None),
-                                          self.cfg.early_correction))
+                            early_weights(logits, labels, emit, self.cfg.early_correction))
         if not bool(torch.isfinite(loss)):
             # A poisoned state (NaN/inf weights) must not spread into the rows or crash the
             # loop; the publish guard sees the state and rolls back (training.publish_guard).
@@ -175,7 +177,7 @@ class Learner:
         else:
             scored = self.early_labels.route(logits.detach().numpy(), batch.label, batch.sample_rate,
                                              batch.truth_p, batch.example_id, batch.event_time_ms,
-                                             getattr(batch, "emit", None))
+                                             emit)
             if len(scored):
                 self.evaluator.update(scored.logits, scored.labels, scored.sample_rate, scored.truth_p)
         grad = bags.emb.grad
@@ -218,15 +220,18 @@ class Learner:
                                                self.cfg.count_decay, mean=poolings[s] == "mean")
                 emb[:, s, -2:] = torch.from_numpy(pooled)
                 deltas.append(torch.from_numpy(delta))
-            if emit is not None and np.any(emit) and self.cfg.early_memory_rows > 0:
-                # A positive copy is scored with its negative's counters: the same x (FNW).
-                if self.early_memory is None:
-                    self.early_memory = EarlyCounterMemory(self.cfg.early_memory_rows, len(mc.slots))
-                same = self.early_memory.apply(emb[:, :, -2:].numpy(), batch.example_id,
-                                               batch.label, emit)
-                if same is not None:
-                    emb[:, :, -2:] = torch.from_numpy(same)
         return deltas
+
+    def _same_x(self, emb: torch.Tensor, batch: Any, emit: np.ndarray) -> None:
+        """Gives each positive copy the tower input its negative was trained with (FNW needs
+        the same x; see :mod:`training.delayed_feedback`)."""
+        if self.early_memory is None:
+            self.early_memory = EarlyFeatureMemory(self.cfg.early_memory_rows, emb.shape[1],
+                                                   emb.shape[2], 2 if self.model_cfg.counters else 0)
+        with torch.no_grad():
+            same = self.early_memory.apply(emb.detach().numpy(), batch.example_id, batch.label, emit)
+            if same is not None:
+                emb.copy_(torch.from_numpy(same))
 
     def logits(self, emb: torch.Tensor, dense: torch.Tensor | None,
                tower: torch.nn.Module | None = None) -> torch.Tensor:
