@@ -163,7 +163,9 @@ def test_a_call_that_sends_an_item_side_slot_or_the_whole_dense_vector_keeps_its
     np.testing.assert_allclose(got[1], _want(model, 4, [1, 2], [[100, 101], [102]], [110],
                                              [[0, 0, 0.5, 0], [0, 0, 0, 1]]), atol=1e-6)
     alone = score_jobs(model, jobs[:1], Calibrator(), items=catalog)[0]
-    np.testing.assert_array_equal(alone, got[0])
+    # The same scores alone as batched with another call, to float rounding: the tower's GEMMs
+    # are not bit-invariant to the batch size (a traced plain-FM tower differs in ~1 of 10 draws).
+    np.testing.assert_allclose(alone, got[0], rtol=1e-6, atol=1e-7)
 
 
 def test_a_catalog_holding_nothing_the_model_uses_scores_exactly_as_none():
