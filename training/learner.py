@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -88,6 +89,9 @@ class Learner:
     watermark_ms: int = -1
     nonfinite_batches: int = 0  # batches skipped because their loss was not finite
     _bias_set: bool = False
+    _bias_settled: bool = False  # the start rate is final (early streams: labels final)
+    _start_logit: float = 0.0
+    _settle_ms: int = 0
     _start: tuple[float, float] = (0.0, 0.0)  # positives, impressions before the bias was set
     early_memory: EarlyFeatureMemory | None = None  # made at the first early batch
     bf16: bool = field(init=False)
@@ -147,12 +151,8 @@ class Learner:
         emit = getattr(batch, "emit", None)
         if emit is not None and np.any(emit) and self.cfg.early_memory_rows > 0:
             self._same_x(bags.emb, batch, emit)
-        if not self._bias_set:  # the head starts at the stream's click rate
-            pos, imps, early = start_counts(labels, rates, emit)
-            self._start = (self._start[0] + pos, self._start[1] + imps)
-            if not early or self._start[0] > 0:  # early: once a positive copy came
-                init_bias_for_ctr(self.tower, self._start[0] / max(self._start[1], 1e-12))
-                self._bias_set = True
+        if not self._bias_settled:  # the head starts at the stream's click rate
+            self._start_rate(labels, rates, emit, batch.event_time_ms)
         dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32))
                  if mc.dense_dim else None)
         logits = self.logits(bags.emb, dense)
@@ -222,6 +222,35 @@ class Learner:
                 deltas.append(torch.from_numpy(delta))
         return deltas
 
+    def _start_rate(self, labels: torch.Tensor, rates: torch.Tensor, emit: np.ndarray | None,
+                    event_time_ms: np.ndarray) -> None:
+        """Starts the head's bias (and the counters' prior) at the stream's click rate.
+
+        A windowed stream's first batch gives it. On an early stream the first batches lack the
+        clicks still to come, so the rate is re-taken from everything seen, and bias and prior
+        moved by the change, until event time is ``early_label_wait_s`` past the first row (its
+        labels final): set once at the first copy it sat far below the true rate, and Adam's
+        small steps did not bring it back (live demo: logloss above 1 for the first windows).
+        """
+        pos, imps, early = start_counts(labels, rates, emit)
+        self._start = (self._start[0] + pos, self._start[1] + imps)
+        if early and self._start[0] <= 0:
+            return  # no click yet: nothing to start from
+        ctr = min(max(self._start[0] / max(self._start[1], 1e-12), 1e-4), 1 - 1e-4)
+        now = math.log(ctr / (1 - ctr))
+        if not self._bias_set:
+            init_bias_for_ctr(self.tower, ctr)
+            self._bias_set, self._start_logit = True, now
+            self._settle_ms = int(event_time_ms.min()) + int(self.cfg.early_label_wait_s * 1000)
+        else:
+            with torch.no_grad():
+                self.tower.head.bias.add_(now - self._start_logit)
+                if self.model_cfg.counters:
+                    self.tower.prior_logit.add_(now - self._start_logit)
+            self._start_logit = now
+        if not early or int(event_time_ms.max()) >= self._settle_ms:
+            self._bias_settled = True
+
     def _same_x(self, emb: torch.Tensor, batch: Any, emit: np.ndarray) -> None:
         """Gives each positive copy the tower input its negative was trained with (FNW needs
         the same x; see :mod:`training.delayed_feedback`)."""
@@ -284,5 +313,5 @@ class Learner:
         info = json.loads(meta["learner"])
         learner.examples_trained = int(info["examples_trained"])
         learner.watermark_ms = int(info["watermark_ms"])
-        learner._bias_set = True
+        learner._bias_set = learner._bias_settled = True
         return learner

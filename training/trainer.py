@@ -325,6 +325,9 @@ class OnlineTrainer:
     def checkpoint(self) -> None:
         """Persists state (when a directory is configured), then commits the offsets it covers."""
         offsets = dict(self.done_offsets)
+        memory = getattr(self.learner, "early_memory", None)
+        if memory is not None:  # FNW needs each copy to meet its negative's input
+            log.info("early copies: %d met their negative's input, %d did not", memory.hits, memory.misses)
         if self.store is not None and self.learner is not None:
             if self.publisher is not None and not self.publisher.state_is_good():
                 log.warning("checkpoint skipped: the publish guard holds the current state back")

@@ -78,3 +78,30 @@ def test_the_copy_gradient_still_updates_the_rows_as_they_are_now():
     before = learner.table.lookup("item_id", torch.tensor([5])).clone()
     learner.train(_copy_of(first, [0], t=3_000))
     assert not torch.allclose(learner.table.lookup("item_id", torch.tensor([5])), before)
+
+
+def test_an_early_stream_starts_its_bias_at_the_rate_its_labels_end_at_not_the_first_copys():
+    # 200 impressions a second, 20% clicked, each click 0-3 s after its impression: at the first
+    # copy only a sliver of the clicks is in. The start is re-taken until event time is
+    # early_label_wait_s (5 s) past the first row; set once at the first copy it sat at ~1%.
+    import math
+
+    learner = _learner(counters=True, early_label_wait_s=5.0)
+    rng = np.random.default_rng(0)
+    pending, next_id = [], 10
+    for second in range(12):
+        t = 1_000 * (second + 1)
+        ids = np.arange(next_id, next_id + 200)
+        next_id += 200
+        negs = _early(ids, rng.integers(0, 50, 200), np.zeros(200), t)
+        clicked = np.flatnonzero(rng.random(200) < 0.2)
+        pending += [(t + int(rng.integers(1, 4)) * 1_000, negs, k) for k in clicked]
+        due = [p for p in pending if p[0] <= t]
+        pending = [p for p in pending if p[0] > t]
+        learner.train(negs)
+        for at, src, k in due:
+            learner.train(_copy_of(src, [k], t))
+    rate = 1 / (1 + math.exp(-float(learner.tower.head.bias)))
+    prior = 1 / (1 + math.exp(-float(learner.tower.prior_logit)))
+    assert 0.08 < prior < 0.3, prior  # near the stream's rate (0.2), not the first copy's (0.0025)
+    assert rate > 0.08, rate
