@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from training_helpers import early_rows as _early, positive_copies as _copy_of
+
 from streams.example_batch import EMIT_EARLY
 from training.delayed_feedback import early_weights, fnw_weights
 from training.model.loss import weighted_bce
@@ -55,33 +57,6 @@ def test_dedup_keeps_an_early_negative_and_its_positive_copy_but_drops_a_replaye
     assert seen.filter_new(neg).all()
     assert seen.filter_new(positive_copy_ids(neg[:1])).all()
     assert not seen.filter_new(positive_copy_ids(neg[:1])).any()
-
-
-def _early(ids, items, labels, t=1_000):
-    """Early rows: one per (example id, item), user = item, at event time ``t``."""
-    from streams.events import ExampleBatch, Ragged
-
-    n = len(ids)
-    ids, items = np.asarray(ids, np.int64), np.asarray(items, np.int64)
-    ones = np.ones(n, np.int32)
-    return ExampleBatch(example_id=ids, user_id=items.copy(), item_id=items,
-                        label=np.asarray(labels, np.float32), sample_rate=np.ones(n, np.float32),
-                        event_time_ms=np.full(n, t, np.int64),
-                        sparse={"user_id": Ragged(items.copy(), ones),
-                                "item_id": Ragged(items.copy(), ones.copy())},
-                        dense=np.zeros((n, 0), np.float32), truth_p=np.full(n, np.nan, np.float32),
-                        emit=np.full(n, EMIT_EARLY, np.uint8))
-
-
-def _copy_of(batch, rows, t):
-    """The positive copies of ``batch``'s rows, as the joiner sends them (same features)."""
-    from streams.join_build import positive_copy_ids
-
-    c = batch.take(np.asarray(rows))
-    c.example_id = positive_copy_ids(c.example_id)
-    c.label = np.ones(len(c), np.float32)
-    c.event_time_ms = np.full(len(c), t, np.int64)  # (the joiner's keeps the impression's)
-    return c
 
 
 def _learner(**kw):
