@@ -180,10 +180,11 @@ def run(args: argparse.Namespace) -> dict:
             items = [int(i) for i in rng.integers(1, 500, 3)]
             imp = Impression(request_id=f"fresh-{k}", user_id=user, event_time_ms=now_ms,
                              items=items, item_sparse={"category": [[i % 17] for i in items]})
-            producer.send(topics.impressions, encode_impression(imp)).get(timeout=10)
+            key = imp.request_id.encode()
+            producer.send(topics.impressions, encode_impression(imp), key=key).get(timeout=10)
             act = Action(request_id=f"fresh-{k}", user_id=user, item_id=items[0], kind="click",
                          event_time_ms=now_ms + 1)
-            producer.send(topics.actions, encode_actions([act])).get(timeout=10)
+            producer.send(topics.actions, encode_actions([act]), key=key).get(timeout=10)
             return user, time.time()
 
         # Warm-up (untimed): traffic until the first row comes out the far end, i.e. both

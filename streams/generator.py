@@ -175,7 +175,13 @@ class SyntheticStream:
                      times[:, None] + delay)
 
     def messages(self, block: Block) -> Iterator[tuple[str, bytes]]:
-        """("impressions" | "actions", msgpack bytes) per request, impressions first.
+        """("impressions" | "actions", msgpack bytes) per request, impressions first."""
+        for topic, _, value in self.keyed_messages(block):
+            yield topic, value
+
+    def keyed_messages(self, block: Block) -> Iterator[tuple[str, bytes, bytes]]:
+        """("impressions" | "actions", key, msgpack bytes) per request, impressions first; the
+        key is the request id, so a request's actions share its impression's partition.
 
         Encoded straight from the columns (the generator's output is valid by construction, so
         the per-field validation of :mod:`streams.events` is skipped here); the wire form is the
@@ -191,7 +197,8 @@ class SyntheticStream:
         pack = msgpack.Packer(use_bin_type=True).pack
         for r, ridx in enumerate(block.request_index.tolist()):
             rid = f"g{seed}-{ridx}"
-            yield "impressions", pack({
+            key = rid.encode()
+            yield "impressions", key, pack({
                 "v": SCHEMA_VERSION, "t": "imp", "request_id": rid, "user_id": users[r],
                 "event_time_ms": times[r], "items": items[r],
                 "item_sparse": {"category": [[c] for c in cats[r]]},
@@ -199,7 +206,7 @@ class SyntheticStream:
             hit = np.flatnonzero(block.clicked[r])
             if hit.size:
                 n = int(hit.size)
-                yield "actions", pack({
+                yield "actions", key, pack({
                     "v": SCHEMA_VERSION, "t": "act", "request_id": [rid] * n,
                     "user_id": [users[r]] * n, "item_id": block.items[r, hit].tolist(),
                     "kind": ["click"] * n, "value": [1.0] * n,
@@ -270,8 +277,8 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
         for lo in range(0, r, step):
             part = Block(*(getattr(block, f.name)[lo:lo + step] for f in fields(Block)))
             pacer.wait_for(int(part.event_time_ms[0]), stop)
-            for topic, value in world.messages(part):
-                producer.send(getattr(topics, topic), value)
+            for topic, key, value in world.keyed_messages(part):
+                producer.send(getattr(topics, topic), value, key=key)
         n = world.count_events(block)
         metrics.PRODUCED.labels("generator").inc(n)  # live, so a watcher sees the rate
         events += n

@@ -10,8 +10,8 @@ fake-negative weighting corrects (:mod:`training.delayed_feedback`). The request
 until its window closes, so later clicks still find it and late ones are still routed to
 ``hw.late``; at window close nothing more is emitted.
 
-Crash safety is the joiner's: state is written before output, output flushed before the hold's
-end is recorded; a replay re-emits the same example ids (the negative's, and the positive copy's
+Crash safety is the joiner's: output is flushed before the hold's end is recorded and before
+offsets move past it; a replay re-emits the same example ids (the negative's, and the positive copy's
 from :func:`~streams.join_build.positive_copy_ids`), which the trainer's de-dup drops.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from streams.events import ExampleBatch
 from streams.join_build import ClosedRequest, Unjoined, build_early
-from streams.join_state import JoinState, PendingAction
+from streams.join_state import JoinState, PendingAction, split_impression
 
 
 @dataclass
@@ -90,7 +90,7 @@ class EarlyEmitter:
                   actions: list[list[PendingAction]]) -> list[ClosedRequest]:
         keys = [JoinState.impression_key(r, v) for r, v in zip(rids, states) if v is not None]
         acts = [a for v, a in zip(states, actions) if v is not None]
-        return [ClosedRequest(msgpack.unpackb(m, raw=False), a)
+        return [ClosedRequest(msgpack.unpackb(split_impression(m)[0], raw=False), a)
                 for m, a in zip(self.state.get_many(keys), acts) if m is not None]
 
     def commit(self, wb, released: list[tuple[bytes, bytes]]) -> None:

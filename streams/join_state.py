@@ -2,17 +2,20 @@
 
 Key layout (raw bytes; big-endian times so that key order is time order):
 
-    i <close_ms:8> <request_id>              -> the impression message as received
+    i <close_ms:8> <request_id>              -> <partition:4><offset:8> the impression message
     r <request_id>                           -> <close_ms:8>  (request is pending)
                                                 <close_ms:8><hold_ms:8> (early emission: held)
     h <hold_ms:8> <request_id>               -> ""  (early emission: negatives not yet sent)
-    a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms, user_id]
+    a <len:2> <request_id> <item:8> <kind>   -> msgpack [value, event_time_ms, user_id,
+                                                         partition, offset]
     o <expire_ms:8> <a-key>                  -> ""  (an action whose impression is not here yet)
-    m watermark | m max_time                 -> <ms:8>
-    m <name>                                 -> msgpack (per-topic progress, watermarks)
 
+Each impression and action remembers the input record it came from (partition, offset), so
+the joiner knows which offsets a replay must still cover (:mod:`streams.join_positions`).
 Reads see only what was written; callers batch their puts and deletes in a :class:`WriteBatch`
-and apply it at the points the commit protocol allows (see :mod:`streams.joiner`).
+and apply it at the points the commit protocol allows (see :mod:`streams.joiner`). The state
+lives as long as the joiner owns its partitions: :meth:`JoinState.clear` empties it when they
+move, and the input is read again.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 _BE64 = struct.Struct(">Q")
-_WATERMARK = b"mwatermark"
-_MAX_TIME = b"mmax_time"
+_SOURCE = struct.Struct(">IQ")  # (partition, offset) of the input record
+Source = tuple[int, int]
 
 
 def action_key(request_id: bytes, item_id: int, kind: str) -> bytes:
@@ -48,19 +51,22 @@ class PendingAction:
     value: float
     event_time_ms: int
     user_id: int = 0
+    source: Source | None = None  # (partition, offset) of its record on the actions topic
 
 
 class JoinState:
-    """Pending impressions and actions on a RocksDB directory (survives kill -9 via its WAL)."""
+    """Pending impressions and actions on a RocksDB directory: disk instead of memory for long
+    windows, not durability (the input is the changelog), so writes skip the WAL."""
 
-    def __init__(self, path: str | Path, fsync: bool = False) -> None:
+    def __init__(self, path: str | Path) -> None:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), opts)
-        wo = WriteOptions()
-        wo.sync = fsync  # the WAL survives a process kill either way; sync also survives power loss
-        self.db.set_write_options(wo)
+        self._path, self._opts = str(path), opts
+        self.db = Rdict(self._path, opts)
+        self._wo = WriteOptions()
+        self._wo.disable_wal = True
+        self.db.set_write_options(self._wo)
 
     @staticmethod
     def batch() -> WriteBatch:
@@ -71,27 +77,20 @@ class JoinState:
             self.db.write(wb)
 
     # ---- reads
-    def watermark(self) -> int:
-        raw = self.db.get(_WATERMARK)
-        return _BE64.unpack(raw)[0] if raw else 0
-
-    def max_time(self) -> int:
-        raw = self.db.get(_MAX_TIME)
-        return _BE64.unpack(raw)[0] if raw else 0
-
     def pending_requests(self, request_ids: list[bytes]) -> list[bool]:
         if not request_ids:
             return []
         return [v is not None for v in self.db.get([b"r" + r for r in request_ids])]
 
-    def due_impressions(self, watermark: int, limit: int) -> list[tuple[bytes, bytes]]:
-        """(i-key, message) of requests whose window closed (close_ms <= watermark), oldest first."""
+    def due_impressions(self, watermark: int, limit: int) -> list[tuple[bytes, bytes, Source]]:
+        """(i-key, message, source) of requests whose window closed (close_ms <= watermark),
+        oldest first."""
         out = []
         upper = b"i" + _BE64.pack(watermark + 1)
         for key, value in self.db.items(from_key=b"i"):
             if key >= upper or len(out) >= limit:
                 break
-            out.append((key, value))
+            out.append((key, *split_impression(value)))
         return out
 
     def actions_of(self, request_ids: list[bytes]) -> list[list[tuple[bytes, PendingAction]]]:
@@ -106,12 +105,7 @@ class JoinState:
                 key = it.key()
                 if not key.startswith(prefix):
                     break
-                value, t, user = msgpack.unpackb(it.value())
-                item = _BE64.unpack_from(key, len(prefix))[0]
-                if item >= 1 << 63:
-                    item -= 1 << 64
-                found.append((key, PendingAction(item, key[len(prefix) + 8:].decode(), value, t,
-                                                   user)))
+                found.append((key, parse_action(key, it.value())))
                 it.next()
             out.append(found)
         del it
@@ -171,15 +165,20 @@ class JoinState:
         return b"i" + r_value[:8] + request_id
 
     @staticmethod
-    def put_impression(wb: WriteBatch, request_id: bytes, close_ms: int, message: bytes) -> None:
-        wb.put(b"i" + _BE64.pack(close_ms) + request_id, message)
+    def put_impression(wb: WriteBatch, request_id: bytes, close_ms: int, message: bytes,
+                       source: Source) -> bytes:
+        """Stores a pending request; returns its i-key."""
+        key = b"i" + _BE64.pack(close_ms) + request_id
+        wb.put(key, _SOURCE.pack(*source) + message)
         wb.put(b"r" + request_id, _BE64.pack(close_ms))
+        return key
 
     @staticmethod
-    def put_action(wb: WriteBatch, request_id: bytes, item_id: int, kind: str, value: float,
-                   event_time_ms: int, user_id: int, orphan_expire_ms: int | None = None) -> None:
-        key = action_key(request_id, item_id, kind)
-        wb.put(key, msgpack.packb([value, event_time_ms, user_id]))
+    def put_action(wb: WriteBatch, key: bytes, pa: PendingAction,
+                   orphan_expire_ms: int | None = None) -> None:
+        """Stores an action under its :func:`action_key` (with ``pa.source``)."""
+        source = pa.source or (0, -1)
+        wb.put(key, msgpack.packb([pa.value, pa.event_time_ms, pa.user_id, *source]))
         if orphan_expire_ms is not None:
             wb.put(b"o" + _BE64.pack(orphan_expire_ms) + key, b"")
 
@@ -190,19 +189,26 @@ class JoinState:
         for k in action_keys:
             wb.delete(k)
 
-    @staticmethod
-    def put_times(wb: WriteBatch, watermark: int, max_time: int) -> None:
-        wb.put(_WATERMARK, _BE64.pack(watermark))
-        wb.put(_MAX_TIME, _BE64.pack(max_time))
-
-    def meta(self, name: str) -> object:
-        """A small msgpack value kept beside the state (e.g. per-topic progress)."""
-        raw = self.db.get(b"m" + name.encode())
-        return msgpack.unpackb(raw, raw=False) if raw else None
-
-    @staticmethod
-    def put_meta(wb: WriteBatch, name: str, value: object) -> None:
-        wb.put(b"m" + name.encode(), msgpack.packb(value))
+    def clear(self) -> None:
+        """Drops everything (the partitions moved: their state is rebuilt from the input)."""
+        self.db.close()
+        Rdict.destroy(self._path, self._opts)
+        self.db = Rdict(self._path, self._opts)
+        self.db.set_write_options(self._wo)
 
     def close(self) -> None:
         self.db.close()
+
+
+def split_impression(value: bytes) -> tuple[bytes, Source]:
+    """An i-value -> (the impression message, the source it was read from)."""
+    return value[_SOURCE.size:], _SOURCE.unpack_from(value)
+
+
+def parse_action(key: bytes, value: bytes) -> PendingAction:
+    """An a-key and its value -> the stored action."""
+    n = int.from_bytes(key[1:3], "big")
+    item = int.from_bytes(key[3 + n:11 + n], "big", signed=True)
+    fields = msgpack.unpackb(value)
+    source = (fields[3], fields[4]) if len(fields) >= 5 and fields[4] >= 0 else None
+    return PendingAction(item, key[11 + n:].decode(), fields[0], fields[1], fields[2], source)

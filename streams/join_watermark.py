@@ -18,8 +18,8 @@ An assigned partition read to its end and quiet for ``idle_s`` is idle and holds
 the consumer owns no partition of an input topic, nothing is known about what that topic still
 holds, and the watermark does not move: at start-up, before the group is joined (seconds on
 Tansu; after a kill -9, until the dead member's session has expired), and during a rebalance. It
-never moves back. Progress and explicit watermarks are saved with the join state, so a restarted
-joiner resumes from them.
+never moves back. A joiner whose partitions move starts a fresh one along with a fresh state: both
+are rebuilt by reading the input again (:mod:`streams.joiner`).
 """
 
 from __future__ import annotations
@@ -30,27 +30,17 @@ Partition = tuple[str, int]
 class JoinWatermark:
     """Event-time progress of the joiner's input partitions, and the watermark it allows."""
 
-    def __init__(self, inputs: tuple[str, ...], lateness_ms: int, idle_s: float, watermark: int = 0,
-                 max_time: int = 0, saved: dict | None = None) -> None:
-        """``saved``: what :meth:`saved` returned before a restart (None on a fresh state)."""
+    def __init__(self, inputs: tuple[str, ...], lateness_ms: int, idle_s: float) -> None:
         self.inputs = inputs
         self.lateness_ms = lateness_ms
         self.idle_s = idle_s
-        self.watermark = watermark
-        self.max_time = max_time  # newest impression event time
-        saved = saved or {}
-        self._progress: dict[Partition, int] = {
-            (t, p): ms for t, p, ms in saved.get("progress", [])}
+        self.watermark = 0
+        self.max_time = 0  # newest impression event time
+        self._progress: dict[Partition, int] = {}
         # Explicit Watermark messages, per input topic: a promise on one topic says nothing
         # about the other, so the smaller of the two counts.
-        explicit = saved.get("explicit", {})
-        self._explicit = {t: int(explicit.get(t, 0)) for t in inputs}
+        self._explicit = {t: 0 for t in inputs}
         self._delivered: dict[Partition, float] = {}  # monotonic time of the last message
-
-    def saved(self) -> dict:
-        """A msgpack-able snapshot to keep beside the join state."""
-        return {"progress": [[t, p, ms] for (t, p), ms in sorted(self._progress.items())],
-                "explicit": dict(self._explicit)}
 
     # ---- what was read
     def delivered(self, partition: Partition, now: float) -> None:

@@ -20,13 +20,22 @@ impression came meanwhile, it waits for that request to close, else it is late t
 ``no_impression``.
 
 One step = poll -> ingest (write new state) -> close due windows -> produce and flush examples,
-DLQ and late -> delete closed state -> commit input offsets. Offsets are committed only once the
-output is acknowledged and the state durable, so kill -9 at any point replays input: no
-impression is lost, and a re-emitted example carries the same ``example_id`` (de-duplicate on it).
-``--emit early`` (:mod:`streams.join_early`) sends each impression's items as negatives after a
-short hold and each later positive as a positive copy at once, for the trainer's delayed-feedback
-correction; the window then only bounds which clicks still count. The joiner owns its state directory; run one joiner per consumer group (partitions are not
-re-balanced between joiners with separate state).
+DLQ and late -> delete closed state -> commit input offsets. ``--emit early``
+(:mod:`streams.join_early`) sends each impression's items as negatives after a short hold and
+each later positive as a positive copy at once, for the trainer's delayed-feedback correction;
+the window then only bounds which clicks still count.
+
+Scaling out and restarts: the input topics are the state's changelog. Joiners of one consumer
+group share the input partitions (Kafka's group protocol assigns them; producers key impressions
+and actions by request id, so a request's actions land in the partition number of its
+impression, and the range assignor gives both to one member). The committed offset of a
+partition is the oldest record whose event is still pending (:mod:`streams.join_positions`), not
+how far it was read. Whenever the assignment changes (start, a member joins, leaves or dies) a
+joiner drops its state and reads its partitions again from those offsets: every pending request
+is rebuilt with every action it had, so kill -9 of one joiner loses nothing; examples the dead
+one had already emitted come again with the same ``example_id`` (the trainer drops them), and
+their late actions are routed to ``hw.late`` again. A committed offset the broker no longer
+holds (retention passed it) stops the joiner with the partition and the reason.
 """
 
 from __future__ import annotations
@@ -45,15 +54,15 @@ from streams.events import (Action, DeadLetter, Impression, SchemaError, Waterma
                             decode_event, encode_actions, encode_dead_letter, encode_examples)
 from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
 from streams.join_early import EarlyEmitter
-from streams.join_state import JoinState, PendingAction
+from streams.join_positions import PendingOffsets
+from streams.join_state import (JoinState, PendingAction, action_key, parse_action,
+                                split_impression)
 from streams.join_watermark import JoinWatermark
-from streams.kafka_consumer import GroupConsumer, Record, next_offsets
+from streams.kafka_consumer import GroupConsumer, Record
 from streams.kafka_io import KafkaConfig, topic_names
 from streams.kafka_producer import BatchProducer
 
 log = logging.getLogger(__name__)
-
-_WATERMARK_META = "watermark_inputs"  # JoinWatermark.saved(), beside the state
 
 
 @dataclass
@@ -83,7 +92,6 @@ class JoinerConfig:
         default=0.0, metadata={"help": "close every window after this long without input (0 = never)"})
     idle_topic_s: float = field(
         default=2.0, metadata={"help": "an input topic quiet this long stops holding the watermark"})
-    fsync: bool = field(default=False, metadata={"help": "fsync RocksDB writes (power-loss safety)"})
     compression: str = field(default="lz4", metadata={"help": "producer compression"})
     max_poll_interval_ms: int = field(default=3000, metadata={"help": "consumer-group rebalance timeout"})
 
@@ -125,23 +133,40 @@ class OnlineJoiner:
         self.window_ms = int(cfg.window_s * 1000)
         self.lateness_ms = int(cfg.allowed_lateness_s * 1000)
         self.positive = frozenset(k.strip() for k in cfg.positive_kinds.split(",") if k.strip())
-        self.state = JoinState(cfg.state_dir, fsync=cfg.fsync)
-        saved = self.state.meta(_WATERMARK_META)
-        if saved is None:  # a state from before per-partition progress: its promises still hold
-            saved = {"explicit": {t: v[1] for t, v in (self.state.meta("inputs") or {}).items()}}
-        self.clock = JoinWatermark((self.topics.impressions, self.topics.actions), self.lateness_ms,
-                                   cfg.idle_topic_s, self.state.watermark(), self.state.max_time(),
-                                   saved)
-        self.early = (EarlyEmitter(self.state, self.window_ms, int(cfg.early_hold_s * 1000),
-                                   self.positive, cfg.negative_rate, cfg.dense_dim,
-                                   cfg.max_close_per_step) if cfg.emit == "early" else None)
+        self.state = JoinState(cfg.state_dir)
         kafka = cfg.kafka()
         self.producer = BatchProducer(kafka, client_id="hw-joiner")
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
                                       group_id=cfg.group_id, client_id="hw-joiner")
+        self.rebuilds = 0  # times the state was rebuilt from the input (start and rebalances)
+        self._generation = 0  # the consumer assignment the state was built for
+        self._reset()
         self._last_input = time.monotonic()  # or the last time the input was not read to its end
         self._pending_refreshed = self._last_input
-        metrics.PENDING.set(self.state.count_pending())
+
+    def _reset(self) -> None:
+        """An empty state, a fresh watermark and no pending offsets (the input is read again)."""
+        self.state.clear()
+        self.clock = JoinWatermark((self.topics.impressions, self.topics.actions), self.lateness_ms,
+                                   self.cfg.idle_topic_s)
+        self.positions = PendingOffsets()
+        self._committed: dict[tuple[str, int], int] = {}
+        self.early = (EarlyEmitter(self.state, self.window_ms, int(self.cfg.early_hold_s * 1000),
+                                   self.positive, self.cfg.negative_rate, self.cfg.dense_dim,
+                                   self.cfg.max_close_per_step) if self.cfg.emit == "early" else None)
+        metrics.PENDING.set(0)
+
+    def _rebuild(self) -> None:
+        """The assignment changed: drop the state and read every owned partition again from its
+        committed offset (see the module docstring)."""
+        self._reset()
+        self._generation = self.consumer.generation
+        self.rebuilds += 1
+        owned = self.consumer.rewind_to_committed()
+        metrics.REBUILDS.inc()
+        metrics.ASSIGNED.set(len(owned))
+        log.info("joiner state rebuilt from the input (assignment %s)",
+                 ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(owned.items())) or "empty")
 
     @property
     def watermark(self) -> int:
@@ -155,6 +180,9 @@ class OnlineJoiner:
     # ------------------------------------------------------------ one step
     def step(self, timeout_ms: int = 100) -> StepStats:
         records = self.consumer.poll(timeout_ms, self.cfg.poll_max_records)
+        if self.consumer.generation != self._generation:
+            self._rebuild()  # what this poll returned is read again from the committed offsets
+            return StepStats()
         stats = StepStats(records=len(records))
         now = time.monotonic()
         if records or not self.clock.read_to_end(self.consumer.assignment(),
@@ -166,8 +194,11 @@ class OnlineJoiner:
             self.clock.advance_to(self.max_time + self.window_ms)
         self._ingest(records, stats)
         self._close_due(stats)
+        restart = self.positions.restart_offsets(self.consumer.assignment())
+        moved = {tp: o for tp, o in restart.items() if self._committed.get(tp) != o}
         try:
-            self.consumer.commit(next_offsets(records))
+            self.consumer.commit(moved)
+            self._committed.update(moved)
         except CommitFailedError as exc:  # partitions moved in a rebalance: input is replayed
             log.warning("offset commit failed (%s); those records will be read again", exc)
         metrics.WATERMARK.set(self.watermark)
@@ -178,13 +209,14 @@ class OnlineJoiner:
 
     def _ingest(self, records: list[Record], stats: StepStats) -> None:
         wb = self.state.batch()
-        new_requests: set[bytes] = set()
+        impressions: list[tuple[Record, Impression]] = []
         actions: list[tuple[Record, Action]] = []
         dead: list[DeadLetter] = []
         now = time.monotonic()
         for rec in records:
             source = (rec.topic, rec.partition)
             self.clock.delivered(source, now)
+            self.positions.read(source, rec.offset)
             try:
                 event = decode_event(rec.value)
                 self._check(event, rec.topic)
@@ -192,11 +224,7 @@ class OnlineJoiner:
                 dead.append(DeadLetter(str(exc), rec.topic, rec.partition, rec.offset, rec.value))
                 continue
             if isinstance(event, Impression):
-                rid = event.request_id.encode()
-                self.state.put_impression(wb, rid, event.event_time_ms + self.window_ms, rec.value)
-                if self.early is not None:
-                    self.early.hold(wb, rid, event.event_time_ms)
-                new_requests.add(rid)
+                impressions.append((rec, event))
                 self.clock.impression(source, event.event_time_ms)
                 stats.impressions += len(event.items)
             elif isinstance(event, Watermark):
@@ -204,16 +232,48 @@ class OnlineJoiner:
             else:
                 actions.extend((rec, a) for a in event)
                 self.clock.action(source, max(a.event_time_ms for a in event))
+        new_requests = self._ingest_impressions(wb, impressions)
         stats.actions = len(actions)
         metrics.EVENTS_IN.labels("impression").inc(stats.impressions)
         metrics.EVENTS_IN.labels("action").inc(stats.actions)
         late = self._ingest_actions(wb, actions, new_requests)
         self.clock.update(self.consumer.assignment(), self.consumer.partitions_behind(), now)
-        self.state.put_times(wb, self.watermark, self.max_time)
-        self.state.put_meta(wb, _WATERMARK_META, self.clock.saved())
         # Adding state before the output is safe: a replay re-adds the same keys.
         self.state.write(wb)
         self._send_dead(dead, late, stats)
+
+    def _ingest_impressions(self, wb, impressions: list[tuple[Record, Impression]]) -> set[bytes]:
+        """Stores each impression as a pending request; an exact repeat (a producer retry)
+        replaces the one stored, whose record then no longer needs replaying."""
+        stored: dict[bytes, tuple[str, int, int]] = {}
+        keys = []
+        for rec, event in impressions:
+            rid = event.request_id.encode()
+            key = self.state.put_impression(wb, rid, event.event_time_ms + self.window_ms,
+                                            rec.value, (rec.partition, rec.offset))
+            if self.early is not None:
+                self.early.hold(wb, rid, event.event_time_ms)
+            self.positions.hold((rec.topic, rec.partition), rec.offset)
+            if key in stored:
+                self._release_source(self.topics.impressions, stored[key][1:])
+            stored[key] = (rec.topic, rec.partition, rec.offset)
+            keys.append(key)
+        for key, before in zip(keys, self.state.get_many(keys)):
+            if before is not None and stored.pop(key, None) is not None:
+                self._release_source(self.topics.impressions, split_impression(before)[1])
+        return {event.request_id.encode() for _, event in impressions}
+
+    def _release_all(self, done: list) -> None:
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        for topic, source in done:
+            if source is not None:
+                by_partition.setdefault((topic, source[0]), []).append(source[1])
+        for tp, offsets in by_partition.items():
+            self.positions.release(tp, offsets)
+
+    def _release_source(self, topic: str, source) -> None:
+        if source is not None:
+            self.positions.release((topic, source[0]), source[1])
 
     def _check(self, event: object, topic: str) -> None:
         if isinstance(event, Impression):
@@ -233,29 +293,41 @@ class OnlineJoiner:
         rids = [a.request_id.encode() for _, a in actions]
         states = self.state.request_states(rids)
         late = []
+        stored: dict[bytes, PendingAction] = {}  # a-key -> the action stored this step
         for (rec, a), rid, state in zip(actions, rids, states):
-            is_pending = state is not None
+            pa = PendingAction(a.item_id, a.kind, a.value, a.event_time_ms, a.user_id,
+                               (rec.partition, rec.offset))
             if self.early is not None and rid not in new_requests and self.early.takes(
-                    rid, state, PendingAction(a.item_id, a.kind, a.value, a.event_time_ms, a.user_id)):
+                    rid, state, pa):
                 continue  # its positive copy leaves this step
-            if is_pending or rid in new_requests:
-                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
-                                      a.user_id)
-            elif a.event_time_ms < self.watermark:
+            if state is None and rid not in new_requests and a.event_time_ms < self.watermark:
                 late.append((rec, a, "closed"))
-            else:  # its impression may still come: park it until the watermark passes
-                self.state.put_action(wb, rid, a.item_id, a.kind, a.value, a.event_time_ms,
-                                      a.user_id, orphan_expire_ms=a.event_time_ms + self.window_ms)
+                continue
+            key = action_key(rid, a.item_id, a.kind)
+            # Pending (or its impression in this very step): stored beside it; else parked
+            # until the watermark passes it, its impression may still come.
+            orphan = None if state is not None or rid in new_requests else (
+                a.event_time_ms + self.window_ms)
+            self.state.put_action(wb, key, pa, orphan_expire_ms=orphan)
+            self.positions.hold((rec.topic, rec.partition), rec.offset)
+            replaced = stored.pop(key, None)
+            if replaced is not None:  # the same action twice in one step: one is kept
+                self._release_source(self.topics.actions, replaced.source)
+            stored[key] = pa
+        keys = list(stored)
+        for key, before in zip(keys, self.state.get_many(keys)):
+            if before is not None:  # an action stored before is replaced
+                self._release_source(self.topics.actions, parse_action(key, before).source)
         return late
 
     def _close_due(self, stats: StepStats) -> None:
         due = self.state.due_impressions(self.watermark, self.cfg.max_close_per_step)
-        rids = [key[9:] for key, _ in due]
+        rids = [key[9:] for key, _, _ in due]
         stored = self.state.actions_of(rids)
         released: list = []
         if self.early is None:
             closed = [ClosedRequest(msgpack.unpackb(msg, raw=False),
-                                    [pa for _, pa in acts]) for (_, msg), acts in zip(due, stored)]
+                                    [pa for _, pa in acts]) for (_, msg, _), acts in zip(due, stored)]
             batch, unjoined, dropped = build_examples(closed, self.window_ms, self.positive,
                                                       self.cfg.negative_rate, self.cfg.dense_dim)
         else:  # the examples left at the hold; window close only ends the request
@@ -271,23 +343,29 @@ class OnlineJoiner:
                                      self.producer.max_message_bytes):
             self.producer.send(self.topics.examples, payload)
         late = [(u.request_id, u.action, u.reason) for u in unjoined]
+        done: list = []  # the sources whose events leave the state with this step's output
         for (_, akey), value, is_claimed in zip(orphans, orphan_values, claimed):
             # value None: a request that closed earlier consumed it.
             if value is not None and not is_claimed:
-                late.append((_rid_of(akey), _parse_action(akey, value), "no_impression"))
+                pa = parse_action(akey, value)
+                late.append((_rid_of(akey), pa, "no_impression"))
+                done.append((self.topics.actions, pa.source))
         for rid, pa, reason in late:
             self._send_late(rid, pa, reason)
         self.producer.flush()  # output durable before state is deleted and offsets committed
         wb = self.state.batch()
         if self.early is not None:
             self.early.commit(wb, released)
-        for (key, _), acts in zip(due, stored):
+        for (key, _, source), acts in zip(due, stored):
             self.state.delete_request(wb, key, [k for k, _ in acts])
+            done.append((self.topics.impressions, source))
+            done.extend((self.topics.actions, pa.source) for _, pa in acts)
         for (okey, akey), is_claimed in zip(orphans, claimed):
             wb.delete(okey)
             if not is_claimed:  # a claimed one goes with its request
                 wb.delete(akey)
         self.state.write(wb)
+        self._release_all(done)
         positives = int(batch.label.sum()) if len(batch) else 0
         metrics.EXAMPLES_OUT.labels("1").inc(positives)
         metrics.EXAMPLES_OUT.labels("0").inc(len(batch) - positives)
@@ -353,13 +431,6 @@ def encode_chunks(batch, per_message: int, max_bytes: int) -> list[bytes]:
 def _rid_of(akey: bytes) -> str:
     n = int.from_bytes(akey[1:3], "big")
     return akey[3:3 + n].decode()
-
-
-def _parse_action(akey: bytes, value: bytes) -> PendingAction:
-    n = int.from_bytes(akey[1:3], "big")
-    item = int.from_bytes(akey[3 + n:11 + n], "big", signed=True)
-    v, t, user = msgpack.unpackb(value)
-    return PendingAction(item, akey[11 + n:].decode(), v, t, user)
 
 
 def _reason_label(reason: str) -> str:

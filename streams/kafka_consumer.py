@@ -11,8 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import (CommitFailedError, IllegalGenerationError, KafkaError,
+                          RebalanceInProgressError, UnknownMemberIdError)
 from kafka.structs import OffsetAndMetadata
 
 from streams.kafka_io import KafkaConfig
@@ -42,13 +43,15 @@ class GroupConsumer:
         """
         if fetch_max_wait_ms < 0:
             raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
+        self.generation = 0  # counts assignments handed out by the group (each rebalance)
         self._consumer = KafkaConsumer(
-            *topics, bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
+            bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
             client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_interval_ms=cfg.max_poll_interval_ms, session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=min(1000, cfg.session_timeout_ms // 3),
             fetch_max_bytes=max(52428800, cfg.max_message_bytes),
             max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms)
+        self._consumer.subscribe(list(topics), listener=_CountAssignments(self))
 
     def pause(self) -> None:
         """Stops fetching from the assigned partitions; :meth:`poll` still keeps group membership.
@@ -77,10 +80,37 @@ class GroupConsumer:
         return out
 
     def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
-        """Commits ``{(topic, partition): next offset to read}`` synchronously."""
-        if next_offsets:
+        """Commits ``{(topic, partition): next offset to read}`` synchronously.
+
+        Raises :class:`CommitFailedError` for every way a rebalance refuses it (in progress, a
+        new generation, this member forgotten): the partitions may have moved, the input is
+        read again by whoever owns them."""
+        if not next_offsets:
+            return
+        try:
             self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
                                    for (t, p), o in next_offsets.items()})
+        except (RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError) as exc:
+            raise CommitFailedError(str(exc)) from exc
+
+    def rewind_to_committed(self) -> dict[tuple[str, int], int]:
+        """Seeks every assigned partition to its committed offset (the log start when none was
+        committed); returns them. Raises when the log no longer holds a committed offset."""
+        assigned = list(self._consumer.assignment())
+        start = self._consumer.beginning_offsets(assigned) if assigned else {}
+        out = {}
+        for tp in assigned:
+            committed = self._consumer.committed(tp)
+            if committed is None:
+                committed = start[tp]
+            elif committed < start[tp]:
+                raise RuntimeError(
+                    f"cannot rebuild state for {tp.topic}[{tp.partition}]: its committed offset "
+                    f"{committed} is gone (the log starts at {start[tp]}; retention shorter than "
+                    f"the join window?)")
+            self._consumer.seek(tp, committed)
+            out[(tp.topic, tp.partition)] = committed
+        return out
 
     def partitions_behind(self) -> set[tuple[str, int]]:
         """Assigned (topic, partition)s that still have unread messages (lag > 0).
@@ -108,6 +138,17 @@ class GroupConsumer:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+class _CountAssignments(ConsumerRebalanceListener):
+    def __init__(self, owner: GroupConsumer) -> None:
+        self._owner = owner
+
+    def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self._owner.generation += 1
 
 
 def next_offsets(records: Iterable[Record]) -> dict[tuple[str, int], int]:

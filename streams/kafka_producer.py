@@ -104,6 +104,12 @@ class BatchProducer:
         if len(self._pending) >= self._PRUNE_EVERY:
             self._pending = [f for f in self._pending if not f.is_done]
 
+    def send_to_every_partition(self, topic: str, value: bytes) -> None:
+        """One copy per partition of ``topic`` (a watermark promises something of each)."""
+        parts = self._producer.partitions_for(topic) or {0}
+        for p in sorted(parts):
+            self.send(topic, value, partition=p)
+
     def _release(self, size: int) -> None:
         with self._acked:
             self._unacked_bytes -= size

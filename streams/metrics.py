@@ -11,5 +11,8 @@ DLQ = Counter("hw_stream_dlq_total", "messages routed to the dead-letter topic",
 LATE = Counter("hw_stream_late_actions_total", "actions too late to join, routed to hw.late",
                ["reason"])
 PENDING = Gauge("hw_stream_pending_requests", "impression requests waiting for their window")
+REBUILDS = Counter("hw_stream_joiner_rebuilds_total",
+                   "times the joiner rebuilt its state from the input (start, rebalances)")
+ASSIGNED = Gauge("hw_stream_assigned_partitions", "input partitions this joiner owns")
 WATERMARK = Gauge("hw_stream_watermark_ms", "the joiner's event-time watermark")
 PRODUCED = Counter("hw_stream_produced_events_total", "events produced by sources", ["source"])

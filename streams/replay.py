@@ -130,9 +130,10 @@ def produce_requests(requests: Iterable[tuple[Impression, list[Action]]], produc
         pacer.wait_for(imp.event_time_ms, stop)
         if items is not None:
             items.observe(imp)
-        producer.send(topics.impressions, encode_impression(imp))
+        key = imp.request_id.encode()  # a request's actions share its impression's partition
+        producer.send(topics.impressions, encode_impression(imp), key=key)
         if actions:
-            producer.send(topics.actions, encode_actions(actions))
+            producer.send(topics.actions, encode_actions(actions), key=key)
         events += len(imp.items) + len(actions)
         last_t = max(last_t, imp.event_time_ms, *(a.event_time_ms for a in actions))
         if on_progress is not None:
@@ -151,8 +152,8 @@ def send_final_watermark(producer: BatchProducer, topics: Topics, last_event_ms:
     closes; later streams must then carry later event times (event time never runs backwards).
     """
     wm = encode_event(Watermark(last_event_ms + 86_400_000))
-    producer.send(topics.impressions, wm)
-    producer.send(topics.actions, wm)
+    producer.send_to_every_partition(topics.impressions, wm)
+    producer.send_to_every_partition(topics.actions, wm)
 
 
 def produce_json_lines(lines: TextIO, producer: BatchProducer, topics: Topics) -> tuple[int, int]:
@@ -170,12 +171,13 @@ def produce_json_lines(lines: TextIO, producer: BatchProducer, topics: Topics) -
             log.error("line %d rejected: %s", n, exc)
             rejected += 1
             continue
-        if isinstance(event, Watermark):  # a promise about both input topics
-            producer.send(topics.impressions, encode_event(event))
-            producer.send(topics.actions, encode_event(event))
+        if isinstance(event, Watermark):  # a promise about every input partition
+            producer.send_to_every_partition(topics.impressions, encode_event(event))
+            producer.send_to_every_partition(topics.actions, encode_event(event))
         else:
             topic = topics.impressions if isinstance(event, Impression) else topics.actions
-            producer.send(topic, encode_event(event))
+            rid = event.request_id if isinstance(event, Impression) else event[0].request_id
+            producer.send(topic, encode_event(event), key=rid.encode())
         sent += 1
     producer.flush()
     return sent, rejected

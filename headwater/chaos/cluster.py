@@ -26,8 +26,11 @@ __all__ = ["ChaosConfig", "Cluster"]
 class ChaosConfig:
     """Settings of ``headwater bench chaos`` (defaults: the shortened run, ~2-3 minutes)."""
 
-    faults: str = field(default="joiner,trainer,serving,broker,trainer-checkpoint,broker-replay", metadata={
-        "help": "faults in order: joiner, trainer, serving (kill -9 + restart), broker (down + up), "
+    faults: str = field(default="joiner,joiner-rebalance,trainer,serving,broker,trainer-checkpoint,"
+                                "broker-replay", metadata={
+        "help": "faults in order: joiner, trainer, serving (kill -9 + restart), joiner-rebalance "
+                "(kill -9 one of the joiners, the others take its partitions, then it rejoins), "
+                "broker (down + up), "
                 "trainer-checkpoint (kill -9 inside a checkpoint write + restart), broker-replay "
                 "(broker down + up while `headwater replay` sends a real-shaped CSV log); not by "
                 "default: serving-rerank (both replicas run the LLM in-process, serve --llm, under a "
@@ -38,6 +41,8 @@ class ChaosConfig:
     items_per_request: int = field(default=10, metadata={"help": "items shown per request"})
     negative_rate: float = field(default=0.5, metadata={"help": "joiner's negative keep probability"})
     join_window_s: float = field(default=2.0, metadata={"help": "joiner's event-time window"})
+    joiners: int = field(default=2, metadata={
+        "help": "joiner processes in one consumer group (input topics: 2 partitions per joiner)"})
     warmup_s: float = field(default=5.0, metadata={"help": "stream time after serving is up, before the first fault"})
     settle_s: float = field(default=4.0, metadata={"help": "stream time between faults"})
     broker_down_s: float = field(default=10.0, metadata={"help": "how long the broker stays down"})
@@ -87,7 +92,7 @@ class Cluster:
     def start_broker(self) -> str:
         from streams.broker import BrokerConfig, EmbeddedBroker, LocalS3Server
 
-        bcfg = BrokerConfig(port=0)
+        bcfg = BrokerConfig(port=0, input_partitions=self.input_partitions)
         if self.cfg.storage == "s3":
             self.s3 = LocalS3Server().start()
             bcfg.storage, bcfg.s3_endpoint = self.s3.storage_url, self.s3.endpoint
@@ -109,10 +114,11 @@ class Cluster:
         # The trainer carries a kill point for the checkpoint fault (idle unless armed).
         killpoint = [sys.executable, "-m", "headwater.chaos.killpoint", str(self.killpoint_note)]
 
-        children = [spec("joiner", ["join", *common, "--state-dir", str(self.root / "joiner"),
-                                    "--window-s", str(c.join_window_s), "--allowed-lateness-s", "1",
-                                    "--negative-rate", str(c.negative_rate), "--idle-close-s", "3"]),
-                    spec("trainer", ["train", *common, "--checkpoint-dir", str(self.root / "trainer"),
+        children = [spec(name, ["join", *common, "--state-dir", str(self.root / name),
+                                "--window-s", str(c.join_window_s), "--allowed-lateness-s", "1",
+                                "--negative-rate", str(c.negative_rate), "--idle-close-s", "3"])
+                    for name in self.joiner_names]
+        children += [spec("trainer", ["train", *common, "--checkpoint-dir", str(self.root / "trainer"),
                                      "--checkpoint-interval-s", "3", "--embedding-dim", "8",
                                      "--hidden", "64,32", "--eval-window", "5000",
                                      "--torch-threads", "1"], head=killpoint)]
@@ -154,6 +160,19 @@ class Cluster:
                 log.exception("error while stopping %s", type(part).__name__)
 
     # -- observation -------------------------------------------------------------------------
+    @property
+    def joiner_names(self) -> list[str]:
+        return ["joiner"] + [f"joiner-{i + 1}" for i in range(1, self.cfg.joiners)]
+
+    @property
+    def input_partitions(self) -> int:
+        return 2 * self.cfg.joiners if self.cfg.joiners > 1 else 1
+
+    def joiners_metric(self, sample: str) -> float | None:
+        """A sample summed over the joiners (None while one of them does not answer)."""
+        values = [self.metric(n, sample) for n in self.joiner_names if n in self.sup.children]
+        return None if any(v is None for v in values) else sum(values)
+
     def metric(self, name: str, sample: str, labels: dict | None = None) -> float | None:
         """Sum of a sample in a child's /metrics (None while the child is not answering)."""
         got = scrape(f"http://127.0.0.1:{self.ports[name]}/metrics", timeout_s=0.5)

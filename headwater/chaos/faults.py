@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from headwater.chaos.accounting import TrainedLineage
 from headwater.chaos.cluster import Cluster
 
-__all__ = ["PROCESS_FAULTS", "FaultResult", "broker_fault", "checkpoint_fault", "count_duplicates",
+__all__ = ["PROCESS_FAULTS", "REBALANCE_FAULT", "FaultResult", "rebalance_fault", "broker_fault", "checkpoint_fault", "count_duplicates",
            "process_fault"]
 
 PROCESS_FAULTS = ("joiner", "trainer", "serving")
+REBALANCE_FAULT = "joiner-rebalance"
 
 
 @dataclass
@@ -76,6 +77,39 @@ def process_fault(cl: Cluster, fault: str) -> FaultResult:
         # (degraded_before_kill is reported, not required: a trainer lagging under load is stale too)
         ok = ok and seen and fresh
     res.survived = ok
+    res.crashes = {k: v - before.get(k, 0) for k, v in cl.crashes.items() if v != before.get(k, 0)}
+    return res
+
+
+def rebalance_fault(cl: Cluster) -> FaultResult:
+    """kill -9 one of the joiners and keep it down: the group hands its input partitions to the
+    others, which rebuild those partitions' pending requests from the input (the run's ledger
+    then shows nothing lost, nothing trained twice); then it rejoins and they split again."""
+    names = [n for n in cl.joiner_names if n in cl.sup.children]
+    if len(names) < 2:
+        raise ValueError(f"{REBALANCE_FAULT} needs two joiners or more (--joiners)")
+    victim, survivor = names[-1], names[0]
+    res = FaultResult(REBALANCE_FAULT)
+    before = dict(cl.crashes)
+    every = 2 * cl.input_partitions  # impressions and actions
+    rebuilds = cl.metric(survivor, "hw_stream_joiner_rebuilds_total") or 0
+    res.detail["victim_partitions"] = cl.metric(victim, "hw_stream_assigned_partitions")
+    t_kill = time.monotonic()
+    cl.kill9(victim)
+    spec = cl.sup.children.pop(victim).spec
+    took = cl.wait("the other joiners to own every input partition", lambda: (
+        (cl.metric(survivor, "hw_stream_joiner_rebuilds_total") or 0) > rebuilds
+        and cl.joiners_metric("hw_stream_assigned_partitions") == every), cl.cfg.recovery_timeout_s)
+    res.detail["taken_over_s"] = round(time.monotonic() - t_kill, 2)
+    res.detail["survivors_partitions"] = cl.joiners_metric("hw_stream_assigned_partitions")
+    t_restart = time.monotonic()
+    cl.sup.start(spec)
+    back = cl.wait(f"{victim} to rejoin", lambda: (
+        (cl.metric(victim, "hw_stream_assigned_partitions") or 0) > 0
+        and (cl.metric(victim, "hw_stream_events_in_total") or 0) > 0), cl.cfg.recovery_timeout_s)
+    now = time.monotonic()
+    res.downtime_s, res.recovery_s = round(now - t_kill, 2), round(now - t_restart, 2)
+    res.survived = took and back and res.detail["victim_partitions"] not in (None, 0)
     res.crashes = {k: v - before.get(k, 0) for k, v in cl.crashes.items() if v != before.get(k, 0)}
     return res
 

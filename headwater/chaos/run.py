@@ -6,6 +6,9 @@ a durable broker (Tansu on ``s3://`` storage in a loopback S3 server, so a broke
 what it acknowledged), the synthetic generator, the joiner, the trainer and two serving replicas
 under a failover Recommend load. Then, one after another and each mid-stream:
 
+- ``joiner-rebalance``: ``kill -9`` one of the joiners (two by default, one consumer group) and
+  keep it down until the survivor owns every input partition and rebuilt their pending requests
+  from the input; then it rejoins and the partitions split again.
 - ``joiner``, ``trainer``, ``serving``: ``kill -9`` the process group, start it again (the
   trainer is held down until serving reports ``hw_serve_degraded 1``: the stale-model signal);
 - ``broker``: ``kill -9`` the broker, keep it down ``broker_down_s``, start it on the same port;
@@ -51,8 +54,9 @@ from typing import Callable
 
 from headwater.chaos.accounting import account, end_offset
 from headwater.chaos.cluster import ChaosConfig, Cluster
-from headwater.chaos.faults import (PROCESS_FAULTS, FaultResult, broker_fault, checkpoint_fault,
-                                   count_duplicates, process_fault)
+from headwater.chaos.faults import (PROCESS_FAULTS, REBALANCE_FAULT, FaultResult, broker_fault,
+                                   checkpoint_fault, count_duplicates, process_fault,
+                                   rebalance_fault)
 from headwater.chaos.replay import replay_fault
 from headwater.chaos.rerank import RERANK_FAULT, attach_llm, rerank_fault
 
@@ -96,8 +100,8 @@ def _drain(cl: Cluster) -> bool:
         last, stable_since = None, time.monotonic()
         while time.monotonic() < deadline:
             cl.poll()
-            row = (cl.metric("joiner", "hw_stream_pending_requests"),
-                   cl.metric("joiner", "hw_stream_examples_out_total"),
+            row = (cl.joiners_metric("hw_stream_pending_requests"),
+                   cl.joiners_metric("hw_stream_examples_out_total"),
                    cl.metric("trainer", "hw_train_examples_total"))
             if row != last:
                 last, stable_since = row, time.monotonic()
@@ -121,7 +125,7 @@ def _drain(cl: Cluster) -> bool:
 
 _OTHER_FAULTS: dict[str, Callable[[Cluster], FaultResult]] = {
     "broker": broker_fault, "trainer-checkpoint": checkpoint_fault, "broker-replay": replay_fault,
-    RERANK_FAULT: rerank_fault}
+    RERANK_FAULT: rerank_fault, REBALANCE_FAULT: rebalance_fault}
 
 
 def run_chaos(cfg: ChaosConfig, on_phase: Callable[[str], None] | None = None) -> dict:

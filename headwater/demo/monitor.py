@@ -33,17 +33,19 @@ class DemoMonitor:
     def sample(self) -> dict[str, float]:
         s = {name: scrape(url, timeout_s=0.5) for name, url in self.urls.items()}
         row: dict[str, float] = {"t": time.monotonic()}
-        joiner = s.get("joiner", {})
+        joiner = _merged([v for k, v in s.items() if k == "joiner" or k.startswith("joiner-")])
         row["events"] = (_total(joiner, "hw_stream_events_in_total") if self.replay else
                          _total(s.get("generator", {}), "hw_stream_produced_events_total"))
         row["examples"] = _total(joiner, "hw_stream_examples_out_total")
         row["dlq"] = _total(joiner, "hw_stream_dlq_total")
-        row["pending"] = _value(joiner, "hw_stream_pending_requests", {})
+        row["pending"] = (sum(v for _, v in joiner["hw_stream_pending_requests"])
+                          if joiner.get("hw_stream_pending_requests") else math.nan)
         trainer = s.get("trainer", {})
         row["trained"] = _total(trainer, "hw_train_examples_total")
         # Generated events the trained examples came from: each example is one shown item, each
         # positive also one click, so events per example = 1 + the joined positive rate.
-        positives = _value(s.get("joiner", {}), "hw_stream_examples_out_total", {"label": "1"})
+        positives = sum(v for lab, v in joiner.get("hw_stream_examples_out_total", [])
+                        if lab.get("label") == "1") if joiner else math.nan
         row["events_trained"] = (row["trained"] * (1 + positives / row["examples"])
                                  if row["examples"] and not math.isnan(positives) else 0.0)
         row["auc_window"] = _value(trainer, "hw_train_auc", {"scope": "window", "model": "learner"})
@@ -107,6 +109,15 @@ class DemoMonitor:
             # calls without candidates, by the stage that retrieved them (demo --two-tower)
             "retrieval_sources": dict(self.load.retrieval_sources) if self.load else {},
         }
+
+
+def _merged(scrapes: list[dict]) -> dict:
+    """Several replicas' samples as one scrape (``demo --joiners N``): sums read across them."""
+    out: dict[str, list] = {}
+    for samples in scrapes:
+        for name, values in samples.items():
+            out.setdefault(name, []).extend(values)
+    return out
 
 
 def _total(samples: dict, name: str) -> float:

@@ -79,6 +79,8 @@ class DemoConfig:
     temperature: float = field(default=_WORLD.temperature, metadata={
         "help": "divides the truth's varying logit terms (higher = noisier clicks)"})
     join_window_s: float = field(default=10.0, metadata={"help": "joiner's event-time window"})
+    joiners: int = field(default=1, metadata={
+        "help": "joiner processes in one consumer group (the input topics get as many partitions)"})
     join_emit: str = field(default="window", metadata={
         "help": "joiner's emission: window (labels final at window close) or early (negatives "
                 "after a 1 s hold, clicks at once; the trainer corrects the bias)"})
@@ -115,6 +117,11 @@ class DemoConfig:
             raise ConfigError(f"[demo] on_bad_row must be error or dead-letter, got {self.on_bad_row!r}")
         if self.schema is not None and self.dataset is None:
             raise ConfigError("[demo] --schema describes a --dataset log; give --dataset FILE too")
+        if self.joiners < 1:
+            raise ConfigError(f"[demo] joiners must be >= 1, got {self.joiners}")
+        if self.joiners > 1 and self.bootstrap_servers:
+            log.warning("--joiners %d: the input topics of %s need at least %d partitions",
+                        self.joiners, self.bootstrap_servers, self.joiners)
         if self.join_emit not in ("window", "early"):
             raise ConfigError(f"[demo] join_emit must be window or early, got {self.join_emit!r}")
         if self.eval_window < 0:
@@ -169,7 +176,9 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
         out.append(Component(ChildSpec(name, hw + argv + ["--metrics-port", str(port)],
                                        log_file=logs / f"{name}.log"), port))
 
-    add("joiner", ["join", *common, "--state-dir", str(cfg.data_dir / "joiner"),
+    for i in range(cfg.joiners):  # one consumer group: they split the input partitions
+        name = "joiner" if i == 0 else f"joiner-{i + 1}"
+        add(name, ["join", *common, "--state-dir", str(cfg.data_dir / name),
                    "--window-s", str(cfg.join_window_s), "--emit", cfg.join_emit,
                    *(["--dense-dim", str(dataset.dense_dim)] if dataset else [])])
     if cfg.train and _have("training.trainer"):
@@ -224,7 +233,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
 
         if dataset is not None:
             _forget_previous_run(cfg.data_dir)
-        broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix))
+        broker = EmbeddedBroker(BrokerConfig(port=cfg.broker_port, topic_prefix=cfg.topic_prefix,
+                                             input_partitions=cfg.joiners))
         broker.start()
         bootstrap = broker.bootstrap_servers
     grpc_port = free_port()
@@ -311,11 +321,11 @@ def _forget_previous_run(data_dir: Path) -> None:
     """Removes the joiner's, trainer's and serving's state of an earlier run.
 
     A fresh embedded broker holds no topics, so that state refers to offsets that no longer
-    exist; for a replay it is also harmful: the joiner's saved watermark is past the end of the
-    log (the final watermark), so a second replay of the same log would arrive entirely late.
+    exist (the joiners rebuild theirs from the input anyway; the trainer's and serving's would
+    point past the new topics' ends).
     """
-    for name in ("joiner", "trainer", "serving"):
-        path = data_dir / name
+    for path in [data_dir / n for n in ("joiner", "trainer", "serving")] + sorted(
+            data_dir.glob("joiner-*")):
         if path.exists():
             log.info("removing %s: state of an earlier run against another broker", path)
             shutil.rmtree(path)

@@ -33,19 +33,24 @@ def _check(report: dict, faults: int) -> None:
 
 
 def test_process_faults_short(tmp_path):
-    cfg = ChaosConfig(faults="joiner,trainer,serving", storage="memory", data_dir=str(tmp_path),
-                      warmup_s=1.0, settle_s=1.0, load_qps=10.0)
-    _check(run_chaos(cfg), faults=3)
+    cfg = ChaosConfig(faults="joiner,joiner-rebalance,trainer,serving", storage="memory",
+                      data_dir=str(tmp_path), warmup_s=1.0, settle_s=1.0, load_qps=10.0)
+    report = run_chaos(cfg)
+    _check(report, faults=4)
+    rebalance = next(f for f in report["faults"] if f["fault"] == "joiner-rebalance")
+    # the killed joiner owned partitions, and the survivor took every one of them
+    assert rebalance["detail"]["victim_partitions"] > 0
+    assert rebalance["detail"]["survivors_partitions"] == 8
 
 
 @pytest.mark.slow
 def test_chaos_benchmark_full():
-    """The README's ``headwater bench chaos --json``: all six faults, the broker down 10 s twice
+    """The README's ``headwater bench chaos --json``: all seven faults, the broker down 10 s twice
     (once during a log replay), the trainer killed once plainly and once inside a checkpoint write."""
     out = subprocess.run([sys.executable, "-m", "headwater", "bench", "chaos", "--json"],
                          capture_output=True, text=True, timeout=1200, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    _check(report, faults=6)
+    _check(report, faults=7)
     checkpoint = next(f for f in report["faults"] if f["fault"] == "trainer-checkpoint")
     assert checkpoint["detail"]["kill_landed_mid_write"] and checkpoint["detail"]["rows_retrained"] == 0
     replay = next(f for f in report["faults"] if f["fault"] == "broker-replay")
