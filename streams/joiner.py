@@ -247,17 +247,23 @@ class OnlineJoiner:
         replaces the one stored, whose record then no longer needs replaying."""
         stored: dict[bytes, tuple[str, int, int]] = {}
         keys = []
+        held: dict[tuple[str, int], list[int]] = {}
+        replaced: list = []
         for rec, event in impressions:
             rid = event.request_id.encode()
             key = self.state.put_impression(wb, rid, event.event_time_ms + self.window_ms,
                                             rec.value, (rec.partition, rec.offset))
             if self.early is not None:
                 self.early.hold(wb, rid, event.event_time_ms)
-            self.positions.hold((rec.topic, rec.partition), rec.offset)
-            if key in stored:
-                self._release_source(self.topics.impressions, stored[key][1:])
+            held.setdefault((rec.topic, rec.partition), []).append(rec.offset)
+            if key in stored:  # released once the holds are in
+                replaced.append(stored[key][1:])
             stored[key] = (rec.topic, rec.partition, rec.offset)
             keys.append(key)
+        for tp, offsets in held.items():
+            self.positions.hold(tp, offsets)
+        for source in replaced:
+            self._release_source(self.topics.impressions, source)
         for key, before in zip(keys, self.state.get_many(keys)):
             if before is not None and stored.pop(key, None) is not None:
                 self._release_source(self.topics.impressions, split_impression(before)[1])
@@ -294,6 +300,8 @@ class OnlineJoiner:
         states = self.state.request_states(rids)
         late = []
         stored: dict[bytes, PendingAction] = {}  # a-key -> the action stored this step
+        held: dict[tuple[str, int], list[int]] = {}
+        replaced: list = []
         for (rec, a), rid, state in zip(actions, rids, states):
             pa = PendingAction(a.item_id, a.kind, a.value, a.event_time_ms, a.user_id,
                                (rec.partition, rec.offset))
@@ -309,11 +317,15 @@ class OnlineJoiner:
             orphan = None if state is not None or rid in new_requests else (
                 a.event_time_ms + self.window_ms)
             self.state.put_action(wb, key, pa, orphan_expire_ms=orphan)
-            self.positions.hold((rec.topic, rec.partition), rec.offset)
-            replaced = stored.pop(key, None)
-            if replaced is not None:  # the same action twice in one step: one is kept
-                self._release_source(self.topics.actions, replaced.source)
+            held.setdefault((rec.topic, rec.partition), []).append(rec.offset)
+            earlier = stored.pop(key, None)
+            if earlier is not None:  # the same action twice in one step: one is kept
+                replaced.append(earlier.source)
             stored[key] = pa
+        for tp, offsets in held.items():
+            self.positions.hold(tp, offsets)
+        for source in replaced:
+            self._release_source(self.topics.actions, source)
         keys = list(stored)
         for key, before in zip(keys, self.state.get_many(keys)):
             if before is not None:  # an action stored before is replaced

@@ -141,3 +141,28 @@ def test_a_release_without_its_hold_is_an_error():
     except RuntimeError:
         return
     raise AssertionError("releasing an event never held must raise")
+
+
+def test_repeated_impressions_and_actions_do_not_pin_the_committed_offset(kafka_topics, tmp_path):
+    """A producer retry repeats a message; the repeat replaces the stored event, and the one it
+    replaced must stop holding the restart offset back (else every restart re-reads from it)."""
+    from streams.events import Action, Impression, Watermark
+    from streams.joiner import OnlineJoiner
+
+    from joinhelp import joiner_config, run_until, send
+
+    imp = Impression("r1", 1, 1000, [5, 6])
+    click = [Action("r1", 1, 6, "click", 1.0, 1200)]
+    send(kafka_topics, [imp, imp], [click, click])  # repeats read in one step
+    joiner = OnlineJoiner(joiner_config(kafka_topics, tmp_path))
+    run_until(joiner, lambda: joiner.max_time == 1000 and joiner.positions.pending() == 2)
+    send(kafka_topics, [imp], [click], watermark=Watermark(10 * 60_000))  # and in a later one
+    run_until(joiner, lambda: joiner.state.count_pending() == 0 and joiner.watermark > 0)
+    topics = topic_names(kafka_topics.topic_prefix)
+    # 3 impressions + a watermark, 3 actions + a watermark: nothing left to re-read
+    assert joiner.positions.restart_offsets() == {(topics.impressions, 0): 4,
+                                                  (topics.actions, 0): 4}
+    assert joiner.positions.pending() == 0
+    joiner.close()
+    labels = examples(kafka_topics)
+    assert sorted(set(zip(labels.item_id.tolist(), labels.label.tolist()))) == [(5, 0.0), (6, 1.0)]
