@@ -5,15 +5,21 @@ Workload (issue 3): one slot, dim 64, Adagrad; ids drawn Zipf(s=1.1) over a univ
 (scrambled to arbitrary 64-bit values), batches of 65,536 ids of which 10% were never seen before.
 
 Ceiling: a lookup is a memory-bound gather once each id is resolved to its row, so the ceiling is
-a plain gather of the same rows from the same dense array with the rows known in advance
-(``torch.index_select`` and NumPy ``take``; the faster counts), timed like the lookups, in the
-same interleaved rounds.
+a plain gather of the same rows from the same dense array with the rows known in advance, timed
+like the lookups, in the same interleaved rounds; the fastest of ``torch.index_select`` (torch
+set to the lookup's thread count), NumPy ``take`` on one thread, NumPy ``take`` split over the
+lookup's threads exactly as the lookup splits its batch, and the lookup's own compiled copy loop
+(:func:`~embedding_store.id_index.take_rows`, split the same way): the lookup less its probe. A
+ceiling never runs on fewer threads than the lookup, so the fraction compares like with like;
+``fraction_of_numpy_ceiling`` leaves the compiled copy loop out. The lookup's kernels are
+compiled (or loaded from numba's cache) before the warm-up; ``jit_warmup_s`` says how long.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 import numpy as np
 import torch
@@ -21,8 +27,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench.harness import Ceiling, add_common, interleaved, per_item_seconds, with_ceiling
-from embedding_store.id_index import mix64
+from embedding_store import id_index
+from embedding_store.id_index import mix64, take_rows
 from embedding_store.slots import SlotConfig
+from embedding_store.split_batch import lookup_threads, split_batch
 from embedding_store.table import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,9 @@ class ZipfStream:
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    id_index.warm_up()  # compile (or load) the kernels outside every timing
+    jit_s = time.perf_counter() - t0
     stream = ZipfStream(args.universe, args.zipf, args.batch, args.new_frac, args.seed)
     table = EmbeddingTable([SlotConfig("x", args.dim, optimizer="adagrad", lr=0.05)], seed=args.seed)
     grads = torch.randn(args.batch, args.dim) * 0.01
@@ -81,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
             progress.refresh()
         progress.update(task, description="timing lookups, inserts, updates and the dict baseline")
         progress.refresh()
-        return _measure(args, stream, table, grads)
+        return {**_measure(args, stream, table, grads), "jit_warmup_s": round(jit_s, 2)}
 
 
 def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTable, grads: torch.Tensor) -> dict:
@@ -127,18 +138,54 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
     def ceiling_take(b: torch.Tensor) -> np.ndarray:
         return values_np.take(rows_of[id(b)].numpy(), axis=0)
 
+    def ceiling_take_split(b: torch.Tensor) -> np.ndarray:
+        # The lookup's own split of the batch over threads, and its own output allocation.
+        rows = rows_of[id(b)].numpy()
+        out = np.empty((rows.size, values_np.shape[1]), dtype=values_np.dtype)
+        split_batch(lambda lo, hi: values_np.take(rows[lo:hi], axis=0, out=out[lo:hi], mode="clip"), rows.size)
+        return out
+
+    def ceiling_compiled(b: torch.Tensor) -> np.ndarray:
+        # The lookup's own copy loop (same prefetching) with the rows known: the lookup less its
+        # probe. Faster than NumPy's take, so it, not take, usually sets the ceiling.
+        rows = rows_of[id(b)].numpy()
+        out = np.empty((rows.size, values_np.shape[1]), dtype=values_np.dtype)
+        split_batch(lambda lo, hi: take_rows(values_np, rows[lo:hi], out[lo:hi]), rows.size)
+        return out
+
+    def probe_only(b: torch.Tensor) -> None:
+        # Diagnostic: the probe alone (rows, no gather), split like the lookup.
+        ids = b.numpy()
+        split_batch(lambda lo, hi: st.index.find(ids[lo:hi], missing=0), ids.size)
+
+    threads = lookup_threads(args.batch)
+    torch_threads = torch.get_num_threads()
+
+    def with_torch_threads(fn):
+        def run_it():
+            torch.set_num_threads(threads)  # the ceiling runs on as many threads as the lookup
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(torch_threads)
+        return run_it
+
+    table.lookup("x", read_b[0])  # untimed: first-call paths (the kernels are already compiled)
     # Alternate whole passes (table, baselines, ceiling, in rotating order) and keep each side's
     # best pass: a neighbour's burst on the shared cores then hits every side alike or none.
     passes = interleaved({
         "lookup": lambda: per_item_seconds(lambda b: table.lookup("x", b), read_b),
         "torch": lambda: per_item_seconds(baseline_torch, read_b),
         "numpy": lambda: per_item_seconds(baseline_numpy, read_b),
-        "index_select": lambda: per_item_seconds(ceiling_index_select, read_b),
+        "index_select": with_torch_threads(lambda: per_item_seconds(ceiling_index_select, read_b)),
         "take": lambda: per_item_seconds(ceiling_take, read_b),
+        "take_split": lambda: per_item_seconds(ceiling_take_split, read_b),
+        "compiled": lambda: per_item_seconds(ceiling_compiled, read_b),
+        "probe": lambda: per_item_seconds(probe_only, read_b),
     }, args.repeats)
-    t_lookup, t_torch, t_numpy, t_select, t_take = (min(passes[k]) for k in passes)
+    t_lookup, t_torch, t_numpy, t_select, t_take, t_take_split, t_compiled, t_probe = (min(passes[k]) for k in passes)
     t_base = min(t_torch, t_numpy)  # compare against the stronger of the two first versions
-    t_ceiling = min(t_select, t_take)
+    t_ceiling = min(t_select, t_take, t_take_split, t_compiled)
     same = all(torch.equal(base(b), table.lookup("x", b)) for b in read_b[:2] for base in (baseline_torch, baseline_numpy))
 
     # Collision audit over every live row: distinct ids, and each id finds exactly its row.
@@ -150,7 +197,9 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
     base_rate = ids_timed / t_base
     ceiling = Ceiling(ids_timed / t_ceiling, "ids/s", measured=lookup_rate, note=(
         "memory-bound: a plain gather of the same rows from the same dense array, rows resolved "
-        "in advance (the faster of torch.index_select and numpy take), timed like the lookups"))
+        f"in advance, on at least the lookup's {threads} thread(s) (the fastest of torch.index_select, "
+        "numpy take, numpy take split over threads like the lookup, and the lookup's own compiled copy "
+        "loop split the same way), timed like the lookups"))
     return with_ceiling({
         "benchmark": "embedding",
         "dim": args.dim,
@@ -158,6 +207,9 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
         "universe": args.universe,
         "live_rows": s["live_rows"],
         "lookup_ids_per_s": round(lookup_rate),
+        "kernel": "numba fused probe+gather",
+        "threads": threads,
+        "probe_only_ids_per_s": round(ids_timed / t_probe),
         "insert_ids_per_s": round(ids_timed / t_insert),
         "new_rows_per_s": round(new_rows / t_insert),
         "update_ids_per_s": round(ids_timed / t_update),
@@ -173,5 +225,9 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
         "collisions": collisions,
         "ceiling_index_select_ids_per_s": round(ids_timed / t_select),
         "ceiling_numpy_take_ids_per_s": round(ids_timed / t_take),
+        "ceiling_numpy_take_split_ids_per_s": round(ids_timed / t_take_split),
+        "ceiling_compiled_gather_ids_per_s": round(ids_timed / t_compiled),
+        # the fraction against the NumPy/torch gathers alone (the ceiling before the compiled one)
+        "fraction_of_numpy_ceiling": round(lookup_rate * min(t_select, t_take, t_take_split) / ids_timed, 3),
         "repeats": args.repeats,
     }, ceiling, named="ceiling_ids_per_s", digits=0)

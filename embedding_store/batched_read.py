@@ -16,10 +16,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from embedding_store.id_index import find_rows_torch
 from embedding_store.kernels.reference import embedding_bag_reference
 
-__all__ = ["read_many", "read_rows", "find_rows", "scripted"]
+__all__ = ["read_many", "read_rows", "find_rows", "find_rows_torch", "scripted"]
 
 
 def read_rows(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
@@ -83,3 +82,49 @@ def read_many(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[to
 def find_rows(tab: torch.Tensor, keys: torch.Tensor, missing: int = -1) -> torch.Tensor:
     """``IdIndex.find(keys, missing)`` as one TorchScript call over ``IdIndex.table_view()``."""
     return scripted(find_rows_torch)(tab, keys, missing)
+
+
+# ---- the id index's probe in torch ops (TorchScript-able) ----------------------------------------
+# Serving's forward (:mod:`serving.compiled_forward`, via this module) is one TorchScript graph
+# that probes, gathers and scores with the GIL released once; a graph cannot call numba, so the probe is written a second time here in torch ops: same home slot, same table,
+# same rows (the property tests in tests/embedding_store/test_id_index.py hold it to ``find``).
+# TorchScript cannot read module globals, so _GOLDEN, the window (8) and EMPTY (-1) appear as
+# literals. A serving batch reads a few small slots, so what counts here is the number of ops, not
+# their width: the common case (every key settled at its home slot) is a dozen.
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def find_rows_torch(tab: torch.Tensor, keys: torch.Tensor, missing: int) -> torch.Tensor:
+    """``IdIndex.find(keys, missing)`` over ``tab``, an index's :meth:`IdIndex.table_view`."""
+    cap = tab.shape[0]
+    bits = 4  # capacities are powers of two, at least 16
+    while (1 << bits) < cap:
+        bits += 1
+    mask = cap - 1
+    golden = -7046029254386353131  # _GOLDEN's 64 bits as a (wrapping) signed int64
+    pos = _srl((_srl(keys, 32) ^ keys) * golden, 64 - bits)
+    entry = tab.index_select(0, pos)
+    row = entry[:, 1]
+    hit = entry[:, 0] == keys  # guard keys (see IdIndex): an equal key is a live row
+    out = row * hit if missing == 0 else torch.where(hit, row, missing)
+    pending = torch.nonzero(torch.gt(row != -1, hit)).squeeze(1)  # another key there: go on
+    if pending.numel() == 0:
+        return out
+    pos = (pos.index_select(0, pending) + 1) & mask
+    k = keys.index_select(0, pending)
+    steps = torch.arange(8, dtype=torch.int64)
+    while pending.numel() > 0:
+        p = pending.numel()
+        win = (pos.unsqueeze(1) + steps) & mask
+        e = tab.index_select(0, win.reshape(-1)).reshape(p, 8, 2)
+        hitw = e[:, :, 0] == k.unsqueeze(1)
+        # At most one hit per key, and never past an empty slot (linear probing's invariant).
+        at = torch.nonzero(hitw)
+        out.index_put_((pending.index_select(0, at[:, 0]),), e[at[:, 0], at[:, 1], 1])
+        go_on = ~(hitw | (e[:, :, 1] == -1)).any(dim=1)
+        pending, pos, k = pending[go_on], (pos[go_on] + 8) & mask, k[go_on]
+    return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
@@ -22,23 +21,14 @@ import torch
 from embedding_store import kernels
 from embedding_store.batched_read import read_many
 from embedding_store.delta import SlotDelta, TableDelta
+from embedding_store.id_index import take_rows
 from embedding_store.optimizers import sparse_update
 from embedding_store.persistence import load_table, save_table
 from embedding_store.slot_store import SlotStore
 from embedding_store.slots import SlotConfig
+from embedding_store.split_batch import split_batch
 
 log = logging.getLogger(__name__)
-
-_SPLIT_MIN = 16_384  # ids per CPU lookup above which two threads share the work
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding-lookup")
-    return _POOL
-
 
 def _ids_np(ids: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(ids, torch.Tensor):
@@ -122,24 +112,14 @@ class EmbeddingTable:
             if st.device.type != "cpu":
                 rows = self._rows(st, ids_np, train, now)
                 return st.values.index_select(0, torch.from_numpy(rows).to(st.device))
-            if train or ids_np.size < _SPLIT_MIN:
-                rows = self._rows(st, ids_np, train, now)
-                return torch.from_numpy(st.values.numpy().take(rows, axis=0))
-            # Read-only and large: probe + gather the two halves on two threads. NumPy releases
-            # the GIL in take/compare, and a blocked waiter does not spin (unlike OpenMP), so
-            # this does not stall when the cores are shared.
+            if train:
+                rows = self._rows(st, ids_np, train, now)  # may grow st.values: read it after
+                return torch.from_numpy(take_rows(st.values.numpy(), rows))
             values = st.values.numpy()
-            out = np.empty((ids_np.size, st.cfg.dim), dtype=np.float32)
-            half = ids_np.size // 2
-
-            def part(lo: int, hi: int) -> None:
-                # mode="clip" (rows are always valid) lets take write straight into ``out``;
-                # the default mode would buffer the whole result first.
-                values.take(st.index.find(ids_np[lo:hi], missing=0), axis=0, out=out[lo:hi], mode="clip")
-
-            fut = _pool().submit(part, 0, half)
-            part(half, ids_np.size)
-            fut.result()
+            # Read-only: probe and copy in one compiled pass (row 0, the default, for unknown
+            # ids); a large batch in chunks shared by two threads.
+            out = np.empty((ids_np.size, st.cfg.dim), dtype=values.dtype)
+            split_batch(lambda lo, hi: st.index.gather(ids_np[lo:hi], values, out[lo:hi], missing=0), ids_np.size)
             return torch.from_numpy(out)
 
     def lookup_bags(

@@ -1,12 +1,13 @@
 """The id index never maps two distinct keys to one row, whatever the keys look like."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedding_store.batched_read import find_rows
-from embedding_store.id_index import IdIndex
+from embedding_store.id_index import IdIndex, take_rows
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -82,3 +83,96 @@ def test_interleaved_inserts_and_removes_match_a_dict(ops):
                 assert model.pop(int(k), -1) == r
         seen.extend(keys)
     _check_against_dict(index, model, np.array(seen + [7], dtype=np.int64))
+
+
+GOLDEN = 0x9E3779B97F4A7C15
+M64 = (1 << 64) - 1
+
+
+def _home(key: int, bits: int) -> int:
+    u = key & M64
+    return ((((u >> 32) ^ u) * GOLDEN) & M64) >> (64 - bits)
+
+
+def _keys_with_home(home: int, bits: int, n: int) -> np.ndarray:
+    """``n`` distinct keys whose home slot is ``home`` in a table of ``2**bits`` slots: the home
+    hash run backwards from ``home << (64 - bits) | t``."""
+    inv = pow(GOLDEN, -1, 1 << 64)
+    out = []
+    for t in range(1, n + 1):
+        x = (((home << (64 - bits)) | (t * 7919)) * inv) & M64
+        key = x ^ (x >> 32)
+        out.append(key - (1 << 64) if key >= 1 << 63 else key)
+    keys = np.array(out, dtype=np.int64)
+    assert all(_home(int(k), bits) == home for k in keys)
+    return keys
+
+
+def test_a_long_probe_chain_that_wraps_past_the_table_end_finds_every_key():
+    # 40 keys share home slot 60 of 64: they fill 60..63, wrap to 0..35; far past one probe window.
+    index = IdIndex(capacity=64)
+    keys = _keys_with_home(60, 6, 40)
+    index.insert(keys, np.arange(40))
+    assert index.capacity == 64
+    np.testing.assert_array_equal(index.find(keys), np.arange(40))
+    np.testing.assert_array_equal(find_rows(index.table_view(), torch.from_numpy(keys)).numpy(), np.arange(40))
+    others = _keys_with_home(60, 6, 45)[40:]  # same home, absent: walk the whole chain, then miss
+    assert (index.find(others) == -1).all()
+    # Remove from the middle of the chain: the keys behind the tombstones stay reachable.
+    assert index.remove(keys[10:20]).tolist() == list(range(10, 20))
+    expect = np.where((np.arange(40) >= 10) & (np.arange(40) < 20), -1, np.arange(40))
+    np.testing.assert_array_equal(index.find(keys), expect)
+    np.testing.assert_array_equal(find_rows(index.table_view(), torch.from_numpy(keys)).numpy(), expect)
+    # Re-inserted keys reuse the tombstones, and are found again.
+    index.insert(keys[10:20], np.arange(100, 110))
+    np.testing.assert_array_equal(index.find(keys)[10:20], np.arange(100, 110))
+
+
+def test_free_slots_hold_keys_whose_home_is_the_next_slot():
+    index = IdIndex(capacity=256)
+    keys = np.arange(100, dtype=np.int64) * 1_000_003
+    index.insert(keys, np.arange(100))
+    index.remove(keys[::3])
+    tab = index._tab
+    free = np.flatnonzero(tab[:, 1] < 0)
+    assert free.size == 256 - 66
+    assert all(_home(int(tab[p, 0]), 8) == (p + 1) % 256 for p in free)
+    assert (index.find(tab[free, 0]) == -1).all()  # a guard key is never found
+
+
+def test_a_key_removed_twice_in_one_batch_hands_its_row_back_once():
+    index = IdIndex(capacity=16)
+    index.insert(np.array([5, 6], dtype=np.int64), np.array([50, 60]))
+    assert index.remove(np.array([5, 5, 7, 6, 5], dtype=np.int64)).tolist() == [50, -1, -1, 60, -1]
+    assert len(index) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(INT64, max_size=300, unique=True), st.lists(INT64, max_size=60), st.integers(0, 2))
+def test_gather_copies_the_rows_find_returns(keys, others, missing):
+    index = IdIndex(capacity=16)
+    k = np.array(keys, dtype=np.int64)
+    index.insert(k, np.arange(k.size) + 3)  # rows 0..2 are never named: the "missing" rows
+    values = np.random.default_rng(0).standard_normal((k.size + 3, 5)).astype(np.float32)
+    probe = np.concatenate([k, np.array(others, dtype=np.int64), k[::-1]])
+    out = np.full((probe.size, 5), np.nan, dtype=np.float32)
+    index.gather(probe, values, out, missing=missing)
+    rows = index.find(probe, missing=missing)
+    np.testing.assert_array_equal(out, values.take(rows, axis=0))
+    np.testing.assert_array_equal(take_rows(values, rows), out)  # the copy half alone
+
+
+def test_gather_refuses_a_wrong_output_or_missing_row():
+    index = IdIndex()
+    values = np.zeros((4, 3), dtype=np.float32)
+    keys = np.arange(2, dtype=np.int64)
+    with pytest.raises(ValueError, match="out must be"):
+        index.gather(keys, values, np.zeros((2, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        index.gather(keys, values, np.zeros((2, 3), dtype=np.float64))
+    with pytest.raises(ValueError, match="missing row"):
+        index.gather(keys, values, np.zeros((2, 3), dtype=np.float32), missing=4)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        index.gather(keys, values, np.zeros((3, 2), dtype=np.float32).T)
+    with pytest.raises(ValueError, match="out must be"):
+        take_rows(values, keys, np.zeros((3, 3), dtype=np.float32))
