@@ -7,7 +7,11 @@ each user makes one or two new interactions and then one Recommend call (200 can
 rerank top 20), from ``--clients`` concurrent clients: ``qps``, ``p50_ms``, ``p99_ms``.
 
 - ``prefix_hit_rate``: share of the rerank contexts' tokens the LLM's prefix cache already held,
-  over returning users' calls (the first round is excluded).
+  over returning users' calls (the first round is excluded). What it misses: the new history
+  lines, the previous context's last partial block, and the whole context of a call whose shown
+  window moved (``history_moves`` of them: a history that outgrew the model's context or
+  ``rerank_history`` is cut, by ``history_step`` lines at once; see :mod:`serving.rerank`).
+  ``history_lines_mean``: history lines those calls showed the LLM (the price of a larger step).
 - ``speedup_vs_uncached`` and ``max_abs_score_diff``: the same reranks (same prompts) on an
   engine with prefix caching off, one scoring call per candidate, vs the stage's LLM time.
 - ``dlrm_p99_ms_alone`` and ``dlrm_p99_ms_under_rerank_load``: DLRM-only Recommend calls
@@ -52,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=4, help="concurrent rerank clients")
     parser.add_argument("--dlrm-qps", type=float, default=200.0, help="open-loop rate of the DLRM-only calls")
     parser.add_argument("--dlrm-seconds", type=float, default=3.0, help="length of each DLRM-only run")
+    parser.add_argument("--history-low-mark", type=float, default=None,
+                        help="rerank_history_low_mark (default: the serving default)")
     parser.add_argument("--train-requests", type=int, default=6000, help="NDCG: requests the DLRM learns from")
     parser.add_argument("--eval-requests", type=int, default=150, help="NDCG: held-out requests reranked")
     add_threads(parser)
@@ -83,7 +89,8 @@ class _World:
         self.texts = catalog_texts(self.stream)
 
 
-def _runtime(model_dir: str, top_n: int, deadline_ms: float, prefix_caching: bool = True):
+def _runtime(model_dir: str, top_n: int, deadline_ms: float, prefix_caching: bool = True,
+             low_mark: float | None = None):
     from llm_engine import EngineConfig
     from serving.item_text import ItemTextConfig
     from serving.llm_runtime import LlmRuntime, LlmRuntimeConfig
@@ -92,7 +99,8 @@ def _runtime(model_dir: str, top_n: int, deadline_ms: float, prefix_caching: boo
 
     return LlmRuntime(LlmRuntimeConfig(llm=model_dir, llm_port=-1),
                       EngineConfig(enable_prefix_caching=prefix_caching, max_num_seqs=64, max_model_len=2048),
-                      RerankConfig(rerank_top_n=top_n, rerank_deadline_ms=deadline_ms),
+                      RerankConfig(rerank_top_n=top_n, rerank_deadline_ms=deadline_ms,
+                                   **({} if low_mark is None else {"rerank_history_low_mark": low_mark})),
                       ItemTextConfig(), HistoryConfig()).start()
 
 
@@ -103,7 +111,8 @@ def _latency_run(stub, pb2, world: _World, rt, args, rng) -> dict:
         for k, item in enumerate(rng.choice(world.cfg.items, int(rng.integers(20, 51)), replace=False)):
             rt.history.add(u, int(item), "click", k)
     lat: list[float] = []
-    returning_tokens = returning_cached = 0
+    returning_tokens = returning_cached = returning_lines = returning_calls = moves = 0
+    shown: dict[int, list[int]] = {}  # each user's last context: a returning call extends it, or moved
     reranked = degraded = 0
     t_start = time.perf_counter()
 
@@ -118,18 +127,28 @@ def _latency_run(stub, pb2, world: _World, rt, args, rng) -> dict:
             for u in users:
                 for _ in range(int(rng.integers(1, 3))):
                     rt.history.add(u, int(rng.integers(world.cfg.items)), "click", 100 + r)
-            before = (rt.stage.context_tokens, rt.stage.context_cached)
+            st = rt.stage
+            before = (st.context_tokens, st.context_cached, st.context_lines, st.contexts)
             for dt, resp in pool.map(call, users):
                 lat.append(dt)
                 reranked += resp.reranked > 0
                 degraded += resp.degraded
             if r > 0:
-                returning_tokens += rt.stage.context_tokens - before[0]
-                returning_cached += rt.stage.context_cached - before[1]
+                returning_tokens += st.context_tokens - before[0]
+                returning_cached += st.context_cached - before[1]
+                returning_lines += st.context_lines - before[2]
+                returning_calls += st.contexts - before[3]
+            for u in users:  # the history is unchanged since the calls: the contexts they scored
+                ctx = st.context_ids(u, fit=True)
+                moves += r > 0 and ctx[:len(shown[u])] != shown[u]
+                shown[u] = ctx
     wall = time.perf_counter() - t_start
     return {"calls": len(lat), "qps": round(len(lat) / wall, 2), "p50_ms": _percentile_ms(lat, 50),
             "p99_ms": _percentile_ms(lat, 99), "reranked_calls": reranked, "degraded_calls": degraded,
-            "prefix_hit_rate": round(returning_cached / returning_tokens, 4) if returning_tokens else None}
+            "prefix_hit_rate": round(returning_cached / returning_tokens, 4) if returning_tokens else None,
+            "history_lines_mean": round(returning_lines / returning_calls, 2) if returning_calls else None,
+            "history_moves": moves, "history_step": rt.stage.history_step,
+            "history_low_mark": rt.stage.cfg.rerank_history_low_mark}
 
 
 def _dlrm_p99(stub, pb2, items: int, qps: float, seconds: float, rng) -> float:
@@ -281,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="hw-bench-rerank-")
         model_dir = str(build_random_llama(Path(tmp.name), seed=args.seed, max_positions=2048, **BENCH_LLM))
     world = _World(args.seed)
-    rt = _runtime(model_dir, args.top_n, deadline_ms=5000.0)
+    rt = _runtime(model_dir, args.top_n, deadline_ms=5000.0, low_mark=args.history_low_mark)
     rt.texts.update(world.texts.items())
     server = RecommendServer(ServeConfig(port=0, precision="float32"),
                              StaticModelSource(random_model(items=world.cfg.items, users=args.users)), rerank=rt).start()

@@ -19,12 +19,23 @@ shows). A new interaction then appends tokens, and the KV prefix cache keeps eve
 before it; only the new lines and the last partial block are computed again (an instruction
 after the history would be recomputed at every call).
 
-The shown history starts at an absolute position that is a multiple of ``history_chunk``: the
-first one at or after ``total - history_len``, moved further by whole chunks while the history
-does not fit the model with the longest possible candidate. A moved start changes every position
-after it, so the whole context is computed again; the start therefore moves only once every
-``history_chunk`` interactions (a window that slid by one line would miss at every call). A
-larger chunk means fewer full recomputes and, on average, fewer lines shown.
+The shown history starts at an absolute position that is a multiple of the window's *step*:
+the first one at or after ``total - rerank_history``, moved further by whole steps while the
+history does not fit the model with the longest possible candidate. A moved start changes every
+position after it, so the whole context is computed again. The step is therefore large
+(hysteresis): when the history outgrows its limit, the start jumps so that only about
+``rerank_history_low_mark`` of the limit stays, and the next interactions append to that prefix,
+cached, until the limit is reached again. In lines, the limit is ``rerank_history`` or, when
+fewer, as many of the longest lines (``rerank_item_tokens`` of text) as fit the model; the step is
+the fewest whole ``rerank_history_chunk``s that drop ``1 - rerank_history_low_mark`` of it
+(actual lines, shorter, keep a little more after a jump). The price is less history shown: about
+``limit - step / 2`` lines on average, and ``limit - step`` right after a jump.
+
+The start is a function of the history alone (its absolute positions and the lines' tokens), not
+of which calls came before: calls racing for one user with the same history render the same
+prompt, a restarted or another replica renders it without state, and as the history grows the
+start only moves forward. (A start remembered per user could land each jump exactly on the low
+mark, but where it landed would depend on which calls happened to see the history, and when.)
 
 Never a failure: a rerank that does not answer within ``deadline_ms``, fails, or cannot fit the
 model or the KV pool returns None, and Recommend answers in DLRM order with ``degraded`` set and
@@ -52,7 +63,7 @@ from serving.user_history import UserHistory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RerankConfig", "RerankBackend", "RerankOutcome", "RerankStage", "blend", "history_window"]
+__all__ = ["RerankConfig", "RerankBackend", "RerankOutcome", "RerankStage", "blend", "history_step", "history_window"]
 
 HEADER = "A user's recent activity, oldest first, then their next choice:\n"
 LINE_MARK = "-"  # opens a history line; the loglik context ends with it, so a candidate completes a line
@@ -69,7 +80,8 @@ class RerankConfig:
     rerank_deadline_ms: float = field(default=250.0, metadata={"help": "longest the LLM may take; later, Recommend answers in DLRM order, degraded"})
     rerank_method: str = field(default="loglik", metadata={"help": "how the LLM scores a candidate: loglik (mean token log-likelihood) or yes_prob"})
     rerank_history: int = field(default=50, metadata={"help": "most recent interactions shown in the prompt"})
-    rerank_history_chunk: int = field(default=16, metadata={"help": "the shown window moves in steps of this many interactions; each move recomputes the prompt (larger: fewer recomputes, fewer lines shown)"})
+    rerank_history_chunk: int = field(default=8, metadata={"help": "the shown window's start lands on multiples of this many interactions (its step is a multiple of it)"})
+    rerank_history_low_mark: float = field(default=0.5, metadata={"help": "when the shown history outgrows its limit (rerank_history, or the model's context), the window moves so that about this fraction of the limit stays, then grows by appends (a cached prefix) until the limit again; each move recomputes the prompt (lower: fewer recomputes, fewer lines shown; 1: the start moves by one chunk)"})
     rerank_item_tokens: int = field(default=48, metadata={"help": "tokens kept of each item's text"})
 
     def validate(self) -> None:
@@ -81,6 +93,8 @@ class RerankConfig:
             raise ValueError("rerank_history must be >= 0, rerank_history_chunk and rerank_item_tokens > 0")
         if self.rerank_deadline_ms <= 0:
             raise ValueError("rerank_deadline_ms must be positive")
+        if not 0.0 <= self.rerank_history_low_mark <= 1.0:
+            raise ValueError(f"rerank_history_low_mark must be in [0, 1], got {self.rerank_history_low_mark}")
 
 
 class RerankBackend(Protocol):
@@ -112,13 +126,20 @@ class RerankOutcome:
     context_cached_tokens: int
 
 
-def history_window(first: int, count: int, history_len: int, chunk: int) -> int:
+def history_window(first: int, count: int, history_len: int, step: int) -> int:
     """Index (into the ``count`` interactions starting at absolute position ``first``) of the
-    first one to show: the first multiple of ``chunk`` at or after ``first + count - history_len``."""
+    first one to show: the first multiple of ``step`` at or after ``first + count - history_len``."""
     total = first + count
     start = max(total - history_len, first)
-    start = -(-start // chunk) * chunk
+    start = -(-start // step) * step
     return min(start, total) - first
+
+
+def history_step(chunk: int, low_mark: float, limit_lines: int) -> int:
+    """The window's step: the fewest whole ``chunk``s that drop ``1 - low_mark`` of ``limit_lines``
+    (one chunk at least)."""
+    drop = round((1.0 - low_mark) * limit_lines, 6)  # 0.3 * 40 is 12.000000000000002
+    return chunk * max(1, math.ceil(drop / chunk))
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -162,8 +183,17 @@ class RerankStage:
             self._yes = single_token_id(backend.encode, self.options.yes_token, "yes_token")
             self._no = single_token_id(backend.encode, self.options.no_token, "no_token")
         self._extra = len(self._yes_item) + len(self._yes_question) if yes else 0
+        # The tokens the history may take so that the longest possible candidate still fits.
+        self.history_budget = backend.max_model_len - cfg.rerank_item_tokens - len(self._header) \
+            - len(self._trailer) - self._extra
+        longest_line = len(self._mark) + cfg.rerank_item_tokens + len(self._kind("click"))
+        limit = min(cfg.rerank_history, max(self.history_budget, 0) // longest_line,
+                    history.per_user if history is not None else cfg.rerank_history)
+        self.history_step = history_step(cfg.rerank_history_chunk, cfg.rerank_history_low_mark, limit)
         self.context_tokens = 0  # since start, for the prefix hit rate
         self.context_cached = 0
+        self.context_lines = 0  # history lines shown, over ``contexts`` answered calls
+        self.contexts = 0
 
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.backend.encode(text)[: self.cfg.rerank_item_tokens])
@@ -181,7 +211,7 @@ class RerankStage:
         if self.history is None or self.cfg.rerank_history <= 0:
             return np.zeros(0, np.int64), []
         items, first = self.history.recent(user_id)
-        start = history_window(first, len(items), self.cfg.rerank_history, self.cfg.rerank_history_chunk)
+        start = history_window(first, len(items), self.cfg.rerank_history, self.history_step)
         shown = items[start:]
         texts = self.texts.get([it.item_id for it in shown])
         keep = [k for k, text in enumerate(texts) if text is not None]
@@ -197,26 +227,28 @@ class RerankStage:
     def context_ids(self, user_id: int, fit: bool = False) -> list[int]:
         """The user's history prompt as token ids (the shared prefix of every candidate).
 
-        With ``fit``, the start moves on by whole chunks (multiples of ``rerank_history_chunk`` in
-        absolute position, like the count window) until the longest possible candidate
+        With ``fit``, the start moves on by whole steps (multiples of ``history_step`` in absolute
+        position, like the count window) until the longest possible candidate
         (``rerank_item_tokens``) fits the model. The cut depends on the history alone, never on
         the call's candidates, so it stays put while the history grows and the prompt stays a
         cached prefix (cutting tokens one by one, or by this call's longest candidate, would
         shift it at every call).
         """
+        return self._context(user_id, fit)[0]
+
+    def _context(self, user_id: int, fit: bool) -> tuple[list[int], int]:
+        """``(context_ids, history lines shown)``."""
         pos, lines = self._shown(user_id)
         if fit and lines:
-            budget = self.backend.max_model_len - self.cfg.rerank_item_tokens - len(self._header) \
-                - len(self._trailer) - self._extra
-            chunk = self.cfg.rerank_history_chunk
-            # tokens from line k to the end, and from each chunk-aligned start on
+            step = self.history_step
+            # tokens from line k to the end, and from each step-aligned start on
             suffix = np.cumsum(np.fromiter(map(len, reversed(lines)), np.int64, len(lines)))[::-1]
             suffix = np.append(suffix, 0)
-            starts = np.arange(int(pos[0]) // chunk * chunk, int(pos[-1]) + chunk + 1, chunk)
+            starts = np.arange(int(pos[0]) // step * step, int(pos[-1]) + step + 1, step)
             first_line = np.searchsorted(pos, starts)
-            ok = np.flatnonzero(suffix[first_line] <= budget)
+            ok = np.flatnonzero(suffix[first_line] <= self.history_budget)
             lines = lines[first_line[ok[0]]:] if ok.size else []
-        return self._header + [t for line in lines for t in line] + self._trailer
+        return self._header + [t for line in lines for t in line] + self._trailer, len(lines)
 
     def _items(self, context: list[int], cands: list[tuple[int, ...]]) -> list[ScoringItem]:
         if self.cfg.rerank_method == "yes_prob":
@@ -244,7 +276,7 @@ class RerankStage:
         if len(scored) < 2:
             return "no_text"
         cands = [self.candidate_tokens(texts[k]) for k in scored]
-        context = self.context_ids(user_id, fit=True)
+        context, shown = self._context(user_id, fit=True)
         if not self._fits(context, cands):
             return "too_long"
         items = self._items(context, cands)
@@ -265,6 +297,8 @@ class RerankStage:
         order = np.lexsort((item_ids, -blended))
         self.context_tokens += result.context_tokens
         self.context_cached += result.context_cached_tokens
+        self.context_lines += shown
+        self.contexts += 1
         if self.context_tokens:
             m.RERANK_PREFIX_HIT.set(self.context_cached / self.context_tokens)
         m.RERANK_SECONDS.observe(llm_ms / 1000.0)

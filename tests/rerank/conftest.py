@@ -16,6 +16,38 @@ def llm_dir(tmp_path_factory):
     return build_random_llama(tmp_path_factory.mktemp("rerank_llm"), seed=3, max_positions=2048)
 
 
+class StageBackend:
+    """The stage's view of an LLM: a tokenizer and a length limit, nothing to run."""
+
+    bos_token_id = None
+    kv_capacity_tokens = 1 << 20
+
+    def __init__(self, tok, max_model_len: int) -> None:
+        self.tok, self.max_model_len = tok, max_model_len
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text)
+
+
+@pytest.fixture
+def stage(llm_dir):
+    """``stage(max_model_len=2048, texts=None, **rerank_cfg) -> RerankStage`` with the real
+    tokenizer, no engine, and a history of its own (texts: items 0..199 unless given)."""
+    from llm_engine.tokenizer import Tokenizer
+    from serving.item_text import ItemTexts
+    from serving.rerank import RerankConfig, RerankStage
+    from serving.user_history import UserHistory
+
+    tok = Tokenizer.from_pretrained(llm_dir)
+
+    def make(max_model_len: int = 2048, texts: dict[int, str] | None = None, **kw) -> RerankStage:
+        store = ItemTexts()
+        store.update((texts or {i: item_text(i) for i in range(200)}).items())
+        return RerankStage(RerankConfig(**kw), StageBackend(tok, max_model_len), store, UserHistory())
+
+    return make
+
+
 @pytest.fixture
 def runtime(llm_dir):
     """``runtime(**rerank_cfg) -> LlmRuntime`` (no HTTP, no follower) with texts for items 0..199."""

@@ -8,47 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_engine.tokenizer import Tokenizer
-from serving.item_text import ItemTexts
-from serving.rerank import RerankConfig, RerankStage
-from serving.user_history import UserHistory
-from tests.rerank.rerank_helpers import item_text
-
-BLOCK = 16
-
-
-class _Backend:
-    """The stage's view of an LLM: a tokenizer and a length limit, nothing to run."""
-
-    bos_token_id = None
-    kv_capacity_tokens = 1 << 20
-
-    def __init__(self, tok: Tokenizer, max_model_len: int) -> None:
-        self.tok, self.max_model_len = tok, max_model_len
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tok.encode(text)
-
-
-@pytest.fixture
-def stage(llm_dir):
-    tok = Tokenizer.from_pretrained(llm_dir)
-
-    def make(max_model_len: int = 2048, texts: dict[int, str] | None = None, **kw) -> RerankStage:
-        store = ItemTexts()
-        store.update((texts or {i: item_text(i) for i in range(200)}).items())
-        return RerankStage(RerankConfig(**kw), _Backend(tok, max_model_len), store, UserHistory())
-
-    return make
-
-
-def _blocks_shared(a: list[int], b: list[int]) -> int:
-    """Tokens of ``b`` a block-level prefix cache holds after computing ``a`` (full blocks only,
-    never ``b``'s last token)."""
-    n = 0
-    while n + BLOCK <= min(len(a), len(b) - 1) and a[n:n + BLOCK] == b[n:n + BLOCK]:
-        n += BLOCK
-    return n
+from tests.rerank.rerank_helpers import BLOCK, blocks_shared, item_text
 
 
 def test_a_new_interaction_only_appends_so_the_call_reuses_all_but_the_last_partial_block(stage):
@@ -63,7 +23,7 @@ def test_a_new_interaction_only_appends_so_the_call_reuses_all_but_the_last_part
     assert after[:len(before) - trailer] == before[:len(before) - trailer]
     new = len(st.line_tokens(item_text(77), "click"))
     # everything but the new line, the marker and the previous context's partial last block
-    assert _blocks_shared(before, after) >= len(after) - new - trailer - BLOCK
+    assert blocks_shared(before, after) >= len(after) - new - trailer - BLOCK
 
 
 def test_a_candidate_completes_a_history_line_with_the_same_item_tokens(stage):
@@ -133,5 +93,5 @@ def test_a_returning_user_s_second_call_reuses_every_full_block_of_the_first(run
     assert got.reranked == 8 and not got.degraded
     assert rt.stage.context_tokens - tokens == len(second_ctx)
     # the cache held every full block the two contexts share: nothing was evicted or recomputed
-    assert rt.stage.context_cached - cached == _blocks_shared(first_ctx, second_ctx)
+    assert rt.stage.context_cached - cached == blocks_shared(first_ctx, second_ctx)
     assert (rt.stage.context_cached - cached) / len(second_ctx) >= 0.9
