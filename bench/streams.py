@@ -8,7 +8,9 @@ cannot be faster than events can be put into the broker.
 
 Scale-out: one pass per ``--joiners`` setting (default 1 and 2), each on fresh topics of
 ``--partitions`` input partitions, the joiners in one consumer group; ``events_per_s_by_joiners``
-and ``scale_1_to_2`` compare them. The top-level figures are the first setting's.
+and ``scale_1_to_2`` compare them. The top-level figures are the first setting's. With
+``--drain`` the input is produced first and the joiners (already in their group, reading
+nothing) are timed alone: the producer does not compete with them for the cores.
 
 Ceiling (``ceiling_events_per_s``): the same bytes (the generator's messages, re-made from the
 seed) produced and then consumed by plain kafka-python clients on fresh topics of the same
@@ -53,17 +55,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joiners", default="1,2",
                    help="joiner processes per pass, comma-separated (one consumer group each pass)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of each input topic")
+    p.add_argument("--drain", action="store_true",
+                   help="produce the whole input first, then time the joiners alone (they join "
+                        "their group before, reading nothing); default: produce and join at once")
     p.add_argument("--timeout-s", type=float, default=300.0)
     add_common(p, repeats=3, repeats_help="raw produce/consume passes of the ceiling (medians)",
                seed_help="generator seed")
 
 
-def _joiner_process(cfg: JoinerConfig, ready, stop, profile: bool, out) -> None:
+def _joiner_process(cfg: JoinerConfig, ready, go, stop, profile: bool, out) -> None:
     prof = cProfile.Profile() if profile else None
     joiner = OnlineJoiner(cfg)
     while not joiner.consumer.assignment() and not stop.is_set():
+        if not go.is_set():
+            joiner.consumer.pause()
         joiner.step(timeout_ms=100)
     ready.set()
+    while not go.is_set() and not stop.is_set():  # --drain: in the group, reading nothing yet
+        joiner.consumer.pause()  # (partitions a later rebalance assigns start unpaused)
+        joiner.step(timeout_ms=100)
+    joiner.consumer.resume()
     if prof:
         prof.enable()
     try:
@@ -87,7 +98,9 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
     kafka = broker.kafka_config(prefix)
     topics = topic_names(prefix)
     ctx = mp.get_context("spawn")
-    stop, out = ctx.Event(), ctx.Queue()
+    stop, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    if not args.drain:
+        go.set()
     procs, readies = [], []
     for i in range(joiners):
         cfg = JoinerConfig(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
@@ -95,7 +108,7 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
                            window_s=60, allowed_lateness_s=5, negative_rate=args.negative_rate)
         ready = ctx.Event()
         proc = ctx.Process(target=_joiner_process,
-                           args=(cfg, ready, stop, args.profile and i == 0, out), daemon=True)
+                           args=(cfg, ready, go, stop, args.profile and i == 0, out), daemon=True)
         proc.start()
         procs.append(proc)
         readies.append(ready)
@@ -105,10 +118,13 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
                 raise RuntimeError("a joiner did not join its consumer group within 60 s")
         time.sleep(1.0 if joiners > 1 else 0.0)  # the last join's rebalance settles
         producer = BatchProducer(kafka, client_id="hw-bench")
-        t0 = time.perf_counter()
+        t0 = t_send = time.perf_counter()
         events, requests = produce_synthetic(gen, producer, topics)
         t_produced = time.perf_counter()
         producer.close()
+        if args.drain:  # the input is in the broker: time the joiners alone from here
+            t0 = time.perf_counter()
+            go.set()
         received, t_last = _read_examples(kafka, topics.examples, len(expected),
                                           t0 + args.timeout_s)
     finally:
@@ -126,7 +142,7 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
             "events_per_s": round(events / elapsed, 1), "elapsed_s": round(elapsed, 3),
             "examples": int(len(unique)), "duplicates": int(len(received) - len(unique)),
             "lost": int(len(np.setdiff1d(expected, unique))),
-            "produce_events_per_s": round(events / (t_produced - t0), 1),
+            "produce_events_per_s": round(events / (t_produced - t_send), 1),
             "dlq": len(read_topic(kafka, topics.dlq, idle_s=0.5)),
             "late": len(read_topic(kafka, topics.late, idle_s=0.5)), "topics": topics}
 
@@ -163,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
         "late": first["late"], "produce_events_per_s": first["produce_events_per_s"],
         "items_per_request": args.items_per_request, "negative_rate": args.negative_rate,
         "partitions": args.partitions, "joiners": settings,
+        "mode": "drain" if args.drain else "live",
         "events_per_s_by_joiners": by_joiners,
         "scale_1_to_2": (round(by_joiners["2"] / by_joiners["1"], 3)
                          if "1" in by_joiners and "2" in by_joiners else None),
