@@ -94,7 +94,8 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
     """One pass: fresh topics with ``--partitions`` input partitions, ``joiners`` joiner processes
     in one consumer group, the generator's stream produced, examples read back."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    broker.create_topics(prefix, {"impressions": args.partitions, "actions": args.partitions})
+    broker.create_topics(prefix, {"impressions": args.partitions, "actions": args.partitions,
+                                  "examples": args.partitions})
     kafka = broker.kafka_config(prefix)
     topics = topic_names(prefix)
     ctx = mp.get_context("spawn")
