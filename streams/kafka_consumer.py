@@ -62,9 +62,16 @@ class GroupConsumer:
         self._consumer.pause(*self._consumer.assignment())
 
     def resume(self) -> None:
-        """Fetches again from every paused partition."""
+        """Fetches again from every paused partition. Their ends are unknown again until the next
+        fetch answers (what the last one said went stale while nothing was fetched), so
+        :meth:`partitions_behind` counts them behind meanwhile."""
         paused = self._consumer.paused()
         if paused:
+            subs = self._consumer._subscription
+            for tp in paused:
+                state = subs.assignment.get(tp)
+                if state is not None:
+                    state.highwater = None
             self._consumer.resume(*paused)
 
     def paused(self) -> set[tuple[str, int]]:

@@ -36,9 +36,14 @@ def test_paused_consumer_fetches_nothing_until_resumed(kafka_topics):
             producer.send(topics.impressions, b"%d" % i)
         producer.flush()
         assert _poll_for(consumer, 2.0) == []  # polls keep membership, fetch nothing
+        # What the last fetch said of the end went stale meanwhile ("read to its end").
+        assert consumer.partitions_behind() == set()
 
         consumer.resume()
         assert consumer.paused() == set()
+        # ... so until a fetch answers, a resumed partition counts as behind: the joiner's
+        # watermark must not treat it as idle while its new messages are unread.
+        assert consumer.partitions_behind() == consumer.assignment()
         later = []
         deadline = time.monotonic() + 30
         while len(later) < 5 and time.monotonic() < deadline:
