@@ -63,18 +63,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                seed_help="generator seed")
 
 
-def _joiner_process(cfg: JoinerConfig, ready, go, stop, profile: bool, out) -> None:
+def _joiner_process(cfg: JoinerConfig, ready, go, stop, profile: bool, out, owned, slot: int) -> None:
     prof = cProfile.Profile() if profile else None
     joiner = OnlineJoiner(cfg)
     while not joiner.consumer.assignment() and not stop.is_set():
         if not go.is_set():
-            joiner.consumer.pause()
+            joiner.pause()
         joiner.step(timeout_ms=100)
     ready.set()
     while not go.is_set() and not stop.is_set():  # --drain: in the group, reading nothing yet
-        joiner.consumer.pause()  # (partitions a later rebalance assigns start unpaused)
+        joiner.pause()  # (partitions a later rebalance assigns start unpaused)
         joiner.step(timeout_ms=100)
-    joiner.consumer.resume()
+        owned[slot] = len(joiner.consumer.assignment())
+    joiner.resume()
     if prof:
         prof.enable()
     try:
@@ -100,6 +101,7 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
     topics = topic_names(prefix)
     ctx = mp.get_context("spawn")
     stop, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    owned = ctx.Array("i", joiners)  # input partitions each joiner holds (--drain)
     if not args.drain:
         go.set()
     procs, readies = [], []
@@ -109,7 +111,8 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
                            window_s=60, allowed_lateness_s=5, negative_rate=args.negative_rate)
         ready = ctx.Event()
         proc = ctx.Process(target=_joiner_process,
-                           args=(cfg, ready, go, stop, args.profile and i == 0, out), daemon=True)
+                           args=(cfg, ready, go, stop, args.profile and i == 0, out, owned, i),
+                           daemon=True)
         proc.start()
         procs.append(proc)
         readies.append(ready)
@@ -118,6 +121,8 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
             if not ready.wait(60):
                 raise RuntimeError("a joiner did not join its consumer group within 60 s")
         time.sleep(1.0 if joiners > 1 else 0.0)  # the last join's rebalance settles
+        if args.drain:  # every joiner holds its share of both inputs, for a second
+            _wait_split(owned, 2 * args.partitions, time.monotonic() + 60)
         producer = BatchProducer(kafka, client_id="hw-bench")
         t0 = t_send = time.perf_counter()
         events, requests = produce_synthetic(gen, producer, topics)
@@ -146,6 +151,20 @@ def _measure(broker: EmbeddedBroker, tmp: str, gen: GeneratorConfig, args: argpa
             "produce_events_per_s": round(events / (t_produced - t_send), 1),
             "dlq": len(read_topic(kafka, topics.dlq, idle_s=0.5)),
             "late": len(read_topic(kafka, topics.late, idle_s=0.5)), "topics": topics}
+
+
+def _wait_split(owned, total: int, deadline: float) -> None:
+    stable = None
+    while time.monotonic() < deadline:
+        split = list(owned)
+        if sum(split) == total and min(split) > 0:
+            stable = stable or time.monotonic()
+            if time.monotonic() - stable >= 1.0:
+                return
+        else:
+            stable = None
+        time.sleep(0.1)
+    raise RuntimeError(f"the joiners did not settle on the {total} input partitions: {list(owned)}")
 
 
 def run(args: argparse.Namespace) -> dict:

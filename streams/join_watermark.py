@@ -47,6 +47,12 @@ class JoinWatermark:
         """A message (of any kind, valid or not) came from ``partition``."""
         self._delivered[partition] = now
 
+    def quiet_from(self, partitions, now: float) -> None:
+        """``partitions`` count as delivering at ``now`` (fetching resumes): none is taken for
+        idle before ``idle_s`` of quiet, whatever a stale end from before said."""
+        for tp in partitions:
+            self._delivered[tp] = now
+
     def impression(self, partition: Partition, event_time_ms: int) -> None:
         self.max_time = max(self.max_time, event_time_ms)
         self._advance(partition, event_time_ms - self.lateness_ms)

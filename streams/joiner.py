@@ -163,6 +163,9 @@ class OnlineJoiner:
         self._generation = self.consumer.generation
         self.rebuilds += 1
         owned = self.consumer.rewind_to_committed()
+        # A fresh watermark knows nothing of these partitions: none counts as idle before it
+        # has been quiet for idle_topic_s (the client's view of their ends may be stale).
+        self.clock.quiet_from(owned, time.monotonic())
         metrics.REBUILDS.inc()
         metrics.ASSIGNED.set(len(owned))
         log.info("joiner state rebuilt from the input (assignment %s)",
@@ -404,6 +407,16 @@ class OnlineJoiner:
             metrics.LATE.labels(reason).inc()
         stats.dlq += len(dead)
         stats.late += len(late)
+
+    def pause(self) -> None:
+        """Stops reading (membership kept; see :meth:`GroupConsumer.pause`)."""
+        self.consumer.pause()
+
+    def resume(self) -> None:
+        """Reads again; the resumed partitions hold the watermark until they have been quiet
+        for ``idle_topic_s``: what was read of their ends before the pause is stale."""
+        self.consumer.resume()
+        self.clock.quiet_from(self.consumer.assignment(), time.monotonic())
 
     # ------------------------------------------------------------ lifecycle
     def run(self, stop: threading.Event, on_step=None) -> None:
