@@ -5,10 +5,10 @@ recommender's micro-batcher (:mod:`serving.microbatch`) are two policies on it, 
 batch without importing the LLM engine.
 
 Public API: :class:`QueueItem`, :class:`BatchQueue`, :func:`form_batch`; the serving runtime's
-priority classes (:class:`Priority`) and the :class:`ComputeGate` between its two engines.
+priority classes (:class:`Priority`) and the :class:`Arbiter` that turns its two engines' work.
 """
 
+from batching.arbiter import Arbiter, Priority
 from batching.core import BatchQueue, QueueItem, form_batch
-from batching.priority import ComputeGate, Priority
 
-__all__ = ["BatchQueue", "ComputeGate", "Priority", "QueueItem", "form_batch"]
+__all__ = ["Arbiter", "BatchQueue", "Priority", "QueueItem", "form_batch"]

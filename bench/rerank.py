@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> dict:
             "candidates": args.candidates, "rerank_top_n": args.top_n, "users": args.users, "rounds": args.rounds,
             "clients": args.clients, **lat, **cmp,
             "dlrm_qps": args.dlrm_qps, "dlrm_p99_ms_alone": dlrm_alone, "dlrm_p99_ms_under_rerank_load": dlrm_loaded,
-            "gate_holds": rt.gate.holds, "gate_held_s": round(rt.gate.held_s, 3),
+            "gate_holds": rt.arbiter.holds, "gate_held_s": round(rt.arbiter.held_s, 3),
             **quality, "threads": torch.get_num_threads(), "seed": args.seed,
         }
         ceiling = Ceiling(floor, "ms/call", measured=cmp["llm_ms_cached"], lower_is_better=True, note=(

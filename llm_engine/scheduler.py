@@ -93,6 +93,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
+    def next_priority(self) -> int | None:
+        """The most urgent class among the requests the next step would run (``None``: no work).
+
+        Running requests all run (or are preempted for a more urgent one); waiting ones only when a
+        sequence slot is free; the queue's ageing is left out (a class, not an order, is asked for).
+        """
+        classes = [s.priority for s in self.running]
+        if len(self.running) < self.config.max_num_seqs:
+            classes.extend(it.priority for it in self.waiting.items.values())
+        return min(classes, default=None)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         moves = self.kv.swap_out(seq) if self.config.preemption_mode == "swap" else None

@@ -4,7 +4,8 @@ One process holds the gRPC recommender (the DLRM), the LLM engine with its one K
 the LLM's HTTP endpoints (``/v1/rank``, ``/v1/completions``) and the rerank stage between them.
 All LLM work (rerank, ``/v1/rank``, generation) enters the engine's one scheduler in its
 :class:`batching.Priority` class; the DLRM's forwards hold the engine's steps back through one
-:class:`batching.ComputeGate`, so Recommend keeps its latency while the LLM is busy.
+:class:`batching.Arbiter` (a rerank step less long than generation), so Recommend keeps its
+latency while the LLM is busy.
 
 The rerank reads item texts (:mod:`serving.item_text`, from ``--item-text FILE`` and from text on
 ``hw.items``) and the live history (:mod:`serving.user_history`, from ``hw.actions``).
@@ -16,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from batching import ComputeGate
+from batching import Arbiter, Priority
 from serving.item_text import ItemTextConfig, ItemTextFollower, ItemTexts
 from serving.rerank import RerankConfig, RerankStage
 from serving.user_history import HistoryConfig, HistoryFollower, UserHistory
@@ -32,7 +33,7 @@ class LlmRuntimeConfig:
 
     llm: str = field(default="", metadata={"help": "model folder (see `headwater llm convert`; `headwater llm random` writes a random one): run the LLM rerank stage and the LLM's HTTP endpoints in this process"})
     llm_port: int = field(default=8000, metadata={"help": "with --llm: port of /v1/rank and /v1/completions on --host (-1 = no HTTP endpoints)"})
-    llm_gate_ms: float = field(default=20.0, metadata={"help": "with --llm: longest an LLM step waits for in-flight DLRM scoring to finish"})
+    llm_gate_ms: float = field(default=20.0, metadata={"help": "with --llm: longest a generation step waits for in-flight DLRM scoring to finish (a /v1/rank step 2/3 of it, a rerank step 1/3)"})
 
     def validate(self) -> None:
         if self.llm_gate_ms < 0:
@@ -50,9 +51,9 @@ class LlmRuntime:
 
         cfg.validate()
         self.cfg = cfg
-        self.gate = ComputeGate(cfg.llm_gate_ms / 1000.0)
+        self.arbiter = Arbiter(aging_s=cfg.llm_gate_ms / 1000.0 / Priority.GENERATE)
         self.backend = EngineBackend.from_model_dir(cfg.llm, config=engine_cfg)
-        self.backend.gate = self.gate
+        self.backend.arbiter = self.arbiter
         self.texts = ItemTexts(text_cfg.max_text_items, text_cfg.max_text_chars)
         if text_cfg.item_text:
             self.texts.load(text_cfg.item_text, text_cfg)

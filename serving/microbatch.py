@@ -16,6 +16,10 @@ the next.
 Callers on an asyncio loop use :meth:`MicroBatcher.submit_async`: their results are delivered
 with ONE ``call_soon_threadsafe`` per batch and loop (one wake-up of the loop, not one per job as
 ``asyncio.wrap_future`` would do), which on a small box is a visible share of a call's CPU.
+
+With an ``arbiter`` (``serve --llm``), every job is DLRM work in flight from its submit until its
+batch is delivered: the LLM's next step waits its turn behind queued scoring too, not only behind
+a running forward (a job waiting ``max_wait_ms`` for company would otherwise wait a whole step).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from batching import BatchQueue as CoreQueue
-from batching import QueueItem, form_batch
+from batching import Arbiter, Priority, QueueItem, form_batch
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +189,9 @@ class MicroBatcher(Generic[T]):
     """
 
     def __init__(self, forward: Callable[[list[T]], Sequence[Any]], cfg: BatcherConfig,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int], None] | None = None, arbiter: Arbiter | None = None) -> None:
         self.forward = forward
+        self.arbiter = arbiter
         self.cfg = cfg
         self.queue: BatchQueue[T] = BatchQueue(cfg.max_queue)
         self.on_batch = on_batch
@@ -200,7 +205,7 @@ class MicroBatcher(Generic[T]):
     def submit(self, payload: T, cost: int, deadline: float = float("inf"), priority: int = 0) -> Future:
         if self._stop.is_set():
             raise Overloaded("batcher is stopped")
-        return self.queue.submit(payload, cost=cost, priority=priority, deadline=deadline).future
+        return self._submit(payload, cost, deadline, priority, None).future
 
     def submit_async(self, payload: T, cost: int, deadline: float = float("inf"),
                      priority: int = 0) -> "asyncio.Future[Any]":
@@ -210,8 +215,25 @@ class MicroBatcher(Generic[T]):
         """
         if self._stop.is_set():
             raise Overloaded("batcher is stopped")
-        return self.queue.submit(payload, cost=cost, priority=priority, deadline=deadline,
-                                 loop=asyncio.get_running_loop()).future
+        return self._submit(payload, cost, deadline, priority, asyncio.get_running_loop()).future
+
+    def _submit(self, payload: T, cost: int, deadline: float, priority: int,
+                loop: asyncio.AbstractEventLoop | None) -> Job[T]:
+        self._busy(1)  # before the queue: a worker may take the job at once, and leaves it
+        try:
+            return self.queue.submit(payload, cost=cost, priority=priority, deadline=deadline, loop=loop)
+        except BaseException:
+            self._busy(-1)
+            raise
+
+    def _busy(self, n: int) -> None:
+        """``n`` more (or fewer) jobs of DLRM work in flight at the arbiter."""
+        if self.arbiter is None or not n:
+            return
+        if n > 0:
+            self.arbiter.enter(Priority.DLRM, n)
+        else:
+            self.arbiter.leave(Priority.DLRM, -n)
 
     def close(self) -> None:
         self._stop.set()
@@ -220,6 +242,7 @@ class MicroBatcher(Generic[T]):
         for t in self._threads:
             t.join(timeout=5)
         batch, expired = self.queue.form_batch(budget=1 << 62)
+        self._busy(-len(batch) - len(expired))
         left = [j for j in batch + expired if j.claim()]
         deliver(left, [Overloaded("server shutting down")] * len(left), ok=False)
 
@@ -249,19 +272,26 @@ class MicroBatcher(Generic[T]):
         while not self._stop.is_set():
             self._wait_for_batch()
             batch, expired = self.queue.form_batch(self.cfg.max_batch_rows)
-            expired = [j for j in expired if j.claim()]
-            if expired:
-                deliver(expired, [DeadlineExpired("deadline passed while queued")] * len(expired), ok=False)
-            batch = [j for j in batch if j.claim()]
-            if not batch:
-                continue
             try:
-                results = self.forward([j.payload for j in batch])
-            except Exception as exc:  # one bad batch must not kill the worker
-                log.exception("batch forward failed")
-                deliver(batch, [exc] * len(batch), ok=False)
-                continue
-            deliver(batch, results)
-            self._last_jobs = len(batch)
-            if self.on_batch is not None:
-                self.on_batch(len(batch), sum(j.cost for j in batch))
+                self._run(batch, expired)
+            finally:
+                self._busy(-len(batch) - len(expired))
+
+    def _run(self, batch: list[Job[T]], expired: list[Job[T]]) -> None:
+        """Settles ``expired`` and runs ``batch`` (the jobs still wanted) through one forward."""
+        expired = [j for j in expired if j.claim()]
+        if expired:
+            deliver(expired, [DeadlineExpired("deadline passed while queued")] * len(expired), ok=False)
+        batch = [j for j in batch if j.claim()]
+        if not batch:
+            return
+        try:
+            results = self.forward([j.payload for j in batch])
+        except Exception as exc:  # one bad batch must not kill the worker
+            log.exception("batch forward failed")
+            deliver(batch, [exc] * len(batch), ok=False)
+            return
+        deliver(batch, results)
+        self._last_jobs = len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), sum(j.cost for j in batch))

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import torch
 
-from batching import ComputeGate
+from batching import Arbiter, Priority
 from paramsync.retrieval_slots import ITEM_VECTORS, USER_VECTORS
 from serving import metrics as m
 from serving.calibration import Calibrator
@@ -146,7 +146,9 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
         self.rerank: RerankStage | None = None  # set by the server when an LLM is attached
-        self.gate: ComputeGate | None = None  # held while DLRM scoring runs (the LLM steps wait)
+        # DLRM work marks itself in flight here (the LLM steps wait their turn); the micro-batcher
+        # marks its jobs, the unbatched paths below mark their calls
+        self.arbiter: Arbiter | None = None
 
     def _model(self) -> ServingModel:
         model = self.source.current()
@@ -174,7 +176,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
 
     async def _rank(self, job: RankJob, context: Any) -> tuple[np.ndarray, ServingModel]:
         if self.batcher is None:  # the naive path: one model forward per call
-            return (await self._offload(self.forward_jobs, [job]))[0]
+            with self._dlrm_busy():
+                return (await self._offload(self.forward_jobs, [job]))[0]
         remaining = context.time_remaining()
         if remaining is not None and remaining > 1e6:  # no deadline: grpc reports "forever"
             remaining = None
@@ -255,8 +258,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         ids, scores = job.items[:0], np.zeros(0, np.float32)
         extra: dict[str, Any] = {}
         if job.items.size:
-            with self.gate.busy() if self.gate is not None else contextlib.nullcontext():
-                probs, model = await self._rank(job, context)
+            probs, model = await self._rank(job, context)
             k = min(top_k or probs.size, probs.size)
             order = top_order(job.items, probs, max(k, min(rerank_n, probs.size)))
             if rerank_n > 1 and order.size > 1:
@@ -290,7 +292,11 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
 
     @_rpc("Score")
     async def Score(self, request, context):
-        return await self._offload(self._score, request)
+        with self._dlrm_busy():
+            return await self._offload(self._score, request)
+
+    def _dlrm_busy(self) -> contextlib.AbstractContextManager:
+        return self.arbiter.busy(Priority.DLRM) if self.arbiter is not None else contextlib.nullcontext()
 
     def _embeddings(self, request) -> Any:
         model = self._model()

@@ -161,11 +161,12 @@ class RecommendServer:
         self.batcher: MicroBatcher | None = None
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="serve")
         self.service = RecommenderService(cfg, source, self.calibrator, pool=self.pool, items=items)
-        if rerank is not None:  # a serving.runtime.LlmRuntime's stage and gate (``serve --llm``)
-            self.service.rerank, self.service.gate = rerank.stage, rerank.gate
+        if rerank is not None:  # a serving.runtime.LlmRuntime's stage and arbiter (``serve --llm``)
+            self.service.rerank, self.service.arbiter = rerank.stage, rerank.arbiter
         if cfg.batching:
             self.batcher = MicroBatcher(self.service.forward_jobs, BatcherConfig(
-                cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue), on_batch=self._on_batch)
+                cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue), on_batch=self._on_batch,
+                arbiter=self.service.arbiter)
             self.service.batcher = self.batcher
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="serve-loop", daemon=True)

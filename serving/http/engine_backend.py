@@ -6,9 +6,10 @@ outputs on its own ``asyncio.Queue`` (``call_soon_threadsafe``). Generation and 
 one engine: one scheduler, one KV pool, one copy of the weights.
 
 Work enters the scheduler in its :class:`batching.Priority` class (rerank before ``/v1/rank``
-before generation). In ``headwater serve --llm`` the DLRM shares the process: ``gate`` (a
-:class:`batching.ComputeGate`) holds each engine step back, a bounded time, while DLRM scoring
-is in flight.
+before generation). In ``headwater serve --llm`` the DLRM shares the process: before each step
+the driver waits its turn at ``arbiter`` (a :class:`batching.Arbiter`) in the class of the most
+urgent request the step runs, so DLRM scoring in flight holds a rerank step less long than a
+``/v1/rank`` or generation step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from batching import ComputeGate, Priority
+from batching import Arbiter, Priority
 from llm_engine import EngineConfig, LLMEngine, SamplingParams
 from llm_engine.outputs import RequestOutput
 from llm_engine.scoring import ScoreResult, ScoringItem, ScoringOptions
@@ -51,9 +52,9 @@ class EngineBackend(TokenizerDelegate):
     """:class:`~serving.http.backend.Backend` driving an :class:`LLMEngine` from one thread."""
 
     def __init__(self, engine: LLMEngine, tokenizer: ModelTokenizer, model_id: str,
-                 gate: ComputeGate | None = None) -> None:
+                 arbiter: Arbiter | None = None) -> None:
         self.engine, self.tok, self.model_id = engine, tokenizer, model_id
-        self.gate = gate
+        self.arbiter = arbiter
         self.max_model_len = engine.max_model_len
         self.vocab_size = int(engine.model.config.vocab_size)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -87,7 +88,8 @@ class EngineBackend(TokenizerDelegate):
                 except queue.Empty:
                     cmd = None
             if self.engine.has_unfinished():
-                if self.gate is not None and (waited := self.gate.wait_clear()):
+                cls = self.engine.scheduler.next_priority() if self.arbiter is not None else None
+                if cls is not None and (waited := self.arbiter.wait_turn(cls)):
                     GATE_HELD.inc(waited)
                 try:
                     outputs = self.engine.step()

@@ -111,3 +111,16 @@ def test_max_model_len_ends_generation(tiny_llama):
     llm = LLM(path, num_kv_blocks=16, block_size=4, max_model_len=12)
     (o,) = llm.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     assert o.finish_reason == "length" and len(o.token_ids) == 2
+
+
+def test_next_priority_is_the_most_urgent_class_the_next_step_would_run(tiny_llama):
+    path, _ = tiny_llama
+    eng = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4, max_num_seqs=1))
+    assert eng.scheduler.next_priority() is None  # no work
+    eng.add_request(prompts(1, 5)[0], GREEDY, request_id="gen", priority=3)
+    assert eng.scheduler.next_priority() == 3
+    eng.step()  # 'gen' runs and takes the only sequence slot
+    eng.add_request(prompts(1, 5)[0], GREEDY, request_id="rerank", priority=1)
+    assert eng.scheduler.next_priority() == 3  # no free slot: the queued rerank cannot join the step
+    eng.abort_request("gen")
+    assert eng.scheduler.next_priority() == 1

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batching import ComputeGate
 from serving.item_text import ItemTextConfig, ItemTexts
 from serving.user_history import HistoryFollower, Interaction, UserHistory
 
@@ -93,24 +92,6 @@ def test_the_history_follows_hw_actions_on_a_real_broker(kafka_topics):
     finally:
         follower.stop()
         producer.close()
-
-
-def test_the_gate_holds_background_steps_while_urgent_work_runs_and_never_forever():
-    gate = ComputeGate(max_wait_s=5.0)
-    assert gate.wait_clear() == 0.0
-    waited: list[float] = []
-    with gate.busy():
-        t = threading.Thread(target=lambda: waited.append(gate.wait_clear()))
-        t.start()
-        time.sleep(0.1)
-        assert t.is_alive()  # held while the urgent work runs
-    t.join(2)
-    assert not t.is_alive() and waited[0] >= 0.09 and gate.holds == 1
-    short = ComputeGate(max_wait_s=0.05)
-    with short.busy():
-        t0 = time.perf_counter()
-        short.wait_clear()  # bounded: urgent work that never ends cannot stop the LLM
-        assert time.perf_counter() - t0 < 1.0
 
 
 def test_item_texts_follow_hw_items_upserts_and_tombstones(kafka_topics):

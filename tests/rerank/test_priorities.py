@@ -24,10 +24,10 @@ async def _generate(backend, rid: str, tokens: int) -> float:
 
 def test_dlrm_calls_hold_llm_steps_and_generation_still_finishes(runtime, serve_with):
     """A generation flood runs while Recommend calls (DLRM only) keep coming: every call answers,
-    the LLM's steps waited for DLRM work in flight (the gate held them), and every generation
-    still completes (the bounded wait cannot starve it)."""
+    the LLM's steps waited their turn behind DLRM work in flight (the arbiter held them), and
+    every generation still completes (the bounded wait cannot starve it)."""
     rt = runtime(rerank_top_n=0)
-    rt.gate.max_wait_s = 0.05
+    rt.arbiter.aging_s = 0.02  # a generation step waits at most 3 ageing steps
     stub = serve_with(rt)
     done = threading.Event()
     results: list[float] = []
@@ -48,7 +48,7 @@ def test_dlrm_calls_hold_llm_steps_and_generation_still_finishes(runtime, serve_
         ok += len(resp.items) == 10
     t.join(60)
     assert ok > 0 and len(results) == 6
-    assert rt.gate.holds > 0  # LLM steps waited for in-flight DLRM scoring
+    assert rt.arbiter.holds > 0  # LLM steps waited their turn behind in-flight DLRM scoring
 
 
 def test_a_rerank_is_scheduled_before_queued_generation(runtime, serve_with):

@@ -222,3 +222,36 @@ def test_a_lone_caller_is_dispatched_at_once_not_after_max_wait():
             assert batcher.submit(i, cost=1).result(timeout=5) == i + 1
     finally:
         batcher.close()
+
+
+def test_jobs_are_dlrm_work_in_flight_at_the_arbiter_from_submit_until_delivered():
+    from batching import Arbiter, Priority
+
+    arbiter = Arbiter(aging_s=5.0)
+    release = threading.Event()
+
+    def forward(payloads):
+        release.wait(5)
+        if payloads == ["bad"]:
+            raise ValueError("bad batch")
+        return payloads
+
+    batcher = MicroBatcher(forward, BatcherConfig(max_batch_rows=1, max_wait_ms=0, max_queue=10), arbiter=arbiter)
+    try:
+        first = batcher.submit("a", cost=1)
+        queued = batcher.submit("b", cost=1)
+        expired = batcher.submit("c", cost=1, deadline=time.monotonic())
+        bad = batcher.submit("bad", cost=1)
+        assert arbiter.in_flight(Priority.DLRM) == 4  # queued jobs count, not only the running forward
+        release.set()
+        assert first.result(5) == "a" and queued.result(5) == "b"
+        with pytest.raises(DeadlineExpired):
+            expired.result(5)
+        with pytest.raises(ValueError):
+            bad.result(5)
+        deadline = time.monotonic() + 5
+        while arbiter.in_flight(Priority.DLRM) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert arbiter.in_flight(Priority.DLRM) == 0  # every job left, whatever its end
+    finally:
+        batcher.close()
