@@ -56,7 +56,7 @@ def wait(cond, timeout_s, what):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("emit", ["window", "early"])
+@pytest.mark.parametrize("emit", ["window", pytest.param("early", marks=pytest.mark.slow)])
 def test_kill_9_of_one_of_two_joiners_moves_its_partitions_and_pending_requests(kafka_broker,
                                                                                tmp_path, emit):
     prefix = f"scale-{uuid.uuid4().hex[:8]}"
