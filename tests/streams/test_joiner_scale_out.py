@@ -116,12 +116,10 @@ def test_kill_9_of_one_of_two_joiners_moves_its_partitions_and_pending_requests(
     # the right label for each: a re-emitted example never comes before its original.
     ids, first = np.unique(got.example_id, return_index=True)
     missing = np.setdiff1d(expected, ids)
-
-    kinds = dict(zip(expected.tolist(), clicked.tolist()))
-    assert len(missing) == 0, (f"{len(missing)} missing, {sum(kinds[i] for i in missing.tolist())} "
+    truth = dict(zip(expected.tolist(), clicked.tolist()))
+    assert len(missing) == 0, (f"{len(missing)} missing, {sum(truth[i] for i in missing.tolist())} "
                                f"of them positives")
     np.testing.assert_array_equal(ids, np.sort(expected))
-    truth = dict(zip(expected.tolist(), clicked.tolist()))
     labels = got.label[first]
     wrong = [i for i, y in zip(ids.tolist(), labels.tolist()) if truth[i] != y]
     assert wrong == [], f"{len(wrong)} examples with the wrong label"
