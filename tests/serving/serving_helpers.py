@@ -49,3 +49,25 @@ def _wait(cond, timeout=20.0):
 def _same_rows(a, b, slot, ids):
     t = torch.as_tensor(ids, dtype=torch.int64)
     return torch.equal(a.lookup(slot, t), b.lookup(slot, t))
+
+
+def run_trainer_on(kafka, cfg, batches):
+    """An ``OnlineTrainer`` that has joined its group, ``batches`` on ``hw.examples``, and the
+    thread running it (it exits ``cfg.idle_exit_s`` after the last one): (trainer, thread)."""
+    import threading
+
+    from streams.events import encode_examples
+    from streams.kafka_producer import BatchProducer
+    from training.trainer import OnlineTrainer
+
+    trainer = OnlineTrainer(cfg, kafka)
+    while not trainer.consumer.assignment():
+        trainer.step()
+    producer = BatchProducer(kafka)
+    for b in batches:
+        producer.send(topic_names(kafka.topic_prefix).examples, encode_examples(b))
+    producer.flush()
+    producer.close()
+    runner = threading.Thread(target=trainer.run)
+    runner.start()
+    return trainer, runner

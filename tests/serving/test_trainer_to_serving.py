@@ -1,24 +1,19 @@
 """End to end over the real broker: the online trainer publishes, serving replicates and answers."""
 
-import threading
-import time
 import uuid
 
 import grpc
 import numpy as np
-from serving_helpers import _wait
+from serving_helpers import _wait, run_trainer_on
 
 from serving.config import ServeConfig
 from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2, pb2_grpc
 from serving.server import RecommendServer
-from streams.events import encode_examples
 from streams.kafka_io import topic_names
-from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
 from training.model import score as model_score
 from training.synthetic import synthetic_examples
-from training.trainer import OnlineTrainer
 
 
 def test_served_probabilities_are_the_trainers_and_match_the_click_rate(kafka_topics):
@@ -26,16 +21,7 @@ def test_served_probabilities_are_the_trainers_and_match_the_click_rate(kafka_to
     cfg = TrainerConfig(group_id=f"t-{uuid.uuid4().hex[:8]}", batch_size=400, hidden=(32, 16),
                         idle_exit_s=2.0, max_batch_wait_ms=50, sparse_sync_interval_s=0.2,
                         dense_sync_interval_s=0.5, checkpoint_interval_s=1e9)
-    trainer = OnlineTrainer(cfg, kafka_topics)
-    while not trainer.consumer.assignment():
-        trainer.step()
-    producer = BatchProducer(kafka_topics)
-    for b in batches:
-        producer.send(topic_names(kafka_topics.topic_prefix).examples, encode_examples(b))
-    producer.flush()
-    producer.close()
-    runner = threading.Thread(target=trainer.run)
-    runner.start()
+    trainer, runner = run_trainer_on(kafka_topics, cfg, batches)
 
     ps = ParamServer(ParamServerConfig(poll_timeout_ms=50), kafka_topics.bootstrap_servers,
                      topic_names(kafka_topics.topic_prefix).params)

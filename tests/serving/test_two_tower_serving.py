@@ -2,25 +2,21 @@
 ranker and ships their vectors as rows; the serving replica holds them and Recommend without
 candidates searches the item vectors with the user's own query vector."""
 
-import threading
 import uuid
 
 import grpc
 import numpy as np
 import torch
-from serving_helpers import _wait
+from serving_helpers import _wait, run_trainer_on
 
 from paramsync import ITEM_VECTORS, USER_VECTORS
 from serving.config import ServeConfig
 from serving.param_server import ParamServer, ParamServerConfig
 from serving.pb import pb2, pb2_grpc
 from serving.server import RecommendServer
-from streams.events import encode_examples
 from streams.generator import GeneratorConfig, SyntheticStream
 from streams.kafka_io import topic_names
-from streams.kafka_producer import BatchProducer
 from training.config import TrainerConfig
-from training.trainer import OnlineTrainer
 
 
 def test_recommend_without_candidates_retrieves_with_the_trainers_two_tower_vectors(kafka_topics):
@@ -30,16 +26,7 @@ def test_recommend_without_candidates_retrieves_with_the_trainers_two_tower_vect
                         idle_exit_s=2.0, max_batch_wait_ms=50, sparse_sync_interval_s=0.2,
                         dense_sync_interval_s=0.5, checkpoint_interval_s=1e9,
                         two_tower=True, two_tower_dim=16)
-    trainer = OnlineTrainer(cfg, kafka_topics)
-    while not trainer.consumer.assignment():
-        trainer.step()
-    producer = BatchProducer(kafka_topics)
-    for b in batches:
-        producer.send(topic_names(kafka_topics.topic_prefix).examples, encode_examples(b))
-    producer.flush()
-    producer.close()
-    runner = threading.Thread(target=trainer.run)
-    runner.start()
+    trainer, runner = run_trainer_on(kafka_topics, cfg, batches)
 
     ps = ParamServer(ParamServerConfig(poll_timeout_ms=50), kafka_topics.bootstrap_servers,
                      topic_names(kafka_topics.topic_prefix).params)

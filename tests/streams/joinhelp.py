@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from streams.events import ExampleBatch, decode_dead_letter, decode_examples, encode_event
@@ -41,6 +43,16 @@ def run_until(joiner: OnlineJoiner, done, max_steps: int = 400) -> None:
 def examples(kafka: KafkaConfig, idle_s: float = 1.0) -> ExampleBatch:
     recs = read_topic(kafka, topic_names(kafka.topic_prefix).examples, idle_s=idle_s)
     return ExampleBatch.concat([decode_examples(r.value) for r in recs])
+
+
+def examples_until(kafka: KafkaConfig, want: int, timeout_s: float = 120.0) -> ExampleBatch:
+    """``hw.examples`` as soon as it holds ``want`` distinct example ids (or at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    got = examples(kafka, idle_s=0.5)
+    while len(np.unique(got.example_id)) < want and time.monotonic() < deadline:
+        time.sleep(1.0)
+        got = examples(kafka, idle_s=0.5)
+    return got
 
 
 def dead_letters(kafka: KafkaConfig, which: str, idle_s: float = 1.0):

@@ -20,7 +20,7 @@ from streams.kafka_consumer import log_end
 from streams.kafka_io import topic_names
 from streams.kafka_producer import BatchProducer
 
-from joinhelp import examples
+from joinhelp import examples, examples_until
 
 REQUESTS = 4000
 PARTITIONS = 4
@@ -100,11 +100,7 @@ def test_kill_9_of_one_of_two_joiners_moves_its_partitions_and_pending_requests(
             expected = np.concatenate([expected, copies])
             clicked = np.concatenate([np.zeros(len(clicked), np.float32),
                                       np.ones(len(copies), np.float32)])
-        deadline = time.monotonic() + 120
-        got = examples(kafka, idle_s=0.5)
-        while len(np.unique(got.example_id)) < len(expected) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            got = examples(kafka, idle_s=0.5)
+        got = examples_until(kafka, len(np.unique(expected)))
         b.send_signal(signal.SIGTERM)
         assert b.wait(20) == 0
     finally:

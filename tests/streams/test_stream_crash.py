@@ -14,7 +14,7 @@ from streams.generator import GeneratorConfig, SyntheticStream, produce_syntheti
 from streams.kafka_io import topic_names
 from streams.kafka_producer import BatchProducer
 
-from joinhelp import examples
+from joinhelp import examples_until
 
 REQUESTS = 3000
 
@@ -62,11 +62,7 @@ def test_kill_9_mid_stream_loses_no_impression_and_duplicates_share_ids(kafka_to
         for b in SyntheticStream(gen).blocks(REQUESTS) for r in range(len(b.request_index))]))
     proc = start_joiner(kafka_topics, tmp_path / "state", log_path)
     try:
-        deadline = time.monotonic() + 120
-        got = examples(kafka_topics, idle_s=0.5)
-        while len(np.unique(got.example_id)) < len(expected) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            got = examples(kafka_topics, idle_s=0.5)
+        got = examples_until(kafka_topics, len(np.unique(expected)))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0  # clean stop on SIGTERM
     finally:
