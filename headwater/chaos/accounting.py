@@ -145,21 +145,27 @@ def _in(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return sorted_ids[pos] == ids
 
 
-def end_offset(kafka: KafkaConfig, topic: str, partition: int = 0) -> int:
-    """The next offset a producer would get on ``topic[partition]`` (the true end on Tansu too:
-    :func:`streams.kafka_consumer.log_end`)."""
+def log_ends(kafka: KafkaConfig, topic: str) -> dict[int, int]:
+    """The next offset a producer would get, per partition of ``topic`` (the true end on Tansu
+    too: :func:`streams.kafka_consumer.log_end`)."""
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
     try:
-        return int(log_end(c, topic).get(partition, 0))
+        return {p: int(o) for p, o in log_end(c, topic).items()}
     finally:
         c.close()
 
 
+def end_offset(kafka: KafkaConfig, topic: str, partition: int = 0) -> int:
+    """The next offset a producer would get on ``topic[partition]``."""
+    return log_ends(kafka, topic).get(partition, 0)
+
+
 def _read(kafka: KafkaConfig, topic: str) -> list[bytes]:
-    """All of a (single-partition) topic: reading stops at its end offset, not after idling."""
-    end = end_offset(kafka, topic)
+    """All of a topic, every partition: reading stops once it has every record up to the ends
+    read first, not after idling (a loaded box can pause a poll for longer than any idle rule)."""
+    end = sum(log_ends(kafka, topic).values())
     if end == 0:
         return []
     return [r.value for r in read_topic(kafka, topic, stop_after=end, idle_s=30.0, timeout_s=300.0)]
