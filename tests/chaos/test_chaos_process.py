@@ -33,14 +33,12 @@ def _check(report: dict, faults: int) -> None:
 
 
 def test_process_faults_short(tmp_path):
-    cfg = ChaosConfig(faults="joiner,joiner-rebalance,trainer,serving", storage="memory",
+    # joiner-rebalance runs with the full benchmark below; the default suite's kill -9 of one of
+    # two joiners is tests/streams/test_joiner_scale_out.py (the short run stays near a minute)
+    cfg = ChaosConfig(faults="joiner,trainer,serving", storage="memory",
                       data_dir=str(tmp_path), warmup_s=1.0, settle_s=1.0, load_qps=10.0)
     report = run_chaos(cfg)
-    _check(report, faults=4)
-    rebalance = next(f for f in report["faults"] if f["fault"] == "joiner-rebalance")
-    # the killed joiner owned partitions, and the survivor took every one of them
-    assert rebalance["detail"]["victim_partitions"] > 0
-    assert rebalance["detail"]["survivors_partitions"] == 8
+    _check(report, faults=3)
 
 
 @pytest.mark.slow
@@ -57,5 +55,9 @@ def test_chaos_benchmark_full():
     assert replay["detail"]["replay_running_at_kill"] and replay["detail"]["replay"]["lost"] == 0
     trainer = next(f for f in report["faults"] if f["fault"] == "trainer")
     assert not trainer["detail"]["serving_degraded_before_kill"]  # the kill turned it on
+    rebalance = next(f for f in report["faults"] if f["fault"] == "joiner-rebalance")
+    # the killed joiner owned partitions, and the survivor took every one of them
+    assert rebalance["detail"]["victim_partitions"] > 0
+    assert rebalance["detail"]["survivors_partitions"] == 8
     broker = next(f for f in report["faults"] if f["fault"] == "broker")
     assert broker["detail"]["down_s"] >= 10.0 and broker["detail"]["storage"].startswith("s3://")
