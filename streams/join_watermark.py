@@ -11,10 +11,14 @@ producers' explicit watermarks on the two topics, held back to the progress of e
 input partition that may still deliver older events:
 
 - one with unread messages, or whose end is not known yet (no fetch answered);
-- one that delivered within ``idle_s`` (the lag the client sees is only as fresh as its last
-  fetch).
+- one that has not been quiet for ``idle_s`` *as the broker saw it*: the newest fetch answer
+  applied for it must have been sent at least ``idle_s`` after its last message (or after
+  :meth:`JoinWatermark.quiet_from`). The client's view of a partition's end is only as fresh as
+  that answer (:mod:`streams.fetch_answers`); wall time alone is not enough, since a loaded
+  process can go seconds without applying any answer while the partition fills up.
 
-An assigned partition read to its end and quiet for ``idle_s`` is idle and holds nothing. While
+An assigned partition read to its end and quiet for ``idle_s`` by that rule is idle and holds
+nothing. While
 the consumer owns no partition of an input topic, nothing is known about what that topic still
 holds, and the watermark does not move: at start-up, before the group is joined (seconds on
 Tansu; after a kill -9, until the dead member's session has expired), and during a rebalance. It
@@ -78,13 +82,18 @@ class JoinWatermark:
         owned = {t for t, _ in assigned}
         return all(t in owned for t in self.inputs)
 
-    def update(self, assigned: set[Partition], behind: set[Partition], now: float) -> int:
-        """Moves the watermark as far as the inputs allow (never back); returns it."""
+    def update(self, assigned: set[Partition], behind: set[Partition],
+               answered: dict[Partition, float]) -> int:
+        """Moves the watermark as far as the inputs allow (never back); returns it.
+
+        ``answered``: per partition, the monotonic send time of the newest fetch answer the
+        consumer applied (:meth:`~streams.kafka_consumer.GroupConsumer.fetch_answered`)."""
         if not self._owns_every_input(assigned):
             return self.watermark
         candidate = max(self.max_time - self.lateness_ms, min(self._explicit.values()))
+        never = float("-inf")
         for tp in assigned:
-            if tp in behind or now - self._delivered.get(tp, float("-inf")) < self.idle_s:
+            if tp in behind or answered.get(tp, never) - self._delivered.get(tp, never) < self.idle_s:
                 candidate = min(candidate, self._progress.get(tp, 0))
         self.watermark = max(self.watermark, candidate)
         return self.watermark

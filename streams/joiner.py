@@ -137,7 +137,8 @@ class OnlineJoiner:
         kafka = cfg.kafka()
         self.producer = BatchProducer(kafka, client_id="hw-joiner")
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
-                                      group_id=cfg.group_id, client_id="hw-joiner")
+                                      group_id=cfg.group_id, client_id="hw-joiner",
+                                      track_fetch_answers=True)
         self.rebuilds = 0  # times the state was rebuilt from the input (start and rebalances)
         self._generation = 0  # the consumer assignment the state was built for
         self._reset()
@@ -192,7 +193,7 @@ class OnlineJoiner:
                                                  self.consumer.partitions_behind()):
             # Not idle: a joiner still joining its group, or with unread input, is not quiet.
             self._last_input = now
-        elif self.cfg.idle_close_s and now - self._last_input > self.cfg.idle_close_s:
+        elif self.cfg.idle_close_s and self._quiet_at_broker(self._last_input + self.cfg.idle_close_s):
             # A quiet stream: close everything instead of holding it until traffic returns.
             self.clock.advance_to(self.max_time + self.window_ms)
         self._ingest(records, stats)
@@ -209,6 +210,12 @@ class OnlineJoiner:
             self._pending_refreshed = now
             metrics.PENDING.set(self.state.count_pending())
         return stats
+
+    def _quiet_at_broker(self, since: float) -> bool:
+        """Whether every owned partition's end was confirmed by a fetch sent after ``since``
+        (the client's view of an end is only as fresh as its last applied answer)."""
+        answered = self.consumer.fetch_answered()
+        return all(answered.get(tp, float("-inf")) >= since for tp in self.consumer.assignment())
 
     def _ingest(self, records: list[Record], stats: StepStats) -> None:
         wb = self.state.batch()
@@ -240,7 +247,8 @@ class OnlineJoiner:
         metrics.EVENTS_IN.labels("impression").inc(stats.impressions)
         metrics.EVENTS_IN.labels("action").inc(stats.actions)
         late = self._ingest_actions(wb, actions, new_requests)
-        self.clock.update(self.consumer.assignment(), self.consumer.partitions_behind(), now)
+        self.clock.update(self.consumer.assignment(), self.consumer.partitions_behind(),
+                          self.consumer.fetch_answered())
         # Adding state before the output is safe: a replay re-adds the same keys.
         self.state.write(wb)
         self._send_dead(dead, late, stats)

@@ -16,6 +16,7 @@ from kafka.errors import (CommitFailedError, IllegalGenerationError, KafkaError,
                           RebalanceInProgressError, UnknownMemberIdError)
 from kafka.structs import OffsetAndMetadata
 
+from streams.fetch_answers import FetchAnswers
 from streams.kafka_io import KafkaConfig
 
 
@@ -35,11 +36,13 @@ class GroupConsumer:
     """A consumer-group member that never auto-commits: callers commit what they made durable."""
 
     def __init__(self, cfg: KafkaConfig, topics: Iterable[str], group_id: str,
-                 client_id: str = "hw-consumer", fetch_max_wait_ms: int = 500) -> None:
+                 client_id: str = "hw-consumer", fetch_max_wait_ms: int = 500,
+                 track_fetch_answers: bool = False) -> None:
         """``fetch_max_wait_ms``: longest the broker may hold a fetch open waiting for data.
 
         Tansu answers a waiting fetch only when the wait ends, so on a quiet topic this wait is
         added to every message's latency; latency-sensitive consumers lower it.
+        ``track_fetch_answers``: keep :meth:`fetch_answered` (see :mod:`streams.fetch_answers`).
         """
         if fetch_max_wait_ms < 0:
             raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
@@ -50,7 +53,9 @@ class GroupConsumer:
             max_poll_interval_ms=cfg.max_poll_interval_ms, session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=min(1000, cfg.session_timeout_ms // 3),
             fetch_max_bytes=max(52428800, cfg.max_message_bytes),
-            max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms)
+            max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
+            enable_incremental_fetch_sessions=not track_fetch_answers)
+        self._answers = FetchAnswers(self._consumer) if track_fetch_answers else None
         self._consumer.subscribe(list(topics), listener=_CountAssignments(self))
 
     def pause(self) -> None:
@@ -118,6 +123,13 @@ class GroupConsumer:
             self._consumer.seek(tp, committed)
             out[(tp.topic, tp.partition)] = committed
         return out
+
+    def fetch_answered(self) -> dict[tuple[str, int], float]:
+        """Per partition, the monotonic send time of the newest fetch answer applied: what
+        :meth:`partitions_behind` says of it is true as of then (needs ``track_fetch_answers``)."""
+        if self._answers is None:
+            raise RuntimeError("this consumer does not track fetch answers (track_fetch_answers=False)")
+        return self._answers.answered
 
     def partitions_behind(self) -> set[tuple[str, int]]:
         """Assigned (topic, partition)s that still have unread messages (lag > 0).
