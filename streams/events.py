@@ -285,3 +285,19 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
                           int(obj["offset"]), bytes(payload))
     except (KeyError, TypeError, ValueError) as exc:
         raise SchemaError(f"dead letter: {exc}") from None
+
+
+def encode_chunks(batch, per_message: int, max_bytes: int) -> list[bytes]:
+    """``hw.examples`` payloads of at most ``per_message`` examples, each under ``max_bytes``:
+    a chunk that encodes too large (wide sparse features) is halved until it fits."""
+    out: list[bytes] = []
+    todo = [np.arange(s, min(len(batch), s + per_message)) for s in range(0, len(batch), per_message)]
+    while todo:
+        idx = todo.pop(0)
+        payload = encode_examples(batch.take(idx))
+        if len(payload) <= max_bytes or len(idx) == 1:
+            out.append(payload)  # a single example over the limit is refused by the producer
+        else:
+            half = len(idx) // 2
+            todo[:0] = [idx[:half], idx[half:]]
+    return out

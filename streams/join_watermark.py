@@ -98,6 +98,12 @@ class JoinWatermark:
         self.watermark = max(self.watermark, candidate)
         return self.watermark
 
+    @staticmethod
+    def answered_since(assigned: set[Partition], answered: dict[Partition, float], since: float) -> bool:
+        """Whether every assigned partition's end was confirmed by a fetch sent at or after
+        ``since`` (the client's view of an end is only as fresh as its last applied answer)."""
+        return all(answered.get(tp, float("-inf")) >= since for tp in assigned)
+
     def advance_to(self, t: int) -> None:
         """Closes up to ``t`` whatever the inputs hold (the joiner's idle close)."""
         self.watermark = max(self.watermark, t)

@@ -6,18 +6,13 @@ closes every shown item becomes one example: label 1 if a positive action joined
 negative, kept with probability ``negative_rate`` (recorded per example as ``sample_rate``).
 
 Watermark (:mod:`streams.join_watermark`): the later of ``max impression event time -
-allowed_lateness`` and the producers' :class:`~streams.events.Watermark` messages (the smaller of
-those seen on the two input topics; a producer ending a stream sends one to each), held back to
-the progress of every input partition that may still deliver (unread messages, or delivered
-recently), and not moved at all while the consumer owns no partition of an input topic (a
-restarted joiner, before it has joined its group). So actions lagging behind impressions in the
-broker, or left unread by a crash, do not turn late; it never moves back. The idle close
-(``idle_close_s``) counts only time spent read to the end of every input. An action whose
-request is no longer pending and whose time is already behind the watermark is *late*: it is
-counted and routed to ``hw.late`` with its reason. An action whose impression has not arrived yet
-is parked (in the state, like everything else) until the watermark passes it; then, if its
-impression came meanwhile, it waits for that request to close, else it is late too, reason
-``no_impression``.
+allowed_lateness`` and the producers' :class:`~streams.events.Watermark` messages, held back by
+every input partition that may still deliver, so actions lagging behind impressions, or left
+unread by a crash, do not turn late; it never moves back. An action whose request is no longer
+pending and whose time is behind the watermark is *late*: counted and routed to ``hw.late`` with
+its reason. An action whose impression has not arrived yet is parked until the watermark passes
+it, then joins the request that came meanwhile or is late too (``no_impression``). The idle
+close (``idle_close_s``) needs the broker to confirm every input quiet that long.
 
 One step = poll -> ingest (write new state) -> close due windows -> produce and flush examples,
 DLQ and late -> delete closed state -> commit input offsets. ``--emit early``
@@ -25,17 +20,11 @@ DLQ and late -> delete closed state -> commit input offsets. ``--emit early``
 each later positive as a positive copy at once, for the trainer's delayed-feedback correction;
 the window then only bounds which clicks still count.
 
-Scaling out and restarts: the input topics are the state's changelog. Joiners of one consumer
-group share the input partitions (Kafka's group protocol assigns them; producers key impressions
-and actions by request id, so a request's actions land in the partition number of its
-impression, and the range assignor gives both to one member). The committed offset of a
-partition is the oldest record whose event is still pending (:mod:`streams.join_positions`), not
-how far it was read. Whenever the assignment changes (start, a member joins, leaves or dies) a
-joiner drops its state and reads its partitions again from those offsets: every pending request
-is rebuilt with every action it had, so kill -9 of one joiner loses nothing; examples the dead
-one had already emitted come again with the same ``example_id`` (the trainer drops them), and
-their late actions are routed to ``hw.late`` again. A committed offset the broker no longer
-holds (retention passed it) stops the joiner with the partition and the reason.
+Scaling out and restarts (:mod:`streams.join_positions`): the input topics are the state's
+changelog. Joiners of one consumer group share the input partitions; each commits, per
+partition, the oldest record still pending; on every assignment change a joiner drops its state
+and reads its partitions again from there, so kill -9 of one loses nothing, and what it had
+already emitted comes again with the same ``example_id`` (the trainer drops those).
 """
 
 from __future__ import annotations
@@ -43,15 +32,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
-import numpy as np
 from kafka.errors import CommitFailedError
 
 from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
-                            decode_event, encode_actions, encode_dead_letter, encode_examples)
+                            decode_event, encode_actions, encode_chunks, encode_dead_letter)
 from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
 from streams.join_early import EarlyEmitter
 from streams.join_positions import PendingOffsets
@@ -59,55 +47,11 @@ from streams.join_state import (JoinState, PendingAction, action_key, parse_acti
                                 split_impression)
 from streams.join_watermark import JoinWatermark
 from streams.kafka_consumer import GroupConsumer, Record
-from streams.kafka_io import KafkaConfig, topic_names
+from streams.joiner_config import JoinerConfig
+from streams.kafka_io import topic_names
 from streams.kafka_producer import BatchProducer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JoinerConfig:
-    """Configuration of ``headwater join``."""
-
-    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"help": "Kafka bootstrap servers"})
-    topic_prefix: str = field(default="hw", metadata={"help": "topic name prefix"})
-    group_id: str = field(default="hw-joiner", metadata={"help": "consumer group of the joiner"})
-    state_dir: str = field(default="state/joiner", metadata={"help": "RocksDB directory of pending state"})
-    window_s: float = field(default=600.0, metadata={"help": "event-time join window after an impression"})
-    emit: str = field(default="window", metadata={
-        "help": "window: examples at window close, labels final; early: negatives after "
-                "--early-hold-s and a positive copy per later click (delayed-feedback stream)"})
-    early_hold_s: float = field(
-        default=1.0, metadata={"help": "with --emit early: event time an impression is held"})
-    allowed_lateness_s: float = field(
-        default=5.0, metadata={"help": "watermark lag behind the newest impression time"})
-    negative_rate: float = field(
-        default=1.0, metadata={"help": "keep probability of negatives (recorded as sample_rate)"})
-    positive_kinds: str = field(default="click", metadata={"help": "comma-separated action kinds that label 1"})
-    dense_dim: int = field(default=0, metadata={"help": "width of impression dense features (0 = none)"})
-    examples_per_message: int = field(default=4096, metadata={"help": "examples per hw.examples message"})
-    poll_max_records: int = field(default=2000, metadata={"help": "input messages per step at most"})
-    max_close_per_step: int = field(default=20000, metadata={"help": "requests closed per step at most"})
-    idle_close_s: float = field(
-        default=0.0, metadata={"help": "close every window after this long without input (0 = never)"})
-    idle_topic_s: float = field(
-        default=2.0, metadata={"help": "an input topic quiet this long stops holding the watermark"})
-    compression: str = field(default="lz4", metadata={"help": "producer compression"})
-    max_poll_interval_ms: int = field(default=3000, metadata={"help": "consumer-group rebalance timeout"})
-
-    def validate(self) -> None:
-        if not 0.0 < self.negative_rate <= 1.0:
-            raise ValueError("negative_rate must be in (0, 1]")
-        if self.window_s <= 0 or self.allowed_lateness_s < 0:
-            raise ValueError("window_s must be > 0 and allowed_lateness_s >= 0")
-        if self.emit not in ("window", "early"):
-            raise ValueError(f"emit must be window or early, got {self.emit!r}")
-        if not 0 <= self.early_hold_s < self.window_s:
-            raise ValueError("early_hold_s must be in [0, window_s)")
-
-    def kafka(self) -> KafkaConfig:
-        return KafkaConfig(bootstrap_servers=self.bootstrap_servers, topic_prefix=self.topic_prefix,
-                           compression=self.compression, max_poll_interval_ms=self.max_poll_interval_ms)
 
 
 @dataclass
@@ -193,7 +137,8 @@ class OnlineJoiner:
                                                  self.consumer.partitions_behind()):
             # Not idle: a joiner still joining its group, or with unread input, is not quiet.
             self._last_input = now
-        elif self.cfg.idle_close_s and self._quiet_at_broker(self._last_input + self.cfg.idle_close_s):
+        elif self.cfg.idle_close_s and self.clock.answered_since(
+                self.consumer.assignment(), self.consumer.fetch_answered(), self._last_input + self.cfg.idle_close_s):
             # A quiet stream: close everything instead of holding it until traffic returns.
             self.clock.advance_to(self.max_time + self.window_ms)
         self._ingest(records, stats)
@@ -210,12 +155,6 @@ class OnlineJoiner:
             self._pending_refreshed = now
             metrics.PENDING.set(self.state.count_pending())
         return stats
-
-    def _quiet_at_broker(self, since: float) -> bool:
-        """Whether every owned partition's end was confirmed by a fetch sent after ``since``
-        (the client's view of an end is only as fresh as its last applied answer)."""
-        answered = self.consumer.fetch_answered()
-        return all(answered.get(tp, float("-inf")) >= since for tp in self.consumer.assignment())
 
     def _ingest(self, records: list[Record], stats: StepStats) -> None:
         wb = self.state.batch()
@@ -443,22 +382,6 @@ class OnlineJoiner:
                 closer()
             except Exception:  # closing must release the rest even if one part is broken
                 log.exception("error while closing the joiner")
-
-
-def encode_chunks(batch, per_message: int, max_bytes: int) -> list[bytes]:
-    """``hw.examples`` payloads of at most ``per_message`` examples, each under ``max_bytes``:
-    a chunk that encodes too large (wide sparse features) is halved until it fits."""
-    out: list[bytes] = []
-    todo = [np.arange(s, min(len(batch), s + per_message)) for s in range(0, len(batch), per_message)]
-    while todo:
-        idx = todo.pop(0)
-        payload = encode_examples(batch.take(idx))
-        if len(payload) <= max_bytes or len(idx) == 1:
-            out.append(payload)  # a single example over the limit is refused by the producer
-        else:
-            half = len(idx) // 2
-            todo[:0] = [idx[:half], idx[half:]]
-    return out
 
 
 def _rid_of(akey: bytes) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from streams.broker import BrokerConfig, EmbeddedBroker
 from streams.events import ExampleBatch, Ragged, decode_examples
-from streams.joiner import encode_chunks
+from streams.events import encode_chunks
 from streams.kafka_consumer import read_topic
 from streams.kafka_io import KafkaConfig, topic_names
 from streams.kafka_producer import BatchProducer, MessageTooLargeError, ProducerBoundError
