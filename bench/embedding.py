@@ -207,7 +207,7 @@ def _measure(args: argparse.Namespace, stream: "ZipfStream", table: EmbeddingTab
         "universe": args.universe,
         "live_rows": s["live_rows"],
         "lookup_ids_per_s": round(lookup_rate),
-        "kernel": "numba fused probe+gather",
+        "kernel": "numba bucketed probe+gather, 3-stage pipeline",
         "threads": threads,
         "probe_only_ids_per_s": round(ids_timed / t_probe),
         "insert_ids_per_s": round(ids_timed / t_insert),

@@ -86,11 +86,11 @@ def find_rows(tab: torch.Tensor, keys: torch.Tensor, missing: int = -1) -> torch
 
 # ---- the id index's probe in torch ops (TorchScript-able) ----------------------------------------
 # Serving's forward (:mod:`serving.compiled_forward`, via this module) is one TorchScript graph
-# that probes, gathers and scores with the GIL released once; a graph cannot call numba, so the probe is written a second time here in torch ops: same home slot, same table,
+# that probes, gathers and scores with the GIL released once; a graph cannot call numba, so the probe is written a second time here in torch ops: same home bucket, same table,
 # same rows (the property tests in tests/embedding_store/test_id_index.py hold it to ``find``).
 # TorchScript cannot read module globals, so _GOLDEN, the window (8) and EMPTY (-1) appear as
 # literals. A serving batch reads a few small slots, so what counts here is the number of ops, not
-# their width: the common case (every key settled at its home slot) is a dozen.
+# their width: the common case (every key found, or proved absent, in its home bucket) is a dozen.
 
 
 def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -101,20 +101,23 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
 def find_rows_torch(tab: torch.Tensor, keys: torch.Tensor, missing: int) -> torch.Tensor:
     """``IdIndex.find(keys, missing)`` over ``tab``, an index's :meth:`IdIndex.table_view`."""
     cap = tab.shape[0]
-    bits = 4  # capacities are powers of two, at least 16
+    bits = 6  # capacities are powers of two, at least 64: buckets of 4 slots
     while (1 << bits) < cap:
         bits += 1
     mask = cap - 1
     golden = -7046029254386353131  # _GOLDEN's 64 bits as a (wrapping) signed int64
-    pos = _srl((_srl(keys, 32) ^ keys) * golden, 64 - bits)
-    entry = tab.index_select(0, pos)
-    row = entry[:, 1]
-    hit = entry[:, 0] == keys  # guard keys (see IdIndex): an equal key is a live row
-    out = row * hit if missing == 0 else torch.where(hit, row, missing)
-    pending = torch.nonzero(torch.gt(row != -1, hit)).squeeze(1)  # another key there: go on
+    bucket = _srl((_srl(keys, 32) ^ keys) * golden, 64 - bits + 2)
+    line = tab.view(cap // 4, 8).index_select(0, bucket)  # key, row, key, row, ... per bucket
+    hits = line[:, 0::2] == keys.unsqueeze(1)  # guard keys (see IdIndex): an equal key is a live row
+    rows = line[:, 1::2]
+    out = (rows * hits).sum(dim=1)  # at most one hit per bucket; 0 where none
+    if missing != 0:
+        out = torch.where(hits.any(dim=1), out, missing)
+    # A bucket with neither the key nor an empty slot: the key may lie further on.
+    pending = torch.nonzero(~(hits | (rows == -1)).any(dim=1)).squeeze(1)
     if pending.numel() == 0:
         return out
-    pos = (pos.index_select(0, pending) + 1) & mask
+    pos = (bucket.index_select(0, pending) * 4 + 4) & mask
     k = keys.index_select(0, pending)
     steps = torch.arange(8, dtype=torch.int64)
     while pending.numel() > 0:

@@ -5,245 +5,20 @@ hashing into the embedding rows directly: two ids would share a row. Here the fu
 stored beside its row number, so a lookup only ever returns the row of an *equal* key; the hash
 only decides where probing starts.
 
-Layout: one ``(capacity, 2)`` int64 array, column 0 the key, column 1 the row (``EMPTY`` = -1,
-``TOMBSTONE`` = -2). Key and row share a cache line, so each probe costs one random access.
-Every key value is legal (the "empty" marker lives in the row column, not the key column).
-Linear probing from the key's home slot (:func:`_home`), capacity a power of two, load at most
-``max_load`` (default 0.7).
-
-A slot that holds no live key (empty, or a tombstone) holds a *guard key* instead of a stale
-one: a key whose home is the next slot, which no probe that passes this slot can be looking for
-(a probe only moves forward from its home and stops at an empty slot before it could wrap
-around). So a key compare alone tells a live hit, with no second test of the row column.
-
-Every probe rule lives here, compiled with numba (``nogil``: a batch releases the GIL once, so
-two threads can share a lookup): :func:`_slot` walks one key, and each batch kernel is one loop
-over its keys. The loops prefetch the slots of keys a few places ahead: a batch's keys are
-independent, so their cache misses overlap instead of each stalling the next probe.
-:meth:`IdIndex.gather` fuses the probe with the copy of each key's value row (``lookup``'s hot
-path); :func:`take_rows` is that copy alone, for rows already resolved. One more copy of the probe
-exists, :func:`~embedding_store.batched_read.find_rows_torch`, in torch ops, because serving's
-TorchScript forward (:mod:`serving.compiled_forward`) embeds it in its graph, which cannot call
-numba; the tests hold the two to the same rows.
-
-Compiled code is cached on disk (numba's ``cache=True``: ``__pycache__`` beside this file, or the
-user's cache directory where the checkout is read-only; with neither writable, each process
-compiles), so only the first run after a change compiles (a few seconds for all kernels);
-:func:`warm_up` does it ahead of timed work. All kernels live in this one file on purpose: numba
-checks a cached kernel against its own file only, so a helper in another file could go stale.
+The table's layout, its probe rules and their compiled batch kernels are in
+:mod:`embedding_store.id_index_kernels`; this module is the Python side: sizing, rebuilds,
+argument checks, and the one copy loop exported for callers (:func:`take_rows`).
 """
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-from hashing import GOLDEN, splitmix64
+from embedding_store.id_index_kernels import (_CACHE_LINE, _MIN_CAPACITY, EMPTY, TOMBSTONE, _fill_empty,
+                                              _find_rows, _gather_rows, _place, _remove, _take_rows, mix64)
 
-log = logging.getLogger(__name__)
-
-EMPTY = -1
-TOMBSTONE = -2
-
-_GOLDEN = GOLDEN
-_GOLDEN_INV = np.uint64(pow(int(GOLDEN), -1, 1 << 64))  # GOLDEN * _GOLDEN_INV == 1 (mod 2**64)
-# Keys looked ahead by the batch loops: enough cache misses in flight to cover memory latency
-# (bench embedding's table, 2M slots, 64-float rows: 8 to 24 alike, 4 about 12% slower).
-_AHEAD = 8
-_RING = 32  # rows held between their probe and their copy in gather (a power of two above _AHEAD)
-_CACHE_LINE = 64
-
-mix64 = splitmix64  # the name bench/embedding.py imports; new code imports hashing.splitmix64
-
-
-_UNCACHED: list[str] = []  # kernels compiled without a disk cache
-
-
-def _kernel(fn):
-    """``fn`` compiled without the GIL, its machine code cached on disk; where no cache directory
-    is writable (a read-only checkout and no writable home), compiled afresh in each process."""
-    try:
-        return njit(cache=True, nogil=True)(fn)
-    except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
-        if "cannot cache" not in str(exc):
-            raise
-        if not _UNCACHED:
-            log.warning("numba cannot cache the id index's kernels (%s): they compile in every process", exc)
-        _UNCACHED.append(fn.__name__)
-        return njit(nogil=True)(fn)
-
-
-@intrinsic
-def _prefetch(typingctx, arr, i, j):  # noqa: ARG001 - numba passes the typing context
-    """Asks the CPU to start loading ``arr[i, j]``'s cache line (``llvm.prefetch``: a read,
-    kept in every cache level); a hint only, it never faults."""
-    sig = types.void(arr, i, j)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # (address, 0 = read, 3 = keep in all cache levels, 1 = data cache)
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-# ---- the probe rules ---------------------------------------------------------------------------
-@njit(inline="always")
-def _geometry(tab):
-    """(mask, shift) of a table: positions wrap with ``& mask``; ``_home`` keeps the top
-    ``64 - shift`` bits. Capacities are powers of two, at least 16."""
-    cap = tab.shape[0]
-    bits = 4
-    while (1 << bits) < cap:
-        bits += 1
-    return cap - 1, np.uint64(64 - bits)
-
-
-@njit(inline="always")
-def _home(key, shift):
-    """Home slot: fold the high half into the low half, then Fibonacci (multiply-shift)
-    hashing, whose top bits depend on every input bit. Cheaper than SplitMix64, and the hash
-    only affects probe length, never correctness."""
-    u = np.uint64(key)
-    return np.int64(((u >> np.uint64(32)) ^ u) * _GOLDEN >> shift)
-
-
-@njit(inline="always")
-def _guard_key(slot, mask, shift):
-    """A key whose home (:func:`_home`) is the slot after ``slot``: ``_home`` run backwards
-    (multiply by GOLDEN's inverse, then undo the fold of the high half)."""
-    x = (np.uint64((slot + 1) & mask) << shift) * _GOLDEN_INV  # x * GOLDEN == home << shift
-    return np.int64(x ^ (x >> np.uint64(32)))  # key = (hi, lo ^ hi), whose fold is x again
-
-
-@njit(inline="always")
-def _slot(tab, mask, shift, key):
-    """Position of ``key``, -1 if absent. Guard keys make an equal key a live hit; an empty
-    slot ends the search (linear probing's invariant: a key never lies past one)."""
-    pos = _home(key, shift)
-    while True:
-        if tab[pos, 0] == key:
-            return pos
-        if tab[pos, 1] == EMPTY:
-            return -1
-        pos = (pos + 1) & mask
-
-
-# ---- batch kernels -------------------------------------------------------------------------------
-@_kernel
-def _fill_empty(tab):
-    mask, shift = _geometry(tab)
-    for p in range(tab.shape[0]):
-        tab[p, 0] = _guard_key(p, mask, shift)
-        tab[p, 1] = EMPTY
-
-
-@_kernel
-def _find_rows(tab, keys, missing, out):
-    mask, shift = _geometry(tab)
-    n = keys.shape[0]
-    for i in range(min(_AHEAD, n)):
-        _prefetch(tab, _home(keys[i], shift), 0)
-    for i in range(n):
-        if i + _AHEAD < n:
-            _prefetch(tab, _home(keys[i + _AHEAD], shift), 0)
-        p = _slot(tab, mask, shift, keys[i])
-        out[i] = tab[p, 1] if p >= 0 else missing
-
-
-@njit(inline="always")
-def _prefetch_row(values, r, per_line):
-    for c in range(0, values.shape[1], per_line):
-        _prefetch(values, r, c)
-
-
-@njit(inline="always")
-def _copy_row(values, r, out, k):
-    for c in range(values.shape[1]):
-        out[k, c] = values[r, c]
-
-
-@_kernel
-def _gather_rows(tab, keys, values, missing, out):
-    """``out[i] = values[row of keys[i]]`` (``values[missing]`` if absent), pipelined: while
-    key i's row is copied, key i + _AHEAD's row and key i + 2 * _AHEAD's slot are being fetched."""
-    mask, shift = _geometry(tab)
-    n = keys.shape[0]
-    per_line = max(1, _CACHE_LINE // values.itemsize)
-    ring = np.empty(_RING, dtype=np.int64)
-    for i in range(n + 2 * _AHEAD):
-        if i < n:
-            _prefetch(tab, _home(keys[i], shift), 0)
-        j = i - _AHEAD
-        if 0 <= j < n:
-            p = _slot(tab, mask, shift, keys[j])
-            r = tab[p, 1] if p >= 0 else missing
-            ring[j & (_RING - 1)] = r
-            _prefetch_row(values, r, per_line)
-        k = i - 2 * _AHEAD
-        if k >= 0:
-            _copy_row(values, ring[k & (_RING - 1)], out, k)
-
-
-@_kernel
-def _take_rows(values, rows, out):
-    """``out[i] = values[rows[i]]``: the copy half of :func:`_gather_rows`, same prefetching."""
-    n = rows.shape[0]
-    per_line = max(1, _CACHE_LINE // values.itemsize)
-    for i in range(n + _AHEAD):
-        if i < n:
-            _prefetch_row(values, rows[i], per_line)
-        k = i - _AHEAD
-        if k >= 0:
-            _copy_row(values, rows[k], out, k)
-
-
-@_kernel
-def _place(tab, keys, rows):
-    """Puts each (absent) key in the first reusable slot from its home; returns how many of
-    those slots were empty (not tombstones)."""
-    mask, shift = _geometry(tab)
-    took_empty = 0
-    for i in range(keys.shape[0]):
-        pos = _home(keys[i], shift)
-        while tab[pos, 1] >= 0:  # a live key: go on (empty and tombstone slots are reusable)
-            pos = (pos + 1) & mask
-        took_empty += tab[pos, 1] == EMPTY
-        tab[pos, 0] = keys[i]
-        tab[pos, 1] = rows[i]
-    return took_empty
-
-
-@_kernel
-def _remove(tab, keys, out):
-    """Tombstones each key's slot, writing the row it held (-1 if absent) to ``out``; returns
-    how many keys were removed. A key repeated in ``keys`` is removed once: later copies read
-    as absent."""
-    mask, shift = _geometry(tab)
-    removed = 0
-    for i in range(keys.shape[0]):
-        p = _slot(tab, mask, shift, keys[i])
-        if p < 0:
-            out[i] = -1
-            continue
-        out[i] = tab[p, 1]
-        tab[p, 1] = TOMBSTONE
-        tab[p, 0] = _guard_key(p, mask, shift)  # the key is gone from every probe
-        removed += 1
-    return removed
+__all__ = ["EMPTY", "TOMBSTONE", "IdIndex", "mix64", "take_rows", "warm_up"]
 
 
 def _keys(keys: np.ndarray) -> np.ndarray:
@@ -251,13 +26,14 @@ def _keys(keys: np.ndarray) -> np.ndarray:
 
 
 class IdIndex:
-    """Maps distinct int64 keys to int64 rows; batched ``find``/``gather``/``insert``/``remove``."""
+    """Maps distinct int64 keys to int64 rows; batched ``find``/``gather``/``insert``/``remove``.
+    Rows are ``>= 0``."""
 
     def __init__(self, capacity: int = 1024, max_load: float = 0.7) -> None:
         if not 0.1 <= max_load <= 0.9:
             raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
         self.max_load = max_load
-        self._tab = self._empty_table(1 << max(4, int(capacity - 1).bit_length()))
+        self._tab = self._empty_table(_capacity(capacity))
         self._size = 0  # live keys
         self._used = 0  # live keys + tombstones
 
@@ -285,7 +61,10 @@ class IdIndex:
 
     @staticmethod
     def _empty_table(capacity: int) -> np.ndarray:
-        tab = np.empty((capacity, 2), dtype=np.int64)
+        # Aligned to a cache line, so that each bucket is one line (the view keeps ``raw`` alive).
+        raw = np.empty(2 * capacity + _CACHE_LINE // 8, dtype=np.int64)
+        skip = (-raw.ctypes.data % _CACHE_LINE) // 8
+        tab = raw[skip:skip + 2 * capacity].reshape(capacity, 2)
         _fill_empty(tab)
         return tab
 
@@ -336,9 +115,14 @@ class IdIndex:
 
     def _rebuild(self, need: int) -> None:
         keys, rows = self.items()
-        self._tab = self._empty_table(1 << max(4, int(np.ceil(need / self.max_load) - 1).bit_length()))
+        self._tab = self._empty_table(_capacity(int(np.ceil(need / self.max_load))))
         self._size = keys.shape[0]
         self._used = int(_place(self._tab, keys, rows))
+
+
+def _capacity(slots: int) -> int:
+    """The power of two at or above ``slots``, at least ``_MIN_CAPACITY``."""
+    return max(_MIN_CAPACITY, 1 << int(slots - 1).bit_length())
 
 
 def take_rows(values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -89,34 +89,36 @@ GOLDEN = 0x9E3779B97F4A7C15
 M64 = (1 << 64) - 1
 
 
-def _home(key: int, bits: int) -> int:
+def _bucket(key: int, bits: int) -> int:
+    """Home bucket of ``key`` among ``2**bits`` buckets (four slots, one cache line, each)."""
     u = key & M64
     return ((((u >> 32) ^ u) * GOLDEN) & M64) >> (64 - bits)
 
 
-def _keys_with_home(home: int, bits: int, n: int) -> np.ndarray:
-    """``n`` distinct keys whose home slot is ``home`` in a table of ``2**bits`` slots: the home
-    hash run backwards from ``home << (64 - bits) | t``."""
+def _keys_with_home(bucket: int, bits: int, n: int, start: int = 1) -> np.ndarray:
+    """``n`` distinct keys whose home is ``bucket`` of ``2**bits``: the home hash run backwards
+    from ``bucket << (64 - bits) | t``."""
     inv = pow(GOLDEN, -1, 1 << 64)
     out = []
-    for t in range(1, n + 1):
-        x = (((home << (64 - bits)) | (t * 7919)) * inv) & M64
+    for t in range(start, start + n):
+        x = (((bucket << (64 - bits)) | (t * 7919)) * inv) & M64
         key = x ^ (x >> 32)
         out.append(key - (1 << 64) if key >= 1 << 63 else key)
     keys = np.array(out, dtype=np.int64)
-    assert all(_home(int(k), bits) == home for k in keys)
+    assert all(_bucket(int(k), bits) == bucket for k in keys)
     return keys
 
 
 def test_a_long_probe_chain_that_wraps_past_the_table_end_finds_every_key():
-    # 40 keys share home slot 60 of 64: they fill 60..63, wrap to 0..35; far past one probe window.
+    # 40 keys share home bucket 15 of 16 (slots 60..63): they fill it and wrap to slots 0..35,
+    # far past the home line and past one window of the torch probe.
     index = IdIndex(capacity=64)
-    keys = _keys_with_home(60, 6, 40)
+    keys = _keys_with_home(15, 4, 40)
     index.insert(keys, np.arange(40))
     assert index.capacity == 64
     np.testing.assert_array_equal(index.find(keys), np.arange(40))
     np.testing.assert_array_equal(find_rows(index.table_view(), torch.from_numpy(keys)).numpy(), np.arange(40))
-    others = _keys_with_home(60, 6, 45)[40:]  # same home, absent: walk the whole chain, then miss
+    others = _keys_with_home(15, 4, 45)[40:]  # same home, absent: walk the whole chain, then miss
     assert (index.find(others) == -1).all()
     # Remove from the middle of the chain: the keys behind the tombstones stay reachable.
     assert index.remove(keys[10:20]).tolist() == list(range(10, 20))
@@ -128,7 +130,7 @@ def test_a_long_probe_chain_that_wraps_past_the_table_end_finds_every_key():
     np.testing.assert_array_equal(index.find(keys)[10:20], np.arange(100, 110))
 
 
-def test_free_slots_hold_keys_whose_home_is_the_next_slot():
+def test_free_slots_hold_keys_whose_home_is_the_next_bucket():
     index = IdIndex(capacity=256)
     keys = np.arange(100, dtype=np.int64) * 1_000_003
     index.insert(keys, np.arange(100))
@@ -136,8 +138,58 @@ def test_free_slots_hold_keys_whose_home_is_the_next_slot():
     tab = index._tab
     free = np.flatnonzero(tab[:, 1] < 0)
     assert free.size == 256 - 66
-    assert all(_home(int(tab[p, 0]), 8) == (p + 1) % 256 for p in free)
+    assert all(_bucket(int(tab[p, 0]), 6) == (p // 4 + 1) % 64 for p in free)
     assert (index.find(tab[free, 0]) == -1).all()  # a guard key is never found
+
+
+def test_every_bucket_is_one_cache_line():
+    index = IdIndex(capacity=100)
+    assert index.capacity == 128 and index._tab.ctypes.data % 64 == 0
+    index.insert(np.arange(1000, dtype=np.int64), np.arange(1000))  # rebuilt larger
+    assert index.capacity == 2048 and index._tab.ctypes.data % 64 == 0
+    assert IdIndex(capacity=1).capacity == 64  # the smallest table: 16 buckets
+
+
+def _bucket_lookups(index: IdIndex, keys: np.ndarray, missing: int = -1) -> list[np.ndarray]:
+    """Every probe's answer for ``keys``: find, gather (rows as values), torch."""
+    values = np.arange(64, dtype=np.float32).reshape(64, 1).repeat(2, axis=1)
+    out = np.empty((keys.size, 2), dtype=np.float32)
+    index.gather(keys, values, out, missing=max(missing, 0))
+    return [index.find(keys, missing=missing), out[:, 0].astype(np.int64),
+            find_rows(index.table_view(), torch.from_numpy(keys), missing).numpy()]
+
+
+def test_a_key_equal_to_a_row_in_its_bucket_is_not_found_there():
+    # The line compare sees rows as well as keys; only key lanes may answer.
+    absent = 5
+    present = _keys_with_home(_bucket(absent, 4), 4, 1)
+    index = IdIndex(capacity=64)
+    index.insert(present, np.array([absent]))  # its row is the absent key's value
+    for got in _bucket_lookups(index, np.array([absent, present[0]], dtype=np.int64), missing=0):
+        assert got.tolist() == [0, absent]
+
+
+def test_a_key_equal_to_the_empty_marker_does_not_end_a_probe():
+    # Key -1 equals EMPTY's row value; in a key lane it must not read as an empty slot, or the
+    # fifth key of its full home bucket (placed in the next one) would be reported absent.
+    b = _bucket(-1, 4)
+    keys = np.concatenate([[-1], _keys_with_home(b, 4, 4)])
+    index = IdIndex(capacity=64)
+    index.insert(keys, np.arange(10, 15))
+    for got in _bucket_lookups(index, keys):
+        assert got.tolist() == list(range(10, 15))
+
+
+def test_a_miss_walks_past_a_full_bucket_and_stops_at_an_empty_slot():
+    index = IdIndex(capacity=64)
+    full = _keys_with_home(7, 4, 4)  # bucket 7 full, nothing spilled
+    index.insert(full, np.arange(1, 5))
+    spilled = _keys_with_home(8, 4, 6)  # bucket 8 full and two keys in bucket 9
+    index.insert(spilled, np.arange(5, 11))
+    absent = np.concatenate([_keys_with_home(7, 4, 2, start=50), _keys_with_home(8, 4, 2, start=50)])
+    probe = np.concatenate([full, spilled, absent])
+    for got in _bucket_lookups(index, probe, missing=0):
+        assert got.tolist() == list(range(1, 11)) + [0] * 4
 
 
 def test_a_key_removed_twice_in_one_batch_hands_its_row_back_once():

@@ -31,14 +31,13 @@ def assert_reads_match(t: EmbeddingTable, slot: str, keys: np.ndarray) -> None:
 
 
 def displaced(t: EmbeddingTable, slot: str) -> int:
-    """Live keys that do not sit in their home slot (their probe walks past other keys)."""
+    """Live keys that do not sit in their home bucket (their probe walks past its cache line)."""
     tab = t._stores[slot].index._tab
-    cap = tab.shape[0]
-    bits = cap.bit_length() - 1
+    bits = tab.shape[0].bit_length() - 1 - 2  # four slots per bucket
     pos = np.flatnonzero(tab[:, 1] >= 0)
     u = tab[pos, 0].view(np.uint64)
     home = (((u >> np.uint64(32)) ^ u) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits)
-    return int((home.astype(np.int64) != pos).sum())
+    return int((home.astype(np.int64) != pos // 4).sum())
 
 
 def trained_table(n: int = 5000, dim: int = 8, **cfg) -> tuple[EmbeddingTable, np.ndarray]:
@@ -60,7 +59,7 @@ def test_hits_and_misses_read_their_rows_and_the_default():
 
 def test_keys_displaced_from_their_home_slot_are_found():
     t, keys = trained_table(20_000)
-    assert displaced(t, "a") > 1000  # the probe's long path is exercised, not only home hits
+    assert displaced(t, "a") > 200  # the walk past the home line is exercised, not only home hits
     assert_reads_match(t, "a", keys)
 
 
