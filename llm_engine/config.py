@@ -92,6 +92,8 @@ class EngineConfig:
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "fraction of free GPU memory for the KV pool"})
     num_kv_blocks: int = field(default=0, metadata={"help": "force this many KV blocks (0 = from the budget)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached KV blocks of shared prefixes"})
+    enable_partial_block_reuse: bool = field(default=True, metadata={
+        "help": "prefix caching also reuses the leading tokens of a cached block past the last full-block hit (copied)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto"})
     attention_backend: str = field(default="auto", metadata={"help": "torch, triton or auto (triton on CUDA)"})

@@ -97,7 +97,7 @@ class LLMEngine:
             host = BlockPool(n_swap, enable_caching=False)
             swap_area = allocate_kv_cache(n_swap, mc.num_hidden_layers, block_shape, dtype, "cpu",
                                           pin_memory=device.type == "cuda")
-        self.kv = KVCacheManager(self.pool, config.block_size, host)
+        self.kv = KVCacheManager(self.pool, config.block_size, host, config.enable_partial_block_reuse)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(model, allocate_kv_cache(n, mc.num_hidden_layers, block_shape, dtype, device),
                                   config.block_size, backend, self.kv.tables, swap_area)

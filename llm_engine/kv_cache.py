@@ -4,6 +4,10 @@
 byte budget (CPU) or a fraction of free GPU memory. :class:`KVCacheManager` maps each sequence to
 its block table, reuses cached prefix blocks on admission, registers blocks as they fill, and
 moves a preempted sequence's blocks to host swap slots and back (swap preemption).
+Past the last cached full block, admission also reuses a token prefix of a cached block (the last,
+partial block a finished sequence left, or a full block the request diverges inside): it takes a
+fresh block and plans a copy of those tokens' K/V into it (:meth:`KVCacheManager.take_copies`,
+made by the runner before the step's forward), so a block someone may read is never written.
 Every live block table is mirrored in one :class:`BlockTableArray` row as blocks are appended, so
 the runner gathers a step's ``[B, max_blocks]`` table with one index instead of rebuilding it
 from Python lists every step.
@@ -67,11 +71,14 @@ class BlockTableArray:
 
 class KVCacheManager:
     """Block tables for sequences on top of a :class:`BlockPool`; ``host`` (a second pool, of
-    slots in the runner's host swap area) is set when swap preemption is on."""
+    slots in the runner's host swap area) is set when swap preemption is on; ``partial_reuse``
+    turns on token-granular reuse of a cached block past the last full-block hit."""
 
-    def __init__(self, pool: BlockPool, block_size: int, host: BlockPool | None = None):
+    def __init__(self, pool: BlockPool, block_size: int, host: BlockPool | None = None, partial_reuse: bool = True):
         self.pool, self.block_size, self.host = pool, block_size, host
+        self.partial_reuse = partial_reuse
         self.tables = BlockTableArray()
+        self._copies: dict[Sequence, tuple[int, int, int]] = {}  # planned (source, own block, tokens)
 
     def _extend(self, seq: Sequence, blocks: list[int]) -> None:
         if seq.kv_row < 0:
@@ -82,10 +89,13 @@ class KVCacheManager:
     def admit_cached_prefix(self, seq: Sequence) -> None:
         """On first scheduling, reuse cached full blocks of the prompt (never the whole prompt:
         the last token must be computed to produce logits). Each block is reused only if the
-        pool verifies its tokens and its parent, so a colliding digest ends the reuse there."""
+        pool verifies its tokens and its parent, so a colliding digest ends the reuse there.
+        Then, with ``partial_reuse``, the cached block after them sharing the most leading tokens
+        with the prompt's next ones lends those tokens' K/V: copied, see :meth:`take_copies`."""
         bs, hasher = self.block_size, self.pool.block_hasher
         toks = seq.all_token_ids
-        limit = min(len(toks) - 1, seq.cache_limit) // bs
+        cap = min(len(toks) - 1, seq.cache_limit)
+        limit = cap // bs
         h, blocks = hasher.root, []
         for i in range(limit):
             data = token_bytes(toks[i * bs:(i + 1) * bs])
@@ -98,8 +108,42 @@ class KVCacheManager:
         if blocks:
             self.pool.touch(blocks)
             self._extend(seq, blocks)
-            seq.num_computed_tokens = len(blocks) * bs
-            seq.num_cached_tokens = seq.num_computed_tokens
+        start = len(blocks) * bs
+        if self.partial_reuse and cap > start and self.pool.num_free:
+            hit = self.pool.match_partial(token_bytes(toks[start:min(start + bs, cap)]),
+                                          blocks[-1] if blocks else None)
+            if hit is not None:
+                # The source is not referenced: nothing writes a pool block between this decision
+                # and the copy at the start of the step (even if the source is allocated again in
+                # between, or is the block allocated here: then the copy maps it onto itself).
+                own = self.pool.allocate(1)
+                self._extend(seq, own)
+                self._copies[seq] = (hit[0], own[0], hit[1])
+                start += hit[1]
+        if start:
+            seq.num_computed_tokens = seq.num_cached_tokens = start
+
+    def take_copies(self) -> list[tuple[int, int, int]]:
+        """The ``(source block, destination block, tokens)`` K/V copies planned by admissions
+        since the last call; the runner makes them before the step's forward."""
+        copies = list(self._copies.values())
+        self._copies.clear()
+        return copies
+
+    def cache_last_block(self, seq: Sequence) -> None:
+        """Make the sequence's last computed block matchable token by token, if the blocks before
+        it are cached (so its prefix is verifiable). Only once it writes no more into that block:
+        when it frees its blocks, or for a finished prefill-only context still held."""
+        n = seq.num_computed_tokens
+        if not self.partial_reuse or not self.pool.enable_caching or seq.swapped or n <= 0:
+            return
+        bs, i = self.block_size, (n - 1) // self.block_size
+        if i >= len(seq.block_table):
+            return
+        parent = seq.block_table[i - 1] if i else None
+        if parent is not None and self.pool.content_id[parent] is None:
+            return
+        self.pool.register_partial(seq.block_table[i], token_bytes(seq.token_slice(i * bs, n)), parent)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks still needed to hold ``num_new_tokens`` more tokens (0 if none)."""
@@ -169,7 +213,10 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Release all of the sequence's blocks at once (finish, cancel or preemption), and its
-        host slots if it is swapped out."""
+        host slots if it is swapped out. Its last computed block stays matchable
+        (:meth:`cache_last_block`) unless its K/V copy was planned and never made."""
+        if self._copies.pop(seq, None) is None:
+            self.cache_last_block(seq)
         if seq.swapped:
             gone = {i for i, _ in seq.swapped}
             self.pool.release(b for i, b in reversed(list(enumerate(seq.block_table))) if i not in gone)

@@ -3,7 +3,8 @@
 ``execute`` returns hidden states for all scheduled tokens and the row index of each sequence's
 last token, so callers choose which rows to project to logits: the last rows for sampling, every
 prompt row for prompt log-probs, arbitrary rows for scoring or draft verification.
-``swap`` makes a step's KV copies between the pool and the host swap area (swap preemption);
+``swap`` makes a step's KV copies between the pool and the host swap area (swap preemption) and
+the token copies between pool blocks of partial prefix reuse;
 pure-decode steps go through :class:`~llm_engine.decode_graphs.PaddedDecode` when it is enabled.
 """
 
@@ -57,16 +58,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def swap(self, out: SchedulerOutput) -> None:
-        """Swap-outs (pool -> host), then swap-ins (host -> pool): one gather and one transfer per
-        direction and step. The copies are synchronous, so this step's forward may reuse the
-        blocks a swap-out freed. The gathered temporaries are pageable memory, so pinning the
-        area buys little today; it is what a later asynchronous copy would need."""
+        """Swap-outs (pool -> host), then token copies (pool -> pool), then swap-ins (host -> pool):
+        one gather and one scatter each. The copies are synchronous, so this step's forward may
+        reuse the blocks a swap-out freed. The gathered temporaries are pageable memory, so pinning
+        the area buys little today; it is what a later asynchronous copy would need."""
         if out.blocks_to_swap_out:
             blocks, slots = (torch.tensor(x) for x in zip(*out.blocks_to_swap_out))
             self.swap_area.index_copy_(2, slots, self.kv_cache.index_select(2, blocks.to(self.device)).cpu())
+        if out.blocks_to_copy:
+            self.copy_tokens(out.blocks_to_copy)
         if out.blocks_to_swap_in:
             slots, blocks = (torch.tensor(x) for x in zip(*out.blocks_to_swap_in))
             self.kv_cache.index_copy_(2, blocks.to(self.device), self.swap_area.index_select(2, slots).to(self.device))
+
+    @torch.inference_mode()
+    def copy_tokens(self, copies: list[tuple[int, int, int]]) -> None:
+        """For each ``(source, destination, k)``: the first ``k`` token slots of the source block
+        (K and V, every layer) into the destination's. All reads come before all writes, so a
+        destination may be another copy's source."""
+        src, dst, k = (np.asarray(x, dtype=np.int64) for x in zip(*copies))
+        offset = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+        bs = self.block_size
+        flat = self.kv_cache.flatten(2, 3)  # [2, layers, blocks * block_size, Hkv, D], a view
+        index = (torch.from_numpy(np.repeat(src * bs, k) + offset).to(self.device),
+                 torch.from_numpy(np.repeat(dst * bs, k) + offset).to(self.device))
+        flat.index_copy_(2, index[1], flat.index_select(2, index[0]))
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Vectorised: one Python pass collects per-sequence scalars, NumPy derives the per-token

@@ -10,7 +10,9 @@ pool, beside whatever generation is in flight:
    least its last token, even when a previous call cached the rest);
 2. every candidate enters the waiting queue with the same priority and arrival (so the batch
    former packs them into the same steps), is admitted with the cached context blocks, and runs
-   only the uncached tail: the context's last partial block, if any, and the candidate itself.
+   only the candidate itself: the context's last partial block is registered for token-granular
+   reuse once the context is done (it writes no more into it), so each candidate copies those
+   tokens' K/V (with ``enable_partial_block_reuse``; without it, it computes them again).
 
 In each step the hidden rows of scored positions are gathered across all candidates and turned
 into log-probs of only the wanted token ids (:func:`llm_engine.scoring.gather_logprobs`, in
@@ -209,6 +211,7 @@ class ScoringManager:
                 # Prefix computed: register its blocks, keep them referenced, admit candidates.
                 call.context_cached_tokens = seq.num_cached_tokens
                 self.engine.kv.cache_full_blocks(seq)
+                self.engine.kv.cache_last_block(seq)
                 self.engine.scheduler.running.remove(seq)
                 if call.request_id in self.calls:
                     self._admit_candidates(call)

@@ -8,8 +8,9 @@ Policy (one step, token budget ``max_num_batched_tokens``):
    falling back to recompute for a victim the swap area has no room for. Either gives identical
    output;
 2. waiting requests in :class:`batching.BatchQueue` order (priority with ageing, then
-   arrival) fill the remaining budget with (chunked) prefills, reusing cached prefix blocks, and
-   swapped-out requests resume (swap-in).
+   arrival) fill the remaining budget with (chunked) prefills, reusing cached prefix blocks (and
+   a token prefix of the next cached block, copied into a block of their own), and swapped-out
+   requests resume (swap-in).
 The scheduler only decides; the result is a plain :class:`SchedulerOutput` the runner executes.
 """
 
@@ -47,13 +48,16 @@ class SchedulerOutput:
     The engine executes swap-outs, then swap-ins, before the forward (even in a step that
     schedules nothing): a swap-out must read its blocks before anything reuses them. A step never
     has both (admission, hence swap-in, is skipped in a step that preempts), so a host slot freed
-    by a swap-in is never rewritten before it is read.
+    by a swap-in is never rewritten before it is read. Token copies between pool blocks (partial
+    prefix reuse) come between the two: their sources are not referenced, so they must be read
+    before a swap-in or the forward can rewrite a source that this step allocated again.
     """
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (pool block, host slot)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, pool block)
+    blocks_to_copy: list[tuple[int, int, int]] = field(default_factory=list)  # (source, destination, tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -168,4 +172,5 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+        out.blocks_to_copy = self.kv.take_copies()
         return out

@@ -51,8 +51,10 @@ def test_manager_reuses_shared_prefix_blocks():
     kv.admit_cached_prefix(b)
     assert b.num_computed_tokens == 8 and b.block_table == a.block_table[:2]
     assert pool.ref_cnt[a.block_table[0]] == 2
-    c = Sequence("c", list(range(8)), SamplingParams())  # whole prompt cached: last block recomputed
+    c = Sequence("c", list(range(8)), SamplingParams())  # whole prompt cached: last token recomputed
     kv.admit_cached_prefix(c)
-    assert c.num_computed_tokens == 4
+    assert c.num_computed_tokens == 7  # one shared block, then 3 tokens copied into a block of its own
+    assert c.block_table[0] == a.block_table[0] and c.block_table[1] not in a.block_table
+    assert kv.take_copies() == [(a.block_table[1], c.block_table[1], 3)]
     kv.free(a), kv.free(b), kv.free(c)
     assert pool.num_free == 16

@@ -86,11 +86,13 @@ def test_equal_block_after_a_different_prefix_is_not_reused():
     kv = KVCacheManager(pool, block_size=4)
     x, y, z = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
     a = _computed(kv, "a", x + y)
-    _computed(kv, "c", z + y)
+    c = _computed(kv, "c", z + y)
     d = Sequence("d", z + y + [13], SamplingParams())
     kv.admit_cached_prefix(d)  # z hits; y's digest finds a's block, computed after x: refused
-    assert d.num_computed_tokens == 4 and a.block_table[1] not in d.block_table
+    assert a.block_table[1] not in d.block_table
     assert pool.mismatches == 1
+    # c's y (unindexed: its digest collided) is found token by token under z and copied, not a's
+    assert d.num_computed_tokens == 8 and kv.take_copies() == [(c.block_table[1], d.block_table[1], 4)]
 
 
 def test_same_block_computed_twice_still_chains():

@@ -17,3 +17,12 @@ def blocks_shared(a: list[int], b: list[int]) -> int:
     while n + BLOCK <= min(len(a), len(b) - 1) and a[n:n + BLOCK] == b[n:n + BLOCK]:
         n += BLOCK
     return n
+
+
+def tokens_shared(a: list[int], b: list[int]) -> int:
+    """Tokens of ``b`` a token-granular prefix cache holds after computing ``a`` (full blocks,
+    then the leading tokens of the next one; never ``b``'s last token)."""
+    n = 0
+    while n < min(len(a), len(b) - 1) and a[n] == b[n]:
+        n += 1
+    return n

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.rerank.rerank_helpers import BLOCK, blocks_shared, item_text
+from tests.rerank.rerank_helpers import BLOCK, blocks_shared, item_text, tokens_shared
 
 
 def test_a_new_interaction_only_appends_so_the_call_reuses_all_but_the_last_partial_block(stage):
@@ -76,7 +76,7 @@ def test_the_start_moves_at_most_once_per_chunk_of_new_interactions(stage, chunk
     assert 0 < moves <= appends // chunk + 1, moves
 
 
-def test_a_returning_user_s_second_call_reuses_every_full_block_of_the_first(runtime, serve_with):
+def test_a_returning_user_s_second_call_reuses_every_token_of_the_first(runtime, serve_with):
     from serving.pb import pb2
 
     rt = runtime(rerank_top_n=8)
@@ -92,6 +92,7 @@ def test_a_returning_user_s_second_call_reuses_every_full_block_of_the_first(run
     got = stub.Recommend(pb2.RecommendRequest(**req))
     assert got.reranked == 8 and not got.degraded
     assert rt.stage.context_tokens - tokens == len(second_ctx)
-    # the cache held every full block the two contexts share: nothing was evicted or recomputed
-    assert rt.stage.context_cached - cached == blocks_shared(first_ctx, second_ctx)
+    # the cache held every token the two contexts share, the first one's partial last block too
+    assert rt.stage.context_cached - cached == tokens_shared(first_ctx, second_ctx) == len(first_ctx)
+    assert len(first_ctx) > blocks_shared(first_ctx, second_ctx)
     assert (rt.stage.context_cached - cached) / len(second_ctx) >= 0.9
