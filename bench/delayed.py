@@ -16,9 +16,11 @@ Every arm is scored on each impression's true final label (its click if one come
 window, else 0), each impression once:
 
 - ``auc_overall``, ``logloss``, ``calibration``: prequentially, by the model as it stood when the
-  item first reached the trainer (early arms: its negative's pre-update score; the positive copy
-  is not scored again). This favours the window: it scores at window close, with every click of
-  the window before it already learned.
+  item was first trained (early arms: its negative's pre-update score; the positive copy is not
+  scored again; a row the learner's cold-start hold keeps, ``early_warmup_examples``, is scored
+  when it is trained). This favours the window: it scores at window close, with every click of
+  the window before it already learned. ``auc_by_tenth`` / ``logloss_by_tenth``: the same on
+  each tenth of the impressions by event time (early arms: ``auc_by_tenth_delta_vs_window``).
 - ``auc_after_warmup``, ``logloss_after_warmup``, ``calibration_after_warmup``: the same scores
   on the second half of the impressions (by event time). An early stream's first seconds are
   all fake negatives (no click has come yet), which a cold model learns and then unlearns for
@@ -29,10 +31,15 @@ window, else 0), each impression once:
   window costs counts here.
 
 ``calibration`` = mean predicted probability / positive rate on those rows (1 = calibrated).
+``cold_start_hold``: the hold's counts (:class:`~training.delayed_feedback.ColdStartHold`; null
+when off): rows held, copies merged into them, and the event time at which the learner was warm.
+
+The early arms' label wait (``early_label_wait_s``) is the join window unless given.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
@@ -199,13 +206,50 @@ def _serving(s: _Stream, times: np.ndarray, probes: ExampleBatch, probe_t: np.nd
 
 
 def _score(s: _Stream, cfg: Any) -> dict:
-    from training.prequential import metrics_of, run_stream
+    """Trains a fresh learner on ``s`` in emission order, scoring each impression once, by the
+    model as it stood when its row was trained (matched by example id: a row the cold-start
+    hold keeps is trained, and scored, at its release)."""
+    import torch
 
-    res = run_stream(_chunks(s.batch, 4096), cfg)
-    if res.examples != len(s.batch):  # the scores below are matched to the rows by position
-        raise RuntimeError(f"{len(s.batch) - res.examples} rows dropped as duplicates")
+    from training.learner import Learner
+    from training.prequential import metrics_of
+
+    recorder = _Recorder(cfg.eval_window)
+    learner: Learner | None = None
+    ids: list[np.ndarray] = []
+    spent = 0.0
+    threads = torch.get_num_threads()
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        for rows in _chunks(s.batch, cfg.batch_size):
+            if learner is None:
+                learner = Learner.for_batch(cfg, rows)
+                learner.evaluator, learner.early_labels = recorder, None  # scored here, by id
+            t = time.perf_counter()
+            before = learner.examples_trained
+            learner.train(rows)
+            if learner.examples_trained > before:
+                ids.append(learner.last_trained.example_id)
+            spent += time.perf_counter() - t
+        assert learner is not None
+        t = time.perf_counter()
+        if learner.flush():  # rows still held at the stream's end
+            ids.append(learner.last_trained.example_id)
+        spent += time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
+    trained_ids = np.concatenate(ids)
+    trained_logits = np.concatenate(recorder.logits)
+    if len(trained_ids) != len(trained_logits) or len(np.unique(trained_ids)) != len(trained_ids):
+        raise RuntimeError("the learner scored a row twice, or a row it did not train")
+    first_ids = s.batch.example_id[s.first]
     order = np.argsort(s.batch.event_time_ms[s.first], kind="stable")  # impression time
-    logits = np.concatenate(res.evaluator.logits)[s.first][order]
+    sorter = np.argsort(trained_ids)
+    at = sorter[np.searchsorted(trained_ids, first_ids[order], sorter=sorter)]
+    if not np.array_equal(trained_ids[at], first_ids[order]):
+        raise RuntimeError("an impression was never trained")
+    logits = trained_logits[at]
     y = s.true_label[s.first][order]
     m = metrics_of(logits, y, np.ones(len(y))).to_dict()
     q = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
@@ -213,13 +257,30 @@ def _score(s: _Stream, cfg: Any) -> dict:
     half = len(y) // 2
     late = metrics_of(logits[half:], y[half:], np.ones(len(y) - half)).to_dict()
     late_rate = float(y[half:].mean())
-    return {**m, "rows_trained": res.examples, "mean_prediction": round(float(q.mean()), 5),
-            "positive_rate": round(rate, 5),
+    tenths = [metrics_of(logits[a:b], y[a:b], np.ones(b - a)).to_dict()
+              for a, b in zip(np.linspace(0, len(y), 11).astype(int)[:-1],
+                              np.linspace(0, len(y), 11).astype(int)[1:])]
+    stats = learner.cold_hold.summary() if learner.cold_hold is not None else learner.cold_hold_stats
+    return {**m, "rows_trained": learner.examples_trained,
+            "mean_prediction": round(float(q.mean()), 5), "positive_rate": round(rate, 5),
             "calibration": round(float(q.mean()) / rate, 4) if rate > 0 else None,
             "auc_after_warmup": late["auc_overall"], "logloss_after_warmup": late["logloss"],
             "calibration_after_warmup": (round(float(q[half:].mean()) / late_rate, 4)
                                          if late_rate > 0 else None),
-            "examples_per_s": round(res.examples_per_s, 1)}
+            "auc_by_tenth": [t["auc_overall"] for t in tenths],
+            "logloss_by_tenth": [t["logloss"] for t in tenths],
+            "cold_start_hold": stats if stats and stats["held"] else None,
+            "examples_per_s": round(learner.examples_trained / spent, 1) if spent > 0 else None}
+
+
+class _Recorder:
+    """The learner's evaluator in :func:`_score`: keeps the pre-update logits of each step."""
+
+    def __init__(self, window: int) -> None:
+        self.logits: list[np.ndarray] = []
+
+    def update(self, logits: np.ndarray, *_rest: Any) -> None:
+        self.logits.append(np.asarray(logits, np.float32).copy())
 
 
 def _chunks(batch: ExampleBatch, size: int):
@@ -257,4 +318,7 @@ def run_arms(source: Source, cfg: Any, arms: tuple[str, ...], window_ms: int,
                                 ("serving_auc", "serving_auc"), ("serving_logloss", "serving_logloss")):
                     if out[arm].get(k) is not None and out["window"].get(k) is not None:
                         out[arm][f"{name}_delta_vs_window"] = round(out[arm][k] - out["window"][k], 4)
+                out[arm]["auc_by_tenth_delta_vs_window"] = [
+                    None if a is None or w is None else round(a - w, 4)
+                    for a, w in zip(out[arm]["auc_by_tenth"], out["window"]["auc_by_tenth"])]
     return out

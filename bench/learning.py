@@ -269,6 +269,8 @@ def _delayed(args: argparse.Namespace, cfg: Any, source: Any) -> dict:
     from bench.delayed import ARMS, run_arms
 
     arms = {"window": ARMS[:1], "early": ARMS[1:], "both": ARMS}[args.emit]
+    if getattr(args, "tc_early_label_wait_s", None) is None:  # a label is final at window close
+        cfg = dataclasses.replace(cfg, early_label_wait_s=args.join_window_s)
     return {"arms": run_arms(source, cfg, arms, int(args.join_window_s * 1000)),
             "join_window_s": args.join_window_s, "early_hold_s": args.early_hold_s}
 

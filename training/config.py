@@ -43,6 +43,11 @@ class TrainerConfig(ModelFields):
         "help": "live evaluation of an early stream: an early negative is scored on its final label "
                 "once event time is this far past it (the joiner's window + lateness; 605 = the "
                 "default join window 600 s + 5 s)"})
+    early_warmup_examples: int = field(default=0, metadata={
+        "help": "cold start of an early stream: until a fresh learner has trained this many "
+                "examples on final labels, it holds each early negative until its label is final "
+                "(early_label_wait_s) and trains it once as the windowed join would "
+                "(training.delayed_feedback.ColdStartHold; 0 = off)"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})
@@ -130,6 +135,8 @@ class TrainerConfig(ModelFields):
         self.validate_fields()
         if self.early_correction not in ("fnw", "none"):
             raise ValueError(f"early_correction must be fnw or none, got {self.early_correction!r}")
+        if self.early_warmup_examples < 0 or self.early_label_wait_s < 0:
+            raise ValueError("early_warmup_examples and early_label_wait_s must be >= 0")
         if self.dense_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dense_precision must be auto, fp32 or bf16, got {self.dense_precision!r}")
         if not 0.5 <= self.count_decay <= 1.0:

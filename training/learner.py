@@ -21,8 +21,8 @@ from training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from training.config import TrainerConfig
 from training.counting import decayed_counts, example_increments
 from training.dedup import SeenFilter
-from training.delayed_feedback import (EarlyFeatureMemory, early_increments, early_weights,
-                                       start_counts)
+from training.delayed_feedback import (ColdStartHold, EarlyFeatureMemory, early_increments,
+                                       early_weights, start_counts)
 from training.early_labels import EarlyLabels
 from training.evaluation import PrequentialEvaluator
 from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
@@ -94,6 +94,9 @@ class Learner:
     _settle_ms: int = 0
     _start: tuple[float, float] = (0.0, 0.0)  # positives, impressions before the bias was set
     early_memory: EarlyFeatureMemory | None = None  # made at the first early batch
+    cold_hold: ColdStartHold | None = field(init=False)  # None once warm (or restored)
+    cold_hold_stats: dict | None = None  # the hold's summary, once it is done
+    last_trained: Any = None  # the rows the last step trained (after de-dup and the hold)
     bf16: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +108,9 @@ class Learner:
         self.dedup = SeenFilter(self.cfg.dedup_capacity, generations=2)
         self.evaluator = PrequentialEvaluator(self.cfg.eval_window)
         self.early_labels = EarlyLabels(int(self.cfg.early_label_wait_s * 1000))
+        self.cold_hold = (ColdStartHold(int(self.cfg.early_label_wait_s * 1000),
+                                        self.cfg.early_warmup_examples)
+                          if self.cfg.early_warmup_examples > 0 else None)
 
     @classmethod
     def for_batch(cls, cfg: TrainerConfig, batch: Any, table: Any | None = None) -> "Learner":
@@ -136,6 +142,29 @@ class Learner:
             return 0
         if len(batch.event_time_ms):
             self.watermark_ms = max(self.watermark_ms, int(batch.event_time_ms.max()))
+        if self.cold_hold is not None:  # a fresh learner's first stretch: labels final first
+            batch = self.cold_hold.apply(batch, self.watermark_ms)
+            if self.cold_hold.done:
+                self.cold_hold_stats, self.cold_hold = self.cold_hold.summary(), None
+            if len(batch) == 0:
+                return 0
+            return self._train_rows(batch, now)
+        self.last_trained = batch
+        return self._step(batch, now, t1)
+
+    def _train_rows(self, batch: Any, now: float | None) -> int:
+        """Trains ``batch`` in steps of at most ``batch_size`` rows (a release of held rows can
+        be many batches' worth)."""
+        self.last_trained = batch
+        size = self.cfg.batch_size
+        if len(batch) <= size:
+            return self._step(batch, now, time.perf_counter())
+        return sum(self._step(batch.take(np.arange(i, min(len(batch), i + size))), now,
+                              time.perf_counter()) for i in range(0, len(batch), size))
+
+    def _step(self, batch: Any, now: float | None, t1: float) -> int:
+        """Trains ``batch`` (de-duplicated, past the hold) as one step."""
+        n = len(batch)
         now = self.clock() if now is None else now
         mc = self.model_cfg
         if mc.crosses:
@@ -196,6 +225,15 @@ class Learner:
         self.times.steps += 1
         self.examples_trained += n
         return n
+
+    def flush(self, now: float | None = None) -> int:
+        """Trains the rows the cold-start hold still keeps, on the labels known now (a stream
+        that ends); returns how many."""
+        if self.cold_hold is None:
+            return 0
+        held = self.cold_hold.drain()
+        self.cold_hold_stats, self.cold_hold = self.cold_hold.summary(), None
+        return self._train_rows(held, now) if len(held) else 0
 
     def _in_batch_counts(self, emb: torch.Tensor, batch: Any,
                          poolings: tuple[str, ...]) -> list[torch.Tensor | None]:
@@ -298,6 +336,10 @@ class Learner:
         meta = {"model_config": self.model_cfg.to_json(), "optimizer": opt_meta,
                 "learner": json.dumps({"examples_trained": self.examples_trained,
                                        "watermark_ms": self.watermark_ms})}
+        if self.cold_hold is not None:  # still warming up: the held rows are part of the state
+            rows, info = self.cold_hold.state()
+            tensors["cold_hold.rows"] = torch.frombuffer(bytearray(rows), dtype=torch.uint8)
+            meta["cold_hold"] = json.dumps(info)
         return tensors, meta
 
     @classmethod
@@ -314,4 +356,10 @@ class Learner:
         learner.examples_trained = int(info["examples_trained"])
         learner.watermark_ms = int(info["watermark_ms"])
         learner._bias_set = learner._bias_settled = True
+        learner.cold_hold = None  # a restored learner is warm, unless it was still warming up:
+        if "cold_hold" in meta:
+            learner.cold_hold = ColdStartHold.from_state(
+                tensors["cold_hold.rows"].numpy().tobytes(), json.loads(meta["cold_hold"]))
+            # (nothing trained yet: the bias still starts at the first rows' click rate)
+            learner._bias_set = learner._bias_settled = learner.examples_trained > 0
         return learner

@@ -47,3 +47,20 @@ def test_a_log_replays_with_its_clicks_delayed_through_the_same_emission(tmp_pat
     imp_times = early.batch.event_time_ms[~early.first]
     assert (copy_times >= imp_times + 1_000).all() and (copy_times <= imp_times + 5_000).all()
     assert (copy_times > imp_times + 1_000).any()  # some clicks come after the hold
+
+
+def test_with_the_cold_start_hold_every_impression_is_scored_once_and_the_hold_reported():
+    from training.config import TrainerConfig
+
+    from bench.delayed import _score
+
+    source = generator_source(WORLD, 6_000, window_ms=2_000, hold_ms=200)
+    early = source("early")
+    cfg = TrainerConfig(publish=False, batch_size=128, early_label_wait_s=2.0,
+                        early_warmup_examples=1_000)
+    out = _score(early, cfg)  # raises if an impression is not scored exactly once
+    hold = out["cold_start_hold"]
+    assert hold["held"] >= 1_000 and hold["merged"] > 0 and hold["warm_at_ms"] is not None
+    assert out["rows_trained"] == len(early.batch) - hold["merged"]  # a merged copy: no row
+    assert len(out["auc_by_tenth"]) == 10 and len(out["logloss_by_tenth"]) == 10
+    assert _score(early, replace(cfg, early_warmup_examples=0))["cold_start_hold"] is None
