@@ -11,6 +11,8 @@ rerank top 20), from ``--clients`` concurrent clients: ``qps``, ``p50_ms``, ``p9
   lines, the previous context's last partial block, and the whole context of a call whose shown
   window moved (``history_moves`` of them: a history that outgrew the model's context or
   ``rerank_history`` is cut, by ``history_step`` lines at once; see :mod:`serving.rerank`).
+  The previous context's last partial block is a hit with ``--partial-block-reuse`` (the
+  default; the engine's ``enable_partial_block_reuse``), a miss with ``--no-partial-block-reuse``.
   ``history_lines_mean``: history lines those calls showed the LLM (the price of a larger step).
 - ``speedup_vs_uncached`` and ``max_abs_score_diff``: the same reranks (same prompts) on an
   engine with prefix caching off, one scoring call per candidate, vs the stage's LLM time.
@@ -20,6 +22,9 @@ rerank top 20), from ``--clients`` concurrent clients: ``qps``, ``p50_ms``, ``p9
   A DLRM learns prequentially (predict, then learn) over ``--train-requests`` requests; on the
   held-out last ``--eval-requests`` (scored before it learned them), each request's shown items
   are ordered by the DLRM and by the blend with the LLM (history: the user's earlier clicks).
+- ``ndcg_at_10_tuned``: the same held-out requests ordered by the blend at ``tuned_weight``, the
+  weight the online tuner (:mod:`serving.rerank_tuning`) picked from ``tuning_outcomes`` clicks on
+  the last ``--tune-requests`` training requests, fed to it as serving's live history would.
 
 Ceiling (``ceiling_ms_per_call``, a floor against the LLM ms of a returning user's rerank): the
 model body over only the tokens such a call must compute (the candidates and the new history
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 
 from bench.harness import Ceiling, add_common, add_threads, median, with_ceiling
+from bench.rerank_quality import ndcg_at as _ndcg_at, prequential, tuned_ndcg
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dlrm-seconds", type=float, default=3.0, help="length of each DLRM-only run")
     parser.add_argument("--history-low-mark", type=float, default=None,
                         help="rerank_history_low_mark (default: the serving default)")
+    parser.add_argument("--partial-block-reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="the prefix cache also reuses a cached block's leading tokens (token-granular)")
     parser.add_argument("--train-requests", type=int, default=6000, help="NDCG: requests the DLRM learns from")
     parser.add_argument("--eval-requests", type=int, default=150, help="NDCG: held-out requests reranked")
+    parser.add_argument("--tune-requests", type=int, default=300,
+                        help="NDCG: last training requests whose clicks tune the blend weight (ndcg_at_10_tuned)")
     add_threads(parser)
     add_common(parser, repeats=1, repeats_help="unused (one timed pass; the latency figures are percentiles)",
                seed_help="seed of the world, the users and the random LLM")
-
-
-def _ndcg_at(order_labels: np.ndarray, k: int = 10) -> float:
-    gains = order_labels[:k]
-    disc = 1.0 / np.log2(np.arange(2, gains.size + 2))
-    ideal = np.sort(order_labels)[::-1][:k]
-    best = float((ideal * disc[: ideal.size]).sum())
-    return float((gains * disc).sum()) / best if best > 0 else float("nan")
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float:
@@ -90,7 +92,7 @@ class _World:
 
 
 def _runtime(model_dir: str, top_n: int, deadline_ms: float, prefix_caching: bool = True,
-             low_mark: float | None = None):
+             low_mark: float | None = None, partial_reuse: bool = True):
     from llm_engine import EngineConfig
     from serving.item_text import ItemTextConfig
     from serving.llm_runtime import LlmRuntime, LlmRuntimeConfig
@@ -98,7 +100,8 @@ def _runtime(model_dir: str, top_n: int, deadline_ms: float, prefix_caching: boo
     from serving.user_history import HistoryConfig
 
     return LlmRuntime(LlmRuntimeConfig(llm=model_dir, llm_port=-1),
-                      EngineConfig(enable_prefix_caching=prefix_caching, max_num_seqs=64, max_model_len=2048),
+                      EngineConfig(enable_prefix_caching=prefix_caching, enable_partial_block_reuse=partial_reuse,
+                                   max_num_seqs=64, max_model_len=2048),
                       RerankConfig(rerank_top_n=top_n, rerank_deadline_ms=deadline_ms,
                                    **({} if low_mark is None else {"rerank_history_low_mark": low_mark})),
                       ItemTextConfig(), HistoryConfig()).start()
@@ -225,20 +228,11 @@ def _floor_ms(model_dir: str, rt, user: int, cands: np.ndarray) -> float:
 
 def _ndcg(world: _World, rt, args) -> dict:
     """Offline: NDCG@10 and AUC of the DLRM order vs the blend on held-out requests."""
-    from training.config import TrainerConfig
-    from training.prequential import run_stream
     from training.prequential import metrics_of
 
-    stream = world.stream
     total = args.train_requests + args.eval_requests
-    blocks = list(stream.blocks(total, 250))
-    res = run_stream((stream.examples(b) for b in blocks), TrainerConfig(batch_size=256))
-    logits = np.concatenate(res.evaluator.logits)
-    users = np.concatenate([b.user_id for b in blocks])
-    items = np.concatenate([b.items for b in blocks])
-    clicked = np.concatenate([b.clicked for b in blocks])
+    res, users, items, clicked, logits = prequential(world, total)
     k = items.shape[1]
-    logits = logits.reshape(-1, k)
     history: dict[int, list[int]] = {}
     ndcg_d, ndcg_b, auc_rows = [], [], []
     weight = rt.stage.cfg.rerank_weight
@@ -300,7 +294,8 @@ def run(args: argparse.Namespace) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="hw-bench-rerank-")
         model_dir = str(build_random_llama(Path(tmp.name), seed=args.seed, max_positions=2048, **BENCH_LLM))
     world = _World(args.seed)
-    rt = _runtime(model_dir, args.top_n, deadline_ms=5000.0, low_mark=args.history_low_mark)
+    rt = _runtime(model_dir, args.top_n, deadline_ms=5000.0, low_mark=args.history_low_mark,
+                  partial_reuse=args.partial_block_reuse)
     rt.texts.update(world.texts.items())
     server = RecommendServer(ServeConfig(port=0, precision="float32"),
                              StaticModelSource(random_model(items=world.cfg.items, users=args.users)), rerank=rt).start()
@@ -333,13 +328,14 @@ def run(args: argparse.Namespace) -> dict:
         cmp = _uncached_comparison(rt, model_dir, users, cand_sets)
         floor = _floor_ms(model_dir, rt, users[0], cand_sets[0])
         quality = _ndcg(world, rt, args)
+        tuned = tuned_ndcg(world, rt, args)
         result = {
             "bench": "rerank", "model": "random" if args.model is None else args.model,
             "candidates": args.candidates, "rerank_top_n": args.top_n, "users": args.users, "rounds": args.rounds,
-            "clients": args.clients, **lat, **cmp,
+            "clients": args.clients, "partial_block_reuse": args.partial_block_reuse, **lat, **cmp,
             "dlrm_qps": args.dlrm_qps, "dlrm_p99_ms_alone": dlrm_alone, "dlrm_p99_ms_under_rerank_load": dlrm_loaded,
             "gate_holds": rt.arbiter.holds, "gate_held_s": round(rt.arbiter.held_s, 3),
-            **quality, "threads": torch.get_num_threads(), "seed": args.seed,
+            **quality, **tuned, "threads": torch.get_num_threads(), "seed": args.seed,
         }
         ceiling = Ceiling(floor, "ms/call", measured=cmp["llm_ms_cached"], lower_is_better=True, note=(
             "a floor (fraction = floor / llm_ms_cached): the model body over only the tokens a returning "

@@ -8,7 +8,8 @@ All LLM work (rerank, ``/v1/rank``, generation) enters the engine's one schedule
 latency while the LLM is busy.
 
 The rerank reads item texts (:mod:`serving.item_text`, from ``--item-text FILE`` and from text on
-``hw.items``) and the live history (:mod:`serving.user_history`, from ``hw.actions``).
+``hw.items``) and the live history (:mod:`serving.user_history`, from ``hw.actions``), which also
+hands each interaction to the stage's blend-weight tuner (:mod:`serving.rerank_tuning`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from batching import Arbiter, Priority
 from serving.item_text import ItemTextConfig, ItemTextFollower, ItemTexts
 from serving.rerank import RerankConfig, RerankStage
+from serving.rerank_tuning import ObservedHistory
 from serving.user_history import HistoryConfig, HistoryFollower, UserHistory
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,17 @@ class LlmRuntime:
         self.history: UserHistory | None = None
         self.follower: HistoryFollower | None = None
         if history_cfg.history:
-            self.history = UserHistory(history_cfg.history_users, history_cfg.history_per_user,
-                                       history_cfg.history_ttl_s)
+            self.history = ObservedHistory(history_cfg.history_users, history_cfg.history_per_user,
+                                           history_cfg.history_ttl_s)
             if bootstrap_servers and actions_topic:
                 self.follower = HistoryFollower(self.history, bootstrap_servers, actions_topic,
                                                 history_cfg.history_ttl_s)
         self.stage = RerankStage(rerank_cfg, self.backend, self.texts, self.history)
+        tuner = self.stage.tuner
+        if tuner is not None and self.history is not None:
+            self.history.observer = tuner.observe  # the clicks on reranked items are its outcomes
+            if self.follower is not None:  # the replayed backlog is no outcome of this process's calls
+                tuner.live = lambda: self.follower.caught_up
         self.host = host
         self.http: Any = None
 

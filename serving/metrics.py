@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["REQUESTS", "LATENCY", "BATCH_ROWS", "BATCH_REQUESTS", "MODEL_VERSION", "FRESHNESS_LAG", "END_TO_END",
            "QUEUE_JOBS", "PARAMS_AGE", "DEGRADED", "RERANK_CALLS", "RERANK_DEGRADED", "RERANK_SECONDS",
-           "RERANK_SKIPPED", "RERANK_PREFIX_HIT", "HISTORY_USERS", "HISTORY_EVENTS", "ITEM_TEXTS",
+           "RERANK_SKIPPED", "RERANK_PREFIX_HIT", "RERANK_TUNED_WEIGHT", "RERANK_TUNING_OUTCOMES", "HISTORY_USERS", "HISTORY_EVENTS", "ITEM_TEXTS",
            "ITEM_TEXT_EVICTIONS", "ITEM_TEXT_REJECTED", "GATE_HELD", "ANN_REBUILDS", "ANN_LOAD_FAILURES",
            "ANN_GRAPH_UPDATES", "ANN_ITEMS", "RETRIEVALS"]
 
@@ -46,6 +46,11 @@ RERANK_SKIPPED = Counter("hw_serve_rerank_skipped_items", "items left out of a r
                          "text (where: history, candidate)", ["where"])
 RERANK_PREFIX_HIT = Gauge("hw_serve_rerank_prefix_hit_rate", "share of rerank context tokens found in the "
                           "LLM's prefix cache (since start)", multiprocess_mode="livemin")
+RERANK_TUNED_WEIGHT = Gauge("hw_serve_rerank_tuned_weight", "weight of the LLM in the rerank's blend, as "
+                            "served to calls that do not set one (serving.rerank_tuning; rerank_weight "
+                            "until enough outcomes, or with tuning off)", multiprocess_mode="livemax")
+RERANK_TUNING_OUTCOMES = Counter("hw_serve_rerank_tuning_outcomes", "clicks on reranked items within the "
+                                 "tuning horizon of their call, each replayed under every blend weight")
 HISTORY_USERS = Gauge("hw_serve_history_users", "users with a live interaction history in serving",
                       multiprocess_mode="livesum")
 HISTORY_EVENTS = Counter("hw_serve_history_events", "interactions applied to the live user history")

@@ -229,12 +229,13 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         return self.retriever.retrieve(model.table, query, k)
 
     def _rerank_args(self, request) -> tuple[int, float]:
-        """``(top_n, weight)`` of this call's rerank: the server's, or the call's override."""
+        """``(top_n, weight)`` of this call's rerank: the call's override, or the server's (its
+        weight tuned online, ``serving.rerank_tuning``, unless tuning is off)."""
         if self.rerank is None:
             return 0, 0.0
         cfg = self.rerank.cfg
         n = request.rerank_top_n if request.HasField("rerank_top_n") else cfg.rerank_top_n
-        w = request.rerank_weight if request.HasField("rerank_weight") else cfg.rerank_weight
+        w = request.rerank_weight if request.HasField("rerank_weight") else self.rerank.weight
         if not 0.0 <= w <= 1.0:  # also NaN
             raise InvalidRequest(f"rerank_weight must be in [0, 1], got {w}")
         return min(int(n), self.limits.max_candidates), float(w)

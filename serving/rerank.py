@@ -11,6 +11,10 @@ where ``z`` standardises over the call's reranked items (mean 0, standard deviat
 when they are equal) and ``w`` is ``weight``. Items the LLM did not score (no text) take
 ``z = 0`` on its side. Items below the top ``top_n`` keep the DLRM order after them.
 
+``w`` is the call's ``rerank_weight`` when it sets one, else :attr:`RerankStage.weight`: with
+``rerank_weight_tuning`` (the default) the weight :mod:`serving.rerank_tuning` learns from the
+clicks on reranked items (``rerank_weight`` until it has enough of them), else ``rerank_weight``.
+
 Prefix caching across calls. The prompt is laid out so that what stays the same comes first
 and what changes is appended: the instruction (in the header), then the history, oldest first,
 one line per interaction (``- <item tokens> [<kind>]\\n``), then only the marker ``-`` that opens
@@ -59,11 +63,13 @@ from batching import Priority
 from llm_engine.scoring import ScoreResult, ScoringItem, ScoringOptions, plan_loglik, plan_yes_prob, single_token_id
 from serving import metrics as m
 from serving.item_text import ItemTexts
+from serving.rerank_tuning import TuningConfig, WeightTuner
 from serving.user_history import UserHistory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RerankConfig", "RerankBackend", "RerankOutcome", "RerankStage", "blend", "history_step", "history_window"]
+__all__ = ["RerankConfig", "RerankBackend", "RerankOutcome", "RerankStage", "blend", "history_step", "history_window",
+           "standardised"]
 
 HEADER = "A user's recent activity, oldest first, then their next choice:\n"
 LINE_MARK = "-"  # opens a history line; the loglik context ends with it, so a candidate completes a line
@@ -76,7 +82,14 @@ class RerankConfig:
     """The rerank stage's defaults (a Recommend call may override ``top_n`` and ``weight``)."""
 
     rerank_top_n: int = field(default=20, metadata={"help": "DLRM top candidates the LLM reranks when an LLM is attached (0 = off; a call may override)"})
-    rerank_weight: float = field(default=0.5, metadata={"help": "weight of the LLM's standardised score in the blend, in [0, 1] (a call may override)"})
+    rerank_weight: float = field(default=0.5, metadata={"help": "weight of the LLM's standardised score in the blend, in [0, 1] (a call may override); with rerank_weight_tuning, until the tuner has rerank_tuning_min_outcomes"})
+    rerank_weight_tuning: bool = field(default=True, metadata={"help": "learn the blend weight from this process's clicks on reranked items (serving.rerank_tuning); off: rerank_weight always"})
+    rerank_tuning_min_outcomes: int = field(default=200, metadata={"help": "clicks on reranked items before the tuned weight replaces rerank_weight"})
+    rerank_tuning_horizon_s: float = field(default=600.0, metadata={"help": "a click counts for a reranked call this long after it (event time); calls are then forgotten"})
+    rerank_tuning_half_life: float = field(default=5000.0, metadata={"help": "outcomes after which an outcome counts half in the tuner (it follows drift)"})
+    rerank_tuning_kinds: str = field(default="click", metadata={"help": "comma-separated action kinds that are an outcome of a reranked call"})
+    rerank_tuning_calls: int = field(default=50_000, metadata={"help": "reranked calls the tuner remembers at most (the least recently served users go first)"})
+    rerank_tuning_position_bias: float = field(default=0.0, metadata={"help": "eta: each click counts (shown rank)**eta (inverse propensity); 0 assumes a click among the reranked items does not depend on its position, ~1 suits a vertical list"})
     rerank_deadline_ms: float = field(default=250.0, metadata={"help": "longest the LLM may take; later, Recommend answers in DLRM order, degraded"})
     rerank_method: str = field(default="loglik", metadata={"help": "how the LLM scores a candidate: loglik (mean token log-likelihood) or yes_prob"})
     rerank_history: int = field(default=50, metadata={"help": "most recent interactions shown in the prompt"})
@@ -95,6 +108,14 @@ class RerankConfig:
             raise ValueError("rerank_deadline_ms must be positive")
         if not 0.0 <= self.rerank_history_low_mark <= 1.0:
             raise ValueError(f"rerank_history_low_mark must be in [0, 1], got {self.rerank_history_low_mark}")
+        self.tuning().validate()
+
+    def tuning(self) -> TuningConfig:
+        """The weight tuner's settings (:mod:`serving.rerank_tuning`)."""
+        kinds = frozenset(k.strip() for k in self.rerank_tuning_kinds.split(",") if k.strip())
+        return TuningConfig(self.rerank_weight, self.rerank_tuning_min_outcomes,
+                            int(self.rerank_tuning_horizon_s * 1000), self.rerank_tuning_half_life, kinds,
+                            self.rerank_tuning_calls, position_bias=self.rerank_tuning_position_bias)
 
 
 class RerankBackend(Protocol):
@@ -147,8 +168,8 @@ def _z(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x) if sd < 1e-12 or not math.isfinite(sd) else (x - x.mean()) / sd
 
 
-def blend(dlrm_probs: np.ndarray, llm_scores: np.ndarray, weight: float) -> np.ndarray:
-    """``(1 - w) z(logit p) + w z(llm)`` over the given items; NaN LLM scores count as z = 0."""
+def standardised(dlrm_probs: np.ndarray, llm_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(z(logit p), z(llm))`` over the given items, as the blend weighs them (NaN LLM: z = 0)."""
     p = np.clip(np.asarray(dlrm_probs, np.float64), 1e-7, 1 - 1e-7)
     zd = _z(np.log(p) - np.log1p(-p))
     llm = np.asarray(llm_scores, np.float64)
@@ -156,6 +177,12 @@ def blend(dlrm_probs: np.ndarray, llm_scores: np.ndarray, weight: float) -> np.n
     known = np.isfinite(llm)
     if known.sum() >= 2:
         zl[known] = _z(llm[known])
+    return zd, zl
+
+
+def blend(dlrm_probs: np.ndarray, llm_scores: np.ndarray, weight: float) -> np.ndarray:
+    """``(1 - w) z(logit p) + w z(llm)`` over the given items; NaN LLM scores count as z = 0."""
+    zd, zl = standardised(dlrm_probs, llm_scores)
     return (1.0 - weight) * zd + weight * zl
 
 
@@ -194,6 +221,13 @@ class RerankStage:
         self.context_cached = 0
         self.context_lines = 0  # history lines shown, over ``contexts`` answered calls
         self.contexts = 0
+        self.tuner = WeightTuner(cfg.tuning()) if cfg.rerank_weight_tuning else None
+        m.RERANK_TUNED_WEIGHT.set(self.weight)
+
+    @property
+    def weight(self) -> float:
+        """The blend weight of a call that does not set one: the tuned weight, or ``rerank_weight``."""
+        return self.tuner.weight if self.tuner is not None else self.cfg.rerank_weight
 
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.backend.encode(text)[: self.cfg.rerank_item_tokens])
@@ -293,8 +327,11 @@ class RerankStage:
         llm_ms = (time.perf_counter() - t0) * 1000.0
         llm = np.full(item_ids.size, np.nan)
         llm[scored] = result.scores
-        blended = blend(dlrm_probs, llm, weight)
+        zd, zl = standardised(dlrm_probs, llm)
+        blended = (1.0 - weight) * zd + weight * zl  # blend()
         order = np.lexsort((item_ids, -blended))
+        if self.tuner is not None:
+            self.tuner.record(user_id, item_ids, zd, zl, weight)
         self.context_tokens += result.context_tokens
         self.context_cached += result.context_cached_tokens
         self.context_lines += shown

@@ -111,6 +111,8 @@ SERIES: tuple[SeriesSpec, ...] = (
                "prefix-cache hit (%)", scale=100.0),
     SeriesSpec("rerank_llm_p50_ms", "hw_serve_rerank_seconds", "quantile", "rerank_llm",
                "LLM ms per rerank, p50", q=0.5, scale=1000.0),
+    SeriesSpec("rerank_weight_pct", "hw_serve_rerank_tuned_weight", "gauge", "rerank_llm",
+               "LLM weight in the blend (%, tuned online)", scale=100.0),
 )
 
 
