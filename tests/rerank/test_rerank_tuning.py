@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.rerank import blend
+from serving.rerank import blend, standardised
 from serving.rerank_tuning import GRID, TuningConfig, WeightTuner, blend_ranks
 from serving.user_history import Interaction
 
@@ -38,8 +38,6 @@ def test_the_tuner_ranks_an_item_exactly_as_the_blend_orders_it():
         p, llm = rng.uniform(0.05, 0.95, N), rng.normal(size=N)
         p[:4] = p[4]  # ties in the DLRM: the item id decides, as in the stage
         llm[:4] = llm[4]
-        from serving.rerank import standardised
-
         z = np.stack(standardised(p, llm))
         for w in (0.0, 0.3, 0.5, 1.0):
             order = np.lexsort((items, -blend(p, llm, w)))
@@ -130,6 +128,7 @@ def test_position_bias_weighs_a_click_by_its_inverse_propensity():
     for tuner in (plain, ips):
         tuner.record(1, np.arange(N), zd, np.zeros(N), 0.5)  # served: item 2 at rank 3
         tuner.observe([(1, Interaction(2, "click", 1))])
+    assert plain.outcomes == ips.outcomes == 1
     np.testing.assert_allclose(ips.mean_gains(), 3.0 * plain.mean_gains())
 
 
