@@ -23,6 +23,12 @@ per forward from its ``hw_serve_batch_requests`` histogram, times ``--candidates
 call. Everything else a call costs (lookups, gRPC, protobuf, top-k) is the distance to it;
 ``fraction_of_ceiling`` = ceiling / server CPU per call. ``baseline_ceiling_ms_per_call`` is the
 same for one call per forward. The forward's figure is the least of 50 runs: what the machine can do.
+
+Where the rest goes, per point: ``forward_cpu_ms_per_call``, the batched server's forward thread
+CPU inside its forwards (read, tower, calibration) per call while the load runs, against the
+ceiling's idle figure; ``grpc_floor_ms_per_call``, the server CPU per call of the same gRPC stack
+(``grpc.aio``, the same request parsing) answering every call with a fixed ten-item response,
+under the same load (one round per point): what a call costs before any of our code runs.
 """
 
 from __future__ import annotations
@@ -84,9 +90,11 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, max_
     if workers > 0:
         cfg.workers = workers
     server = RecommendServer(cfg, StaticModelSource(model)).start()
+    forward_cpu = _time_forwards(server)
     steady_gc()  # as `headwater serve` does
     send_json(conn, server.address)
     # "cpu" -> this process's CPU seconds so far; "batches" -> [forwards, calls] batched so far;
+    # "forward_cpu" -> CPU seconds spent inside batched forwards so far;
     # {"forward_rows": n} -> CPU ms of the tower's forward alone on n rows; else (or EOF) -> stop.
     while True:
         try:
@@ -97,11 +105,82 @@ def _serve_child(conn: Any, batching: bool, items: int, max_wait_ms: float, max_
             send_json(conn, time.process_time())
         elif msg == "batches":
             send_json(conn, _batch_counts())
+        elif msg == "forward_cpu":
+            send_json(conn, forward_cpu[0])
         elif isinstance(msg, dict) and "forward_rows" in msg:
             send_json(conn, _forward_cpu_ms(model, server.service.bf16, msg["forward_rows"], msg.get("repeats", 50)))
         else:
             break
     server.stop(0.5)
+
+
+def _time_forwards(server: Any) -> list[float]:
+    """Wraps the batcher's forward to sum its thread CPU seconds (into the returned one-item list;
+    stays 0 without batching): the forward's cost in situ, beside the loop's work and the load."""
+    total = [0.0]
+    batcher = server.batcher
+    if batcher is None:
+        return total
+    forward = batcher.forward
+
+    def timed(payloads: list) -> Any:
+        c0 = time.thread_time()
+        try:
+            return forward(payloads)
+        finally:
+            total[0] += time.thread_time() - c0
+
+    batcher.forward = timed
+    return total
+
+
+def _floor_child(conn: Any, top_k: int) -> None:
+    """A ``grpc.aio`` server registering Recommend as ``RecommendServer`` does (the same request
+    parser, a bytes response) whose handler answers at once with a fixed ``top_k``-item response:
+    the gRPC stack's own CPU per call. Answers "cpu" like :func:`_serve_child`."""
+    import asyncio
+    import threading
+
+    import grpc
+    import numpy as np
+
+    from serving.pb import SERVICE_NAME, pb2
+    from serving.response_wire import encode_recommend_response
+    from serving.rpc_guard import request_parser
+    from serving.server import steady_gc
+
+    response = encode_recommend_response(np.arange(1, top_k + 1), np.full(top_k, 0.5, np.float32),
+                                         model_version=1, model_id="ctr", freshness_lag_ms=0)
+
+    async def recommend(request: Any, context: Any) -> bytes:
+        return response
+
+    async def start() -> tuple[Any, int]:
+        server = grpc.aio.server(maximum_concurrent_rpcs=1024)
+        handler = grpc.unary_unary_rpc_method_handler(
+            recommend, request_deserializer=request_parser(pb2.RecommendRequest), response_serializer=bytes)
+        handlers = {"Recommend": handler}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="floor-loop", daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    steady_gc()
+    send_json(conn, f"127.0.0.1:{port}")
+    while True:
+        try:
+            msg = recv_json(conn)
+        except EOFError:
+            break
+        if msg != "cpu":
+            break
+        send_json(conn, time.process_time())
+    asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
 
 
 def _batch_counts() -> list[float]:
@@ -160,12 +239,17 @@ class _Child:
             self.proc.join(timeout=5)
 
 
-def _round(servers: list[_Child], load: _Child, spec: LoadSpec) -> dict:
+def _round(servers: list[_Child], load: _Child, spec: LoadSpec, forwards: bool = False) -> dict:
+    """One measured point; ``forwards``: also the servers' CPU inside batched forwards per call."""
     cpu0 = sum(s.ask("cpu") for s in servers)
+    fwd0 = sum(s.ask("forward_cpu") for s in servers) if forwards else 0.0
     point = load.ask(spec_dict(spec))
     # Server CPU per answered call, all processes (warm-up included in both): robust to a shared box.
     cpu = sum(s.ask("cpu") for s in servers) - cpu0
     point["server_cpu_ms_per_call"] = cpu * 1000.0 / max(point["calls"], 1)
+    if forwards:
+        fwd = sum(s.ask("forward_cpu") for s in servers) - fwd0
+        point["forward_cpu_ms_per_call"] = fwd * 1000.0 / max(point["calls"], 1)
     return point
 
 
@@ -190,6 +274,7 @@ def _start_servers(n: int, *args: Any) -> tuple[list[_Child], Any]:
 
 def _median(rounds: list[dict]) -> dict:
     keys = ("qps", "p50_ms", "p99_ms", "server_cpu_ms_per_call", "client_cpu_ms_per_call")
+    keys += tuple(k for k in ("forward_cpu_ms_per_call",) if k in rounds[0])
     out = {k: statistics.median(r[k] for r in rounds) for k in keys}
     out["clients"] = rounds[0]["clients"]
     out["errors"] = sum(r["errors"] for r in rounds)
@@ -234,6 +319,8 @@ def run(args: argparse.Namespace) -> dict:
                 args.workers, args.dim, [int(h) for h in str(args.hidden).split(",") if h], args.seed)
             children += servers[mode]
             sockets += [sock] if sock is not None else []
+        floor = _Child(_floor_child, args.top_k)
+        children.append(floor)
         load = _Child(serve_commands)
         children.append(load)
         batched, baseline = [], []
@@ -247,10 +334,14 @@ def run(args: argparse.Namespace) -> dict:
                     spec = LoadSpec(servers[mode][0].hello, c, args.duration_s, args.warmup_s,
                                     args.candidates, args.top_k, args.items, seed=args.seed + c,
                                     connections=args.connections)
-                    point = _round(servers[mode], load, spec)
+                    point = _round(servers[mode], load, spec, forwards=mode == "batched")
                     progress(mode, r, point)
                     per_mode[mode].append(point)
+            floor_point = _round([floor], load, LoadSpec(floor.hello, c, args.duration_s, args.warmup_s,
+                                                         args.candidates, args.top_k, args.items, seed=args.seed + c,
+                                                         connections=args.connections))
             batched.append(_median(per_mode["batched"]))
+            batched[-1]["grpc_floor_ms_per_call"] = floor_point["server_cpu_ms_per_call"]
             baseline.append(_median(per_mode["baseline"]))
             calls = _calls_per_forward(servers["batched"], counts)
             batched[-1].update(calls_per_forward=calls, ceiling_ms_per_call=_ceiling_ms(
@@ -270,7 +361,9 @@ def run(args: argparse.Namespace) -> dict:
                "baseline_p99_ms": round(n["p99_ms"], 2), "baseline_errors": n["errors"],
                "calls_per_forward": round(b["calls_per_forward"], 2),
                "ceiling_ms_per_call": round(b["ceiling_ms_per_call"], 3),
-               "baseline_ceiling_ms_per_call": round(base_ceiling, 3)}
+               "baseline_ceiling_ms_per_call": round(base_ceiling, 3),
+               "forward_cpu_ms_per_call": round(b["forward_cpu_ms_per_call"], 3),
+               "grpc_floor_ms_per_call": round(b["grpc_floor_ms_per_call"], 3)}
               for b, n in zip(batched, baseline)]
     best, best_base = _best(batched, args.p99_budget_ms), _best(baseline, args.p99_budget_ms)
     ceiling = Ceiling(best["ceiling_ms_per_call"] if best else None, "ms/call", lower_is_better=True,
@@ -299,5 +392,8 @@ def run(args: argparse.Namespace) -> dict:
         "baseline_server_cpu_ms_per_call": (round(best_base["server_cpu_ms_per_call"], 3)
                                             if best_base else None),
         "calls_per_forward": round(best["calls_per_forward"], 2) if best else None,
+        # Where the server's CPU per call goes at the headline point (see the module docstring).
+        "forward_cpu_ms_per_call": round(best["forward_cpu_ms_per_call"], 3) if best else None,
+        "grpc_floor_ms_per_call": round(best["grpc_floor_ms_per_call"], 3) if best else None,
         "baseline_ceiling_ms_per_call": round(base_ceiling, 3), "seed": args.seed,
     }, ceiling, named="ceiling_ms_per_call")

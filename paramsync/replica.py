@@ -55,8 +55,8 @@ class ReplicaState:
 
     Sparse messages go to ``table.import_delta``; dense chunks are joined and loaded into a new
     tower by ``load_tower``. A snapshot is staged until its end marker, then *replaces* table and
-    tower (the table is rebuilt from the slots and dim the snapshot's tower names). Until the
-    first complete snapshot, live messages are ignored: a replica starts at
+    tower (the table is rebuilt from the slots and dim the snapshot's tower names, on
+    ``device``). Until the first complete snapshot, live messages are ignored: a replica starts at
     :func:`paramsync.bootstrap_offset`.
     """
 
@@ -67,6 +67,7 @@ class ReplicaState:
     watermark_ms: int = -1
     snapshot_id: int = -1
     applied: int = 0
+    device: Any = "cpu"  # where the table lives (the loader puts the tower there too)
     load_tower: TowerLoader = field(kw_only=True, repr=False)
     _loading: int = -1  # snapshot being loaded (its messages are staged until the end marker)
     _staged: list[ParamsMessage] = field(default_factory=list)
@@ -102,7 +103,8 @@ class ReplicaState:
             return
         dense = [m for m in staged if m.kind == DENSE]
         loaded = self.load_tower(join_payload(dense))
-        table = EmbeddingTable([SlotConfig(name=s, dim=loaded.embedding_dim) for s in loaded.slots])
+        table = EmbeddingTable([SlotConfig(name=s, dim=loaded.embedding_dim) for s in loaded.slots],
+                               device=self.device)
         for m in staged:
             if m.kind == SPARSE:
                 _import(table, m.table_delta())

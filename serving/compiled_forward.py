@@ -86,11 +86,24 @@ def tower_logits(model: "ServingModel", emb: torch.Tensor, dense: torch.Tensor |
     On CPUs with native bf16 this is 2x (200 rows) to 4x (3200 rows) faster, and the gain grows
     with the batch, which is what micro-batching feeds it. Logits differ from fp32 by ~1e-3.
     """
-    fn = compiled_tower(model.tower, bf16) if emb.device.type == "cpu" else model.tower
+    if emb.device.type != "cpu":
+        return _device_logits(model.tower, emb, dense, bf16)
+    fn = compiled_tower(model.tower, bf16)
     args = (emb,) if dense is None else (emb, dense)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = fn(*args)
     return _float(logits)
+
+
+def _device_logits(tower: Any, emb: torch.Tensor, dense: torch.Tensor | None, bf16: bool) -> torch.Tensor:
+    """:func:`tower_logits` of a replica on a GPU (``serving.replica.ModelReplica(device=...)``):
+    its table read ``emb`` there and its tower lives there; the dense features (assembled on the
+    host) join them, and the float32 logits come back to the host for calibration. Eager: the
+    TorchScript trace is the CPU's answer to GIL round trips (see :func:`compiled_tower`)."""
+    args = (emb,) if dense is None else (emb, dense.to(emb.device, non_blocking=True))
+    with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = tower(*args)
+    return _float(logits).cpu()
 
 
 def _batch_embeddings(tabs: List[torch.Tensor], values: List[torch.Tensor], ids: List[torch.Tensor],
@@ -207,7 +220,10 @@ def score_in_one_call(model: "ServingModel", table: Any, queries: list[tuple[str
     with views_of([slot for slot, _, _ in queries]) as views:  # the table's lock: no writer meanwhile
         if views is None:
             return None
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        # No autocast context here: the trace recorded autocast's casts (and the bf16 trace is
+        # frozen with bf16 weights), so the graph runs the same ops without it, and entering and
+        # leaving the context costs ~10 us of GIL-held Python per batch.
+        with torch.inference_mode():
             probs = forward(*views, ids, lengths, job_of_row, modes, calibrator.shift, *extra)
     return probs.numpy()
 

@@ -78,6 +78,10 @@ class ParamServerConfig:
     num_shards: int = field(default=1, metadata={"help": "shards of the id space (1 = the whole table)"})
     shard_index: int = field(default=0, metadata={"help": "the shard this replica holds"})
     poll_timeout_ms: int = field(default=100, metadata={"help": "Kafka poll timeout"})
+    replica_device: str = field(default="cpu", metadata={
+        "help": "where the replica's table and tower live: cpu, or cuda[:N] (bag reads on the Triton "
+                "kernels, the tower forward on the GPU, scores back on the host); not --device, "
+                "which is the LLM engine's"})
     history_versions: int = field(default=120, metadata={
         "help": "published versions kept to pin or roll back to (headwater params); about this many "
                 "sparse sync intervals back (0 or 1 = none)"})
@@ -86,6 +90,11 @@ class ParamServerConfig:
         "help": "HTTP admin endpoint for headwater params status|pin|rollback|unpin (0 = off); the "
                 "processes of --processes share it"})
     admin_host: str = field(default="127.0.0.1", metadata={"help": "interface of the admin endpoint (it has no auth: keep it on loopback or a trusted network)"})
+
+    def validate(self) -> None:
+        from training.model import resolve_device
+
+        resolve_device(self.replica_device)
 
 
 class ParamServer:
@@ -105,10 +114,13 @@ class ParamServer:
             raise ValueError(f"partition {self.partition} out of range for {cfg.num_shards} shards")
         # The shard every message on the partition must name (the control partition: CONTROL_SHARD).
         self.expect_shard = CONTROL_SHARD if cfg.num_shards > 1 and self.partition == control else self.partition
+        if self.expect_shard == CONTROL_SHARD and cfg.replica_device != "cpu":
+            raise ValueError("replica_device: a recommender over PS shards holds no table (its rows come "
+                             "over RPC, on the host); put the shards' replicas on the GPU instead")
         self.cfg = cfg
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.on_update = on_update
-        self.state = ModelReplica(model_id=cfg.model_id)
+        self.state = ModelReplica(model_id=cfg.model_id, device=cfg.replica_device)
         self.next_offset = -1  # -1: not decided yet (bootstrap)
         self.restored = False
         self._lock = threading.Lock()
@@ -356,7 +368,7 @@ class ParamServer:
         self._last_persist = time.monotonic()
 
     def _restore(self, root: Path) -> None:
-        saved = load_replica(root, self.place)
+        saved = load_replica(root, self.place, self.state.device)
         if saved is None:
             return
         s, p = self.state, saved.position

@@ -127,6 +127,8 @@ class ParameterServerService(pb2_grpc.ParameterServerServicer):
                 queries.append((f.slot, np.asarray(f.ids, dtype=np.int64), None))
             for (slot, ids, _), vecs in zip(queries, table.lookup_many(queries)):  # one GIL release for all
                 known = np.isin(ids, table.ids(slot)).astype(np.uint8).tobytes() if request.with_known else b""
+                if vecs.device.type != "cpu":  # a replica on a GPU (no torch call on the CPU path)
+                    vecs = vecs.cpu()
                 resp.slots.add(slot=slot, dim=int(vecs.shape[1]), known=known,
                                values=np.ascontiguousarray(vecs.numpy(), dtype="<f4").tobytes())
             LOOKUP_IDS.inc(total)

@@ -163,8 +163,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
     @staticmethod
     def lookup(table: Any, slot: str, ids: np.ndarray) -> torch.Tensor:
         """Embedding rows of ``ids`` in ``slot`` (float32[n, dim]); the one place the service reads
-        a table outside the batched scoring path."""
-        return table.lookup(slot, torch.from_numpy(np.ascontiguousarray(ids, np.int64)))
+        a table outside the batched scoring path; on the host whatever device the table is on."""
+        return table.lookup(slot, torch.from_numpy(np.ascontiguousarray(ids, np.int64))).cpu()
 
     # -- batched ranking ------------------------------------------------------------------------
     def forward_jobs(self, jobs: list[RankJob]) -> list[tuple[np.ndarray, ServingModel]]:

@@ -108,10 +108,11 @@ def save_replica(root: Path, place: ReplicaPlace, position: ReplicaPosition, tab
     log.info("replica persisted at offset %d (version %d)", meta["next_offset"], meta["version"])
 
 
-def load_replica(root: Path, place: ReplicaPlace) -> SavedReplica | None:
-    """The replica saved under ``root`` for ``place``; None (logged) if there is none to use."""
+def load_replica(root: Path, place: ReplicaPlace, device: Any = "cpu") -> SavedReplica | None:
+    """The replica saved under ``root`` for ``place``, table and tower on ``device``; None
+    (logged) if there is none to use."""
     from embedding_store import EmbeddingTable
-    from training.model import tower_from_safetensors
+    from serving.replica import load_dense_tower
 
     meta_path = root / "meta.json"
     if not meta_path.exists():
@@ -127,11 +128,11 @@ def load_replica(root: Path, place: ReplicaPlace) -> SavedReplica | None:
         log.warning("state in %s is for another model or shard; starting cold", root)
         return None
     try:
-        table = EmbeddingTable.load(str(root / "table"))
+        table = EmbeddingTable.load(str(root / "table"), device=device)
         tower_bytes = (root / "tower.safetensors").read_bytes()
         if meta.get("tower_sha256") not in (None, hashlib.sha256(tower_bytes).hexdigest()):
             raise ValueError("tower.safetensors fails its sha256 (truncated or corrupted)")
-        tower, _ = tower_from_safetensors(tower_bytes)
+        tower = load_dense_tower(tower_bytes, device).tower
     except Exception as exc:  # corrupt or partial state: Kafka still has everything
         log.error("replica state in %s is unusable (%s); bootstrapping from the topic", root, exc)
         return None

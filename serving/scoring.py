@@ -46,7 +46,7 @@ def score_jobs(model: ServingModel, jobs: Sequence[RankJob], calibrator: Calibra
             read = _read(batch.table, batch.queries, cfg)
             # The item slot (and item-side slots) have one row per candidate; request-level bags
             # are broadcast to theirs.
-            pooled = [v if lengths is None or (row_bags is not None and row_bags[i]) else v.index_select(0, job_of_row)
+            pooled = [v if lengths is None or (row_bags is not None and row_bags[i]) else v.index_select(0, job_of_row.to(v.device))
                       for i, (v, (_, _, lengths)) in enumerate(zip(read, batch.queries))]
             emb = (torch.stack(pooled, dim=1).float() if pooled
                    else torch.zeros(batch.job_rows.size, 0, cfg.embedding_dim))

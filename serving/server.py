@@ -260,6 +260,7 @@ class RecommendServer:
 
     def _watch(self) -> None:
         sampled = 0.0
+        m.FRESHNESS_LAG.set(-1.0)  # nothing applied yet: not a lag of 0 (readers skip negatives)
         while not self._stop.wait(0.05):
             ready = bool(self.source.ready)
             if ready != self._serving:

@@ -43,8 +43,8 @@ def pre_images(table: Any, delta: TableDelta) -> TableDelta:
         ids = np.concatenate([sd.ids, sd.deleted_ids]).astype(np.int64, copy=False)
         if ids.size == 0:
             continue
-        values = table.lookup(name, torch.from_numpy(ids))
-        default = table.lookup(name, torch.tensor([_ABSENT_PROBE]))[0]
+        values = table.lookup(name, torch.from_numpy(ids)).cpu()  # (a GPU replica; no copy on the CPU)
+        default = table.lookup(name, torch.tensor([_ABSENT_PROBE]))[0].cpu()
         # A live row equal to the default reads the same once deleted: deleting it is exact.
         absent = (values == default).all(dim=1).numpy()
         slots[name] = SlotDelta(ids=ids[~absent], values=values[torch.from_numpy(~absent)],

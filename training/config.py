@@ -43,11 +43,12 @@ class TrainerConfig(ModelFields):
         "help": "live evaluation of an early stream: an early negative is scored on its final label "
                 "once event time is this far past it (the joiner's window + lateness; 605 = the "
                 "default join window 600 s + 5 s)"})
-    early_warmup_examples: int = field(default=0, metadata={
+    early_warmup_examples: int = field(default=40_000, metadata={
         "help": "cold start of an early stream: until a fresh learner has trained this many "
                 "examples on final labels, it holds each early negative until its label is final "
                 "(early_label_wait_s) and trains it once as the windowed join would "
-                "(training.delayed_feedback.ColdStartHold; 0 = off)"})
+                "(training.delayed_feedback.ColdStartHold; 0 = off; a windowed stream's rows "
+                "count towards it, so it costs a windowed stream nothing)"})
     # -- optimisers
     sparse_optimizer: str = field(default="adagrad", metadata={"help": "table optimizer: adagrad, sgd, ftrl, adam"})
     sparse_lr: float = field(default=0.05, metadata={"help": "learning rate of the embedding rows"})
@@ -100,6 +101,10 @@ class TrainerConfig(ModelFields):
     max_examples: int = field(default=0, metadata={"help": "stop after training this many examples (0 = never)"})
     idle_exit_s: float = field(default=0.0, metadata={"help": "stop after no input for this long (0 = never)"})
     seed: int = field(default=0, metadata={"help": "random seed of the table and the tower"})
+    device: str = field(default="cpu", metadata={
+        "help": "where the table, the dense tower and its optimizer live: cpu, or cuda[:N] (table "
+                "reads and Adagrad updates then run the Triton kernels; the id index, evaluator "
+                "and publisher stay on the host)"})
     torch_threads: int = field(default=1, metadata={
         "help": "torch intra-op threads (0 = torch's default). 1: on a busy few-core machine the "
                 "OpenMP threads of a parallel region wait for each other's time slices, which "
@@ -152,3 +157,6 @@ class TrainerConfig(ModelFields):
             raise ValueError("two_tower_dim and two_tower_refresh_s must be positive")
         if self.guard_window <= 0:
             raise ValueError(f"guard_window must be positive, got {self.guard_window}")
+        from training.model import resolve_device
+
+        resolve_device(self.device)

@@ -67,7 +67,7 @@ def early_weights(logits: torch.Tensor, labels: torch.Tensor, emit: np.ndarray |
     one; pass it to :func:`training.model.loss.weighted_bce`."""
     if correction == "none" or emit is None or not np.any(emit):
         return None
-    early = torch.from_numpy(np.asarray(emit) != 0)
+    early = torch.from_numpy(np.asarray(emit) != 0).to(logits.device)  # no copy on the CPU
     return torch.where(early, fnw_weights(logits, labels), torch.ones_like(labels))
 
 

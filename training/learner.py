@@ -26,7 +26,7 @@ from training.delayed_feedback import (ColdStartHold, EarlyFeatureMemory, early_
 from training.early_labels import EarlyLabels
 from training.evaluation import PrequentialEvaluator
 from training.model import (with_cross_bags, DenseTower, ModelConfig, bag_grads_to_ids, bf16_supported,
-                            init_bias_for_ctr, lookup_slots, weighted_bce)
+                            init_bias_for_ctr, lookup_slots, resolve_device, weighted_bce)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def model_config_for(cfg: TrainerConfig, slots: tuple[str, ...], dense_dim: int)
 
 
 def make_table(cfg: TrainerConfig, slots: tuple[str, ...]) -> Any:
-    """A fresh ``EmbeddingTable`` with one slot config per model slot, from the trainer config."""
+    """A fresh ``EmbeddingTable`` with one slot config per model slot, from the trainer config,
+    on ``cfg.device`` (on CUDA its reads and Adagrad updates run the Triton kernels)."""
     from embedding_store import EmbeddingTable, SlotConfig
 
     ttl = cfg.ttl_s if cfg.ttl_s > 0 else None
@@ -69,7 +70,7 @@ def make_table(cfg: TrainerConfig, slots: tuple[str, ...]) -> Any:
                                       lr=cfg.sparse_lr, init_std=cfg.init_std, ttl_s=ttl,
                                       admit_threshold=cfg.admit_threshold,
                                       counter_columns=2 if cfg.counters else 0) for s in slots],
-                          device="cpu", seed=cfg.seed)
+                          device=resolve_device(cfg.device), seed=cfg.seed)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class Learner:
     early_labels: EarlyLabels | None = field(init=False)  # None: every row scored as given
     times: StepTimes = field(default_factory=StepTimes)
     examples_trained: int = 0
-    watermark_ms: int = -1
+    watermark_ms: int = -1  # event time of the newest row received (the stream's clock)
+    trained_watermark_ms: int = -1  # of the newest row trained: what a publish carries (held rows lag)
     nonfinite_batches: int = 0  # batches skipped because their loss was not finite
     _bias_set: bool = False
     _bias_settled: bool = False  # the start rate is final (early streams: labels final)
@@ -98,12 +100,18 @@ class Learner:
     cold_hold_stats: dict | None = None  # the hold's summary, once it is done
     last_trained: Any = None  # the rows the last step trained (after de-dup and the hold)
     bf16: bool = field(init=False)
+    device: torch.device = field(init=False)  # cfg.device: the table's, the tower's, Adam's
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.cfg.device)
+        if torch.device(getattr(self.table, "device", self.device)) != self.device:
+            raise ValueError(f"the table is on {self.table.device}, the config says {self.device}")
         prec = self.cfg.dense_precision
-        self.bf16 = prec == "bf16" or (prec == "auto" and bf16_supported())
+        native = torch.cuda.is_bf16_supported() if self.device.type == "cuda" else bf16_supported()
+        self.bf16 = prec == "bf16" or (prec == "auto" and native)
         torch.manual_seed(self.cfg.seed)
-        self.tower = DenseTower(self.model_cfg)
+        # Built on the CPU, then moved: one seed gives the same weights on every device.
+        self.tower = DenseTower(self.model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.tower.parameters(), lr=self.cfg.dense_lr)
         self.dedup = SeenFilter(self.cfg.dedup_capacity, generations=2)
         self.evaluator = PrequentialEvaluator(self.cfg.eval_window)
@@ -133,30 +141,42 @@ class Learner:
 
     def train(self, batch: Any, now: float | None = None) -> int:
         """One prequential step; returns the number of examples trained (after de-dup)."""
+        holding, given = self.cold_hold is not None, len(batch)
+        batch = self.rows_due(batch)
+        if len(batch) == 0:
+            return 0
+        if holding:
+            return self._train_rows(batch, now, step_rows=given)
+        self.last_trained = batch
+        return self._step(batch, now, time.perf_counter())
+
+    def rows_due(self, batch: Any) -> Any:
+        """``batch`` past de-dup and the cold-start hold: the rows to train now, oldest first
+        (a release of held rows can be many batches' worth). The multi-rank learner shares it."""
         t0 = time.perf_counter()
         batch = self.drop_seen(batch)
-        n = len(batch)
-        t1 = time.perf_counter()
-        self.times.dedup += t1 - t0
-        if n == 0:
-            return 0
+        self.times.dedup += time.perf_counter() - t0
+        if len(batch) == 0:
+            return batch
         if len(batch.event_time_ms):
             self.watermark_ms = max(self.watermark_ms, int(batch.event_time_ms.max()))
         if self.cold_hold is not None:  # a fresh learner's first stretch: labels final first
             batch = self.cold_hold.apply(batch, self.watermark_ms)
             if self.cold_hold.done:
                 self.cold_hold_stats, self.cold_hold = self.cold_hold.summary(), None
-            if len(batch) == 0:
-                return 0
-            return self._train_rows(batch, now)
-        self.last_trained = batch
-        return self._step(batch, now, t1)
+        return batch
 
-    def _train_rows(self, batch: Any, now: float | None) -> int:
-        """Trains ``batch`` in steps of at most ``batch_size`` rows (a release of held rows can
-        be many batches' worth)."""
+    @property
+    def cold_starting(self) -> bool:
+        """True while the cold-start hold keeps early rows back (they train a label wait late)."""
+        return self.cold_hold is not None and not self.cold_hold.warm and self.cold_hold.held > 0
+
+    def _train_rows(self, batch: Any, now: float | None, step_rows: int = 0) -> int:
+        """Trains ``batch`` in steps of at most ``batch_size`` rows, or ``step_rows`` (the
+        caller's batch: a batch the hold passes untouched is one step, as without the hold; a
+        release of held rows can be many batches' worth)."""
         self.last_trained = batch
-        size = self.cfg.batch_size
+        size = max(self.cfg.batch_size, step_rows)
         if len(batch) <= size:
             return self._step(batch, now, time.perf_counter())
         return sum(self._step(batch.take(np.arange(i, min(len(batch), i + size))), now,
@@ -175,14 +195,16 @@ class Learner:
         if mc.counters:
             counter_deltas = self._in_batch_counts(bags.emb, batch, poolings)
         t2 = time.perf_counter()
-        labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
-        rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
+        host_labels = torch.from_numpy(np.ascontiguousarray(batch.label, np.float32))
+        host_rates = torch.from_numpy(np.ascontiguousarray(batch.sample_rate, np.float32))
         emit = getattr(batch, "emit", None)
         if emit is not None and np.any(emit) and self.cfg.early_memory_rows > 0:
             self._same_x(bags.emb, batch, emit)
         if not self._bias_settled:  # the head starts at the stream's click rate
-            self._start_rate(labels, rates, emit, batch.event_time_ms)
-        dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32))
+            self._start_rate(host_labels, host_rates, emit, batch.event_time_ms)
+        # The step's tensors on the device; on the CPU .to() returns the tensor itself (no copy).
+        labels, rates = host_labels.to(self.device), host_rates.to(self.device)
+        dense = (torch.from_numpy(np.ascontiguousarray(batch.dense, np.float32)).to(self.device)
                  if mc.dense_dim else None)
         logits = self.logits(bags.emb, dense)
         loss = weighted_bce(logits, labels, rates,  # FNW on early-emitted rows
@@ -201,19 +223,12 @@ class Learner:
         t3 = time.perf_counter()
         # Scored before this batch's update: the prequential (test-then-train) figure; an early
         # stream's rows on their final labels (training.early_labels).
-        if self.early_labels is None:  # the caller scores rows itself (training.prequential)
-            self.evaluator.update(logits.detach().numpy(), batch.label, batch.sample_rate, batch.truth_p)
-        else:
-            scored = self.early_labels.route(logits.detach().numpy(), batch.label, batch.sample_rate,
-                                             batch.truth_p, batch.example_id, batch.event_time_ms,
-                                             emit)
-            if len(scored):
-                self.evaluator.update(scored.logits, scored.labels, scored.sample_rate, scored.truth_p)
+        self.score_rows(logits.detach().cpu().numpy(), batch)
         grad = bags.emb.grad
         for s, slot in enumerate(mc.slots):
             if len(bags.ids[s]) == 0:
                 continue
-            per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s], poolings[s])
+            per_id = bag_grads_to_ids(grad[:, s], bags.lengths[s].to(grad.device), poolings[s])
             if counter_deltas:  # counters take what the batch adds to them, not a gradient
                 per_id[:, -2:] = counter_deltas[s]
             self.table.apply_gradients(slot, bags.ids[s], per_id, now=now)
@@ -224,6 +239,8 @@ class Learner:
         self.times.examples += n
         self.times.steps += 1
         self.examples_trained += n
+        if len(batch.event_time_ms):
+            self.trained_watermark_ms = max(self.trained_watermark_ms, int(batch.event_time_ms.max()))
         return n
 
     def flush(self, now: float | None = None) -> int:
@@ -234,6 +251,18 @@ class Learner:
         held = self.cold_hold.drain()
         self.cold_hold_stats, self.cold_hold = self.cold_hold.summary(), None
         return self._train_rows(held, now) if len(held) else 0
+
+    def score_rows(self, logits: np.ndarray, batch: Any) -> None:
+        """Hands a trained batch's pre-update scores to the evaluator (an early stream's rows on
+        their final labels, :mod:`training.early_labels`)."""
+        if self.early_labels is None:  # the caller scores rows itself (training.prequential)
+            self.evaluator.update(logits, batch.label, batch.sample_rate, batch.truth_p)
+            return
+        scored = self.early_labels.route(logits, batch.label, batch.sample_rate, batch.truth_p,
+                                         batch.example_id, batch.event_time_ms,
+                                         getattr(batch, "emit", None))
+        if len(scored):
+            self.evaluator.update(scored.logits, scored.labels, scored.sample_rate, scored.truth_p)
 
     def _in_batch_counts(self, emb: torch.Tensor, batch: Any,
                          poolings: tuple[str, ...]) -> list[torch.Tensor | None]:
@@ -252,7 +281,7 @@ class Learner:
                     deltas.append(None)
                     continue
                 values = np.asarray(bag.values, np.int64)
-                before = self.table.lookup(slot, torch.from_numpy(values))[:, -2:].numpy()
+                before = self.table.lookup(slot, torch.from_numpy(values))[:, -2:].cpu().numpy()
                 pooled, delta = decayed_counts(values, np.asarray(bag.lengths), batch.event_time_ms,
                                                increments, before.astype(np.float64),
                                                self.cfg.count_decay, mean=poolings[s] == "mean")
@@ -271,7 +300,13 @@ class Learner:
         small steps did not bring it back (live demo: logloss above 1 for the first windows).
         """
         pos, imps, early = start_counts(labels, rates, emit)
-        self._start = (self._start[0] + pos, self._start[1] + imps)
+        self.start_bias(pos, imps, early, int(event_time_ms.min()), int(event_time_ms.max()))
+
+    def start_bias(self, positives: float, impressions: float, early: bool, first_ms: int,
+                   last_ms: int) -> None:
+        """:meth:`_start_rate` on a step's counts (:func:`start_counts`) and event-time span; the
+        multi-rank learner passes its global batch's, so every rank moves its tower alike."""
+        self._start = (self._start[0] + positives, self._start[1] + impressions)
         if early and self._start[0] <= 0:
             return  # no click yet: nothing to start from
         ctr = min(max(self._start[0] / max(self._start[1], 1e-12), 1e-4), 1 - 1e-4)
@@ -279,14 +314,14 @@ class Learner:
         if not self._bias_set:
             init_bias_for_ctr(self.tower, ctr)
             self._bias_set, self._start_logit = True, now
-            self._settle_ms = int(event_time_ms.min()) + int(self.cfg.early_label_wait_s * 1000)
+            self._settle_ms = first_ms + int(self.cfg.early_label_wait_s * 1000)
         else:
             with torch.no_grad():
                 self.tower.head.bias.add_(now - self._start_logit)
                 if self.model_cfg.counters:
                     self.tower.prior_logit.add_(now - self._start_logit)
             self._start_logit = now
-        if not early or int(event_time_ms.max()) >= self._settle_ms:
+        if not early or last_ms >= self._settle_ms:
             self._bias_settled = True
 
     def _same_x(self, emb: torch.Tensor, batch: Any, emit: np.ndarray) -> None:
@@ -296,7 +331,7 @@ class Learner:
             self.early_memory = EarlyFeatureMemory(self.cfg.early_memory_rows, emb.shape[1],
                                                    emb.shape[2], 2 if self.model_cfg.counters else 0)
         with torch.no_grad():
-            same = self.early_memory.apply(emb.detach().numpy(), batch.example_id, batch.label, emit)
+            same = self.early_memory.apply(emb.detach().cpu().numpy(), batch.example_id, batch.label, emit)
             if same is not None:
                 emb.copy_(torch.from_numpy(same))
 
@@ -310,7 +345,7 @@ class Learner:
         0/1: 0.0124/0.0183 against fp32's 0.0120/0.0187); parameters, their gradients and Adam
         stay fp32, the loss is taken in fp32.
         """
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = (self.tower if tower is None else tower)(emb, dense)
         return out.float()
 
@@ -354,7 +389,7 @@ class Learner:
         learner.evaluator.load_state({k: v for k, v in arrays.items() if k.startswith("eval.")})
         info = json.loads(meta["learner"])
         learner.examples_trained = int(info["examples_trained"])
-        learner.watermark_ms = int(info["watermark_ms"])
+        learner.watermark_ms = learner.trained_watermark_ms = int(info["watermark_ms"])
         learner._bias_set = learner._bias_settled = True
         learner.cold_hold = None  # a restored learner is warm, unless it was still warming up:
         if "cold_hold" in meta:

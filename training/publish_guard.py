@@ -343,7 +343,7 @@ def restore_last_good(cfg: Any, store: Any, above_version: int) -> Any | None:
     manifest = store.latest()
     if manifest is None:
         return None
-    table = EmbeddingTable.load(str(store.table_path_of(manifest)))
+    table = EmbeddingTable.load(str(store.table_path_of(manifest)), device=cfg.device)
     tensors, meta = store.load_state(manifest)
     learner = Learner.restore(cfg, table, tensors, meta)
     table.version = max(int(table.version), int(above_version)) + 1

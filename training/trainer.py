@@ -50,6 +50,7 @@ DUPLICATES = Counter("hw_train_duplicates", "examples skipped as already trained
 BAD_MESSAGES = Counter("hw_train_bad_messages", "hw.examples messages that failed to decode")
 CHECKPOINTS = Counter("hw_train_checkpoints", "checkpoints written")
 WATERMARK = Gauge("hw_train_watermark_ms", "event time of the newest trained example")
+COLD_START = Gauge("hw_train_cold_start", "1 while the cold-start hold keeps early rows back (ColdStartHold)")
 TABLE_ROWS = Gauge("hw_train_table_rows", "live rows in the training table")
 
 
@@ -116,7 +117,7 @@ class OnlineTrainer:
             return
         from embedding_store import EmbeddingTable
 
-        table = EmbeddingTable.load(str(self.store.table_path_of(manifest)))  # this checkpoint's own
+        table = EmbeddingTable.load(str(self.store.table_path_of(manifest)), device=self.cfg.device)  # its own
         tensors, meta = self.store.load_state(manifest)
         self.learner = Learner.restore(self.cfg, table, tensors, meta)
         if self.two_tower is not None:
@@ -263,7 +264,8 @@ class OnlineTrainer:
                 self.two_tower.step(mb.batch, self.learner.table)
             EXAMPLES.inc(n)
             DUPLICATES.inc(self.learner.times.duplicates - dup_before)
-            WATERMARK.set(self.learner.watermark_ms)
+            WATERMARK.set(self.learner.trained_watermark_ms)
+            COLD_START.set(self.learner.cold_starting)
             self.batches += 1
         for key, off in mb.done_offsets.items():
             self.done_offsets[key] = max(self.done_offsets.get(key, 0), off)
@@ -291,7 +293,7 @@ class OnlineTrainer:
                 self.learner.table.compact_deletions(int(self.learner.table.version))
         if self.publisher is not None:
             try:
-                self.publisher.maybe_publish(self.learner.watermark_ms, now)
+                self.publisher.maybe_publish(self.learner.trained_watermark_ms, now)
             except Exception as exc:  # the broker is down or slow: keep training, retry next time
                 log.warning("publish to %s failed, will retry: %s", self.topics.params, exc)
             if self.publisher.rollback_due:
@@ -356,8 +358,8 @@ class OnlineTrainer:
             self._train(mb)
         if self.learner is not None and self.publisher is not None:
             try:
-                self.publisher.publish_sparse(self.learner.watermark_ms)
-                self.publisher.publish_dense(self.learner.watermark_ms)
+                self.publisher.publish_sparse(self.learner.trained_watermark_ms)
+                self.publisher.publish_dense(self.learner.trained_watermark_ms)
             except Exception as exc:
                 log.warning("final publish failed: %s", exc)
         self.checkpoint()
@@ -377,6 +379,7 @@ class OnlineTrainer:
             "bad_messages": self.bad_messages, "batches": self.batches,
             "examples_per_s": (ln.times.examples / elapsed) if ln else 0.0,
             "watermark_ms": ln.watermark_ms if ln else -1,
+            "trained_watermark_ms": ln.trained_watermark_ms if ln else -1,
             "table_version": int(ln.table.version) if ln else 0,
             "published_version": self.publisher.published_version if self.publisher else -1,
             "checkpoints": self.checkpoints,

@@ -7,10 +7,12 @@ Adagrad update, against the torch reference and a plain ``index_select`` gather 
   writes it once; an Adagrad update reads value, accumulator and gradient and writes two rows);
 - the product path: an ``EmbeddingTable(device=...)`` (the table's own ``device`` option) whose
   ``lookup_bags`` and ``apply_gradients`` reach those kernels on CUDA, checked against the same
-  table on the CPU, with its id -> row probe on the host counted in its rate.
+  table on the CPU, with its id -> row probe on the host counted in its rate;
+- the trainer and serving on the device (:mod:`.embedding_product`): a ``Learner`` with
+  ``device=<the run's device>`` and the serving replica it publishes to, against both on the CPU.
 
-The trainer and the serving replica build their tables on the CPU (no ``device`` option yet):
-the line says so under ``todo``.
+Without CUDA the device-side tables take the Triton kernels under the interpreter
+(``embedding_store.kernels.triton_on_cpu``), so the product path still meets the kernels.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ import numpy as np
 import torch
 
 from bench.gpu_check.common import Setup, result, rounded, targets, time_ms
+from bench.gpu_check.embedding_product import check_product, kernels_on
 from embedding_store import EmbeddingTable, SlotConfig
 from embedding_store.kernels import to_offsets
 from embedding_store.kernels.reference import adagrad_update_reference, embedding_bag_reference
 
 TOLERANCE = 1e-4
-TODO = ("trainer (training/learner.py builds its table with device='cpu') and serving replica "
-        "(paramsync/replica.py) have no device option yet; EmbeddingTable(device=...) has one and is "
-        "what this check drives")
 
 
 def _kernels(setup: Setup, rows_n: int, dim: int, n_ids: int, bag: int, n_upd: int) -> dict:
@@ -93,19 +93,22 @@ def _table(setup: Setup, n_rows: int, dim: int, n_ids: int, bag: int) -> dict:
     upd = torch.from_numpy(rng.choice(known, min(n_rows, n_ids // 4), replace=False))
     grads = torch.from_numpy(rng.standard_normal((upd.numel(), dim)).astype(np.float32))
     shift = 1.0 if setup.perturb else 0.0
-    got = tables["device"].lookup_bags("item", ids, lengths).cpu()
-    want = tables["cpu"].lookup_bags("item", ids, lengths) + shift
-    for t in tables.values():
-        t.apply_gradients("item", upd, grads, now=1.0)
-    after = float((tables["device"].lookup("item", upd).cpu() - tables["cpu"].lookup("item", upd) - shift).abs().max())
     table = tables["device"]
-    look_ms = time_ms(setup, lambda: table.lookup_bags("item", ids, lengths), warmup=1)
-    upd_ms = time_ms(setup, lambda: table.apply_gradients("item", upd, grads, now=2.0), warmup=1)
-    from embedding_store.kernels import use_triton
+    with kernels_on(setup):  # the device table's calls; the CPU table keeps the torch reference
+        got = table.lookup_bags("item", ids, lengths).cpu()
+        table.apply_gradients("item", upd, grads, now=1.0)
+        updated = table.lookup("item", upd).cpu()
+        look_ms = time_ms(setup, lambda: table.lookup_bags("item", ids, lengths), warmup=1)
+        upd_ms = time_ms(setup, lambda: table.apply_gradients("item", upd, grads, now=2.0), warmup=1)
+        from embedding_store.kernels import use_triton
 
-    on_triton = use_triton(table._store("item").values)  # noqa: SLF001 - which kernels the table reaches
+        on_triton = use_triton(table._store("item").values)  # noqa: SLF001 - which kernels the table reaches
+    want = tables["cpu"].lookup_bags("item", ids, lengths) + shift
+    tables["cpu"].apply_gradients("item", upd, grads, now=1.0)
+    after = float((updated - tables["cpu"].lookup("item", upd) - shift).abs().max())
     return {"rows": n_rows, "ids": n_ids, "bag_size": bag, "updated_rows": int(upd.numel()),
-            "kernels": "triton" if on_triton else "torch reference (the table runs Triton only on CUDA tensors)",
+            "kernels": "triton" + ("" if setup.cuda else " (interpreter, on CPU tensors)") if on_triton
+            else "torch reference (HEADWATER_NO_TRITON=1)",
             "lookup_max_abs_diff": float((got - want).abs().max()), "update_max_abs_diff": after,
             "lookups_per_s": rounded(n_ids / (look_ms / 1000)),
             "updates_per_s": rounded(int(upd.numel()) / (upd_ms / 1000)),
@@ -119,13 +122,13 @@ def check_embedding(setup: Setup) -> dict:
     else:
         kern = _kernels(setup, rows_n=1 << 22, dim=64, n_ids=1 << 20, bag=16, n_upd=1 << 19)
         table = _table(setup, n_rows=1 << 20, dim=64, n_ids=1 << 18, bag=16)
+    product = check_product(setup)  # tiny shapes everywhere: it checks the plumbing, not speed
     worst = max(kern["lookup_max_abs_diff"], kern["update_max_abs_diff"], table["lookup_max_abs_diff"],
-                table["update_max_abs_diff"])
-    figures = {"kernels": kern, "table": table, "max_abs_diff": worst, "tolerance": TOLERANCE,
-               "targets": targets(setup, lookup_fraction_of_gather=(kern["lookup_fraction_of_gather"], 0.25)),
-               "todo": TODO}
+                table["update_max_abs_diff"], product["max_abs_diff"])
+    figures = {"kernels": kern, "table": table, "product": product, "max_abs_diff": worst, "tolerance": TOLERANCE,
+               "targets": targets(setup, lookup_fraction_of_gather=(kern["lookup_fraction_of_gather"], 0.25))}
     if not setup.cuda:
         figures["timing_note"] = "TRITON_INTERPRET=1: kernel rates are the interpreter's, not a GPU's"
-    return result("embedding", setup, worst <= TOLERANCE, (
-        "embedding_store.kernels.reference (torch) on the same device tensors, and the same table on the CPU; "
-        "speed: torch.index_select of the same rows"), **figures)
+    return result("embedding", setup, worst <= TOLERANCE and not product.get("errors"), (
+        "embedding_store.kernels.reference (torch) on the same device tensors; the same table, Learner and "
+        "serving replica on the CPU; speed: torch.index_select of the same rows"), **figures)

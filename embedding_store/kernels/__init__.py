@@ -1,12 +1,15 @@
 """Hot-path kernels: fused embedding-bag pooling and the fused sparse Adagrad update.
 
 On CUDA tensors the Triton kernels run; elsewhere the PyTorch reference does (the Triton
-kernels are also tested on CPU under ``TRITON_INTERPRET=1`` against that reference).
+kernels are also tested on CPU under ``TRITON_INTERPRET=1`` against that reference, and
+:func:`triton_on_cpu` sends the product path's CPU tensors through them there).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -17,12 +20,33 @@ from embedding_store.kernels.reference import (
     to_offsets,
 )
 
-__all__ = ["adagrad_update", "bag_grads_to_ids", "embedding_bag", "to_offsets", "use_triton"]
+__all__ = ["adagrad_update", "bag_grads_to_ids", "embedding_bag", "to_offsets", "triton_on_cpu", "use_triton"]
+
+_ON_CPU = False  # set by triton_on_cpu()
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA tensors (unless HEADWATER_NO_TRITON=1 asks for the reference path)."""
-    return t.is_cuda and os.environ.get("HEADWATER_NO_TRITON") != "1"
+    """Triton on CUDA tensors (unless HEADWATER_NO_TRITON=1 asks for the reference path); on CPU
+    tensors too inside :func:`triton_on_cpu`."""
+    if t.is_cuda:
+        return os.environ.get("HEADWATER_NO_TRITON") != "1"
+    return _ON_CPU
+
+
+@contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Within it, CPU tensors take the Triton kernels too, run by Triton's interpreter: how a test
+    (or ``scripts/gpu-check.sh`` without a GPU) drives a table, trainer or replica through the very
+    kernel calls it makes on CUDA. Needs ``TRITON_INTERPRET=1`` set before Triton was imported;
+    process-wide while it lasts (tests and checks only)."""
+    global _ON_CPU
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton_on_cpu needs TRITON_INTERPRET=1 (set before Triton is imported)")
+    before, _ON_CPU = _ON_CPU, True
+    try:
+        yield
+    finally:
+        _ON_CPU = before
 
 
 def embedding_bag(values: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, mode: str = "sum",

@@ -7,7 +7,7 @@ import logging
 import signal
 
 from headwater.cli.runtime import print_json, stop_on_signals
-from headwater.config import add_config_args, load_configs
+from headwater.config import ConfigError, add_config_args, load_configs
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc < 0:
         raise SystemExit("headwater train: --nproc must be >= 0")
+    _configs(args, ranked=args.nproc >= 1 or "WORLD_SIZE" in os.environ)  # bad flags fail here, once
     if args.nproc >= 1 and "WORLD_SIZE" not in os.environ:
         # The launcher: N copies of this very command, each with torchrun's variables.
         from training.distributed.env import headwater_argv, spawn_ranks
@@ -56,18 +57,34 @@ def _train(args: argparse.Namespace) -> int:
     return _train_one(args)
 
 
+def _configs(args: argparse.Namespace, ranked: bool = False) -> tuple:
+    """(KafkaConfig, TrainerConfig) of the command line; a bad ``--device`` (or one the ranks
+    cannot use: they keep their shards on the CPU) is a ``ConfigError``, a sentence at start."""
+    from streams.kafka_io import KafkaConfig
+    from training.config import TrainerConfig
+    from training.model import resolve_device
+
+    try:
+        kafka, cfg = load_configs((KafkaConfig, TrainerConfig), args, section="train")
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if ranked and device.type != "cpu":
+        raise ConfigError(f"--device {cfg.device}: the multi-rank trainer (--nproc, torchrun) keeps "
+                          "its table shards and tower on the CPU; use --device cpu or one process")
+    return kafka, cfg
+
+
 def _train_rank(args: argparse.Namespace) -> int:
     """One rank of a multi-rank trainer; rank 0 shows progress and prints the summary."""
     import torch.distributed as dist
 
     from headwater.metrics import serve_metrics
-    from streams.kafka_io import KafkaConfig
-    from training.config import TrainerConfig
     from training.distributed.env import DistEnv, init_process_group
     from training.distributed.trainer import DistributedTrainer
 
     env = DistEnv.from_env()
-    kafka, cfg = load_configs((KafkaConfig, TrainerConfig), args, section="train")
+    kafka, cfg = _configs(args, ranked=True)
     if cfg.torch_threads:
         import torch
 
@@ -92,11 +109,9 @@ def _train_rank(args: argparse.Namespace) -> int:
 
 def _train_one(args: argparse.Namespace) -> int:
     from headwater.metrics import serve_metrics
-    from streams.kafka_io import KafkaConfig
-    from training.config import TrainerConfig
     from training.trainer import OnlineTrainer
 
-    kafka, cfg = load_configs((KafkaConfig, TrainerConfig), args, section="train")
+    kafka, cfg = _configs(args)
     if cfg.torch_threads:
         import torch
 

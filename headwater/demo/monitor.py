@@ -29,6 +29,10 @@ class DemoMonitor:
                      for c in components if c.metrics_port}
         self.history: list[dict[str, float]] = []
         self.end_to_end = EndToEndFreshness()
+        # the same samples once the trainer is past its cold start (on an early stream a fresh
+        # learner trains on final labels only, one label wait late, until it is warm)
+        self.end_to_end_steady = EndToEndFreshness()
+        self.cold_start_samples = 0
 
     def sample(self) -> dict[str, float]:
         s = {name: scrape(url, timeout_s=0.5) for name, url in self.urls.items()}
@@ -67,6 +71,12 @@ class DemoMonitor:
         # minus event time" is no freshness there, so both figures are left out (None).
         row["end_to_end_s"] = math.nan if self.replay else lag_from_metrics(serving)
         self.end_to_end.add(row["end_to_end_s"])
+        row["cold_start"] = _value(trainer, "hw_train_cold_start", {})
+        if row["cold_start"] == 1.0:
+            self.cold_start_samples += 1
+        elif row["trained"] > 0 and self.history and self.history[-1].get("cold_start") == 0.0:
+            # warm in this sample and the one before: serving trails the trainer by a sync
+            self.end_to_end_steady.add(row["end_to_end_s"])
         row["serving_p99_ms"] = self.load.p99_ms() if self.load else math.nan
         self.history.append(row)
         return row
@@ -97,6 +107,9 @@ class DemoMonitor:
             "auc_gap": _none_if_nan(auc_truth - auc_last),
             "freshness_p99_ms": _p99([r["freshness_ms"] for r in self.history]),
             **self.end_to_end.quantiles(),
+            **{k.replace("end_to_end", "end_to_end_steady"): v
+               for k, v in self.end_to_end_steady.quantiles().items()},
+            "cold_start_s": self.cold_start_samples,  # once-a-second samples in the cold start
             "serving_p99_ms": self.load.p99_ms(all_calls=True) if self.load else None,
             "serving_calls": self.load.calls if self.load else 0,
             "serving_errors": self.load.errors if self.load else 0,

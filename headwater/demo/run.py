@@ -81,9 +81,13 @@ class DemoConfig:
     join_window_s: float = field(default=10.0, metadata={"help": "joiner's event-time window"})
     joiners: int = field(default=1, metadata={
         "help": "joiner processes in one consumer group (the input topics get as many partitions)"})
-    join_emit: str = field(default="window", metadata={
-        "help": "joiner's emission: window (labels final at window close) or early (negatives "
-                "after a 1 s hold, clicks at once; the trainer corrects the bias)"})
+    join_emit: str = field(default="", metadata={
+        "help": "joiner's emission: early (negatives after a 1 s hold, clicks at once; the "
+                "trainer corrects the bias with fake-negative weighting, and a fresh trainer "
+                "learns its first 40,000 examples on final labels: its cold start) or window "
+                "(labels final at window close, a click reaches serving a window late). Default: "
+                "early for the live generator, window for a --dataset replay (a finite log has "
+                "no freshness to gain, and its last rows' labels are final only at its end)"})
     max_action_delay_s: float = field(default=5.0, metadata={"help": "clicks follow within this delay"})
     eval_window: int = field(default=0, metadata={
         "help": "examples per prequential AUC window (0 = 10000, or with --dataset a tenth of "
@@ -112,6 +116,10 @@ class DemoConfig:
                 "(train --two-tower); every 4th load call then sends no candidates, so serving "
                 "retrieves them with the user's vector before ranking"})
 
+    def emit(self) -> str:
+        """The joiner's emission (``join_emit``, or the default for the run)."""
+        return self.join_emit or ("window" if self.dataset is not None else "early")
+
     def validate(self) -> None:
         if self.on_bad_row not in ("error", "dead-letter"):
             raise ConfigError(f"[demo] on_bad_row must be error or dead-letter, got {self.on_bad_row!r}")
@@ -122,7 +130,7 @@ class DemoConfig:
         if self.joiners > 1 and self.bootstrap_servers:
             log.warning("--joiners %d: the input topics of %s need at least %d partitions",
                         self.joiners, self.bootstrap_servers, self.joiners)
-        if self.join_emit not in ("window", "early"):
+        if self.join_emit not in ("", "window", "early"):
             raise ConfigError(f"[demo] join_emit must be window or early, got {self.join_emit!r}")
         if self.eval_window < 0:
             raise ConfigError("[demo] eval_window must be >= 0")
@@ -179,7 +187,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
     for i in range(cfg.joiners):  # one consumer group: they split the input partitions
         name = "joiner" if i == 0 else f"joiner-{i + 1}"
         add(name, ["join", *common, "--state-dir", str(cfg.data_dir / name),
-                   "--window-s", str(cfg.join_window_s), "--emit", cfg.join_emit,
+                   "--window-s", str(cfg.join_window_s), "--emit", cfg.emit(),
                    *(["--dense-dim", str(dataset.dense_dim)] if dataset else [])])
     if cfg.train and _have("training.trainer"):
         eval_window = dataset.eval_window if dataset else cfg.eval_window or _EVAL_WINDOW
@@ -281,7 +289,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         sup.stop()
         if broker is not None:
             broker.stop()
-    summary = monitor.summary()
+    summary = {**monitor.summary(), "join_emit": cfg.emit()}
     if dataset is not None:
         # A log replays faster than the monitor samples: the first window it saw is no first.
         summary.pop("auc_first_window", None)

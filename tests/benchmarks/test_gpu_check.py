@@ -84,11 +84,18 @@ def test_speed_targets_are_not_judged_at_tiny_shapes(tiny_run):
     assert lines[-1]["targets_missed"] == []
 
 
-def test_the_embedding_line_says_the_trainer_and_serving_device_option_is_still_to_do(tiny_run):
+def test_the_embedding_line_drives_the_trainer_and_the_serving_replica_on_the_run_s_device(tiny_run):
     _, lines, _ = tiny_run
     line = next(x for x in lines if x["check"] == "embedding")
-    assert "trainer" in line["todo"] and "serving" in line["todo"]
-    assert line["kernels"]["lookup_max_abs_diff"] <= line["tolerance"]
+    assert "todo" not in line and line["kernels"]["lookup_max_abs_diff"] <= line["tolerance"]
+    product = line["product"]
+    assert product["errors"] == [] and product["max_abs_diff"] <= line["tolerance"]
+    assert product["serving"]["messages"] > 0 and "recommend_max_abs_diff" in product["serving"]
+    on = "cuda" if CUDA else "cpu"
+    for part in ("trainer", "serving"):
+        assert product[part]["table_on"].startswith(on) and product[part]["tower_on"].startswith(on)
+    if not CUDA:  # the device side's tables took the Triton kernels, interpreted
+        assert "interpreter" in product["device_side"] and "interpreter" in line["table"]["kernels"]
 
 
 def test_a_reference_shifted_beyond_its_tolerance_fails_every_check_and_the_run(tmp_path):

@@ -158,3 +158,14 @@ def test_flush_trains_what_is_still_held_on_the_labels_known(spy):
     learner.train(positive_copies(first, [0], t=1_000))
     assert learner.flush() == 2
     assert _all(rows).label.tolist() == [1.0, 0.0] and learner.cold_hold is None
+
+
+def test_a_publish_carries_the_event_time_of_the_newest_row_trained_not_received():
+    # The trainer publishes with trained_watermark_ms: rows the hold keeps back are not in the
+    # parameters yet, so serving's end-to-end freshness must not count them.
+    learner = _learner()
+    assert learner.train(early_rows([10, 11], [5, 6], [0, 0], t=1_000)) == 0
+    assert learner.watermark_ms == 1_000 and learner.trained_watermark_ms == -1
+    assert learner.cold_starting
+    assert learner.train(early_rows([20], [8], [0], t=3_500)) == 2  # 1_000 is final now
+    assert learner.watermark_ms == 3_500 and learner.trained_watermark_ms == 1_000

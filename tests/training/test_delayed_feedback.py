@@ -63,7 +63,8 @@ def _learner(**kw):
     from training.config import TrainerConfig
     from training.learner import Learner
 
-    cfg = TrainerConfig(publish=False, batch_size=64, counters=True, **kw)
+    # the warm path: a fresh learner's cold-start hold would keep these negatives back
+    cfg = TrainerConfig(publish=False, batch_size=64, **{"counters": True, "early_warmup_examples": 0, **kw})
     return Learner.for_batch(cfg, _early([1], [1], [0.0]))
 
 

@@ -19,6 +19,7 @@ from serving.replica import ModelReplica
 from streams.events import encode_examples
 from streams.kafka_io import topic_names
 from streams.kafka_producer import BatchProducer
+from training.checkpoint import CheckpointStore
 from training.distributed.checkpoint import SHARDED_MANIFEST
 from training.synthetic import synthetic_examples
 
@@ -106,7 +107,7 @@ def test_two_ranks_train_their_partitions_checkpoint_and_publish_one_model(two_r
 def test_one_rank_resumes_the_two_rank_checkpoint_and_trains_only_new_examples(two_rank_run):
     kafka, ckpt, _ = two_rank_run
     before = json.loads((ckpt / SHARDED_MANIFEST).read_text())
-    shards = [EmbeddingTable.load(str(ckpt / e["dir"] / "table")) for e in before["shards"]]
+    shards = [EmbeddingTable.load(str(CheckpointStore(ckpt / e["dir"]).table_path)) for e in before["shards"]]
     _fill(kafka, synthetic_examples(600, 300, slots=3, vocab=300, seed=6, first_example=10_000))
     again = _train(kafka, ckpt, 1, until=3000)
     assert again["world_size"] == 1
@@ -115,7 +116,7 @@ def test_one_rank_resumes_the_two_rank_checkpoint_and_trains_only_new_examples(t
     after = json.loads((ckpt / SHARDED_MANIFEST).read_text())
     # ... and the 3000th was the last new one: the old messages were skipped, not trained again.
     assert after["offsets"] == {f"{examples}:0": 5, f"{examples}:1": 5}
-    one = EmbeddingTable.load(str(ckpt / "shard-000-of-001" / "table"))
+    one = EmbeddingTable.load(str(CheckpointStore(ckpt / "shard-000-of-001").table_path))
     assert set(np.concatenate([t.ids("user_id") for t in shards])) <= set(one.ids("user_id"))
     assert not (ckpt / "shard-001-of-002").exists()  # old layout dropped
 

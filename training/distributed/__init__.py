@@ -10,7 +10,9 @@ lockstep with the others:
 - :mod:`.exchange` -- variable-size ``all_to_all`` (counts first, then payload) and small
   control collectives;
 - :mod:`.sharded` -- the row-wise sharded lookup and gradient return (TorchRec-style);
-- :mod:`.learner` -- one lockstep training step (DDP tower, sharded sparse half);
+- :mod:`.learner` -- one lockstep training step (DDP tower, sharded sparse half), with an early
+  stream's delayed-feedback handling;
+- :mod:`.early` -- an early stream's rows routed to the rank that owns their impression;
 - :mod:`.checkpoint` -- per-shard checkpoints, one manifest, re-sharding on restore;
 - :mod:`.publisher` -- each rank publishes its shard's rows; rank 0 the dense tower; snapshots
   are assembled collectively;

@@ -25,8 +25,12 @@ Restoring onto the same number of ranks loads each rank's own shard. Onto a diff
 each new rank reads every old shard's table and keeps the rows it owns now
 (``shard_of(id, new_world) == rank``), optimizer state included; the dense tower, its optimizer
 and the evaluator come from old shard ``min(rank, old_world - 1)`` (all ranks' towers are equal
-under DDP). A plain one-process checkpoint (``MANIFEST.json`` at the root) restores as a
-checkpoint of one shard, so a single trainer can be scaled out.
+under DDP). Each rank's checkpoint carries its cold-start hold (the early negatives it holds
+while warming up, :class:`training.delayed_feedback.ColdStartHold`): the same number of ranks
+restores each its own; a re-shard gives each new rank the held rows of every old shard whose
+impression it owns now, so each is trained once. A plain one-process checkpoint
+(``MANIFEST.json`` at the root) restores as a checkpoint of one shard, so a single trainer can
+be scaled out.
 """
 
 from __future__ import annotations
@@ -144,6 +148,7 @@ class ShardedCheckpointer:
         else:
             table = self._reshard(m, [store.table_path_of(sm) for store, sm in
                                       (self._shard(m, i) for i in range(m.world_size))])
+            self._reshard_hold(m, src, tensors, meta)
         learner = Learner.restore(cfg, table, tensors, meta)
         log.info("rank %d/%d restored sharded checkpoint %d (written by %d ranks): %d rows",
                  self.rank, self.world, m.seq, m.world_size,
@@ -162,6 +167,28 @@ class ShardedCheckpointer:
                     f"its checkpoint {manifest.seq}")
             manifest = kept
         return store, manifest
+
+    def _reshard_hold(self, m: ShardedManifest, src: int, tensors: dict[str, torch.Tensor],
+                      meta: dict[str, str]) -> None:
+        """Replaces shard ``src``'s cold-start hold in ``tensors``/``meta`` by this rank's share
+        of every old shard's held rows (:func:`training.distributed.early.reshard_hold`)."""
+        from training.distributed.early import reshard_hold
+
+        states = []
+        for i in range(m.world_size):
+            if i == src:
+                t, mt = tensors, meta
+            else:
+                store, sm = self._shard(m, i)
+                t, mt = store.load_state(sm)
+            states.append((t["cold_hold.rows"].numpy().tobytes(), json.loads(mt["cold_hold"]))
+                          if "cold_hold" in mt else None)
+        tensors.pop("cold_hold.rows", None)
+        meta.pop("cold_hold", None)
+        merged = reshard_hold(states, self.rank, self.world)
+        if merged is not None:
+            tensors["cold_hold.rows"] = torch.frombuffer(bytearray(merged[0]), dtype=torch.uint8)
+            meta["cold_hold"] = json.dumps(merged[1])
 
     def _reshard(self, m: ShardedManifest, table_paths: list[Path]) -> Any:
         """A table holding this rank's ids from every old shard (values and optimizer state)."""

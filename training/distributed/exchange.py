@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExchangeTimer", "exchange_counts", "all_to_all_rows", "all_reduce_sum", "agree_json"]
+__all__ = ["ExchangeTimer", "exchange_counts", "all_to_all_rows", "all_reduce_sum", "all_reduce_max",
+           "agree_json"]
 
 
 @dataclass
@@ -83,3 +84,10 @@ def agree_json(proposal: Any | None) -> list[Any | None]:
         n = int(s.item())
         out.append(json.loads(bytes(b[:n].tolist()).decode()) if n else None)
     return out
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks of a short vector (float64)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

@@ -4,7 +4,9 @@ Each rank is a member of the one consumer group on ``hw.examples`` and so reads 
 partitions (the topic needs at least as many partitions as ranks; a rank without partitions
 still trains every step, with empty batches). Every loop iteration every rank polls, then one
 small ``all_reduce`` agrees on what happens next: whether any rank has a mini-batch due (then all
-train one global step together, empty-handed ranks included), whether a checkpoint or a snapshot
+train one global step together, empty-handed ranks included; while an early stream's cold-start
+hold is open, as many as the rank with the most released rows needs, see
+:class:`~training.distributed.learner.ShardedLearner`), whether a checkpoint or a snapshot
 is due (rank 0's clock decides), and whether to stop (any rank stopped by a signal, the global
 ``max_examples`` reached, or every rank idle for ``idle_exit_s``). Sparse deltas are published
 by each rank on its own clock; they need no agreement.

@@ -13,6 +13,7 @@ from training.model.bags import BagTable, RaggedLike, SlotBags, bag_grads_to_ids
 from training.model.config import ModelConfig, ModelFields
 from training.model.crosses import (Bags, cross_bags, cross_name, cross_parts, user_item_crosses,
                                     with_cross_bags)
+from training.model.device import resolve_device
 from training.model.inference import score
 from training.model.loss import weighted_bce
 from training.model.tower import DenseTower, bf16_supported, init_bias_for_ctr
@@ -21,4 +22,4 @@ from training.model.tower_io import tower_from_safetensors, tower_to_safetensors
 __all__ = ["cross_name", "cross_parts", "user_item_crosses", "cross_bags", "with_cross_bags", "Bags",
            "ModelFields", "ModelConfig", "DenseTower", "SlotBags", "BagTable", "RaggedLike",
            "lookup_slots", "bag_grads_to_ids", "weighted_bce", "score", "tower_to_safetensors",
-           "tower_from_safetensors", "bf16_supported", "init_bias_for_ctr"]
+           "tower_from_safetensors", "bf16_supported", "init_bias_for_ctr", "resolve_device"]
