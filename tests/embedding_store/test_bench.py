@@ -18,6 +18,7 @@ def test_bench_reports_rates_memory_and_zero_collisions():
         assert out[key] > 0, key
     assert out["collisions"] == 0 and out["baseline_matches"]
     assert out["raw_bytes_per_row"] == 64 * 4 * 2
+    assert 0 < out["fraction_of_ceiling_paired_median"] and 0 < out["fraction_of_ceiling"]
 
 
 def test_stream_injects_the_requested_share_of_new_ids():
