@@ -15,10 +15,12 @@ from itertools import chain
 
 import numpy as np
 
-from streams.events import ExampleBatch, Ragged, keep_negative, mix64, request_hash
+from streams.events import (ExampleBatch, Impression, Ragged, SchemaError, keep_negative, mix64,
+                            request_hash)
 from streams.example_batch import EMIT_EARLY
 from streams.ids import row_example_ids
 from streams.join_state import PendingAction
+from streams.kafka_io import Topics
 
 RESERVED_SLOTS = ("user_id", "item_id")
 
@@ -38,6 +40,21 @@ class Unjoined:
     request_id: str
     action: PendingAction
     reason: str  # "no_such_item" | "outside_window"
+
+
+def check_input(event: object, topic: str, topics: Topics, dense_dim: int) -> None:
+    """Raises :class:`SchemaError` for an input event the joiner cannot turn into examples."""
+    if isinstance(event, Impression):
+        if topic != topics.impressions:
+            raise SchemaError(f"impression on topic {topic}")
+        width = len(event.dense[0]) if event.dense else 0
+        if event.dense is not None and width != dense_dim:
+            raise SchemaError(f"dense width {width}, joiner expects {dense_dim}")
+        for slot in RESERVED_SLOTS:
+            if slot in event.item_sparse or slot in event.user_sparse:
+                raise SchemaError(f"slot name {slot!r} is reserved for the id itself")
+    elif isinstance(event, list) and topic != topics.actions:
+        raise SchemaError(f"actions on topic {topic}")
 
 
 def positive_copy_ids(example_id: np.ndarray) -> np.ndarray:

@@ -7,7 +7,9 @@ partition is not how far it has read but the oldest record it still needs: an im
 request has not closed, an action stored beside a pending request or parked until its impression
 comes. Everything before that offset is reflected in durable output (examples, late, DLQ);
 everything from it on is read again by whichever joiner owns the partition next, and the
-re-emitted examples keep their ids (the trainer drops them).
+re-emitted examples keep their ids (the trainer drops them). Actions it re-reads that the old
+owner had already resolved are told apart by the hand-off record (:mod:`streams.join_handoff`),
+not by this offset: an action is not sent to ``hw.late`` twice.
 
 Per partition this keeps one counter per offset from the restart offset to the read position
 (4 bytes a record of the join window), so finding the restart offset is one vectorised scan.
@@ -79,6 +81,15 @@ class PendingOffsets:
         """Events that left the state with their output durable (one release per hold)."""
         self._change(partition, offsets, -1)
 
+    def release_sources(self, done) -> None:
+        """:meth:`release` for ``(topic, (partition, offset) or None)`` pairs, grouped."""
+        by_partition: dict[Partition, list[int]] = {}
+        for topic, source in done:
+            if source is not None:
+                by_partition.setdefault((topic, source[0]), []).append(source[1])
+        for tp, offsets in by_partition.items():
+            self.release(tp, offsets)
+
     def _change(self, partition: Partition, offsets, n: int) -> None:
         arr = np.asarray(offsets, dtype=np.int64).reshape(-1)
         if arr.size:
@@ -88,6 +99,10 @@ class PendingOffsets:
         """``{partition: offset}`` to commit: a replay from there rebuilds every pending event."""
         return {tp: part.restart() for tp, part in self._parts.items()
                 if partitions is None or tp in partitions}
+
+    def read_ends(self, partitions: set[Partition]) -> dict[Partition, int]:
+        """``{partition: next offset to read}`` of those read since the state was (re)built."""
+        return {tp: part.end for tp, part in self._parts.items() if tp in partitions}
 
     def pending(self) -> int:
         """Events held in all partitions (for tests and metrics)."""

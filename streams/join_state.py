@@ -38,6 +38,12 @@ def action_key(request_id: bytes, item_id: int, kind: str) -> bytes:
             + _BE64.pack(item_id & 0xFFFFFFFFFFFFFFFF) + kind.encode())
 
 
+def request_id_of(akey: bytes) -> str:
+    """The request id inside an :func:`action_key`."""
+    n = int.from_bytes(akey[1:3], "big")
+    return akey[3:3 + n].decode()
+
+
 def _action_prefix(request_id: bytes) -> bytes:
     return b"a" + len(request_id).to_bytes(2, "big") + request_id
 

@@ -15,16 +15,18 @@ it, then joins the request that came meanwhile or is late too (``no_impression``
 close (``idle_close_s``) needs the broker to confirm every input quiet that long.
 
 One step = poll -> ingest (write new state) -> close due windows -> produce and flush examples,
-DLQ and late -> delete closed state -> commit input offsets. ``--emit early``
-(:mod:`streams.join_early`) sends each impression's items as negatives after a short hold and
-each later positive as a positive copy at once, for the trainer's delayed-feedback correction;
-the window then only bounds which clicks still count.
+DLQ and late -> delete closed state -> hand-off record (:mod:`streams.join_handoff`) -> commit
+input offsets. ``--emit early`` (:mod:`streams.join_early`) sends each impression's items as
+negatives after a short hold and each later positive as a positive copy at once, for the
+trainer's delayed-feedback correction; the window then only bounds which clicks still count.
 
 Scaling out and restarts (:mod:`streams.join_positions`): the input topics are the state's
 changelog. Joiners of one consumer group share the input partitions; each commits, per
 partition, the oldest record still pending; on every assignment change a joiner drops its state
 and reads its partitions again from there, so kill -9 of one loses nothing, and what it had
-already emitted comes again with the same ``example_id`` (the trainer drops those).
+already emitted comes again with the same ``example_id`` (the trainer drops those). Late actions
+are not repeated: a hand-off record per partition (:mod:`streams.join_handoff`) tells the new
+owner which re-read actions the old one had resolved (counted as ``replayed_resolved``).
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ from kafka.errors import CommitFailedError
 from streams import metrics
 from streams.events import (Action, DeadLetter, Impression, SchemaError, Watermark,
                             decode_event, encode_actions, encode_chunks, encode_dead_letter)
-from streams.join_build import RESERVED_SLOTS, ClosedRequest, build_examples
+from streams.join_build import ClosedRequest, build_examples, check_input
 from streams.join_early import EarlyEmitter
+from streams.join_handoff import HandOff
 from streams.join_positions import PendingOffsets
 from streams.join_state import (JoinState, PendingAction, action_key, parse_action,
-                                split_impression)
+                                request_id_of, split_impression)
 from streams.join_watermark import JoinWatermark
 from streams.kafka_consumer import GroupConsumer, Record
 from streams.joiner_config import JoinerConfig
@@ -65,6 +68,7 @@ class StepStats:
     dlq: int = 0
     late: int = 0
     closed: int = 0
+    replayed_resolved: int = 0  # re-read actions the previous owner had resolved: not late again
 
 
 class OnlineJoiner:
@@ -82,8 +86,12 @@ class OnlineJoiner:
         self.producer = BatchProducer(kafka, client_id="hw-joiner")
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
                                       group_id=cfg.group_id, client_id="hw-joiner",
-                                      track_fetch_answers=True)
+                                      track_fetch_answers=True, on_revoke=self._hand_over)
+        self.handoff = HandOff(kafka, self.topics.join_positions, cfg.group_id, self.producer)
+        self.handoff.ensure_topic()
         self.rebuilds = 0  # times the state was rebuilt from the input (start and rebalances)
+        self.replayed_resolved = 0
+        self._clean = True  # every step so far ended with its output flushed
         self._generation = 0  # the consumer assignment the state was built for
         self._reset()
         self._last_input = time.monotonic()  # or the last time the input was not read to its end
@@ -95,6 +103,7 @@ class OnlineJoiner:
         self.clock = JoinWatermark((self.topics.impressions, self.topics.actions), self.lateness_ms,
                                    self.cfg.idle_topic_s)
         self.positions = PendingOffsets()
+        self._resolved_ms = 0  # every parked action expiring by then has left with durable output
         self._committed: dict[tuple[str, int], int] = {}
         self.early = (EarlyEmitter(self.state, self.window_ms, int(self.cfg.early_hold_s * 1000),
                                    self.positive, self.cfg.negative_rate, self.cfg.dense_dim,
@@ -108,6 +117,7 @@ class OnlineJoiner:
         self._generation = self.consumer.generation
         self.rebuilds += 1
         owned = self.consumer.rewind_to_committed()
+        self.handoff.load(owned)
         # A fresh watermark knows nothing of these partitions: none counts as idle before it
         # has been quiet for idle_topic_s (the client's view of their ends may be stale).
         self.clock.quiet_from(owned, time.monotonic())
@@ -132,6 +142,7 @@ class OnlineJoiner:
             self._rebuild()  # what this poll returned is read again from the committed offsets
             return StepStats()
         stats = StepStats(records=len(records))
+        self._clean = False
         now = time.monotonic()
         if records or not self.clock.read_to_end(self.consumer.assignment(),
                                                  self.consumer.partitions_behind()):
@@ -143,7 +154,10 @@ class OnlineJoiner:
             self.clock.advance_to(self.max_time + self.window_ms)
         self._ingest(records, stats)
         self._close_due(stats)
-        restart = self.positions.restart_offsets(self.consumer.assignment())
+        assigned = self.consumer.assignment()
+        self.handoff.publish(self.positions.read_ends(assigned), self._resolved_ms)
+        self._clean = True
+        restart = self.positions.restart_offsets(assigned)
         moved = {tp: o for tp, o in restart.items() if self._committed.get(tp) != o}
         try:
             self.consumer.commit(moved)
@@ -168,7 +182,7 @@ class OnlineJoiner:
             self.positions.read(source, rec.offset)
             try:
                 event = decode_event(rec.value)
-                self._check(event, rec.topic)
+                check_input(event, rec.topic, self.topics, self.cfg.dense_dim)
             except SchemaError as exc:
                 dead.append(DeadLetter(str(exc), rec.topic, rec.partition, rec.offset, rec.value))
                 continue
@@ -213,36 +227,12 @@ class OnlineJoiner:
         for tp, offsets in held.items():
             self.positions.hold(tp, offsets)
         for source in replaced:
-            self._release_source(self.topics.impressions, source)
+            self.positions.release_sources([(self.topics.impressions, source)])
         for key, before in zip(keys, self.state.get_many(keys)):
             if before is not None and stored.pop(key, None) is not None:
-                self._release_source(self.topics.impressions, split_impression(before)[1])
+                self.positions.release_sources(
+                    [(self.topics.impressions, split_impression(before)[1])])
         return {event.request_id.encode() for _, event in impressions}
-
-    def _release_all(self, done: list) -> None:
-        by_partition: dict[tuple[str, int], list[int]] = {}
-        for topic, source in done:
-            if source is not None:
-                by_partition.setdefault((topic, source[0]), []).append(source[1])
-        for tp, offsets in by_partition.items():
-            self.positions.release(tp, offsets)
-
-    def _release_source(self, topic: str, source) -> None:
-        if source is not None:
-            self.positions.release((topic, source[0]), source[1])
-
-    def _check(self, event: object, topic: str) -> None:
-        if isinstance(event, Impression):
-            if topic != self.topics.impressions:
-                raise SchemaError(f"impression on topic {topic}")
-            width = len(event.dense[0]) if event.dense else 0
-            if event.dense is not None and width != self.cfg.dense_dim:
-                raise SchemaError(f"dense width {width}, joiner expects {self.cfg.dense_dim}")
-            for slot in RESERVED_SLOTS:
-                if slot in event.item_sparse or slot in event.user_sparse:
-                    raise SchemaError(f"slot name {slot!r} is reserved for the id itself")
-        elif isinstance(event, list) and topic != self.topics.actions:
-            raise SchemaError(f"actions on topic {topic}")
 
     def _ingest_actions(self, wb, actions: list[tuple[Record, Action]],
                         new_requests: set[bytes]) -> list[tuple[Record, Action, str]]:
@@ -275,11 +265,12 @@ class OnlineJoiner:
         for tp, offsets in held.items():
             self.positions.hold(tp, offsets)
         for source in replaced:
-            self._release_source(self.topics.actions, source)
+            self.positions.release_sources([(self.topics.actions, source)])
         keys = list(stored)
         for key, before in zip(keys, self.state.get_many(keys)):
             if before is not None:  # an action stored before is replaced
-                self._release_source(self.topics.actions, parse_action(key, before).source)
+                self.positions.release_sources(
+                    [(self.topics.actions, parse_action(key, before).source)])
         return late
 
     def _close_due(self, stats: StepStats) -> None:
@@ -300,21 +291,29 @@ class OnlineJoiner:
         orphan_values = self.state.get_many([a for _, a in orphans])
         # A parked action whose impression came meanwhile belongs to that request (closing now
         # or soon, up to max_close_per_step a step): it is joined there, not late.
-        claimed = self.state.pending_requests([_rid_of(a).encode() for _, a in orphans])
+        claimed = self.state.pending_requests([request_id_of(a).encode() for _, a in orphans])
         for payload in encode_chunks(batch, self.cfg.examples_per_message,
                                      self.producer.max_message_bytes):
             self.producer.send(self.topics.examples, payload)
         late = [(u.request_id, u.action, u.reason) for u in unjoined]
         done: list = []  # the sources whose events leave the state with this step's output
+        resolved = 0  # re-read actions that the previous owner had resolved
         for (_, akey), value, is_claimed in zip(orphans, orphan_values, claimed):
             # value None: a request that closed earlier consumed it.
             if value is not None and not is_claimed:
                 pa = parse_action(akey, value)
-                late.append((_rid_of(akey), pa, "no_impression"))
                 done.append((self.topics.actions, pa.source))
+                if pa.source is not None and self.handoff.covers(
+                        (self.topics.actions, pa.source[0]), pa.source[1],
+                        pa.event_time_ms + self.window_ms):
+                    resolved += 1
+                else:
+                    late.append((request_id_of(akey), pa, "no_impression"))
         for rid, pa, reason in late:
             self._send_late(rid, pa, reason)
         self.producer.flush()  # output durable before state is deleted and offsets committed
+        if len(orphans) < self.cfg.max_close_per_step:  # every parked action due is resolved
+            self._resolved_ms = self.watermark
         wb = self.state.batch()
         if self.early is not None:
             self.early.commit(wb, released)
@@ -327,7 +326,7 @@ class OnlineJoiner:
             if not is_claimed:  # a claimed one goes with its request
                 wb.delete(akey)
         self.state.write(wb)
-        self._release_all(done)
+        self.positions.release_sources(done)
         positives = int(batch.label.sum()) if len(batch) else 0
         metrics.EXAMPLES_OUT.labels("1").inc(positives)
         metrics.EXAMPLES_OUT.labels("0").inc(len(batch) - positives)
@@ -335,6 +334,9 @@ class OnlineJoiner:
         stats.examples += len(batch)
         stats.closed = len(due)
         stats.late += len(late)
+        stats.replayed_resolved = resolved
+        self.replayed_resolved += resolved
+        metrics.REPLAYED_RESOLVED.inc(resolved)
 
     def _send_late(self, request_id: str, pa: PendingAction, reason: str) -> None:
         action = Action(request_id, pa.user_id, pa.item_id, pa.kind, pa.value, pa.event_time_ms)
@@ -347,7 +349,7 @@ class OnlineJoiner:
         for d in dead:
             log.warning("dlq: %s (%s[%d]@%d)", d.reason, d.topic, d.partition, d.offset)
             self.producer.send(self.topics.dlq, encode_dead_letter(d))
-            metrics.DLQ.labels(_reason_label(d.reason)).inc()
+            metrics.DLQ.labels(metrics.dlq_reason(d.reason)).inc()
         for rec, a, reason in late:
             self.producer.send(self.topics.late, encode_dead_letter(DeadLetter(
                 reason, rec.topic, rec.partition, rec.offset, encode_actions([a]))))
@@ -376,22 +378,17 @@ class OnlineJoiner:
         finally:
             self.close()
 
+    def _hand_over(self, partitions: set[tuple[str, int]]) -> None:
+        """Partitions leave (a rebalance, or close): the last record, exact if the output so far
+        is flushed (between steps), else left to the throttled ones."""
+        if self._clean:
+            self.handoff.hand_over(self.positions.read_ends(partitions), self._resolved_ms)
+
     def close(self) -> None:
+        self._hand_over(self.consumer.assignment())
         for closer in (self.consumer.close, self.producer.close, self.state.close):
             try:
                 closer()
             except Exception:  # closing must release the rest even if one part is broken
                 log.exception("error while closing the joiner")
 
-
-def _rid_of(akey: bytes) -> str:
-    n = int.from_bytes(akey[1:3], "big")
-    return akey[3:3 + n].decode()
-
-
-def _reason_label(reason: str) -> str:
-    """A bounded label set for the DLQ counter (the full reason travels in the message)."""
-    for key in ("undecodable", "version", "unknown event", "topic", "dense", "reserved"):
-        if key in reason:
-            return key.replace(" ", "_")
-    return "invalid"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import (CommitFailedError, IllegalGenerationError, KafkaError,
@@ -37,12 +37,15 @@ class GroupConsumer:
 
     def __init__(self, cfg: KafkaConfig, topics: Iterable[str], group_id: str,
                  client_id: str = "hw-consumer", fetch_max_wait_ms: int = 500,
-                 track_fetch_answers: bool = False) -> None:
+                 track_fetch_answers: bool = False,
+                 on_revoke: Callable[[set[tuple[str, int]]], None] | None = None) -> None:
         """``fetch_max_wait_ms``: longest the broker may hold a fetch open waiting for data.
 
         Tansu answers a waiting fetch only when the wait ends, so on a quiet topic this wait is
         added to every message's latency; latency-sensitive consumers lower it.
         ``track_fetch_answers``: keep :meth:`fetch_answered` (see :mod:`streams.fetch_answers`).
+        ``on_revoke``: called inside :meth:`poll` with the partitions a rebalance takes away,
+        before any other member can be given them.
         """
         if fetch_max_wait_ms < 0:
             raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
@@ -56,7 +59,7 @@ class GroupConsumer:
             max_partition_fetch_bytes=cfg.max_message_bytes, fetch_max_wait_ms=fetch_max_wait_ms,
             enable_incremental_fetch_sessions=not track_fetch_answers)
         self._answers = FetchAnswers(self._consumer) if track_fetch_answers else None
-        self._consumer.subscribe(list(topics), listener=_CountAssignments(self))
+        self._consumer.subscribe(list(topics), listener=_CountAssignments(self, on_revoke))
 
     def pause(self) -> None:
         """Stops fetching from the assigned partitions; :meth:`poll` still keeps group membership.
@@ -160,11 +163,12 @@ class GroupConsumer:
 
 
 class _CountAssignments(ConsumerRebalanceListener):
-    def __init__(self, owner: GroupConsumer) -> None:
-        self._owner = owner
+    def __init__(self, owner: GroupConsumer, on_revoke) -> None:
+        self._owner, self._on_revoke = owner, on_revoke
 
     def on_partitions_revoked(self, revoked) -> None:
-        pass
+        if self._on_revoke is not None and revoked:
+            self._on_revoke({(tp.topic, tp.partition) for tp in revoked})
 
     def on_partitions_assigned(self, assigned) -> None:
         self._owner.generation += 1

@@ -27,6 +27,9 @@ class Topics:
     dlq: str
     late: str
     items: str  # item-side features, one message per item id (compacted): streams.item_features
+    # The joiners' own hand-off records (compacted), created by the joiner: streams.join_handoff.
+    # Internal to the joiner group, so not in all() (the set a deployment creates up front).
+    join_positions: str = ""
 
     def all(self) -> list[str]:
         return [getattr(self, short) for short in _SHORT_NAMES]
@@ -44,7 +47,8 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
 
 def topic_names(prefix: str = "hw") -> Topics:
     """``<prefix>.impressions`` etc.; a fresh prefix gives a fresh, isolated set of topics."""
-    return Topics(*(f"{prefix}.{t}" for t in _SHORT_NAMES))
+    return Topics(*(f"{prefix}.{t}" for t in _SHORT_NAMES),
+                  join_positions=f"{prefix}.join_positions")
 
 
 @dataclass

@@ -97,7 +97,7 @@ def _join(args: argparse.Namespace) -> int:
     joiner = OnlineJoiner(cfg)
     log.info("joiner consuming %s, %s -> %s (state %s)", joiner.topics.impressions,
              joiner.topics.actions, joiner.topics.examples, cfg.state_dir)
-    totals = {"impressions": 0, "actions": 0, "examples": 0, "dlq": 0, "late": 0}
+    totals = {"impressions": 0, "actions": 0, "examples": 0, "dlq": 0, "late": 0, "replayed_resolved": 0}
     last_report = [time.monotonic()]
 
     def count(stats) -> None:
