@@ -38,7 +38,7 @@ import numpy as np
 
 from serving import ann_ivf
 from serving.ann_config import AnnConfig
-from serving.ann_vectors import VectorStore, check_items, check_query
+from serving.ann_vectors import VectorStore, ann_ids, ann_keys, check_items, check_query
 from serving.metrics import ANN_GRAPH_UPDATES, ANN_REBUILDS
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class AnnIndex:
             with self._turn:
                 self._queries_waiting -= 1
                 self._turn.notify_all()
-        return np.asarray(m.keys).view(np.int64), (1.0 - np.asarray(m.distances)).astype(np.float32)
+        return ann_ids(m.keys), (1.0 - np.asarray(m.distances)).astype(np.float32)
 
     def exact_topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the stored vectors, for many queries: (ids [q, k], scores [q, k])."""
@@ -158,7 +158,7 @@ class AnnIndex:
             with self._lock:
                 hit = self.store.remove(ids[lo:lo + 256])
                 if self._graph is not None and hit.size:
-                    self._graph.remove(hit.view(np.uint64))
+                    self._graph.remove(ann_keys(hit))
                 self._stats.churn_since_build += int(hit.size)
                 self._note_touched(hit)
             gone += int(hit.size)
@@ -280,10 +280,10 @@ class AnnIndex:
         if self.cfg.retrieval == "ivf_sq8":
             if ids.size < self.cfg.ivf_min_items:
                 return None
-            return ann_ivf.build(ids.view(np.uint64), vecs, self.cfg.nlist, threads=threads, seed=self.cfg.seed)
+            return ann_ivf.build(ann_keys(ids), vecs, self.cfg.nlist, threads=threads, seed=self.cfg.seed)
         graph = self._new_graph()
         if ids.size:
-            graph.add(ids.view(np.uint64), vecs, threads=threads)
+            graph.add(ann_keys(ids), vecs, threads=threads)
         return graph
 
     def nprobe(self) -> int:
@@ -302,10 +302,10 @@ class AnnIndex:
         """Puts ``which`` (a subset of ``ids``) into ``graph`` with their vectors from ``vecs``;
         ``present`` ids are in the graph already and are removed first (usearch keys are unique)."""
         if present.size:
-            graph.remove(present.view(np.uint64))
+            graph.remove(ann_keys(present))
         if which.size:
             pos = np.flatnonzero(np.isin(ids, which))
-            graph.add(ids[pos].view(np.uint64), vecs[pos], threads=1)
+            graph.add(ann_keys(ids[pos]), vecs[pos], threads=1)
 
     def _yield_to_queries(self) -> None:
         """Lets waiting queries take the lock first (for at most ``writer_yield_s``): a query
@@ -369,8 +369,8 @@ class AnnIndex:
             else:
                 with self._lock:
                     found, vecs = self.store.get(part)
-            in_graph = part[graph.contains(part.view(np.uint64))]
+            in_graph = part[graph.contains(ann_keys(part))]
             if in_graph.size:
-                graph.remove(in_graph.view(np.uint64))
+                graph.remove(ann_keys(in_graph))
             if found.any():
-                graph.add(part[found].view(np.uint64), vecs, threads=1)
+                graph.add(ann_keys(part[found]), vecs, threads=1)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.ann_vectors import ann_ids
+
 __all__ = ["IvfGraph", "IvfMatches", "auto_nlist", "build", "restore", "nprobe_for", "rescored_topk",
            "list_reason"]
 
@@ -101,7 +103,7 @@ class IvfGraph:
         self._faiss.omp_set_num_threads(max(1, threads))
         self.index.nprobe = max(1, min(self.nprobe, self.nlist))
         scores, ids = self.index.search(np.ascontiguousarray(query, np.float32).reshape(1, -1), k)
-        hit = ids[0] >= 0
+        hit = ids[0] != -1  # faiss: -1 is "no result" (keys are any other 64-bit value)
         return IvfMatches(ids[0][hit].view(np.uint64), 1.0 - scores[0][hit])
 
     def save(self, path: str) -> None:
@@ -162,7 +164,7 @@ def nprobe_for(graph: Any, nprobe: int, min_scan: int) -> int:
 def rescored_topk(graph: IvfGraph, store: Any, q: np.ndarray, k: int, rerank: int) -> tuple[np.ndarray, np.ndarray]:
     """``rerank * k`` candidates from the 8-bit codes, rescored with ``store``'s float32 vectors:
     the best ``k`` ids and their exact scores (call under the owner's lock)."""
-    cand = np.asarray(graph.search(q, rerank * k, threads=1).keys).view(np.int64)
+    cand = ann_ids(graph.search(q, rerank * k, threads=1).keys)
     found, vecs = store.get(cand)
     cand, scores = cand[found], vecs @ q
     best = np.argsort(-scores, kind="stable")[:k]

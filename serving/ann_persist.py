@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "load_index", "save_index"]
 
-FORMAT = 1
+FORMAT = 2  # 2: graph keys are ann_vectors.ann_keys(ids), not the ids' bits
 GRAPH_FILES = {"hnsw": "graph.usearch", "ivf_sq8": "graph.faiss"}  # per retrieval mode
 RebuildSource = Callable[[], tuple[np.ndarray, Any]]
 """Returns (ids, vectors ``[n, dim]``) to rebuild from when the saved vectors are unusable."""

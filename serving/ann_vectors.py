@@ -13,6 +13,7 @@ writer (a rebuild's copy, a probe scan) read through :meth:`arrays`, whose array
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from embedding_store.id_index import IdIndex
+
+log = logging.getLogger(__name__)
 
 __all__ = ["UpsertPlan", "VectorStore", "check_items", "check_query", "topk_rows"]
 
@@ -170,9 +173,27 @@ def check_query(query: Any, k: int, dim: int, max_k: int) -> np.ndarray:
     return np.ascontiguousarray(q)
 
 
+# usearch keeps all-ones keys for free slots and faiss answers -1 for "no result": an item id
+# -1 (a common "no item" sentinel in real logs) stored as its own bits was lost on save/restore
+# (usearch) or read as no result (faiss). Keys are the ids XOR a constant instead; the one id
+# that maps onto the reserved key is refused (logged) by :func:`check_items`.
+_KEY_XOR = np.uint64(0x9E3779B97F4A7C15)
+RESERVED_ID = int(np.array([np.uint64(0xFFFFFFFFFFFFFFFF) ^ _KEY_XOR], np.uint64).view(np.int64)[0])
+
+
+def ann_keys(ids: np.ndarray) -> np.ndarray:
+    """uint64 graph keys (usearch, faiss) of int64 item ids."""
+    return np.ascontiguousarray(ids, np.int64).view(np.uint64) ^ _KEY_XOR
+
+
+def ann_ids(keys: Any) -> np.ndarray:
+    """int64 item ids of graph keys (the inverse of :func:`ann_keys`)."""
+    return (np.asarray(keys).astype(np.uint64, copy=False) ^ _KEY_XOR).view(np.int64)
+
+
 def check_items(ids: Any, vectors: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64, vectors float32 ``[n, dim]``), finite, each id once (a repeated id: the last
-    one wins), or a ``ValueError``."""
+    one wins), or a ``ValueError``; :data:`RESERVED_ID` is left out (logged)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     v = vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors
     v = np.ascontiguousarray(v, dtype=np.float32)
@@ -182,4 +203,8 @@ def check_items(ids: Any, vectors: Any, dim: int) -> tuple[np.ndarray, np.ndarra
         raise ValueError("vectors: have NaN or infinite values")
     _, last = np.unique(ids[::-1], return_index=True)
     keep = np.sort(ids.size - 1 - last)
+    keep = keep[ids[keep] != RESERVED_ID]
+    if keep.size < last.size:
+        log.warning("ann index: item id %d is reserved (its graph key is the free-slot key); left out",
+                    RESERVED_ID)
     return ids[keep], v[keep]

@@ -7,9 +7,13 @@ request, is parked, and would go to ``hw.late`` (``no_impression``) again. Tansu
 offset-commit metadata, so the commit cannot say how far the old owner had read; this does.
 
 Per owned partition a joiner writes a :class:`Resolved` to ``<prefix>.join_positions``, keyed by
-(group, topic, partition): its read end, and the watermark by which every parked action had
-left its state with durable output. It writes after a step's output is flushed and before its
-offsets are committed (at most once per ``every_s``), and exactly when partitions leave it (a
+(group, topic, partition): its read end and the offsets of the actions still parked (waiting for
+an impression that has not come). Every other action it read left its state with durable output
+(joined into an example that was sent, or sent late) or waits beside a pending request, whose
+impression the next owner reads again, so that it claims the action again. Past ``PARKED_LIMIT``
+parked actions (or in a record without the list) the record says less: the watermark by which
+every parked action had left. It writes after a step's output is flushed and before its offsets
+are committed (at most once per ``every_s``), and exactly when partitions leave it (a
 rebalance's revocation, or close, both between steps). A record states facts about flushed
 output, so a stale or lost one only claims less. On every rebuild a joiner reads the topic to
 its end; a re-read action the record covers that no pending request claims when its parking
@@ -17,8 +21,8 @@ expires is dropped and counted (``replayed_resolved``). A missing, unreadable or
 record (the newest per key wins; a malformed one stands for none) degrades to today's
 at-least-once late records; nothing no owner resolved is ever dropped. A joiner writes only a
 record that claims at least what the inherited one did. The topic is created with
-``cleanup.policy=compact``; Tansu's memory and S3 storage do not compact, so it grows by at
-most one record per partition a second while input flows, and a rebuild reads it all.
+``cleanup.policy=compact``; Tansu's memory and S3 storage do not compact, so it grows by at most
+one record per partition a second while input flows, and a rebuild reads it all.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
@@ -40,21 +45,27 @@ log = logging.getLogger(__name__)
 
 Partition = tuple[str, int]
 TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
+PARKED_LIMIT = 20_000  # parked actions listed in one joiner's records (~8 bytes each)
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """Every action an owner read from a partition below ``read_end`` whose parking expiry
-    (event time + window) is at or before ``watermark`` left its state with durable output."""
+    """Every action an owner read from a partition below ``read_end`` was resolved, except the
+    ``parked`` offsets; where the list is unknown (None), those whose parking expiry (event
+    time + window) is after ``watermark``."""
 
     read_end: int
     watermark: int
+    parked: frozenset[int] | None = None
 
     def covers(self, offset: int, expire_ms: int) -> bool:
-        return offset < self.read_end and expire_ms <= self.watermark
+        if offset >= self.read_end:
+            return False
+        return offset not in self.parked if self.parked is not None else expire_ms <= self.watermark
 
     def claims_at_least(self, other: Resolved | None) -> bool:
-        return other is None or (self.read_end >= other.read_end
+        """For records without the list (a listed one is built to claim at least the last)."""
+        return other is None or (other.parked is None and self.read_end >= other.read_end
                                  and self.watermark >= other.watermark)
 
 
@@ -64,7 +75,8 @@ def record_key(group: str, partition: Partition) -> bytes:
 
 def encode_resolved(group: str, partition: Partition, r: Resolved) -> bytes:
     return json.dumps({"v": 1, "group": group, "topic": partition[0], "partition": partition[1],
-                       "read_end": r.read_end, "watermark": r.watermark}).encode()
+                       "read_end": r.read_end, "watermark": r.watermark,
+                       "parked": None if r.parked is None else sorted(r.parked)}).encode()
 
 
 def decode_resolved(value: bytes) -> tuple[str, Partition, Resolved]:
@@ -72,14 +84,15 @@ def decode_resolved(value: bytes) -> tuple[str, Partition, Resolved]:
     try:
         obj = json.loads(value)
         group, topic, part = obj["group"], obj["topic"], obj["partition"]
-        end, mark = obj["read_end"], obj["watermark"]
-    except (TypeError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        end, mark, parked = obj["read_end"], obj["watermark"], obj.get("parked")
+    except (TypeError, KeyError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"undecodable join position: {exc}") from exc
-    ints = (part, end, mark)
+    ints = (part, end, mark, *(parked if isinstance(parked, list) else ()))
     if (obj.get("v") != 1 or not isinstance(group, str) or not isinstance(topic, str)
-            or not all(type(x) is int and x >= 0 for x in ints)):
+            or not all(type(x) is int and x >= 0 for x in ints)
+            or not (parked is None or isinstance(parked, list))):
         raise ValueError(f"invalid join position {obj!r}")
-    return group, (topic, part), Resolved(end, mark)
+    return group, (topic, part), Resolved(end, mark, None if parked is None else frozenset(parked))
 
 
 class HandOff:
@@ -87,8 +100,10 @@ class HandOff:
 
     every_s = 1.0  # a partition's record is rewritten at most this often (see the docstring)
 
-    def __init__(self, kafka: KafkaConfig, topic: str, group: str, producer: BatchProducer) -> None:
+    def __init__(self, kafka: KafkaConfig, topic: str, group: str, producer: BatchProducer,
+                 actions_topic: str = "") -> None:
         self.kafka, self.topic, self.group, self.producer = kafka, topic, group, producer
+        self.actions_topic = actions_topic  # whose partitions the parked offsets are in
         self.inherited: dict[Partition, Resolved] = {}
         self._written: dict[Partition, Resolved] = {}
         self._last_write = float("-inf")
@@ -159,24 +174,41 @@ class HandOff:
         r = self.inherited.get(partition)
         return r is not None and r.covers(offset, expire_ms)
 
-    def publish(self, read_ends: dict[Partition, int], watermark: int, force: bool = False) -> None:
-        """Sends a record for each partition whose claim grew (all output so far is flushed)."""
+    def publish(self, read_ends: dict[Partition, int], watermark: int,
+                parked: Callable[[int], dict[int, list[tuple[int, int]]] | None] | None = None,
+                force: bool = False) -> None:
+        """Sends a record for each partition whose claim changed (all output so far is flushed).
+        ``parked(limit)``: ``{partition: [(offset, expire_ms)]}`` of the actions still parked,
+        None past ``limit`` (:meth:`streams.join_state.JoinState.parked_sources`)."""
         now = time.monotonic()
         if not force and now - self._last_write < self.every_s:
             return
         self._last_write = now
+        listed = parked(PARKED_LIMIT) if parked is not None else None
         for tp, end in read_ends.items():
-            r, before = Resolved(end, watermark), self._written.get(tp)
-            if r != before and r.claims_at_least(before):
+            inherited, before = self.inherited.get(tp), self._written.get(tp)
+            if inherited is not None and end < inherited.read_end:
+                continue  # still re-reading what the last owner had read: its record stands
+            if listed is None:
+                r = Resolved(end, watermark)
+                if not r.claims_at_least(before):
+                    continue
+            else:  # what the last owner had resolved stays resolved while this one re-parks it
+                waiting = listed.get(tp[1], ()) if tp[0] == self.actions_topic else ()
+                kept = (o for o, expire in waiting
+                        if inherited is None or not inherited.covers(o, expire))
+                r = Resolved(end, watermark, frozenset(kept))
+            if r != before:
                 self.producer.send(self.topic, encode_resolved(self.group, tp, r),
                                    key=record_key(self.group, tp))
                 self._written[tp] = r
 
-    def hand_over(self, read_ends: dict[Partition, int], watermark: int) -> None:
+    def hand_over(self, read_ends: dict[Partition, int], watermark: int,
+                  parked: Callable[[int], dict | None] | None = None) -> None:
         """The exact record as partitions leave (revoked, or close), flushed; a failure only
         costs repeated late records."""
         try:
-            self.publish(read_ends, watermark, force=True)
+            self.publish(read_ends, watermark, parked, force=True)
             self.producer.flush()
         except Exception:
             log.exception("join positions not handed over")

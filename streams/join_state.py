@@ -127,6 +127,27 @@ class JoinState:
             n += 1
             yield key, key[9:]
 
+    def parked_sources(self, limit: int) -> dict[int, list[tuple[int, int]]] | None:
+        """``{partition: [(offset, expire_ms)]}`` of the actions parked until their impression
+        comes (what the join hand-off lists as unresolved); None past ``limit`` of them."""
+        okeys = []
+        for key in self.db.keys(from_key=b"o"):
+            if not key.startswith(b"o"):
+                break
+            if len(okeys) >= limit:
+                return None
+            okeys.append(key)
+        akeys = [k[9:] for k in okeys]
+        # An action whose impression came meanwhile waits beside its request (its o-key stays
+        # until it expires); one whose request closed is gone (value None): neither is parked.
+        claimed = self.pending_requests([request_id_of(k).encode() for k in akeys])
+        out: dict[int, list[tuple[int, int]]] = {}
+        for okey, akey, value, is_claimed in zip(okeys, akeys, self.get_many(akeys), claimed):
+            source = None if value is None or is_claimed else parse_action(akey, value).source
+            if source is not None:
+                out.setdefault(source[0], []).append((source[1], _BE64.unpack(okey[1:9])[0]))
+        return out
+
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         return self.db.get(keys) if keys else []
 

@@ -87,7 +87,8 @@ class OnlineJoiner:
         self.consumer = GroupConsumer(kafka, [self.topics.impressions, self.topics.actions],
                                       group_id=cfg.group_id, client_id="hw-joiner",
                                       track_fetch_answers=True, on_revoke=self._hand_over)
-        self.handoff = HandOff(kafka, self.topics.join_positions, cfg.group_id, self.producer)
+        self.handoff = HandOff(kafka, self.topics.join_positions, cfg.group_id, self.producer,
+                               self.topics.actions)
         self.handoff.ensure_topic()
         self.rebuilds = 0  # times the state was rebuilt from the input (start and rebalances)
         self.replayed_resolved = 0
@@ -155,7 +156,8 @@ class OnlineJoiner:
         self._ingest(records, stats)
         self._close_due(stats)
         assigned = self.consumer.assignment()
-        self.handoff.publish(self.positions.read_ends(assigned), self._resolved_ms)
+        self.handoff.publish(self.positions.read_ends(assigned), self._resolved_ms,
+                             self.state.parked_sources)
         self._clean = True
         restart = self.positions.restart_offsets(assigned)
         moved = {tp: o for tp, o in restart.items() if self._committed.get(tp) != o}
@@ -382,7 +384,8 @@ class OnlineJoiner:
         """Partitions leave (a rebalance, or close): the last record, exact if the output so far
         is flushed (between steps), else left to the throttled ones."""
         if self._clean:
-            self.handoff.hand_over(self.positions.read_ends(partitions), self._resolved_ms)
+            self.handoff.hand_over(self.positions.read_ends(partitions), self._resolved_ms,
+                                   self.state.parked_sources)
 
     def close(self) -> None:
         self._hand_over(self.consumer.assignment())

@@ -20,6 +20,7 @@ from headwater.cli import build_parser
 from serving.ann_feed import on_delta, sync_from_table
 from serving.ann_index import AnnConfig, AnnIndex
 from serving.ann_persist import load_index, save_index
+from serving.ann_vectors import ann_ids
 
 DIM = 16
 
@@ -191,7 +192,7 @@ def test_background_rebuild_swaps_in_while_queries_keep_answering(queries):
     assert not errors and answered[0] > 0
     s = index.stats()
     assert s.builds == 1 and not s.rebuilding and len(index) == 3150
-    graph_keys = np.sort(np.asarray(index._graph.keys).view(np.int64))  # noqa: SLF001 - the swapped graph
+    graph_keys = np.sort(ann_ids(index._graph.keys))  # noqa: SLF001 - the swapped graph
     np.testing.assert_array_equal(graph_keys, np.sort(index.ids()))  # holds exactly the store
     assert index.topk(new_vecs[0] * 50, 1)[0][0] == new_ids[0] and _recall(index, queries) >= 0.95
 
@@ -231,3 +232,29 @@ def test_the_bench_in_small_mode_prints_the_contract_fields(capsys):
                   "fraction_of_ceiling"):
         assert result[field] is not None, field
     assert result["items"] == 3000 and result["recall_at_100"] >= 0.9 and result["updates_per_s"] > 0
+
+
+@pytest.mark.parametrize("retrieval", ["hnsw", "ivf_sq8"])
+def test_item_id_minus_one_is_kept_through_save_and_load_and_found(tmp_path, retrieval):
+    # -1 as its own bits is usearch's free-slot key and faiss's "no result": it was lost on
+    # restore (the saved graph held 1499 of 1500 items and every load fell back to a rebuild).
+    ids, vecs = _items(1500)
+    assert -1 in ids
+    index = AnnIndex(AnnConfig(dim=DIM, retrieval=retrieval, ivf_min_items=1000))
+    index.upsert(ids, vecs)
+    assert index.topk(vecs[ids == -1][0], 5)[0][0] == -1
+    save_index(index, str(tmp_path / "ix"))
+    failures = _failures("format")
+    back = load_index(str(tmp_path / "ix"), index.cfg)
+    assert _failures("format") == failures and back.stats().builds == 1  # the saved graph restored
+    assert len(back) == 1500 and back.topk(vecs[ids == -1][0], 5)[0][0] == -1
+
+
+def test_the_one_id_whose_key_is_reserved_is_left_out_with_a_warning(caplog):
+    from serving.ann_vectors import RESERVED_ID, ann_keys
+
+    assert ann_keys(np.array([RESERVED_ID]))[0] == np.uint64(0xFFFFFFFFFFFFFFFF)
+    index = AnnIndex(AnnConfig(dim=DIM))
+    with caplog.at_level("WARNING", logger="serving.ann_vectors"):
+        index.upsert(np.array([RESERVED_ID, 5]), np.ones((2, DIM), np.float32))
+    assert len(index) == 1 and "reserved" in caplog.text

@@ -86,9 +86,41 @@ def test_the_new_owner_hands_over_what_it_resolved_in_turn(kafka_topics, tmp_pat
     handoff = HandOff(kafka_topics, topics.join_positions, group, BatchProducer(kafka_topics))
     got = handoff.load({(topics.impressions, 0), (topics.actions, 0)})
     # impressions: r1, r2, two watermarks; actions: four, a watermark, y, a watermark
-    assert got == {(topics.impressions, 0): Resolved(4, 10 * MIN),
-                   (topics.actions, 0): Resolved(7, 10 * MIN)}
+    assert got == {(topics.impressions, 0): Resolved(4, 10 * MIN, frozenset()),
+                   (topics.actions, 0): Resolved(7, 10 * MIN, frozenset())}
     handoff.producer.close()
+
+
+def test_the_click_of_a_request_that_closed_just_before_the_hand_off_is_not_late_again(
+        kafka_topics, tmp_path):
+    """r3 closed a moment before the old owner stopped, so its click's parking would expire
+    after the old owner's watermark: only the record's list of the actions still parked (z)
+    tells the new owner that the click was resolved (joined), not waiting for its impression."""
+    cfg = joiner_config(kafka_topics, tmp_path, window_s=60.0, allowed_lateness_s=200.0,
+                        group_id=f"handoff-{uuid.uuid4().hex[:8]}")
+    send(kafka_topics, [Impression("r3", 1, 30_000, [3]), Impression("r2", 1, 100_000, [5])],
+         [click("r2", 5, 100_500), click("r3", 3, 45_000), click("z", 8, 90_000)],
+         watermark=Watermark(100_000))
+    old = OnlineJoiner(cfg)
+    run_until(old, lambda: old.watermark >= 100_000 and old.state.count_pending() == 1
+              and _parked(old) == 1)
+    old.close()
+    assert late_counts(kafka_topics) == {}
+    topics = topic_names(kafka_topics.topic_prefix)
+    handoff = HandOff(kafka_topics, topics.join_positions, cfg.group_id, BatchProducer(kafka_topics))
+    record = handoff.load({(topics.actions, 0)})[(topics.actions, 0)]
+    handoff.producer.close()
+    assert record == Resolved(4, 100_000, frozenset({2}))  # r2's, r3's and z's clicks, a watermark
+    assert record.covers(1, 45_000 + 60_000) and not Resolved(4, 100_000).covers(1, 45_000 + 60_000)
+    send(kafka_topics, watermark=Watermark(10 * MIN))
+    new = OnlineJoiner(cfg)
+    run_until(new, lambda: new.watermark >= 10 * MIN and new.state.count_pending() == 0
+              and _parked(new) == 0)
+    new.close()
+    assert late_counts(kafka_topics) == {"z": 1}
+    assert new.replayed_resolved == 1
+    labels = examples(kafka_topics)
+    assert set(zip(labels.item_id.tolist(), labels.label.tolist())) == {(3, 1.0), (5, 1.0)}
 
 
 def test_without_a_record_the_new_owner_sends_them_late_again(kafka_topics, tmp_path, monkeypatch):
@@ -162,6 +194,9 @@ def test_a_record_covers_what_was_read_and_resolved_by_its_watermark():
     assert r.covers(9, 5000) and not r.covers(10, 100) and not r.covers(0, 5001)
     assert r.claims_at_least(None) and r.claims_at_least(Resolved(10, 4000))
     assert not Resolved(11, 4999).claims_at_least(r)  # claims more of one, less of the other
+    listed = Resolved(read_end=10, watermark=0, parked=frozenset({3}))  # the parked ones listed
+    assert listed.covers(9, 10**9) and not listed.covers(3, 0) and not listed.covers(10, 0)
+    assert not r.claims_at_least(listed)  # a record without the list never replaces one with it
 
 
 @pytest.mark.parametrize("value", [b"", b"[]", b'{"v": 2, "group": "g", "topic": "t", "partition": 0,'
@@ -169,13 +204,17 @@ def test_a_record_covers_what_was_read_and_resolved_by_its_watermark():
                                    b'{"v": 1, "group": "g", "topic": "t", "partition": 0,'
                                    b' "read_end": -1, "watermark": 1}',
                                    b'{"v": 1, "group": "g", "topic": "t", "partition": 0,'
-                                   b' "read_end": 1.5, "watermark": 1}'])
+                                   b' "read_end": 1.5, "watermark": 1}',
+                                   b'{"v": 1, "group": "g", "topic": "t", "partition": 0,'
+                                   b' "read_end": 1, "watermark": 1, "parked": [-1]}',
+                                   b'{"v": 1, "group": "g", "topic": "t", "partition": 0,'
+                                   b' "read_end": 1, "watermark": 1, "parked": 3}'])
 def test_a_malformed_record_does_not_decode(value):
     with pytest.raises(ValueError):
         decode_resolved(value)
 
 
 def test_a_record_round_trips():
-    r = Resolved(12, 34)
     tp = ("hw.actions", 3)
-    assert decode_resolved(encode_resolved("g", tp, r)) == ("g", tp, r)
+    for r in (Resolved(12, 34), Resolved(12, 34, frozenset()), Resolved(12, 34, frozenset({5, 7}))):
+        assert decode_resolved(encode_resolved("g", tp, r)) == ("g", tp, r)
