@@ -24,7 +24,8 @@ from embedding_store.id_index import IdIndex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UpsertPlan", "VectorStore", "check_items", "check_query", "topk_rows"]
+__all__ = ["RESERVED_ID", "UpsertPlan", "VectorStore", "ann_ids", "ann_keys", "check_items", "check_query",
+           "topk_rows"]
 
 
 @dataclass(frozen=True, slots=True)
