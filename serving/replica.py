@@ -10,8 +10,7 @@ from functools import partial
 import torch
 
 from paramsync import LoadedTower, ReplicaState, TowerLoader
-from training.model import tower_from_safetensors
-from training.model import resolve_device
+from training.model import resolve_device, tower_from_safetensors
 
 __all__ = ["ModelReplica", "load_dense_tower"]
 

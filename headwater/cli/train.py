@@ -45,7 +45,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc < 0:
         raise SystemExit("headwater train: --nproc must be >= 0")
-    _configs(args, ranked=args.nproc >= 1 or "WORLD_SIZE" in os.environ)  # bad flags fail here, once
+    # Bad flags fail here, before any rank starts; each rank process loads its own again.
+    kafka, cfg = _configs(args, ranked=args.nproc >= 1 or "WORLD_SIZE" in os.environ)
     if args.nproc >= 1 and "WORLD_SIZE" not in os.environ:
         # The launcher: N copies of this very command, each with torchrun's variables.
         from training.distributed.env import headwater_argv, spawn_ranks
@@ -53,29 +54,29 @@ def _train(args: argparse.Namespace) -> int:
         codes = spawn_ranks(args.nproc, headwater_argv(_strip_nproc(sys.argv[1:])))
         return max(codes, key=abs)
     if "WORLD_SIZE" in os.environ:  # a rank (ours or torchrun's), even a world of one
-        return _train_rank(args)
-    return _train_one(args)
+        return _train_rank(args, kafka, cfg)
+    return _train_one(args, kafka, cfg)
 
 
 def _configs(args: argparse.Namespace, ranked: bool = False) -> tuple:
     """(KafkaConfig, TrainerConfig) of the command line; a bad ``--device`` (or one the ranks
     cannot use: they keep their shards on the CPU) is a ``ConfigError``, a sentence at start."""
+    import torch
+
     from streams.kafka_io import KafkaConfig
     from training.config import TrainerConfig
-    from training.model import resolve_device
 
-    try:
+    try:  # TrainerConfig.validate() checks the device (training.model.resolve_device)
         kafka, cfg = load_configs((KafkaConfig, TrainerConfig), args, section="train")
-        device = resolve_device(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if ranked and device.type != "cpu":
+    if ranked and torch.device(cfg.device).type != "cpu":
         raise ConfigError(f"--device {cfg.device}: the multi-rank trainer (--nproc, torchrun) keeps "
                           "its table shards and tower on the CPU; use --device cpu or one process")
     return kafka, cfg
 
 
-def _train_rank(args: argparse.Namespace) -> int:
+def _train_rank(args: argparse.Namespace, kafka, cfg) -> int:
     """One rank of a multi-rank trainer; rank 0 shows progress and prints the summary."""
     import torch.distributed as dist
 
@@ -84,7 +85,6 @@ def _train_rank(args: argparse.Namespace) -> int:
     from training.distributed.trainer import DistributedTrainer
 
     env = DistEnv.from_env()
-    kafka, cfg = _configs(args, ranked=True)
     if cfg.torch_threads:
         import torch
 
@@ -107,11 +107,10 @@ def _train_rank(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
-def _train_one(args: argparse.Namespace) -> int:
+def _train_one(args: argparse.Namespace, kafka, cfg) -> int:
     from headwater.metrics import serve_metrics
     from training.trainer import OnlineTrainer
 
-    kafka, cfg = _configs(args)
     if cfg.torch_threads:
         import torch
 
