@@ -61,6 +61,10 @@ class GeneratorConfig:
     start_time_ms: int = field(default=1_700_000_000_000, metadata={
         "help": "event time of the first request (0 = the wall clock when the first is sent: live "
                 "event time, so end-to-end freshness does not count the generator's start-up)"})
+    history_s: float = field(default=0.0, metadata={
+        "help": "live only (start_time_ms 0): first send the last S seconds of event time at full "
+                "speed, then go on at the wall clock: the recent log a new deployment learns "
+                "before it serves (0 = start now)"})
     max_action_delay_ms: int = field(default=30_000, metadata={"help": "clicks follow within this delay"})
     requests: int = field(default=0, metadata={"help": "requests to produce (0 = until stopped)"})
     events_per_s: float = field(default=0.0, metadata={"help": "rate limit in events/s (0 = max speed)"})
@@ -79,6 +83,8 @@ class GeneratorConfig:
             raise ValueError("items_per_request cannot exceed items (items are distinct per request)")
         if self.requests < 0 or self.events_per_s < 0 or self.request_interval_ms <= 0:
             raise ValueError("requests and events_per_s must be >= 0, request_interval_ms > 0")
+        if self.history_s < 0 or (self.history_s > 0 and self.start_time_ms != 0):
+            raise ValueError("history_s must be >= 0, and is for a live stream (start_time_ms 0)")
 
 
 @dataclass
@@ -260,8 +266,9 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
     from streams import metrics
     from streams.replay import Pacer, send_final_watermark
 
+    now_ms, history_s = int(time.time() * 1000), cfg.history_s
     if cfg.start_time_ms == 0:  # live: the clock starts now, after imports and connecting
-        cfg = replace(cfg, start_time_ms=int(time.time() * 1000))
+        cfg = replace(cfg, start_time_ms=now_ms - int(history_s * 1000), history_s=0.0)
     # Paced, a block goes out in slices of ~100 ms of event time, not all at its first request's
     # time (the blocks themselves stay as drawn: the stream does not depend on the pacing).
     step = max(1, int(100 / cfg.request_interval_ms)) if cfg.events_per_s > 0 else block_requests
@@ -270,6 +277,8 @@ def produce_synthetic(cfg: GeneratorConfig, producer, topics, stop=None, on_prog
     last_t = 0
     pacer = Pacer(cfg.events_per_s / max(1, cfg.items_per_request) * cfg.request_interval_ms / 1000
                   if cfg.events_per_s > 0 else 0.0)
+    if history_s > 0:  # the history is due already: it goes out unpaced
+        pacer.anchor(now_ms)
     for block in world.blocks(cfg.requests, block_requests):
         if stop is not None and stop.is_set():
             break

@@ -2,8 +2,11 @@
 seconds instead of after the join window.
 
 An impression is held for ``early_hold_s`` of event time, then every shown item leaves as a
-negative (the hold ends when the newest impression time read, or the watermark, passes it: a
-negative may always leave early, the trainer's correction expects it). A positive action within
+negative (the hold ends when every input has been read past it, :attr:`~streams.join_watermark.JoinWatermark.read_through`:
+a negative may always leave early, the trainer's correction expects it, but never ahead of a
+lagging actions topic: on a backlog, negatives keyed to the newest impression read ran tens of
+seconds of event time ahead of their clicks, and the trainer, whose label wait counts from the
+newest row, took those impressions for final negatives). A positive action within
 the window emits a positive copy at once: at the hold if it came before, else in the step that
 reads it. So every positive appears once as a negative and once as a positive, the stream that
 fake-negative weighting corrects (:mod:`training.delayed_feedback`). The request stays pending
@@ -61,7 +64,14 @@ class EarlyEmitter:
 
     def step(self, clock_ms: int, due_windows: list[bytes]) -> EarlyStep:
         """The examples of the holds ended by ``clock_ms`` (and of requests whose window closes
-        now, should the per-step limit have left their hold open), then the arrivals' copies."""
+        now, should the per-step limit have left their hold open) and the arrivals' copies, in
+        impression time order, each request's copies right after its negatives.
+
+        The trainer takes an impression's label for final once its newest row is a label wait
+        (window + lateness) newer. A step on a backlog spans many seconds of event time; with
+        all its negatives first, a copy of its oldest impression came after negatives more
+        than a wait newer, and the trainer had already scored and trained that impression as
+        an unclicked one."""
         rids = self.state.due_holds(clock_ms, self.limit)
         held = set(rids)
         extra = [r for r in due_windows if r not in held]
@@ -83,8 +93,10 @@ class EarlyEmitter:
         if len(pos):  # two positive kinds on one item in one step: one copy
             _, first = np.unique(pos.example_id, return_index=True)
             pos = pos.take(np.sort(first))
-        return EarlyStep(ExampleBatch.concat([neg, pos]), unjoined + late, dropped,
-                         list(zip(rids, states)))
+        out = ExampleBatch.concat([neg, pos])
+        if len(out):  # impression time order, a request's copies after its negatives (see below)
+            out = out.take(np.lexsort((out.label, out.event_time_ms)))
+        return EarlyStep(out, unjoined + late, dropped, list(zip(rids, states)))
 
     def _requests(self, rids: list[bytes], states: list[bytes | None],
                   actions: list[list[PendingAction]]) -> list[ClosedRequest]:

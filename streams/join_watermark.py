@@ -18,7 +18,9 @@ input partition that may still deliver older events:
   process can go seconds without applying any answer while the partition fills up.
 
 An assigned partition read to its end and quiet for ``idle_s`` by that rule is idle and holds
-nothing. While
+nothing. :attr:`JoinWatermark.read_through` is the same minimum without the lateness: the event
+time up to which every input has been read (early emission ends an impression's hold there, so
+that its negatives never run ahead of the clicks still unread on a lagging actions topic). While
 the consumer owns no partition of an input topic, nothing is known about what that topic still
 holds, and the watermark does not move: at start-up, before the group is joined (seconds on
 Tansu; after a kill -9, until the dead member's session has expired), and during a rebalance. It
@@ -40,7 +42,9 @@ class JoinWatermark:
         self.idle_s = idle_s
         self.watermark = 0
         self.max_time = 0  # newest impression event time
+        self.read_through = 0  # every input read up to here (no lateness): see the module doc
         self._progress: dict[Partition, int] = {}
+        self._newest: dict[Partition, int] = {}  # newest event time read, per partition
         # Explicit Watermark messages, per input topic: a promise on one topic says nothing
         # about the other, so the smaller of the two counts.
         self._explicit = {t: 0 for t in inputs}
@@ -68,10 +72,12 @@ class JoinWatermark:
         """A producer's Watermark message: nothing older will come on this topic."""
         topic = partition[0]
         self._explicit[topic] = max(self._explicit.get(topic, 0), event_time_ms)
-        self._advance(partition, event_time_ms)
+        self._advance(partition, event_time_ms, lateness_ms=0)
 
-    def _advance(self, partition: Partition, t: int) -> None:
+    def _advance(self, partition: Partition, t: int, lateness_ms: int | None = None) -> None:
         self._progress[partition] = max(t, self._progress.get(partition, t))
+        newest = t + (self.lateness_ms if lateness_ms is None else lateness_ms)
+        self._newest[partition] = max(newest, self._newest.get(partition, newest))
 
     # ---- what may close
     def read_to_end(self, assigned: set[Partition], behind: set[Partition]) -> bool:
@@ -91,11 +97,14 @@ class JoinWatermark:
         if not self._owns_every_input(assigned):
             return self.watermark
         candidate = max(self.max_time - self.lateness_ms, min(self._explicit.values()))
+        through = max(self.max_time, min(self._explicit.values()))
         never = float("-inf")
         for tp in assigned:
             if tp in behind or answered.get(tp, never) - self._delivered.get(tp, never) < self.idle_s:
                 candidate = min(candidate, self._progress.get(tp, 0))
+                through = min(through, self._newest.get(tp, 0))
         self.watermark = max(self.watermark, candidate)
+        self.read_through = max(self.read_through, through, self.watermark)
         return self.watermark
 
     @staticmethod
@@ -107,3 +116,4 @@ class JoinWatermark:
     def advance_to(self, t: int) -> None:
         """Closes up to ``t`` whatever the inputs hold (the joiner's idle close)."""
         self.watermark = max(self.watermark, t)
+        self.read_through = max(self.read_through, t)

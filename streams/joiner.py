@@ -286,7 +286,7 @@ class OnlineJoiner:
             batch, unjoined, dropped = build_examples(closed, self.window_ms, self.positive,
                                                       self.cfg.negative_rate, self.cfg.dense_dim)
         else:  # the examples left at the hold; window close only ends the request
-            early = self.early.step(max(self.watermark, self.max_time), rids)
+            early = self.early.step(self.clock.read_through, rids)
             batch, unjoined, dropped, released = (early.batch, early.unjoined, early.dropped,
                                                   early.released)
         orphans = list(self.state.expired_orphans(self.watermark, self.cfg.max_close_per_step))

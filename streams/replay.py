@@ -101,6 +101,11 @@ class Pacer:
         self.speed = speed
         self._origin: tuple[float, int] | None = None
 
+    def anchor(self, event_time_ms: int) -> None:
+        """Pins event time ``event_time_ms`` to now (default: the first event's): earlier event
+        times are due already and go out unpaced."""
+        self._origin = (time.monotonic(), int(event_time_ms))
+
     def wait_for(self, event_time_ms: int, stop: threading.Event | None = None) -> None:
         if self.speed <= 0:
             return

@@ -40,7 +40,8 @@ class LoadClient:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # started (serving may never have opened)
+            self._thread.join(timeout=5)
 
     def p99_ms(self, all_calls: bool = False) -> float:
         """p99 latency of successful calls (the last 500, or all of them)."""

@@ -64,6 +64,7 @@ class DemoMonitor:
         # How far serving's parameters trail the trainer's, in event time (= wall time here):
         # newest example trained minus newest example whose update serving has applied.
         trained_wm = _value(trainer, "hw_train_watermark_ms", {})
+        row["trained_lag_s"] = (time.time() - trained_wm / 1000) if trained_wm > 0 else math.nan
         serve_lag_s = _value(serving, "hw_serve_freshness_lag_seconds", {})
         row["freshness_ms"] = (trained_wm - (time.time() * 1000 - serve_lag_s * 1000)
                                if trained_wm > 0 and serve_lag_s >= 0 and not self.replay else math.nan)

@@ -31,6 +31,10 @@ from streams.generator import GeneratorConfig
 
 _WORLD = GeneratorConfig()  # the demo's synthetic world defaults to the generator's
 _EVAL_WINDOW = 10_000  # examples per AUC window with the generator
+# With the generator's history, serving opens once the trainer is past its cold start and the
+# newest example it trained is at most this old: it has caught up with the live stream.
+_READY_LAG_S = 3.0
+_READY_TIMEOUT_S = 180.0  # open serving anyway after this long (a warning says why)
 # With --dataset the trainer commits its offsets (after each checkpoint) this often; the demo
 # ends at the first commit that covers the whole log, so this bounds the wait at the end.
 _DATASET_CHECKPOINT_S = 2.0
@@ -89,6 +93,12 @@ class DemoConfig:
                 "early for the live generator, window for a --dataset replay (a finite log has "
                 "no freshness to gain, and its last rows' labels are final only at its end)"})
     max_action_delay_s: float = field(default=5.0, metadata={"help": "clicks follow within this delay"})
+    history_s: float = field(default=30.0, metadata={
+        "help": "the generator first sends the last S seconds of its world's log at full speed, "
+                "then goes live; the trainer learns that history (a fresh model's cold start) and "
+                "serving opens once the trainer is warm and has caught up with the live stream, "
+                "as a deployment learns its recent logs before it serves. 0 = everything starts "
+                "at once (serving's first minutes then trail by the cold start)"})
     eval_window: int = field(default=0, metadata={
         "help": "examples per prequential AUC window (0 = 10000, or with --dataset a tenth of "
                 "the log, so the last window is its last tenth)"})
@@ -134,6 +144,8 @@ class DemoConfig:
             raise ConfigError(f"[demo] join_emit must be window or early, got {self.join_emit!r}")
         if self.eval_window < 0:
             raise ConfigError("[demo] eval_window must be >= 0")
+        if self.history_s < 0:
+            raise ConfigError("[demo] history_s must be >= 0")
 
 
 def _have(module: str) -> bool:
@@ -214,6 +226,7 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                           *world_args(cfg),
                           "--request-interval-ms", str(interval_ms),
                           "--start-time-ms", "0",  # live: the wall clock once it sends
+                          "--history-s", str(cfg.history_s),
                           "--max-action-delay-ms", str(int(cfg.max_action_delay_s * 1000))])
     if cfg.dashboard_port and _have("serving.dashboard"):
         sources = ",".join(f"{c.spec.name}=127.0.0.1:{c.metrics_port}" for c in out if c.metrics_port)
@@ -258,17 +271,30 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         load.retrieve_every = 4 if cfg.two_tower else 0
     monitor = DemoMonitor(components, load, replay=dataset is not None)
     sup = Supervisor([c.spec for c in components])
+    gated = _serving_gated(cfg, components, dataset)
     drain = _drain_watch(cfg, bootstrap, components) if dataset is not None else None
     drained = False
     deadline = time.monotonic() + cfg.duration_s if cfg.duration_s > 0 else math.inf
     dead_letters = None
+    started = time.monotonic()
+    opened_s = 0.0
     try:
-        sup.start_all()
-        if load is not None:
+        for spec in sup.specs:
+            if spec not in gated:
+                sup.start(spec)
+        if load is not None and not gated:
             load.start()
         while not stop.wait(1.0) and time.monotonic() < deadline:
             sup.poll()
             row = monitor.sample()
+            if gated and _ready(row, time.monotonic() - started):
+                opened_s = round(time.monotonic() - started, 1)
+                log.info("the trainer is warm and caught up after %.1f s: serving opens", opened_s)
+                for spec in gated:
+                    sup.start(spec)
+                gated = []
+                if load is not None:
+                    load.start()
             if on_sample:
                 on_sample(monitor, row)
             if cfg.events and row["events_trained"] >= cfg.events:
@@ -289,7 +315,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         sup.stop()
         if broker is not None:
             broker.stop()
-    summary = {**monitor.summary(), "join_emit": cfg.emit()}
+    summary = {**monitor.summary(), "join_emit": cfg.emit(), "serving_opened_s": opened_s}
     if dataset is not None:
         # A log replays faster than the monitor samples: the first window it saw is no first.
         summary.pop("auc_first_window", None)
@@ -297,6 +323,29 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
         summary.update(dataset_summary(dataset, last, dead_letters, drained, cfg.baselines,
                                        examples_trained(cfg.data_dir / "trainer"), load))
     return summary
+
+
+def _serving_gated(cfg: DemoConfig, components: list[Component], dataset: DatasetPlan | None
+                   ) -> list[ChildSpec]:
+    """The children that wait for a warm trainer (serving), or none: without the generator's
+    history, a trainer or serving, everything starts at once."""
+    names = {c.spec.name for c in components}
+    if dataset is not None or cfg.history_s <= 0 or not {"trainer", "serving"} <= names:
+        return []
+    return [c.spec for c in components if c.spec.name == "serving"]
+
+
+def _ready(row: dict, elapsed_s: float) -> bool:
+    """Whether serving may open: the trainer's cold start is over and it trains what happened
+    at most ``_READY_LAG_S`` ago (or the wait has gone on too long)."""
+    if row.get("cold_start") == 0.0 and row.get("trained_lag_s", math.inf) <= _READY_LAG_S:
+        return True
+    if elapsed_s >= _READY_TIMEOUT_S:
+        log.warning("the trainer is not warm and caught up after %.0f s (cold start %s, trained "
+                    "lag %.1f s): serving opens anyway", elapsed_s, row.get("cold_start"),
+                    row.get("trained_lag_s", math.nan))
+        return True
+    return False
 
 
 def _llm_args(cfg: DemoConfig, dataset: DatasetPlan | None) -> list[str]:

@@ -78,3 +78,37 @@ def test_joiner_in_early_mode_emits_negatives_at_the_hold_and_a_late_click_at_on
     assert sorted(zip(ex.item_id.tolist(), ex.label.tolist())) == [
         (10, 0.0), (11, 0.0), (11, 1.0), (12, 0.0)]
     assert len(np.unique(ex.example_id)) == 4 and (ex.emit == EMIT_EARLY).all()
+
+
+def test_a_backlog_is_emitted_so_no_click_comes_after_its_impression_looks_final(kafka_topics, tmp_path):
+    """A joiner reading a backlog (after a restart, or a deployment's recent log) gets a minute of
+    impressions at once while the actions topic trails. The trainer takes an impression's label
+    for final once its newest row is a label wait (window + lateness) newer, so no copy may come
+    after a row that much newer than its impression, and none before its negative. Negatives
+    keyed to the newest impression read, all of a step's before its copies, broke both."""
+    window_ms, lateness_ms = 10_000, 5_000
+    rng = np.random.default_rng(0)
+    imps, acts = [], []
+    for r in range(600):  # a minute of event time, a request every 100 ms
+        t = 1_000_000 + 100 * r
+        imps.append(Impression(f"r{r}", r % 50, t, [r % 97, 100 + r % 89]))
+        if r % 3 == 0:
+            acts.append([Action(f"r{r}", r % 50, 100 + r % 89, "click", 1.0, t + int(rng.integers(1, 5_000)))])
+    send(kafka_topics, imps)
+    joiner = OnlineJoiner(joiner_config(kafka_topics, tmp_path, emit="early", early_hold_s=1.0,
+                                        window_s=window_ms / 1000, allowed_lateness_s=lateness_ms / 1000,
+                                        idle_topic_s=30.0, idle_close_s=0.0, poll_max_records=100))
+    run_until(joiner, lambda: joiner.max_time >= imps[-1].event_time_ms, max_steps=200)
+    send(kafka_topics, actions=acts)  # the actions topic trails the impressions read
+    send(kafka_topics, watermark=Watermark(imps[-1].event_time_ms + 10 * MIN))
+    run_until(joiner, lambda: joiner.state.count_pending() == 0, max_steps=400)
+    assert joiner.state.count_pending() == 0
+    joiner.close()
+    ex = examples(kafka_topics)
+    copies = np.flatnonzero(ex.label > 0.5)
+    assert len(copies) == len(acts) and len(ex) == 2 * len(imps) + len(acts)
+    newest_before = np.maximum.accumulate(ex.event_time_ms)
+    for i in copies.tolist():
+        assert newest_before[i] - ex.event_time_ms[i] < window_ms + lateness_ms, i
+    negative_at = {int(e): i for i, e in enumerate(positive_copy_ids(ex.example_id).tolist())}
+    assert all(negative_at[int(ex.example_id[i])] < i for i in copies.tolist())

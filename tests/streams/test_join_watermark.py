@@ -47,3 +47,34 @@ def test_wall_time_alone_never_makes_a_partition_idle():
 def test_a_partition_behind_holds_whatever_its_answers_say():
     clock = _clock()
     assert clock.update({IMP, ACT}, {ACT}, {IMP: 30.0, ACT: 30.0}) == 50_000
+
+
+def test_read_through_is_the_least_read_input_without_the_lateness():
+    """Early emission ends a hold at ``read_through``: an actions partition still behind holds it
+    at its newest action (a backlog's negatives may not run ahead of their clicks); once that
+    partition is read and quiet, the newest impression sets it; it never moves back."""
+    clock = JoinWatermark(("hw.impressions", "hw.actions"), lateness_ms=5_000, idle_s=2.0)
+    clock.delivered(IMP, 10.0)
+    clock.impression(IMP, 60_000)
+    clock.delivered(ACT, 10.0)
+    clock.action(ACT, 21_000)
+    assigned = {IMP, ACT}
+    clock.update(assigned, {ACT}, {IMP: 10.5, ACT: 10.5})
+    assert clock.read_through == 21_000 and clock.watermark == 16_000
+    clock.action(ACT, 40_000)
+    clock.update(assigned, set(), {IMP: 11.0, ACT: 11.0})  # read to its end, not quiet yet
+    assert clock.read_through == 40_000
+    clock.update(assigned, set(), {IMP: 13.0, ACT: 13.0})  # quiet for idle_s: idle
+    assert clock.read_through == 60_000 and clock.watermark == 55_000
+    clock.update(assigned, {ACT}, {IMP: 14.0, ACT: 14.0})
+    assert clock.read_through == 60_000  # never back
+
+
+def test_read_through_follows_a_producer_promise_without_adding_lateness():
+    clock = JoinWatermark(("hw.impressions", "hw.actions"), lateness_ms=5_000, idle_s=2.0)
+    clock.delivered(IMP, 10.0)
+    clock.impression(IMP, 60_000)
+    clock.delivered(ACT, 10.0)
+    clock.promise(ACT, 30_000)
+    clock.update({IMP, ACT}, {ACT}, {IMP: 10.5, ACT: 10.5})
+    assert clock.read_through == 30_000

@@ -185,6 +185,21 @@ def test_block_examples_are_what_the_joiner_would_emit():
     assert imp.user_sparse["segment"] == [int(world.segment[block.user_id[0]])]
 
 
+class _Recorder:
+    """The generator's sink: each event as sent, with the wall time it was sent at."""
+
+    def __init__(self):
+        self.sent = []  # (wall ms when sent, event)
+
+    def send(self, topic, value, key=None):
+        import time
+
+        self.sent.append((time.time() * 1000, decode_event(value)))
+
+    def flush(self):
+        pass
+
+
 def test_a_live_generator_starts_its_event_clock_when_it_sends_and_keeps_to_it():
     """start_time_ms=0 with a rate: event time is the wall clock from the first send, and paced
     blocks are short, so events never run seconds ahead of (or behind) their event time."""
@@ -192,20 +207,10 @@ def test_a_live_generator_starts_its_event_clock_when_it_sends_and_keeps_to_it()
 
     from streams.generator import produce_synthetic
 
-    class Recorder:
-        def __init__(self):
-            self.sent = []  # (wall ms when sent, event)
-
-        def send(self, topic, value, key=None):
-            self.sent.append((time.time() * 1000, decode_event(value)))
-
-        def flush(self):
-            pass
-
     cfg = GeneratorConfig(users=50, items=100, items_per_request=5, requests=120, start_time_ms=0,
                           events_per_s=2000, request_interval_ms=2.5, final_watermark=False)
     time.sleep(0.2)  # what a slow start-up would cost: not counted in event time
-    rec = Recorder()
+    rec = _Recorder()
     t0 = int(time.time() * 1000)
     produce_synthetic(cfg, rec, topic_names("t"))
     imps = [(sent, e) for sent, e in rec.sent if isinstance(e, Impression)]
@@ -214,3 +219,27 @@ def test_a_live_generator_starts_its_event_clock_when_it_sends_and_keeps_to_it()
     # Each impression goes out within ~100 ms (one block) of its event time, either way.
     ahead = [e.event_time_ms - sent for sent, e in imps]
     assert max(ahead) <= 110 and min(ahead) >= -150
+
+
+def test_a_live_generator_with_history_sends_the_past_at_once_then_keeps_to_the_clock():
+    """history_s: the first requests carry the last S seconds of event time and go out unpaced
+    (a deployment's recent log), the rest follow the wall clock as without history."""
+    import time
+
+    from streams.generator import produce_synthetic
+
+    cfg = GeneratorConfig(users=50, items=100, items_per_request=5, requests=240, start_time_ms=0,
+                          events_per_s=2000, request_interval_ms=2.5, final_watermark=False,
+                          history_s=0.3)
+    rec = _Recorder()
+    t0 = int(time.time() * 1000)
+    produce_synthetic(cfg, rec, topic_names("t"))
+    imps = [(sent, e) for sent, e in rec.sent if isinstance(e, Impression)]
+    assert len(imps) == 240
+    assert t0 - 300 <= imps[0][1].event_time_ms <= t0 - 250
+    past = [(sent, e) for sent, e in imps if e.event_time_ms < t0 - 20]
+    assert len(past) >= 110 and past[-1][0] - past[0][0] < 150  # the history: at once
+    ahead = [e.event_time_ms - sent for sent, e in imps if e.event_time_ms > t0 + 100]
+    assert ahead and max(ahead) <= 110 and min(ahead) >= -150  # then live, as without history
+    with pytest.raises(ValueError, match="history_s"):
+        GeneratorConfig(start_time_ms=1_000, history_s=5.0).validate()
