@@ -79,7 +79,7 @@ class TrainerConfig(ModelFields):
     guard_max_row_norm: float = field(default=100.0, metadata={"help": "largest L2 norm of a published embedding row, counter columns left out (0 = no limit)"})
     guard_max_tower_norm: float = field(default=1000.0, metadata={"help": "largest L2 norm of any one dense tower tensor (0 = no limit)"})
     guard_auc_drop: float = field(default=0.1, metadata={"help": "hold updates back when the newest window's prequential AUC is this much below the last good window's (0 = off)"})
-    guard_logloss_rise: float = field(default=0.1, metadata={"help": "hold updates back when the newest window's log loss is this much above the last good window's (0 = off)"})
+    guard_logloss_rise: float = field(default=0.1, metadata={"help": "hold updates back when the newest window's log loss is this much above the last good window's, carried to the newest window's click rate (0 = off)"})
     guard_window: int = field(default=20_000, metadata={"help": "examples the quality check judges (the newest ones); fewer since the last failure: not judged"})
     guard_max_failures: int = field(default=3, metadata={
         "help": "consecutive failed checks before the trainer rolls back to its last good checkpoint "

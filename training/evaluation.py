@@ -55,6 +55,7 @@ class BinnedAUC:
         self.n = 0
         self.loss_sum = 0.0
         self.weight_sum = 0.0
+        self.label_sum = 0.0  # weighted positives: the base rate the log loss is measured at
 
     def _bin(self, logits: np.ndarray) -> np.ndarray:
         x = (np.asarray(logits, np.float64) - self.lo) * (self.bins / (self.hi - self.lo))
@@ -75,6 +76,7 @@ class BinnedAUC:
         loss = np.logaddexp(0.0, logits) - labels * logits
         self.loss_sum += float((w * loss).sum())
         self.weight_sum += float(w.sum())
+        self.label_sum += float((w * labels).sum())
         self.n += len(logits)
 
     def auc(self) -> float:
@@ -90,14 +92,17 @@ class BinnedAUC:
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to checkpoint (so the overall figures survive a restart)."""
         return {"pos": self.pos.copy(), "neg": self.neg.copy(),
-                "scalars": np.array([self.n, self.loss_sum, self.weight_sum], np.float64)}
+                "scalars": np.array([self.n, self.loss_sum, self.weight_sum, self.label_sum], np.float64)}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         if state["pos"].shape != (self.bins,) or state["neg"].shape != (self.bins,):
             raise ValueError("evaluator state has a different bin count")
         self.pos, self.neg = state["pos"].astype(np.float64), state["neg"].astype(np.float64)
-        n, self.loss_sum, self.weight_sum = (float(x) for x in state["scalars"])
+        n, self.loss_sum, self.weight_sum, *rest = (float(x) for x in state["scalars"])
         self.n = int(n)
+        # a checkpoint from before label_sum: the base rate from the (unweighted) counts
+        p, q = float(self.pos.sum()), float(self.neg.sum())
+        self.label_sum = rest[0] if rest else (self.weight_sum * p / (p + q) if p + q else 0.0)
 
 
 @dataclass

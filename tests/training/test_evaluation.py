@@ -74,3 +74,18 @@ def test_overall_figures_survive_a_state_round_trip():
     ev2 = PrequentialEvaluator(window_examples=1000)
     ev2.load_state(ev.state())
     assert ev2.summary()["overall"] == ev.summary()["overall"]
+
+
+def test_evaluator_state_keeps_the_weighted_click_rate_and_reads_older_checkpoints():
+    from training.evaluation import BinnedAUC
+
+    acc = BinnedAUC()
+    acc.update(np.array([0.0, 1.0, -1.0, 2.0]), np.array([1.0, 0.0, 0.0, 1.0]),
+               weights=np.array([1.0, 4.0, 4.0, 1.0]))
+    assert acc.label_sum == 2.0 and acc.weight_sum == 10.0
+    again = BinnedAUC()
+    again.load_state(acc.state())
+    assert again.label_sum == 2.0
+    older = {**acc.state(), "scalars": acc.state()["scalars"][:3]}  # before label_sum was kept
+    again.load_state(older)
+    assert again.label_sum == 5.0  # the unweighted share of positives (2 of 4) of the weight

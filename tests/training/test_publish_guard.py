@@ -105,6 +105,35 @@ def test_a_rising_logloss_fails_on_its_own():
     assert not v.ok and v.reason == "logloss"
 
 
+def _feed_calibrated(acc, n, seed, mean_logit):
+    """A calibrated model's window: labels drawn from its own probabilities."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(mean_logit, 1.0, n)
+    acc.update(logits, (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(np.float64))
+
+
+def test_a_click_rate_swing_is_not_a_log_loss_rise():
+    """The same calibrated model at 6% and then 22% clicks (a day's swing): its log loss rises
+    by 0.25, its normalized entropy does not. The check carries the reference to the window's
+    click rate, so the update goes out; a confidently wrong window at that rate still fails."""
+    guard, acc, _ = _guard(auc_drop=0.0, window=5000)
+    for seed in range(3):
+        _feed_calibrated(acc, 5000, seed, -3.2)
+        assert guard.check(None, {}, "sparse").ok
+    ref = guard.baseline
+    assert ref is not None and 0.04 < ref.positive_rate < 0.08
+    for seed in range(3, 5):
+        _feed_calibrated(acc, 5000, seed, -1.6)
+        v = guard.check(None, {}, "sparse")
+        assert v.ok, v.message
+    assert guard.baseline.positive_rate > 0.18 and guard.baseline.logloss - ref.logloss > 0.2
+    rng = np.random.default_rng(9)
+    logits = rng.normal(-1.6, 1.0, 5000)
+    acc.update(logits, (rng.random(5000) < 1 / (1 + np.exp(logits))).astype(np.float64))  # anti
+    v = guard.check(None, {}, "sparse")
+    assert not v.ok and v.reason == "logloss" and "at this click rate" in v.message
+
+
 def test_a_window_without_clicks_passes_but_never_becomes_the_reference():
     # An early-emitting joiner's first examples are all negatives (no click has arrived yet): the
     # model is confidently right on them and their log loss is ~0. As the reference, it would hold
