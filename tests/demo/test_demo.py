@@ -16,7 +16,7 @@ from streams.broker import free_port
 def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
     dashboard_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "headwater", "demo", "--duration", "45", "--json",
+        [sys.executable, "-m", "headwater", "demo", "--duration", "60", "--json",
          "--data-dir", str(tmp_path / "hw"), "--dashboard-port", str(dashboard_port),
          "--rerank-every", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,7 +48,7 @@ def test_demo_runs_end_to_end_and_stops_cleanly(tmp_path):
 
 def _poll_dashboard(port: int, proc: subprocess.Popen) -> dict | None:
     """The dashboard's series once it has data, polled while the demo runs."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90  # serving (a source) opens once the trainer is warm
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/series", timeout=2) as r:
