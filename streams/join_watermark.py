@@ -63,21 +63,20 @@ class JoinWatermark:
 
     def impression(self, partition: Partition, event_time_ms: int) -> None:
         self.max_time = max(self.max_time, event_time_ms)
-        self._advance(partition, event_time_ms - self.lateness_ms)
+        self._advance(partition, event_time_ms, event_time_ms - self.lateness_ms)
 
     def action(self, partition: Partition, event_time_ms: int) -> None:
-        self._advance(partition, event_time_ms - self.lateness_ms)
+        self._advance(partition, event_time_ms, event_time_ms - self.lateness_ms)
 
     def promise(self, partition: Partition, event_time_ms: int) -> None:
         """A producer's Watermark message: nothing older will come on this topic."""
         topic = partition[0]
         self._explicit[topic] = max(self._explicit.get(topic, 0), event_time_ms)
-        self._advance(partition, event_time_ms, lateness_ms=0)
+        self._advance(partition, event_time_ms, event_time_ms)
 
-    def _advance(self, partition: Partition, t: int, lateness_ms: int | None = None) -> None:
-        self._progress[partition] = max(t, self._progress.get(partition, t))
-        newest = t + (self.lateness_ms if lateness_ms is None else lateness_ms)
+    def _advance(self, partition: Partition, newest: int, progress: int) -> None:
         self._newest[partition] = max(newest, self._newest.get(partition, newest))
+        self._progress[partition] = max(progress, self._progress.get(partition, progress))
 
     # ---- what may close
     def read_to_end(self, assigned: set[Partition], behind: set[Partition]) -> bool:
