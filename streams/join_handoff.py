@@ -37,7 +37,6 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from streams.kafka_consumer import log_end
 from streams.kafka_io import KafkaConfig, admin_client
 from streams.kafka_producer import BatchProducer
 
@@ -138,22 +137,31 @@ class HandOff:
         return self.inherited
 
     def _read(self, timeout_s: float) -> dict[Partition, Resolved]:
+        """The topic from offset 0 up to the high watermark its fetches report: no ListOffsets
+        request (a rebuild runs between polls, and Tansu on S3 storage answers ListOffsets in
+        seconds on a long log; a fetch's high watermark is the true end,
+        :func:`streams.kafka_consumer.log_end`)."""
         consumer = KafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers, group_id=None,
-                                 enable_auto_commit=False, max_partition_fetch_bytes=1 << 20)
+                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 max_partition_fetch_bytes=1 << 20)
         try:
-            ends = log_end(consumer, self.topic, timeout_s)
-            tps = [TopicPartition(self.topic, p) for p, end in ends.items() if end > 0]
+            tps = [TopicPartition(self.topic, p)
+                   for p in sorted(consumer.partitions_for_topic(self.topic) or ())]
             if not tps:
                 return {}
             consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
+            for tp in tps:
+                consumer.seek(tp, 0)  # below a log start (deleted records): reset to it
             values: dict[bytes, bytes] = {}
             deadline = time.monotonic() + timeout_s
-            while any(consumer.position(tp) < ends[tp.partition] for tp in tps):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.topic} not read to its end in {timeout_s} s")
+            while True:
                 for msgs in consumer.poll(timeout_ms=200, max_records=10000).values():
                     values.update((m.key, m.value) for m in msgs if m.key is not None)
+                marks = [consumer.highwater(tp) for tp in tps]
+                if all(m is not None and consumer.position(tp) >= m for tp, m in zip(tps, marks)):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.topic} not read to its end in {timeout_s} s")
         finally:
             consumer.close()
         out: dict[Partition, Resolved] = {}

@@ -7,6 +7,7 @@ stage commits :func:`next_offsets` of what it processed (see :mod:`streams.kafka
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -18,6 +19,8 @@ from kafka.structs import OffsetAndMetadata
 
 from streams.fetch_answers import FetchAnswers
 from streams.kafka_io import KafkaConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class GroupConsumer:
         if fetch_max_wait_ms < 0:
             raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
         self.generation = 0  # counts assignments handed out by the group (each rebalance)
+        self.skipped = 0  # input records found gone from the log after a rewind
+        self._rewound: dict[tuple[str, int], int] = {}  # rewound, first record not read yet
         self._consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
             client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
@@ -92,6 +97,8 @@ class GroupConsumer:
         for tp, msgs in batches.items():
             out.extend(Record(tp.topic, tp.partition, m.offset, m.value, m.key, m.timestamp)
                        for m in msgs)
+        if self._rewound and out:
+            self._check_rewound(out)
         return out
 
     def commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
@@ -109,23 +116,41 @@ class GroupConsumer:
             raise CommitFailedError(str(exc)) from exc
 
     def rewind_to_committed(self) -> dict[tuple[str, int], int]:
-        """Seeks every assigned partition to its committed offset (the log start when none was
-        committed); returns them. Raises when the log no longer holds a committed offset."""
-        assigned = list(self._consumer.assignment())
-        start = self._consumer.beginning_offsets(assigned) if assigned else {}
+        """Seeks every assigned partition to its committed offset (the log start, ``-1`` in the
+        result, when none was committed); returns them.
+
+        No ListOffsets request: callers rewind between polls, where the group allows
+        ``max_poll_interval_ms``, and Tansu on S3 storage answers ListOffsets in seconds on a
+        long log (1.5-4 s at 6,000 batches a partition), which cost the joiners their group
+        membership at every rebuild, again and again. A log start is looked up inside
+        :meth:`poll` (kafka-python resets positions asynchronously there). A committed offset
+        that the log no longer holds (retention) shows as a gap before the first record read
+        after the rewind, logged as an error by :meth:`poll`.
+        """
         out = {}
-        for tp in assigned:
+        self._rewound = {}
+        for tp in self._consumer.assignment():
             committed = self._consumer.committed(tp)
             if committed is None:
-                committed = start[tp]
-            elif committed < start[tp]:
-                raise RuntimeError(
-                    f"cannot rebuild state for {tp.topic}[{tp.partition}]: its committed offset "
-                    f"{committed} is gone (the log starts at {start[tp]}; retention shorter than "
-                    f"the join window?)")
+                self._consumer.seek_to_beginning(tp)
+                out[(tp.topic, tp.partition)] = -1
+                continue
             self._consumer.seek(tp, committed)
+            self._rewound[(tp.topic, tp.partition)] = committed
             out[(tp.topic, tp.partition)] = committed
         return out
+
+    def _check_rewound(self, records: list[Record]) -> None:
+        """Errors for input skipped after a rewind: a rewound partition's first record read is
+        the committed offset's own, unless the log lost records (retention shorter than the
+        time the committed offset stood still)."""
+        for r in records:
+            expected = self._rewound.pop((r.topic, r.partition), None)
+            if expected is not None and r.offset > expected:
+                self.skipped += r.offset - expected
+                log.error("%s[%d]: records %d..%d, from the committed offset on, are gone from "
+                          "the log (retention shorter than the join window?): not read",
+                          r.topic, r.partition, expected, r.offset - 1)
 
     def fetch_answered(self) -> dict[tuple[str, int], float]:
         """Per partition, the monotonic send time of the newest fetch answer applied: what

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from headwater.cli.runtime import keep_freed_memory
+from headwater.cli.runtime import exit_on_sigterm, keep_freed_memory
 from headwater.config import ConfigError
 from headwater.logs import setup_logging
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # commands that start copies of themselves (serve --processes) re-use it
     setup_logging(args.log_level)
     keep_freed_memory()
+    exit_on_sigterm()
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:

@@ -25,6 +25,18 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread, so that ``finally`` blocks run:
+    a command that started processes (a bench's broker and pipeline) stops them instead of
+    leaving them behind, as the default disposition (die at once) did. Long-running commands
+    replace it with :func:`stop_on_signals`."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():  # main() called from a thread: skip
+        signal.signal(signal.SIGTERM, handler)
+
+
 def print_json(obj: Any) -> None:
     """Prints one JSON object on one line (benchmarks' and summaries' contract) and flushes."""
     sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=_default) + "\n")
