@@ -5,7 +5,7 @@ in memory by default, so a broker is a throw-away: everything it held is gone wh
 ``storage="s3://BUCKET/"`` makes it durable: Tansu keeps topics, offsets and groups in an S3
 bucket (the 0.6.0 binary has only the memory and S3 engines), configured the ``object_store``
 way from ``AWS_ENDPOINT``, ``AWS_ALLOW_HTTP``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``
-and ``AWS_DEFAULT_REGION``; :class:`LocalS3Server` runs a loopback S3 (moto) for tests and the
+and ``AWS_DEFAULT_REGION``; :class:`LocalS3Server` runs a loopback S3 (:mod:`streams.local_s3`) for tests and the
 fault benchmark, so a broker stopped and started again finds what it had acknowledged.
 Production points ``--bootstrap-servers`` at Apache Kafka instead and never starts this.
 """
@@ -237,9 +237,9 @@ def bench_kafka(bootstrap_servers: str = "", prefix: str = "bench") -> Iterator[
 
 
 class LocalS3Server:
-    """A loopback S3 (moto's server, a dev dependency) holding one bucket: durable broker storage
-    for tests and the fault benchmark. It is its own process, so the broker's data outlives the
-    broker; ``stop`` discards it."""
+    """A loopback S3 (:mod:`streams.local_s3`, objects in memory) holding one bucket: durable
+    broker storage for tests and the fault benchmark. It is its own process, so the broker's data
+    outlives the broker; ``stop`` discards it."""
 
     def __init__(self, bucket: str = "tansu", host: str = "127.0.0.1", port: int = 0) -> None:
         self.bucket, self.host, self.port = bucket, host, port
@@ -258,24 +258,22 @@ class LocalS3Server:
         import urllib.error
         import urllib.request
 
-        if importlib.util.find_spec("moto") is None:
-            raise BrokerError("moto[server] is not installed (pip install -e '.[dev]'); "
-                              "it provides the local S3 server for durable broker storage")
         self.port = self.port or free_port(self.host)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "streams.local_s3", "--host", self.host, "--port", str(self.port),
+             "--bucket", self.bucket],
+            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while True:
-            try:  # moto accepts an unsigned CreateBucket: PUT /<bucket>
-                req = urllib.request.Request(f"{self.endpoint}/{self.bucket}", method="PUT")
-                urllib.request.urlopen(req, timeout=2).close()
+            try:  # the bucket answers once the server listens
+                urllib.request.urlopen(f"{self.endpoint}/{self.bucket}?list-type=2&max-keys=1",
+                                       timeout=2).close()
                 return self
             except (urllib.error.URLError, OSError) as exc:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise BrokerError(f"local S3 server did not start: {exc}") from exc
-                time.sleep(0.2)
+                time.sleep(0.1)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
