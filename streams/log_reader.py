@@ -63,7 +63,7 @@ class EncodedLog:
 
 def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
                chunk_rows: int = 65536) -> EncodedLog:
-    """Reads and encodes the log at ``path`` (CSV, CSV.GZ or Parquet) with ``schema``.
+    """Reads and encodes the log at ``path`` (CSV, TSV, Parquet or JSON Lines) with ``schema``.
 
     A bad row (wrong number of cells, a label that is not 0/1, a time that does not parse, an
     empty user or item, a numeric cell that is not a number): with ``on_bad_row="error"`` the

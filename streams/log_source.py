@@ -2,12 +2,15 @@
 
 CSV (``.csv``, ``.csv.gz`` and whatever else pyarrow detects by extension) streams through
 ``pyarrow.csv.open_csv`` with every column read as a string, so an empty cell is explicit (null)
-and no column's type is guessed from its first block. Parquet streams through
-``ParquetFile.iter_batches``; its typed columns are turned into the same strings (timestamps as
-ISO-8601, lists joined with ``|``), so one code path handles both formats.
+and no column's type is guessed from its first block. Its delimiter is a tab for ``.tsv`` /
+``.tab``, else sniffed from the first lines among comma, tab and semicolon (European exports).
+Parquet streams through ``ParquetFile.iter_batches``; its typed columns are turned into the same
+strings (timestamps as ISO-8601, lists joined with ``|``), so one code path handles every
+format; JSON Lines likewise (:mod:`streams.log_jsonl`).
 
 Line numbers: a CSV row's number is its record number counting the header as 1 (the physical
-line unless a quoted cell holds a newline); a Parquet row's is its 1-based row index.
+line unless a quoted cell holds a newline); a Parquet row's is its 1-based row index; a JSON
+Lines row's is its line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from streams.log_formats import csv_block_size, csv_delimiter, is_json_lines, is_parquet
+from streams.log_jsonl import json_lines_chunks, json_lines_columns
 from streams.log_schema import LogSchema, entity_ids
 from streams.wire import SchemaError
 
@@ -52,10 +57,6 @@ class RawChunk:
     invalid: list[BadRow]  # rows of this stretch the CSV parser rejected (wrong number of cells)
 
 
-def is_parquet(path: str | Path) -> bool:
-    return str(path).lower().endswith((".parquet", ".pq"))
-
-
 def column_names(path: str | Path) -> list[str]:
     """The log's column names, from its header or Parquet schema, without reading the rows."""
     if is_parquet(path):
@@ -63,10 +64,15 @@ def column_names(path: str | Path) -> list[str]:
             return list(pq.ParquetFile(path).schema_arrow.names)
         except (OSError, pa.ArrowException) as exc:
             raise SchemaError(f"{path}: cannot read the Parquet schema: {exc}") from None
+    if is_json_lines(path):
+        try:
+            return json_lines_columns(path)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise SchemaError(f"{path}: {exc}") from None
     try:
         with pa.input_stream(str(path), compression="detect") as raw:
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            header = next(csv.reader(text), None)
+            header = next(csv.reader(text, delimiter=csv_delimiter(path)), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SchemaError(f"{path}: cannot read the header: {exc}") from None
     if not header:
@@ -93,7 +99,8 @@ def source_name(path: str | Path) -> str:
     """The file name without its log suffixes (``logs/may.csv.gz`` -> ``may``): request ids'
     prefix, so replaying the same file gives the same ids wherever it lies."""
     name = Path(path).name
-    for suffix in (".gz", ".bz2", ".zst", ".csv", ".tsv", ".parquet", ".pq"):
+    for suffix in (".gz", ".bz2", ".zst", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json",
+                   ".parquet", ".pq"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
     return name
@@ -103,8 +110,20 @@ def read_chunks(path: str | Path, chunk_rows: int = 65536) -> Iterator[RawChunk]
     """The log's rows in file order, about ``chunk_rows`` at a time (CSV splits by bytes)."""
     if is_parquet(path):
         yield from _parquet_chunks(path, chunk_rows)
+    elif is_json_lines(path):
+        yield from _json_lines_chunks(path, chunk_rows)
     else:
         yield from _csv_chunks(path, chunk_rows)
+
+
+def _json_lines_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
+    names = column_names(path)
+    try:
+        for table, lines, bad in json_lines_chunks(path, names, chunk_rows):
+            yield RawChunk(table, np.asarray(lines, np.int64),
+                           [BadRow(n, "(line)", why, text) for n, why, text in bad])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"{path}: {exc}") from None
 
 
 def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
@@ -125,8 +144,9 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
     try:
         reader = pa_csv.open_csv(
             str(path),
-            read_options=pa_csv.ReadOptions(use_threads=False, block_size=_block_size(path, chunk_rows)),
-            parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            read_options=pa_csv.ReadOptions(use_threads=False, block_size=csv_block_size(path, chunk_rows)),
+            parse_options=pa_csv.ParseOptions(delimiter=csv_delimiter(path), newlines_in_values=True,
+                                              invalid_row_handler=on_invalid),
             convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                   strings_can_be_null=True))
     except (OSError, pa.ArrowInvalid) as exc:
@@ -151,14 +171,6 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
         yield RawChunk(pa.Table.from_batches([batch]), lines, chunk_invalid)
     if invalid:  # rejected rows after the last good one
         yield RawChunk(pa.Table.from_batches([], reader.schema), np.zeros(0, np.int64), list(invalid))
-
-
-def _block_size(path: str | Path, chunk_rows: int) -> int:
-    """Bytes per CSV block so a block holds about ``chunk_rows`` rows (from the first 64 KiB)."""
-    with pa.input_stream(str(path), compression="detect") as raw:
-        sample = raw.read(1 << 16)
-    per_row = max(8, len(sample) // max(1, sample.count(b"\n")))
-    return int(min(max(per_row * chunk_rows, 1 << 16), 1 << 30))
 
 
 def _parquet_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
@@ -281,7 +293,13 @@ def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def parse_labels(arr: pa.Array, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 0/1 labels; mask of bad cells). Without a threshold a label must be 0 or 1."""
+    """(float32 0/1 labels; mask of bad cells). Without a threshold a label must be 0 or 1, or
+    a boolean as exports write them (``true``/``false``, ``t``/``f``: any case)."""
+    arr = _one_chunk(arr)
+    if threshold is None and len(arr):
+        word = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+        arr = pc.if_else(pc.is_in(word, pa.array(["true", "t"])), "1",
+                         pc.if_else(pc.is_in(word, pa.array(["false", "f"])), "0", arr))
     values, bad = parse_floats(arr)
     bad |= np.isnan(values) | np.isinf(values)
     if threshold is None:

@@ -1,6 +1,6 @@
 """Sources that push events to Kafka: log replay, the synthetic generator, JSON lines.
 
-A log (CSV, CSV.GZ or Parquet) has user, item, label and time columns (names configurable;
+A log (CSV, TSV, Parquet or JSON Lines) has user, item, label and time columns (names configurable;
 defaults ``user_id,item_id,label,ts``) plus any feature columns, described by a schema that is
 inferred and can be overridden by a TOML file (:mod:`streams.log_schema`). Time is epoch seconds,
 epoch ms (numbers below 1e11 are seconds) or ISO-8601. Rows of one user at one time form one
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReplayConfig:
-    """Configuration of ``headwater replay FILE`` (CSV, CSV.GZ or Parquet)."""
+    """Configuration of ``headwater replay FILE`` (CSV, TSV, Parquet or JSON Lines)."""
 
     bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"help": "Kafka bootstrap servers"})
     topic_prefix: str = field(default="hw", metadata={"help": "topic name prefix"})

@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _metrics_flag(p)
     p.set_defaults(handler=_generate)
 
-    p = sub.add_parser("replay", help="replay a log (CSV, CSV.GZ or Parquet: user_id,item_id,label,ts,"
-                                      "features...) in event-time order")
+    p = sub.add_parser("replay", help="replay a log (CSV, TSV, Parquet or JSON Lines: user_id,"
+                                      "item_id,label,ts,features...) in event-time order")
     p.add_argument("file", type=Path)
     p.add_argument("--inspect", action="store_true",
                    help="print the inferred schema (TOML for --schema) and the log's counts; send nothing")

@@ -54,7 +54,7 @@ class DemoConfig:
     broker_port: int = field(default=0, metadata={"help": "embedded broker port (0 = a free port)"})
     topic_prefix: str = field(default="hw", metadata={"help": "Kafka topic prefix"})
     dataset: Path | None = field(default=None, metadata={
-        "help": "replay this log (CSV, CSV.GZ or Parquet) to its end instead of running the "
+        "help": "replay this log (CSV, TSV, Parquet or JSON Lines) to its end instead of running the "
                 "generator, then print the summary and exit"})
     schema: Path | None = field(default=None, metadata={
         "help": "with --dataset: the log's schema (TOML; default: inferred from the log)"})

@@ -1,0 +1,119 @@
+"""JSON Lines logs (``.jsonl``, ``.ndjson``, ``.json``; compressed too): one object per line,
+read into the same string columns as a CSV (:mod:`streams.log_source`).
+
+Why not ``pyarrow.json``: it fixes each field's type from the first block and stops the whole
+read at the first line that disagrees (an ``item_id`` that is a number in one event and a string
+in the next, as event logs have), and it cannot set one malformed line aside. Here each line is
+decoded on its own: a line that is not a JSON object is a bad row (dead-lettered or raised like
+a CSV row), and every value becomes the string a CSV cell would hold: ``null`` an empty cell,
+``true``/``false`` ``1``/``0`` (Parquet booleans read the same), lists joined with ``|`` (a
+multi-valued cell), nested objects as compact JSON (one categorical value).
+
+Columns are the keys of the first ``sample_lines`` lines, in order of first appearance; a key
+seen only later is not a column (it is counted and logged once per read).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+__all__ = ["json_lines_columns", "json_lines_chunks"]
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every non-blank line."""
+    with pa.input_stream(str(path), compression="detect") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        for number, line in enumerate(text, 1):
+            if line.strip():
+                yield number, line
+
+
+def _object(line: str) -> dict[str, Any]:
+    """The line's object; ``ValueError`` with the reason when it is not one."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}, not an object (one object per line)")
+    return obj
+
+
+def json_lines_columns(path: str | Path, sample_lines: int = 10_000) -> list[str]:
+    """The keys of the first ``sample_lines`` objects, in order of first appearance.
+    ``ValueError`` for a file that is one JSON array or has no object in its sample."""
+    seen: dict[str, None] = {}
+    for i, (_, line) in enumerate(_lines(path)):
+        if i == 0 and line.lstrip().startswith("["):
+            raise ValueError("a JSON array, not JSON Lines: write one object per line")
+        if i >= sample_lines:
+            break
+        try:
+            seen.update(dict.fromkeys(_object(line)))
+        except ValueError:
+            continue  # a bad line is reported when the rows are read
+    if not seen:
+        raise ValueError("no JSON object in its first lines")
+    return list(seen)
+
+
+def _cell(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "|".join(c for c in map(_cell, v) if c is not None)
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def json_lines_chunks(path: str | Path, names: list[str], chunk_rows: int
+                      ) -> Iterator[tuple[pa.Table, list[int], list[tuple[int, str, str]]]]:
+    """Per about ``chunk_rows`` lines: (string columns ``names``, each row's line number, the
+    bad lines as (line, reason, text))."""
+    want = set(names)
+    unknown: dict[str, int] = {}
+    cols: dict[str, list[str | None]] = {n: [] for n in names}
+    numbers: list[int] = []
+    bad: list[tuple[int, str, str]] = []
+
+    def flush():
+        table = pa.table({n: pa.array(cols[n], pa.string()) for n in names})
+        out = (table, list(numbers), list(bad))
+        for c in cols.values():
+            c.clear()
+        numbers.clear()
+        bad.clear()
+        return out
+
+    for number, line in _lines(path):
+        try:
+            obj = _object(line)
+        except ValueError as exc:
+            bad.append((number, str(exc), line.rstrip("\r\n")))
+            continue
+        for key in obj.keys() - want:
+            unknown[key] = unknown.get(key, 0) + 1
+        for n in names:
+            cols[n].append(_cell(obj.get(n)))
+        numbers.append(number)
+        if len(numbers) >= chunk_rows:
+            yield flush()
+    if numbers or bad:
+        yield flush()
+    if unknown:
+        log.warning("%s: keys absent from the first lines are not columns, and were left out: %s",
+                    path, ", ".join(f"{k} ({n} rows)" for k, n in sorted(unknown.items())))

@@ -1,0 +1,125 @@
+"""Logs in the other shapes users bring them: tab- and semicolon-separated text, JSON Lines
+(typed values, lists, booleans, nulls, keys in any order, a malformed line), boolean labels.
+Each must encode exactly like the same log written as a comma-separated CSV."""
+
+import csv
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from streams.events import SchemaError
+from streams.log_formats import csv_delimiter, is_json_lines, is_parquet
+from streams.log_infer import infer_schema
+from streams.log_reader import encode_log
+from streams.log_source import source_name
+from tests.streams.log_fixtures import write_real_shaped_csv
+from tests.streams.test_log_reader import assert_same_log
+
+_NUMERIC = ("user_id", "item_id", "label", "ts", "year", "age")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _rewrite(rows, path, delimiter):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _as_json(row, i):
+    """The row as an event log writes it: numbers typed, genres a list, the label a boolean,
+    empty cells null or absent, keys in another order for every other row."""
+    obj = {}
+    for k, v in row.items():
+        if v == "":
+            if i % 2:
+                obj[k] = None
+            continue
+        if k == "genres":
+            obj[k] = v.split("|")
+        elif k == "label":
+            obj[k] = v == "1"
+        elif k in _NUMERIC:
+            obj[k] = int(v)
+        else:
+            obj[k] = v
+    return dict(reversed(obj.items())) if i % 2 else obj
+
+
+@pytest.fixture()
+def base(tmp_path):
+    path = write_real_shaped_csv(tmp_path / "log.csv")
+    schema, _ = infer_schema(path)
+    return path, schema, encode_log(path, schema)
+
+
+@pytest.mark.parametrize("name, delimiter", [("log.tsv", "\t"), ("log.tab", "\t"),
+                                             ("log.txt", "\t"), ("semi.csv", ";")])
+def test_tab_and_semicolon_separated_logs_encode_like_the_csv(tmp_path, base, name, delimiter):
+    path, schema, expected = base
+    other = _rewrite(_rows(path), tmp_path / name, delimiter)
+    assert csv_delimiter(other) == delimiter
+    assert infer_schema(other)[0] == schema
+    assert_same_log(expected, encode_log(other, schema, chunk_rows=40))
+
+
+def test_a_single_column_or_plain_csv_stays_comma_separated(tmp_path):
+    one = tmp_path / "one.csv"
+    one.write_text("user_id\n1\n2\n")
+    assert csv_delimiter(one) == ","
+    assert csv_delimiter(write_real_shaped_csv(tmp_path / "log.csv")) == ","
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "log.ndjson.gz", "log.json"])
+def test_json_lines_encode_like_the_csv(tmp_path, base, name):
+    path, schema, expected = base
+    out = tmp_path / name
+    text = "".join(json.dumps(_as_json(r, i)) + "\n" + ("\n" if i == 5 else "")
+                   for i, r in enumerate(_rows(path)))
+    if name.endswith(".gz"):
+        out.write_bytes(gzip.compress(text.encode()))
+    else:
+        out.write_text(text)
+    assert is_json_lines(out) and not is_parquet(out) and source_name(out) == "log"
+    assert infer_schema(out)[0] == schema
+    got = encode_log(out, schema, chunk_rows=33)
+    assert_same_log(expected, got)
+    lines = np.array(sorted(got.source_line))
+    assert lines[-1] == len(expected) + 1  # physical lines: the blank line after row 5 counts
+
+
+def test_a_malformed_json_line_is_a_bad_row_with_its_line(tmp_path):
+    f = tmp_path / "events.jsonl"
+    f.write_text('{"user_id": 1, "item_id": "a", "label": 0, "ts": 6}\n'
+                 '{"user_id": 1, "item_id": 5, "label": 1, "ts": 7\n'
+                 '[1, 2]\n'
+                 '{"user_id": 2, "item_id": 6, "label": true, "ts": 9, "later": "x"}\n')
+    with pytest.raises(SchemaError, match=r"events.jsonl, line 2, column '\(line\)': not JSON"):
+        encode_log(f, infer_schema(f)[0])
+    enc = encode_log(f, infer_schema(f)[0], on_bad_row="dead-letter")
+    assert [(b.line, b.reason.split(":")[0]) for b in enc.bad_rows] == [
+        (2, "not JSON"), (3, "a JSON list, not an object (one object per line)")]
+    assert enc.source_line.tolist() == [1, 4] and enc.label.tolist() == [0.0, 1.0]
+
+
+def test_a_json_array_file_is_refused_with_what_to_do(tmp_path):
+    f = tmp_path / "dump.json"
+    f.write_text('[{"user_id": 1, "item_id": 2, "label": 0, "ts": 6}]\n')
+    with pytest.raises(SchemaError, match="JSON array, not JSON Lines: write one object per line"):
+        infer_schema(f)
+
+
+def test_boolean_labels_as_exports_write_them(tmp_path):
+    f = tmp_path / "b.csv"
+    f.write_text("user_id,item_id,label,ts\n1,4,true,6\n1,5,FALSE,7.5\n2,6, t ,9\n2,7,f,10\n3,8,yes,11\n")
+    enc = encode_log(f, infer_schema(f)[0], on_bad_row="dead-letter")
+    assert enc.label.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert enc.ts_ms.tolist() == [6000, 7500, 9000, 10000]
+    assert [(b.line, b.column) for b in enc.bad_rows] == [(6, "label")]
