@@ -15,7 +15,6 @@ refused with its reason (``rejected``), never loaded half-way.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -119,42 +118,14 @@ class ItemTexts:
         return rejected
 
 
-def _jsonl_tables(path: Path, chunk_rows: int = 65536) -> Iterator[tuple[pa.Table, int]]:
-    """JSON lines as tables of string columns (first row number of each), with a bad line kept
-    as an all-null row so it is refused by row number instead of failing the file."""
-    rows: list[dict] = []
-    first = 1
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
-            rows.append(obj if isinstance(obj, dict) else {})
-            if len(rows) >= chunk_rows:
-                yield _string_table(rows), first
-                first, rows = n + 1, []
-    if rows:
-        yield _string_table(rows), first
-
-
-def _string_table(rows: list[dict]) -> pa.Table:
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    cols = {k: pa.array([None if r.get(k) is None else str(r[k]) for r in rows], pa.string()) for k in names}
-    return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(rows), pa.string())})
-
-
-def _tables(path: Path) -> Iterator[tuple[pa.Table, list[int]]]:
-    if path.name.lower().endswith((".jsonl", ".ndjson", ".json")):
-        for table, first in _jsonl_tables(path):
-            yield table, list(range(first, first + table.num_rows))
-        return
+def _tables(path: Path) -> Iterator[tuple[pa.Table, list[int], list[RejectedRow]]]:
+    """The catalog file as string columns, as a log is read (CSV, TSV, Parquet, JSON Lines:
+    :func:`streams.log_source.read_chunks`): per chunk its rows' line numbers and the lines that
+    are no row at all (a malformed JSON line, a CSV row with too many cells)."""
     from streams.log_source import read_chunks
 
     for chunk in read_chunks(path):
-        yield chunk.table, chunk.line.tolist()
+        yield chunk.table, chunk.line.tolist(), [RejectedRow(b.line, b.reason) for b in chunk.invalid]
 
 
 def read_catalog(path: str | Path, id_col: str, text_cols: Sequence[str]
@@ -165,7 +136,7 @@ def read_catalog(path: str | Path, id_col: str, text_cols: Sequence[str]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"item catalog {path} does not exist")
-    for table, lines in _tables(path):
+    for table, lines, unreadable in _tables(path):
         if id_col not in table.column_names:
             raise ValueError(f"{path}: no id column {id_col!r} (columns: {table.column_names})")
         present = [c for c in text_cols if c in table.column_names]
@@ -173,7 +144,7 @@ def read_catalog(path: str | Path, id_col: str, text_cols: Sequence[str]
             raise ValueError(f"{path}: none of the text columns {list(text_cols)} (columns: {table.column_names})")
         raw_ids = table.column(id_col).cast(pa.string()).to_pylist()
         cols = [table.column(c).cast(pa.string()).to_pylist() for c in present]
-        ids, texts, bad, keep = [], [], [], []
+        ids, texts, bad, keep = [], [], list(unreadable), []
         for k, raw in enumerate(raw_ids):
             text = SEPARATOR.join(v.strip() for v in (col[k] for col in cols) if v and v.strip())
             if raw is None or not raw.strip():
