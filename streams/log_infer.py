@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 
 from streams.log_schema import (ColumnSpec, ColumnStats, LogSchema, LogStats, INT_CELL,
                                 feature_ids)
-from streams.log_source import (RowChecks, check_columns, column_names, parse_core, parse_floats,
-                                read_chunks)
+from streams.log_items import log_columns, read_log_chunks
+from streams.log_source import RowChecks, parse_core, parse_floats
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ CODE_DISTINCT = 20  # integer columns with at most this many distinct values are
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
-_NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold")
+_NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
+              "items_file", "items_key")
 
 
 class _Constancy:
@@ -78,7 +79,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[
     if unknown:
         raise TypeError(f"unknown schema names {sorted(unknown)}")
     base = replace(overrides or LogSchema(), **given) if given else (overrides or LogSchema())
-    check_columns(path, base)
+    log_columns(path, base)  # checks the reserved and described columns are there
     return base
 
 
@@ -87,7 +88,7 @@ def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: An
     column of the log (no pass over the data), else inferred with ``overrides`` winning."""
     base = _names_schema(path, overrides, names)
     described = {c.name for c in base.columns} | set(base.reserved())
-    if all(c in described for c in column_names(path)):
+    if all(c in described for c in log_columns(path, base)):
         return base
     return _infer(path, overrides, 1 << 18, 100_000, names)[0]
 
@@ -123,7 +124,7 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
 def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, distinct_cap: int,
            names: Mapping[str, Any]) -> tuple[LogSchema, LogStats]:
     base = _names_schema(path, overrides, names)
-    header = column_names(path)
+    header = log_columns(path, base)
     reserved = set(base.reserved())
     features = [c for c in header if c not in reserved]
     stats = LogStats(columns={c: ColumnStats(c) for c in header})
@@ -131,7 +132,7 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
     by_item, by_user = _Constancy(features), _Constancy(features)
     positives = good = 0
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-    for chunk in read_chunks(path, chunk_rows):
+    for chunk in read_log_chunks(path, base, chunk_rows):
         stats.rows += chunk.table.num_rows + len(chunk.invalid)
         checks = RowChecks(chunk)
         core = parse_core(chunk, base, checks)

@@ -5,7 +5,8 @@ Why not ``pyarrow.json``: it fixes each field's type from the first block and st
 read at the first line that disagrees (an ``item_id`` that is a number in one event and a string
 in the next, as event logs have), and it cannot set one malformed line aside. Here each line is
 decoded on its own: a line that is not a JSON object is a bad row (dead-lettered or raised like
-a CSV row), and every value becomes the string a CSV cell would hold: ``null`` an empty cell,
+a CSV row), and every value becomes the string a CSV cell would hold: ``null`` and ``""`` an
+empty cell,
 ``true``/``false`` ``1``/``0`` (Parquet booleans read the same), lists joined with ``|`` (a
 multi-valued cell), nested objects as compact JSON (one categorical value).
 
@@ -72,7 +73,7 @@ def _cell(v: Any) -> str | None:
     if isinstance(v, bool):
         return "1" if v else "0"
     if isinstance(v, str):
-        return v
+        return v or None  # an empty string is an empty cell, as in a CSV
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, list):

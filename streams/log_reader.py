@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError, request_hash
 from streams.ids import row_example_ids
 from streams.log_schema import ColumnSpec, LogSchema, feature_ids
-from streams.log_source import (BadRow, RawChunk, RowChecks, check_columns, parse_core,
-                                parse_floats, read_chunks, source_name)
+from streams.log_items import log_columns, read_log_chunks
+from streams.log_source import BadRow, RawChunk, RowChecks, parse_core, parse_floats, source_name
 from streams.log_text import ItemTexts
 
 __all__ = ["EncodedLog", "BadRow", "encode_log", "log_requests", "log_examples", "request_ids",
@@ -72,14 +72,14 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    check_columns(path, schema)
+    log_columns(path, schema)  # checks the reserved and described columns are there
     features = [c for c in schema.columns if c.kind not in ("ignore", "text")]
     texts = ItemTexts(schema.text_columns())
     parts: dict[str, list] = {k: [] for k in ("user", "item", "label", "ts", "truth", "line")}
     bags: dict[str, list[Ragged]] = {c.name: [] for c in features if c.kind != "numeric"}
     raw: dict[str, list[np.ndarray]] = {c.name: [] for c in features if c.kind == "numeric"}
     bad_rows: list[BadRow] = []
-    for chunk in read_chunks(path, chunk_rows):
+    for chunk in read_log_chunks(path, schema, chunk_rows):
         checks = RowChecks(chunk)
         core = parse_core(chunk, schema, checks)
         encoded = {c.name: _encode_column(c, chunk, checks) for c in features}
@@ -139,7 +139,7 @@ def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18
     order). One chunked pass that keeps only the distinct ids, not the rows."""
     firsts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"user": [], "item": []}
     done = 0
-    for chunk in read_chunks(path, chunk_rows):
+    for chunk in read_log_chunks(path, schema, chunk_rows):
         checks = RowChecks(chunk)
         core = parse_core(chunk, schema, checks)
         ok = np.flatnonzero(~checks.bad)

@@ -61,7 +61,8 @@ class ColumnSpec:
             raise SchemaError(f"column {self.name!r}: a text column describes the item (side = \"item\")")
 
 
-_TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold")
+_TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
+             "items_file", "items_key")
 _COLUMN_KEYS = ("kind", "side", "pooling", "separator")
 
 
@@ -75,6 +76,8 @@ class LogSchema:
     time_col: str = "ts"
     truth_col: str = "truth_p"  # optional known click probability; never a feature
     positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
+    items_file: str = ""  # an item attributes table joined onto every row (streams.log_items)
+    items_key: str = ""  # its item id column ("": the log's item_col)
     columns: tuple[ColumnSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -133,6 +136,8 @@ class LogSchema:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SchemaError(f"{path}: {exc}") from None
+        if isinstance(data.get("items_file"), str) and data["items_file"]:  # relative to the file
+            data["items_file"] = str((Path(path).parent / data["items_file"]).resolve())
         return cls.from_mapping(data, str(path))
 
     @classmethod
@@ -178,7 +183,10 @@ class LogSchema:
         out = [_comment(notes[""])] if notes.get("") else []
         for k in _TOP_KEYS:
             v = getattr(self, k)
-            if v is None:
+            if k in ("items_file", "items_key"):
+                if v:  # written absolute: the demo's processes read the schema from elsewhere
+                    out.append(f"{k} = {_toml_value(str(Path(v).resolve()) if k == 'items_file' else v)}")
+            elif v is None:
                 out.append(f"# {k} = 4.0    # label = value >= threshold (default: label is 0/1)")
             else:
                 out.append(f"{k} = {_toml_value(v)}")

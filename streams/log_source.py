@@ -82,9 +82,10 @@ def column_names(path: str | Path) -> list[str]:
     return header
 
 
-def check_columns(path: str | Path, schema: LogSchema) -> list[str]:
-    """The log's header, after checking it has the reserved columns and the schema's columns."""
-    header = column_names(path)
+def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:
+    """The log's header (or ``header``: the columns it is read with, an item table's joined),
+    after checking it has the reserved columns and the schema's columns."""
+    header = column_names(path) if header is None else header
     missing = [c for c in (schema.user_col, schema.item_col, schema.label_col, schema.time_col)
                if c not in header]
     if missing:

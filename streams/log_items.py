@@ -1,0 +1,114 @@
+"""An item attributes table beside the log: joined onto every row by item id as it is read.
+
+Logs often come as interactions plus an item table (MovieLens' ``ratings.csv`` and
+``movies.csv``, a shop's events and its catalog export). ``items_file`` in the schema (or
+``headwater replay --items FILE``) names the table, in any format a log may have (CSV, TSV,
+Parquet, JSON Lines); ``items_key`` its id column (default: the log's item column). Each of its
+other columns becomes a column of the log, so inference, encoding and replay see a joined log:
+an item's attributes are constant per item (inferred ``side = "item"``), an item the table does
+not list reads empty cells. Ids match as strings with surrounding spaces trimmed (``31`` is not
+``31.0``). The table is read whole (item tables are small beside their logs) and once per
+process; a duplicate id, an empty id, a bad row or a column name the log already has is an
+error naming the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streams.log_schema import LogSchema
+from streams.log_source import RawChunk, check_columns, column_names, read_chunks
+from streams.wire import SchemaError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ItemTable", "item_table", "log_columns", "read_log_chunks"]
+
+
+class ItemTable:
+    """The item file's columns as strings, and where each item id's row is."""
+
+    def __init__(self, path: str | Path, key: str) -> None:
+        self.path, self.key = str(path), key
+        tables, lines = [], []
+        for chunk in read_chunks(path):
+            if chunk.invalid:
+                b = chunk.invalid[0]
+                raise SchemaError(f"item table {b.message(path)}")
+            tables.append(chunk.table)
+            lines.extend(chunk.line.tolist())
+        names = column_names(path)
+        if key not in names:
+            raise SchemaError(f"item table {path}: no id column {key!r} (columns: {names})")
+        table = pa.concat_tables(tables) if tables else pa.table({n: pa.array([], pa.string()) for n in names})
+        ids = pc.utf8_trim_whitespace(table.column(key).combine_chunks())
+        empty = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
+        if empty.any():
+            raise SchemaError(f"item table {path}, line {lines[int(empty.argmax())]}: empty {key!r}")
+        counts = pc.value_counts(ids)
+        dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        if len(dup):
+            first = dup[0].as_py()
+            where = [lines[i] for i in pc.indices_nonzero(pc.equal(ids, first)).to_pylist()[:2]]
+            raise SchemaError(f"item table {path}: item {first!r} is listed twice (lines {where[0]} "
+                              f"and {where[1]}); {len(dup)} ids repeat")
+        self.ids = ids
+        self.columns = [n for n in names if n != key]
+        self.table = table.select(self.columns).combine_chunks()
+        log.info("item table %s: %d items, columns %s", path, len(ids), self.columns)
+
+    def join(self, table: pa.Table, item_col: str) -> pa.Table:
+        """``table`` with the item columns appended, matched on ``item_col``."""
+        at = pc.index_in(pc.utf8_trim_whitespace(table.column(item_col).combine_chunks()),
+                         value_set=self.ids)
+        out = table
+        for name in self.columns:
+            out = out.append_column(name, self.table.column(name).take(at))
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, key: str, mtime_ns: int) -> ItemTable:
+    return ItemTable(path, key)
+
+
+def item_table(schema: LogSchema) -> ItemTable | None:
+    """The schema's item table (read once per process and file version), or None."""
+    if not schema.items_file:
+        return None
+    path = Path(schema.items_file)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise SchemaError(f"item table {path}: {exc.strerror or exc}") from None
+    return _load(str(path), schema.items_key or schema.item_col, mtime)
+
+
+def log_columns(path: str | Path, schema: LogSchema) -> list[str]:
+    """The log's columns as read with ``schema``: its header, then the item table's columns,
+    after checking the reserved and described columns are among them."""
+    header = column_names(path)
+    items = item_table(schema)
+    if items is not None:
+        clash = sorted(set(items.columns) & set(header))
+        if clash:
+            raise SchemaError(f"item table {items.path}: columns {clash} are in the log {path} too "
+                              "(rename them in one file, or drop them from the item table)")
+        header = header + items.columns
+    check_columns(path, schema, header)
+    return header
+
+
+def read_log_chunks(path: str | Path, schema: LogSchema, chunk_rows: int = 65536) -> Iterator[RawChunk]:
+    """:func:`streams.log_source.read_chunks` with the schema's item table joined on."""
+    items = item_table(schema)
+    for chunk in read_chunks(path, chunk_rows):
+        if items is not None:
+            chunk = RawChunk(items.join(chunk.table, schema.item_col), chunk.line, chunk.invalid)
+        yield chunk

@@ -1,0 +1,87 @@
+"""An item attributes table beside the log (``items_file``): joined on the item id as the log is
+read, it must encode exactly like the same log with the item columns already in it."""
+
+import csv
+import json
+
+import pytest
+
+from streams.events import SchemaError
+from streams.log_infer import infer_schema
+from streams.log_reader import encode_log
+from streams.log_schema import LogSchema
+from streams.replay import ReplayConfig, log_schema
+from tests.streams.log_fixtures import write_real_shaped_csv
+from tests.streams.test_log_reader import assert_same_log
+
+ITEM_COLS = ("genres", "year")
+
+
+def _split(full, tmp_path, items_name="items.tsv", key="item_id"):
+    """The log without its item columns, and an item table (one row per item, shuffled)."""
+    rows = list(csv.DictReader(open(full, newline="")))
+    log = tmp_path / "events.csv"
+    with open(log, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[c for c in rows[0] if c not in ITEM_COLS])
+        w.writeheader()
+        w.writerows({k: v for k, v in r.items() if k not in ITEM_COLS} for r in rows)
+    items = {r["item_id"]: {key: f" {r['item_id']} ", **{c: r[c] for c in ITEM_COLS}} for r in rows}
+    table = tmp_path / items_name
+    ordered = [items[k] for k in sorted(items, reverse=True)]
+    if items_name.endswith(".jsonl"):
+        table.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    else:
+        with open(table, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[key, *ITEM_COLS], delimiter="\t")
+            w.writeheader()
+            w.writerows(ordered)
+    return log, table
+
+
+@pytest.mark.parametrize("items_name, key", [("items.tsv", "item_id"), ("items.jsonl", "sku")])
+def test_a_log_and_its_item_table_encode_like_the_joined_log(tmp_path, items_name, key):
+    full = write_real_shaped_csv(tmp_path / "full.csv")
+    schema, _ = infer_schema(full)
+    log, table = _split(full, tmp_path, items_name, key)
+    names = {"items_file": str(table), **({"items_key": key} if key != "item_id" else {})}
+    joined, _ = infer_schema(log, **names)
+    assert {c.name: c for c in joined.columns} == {c.name: c for c in schema.columns}
+    assert_same_log(encode_log(full, schema), encode_log(log, joined, chunk_rows=45))
+    # The schema file keeps the table (absolute), and a reader of that file joins it again.
+    saved = tmp_path / "elsewhere" / "schema.toml"
+    saved.parent.mkdir()
+    saved.write_text(joined.to_toml())
+    again = LogSchema.from_toml(saved)
+    assert again == joined and again.items_file == str(table.resolve())
+    cfg = ReplayConfig(schema=str(saved))
+    assert log_schema(log, cfg) == joined
+
+
+def test_an_item_missing_from_the_table_reads_empty_cells(tmp_path):
+    log = tmp_path / "e.csv"
+    log.write_text("user_id,item_id,label,ts\n1,10,1,5\n1,11,0,6\n2,12,0,7\n")
+    table = tmp_path / "items.csv"
+    table.write_text("item_id,brand,price\n10,acme,2.5\n12,bolt,\n")
+    schema, _ = infer_schema(log, LogSchema(items_file=str(table)))
+    enc = encode_log(log, schema)
+    brand = dict(zip(enc.item_id.tolist(), enc.sparse["brand"].values.tolist()))
+    assert brand[10] != brand[12] and brand[11] not in (brand[10], brand[12])  # the missing id
+
+
+@pytest.mark.parametrize("text, error", [
+    ("item_id,brand\n10,a\n10,b\n", "item '10' is listed twice (lines 2 and 3)"),
+    ("item_id,brand\n10,a\n ,b\n", "line 3: empty 'item_id'"),
+    ("sku,brand\n10,a\n", "no id column 'item_id'"),
+    ("item_id,label\n10,1\n", "columns ['label'] are in the log"),
+    ("item_id,brand\n10,a,extra\n", "line 2"),
+])
+def test_a_bad_item_table_is_an_error_naming_it(tmp_path, text, error):
+    log = tmp_path / "e.csv"
+    log.write_text("user_id,item_id,label,ts\n1,10,1,5\n")
+    table = tmp_path / "items.csv"
+    table.write_text(text)
+    with pytest.raises(SchemaError, match="item table") as err:
+        infer_schema(log, LogSchema(items_file=str(table)))
+    assert error in str(err.value)
+    with pytest.raises(SchemaError, match="No such file"):
+        infer_schema(log, LogSchema(items_file=str(tmp_path / "none.csv")))
