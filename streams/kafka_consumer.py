@@ -38,6 +38,12 @@ class Record:
 class GroupConsumer:
     """A consumer-group member that never auto-commits: callers commit what they made durable."""
 
+    skipped = 0  # input records found gone from the log after a rewind
+    # Per rewound partition the offset its first record must have; rewind_to_committed sets a
+    # fresh dict on the instance (this empty one, for subclasses built without __init__, is
+    # never written to).
+    _rewound: dict[tuple[str, int], int] = {}
+
     def __init__(self, cfg: KafkaConfig, topics: Iterable[str], group_id: str,
                  client_id: str = "hw-consumer", fetch_max_wait_ms: int = 500,
                  track_fetch_answers: bool = False,
@@ -53,8 +59,6 @@ class GroupConsumer:
         if fetch_max_wait_ms < 0:
             raise ValueError(f"fetch_max_wait_ms must be >= 0, got {fetch_max_wait_ms}")
         self.generation = 0  # counts assignments handed out by the group (each rebalance)
-        self.skipped = 0  # input records found gone from the log after a rewind
-        self._rewound: dict[tuple[str, int], int] = {}  # rewound, first record not read yet
         self._consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, group_id=group_id,
             client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",

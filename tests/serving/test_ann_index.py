@@ -151,7 +151,9 @@ def test_corrupted_vectors_are_rebuilt_from_the_source_and_a_missing_index_is_bu
     before = _failures("vectors")
     back = load_index(path, index.cfg, rebuild_from=lambda: _items(1500))
     assert _failures("vectors") == before + 1 and len(back) == 1500
-    np.testing.assert_array_equal(back.topk(queries[0], 10)[0], back.exact_topk(queries[:1], 10)[0][0])
+    # Rebuilt on several threads, the graph differs run to run: it must find what a healthy one
+    # finds (the exact top-10 of one query fell short by one item under load), not the same graph.
+    assert _recall(back, queries) >= 0.95
     assert len(load_index(str(tmp_path / "none"), index.cfg, rebuild_from=lambda: _items(40))) == 40
     assert len(load_index(path, AnnConfig(dim=DIM + 1))) == 0  # another dim: starts empty, no crash
 
