@@ -8,7 +8,7 @@ and ``vw`` (Vowpal Wabbit logistic regression over every slot; ``--no-vw`` leave
 
 Two sources, one loop (:mod:`training.prequential`):
 
-- ``--dataset FILE`` (CSV, CSV.GZ or Parquet): a real log, read by
+- ``--dataset FILE`` (CSV, TSV, Parquet or JSON Lines): a real log, read by
   :func:`streams.log_reader.encode_log` with ``--schema FILE.toml`` and/or the column-name flags
   (columns the schema does not describe are inferred), as the examples the joiner would build;
 - without it, the synthetic world of ``headwater demo`` (one run per ``--seeds`` entry), which
@@ -57,7 +57,7 @@ _LOG_ACTION_DELAY_S = 30.0  # --emit on a log: clicks follow within this (the ge
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None, help="a log to run (CSV, CSV.GZ or Parquet); "
+    p.add_argument("--dataset", default=None, help="a log to run (CSV, TSV, Parquet or JSON Lines); "
                    "default: the synthetic generator")
     p.add_argument("--schema", default=None, help="schema TOML of --dataset (see replay --inspect)")
     for name in ("user", "item", "label", "time"):

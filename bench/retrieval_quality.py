@@ -43,7 +43,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None, help="a log (CSV, CSV.GZ or Parquet); default: the generator")
+    p.add_argument("--dataset", default=None, help="a log (CSV, TSV, Parquet or JSON Lines); default: the generator")
     p.add_argument("--schema", default=None, help="schema TOML of --dataset (see replay --inspect)")
     for name in ("user", "item", "label", "time"):
         p.add_argument(f"--{name}-col", default=None, help=f"{name} column of --dataset")
