@@ -26,7 +26,7 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["json_lines_columns", "json_lines_chunks"]
+__all__ = ["cell_string", "json_lines_columns", "json_lines_chunks"]
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -67,7 +67,8 @@ def json_lines_columns(path: str | Path, sample_lines: int = 10_000) -> list[str
     return list(seen)
 
 
-def _cell(v: Any) -> str | None:
+def cell_string(v: Any) -> str | None:
+    """The CSV cell a decoded JSON (or Parquet) value stands for (see the module docstring)."""
     if v is None:
         return None
     if isinstance(v, bool):
@@ -77,8 +78,8 @@ def _cell(v: Any) -> str | None:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, list):
-        return "|".join(c for c in map(_cell, v) if c is not None)
-    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+        return "|".join(c for c in map(cell_string, v) if c is not None)
+    return json.dumps(v, separators=(",", ":"), sort_keys=True, default=str)
 
 
 def json_lines_chunks(path: str | Path, names: list[str], chunk_rows: int
@@ -109,7 +110,7 @@ def json_lines_chunks(path: str | Path, names: list[str], chunk_rows: int
         for key in obj.keys() - want:
             unknown[key] = unknown.get(key, 0) + 1
         for n in names:
-            cols[n].append(_cell(obj.get(n)))
+            cols[n].append(cell_string(obj.get(n)))
         numbers.append(number)
         if len(numbers) >= chunk_rows:
             yield flush()

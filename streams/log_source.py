@@ -28,7 +28,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from streams.log_formats import csv_block_size, csv_delimiter, is_json_lines, is_parquet
-from streams.log_jsonl import json_lines_chunks, json_lines_columns
+from streams.log_jsonl import cell_string, json_lines_chunks, json_lines_columns
 from streams.log_schema import LogSchema, entity_ids
 from streams.wire import SchemaError
 
@@ -207,7 +207,13 @@ def _as_string_column(col: pa.ChunkedArray) -> pa.ChunkedArray:
         return pc.binary_join(col.cast(inner), "|")
     if pa.types.is_large_string(t):
         return col.cast(pa.string())
-    return col.cast(pa.string())  # numbers, timestamps (ISO-8601), dates
+    if pa.types.is_struct(t) or pa.types.is_map(t):  # one value, as JSON Lines reads an object
+        values = [dict(v) if isinstance(v, list) else v for v in col.to_pylist()]
+        return pa.chunked_array([pa.array([cell_string(v) for v in values], pa.string())])
+    try:
+        return col.cast(pa.string())  # numbers, timestamps (ISO-8601), dates
+    except pa.ArrowNotImplementedError:  # anything else (durations, binary...): its text
+        return pa.chunked_array([pa.array([cell_string(v) for v in col.to_pylist()], pa.string())])
 
 
 # ---------------------------------------------------------------------- cell parsing

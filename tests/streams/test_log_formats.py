@@ -123,3 +123,29 @@ def test_boolean_labels_as_exports_write_them(tmp_path):
     assert enc.label.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert enc.ts_ms.tolist() == [6000, 7500, 9000, 10000]
     assert [(b.line, b.column) for b in enc.bad_rows] == [(6, "label")]
+
+
+def test_parquet_nested_columns_read_as_their_json_lines_twin(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"user_id": 1, "item_id": 3, "label": True, "ts": 1_700_000_000_000,
+             "meta": {"a": 1, "b": "x"}, "tags": ["x", "y"], "m": {"k": 1}},
+            {"user_id": 2, "item_id": 4, "label": False, "ts": 1_700_000_001_500,
+             "meta": {"a": 2, "b": None}, "tags": [], "m": {}},
+            {"user_id": 2, "item_id": 3, "label": False, "ts": 1_700_000_002_000,
+             "meta": {"a": 1, "b": "x"}, "tags": ["y"], "m": {"k": 1}}]
+    table = pa.table({
+        "user_id": [r["user_id"] for r in rows], "item_id": [r["item_id"] for r in rows],
+        "label": [r["label"] for r in rows],
+        "ts": pa.array([r["ts"] for r in rows], pa.timestamp("ms")),
+        "meta": [r["meta"] for r in rows], "tags": [r["tags"] for r in rows],
+        "m": pa.array([list(r["m"].items()) for r in rows], pa.map_(pa.string(), pa.int64()))})
+    parquet = tmp_path / "nested.parquet"
+    pq.write_table(table, parquet)
+    twin = tmp_path / "nested.jsonl"
+    twin.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schema, _ = infer_schema(parquet)
+    assert infer_schema(twin)[0] == schema
+    assert {c.name: c.kind for c in schema.columns} == {"meta": "categorical", "tags": "multi", "m": "categorical"}
+    assert_same_log(encode_log(twin, schema), encode_log(parquet, schema))
