@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-__all__ = ["csv_block_size", "csv_delimiter", "is_json_lines", "is_parquet"]
+__all__ = ["csv_block_size", "csv_delimiter", "is_json_lines", "is_parquet", "source_name"]
 
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 
@@ -55,3 +55,14 @@ def csv_block_size(path: str | Path, chunk_rows: int) -> int:
         sample = raw.read(1 << 16)
     per_row = max(8, len(sample) // max(1, sample.count(b"\n")))
     return int(min(max(per_row * chunk_rows, 1 << 16), 1 << 30))
+
+
+def source_name(path: str | Path) -> str:
+    """The file name without its log suffixes (``logs/may.csv.gz`` -> ``may``): request ids'
+    prefix, so replaying the same file gives the same ids wherever it lies."""
+    name = Path(path).name
+    for suffix in (".gz", ".bz2", ".zst", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json",
+                   ".parquet", ".pq"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return name

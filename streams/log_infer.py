@@ -28,7 +28,7 @@ CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-e
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-              "items_file", "items_key")
+              "positive_values", "items_file", "items_key")
 
 
 class _Constancy:

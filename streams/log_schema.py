@@ -62,7 +62,7 @@ class ColumnSpec:
 
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-             "items_file", "items_key")
+             "positive_values", "items_file", "items_key")
 _COLUMN_KEYS = ("kind", "side", "pooling", "separator")
 
 
@@ -76,11 +76,17 @@ class LogSchema:
     time_col: str = "ts"
     truth_col: str = "truth_p"  # optional known click probability; never a feature
     positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
+    positive_values: tuple[str, ...] = ()  # an event-type label: these values are 1, any other 0
     items_file: str = ""  # an item attributes table joined onto every row (streams.log_items)
     items_key: str = ""  # its item id column ("": the log's item_col)
     columns: tuple[ColumnSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "positive_values", tuple(self.positive_values))
+        if self.positive_values and self.positive_threshold is not None:
+            raise SchemaError("positive_values and positive_threshold both define the label: give one")
+        if not all(isinstance(v, str) and v.strip() for v in self.positive_values):
+            raise SchemaError(f"positive_values must be non-empty strings, got {list(self.positive_values)}")
         reserved = self.reserved()
         if len(set(reserved)) != len(reserved):
             raise SchemaError(f"user/item/label/time/truth columns must differ, got {reserved}")
@@ -150,11 +156,15 @@ class LogSchema:
         for k in _TOP_KEYS:
             if k in data:
                 v = data[k]
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) if k == "positive_threshold" \
-                    else isinstance(v, str) and v
+                if k == "positive_threshold":
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                elif k == "positive_values":
+                    ok = isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+                else:
+                    ok = isinstance(v, str) and v
                 if not ok:
                     raise SchemaError(f"{origin}: {k} has a bad value {v!r}")
-                top[k] = float(v) if k == "positive_threshold" else v
+                top[k] = float(v) if k == "positive_threshold" else tuple(v) if k == "positive_values" else v
         cols = data.get("columns", {})
         if not isinstance(cols, dict):
             raise SchemaError(f"{origin}: columns must be a table of [columns.NAME] tables")
@@ -183,8 +193,10 @@ class LogSchema:
         out = [_comment(notes[""])] if notes.get("") else []
         for k in _TOP_KEYS:
             v = getattr(self, k)
-            if k in ("items_file", "items_key"):
-                if v:  # written absolute: the demo's processes read the schema from elsewhere
+            if k in ("items_file", "items_key", "positive_values"):
+                if k == "positive_values" and v:
+                    out.append(f"{k} = [{', '.join(_toml_value(x) for x in v)}]")
+                elif v:  # written absolute: the demo's processes read the schema from elsewhere
                     out.append(f"{k} = {_toml_value(str(Path(v).resolve()) if k == 'items_file' else v)}")
             elif v is None:
                 out.append(f"# {k} = 4.0    # label = value >= threshold (default: label is 0/1)")

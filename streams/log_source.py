@@ -96,17 +96,6 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
     return header
 
 
-def source_name(path: str | Path) -> str:
-    """The file name without its log suffixes (``logs/may.csv.gz`` -> ``may``): request ids'
-    prefix, so replaying the same file gives the same ids wherever it lies."""
-    name = Path(path).name
-    for suffix in (".gz", ".bz2", ".zst", ".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json",
-                   ".parquet", ".pq"):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-    return name
-
-
 def read_chunks(path: str | Path, chunk_rows: int = 65536) -> Iterator[RawChunk]:
     """The log's rows in file order, about ``chunk_rows`` at a time (CSV splits by bytes)."""
     if is_parquet(path):
@@ -299,10 +288,19 @@ def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ms, empty, bad
 
 
-def parse_labels(arr: pa.Array, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 0/1 labels; mask of bad cells). Without a threshold a label must be 0 or 1, or
-    a boolean as exports write them (``true``/``false``, ``t``/``f``: any case)."""
+def parse_labels(arr: pa.Array, threshold: float | None,
+                 positive_values: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 0/1 labels; mask of bad cells). With ``positive_values`` (an event-type column:
+    ``view``, ``addtocart``, ``transaction``) a cell among them is 1, any other 0, an empty one
+    bad; with a threshold a number at or above it is 1; else a label must be 0 or 1, or a
+    boolean as exports write them (``true``/``false``, ``t``/``f``: any case)."""
     arr = _one_chunk(arr)
+    if positive_values:
+        cells = pc.utf8_trim_whitespace(arr)
+        label = pc.fill_null(pc.is_in(cells, pa.array(positive_values, pa.string())), False)
+        bad = pc.fill_null(pc.equal(cells, ""), True)
+        return (label.to_numpy(zero_copy_only=False).astype(np.float32),
+                bad.to_numpy(zero_copy_only=False).astype(bool))
     if threshold is None and len(arr):
         word = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
         arr = pc.if_else(pc.is_in(word, pa.array(["true", "t"])), "1",
@@ -370,9 +368,11 @@ def parse_core(chunk: RawChunk, schema: LogSchema, checks: RowChecks) -> CoreCol
         empty = pc.equal(pc.fill_null(arr, ""), "").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
         checks.add(empty, name, "empty id")
         cols[name] = entity_ids(name, arr)
-    label, bad_label = parse_labels(t.column(schema.label_col), schema.positive_threshold)
+    label, bad_label = parse_labels(t.column(schema.label_col), schema.positive_threshold,
+                                    schema.positive_values)
     lab_text = t.column(schema.label_col)
-    want = "0 or 1" if schema.positive_threshold is None else "a number"
+    want = ("an event type" if schema.positive_values else
+            "0 or 1" if schema.positive_threshold is None else "a number")
     checks.add(bad_label, schema.label_col, lambda i: f"label {lab_text[i].as_py() or ''!r} is not {want}")
     ts, empty_ts, bad_ts = parse_times(t.column(schema.time_col))
     time_text = t.column(schema.time_col)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from streams.events import SchemaError
-from streams.log_formats import csv_delimiter, is_json_lines, is_parquet
+from streams.log_formats import csv_delimiter, is_json_lines, is_parquet, source_name
 from streams.log_infer import infer_schema
 from streams.log_reader import encode_log
-from streams.log_source import source_name
 from tests.streams.log_fixtures import write_real_shaped_csv
 from tests.streams.test_log_reader import assert_same_log
 
@@ -149,3 +148,25 @@ def test_parquet_nested_columns_read_as_their_json_lines_twin(tmp_path):
     assert infer_schema(twin)[0] == schema
     assert {c.name: c.kind for c in schema.columns} == {"meta": "categorical", "tags": "multi", "m": "categorical"}
     assert_same_log(encode_log(twin, schema), encode_log(parquet, schema))
+
+
+def test_an_event_type_column_is_the_label_with_positive_values(tmp_path):
+    from streams.log_schema import LogSchema
+
+    f = tmp_path / "events.csv"  # RetailRocket's shape: timestamp, visitor, event, item
+    f.write_text("timestamp,visitorid,event,itemid\n1433221332117,1,view,5\n1433221332118,1,addtocart,5\n"
+                 "1433221332119,2, transaction ,6\n1433221332120,2,,7\n1433221332121,3,view,7\n")
+    names = dict(user_col="visitorid", item_col="itemid", label_col="event", time_col="timestamp")
+    schema = LogSchema(positive_values=("addtocart", "transaction"), **names)
+    enc = encode_log(f, infer_schema(f, schema)[0], on_bad_row="dead-letter")
+    assert enc.label.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert [(b.line, b.reason) for b in enc.bad_rows] == [(5, "label '' is not an event type")]
+    toml = tmp_path / "s.toml"
+    toml.write_text(schema.to_toml())
+    assert 'positive_values = ["addtocart", "transaction"]' in toml.read_text()
+    assert LogSchema.from_toml(toml) == schema
+    with pytest.raises(SchemaError, match="give one"):
+        LogSchema(positive_values=("buy",), positive_threshold=4.0)
+    toml.write_text('positive_values = "buy"\n')
+    with pytest.raises(SchemaError, match="positive_values has a bad value"):
+        LogSchema.from_toml(toml)
