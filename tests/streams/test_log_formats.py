@@ -170,3 +170,13 @@ def test_an_event_type_column_is_the_label_with_positive_values(tmp_path):
     toml.write_text('positive_values = "buy"\n')
     with pytest.raises(SchemaError, match="positive_values has a bad value"):
         LogSchema.from_toml(toml)
+
+
+def test_year_first_slash_dates_parse_and_ambiguous_ones_are_bad_rows(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("user_id,item_id,label,ts\n1,4,1,2024/01/02 12:00:01\n1,5,0,2024-01-02T12:00:01Z\n"
+                 "2,6,0,01/02/2024 12:00\n")
+    enc = encode_log(f, infer_schema(f)[0], on_bad_row="dead-letter")
+    assert enc.ts_ms.tolist() == [1704196801000, 1704196801000]
+    assert [(b.line, b.column) for b in enc.bad_rows] == [(4, "ts")]
+    assert "'01/02/2024 12:00' does not parse" in enc.bad_rows[0].reason
