@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", default=None, help="schema TOML of --dataset (see replay --inspect)")
     for name in ("user", "item", "label", "time"):
         p.add_argument(f"--{name}-col", default=None, help=f"{name} column of --dataset")
+    p.add_argument("--item-table", default=None, help="item attributes table of --dataset, joined on "
+                   "the item id (see docs/real-logs.md)")
+    p.add_argument("--item-table-key", default=None,
+                   help="the --item-table's id column (default: the item column)")
     p.add_argument("--on-bad-row", choices=("error", "dead-letter"), default="error",
                    help="a bad row of --dataset stops the run (error) or is counted and skipped")
     p.add_argument("--no-vw", action="store_true", help="leave out the Vowpal Wabbit baseline")
@@ -182,7 +186,8 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     done = task(f"reading {args.dataset}", None)
     overrides = LogSchema.from_toml(args.schema) if args.schema else None
     schema = schema_for(args.dataset, overrides, user_col=args.user_col, item_col=args.item_col,
-                        label_col=args.label_col, time_col=args.time_col)
+                        label_col=args.label_col, time_col=args.time_col,
+                        items_file=args.item_table, items_key=args.item_table_key)
     encoded = encode_log(args.dataset, schema, on_bad_row=args.on_bad_row)
     # The trainer's defaults on a log: user x item-side crosses (unless --crosses is given), and
     # the schema's pooling of its multi-valued columns.

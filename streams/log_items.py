@@ -2,11 +2,11 @@
 
 Logs often come as interactions plus an item table (MovieLens' ``ratings.csv`` and
 ``movies.csv``, a shop's events and its catalog export). ``items_file`` in the schema (or
-``headwater replay --items FILE``) names the table, in any format a log may have (CSV, TSV,
-Parquet, JSON Lines); ``items_key`` its id column (default: the log's item column). Each of its
-other columns becomes a column of the log, so inference, encoding and replay see a joined log:
-an item's attributes are constant per item (inferred ``side = "item"``), an item the table does
-not list reads empty cells. Ids match as strings with surrounding spaces trimmed (``31`` is not
+``--item-table FILE`` on replay, demo and bench learning) names the table, in any format a log
+may have (CSV, TSV, Parquet, JSON Lines); ``items_key`` its id column (default: the log's item
+column). Each of its other columns becomes a column of the log, so inference, encoding and
+replay see a joined log: an item's attributes are constant per item (inferred
+``side = "item"``), an item the table does not list reads empty cells. Ids match as strings with surrounding spaces trimmed (``31`` is not
 ``31.0``). The table is read whole (item tables are small beside their logs) and once per
 process; a duplicate id, an empty id, a bad row or a column name the log already has is an
 error naming the file.

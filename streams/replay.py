@@ -49,10 +49,10 @@ class ReplayConfig:
         "help": "label column, 0/1 (default: the schema's, else label)"})
     time_col: str = field(default="", metadata={
         "help": "event-time column: epoch s, epoch ms or ISO-8601 (default: the schema's, else ts)"})
-    items: str = field(default="", metadata={
+    item_table: str = field(default="", metadata={
         "help": "item attributes table (CSV, TSV, Parquet, JSON Lines) joined onto every row by "
                 "item id; its other columns become item features (default: the schema's items_file)"})
-    items_key: str = field(default="", metadata={
+    item_table_key: str = field(default="", metadata={
         "help": "the item table's id column (default: the schema's, else the log's item column)"})
     on_bad_row: str = field(default="error", metadata={
         "help": "a bad row (cell count, label, time, empty id): 'error' stops before anything is "
@@ -68,7 +68,7 @@ class ReplayConfig:
         """The reserved-column names given as flags (empty ones are left to the schema)."""
         return {k: v for k, v in (("user_col", self.user_col), ("item_col", self.item_col),
                                   ("label_col", self.label_col), ("time_col", self.time_col),
-                                  ("items_file", self.items), ("items_key", self.items_key)) if v}
+                                  ("items_file", self.item_table), ("items_key", self.item_table_key)) if v}
 
 
 def log_schema(path: str | Path, cfg: ReplayConfig) -> LogSchema:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,7 +70,7 @@ class DatasetPlan:
 
 
 def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_window: int,
-                    data_dir: Path) -> DatasetPlan:
+                    data_dir: Path, item_table: Path | None = None) -> DatasetPlan:
     """One pass over the log: its schema (``schema``'s, inference for the columns it omits),
     saved under ``data_dir`` for every reader, and its row counts; see the module docstring.
 
@@ -90,6 +90,8 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     if schema is not None and not Path(schema).is_file():
         raise ConfigError(f"[demo] --schema {schema}: no such file")
     overrides = LogSchema.from_toml(schema) if schema is not None else None
+    if item_table is not None:  # the flag wins over the schema file's items_file
+        overrides = replace(overrides or LogSchema(), items_file=str(Path(item_table).resolve()))
     sch, stats = infer_schema(path, overrides)
     if stats.bad_rows and on_bad_row == "error":
         raise SchemaError(f"{path}: {stats.bad_rows} bad rows ({'; '.join(stats.bad_examples)}); "

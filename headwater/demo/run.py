@@ -58,6 +58,9 @@ class DemoConfig:
                 "generator, then print the summary and exit"})
     schema: Path | None = field(default=None, metadata={
         "help": "with --dataset: the log's schema (TOML; default: inferred from the log)"})
+    item_table: Path | None = field(default=None, metadata={
+        "help": "with --dataset: an item attributes table joined onto the log by item id (any log "
+                "format; default: the schema's items_file)"})
     on_bad_row: str = field(default="dead-letter", metadata={
         "help": "with --dataset: a bad row is an error (error) or goes to the dead-letter topic "
                 "and is counted (dead-letter)"})
@@ -246,7 +249,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     """
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     dataset = prepare_dataset(cfg.dataset, cfg.schema, cfg.on_bad_row, cfg.eval_window,
-                              cfg.data_dir) if cfg.dataset is not None else None
+                              cfg.data_dir, cfg.item_table) if cfg.dataset is not None else None
     broker = None
     bootstrap = cfg.bootstrap_servers
     if not bootstrap:
