@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_schema import (ColumnSpec, ColumnStats, LogSchema, LogStats, INT_CELL,
+from streams.log_schema import (LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats, INT_CELL,
                                 feature_ids)
 from streams.log_items import log_columns, read_log_chunks
 from streams.log_source import RowChecks, parse_core, parse_floats
@@ -132,8 +133,14 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
     by_item, by_user = _Constancy(features), _Constancy(features)
     positives = good = 0
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    labels: Counter[str] | None = Counter()  # the label column's cells, while they are few
     for chunk in read_log_chunks(path, base, chunk_rows):
         stats.rows += chunk.table.num_rows + len(chunk.invalid)
+        if labels is not None:
+            counts = pc.value_counts(chunk.table.column(base.label_col)).to_pylist()
+            labels.update({c["values"]: c["counts"] for c in counts if c["values"] is not None})
+            if len(labels) > LABEL_VALUES:
+                labels = None
         checks = RowChecks(chunk)
         core = parse_core(chunk, base, checks)
         bad_rows = chunk.invalid + checks.rows()
@@ -157,6 +164,9 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
         cs.distinct = len(distinct[c])
         cs.varies_within_item, cs.varies_within_user = c in by_item.varies, c in by_user.varies
     stats.label_rate = positives / good if good else float("nan")
+    if labels and not base.positive_values and base.positive_threshold is None \
+            and set(labels) - {"0", "1"}:
+        stats.label_values = labels.most_common(10)
     if good:
         stats.time_min, stats.time_max = _iso(t_min), _iso(t_max)
     given = {c.name: c for c in base.columns}

@@ -321,12 +321,33 @@ class LogStats:
     time_min: str | None = None  # ISO-8601, UTC
     time_max: str | None = None
     label_rate: float = float("nan")
+    # The label column's most common cells, when they are not 0/1 (counted where the label
+    # column has at most LABEL_VALUES distinct cells): what positive_values or
+    # positive_threshold should say.
+    label_values: list[tuple[str, int]] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"rows {self.rows}, bad rows {self.bad_rows}, label rate {self.label_rate:.4f}",
                  f"time {self.time_min} .. {self.time_max}"]
         lines += [f"bad: {b}" for b in self.bad_examples]
+        if self.label_values:
+            cells = ", ".join(f"{v!r} {n}" for v, n in self.label_values)
+            numeric = all(_is_number(v) for v, _ in self.label_values)
+            lines.append(f"label cells: {cells}: set " + (
+                "positive_threshold (label = value >= it)" if numeric else
+                "positive_values = [the cells that count as positive]"))
         return "\n".join(lines)
+
+
+LABEL_VALUES = 50
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def inspection_toml(schema: LogSchema, stats: LogStats) -> str:

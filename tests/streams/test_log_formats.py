@@ -180,3 +180,16 @@ def test_year_first_slash_dates_parse_and_ambiguous_ones_are_bad_rows(tmp_path):
     assert enc.ts_ms.tolist() == [1704196801000, 1704196801000]
     assert [(b.line, b.column) for b in enc.bad_rows] == [(4, "ts")]
     assert "'01/02/2024 12:00' does not parse" in enc.bad_rows[0].reason
+
+
+def test_inspect_names_the_label_cells_and_what_to_set(tmp_path):
+    events = tmp_path / "rr.csv"
+    events.write_text("timestamp,visitorid,event,itemid\n1,1,view,5\n2,1,addtocart,5\n3,2,view,6\n")
+    names = dict(user_col="visitorid", item_col="itemid", label_col="event", time_col="timestamp")
+    _, stats = infer_schema(events, **names)
+    assert stats.label_values == [("view", 2), ("addtocart", 1)]
+    assert "label cells: 'view' 2, 'addtocart' 1: set positive_values" in stats.summary()
+    ratings = tmp_path / "r.csv"
+    ratings.write_text("user_id,item_id,label,ts\n1,4,4.5,6\n1,5,2,7\n")
+    assert "set positive_threshold" in infer_schema(ratings)[1].summary()
+    assert infer_schema(write_real_shaped_csv(tmp_path / "ok.csv"))[1].label_values == []  # 0/1
