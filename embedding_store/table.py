@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from embedding_store import kernels
+import embedding_store.kernels as kernels
 from embedding_store.batched_read import read_many
 from embedding_store.delta import SlotDelta, TableDelta
 from embedding_store.id_index import take_rows
