@@ -302,11 +302,12 @@ def parse_labels(arr: pa.Array, threshold: float | None,
         bad = pc.fill_null(pc.equal(cells, ""), True)
         return (label.to_numpy(zero_copy_only=False).astype(np.float32),
                 bad.to_numpy(zero_copy_only=False).astype(bool))
-    if threshold is None and len(arr):
+    values, bad = parse_floats(arr)
+    if threshold is None and bad.any():  # words, booleans among them: only then the extra passes
         word = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
         arr = pc.if_else(pc.is_in(word, pa.array(["true", "t"])), "1",
                          pc.if_else(pc.is_in(word, pa.array(["false", "f"])), "0", arr))
-    values, bad = parse_floats(arr)
+        values, bad = parse_floats(arr)
     bad |= np.isnan(values) | np.isinf(values)
     if threshold is None:
         bad |= ~np.isin(values, (0.0, 1.0))
