@@ -6,9 +6,8 @@ read at the first line that disagrees (an ``item_id`` that is a number in one ev
 in the next, as event logs have), and it cannot set one malformed line aside. Here each line is
 decoded on its own: a line that is not a JSON object is a bad row (dead-lettered or raised like
 a CSV row), and every value becomes the string a CSV cell would hold: ``null`` and ``""`` an
-empty cell,
-``true``/``false`` ``1``/``0`` (Parquet booleans read the same), lists joined with ``|`` (a
-multi-valued cell), nested objects as compact JSON (one categorical value).
+empty cell, ``true``/``false`` ``1``/``0`` (Parquet booleans read the same), lists joined with
+``|`` (a multi-valued cell), nested objects as compact JSON (one categorical value).
 
 Columns are the keys of the first ``sample_lines`` lines, in order of first appearance; a key
 seen only later is not a column (it is counted and logged once per read).
