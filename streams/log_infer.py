@@ -133,7 +133,9 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
     by_item, by_user = _Constancy(features), _Constancy(features)
     positives = good = 0
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-    labels: Counter[str] | None = Counter()  # the label column's cells, while they are few
+    # The label column's cells, while they are few, for a label the schema does not define yet.
+    labels: Counter[str] | None = (Counter() if not base.positive_values
+                                   and base.positive_threshold is None else None)
     for chunk in read_log_chunks(path, base, chunk_rows):
         stats.rows += chunk.table.num_rows + len(chunk.invalid)
         if labels is not None:
@@ -164,8 +166,7 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
         cs.distinct = len(distinct[c])
         cs.varies_within_item, cs.varies_within_user = c in by_item.varies, c in by_user.varies
     stats.label_rate = positives / good if good else float("nan")
-    if labels and not base.positive_values and base.positive_threshold is None \
-            and set(labels) - {"0", "1"}:
+    if labels and set(labels) - {"0", "1"}:
         stats.label_values = labels.most_common(10)
     if good:
         stats.time_min, stats.time_max = _iso(t_min), _iso(t_max)
