@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_schema import (LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats, INT_CELL,
-                                feature_ids)
+from streams.log_schema import (IMPLICIT_NEGATIVES, LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats,
+                                INT_CELL, feature_ids)
 from streams.log_items import log_columns, read_log_chunks
-from streams.log_source import RowChecks, parse_core, parse_floats
+from streams.log_source import RowChecks, column_names, parse_core, parse_floats
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-e
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-              "positive_values", "items_file", "items_key")
+              "positive_values", "negatives", "items_file", "items_key")
 
 
 class _Constancy:
@@ -79,7 +79,16 @@ def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[
     unknown = set(given) - set(_NAME_KEYS)
     if unknown:
         raise TypeError(f"unknown schema names {sorted(unknown)}")
-    base = replace(overrides or LogSchema(), **given) if given else (overrides or LogSchema())
+    base = overrides or LogSchema()
+    if ("label_col" not in given and base.label_col == LogSchema.label_col
+            and base.label_col not in column_names(path)):
+        # No label column of the default name and none named: a log of interactions only.
+        base = replace(base, label_col="", negatives=given.pop("negatives", None) or base.negatives
+                       or IMPLICIT_NEGATIVES)
+        log.warning("%s has no %r column and no other label column was named (--label-col, label_col "
+                    "in the schema): every row is read as a positive, with %d sampled negatives each",
+                    path, LogSchema.label_col, base.negatives)
+    base = replace(base, **given) if given else base
     log_columns(path, base)  # checks the reserved and described columns are there
     return base
 
@@ -134,7 +143,7 @@ def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, disti
     positives = good = 0
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     # The label column's cells, while they are few, for a label the schema does not define yet.
-    labels: Counter[str] | None = (Counter() if not base.positive_values
+    labels: Counter[str] | None = (Counter() if not base.positive_values and not base.implicit
                                    and base.positive_threshold is None else None)
     for chunk in read_log_chunks(path, base, chunk_rows):
         stats.rows += chunk.table.num_rows + len(chunk.invalid)

@@ -29,6 +29,7 @@ from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError
 from streams.ids import row_example_ids
 from streams.log_schema import ColumnSpec, LogSchema, feature_ids
 from streams.log_items import log_columns, read_log_chunks
+from streams.log_negatives import negative_plan
 from streams.log_formats import source_name
 from streams.log_source import BadRow, RawChunk, RowChecks, parse_core, parse_floats
 from streams.log_text import ItemTexts
@@ -120,6 +121,17 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     n = len(order)
     dense = np.stack(dense_cols, 1).astype(np.float32) if dense_cols else np.zeros((n, 0), np.float32)
     truth = cat["truth"].astype(np.float32)[order]
+    label, line = cat["label"].astype(np.float32)[order], cat["line"].astype(np.int64)[order]
+    if schema.negatives:
+        plan = negative_plan(item, label, starts, schema.negatives, schema.negative_sampling)
+        u, i = plan.user_row, plan.item_row
+        user, ts, item, line, truth = user[u], ts[u], item[i], line[u], truth[u]
+        label = np.where(plan.negative, np.float32(0), label[u])
+        truth[plan.negative] = np.nan
+        sparse = {c: rag.take(i if c in schema.item_slots() else u) for c, rag in sparse.items()}
+        split = dense.shape[1] - schema.item_dense_width()
+        dense = np.concatenate([dense[u, :split], dense[i, split:]], axis=1)
+        starts, n = _request_starts(user, ts), len(user)
     unknown = np.isnan(truth)
     if unknown.any():  # an impression carries truth for all of its items or for none
         per_request = np.add.reduceat(unknown, starts[:-1]) > 0 if n else np.zeros(0, bool)
@@ -128,9 +140,7 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     if bad_rows:
         log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
                     bad_rows[0].message(path))
-    return EncodedLog(user, item, cat["label"].astype(np.float32)[order],
-                      ts, truth, sparse, dense, cat["line"].astype(np.int64)[order], schema, bad_rows,
-                      texts.result())
+    return EncodedLog(user, item, label, ts, truth, sparse, dense, line, schema, bad_rows, texts.result())
 
 
 def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18

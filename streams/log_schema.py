@@ -1,7 +1,9 @@
 """What the columns of an interaction log mean: kinds, sides, feature ids, and the TOML form.
 
 A log has four reserved columns (user, item, label, event time; names configurable) and an
-optional known click probability (``truth_col``). Every other column is described by a
+optional known click probability (``truth_col``). A log of interactions only (purchases, plays:
+no label column, ``label_col = ""``) reads every row as a positive, with ``negatives`` sampled
+items per positive as its negatives (:mod:`streams.log_negatives`). Every other column is described by a
 :class:`ColumnSpec`: its kind (categorical, multi-valued, numeric, text, or ignored) and its
 side (user-side features describe the request, item-side ones the item; serving keeps the latter
 per item). A ``text`` column is no feature: it is what the LLM rerank reads about the item
@@ -62,7 +64,9 @@ class ColumnSpec:
 
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-             "positive_values", "items_file", "items_key")
+             "positive_values", "negatives", "negative_sampling", "items_file", "items_key")
+NEGATIVE_SAMPLING = ("uniform", "popularity")
+IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
 _COLUMN_KEYS = ("kind", "side", "pooling", "separator")
 
 
@@ -77,6 +81,8 @@ class LogSchema:
     truth_col: str = "truth_p"  # optional known click probability; never a feature
     positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
     positive_values: tuple[str, ...] = ()  # an event-type label: these values are 1, any other 0
+    negatives: int = 0  # sampled negatives added per positive row (a log of positives only)
+    negative_sampling: str = "uniform"  # over the items seen before ("popularity": as often as seen)
     items_file: str = ""  # an item attributes table joined onto every row (streams.log_items)
     items_key: str = ""  # its item id column ("": the log's item_col)
     columns: tuple[ColumnSpec, ...] = ()
@@ -87,6 +93,15 @@ class LogSchema:
             raise SchemaError("positive_values and positive_threshold both define the label: give one")
         if not all(isinstance(v, str) and v.strip() for v in self.positive_values):
             raise SchemaError(f"positive_values must be non-empty strings, got {list(self.positive_values)}")
+        if not isinstance(self.negatives, int) or isinstance(self.negatives, bool) or self.negatives < 0:
+            raise SchemaError(f"negatives must be an integer >= 0, got {self.negatives!r}")
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise SchemaError(f"negative_sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
+                              f"got {self.negative_sampling!r}")
+        if self.implicit and (self.negatives == 0 or self.positive_values or self.positive_threshold is not None):
+            raise SchemaError('a log without a label column (label_col = "") reads every row as a positive: '
+                              "it needs sampled negatives (negatives = 4) and no positive_values or "
+                              "positive_threshold")
         reserved = self.reserved()
         if len(set(reserved)) != len(reserved):
             raise SchemaError(f"user/item/label/time/truth columns must differ, got {reserved}")
@@ -101,7 +116,13 @@ class LogSchema:
             seen.add(c.name)
 
     def reserved(self) -> tuple[str, ...]:
-        return (self.user_col, self.item_col, self.label_col, self.time_col, self.truth_col)
+        """The reserved columns' names (no label column in an implicit log)."""
+        return tuple(c for c in (self.user_col, self.item_col, self.label_col, self.time_col, self.truth_col) if c)
+
+    @property
+    def implicit(self) -> bool:
+        """No label column: every row is a positive (interactions only)."""
+        return not self.label_col
 
     def column(self, name: str) -> ColumnSpec | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -160,6 +181,10 @@ class LogSchema:
                     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 elif k == "positive_values":
                     ok = isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+                elif k == "negatives":
+                    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                elif k == "label_col":
+                    ok = isinstance(v, str)  # "": no label column
                 else:
                     ok = isinstance(v, str) and v
                 if not ok:
@@ -193,13 +218,22 @@ class LogSchema:
         out = [_comment(notes[""])] if notes.get("") else []
         for k in _TOP_KEYS:
             v = getattr(self, k)
-            if k in ("items_file", "items_key", "positive_values"):
+            if k == "negatives":
+                out.append(f"negatives = {v}    # sampled negatives per positive row" if v else
+                           "# negatives = 4    # sampled negatives per positive row (a log of positives only)")
+            elif k == "negative_sampling":
+                if self.negatives:
+                    out.append(f"negative_sampling = {_toml_value(v)}    # or \"{NEGATIVE_SAMPLING[v == 'uniform']}\"")
+            elif k == "label_col" and not v:
+                out.append('label_col = ""    # none: every row is a positive (interactions only)')
+            elif k in ("items_file", "items_key", "positive_values"):
                 if k == "positive_values" and v:
                     out.append(f"{k} = [{', '.join(_toml_value(x) for x in v)}]")
                 elif v:  # written absolute: the demo's processes read the schema from elsewhere
                     out.append(f"{k} = {_toml_value(str(Path(v).resolve()) if k == 'items_file' else v)}")
             elif v is None:
-                out.append(f"# {k} = 4.0    # label = value >= threshold (default: label is 0/1)")
+                if not self.implicit:
+                    out.append(f"# {k} = 4.0    # label = value >= threshold (default: label is 0/1)")
             else:
                 out.append(f"{k} = {_toml_value(v)}")
         for c in self.columns:

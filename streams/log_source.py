@@ -87,7 +87,7 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
     after checking it has the reserved columns and the schema's columns."""
     header = column_names(path) if header is None else header
     missing = [c for c in (schema.user_col, schema.item_col, schema.label_col, schema.time_col)
-               if c not in header]
+               if c and c not in header]
     if missing:
         raise SchemaError(f"{path}: missing columns {missing} (the log has {header})")
     absent = [c.name for c in schema.columns if c.name not in header]
@@ -370,12 +370,15 @@ def parse_core(chunk: RawChunk, schema: LogSchema, checks: RowChecks) -> CoreCol
         empty = pc.equal(pc.fill_null(arr, ""), "").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
         checks.add(empty, name, "empty id")
         cols[name] = entity_ids(name, arr)
-    label, bad_label = parse_labels(t.column(schema.label_col), schema.positive_threshold,
-                                    schema.positive_values)
-    lab_text = t.column(schema.label_col)
-    want = ("an event type" if schema.positive_values else
-            "0 or 1" if schema.positive_threshold is None else "a number")
-    checks.add(bad_label, schema.label_col, lambda i: f"label {lab_text[i].as_py() or ''!r} is not {want}")
+    if schema.implicit:  # interactions only: every row is a positive
+        label = np.ones(n, np.float32)
+    else:
+        label, bad_label = parse_labels(t.column(schema.label_col), schema.positive_threshold,
+                                        schema.positive_values)
+        lab_text = t.column(schema.label_col)
+        want = ("an event type" if schema.positive_values else
+                "0 or 1" if schema.positive_threshold is None else "a number")
+        checks.add(bad_label, schema.label_col, lambda i: f"label {lab_text[i].as_py() or ''!r} is not {want}")
     ts, empty_ts, bad_ts = parse_times(t.column(schema.time_col))
     time_text = t.column(schema.time_col)
     checks.add(empty_ts, schema.time_col, "empty time")

@@ -54,6 +54,7 @@ class ReplayConfig:
                 "item id; its other columns become item features (default: the schema's items_file)"})
     item_table_key: str = field(default="", metadata={
         "help": "the item table's id column (default: the schema's, else the log's item column)"})
+    negatives: int = field(default=0, metadata={"help": "sampled negatives per positive row, for a log of positives only (purchases, plays); default: the schema's, 4 for a log without a label column"})
     on_bad_row: str = field(default="error", metadata={
         "help": "a bad row (cell count, label, time, empty id): 'error' stops before anything is "
                 "sent, naming file, line and column; 'dead-letter' sends it to <prefix>.dlq"})
@@ -68,7 +69,8 @@ class ReplayConfig:
         """The reserved-column names given as flags (empty ones are left to the schema)."""
         return {k: v for k, v in (("user_col", self.user_col), ("item_col", self.item_col),
                                   ("label_col", self.label_col), ("time_col", self.time_col),
-                                  ("items_file", self.item_table), ("items_key", self.item_table_key)) if v}
+                                  ("items_file", self.item_table), ("items_key", self.item_table_key),
+                                  ("negatives", self.negatives)) if v}
 
 
 def log_schema(path: str | Path, cfg: ReplayConfig) -> LogSchema:

@@ -5,7 +5,8 @@ expect the schema's dense width) and the baselines scored after the run must agr
 columns, so the demo reads the log once before anything starts: it infers the schema (the
 columns ``--schema`` does not describe), saves it complete under the data directory and hands
 that file to each of them; it counts the rows, so that the trainer's AUC window is a tenth of
-the good rows (its last window is then the log's last tenth, the span the learning bench calls
+the examples (the good rows and, for a log of positives only, their sampled negatives, about: a
+draw may be dropped; its last window is then the log's last tenth, the span the learning bench calls
 ``auc_last_window``); and it finds bad rows, so that ``--on-bad-row error`` fails at once. The
 trainer's model follows the schema (crosses, pooling: ``TrainerConfig.for_log``), and a second,
 lighter pass lists the log's user and item ids for the Recommend load, which calls with the ids
@@ -70,11 +71,11 @@ class DatasetPlan:
 
 
 def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_window: int,
-                    data_dir: Path, item_table: Path | None = None) -> DatasetPlan:
+                    data_dir: Path, item_table: Path | None = None, negatives: int = 0) -> DatasetPlan:
     """One pass over the log: its schema (``schema``'s, inference for the columns it omits),
     saved under ``data_dir`` for every reader, and its row counts; see the module docstring.
 
-    ``eval_window`` 0 means a tenth of the good rows. Raises :class:`SchemaError` for a log
+    ``eval_window`` 0 means a tenth of the examples. Raises :class:`SchemaError` for a log
     that cannot be read, or that has bad rows while ``on_bad_row`` is ``"error"`` (before any
     process starts, naming the first bad lines).
     """
@@ -92,18 +93,19 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     overrides = LogSchema.from_toml(schema) if schema is not None else None
     if item_table is not None:  # the flag wins over the schema file's items_file
         overrides = replace(overrides or LogSchema(), items_file=str(Path(item_table).resolve()))
-    sch, stats = infer_schema(path, overrides)
+    sch, stats = infer_schema(path, overrides, negatives=negatives or None)
     if stats.bad_rows and on_bad_row == "error":
         raise SchemaError(f"{path}: {stats.bad_rows} bad rows ({'; '.join(stats.bad_examples)}); "
                           "--on-bad-row dead-letter replays the rest")
     schema_path = data_dir / "dataset-schema.toml"
     schema_path.write_text(sch.to_toml())  # every column described: no reader infers again
     good = stats.rows - stats.bad_rows
+    examples = good + sch.negatives * (round(stats.label_rate * good) if good else 0)  # about: draws may drop
     log.info("%s: %d rows (%d bad), schema in %s", path, stats.rows, stats.bad_rows, schema_path)
     model = TrainerConfig().for_log(sch)
     users, items = log_entities(path, sch)
     return DatasetPlan(path, schema_path, on_bad_row, stats.rows, len(sch.dense_names()),
-                       eval_window or max(1, good // 10), model.crosses, model.pooling,
+                       eval_window or max(1, examples // 10), model.crosses, model.pooling,
                        model.slot_pooling, users, items)
 
 

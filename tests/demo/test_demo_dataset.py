@@ -11,7 +11,7 @@ import time
 from demo_helpers import processes_matching
 
 from streams.broker import free_port
-from tests.streams.log_fixtures import write_real_shaped_csv
+from tests.streams.log_fixtures import without_column, write_real_shaped_csv
 
 ROWS = 300
 # Column order of the fixture: user_id,item_id,label,ts,genres,year,age,gender,occupation,device.
@@ -133,3 +133,23 @@ def test_drained_once_the_joiner_then_the_trainer_have_committed_the_ends(kafka_
         assert watch.drained(0.0, now=7.0)  # ...for settle_s
     finally:
         watch.close()
+
+
+def test_demo_learns_a_log_of_positives_only_with_its_sampled_negatives(tmp_path):
+    from streams.log_reader import encode_log
+    from streams.replay import ReplayConfig, log_schema
+
+    full = write_real_shaped_csv(tmp_path / "full.csv", rows=ROWS)
+    plays = without_column(full, tmp_path / "plays.csv")  # interactions only
+    proc, _ = _demo(tmp_path, "--dataset", str(plays), "--negatives", "2", timeout_s=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = encode_log(plays, log_schema(plays, ReplayConfig(negatives=2)))  # what every process encodes
+    assert ROWS < len(expected) <= 3 * ROWS
+    assert summary["drained"] is True and summary["dead_letters"] == 0
+    assert summary["examples"] == summary["trained"] == len(expected)  # each example once, negatives too
+    assert summary["events"] == len(expected) + ROWS  # every shown item, and a click per row
+    assert _unit_interval(summary["auc_overall"]) and math.isfinite(summary["logloss"])
+    for name in ("counting", "vw"):
+        assert _unit_interval(summary["baselines"][name]["auc_overall"]), summary["baselines"]
+    assert processes_matching(str(tmp_path)) == set()

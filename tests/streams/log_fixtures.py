@@ -105,3 +105,16 @@ def _time(t: int, usec: int, fmt: str) -> str:
     if fmt == "ms":
         return str(t * 1000 + usec // 1000)
     return str(_dt.datetime.fromtimestamp(t, _dt.timezone.utc).replace(microsecond=usec))
+
+
+def without_column(src: str | Path, dst: str | Path, column: str = "label") -> Path:
+    """Writes ``src`` (a CSV) to ``dst`` without ``column``: the fixture without its label is
+    a log of positives only (interactions, no impressions)."""
+    import csv
+
+    with open(src, newline="") as f:
+        table = list(csv.reader(f))
+    drop = table[0].index(column)
+    with open(dst, "w", newline="") as f:
+        csv.writer(f).writerows([r[:drop] + r[drop + 1:] for r in table])
+    return Path(dst)

@@ -9,7 +9,7 @@ import pytest
 
 from headwater.cli import bench as bench_cli
 from streams.events import ExampleBatch, Ragged
-from tests.streams.log_fixtures import write_real_shaped_csv
+from tests.streams.log_fixtures import without_column, write_real_shaped_csv
 from bench import learning as bench_learning
 from training.baselines import CountingBaseline
 from training.config import TrainerConfig
@@ -56,6 +56,16 @@ def test_bench_on_a_real_shaped_csv_prints_the_contract(tmp_path, capsys):
     # The fixture's clicks follow per-id base rates and a genre match: all of them learn.
     for m in (res, res["baselines"]["counting"], res["baselines"]["vw"]):
         assert m["auc_overall"] > 0.6, res
+
+
+def test_bench_on_a_log_of_positives_only_learns_against_sampled_negatives(tmp_path, capsys):
+    full = write_real_shaped_csv(tmp_path / "full.csv", rows=3000, users=150, items=120)
+    plays = without_column(full, tmp_path / "plays.csv")
+    res = _bench(capsys, "--dataset", str(plays), "--batch-size", "256", "--negatives", "2")
+    _sane(res)
+    # Every row a positive, two sampled negatives each (a few early draws dropped).
+    assert 3000 < res["examples"] <= 9000 and abs(res["positives_rate"] - 3000 / res["examples"]) < 1e-4
+    assert res["auc_overall"] > 0.6, res
 
 
 def test_bench_column_flags_name_the_reserved_columns(tmp_path, capsys):
