@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 from streams.log_schema import (IMPLICIT_NEGATIVES, LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats,
                                 INT_CELL, feature_ids)
 from streams.log_items import log_columns, read_log_chunks
-from streams.log_source import RowChecks, column_names, parse_core, parse_floats
+from streams.log_cells import parse_floats
+from streams.log_source import RowChecks, column_names, parse_core
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,20 @@ def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[
     if unknown:
         raise TypeError(f"unknown schema names {sorted(unknown)}")
     base = overrides or LogSchema()
+    header = column_names(path)
     if ("label_col" not in given and base.label_col == LogSchema.label_col
-            and base.label_col not in column_names(path)):
+            and base.label_col not in header):
         # No label column of the default name and none named: a log of interactions only.
         base = replace(base, label_col="", negatives=given.pop("negatives", None) or base.negatives
                        or IMPLICIT_NEGATIVES)
         log.warning("%s has no %r column and no other label column was named (--label-col, label_col "
                     "in the schema): every row is read as a positive, with %d sampled negatives each",
                     path, LogSchema.label_col, base.negatives)
+    if ("time_col" not in given and base.time_col == LogSchema.time_col
+            and base.time_col not in header):
+        base = replace(base, time_col="")
+        log.warning("%s has no %r column and no other time column was named (--time-col, time_col in "
+                    "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
     log_columns(path, base)  # checks the reserved and described columns are there
     return base
@@ -100,7 +107,7 @@ def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: An
     described = {c.name for c in base.columns} | set(base.reserved())
     if all(c in described for c in log_columns(path, base)):
         return base
-    return _infer(path, overrides, 1 << 18, 100_000, names)[0]
+    return _infer(path, base, 1 << 18, 100_000)[0]
 
 
 def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_rows: int = 1 << 18,
@@ -128,12 +135,10 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
     names are used. ``names`` sets ``user_col``/``item_col``/``label_col``/``time_col``/
     ``truth_col``/``positive_threshold`` directly (flags; they win over the file).
     """
-    return _infer(path, overrides, chunk_rows, distinct_cap, names)
+    return _infer(path, _names_schema(path, overrides, names), chunk_rows, distinct_cap)
 
 
-def _infer(path: str | Path, overrides: LogSchema | None, chunk_rows: int, distinct_cap: int,
-           names: Mapping[str, Any]) -> tuple[LogSchema, LogStats]:
-    base = _names_schema(path, overrides, names)
+def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int) -> tuple[LogSchema, LogStats]:
     header = log_columns(path, base)
     reserved = set(base.reserved())
     features = [c for c in header if c not in reserved]

@@ -31,7 +31,8 @@ from streams.log_schema import ColumnSpec, LogSchema, feature_ids
 from streams.log_items import log_columns, read_log_chunks
 from streams.log_negatives import negative_plan
 from streams.log_formats import source_name
-from streams.log_source import BadRow, RawChunk, RowChecks, parse_core, parse_floats
+from streams.log_cells import parse_floats
+from streams.log_source import BadRow, RawChunk, RowChecks, parse_core
 from streams.log_text import ItemTexts
 
 __all__ = ["EncodedLog", "BadRow", "encode_log", "log_requests", "log_examples", "request_ids",

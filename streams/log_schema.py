@@ -77,7 +77,7 @@ class LogSchema:
     user_col: str = "user_id"
     item_col: str = "item_id"
     label_col: str = "label"
-    time_col: str = "ts"
+    time_col: str = "ts"  # "": none, the rows are in time order (file order)
     truth_col: str = "truth_p"  # optional known click probability; never a feature
     positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
     positive_values: tuple[str, ...] = ()  # an event-type label: these values are 1, any other 0
@@ -183,8 +183,8 @@ class LogSchema:
                     ok = isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
                 elif k == "negatives":
                     ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                elif k == "label_col":
-                    ok = isinstance(v, str)  # "": no label column
+                elif k in ("label_col", "time_col"):
+                    ok = isinstance(v, str)  # "": no such column (positives only; file order)
                 else:
                     ok = isinstance(v, str) and v
                 if not ok:
@@ -226,6 +226,8 @@ class LogSchema:
                     out.append(f"negative_sampling = {_toml_value(v)}    # or \"{NEGATIVE_SAMPLING[v == 'uniform']}\"")
             elif k == "label_col" and not v:
                 out.append('label_col = ""    # none: every row is a positive (interactions only)')
+            elif k == "time_col" and not v:
+                out.append('time_col = ""    # none: the rows are in time order (file order, 1 s apart)')
             elif k in ("items_file", "items_key", "positive_values"):
                 if k == "positive_values" and v:
                     out.append(f"{k} = [{', '.join(_toml_value(x) for x in v)}]")

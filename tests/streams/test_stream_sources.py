@@ -92,7 +92,7 @@ def test_csv_rows_become_requests_in_event_time_order(tmp_path):
 
 
 @pytest.mark.parametrize("text, reason", [
-    ("user_id,item_id,label\n1,2,0\n", r"missing columns \['ts'\]"),
+    ("user_id,label,ts\n1,0,5\n", r"missing columns \['item_id'\]"),
     ("user_id,item_id,label,ts\n1,2,0,5\n1,2\n", "line 3, column 'label'"),
     ("user_id,item_id,label,ts\n1,2,x,5\n", "line 2, column 'label'"),
 ])

@@ -1,0 +1,134 @@
+"""Parses a log's cells: numbers, event times and labels, a whole column at a time.
+
+Each parser takes one column of strings (null = empty cell) and returns its values with masks
+of the cells that are empty or do not parse, so a caller can set bad rows aside (dead-letter
+them, or name the first) without a Python loop over the good ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_EPOCH_S_BELOW = 1e11  # a numeric time below this is epoch seconds, else epoch milliseconds
+
+
+def one_chunk(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        return arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    return arr
+
+
+def _bisect(arr: pa.Array, convert: Callable[[pa.Array], np.ndarray], fill: float,
+            out: np.ndarray, bad: np.ndarray, offset: int = 0) -> None:
+    """Converts ``arr`` into ``out[offset:]``; cells that fail alone are marked in ``bad``.
+
+    One vectorised call for a clean column; a bad cell costs a few calls on halves around it.
+    """
+    try:
+        out[offset:offset + len(arr)] = convert(arr)
+        return
+    except (pa.ArrowInvalid, ValueError, OverflowError):
+        if len(arr) == 1:
+            out[offset], bad[offset] = fill, True
+            return
+    half = len(arr) // 2
+    _bisect(arr.slice(0, half), convert, fill, out, bad, offset)
+    _bisect(arr.slice(half), convert, fill, out, bad, offset + half)
+
+
+# What Arrow's string -> double cast accepts; a cell that fails it is never cast alone.
+_NUMBER = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:nan|inf|infinity)$"
+
+
+def _to_float(a: pa.Array) -> np.ndarray:
+    return pc.cast(a, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def parse_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values, NaN where empty; bool mask of cells that are not numbers)."""
+    arr = one_chunk(arr)
+    out = np.full(len(arr), np.nan)
+    bad = np.zeros(len(arr), bool)
+    if not len(arr):
+        return out, bad
+    try:
+        return _to_float(arr), bad  # the common case: one call
+    except (pa.ArrowInvalid, ValueError):
+        pass
+    looks = pc.fill_null(pc.match_substring_regex(arr, _NUMBER), True).to_numpy(zero_copy_only=False)
+    bad[~looks] = True
+    where = np.flatnonzero(looks)
+    if len(where):
+        sub_out, sub_bad = np.full(len(where), np.nan), np.zeros(len(where), bool)
+        _bisect(arr.take(pa.array(where)), _to_float, np.nan, sub_out, sub_bad)
+        out[where], bad[where] = sub_out, sub_bad
+    return out, bad
+
+
+def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int64 ms since the epoch; mask of empty cells; mask of cells that do not parse).
+
+    A number is epoch seconds below 1e11, else epoch milliseconds; anything else must be
+    ISO-8601 (``2019-11-24 00:00:34.762830+00:00``, ``2019-11-24T00:00:34Z``, ``2019-11-24``,
+    or year first with slashes, ``2019/11/24 00:00:34``); a time without a zone is UTC.
+    """
+    arr = one_chunk(arr)
+    n = len(arr)
+    empty = arr.is_null().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    values, not_number = parse_floats(arr)
+    ms = np.zeros(n, np.int64)
+    num = ~empty & ~not_number & np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        ms[num] = np.round(np.where(values[num] < _EPOCH_S_BELOW, values[num] * 1000, values[num]))
+    bad = ~empty & ~num
+    iso = np.flatnonzero(bad & not_number)
+    if len(iso):  # year first with slashes (2019/11/24 00:00:34) is ISO's date with other marks
+        arr = pc.replace_substring_regex(arr, r"^\s*([0-9]{4})/([0-9]{2})/([0-9]{2})", r"\1-\2-\3")
+        sub = arr.take(pa.array(iso))
+        zoned = pc.match_substring_regex(sub, r"(Z|[+-][0-9]{2}:?[0-9]{2})$").to_numpy(zero_copy_only=False)
+        # Parsed in ns so fractions of up to 9 digits (pandas, Parquet timestamps) are accepted.
+        for mask, tp in ((zoned, pa.timestamp("ns", tz="UTC")), (~zoned, pa.timestamp("ns"))):
+            where = iso[mask]
+            if not len(where):
+                continue
+            ns = np.zeros(len(where), np.int64)
+            fail = np.zeros(len(where), bool)
+            _bisect(arr.take(pa.array(where)),
+                    lambda a, tp=tp: pc.cast(a, tp).cast(pa.int64()).to_numpy(zero_copy_only=False),
+                    0, ns, fail)
+            ms[where] = ns // 1_000_000
+            bad[where] = fail
+    return ms, empty, bad
+
+
+def parse_labels(arr: pa.Array, threshold: float | None,
+                 positive_values: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 0/1 labels; mask of bad cells). With ``positive_values`` (an event-type column:
+    ``view``, ``addtocart``, ``transaction``) a cell among them is 1, any other 0, an empty one
+    bad; with a threshold a number at or above it is 1; else a label must be 0 or 1, or a
+    boolean as exports write them (``true``/``false``, ``t``/``f``: any case)."""
+    arr = one_chunk(arr)
+    if positive_values:
+        cells = pc.utf8_trim_whitespace(arr)
+        label = pc.fill_null(pc.is_in(cells, pa.array(positive_values, pa.string())), False)
+        bad = pc.fill_null(pc.equal(cells, ""), True)
+        return (label.to_numpy(zero_copy_only=False).astype(np.float32),
+                bad.to_numpy(zero_copy_only=False).astype(bool))
+    values, bad = parse_floats(arr)
+    if threshold is None and bad.any():  # words, booleans among them: only then the extra passes
+        word = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+        arr = pc.if_else(pc.is_in(word, pa.array(["true", "t"])), "1",
+                         pc.if_else(pc.is_in(word, pa.array(["false", "f"])), "0", arr))
+        values, bad = parse_floats(arr)
+    bad |= np.isnan(values) | np.isinf(values)
+    if threshold is None:
+        bad |= ~np.isin(values, (0.0, 1.0))
+        label = (values == 1.0)
+    else:
+        with np.errstate(invalid="ignore"):
+            label = values >= threshold
+    return label.astype(np.float32), bad
