@@ -74,7 +74,8 @@ def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     A number is epoch seconds below 1e11, else epoch milliseconds; anything else must be
     ISO-8601 (``2019-11-24 00:00:34.762830+00:00``, ``2019-11-24T00:00:34Z``, ``2019-11-24``,
-    or year first with slashes, ``2019/11/24 00:00:34``); a time without a zone is UTC.
+    or year first with slashes, ``2019/11/24 00:00:34``); a time without a zone is UTC, and so
+    is one ending in `` UTC`` or `` GMT`` (``2019-11-24 00:00:34 UTC``, as BigQuery exports it).
     """
     arr = one_chunk(arr)
     n = len(arr)
@@ -88,6 +89,7 @@ def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     iso = np.flatnonzero(bad & not_number)
     if len(iso):  # year first with slashes (2019/11/24 00:00:34) is ISO's date with other marks
         arr = pc.replace_substring_regex(arr, r"^\s*([0-9]{4})/([0-9]{2})/([0-9]{2})", r"\1-\2-\3")
+        arr = pc.replace_substring_regex(arr, r"\s*(?i:UTC|GMT)\s*$", "+00:00")  # BigQuery's exports
         sub = arr.take(pa.array(iso))
         zoned = pc.match_substring_regex(sub, r"(Z|[+-][0-9]{2}:?[0-9]{2})$").to_numpy(zero_copy_only=False)
         # Parsed in ns so fractions of up to 9 digits (pandas, Parquet timestamps) are accepted.

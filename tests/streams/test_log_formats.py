@@ -182,6 +182,15 @@ def test_year_first_slash_dates_parse_and_ambiguous_ones_are_bad_rows(tmp_path):
     assert "'01/02/2024 12:00' does not parse" in enc.bad_rows[0].reason
 
 
+def test_times_ending_in_utc_or_gmt_parse_as_bigquery_exports_write_them(tmp_path):
+    f = tmp_path / "bq.csv"
+    f.write_text("user_id,item_id,label,ts\n1,4,1,2024-01-02 12:00:01 UTC\n1,5,0,2024-01-02 12:00:01.5 utc\n"
+                 "2,6,0,2024/01/02 12:00:01 GMT\n3,7,0,UTC\n")
+    enc = encode_log(f, infer_schema(f)[0], on_bad_row="dead-letter")
+    assert enc.ts_ms.tolist() == [1704196801000, 1704196801000, 1704196801500]  # in time order
+    assert [(b.line, b.column) for b in enc.bad_rows] == [(5, "ts")]
+
+
 def test_inspect_names_the_label_cells_and_what_to_set(tmp_path):
     events = tmp_path / "rr.csv"
     events.write_text("timestamp,visitorid,event,itemid\n1,1,view,5\n2,1,addtocart,5\n3,2,view,6\n")
