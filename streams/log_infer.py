@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,8 @@ from streams.log_source import RowChecks, column_names, parse_core
 log = logging.getLogger(__name__)
 
 MULTI_SHARE = 0.02  # a column is multi-valued when this share of its non-empty cells has a "|"
+OTHER_SEPARATORS = (";", ",")  # ...or has one of these, and then its values repeat between cells:
+LIST_TOKENS = 0.5  # this share of its values is in more than one distinct cell ("Comedy, Drama")
 CODE_DISTINCT = 20  # integer columns with at most this many distinct values are codes...
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
@@ -117,7 +120,8 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
     Rules, in order, for a column not named in ``overrides``:
 
     - **ignore**: at most one distinct cell value (empty counts as a value), e.g. all empty;
-    - **multi**: at least 2% of its non-empty cells contain the separator ``|``;
+    - **multi**: at least 2% of its non-empty cells contain the separator ``|``; or ``;`` or
+      ``,``, when most values between them are in several distinct cells (a list, not a title);
     - **numeric**: every non-empty cell parses as a finite float, unless it is a *code*: all
       integers and either at most 20 distinct values that repeat (no more than 5% of the
       non-empty cells: a rating, a position, an age bracket, a flag) or a name ending in ``id``
@@ -178,6 +182,7 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     for c in header:
         cs = stats.columns[c]
         cs.distinct = len(distinct[c])
+        cs.separator = _list_separator(cs, distinct[c])
         cs.varies_within_item, cs.varies_within_user = c in by_item.varies, c in by_user.varies
     stats.label_rate = positives / good if good else float("nan")
     if labels and set(labels) - {"0", "1"}:
@@ -207,7 +212,31 @@ def _count_column(cs: ColumnStats, col: pa.ChunkedArray, seen: set, cap: int) ->
     if cs.integer and len(nonempty):
         cs.integer = bool(pc.all(pc.match_substring_regex(nonempty, INT_CELL)).as_py())
     cs.with_separator += int(pc.sum(pc.match_substring(col, "|")).as_py() or 0)
+    for sep in OTHER_SEPARATORS:
+        cs.with_other[sep] = cs.with_other.get(sep, 0) + int(pc.sum(pc.match_substring(col, sep)).as_py() or 0)
     cs.with_space += int(pc.sum(pc.match_substring_regex(col, r"\S\s+\S")).as_py() or 0)
+
+
+def _list_separator(cs: ColumnStats, cells: set) -> str:
+    """``|`` when enough cells hold one; else ``;`` or ``,`` when enough cells hold it and most
+    values between them are in several distinct cells (a list of genres or tags; not a title
+    with a comma, an address, or decimal commas); else ``""``."""
+    nonempty = max(1, cs.cells - cs.empty)
+    if cs.with_separator >= MULTI_SHARE * nonempty:
+        return "|"
+    for sep in OTHER_SEPARATORS:
+        if cs.with_other.get(sep, 0) < MULTI_SHARE * nonempty:
+            continue
+        listed = [v for v in cells if v and sep in v]
+        if sep == "," and all(_DECIMAL_COMMA.match(v) for v in listed):
+            continue
+        cells_of = Counter(t for v in cells if v for t in {t.strip() for t in v.split(sep)} - {""})
+        if cells_of and sum(n > 1 for n in cells_of.values()) >= LIST_TOKENS * len(cells_of):
+            return sep
+    return ""
+
+
+_DECIMAL_COMMA = re.compile(r"^\s*[+-]?[0-9]+,[0-9]+\s*$")
 
 
 def _is_id_name(name: str) -> bool:
@@ -220,8 +249,8 @@ def _infer_column(cs: ColumnStats, items: int) -> ColumnSpec:
     side = "user" if cs.varies_within_item else "item"
     if cs.distinct <= 1:
         return ColumnSpec(cs.name, "ignore", side)
-    if cs.with_separator >= MULTI_SHARE * max(1, cs.cells - cs.empty):
-        return ColumnSpec(cs.name, "multi", side)
+    if cs.separator:
+        return ColumnSpec(cs.name, "multi", side, separator=cs.separator)
     values = cs.distinct - (1 if cs.empty else 0)  # distinct non-empty values
     few = values <= CODE_DISTINCT and values <= CODE_SHARE * (cs.cells - cs.empty)
     code = cs.integer and (few or _is_id_name(cs.name))

@@ -330,6 +330,8 @@ class ColumnStats:
     cells: int = 0
     empty: int = 0
     with_separator: int = 0  # non-empty cells containing the multi-value separator
+    with_other: dict[str, int] = field(default_factory=dict)  # cells with another list separator
+    separator: str = ""  # the inferred list separator ("": not a multi-valued column)
     with_space: int = 0  # non-empty cells with a space between words (a title, a description)
     numeric: bool = True  # every non-empty cell parses as a finite float
     integer: bool = True  # every non-empty cell is an integer
@@ -339,6 +341,8 @@ class ColumnStats:
     def describe(self, sides: bool = True) -> str:
         d = f">= {self.distinct}" if self.distinct_capped else str(self.distinct)
         extra = f", {self.with_separator} cells with a separator" if self.with_separator else ""
+        if self.separator not in ("", "|"):
+            extra = f", {self.with_other[self.separator]} cells with the separator {self.separator!r}"
         if not sides:
             return f"distinct {d}, empty {self.empty}"
         return (f"distinct {d}, empty {self.empty}{extra}; varies within an item: "

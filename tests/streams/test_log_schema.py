@@ -92,6 +92,30 @@ def test_small_integer_codes_and_id_columns_are_categorical_not_numeric(tmp_path
     assert kinds(schema)["price"][0] == "numeric"
 
 
+def test_lists_separated_by_commas_or_semicolons_are_multi_valued_titles_and_decimals_not(tmp_path):
+    genres = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
+    rows = ["user_id,item_id,label,ts,genres,title,price,tags"]
+    for i in range(300):
+        item = i % 50
+        g = ", ".join(genres[(item + k) % 6] for k in range(1 + item % 3))
+        title = f"Movie {item}, The" if item % 3 == 0 else f"Movie {item}"
+        rows.append(f'{i % 30},{item},{i % 2},{1000 + i},"{g}","{title}","{item},{item % 10}",'
+                    f'{genres[i % 6]};{genres[(i + 1) % 6]}')
+    path = tmp_path / "lists.csv"
+    path.write_text("\n".join(rows) + "\n")
+    schema, _ = infer_schema(path)
+    assert (schema.column("genres").kind, schema.column("genres").separator) == ("multi", ",")
+    assert (schema.column("tags").kind, schema.column("tags").separator) == ("multi", ";")
+    assert schema.column("title").kind == "text"  # a comma inside a title is no list
+    assert schema.column("price").kind == "categorical"  # decimal commas are no list
+    from streams.log_reader import encode_log
+
+    log = encode_log(path, schema)
+    first = int(np.flatnonzero(log.item_id == 2)[0])  # item 2: "Drama, Horror, Romance"
+    bag = log.sparse["genres"].take(np.array([first])).values.tolist()
+    assert bag == feature_ids("genres", ["Drama", "Horror", "Romance"]).tolist()
+
+
 def test_schema_file_overrides_win_and_column_names_are_configurable(tmp_path, ratings):
     overrides = LogSchema(columns=(ColumnSpec("year", "categorical", "item"),
                                    ColumnSpec("genres", "multi", "item", pooling="mean"),
