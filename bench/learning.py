@@ -247,10 +247,10 @@ def _run_generator(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     out = {"bench": "learning", "dataset": None, "events": args.events, "seeds": seeds,
            "examples": sum(r["examples"] for r in runs),
            **{k: _mean(runs, k) for k in ("auc_overall", "auc_last_window", "logloss",
-                                          "auc_truth_overall", "auc_truth_last_window")},
+                                          "auc_truth_overall", "auc_truth_last_window", "gauc", "gauc_truth")},
            "examples_per_s": round(sum(r["examples"] for r in runs) / learner_s, 1),
            "baselines": {name: {k: _mean([r["baselines"][name] for r in runs], k)
-                                for k in ("auc_overall", "auc_last_window", "logloss")}
+                                for k in ("auc_overall", "auc_last_window", "logloss", "gauc")}
                          for name in runs[0]["baselines"]},
            "max_auc_gap": max(gaps), "mean_auc_gap": round(sum(gaps) / len(gaps), 4),
            "positives_rate": _mean(runs, "positives_rate", 5),

@@ -29,7 +29,7 @@ from streams.events import ExampleBatch
 from streams.generator import GeneratorConfig, SyntheticStream
 from training.config import TrainerConfig
 from training.dedup import SeenFilter
-from training.evaluation import BinnedAUC, PrequentialEvaluator
+from training.evaluation import BinnedAUC, PrequentialEvaluator, grouped_auc
 from training.learner import Learner
 
 if TYPE_CHECKING:
@@ -49,22 +49,25 @@ class Metrics:
     auc_overall: float
     auc_last_window: float
     logloss: float
+    gauc: float = float("nan")  # AUC within each request, averaged (see grouped_auc)
 
     def to_dict(self) -> dict:
         return {k: (None if math.isnan(v) else round(v, 4)) for k, v in
                 (("auc_overall", self.auc_overall), ("auc_last_window", self.auc_last_window),
-                 ("logloss", self.logloss))}
+                 ("logloss", self.logloss), ("gauc", self.gauc))}
 
 
 def metrics_of(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-               last_fraction: float = LAST_FRACTION) -> Metrics:
-    """AUC and weighted log loss over all rows, AUC over the last ``last_fraction`` of them."""
+               last_fraction: float = LAST_FRACTION, requests: np.ndarray | None = None) -> Metrics:
+    """AUC and weighted log loss over all rows, AUC over the last ``last_fraction`` of them,
+    and, given each row's request (group ids), the AUC within requests (GAUC, unweighted)."""
     overall, last = BinnedAUC(), BinnedAUC()
     overall.update(logits, labels, weights)
     tail = max(1, int(math.ceil(last_fraction * len(logits)))) if len(logits) else 0
     last.update(logits[len(logits) - tail:], labels[len(logits) - tail:],
                 weights[len(logits) - tail:])
-    return Metrics(overall.auc(), last.auc(), overall.logloss())
+    gauc = grouped_auc(logits, labels, requests)[0] if requests is not None else float("nan")
+    return Metrics(overall.auc(), last.auc(), overall.logloss(), gauc)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -100,6 +103,7 @@ class StreamResult:
     seconds: float  # the whole loop, reading the source included
     positives_rate: float
     evaluator: PrequentialEvaluator  # the learner's, with its eval_window windows
+    gauc_requests: int = 0  # requests holding a positive and a negative: what gauc averages over
 
     @property
     def examples_per_s(self) -> float:
@@ -112,10 +116,12 @@ class StreamResult:
                "baselines": {k: m.to_dict() for k, m in self.baselines.items()},
                "baseline_examples_per_s": {k: round(self.examples / s, 1) if s > 0 else None
                                            for k, s in self.baseline_seconds.items()},
-               "positives_rate": round(self.positives_rate, 5), "seconds": round(self.seconds, 2)}
+               "positives_rate": round(self.positives_rate, 5), "seconds": round(self.seconds, 2),
+               "gauc_requests": self.gauc_requests}
         if self.truth is not None:
             out["auc_truth_overall"] = self.truth.to_dict()["auc_overall"]
             out["auc_truth_last_window"] = self.truth.to_dict()["auc_last_window"]
+            out["gauc_truth"] = self.truth.to_dict()["gauc"]
         return out
 
 
@@ -176,6 +182,7 @@ def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
     labels: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     truth: list[np.ndarray] = []
+    request: list[np.ndarray] = []  # (user, event time) of each row: its request
     scores: dict[str, list[np.ndarray]] = {b.name: [] for b in baselines}
     spent = {b.name: 0.0 for b in baselines}
     learner_s = 0.0
@@ -204,15 +211,18 @@ def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
         labels.append(np.asarray(batch.label, np.float32))
         weights.append(1.0 / np.clip(np.asarray(batch.sample_rate, np.float64), 1e-6, None))
         truth.append(np.asarray(batch.truth_p, np.float32))
+        request.append(np.stack([np.asarray(batch.user_id, np.int64), np.asarray(batch.event_time_ms, np.int64)], 1))
     if learner is None:
         raise ValueError("the stream held no examples")
     y, w, tp = np.concatenate(labels), np.concatenate(weights), np.concatenate(truth)
-    truth_m = (metrics_of(_logit(tp), y, w) if len(tp) and not np.isnan(tp).any() else None)
+    req = np.unique(np.concatenate(request), axis=0, return_inverse=True)[1].reshape(-1)
+    truth_m = (metrics_of(_logit(tp), y, w, requests=req) if len(tp) and not np.isnan(tp).any() else None)
     return StreamResult(
-        examples=len(y), learner=metrics_of(np.concatenate(recorder.logits), y, w), truth=truth_m,
-        baselines={k: metrics_of(np.concatenate(v), y, w) for k, v in scores.items()},
+        examples=len(y), learner=metrics_of(np.concatenate(recorder.logits), y, w, requests=req), truth=truth_m,
+        baselines={k: metrics_of(np.concatenate(v), y, w, requests=req) for k, v in scores.items()},
         learner_seconds=learner_s, baseline_seconds=spent, seconds=time.perf_counter() - t0,
-        positives_rate=float((w * y).sum() / w.sum()), evaluator=recorder)
+        positives_rate=float((w * y).sum() / w.sum()), evaluator=recorder,
+        gauc_requests=int(((np.bincount(req, weights=y) > 0) & (np.bincount(req, weights=1 - y) > 0)).sum()))
 
 
 def run_log(log: "EncodedLog", source: str, cfg: TrainerConfig,

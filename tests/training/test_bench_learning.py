@@ -15,7 +15,7 @@ from training.baselines import CountingBaseline
 from training.config import TrainerConfig
 from training.prequential import metrics_of, run_stream
 
-METRICS = {"auc_overall", "auc_last_window", "logloss"}
+METRICS = {"auc_overall", "auc_last_window", "logloss", "gauc"}
 CONTRACT = {"bench", "dataset", "examples", "auc_overall", "auc_last_window", "logloss",
             "examples_per_s", "baselines", "seconds", "positives_rate"}
 

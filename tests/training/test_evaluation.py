@@ -3,7 +3,7 @@
 import numpy as np
 
 from headwater.metrics import sample_value
-from training.evaluation import BinnedAUC, PrequentialEvaluator, auc_exact
+from training.evaluation import BinnedAUC, PrequentialEvaluator, auc_exact, grouped_auc
 
 
 def _stream(n, seed=0):
@@ -89,3 +89,19 @@ def test_evaluator_state_keeps_the_weighted_click_rate_and_reads_older_checkpoin
     older = {**acc.state(), "scalars": acc.state()["scalars"][:3]}  # before label_sum was kept
     again.load_state(older)
     assert again.label_sum == 5.0  # the unweighted share of positives (2 of 4) of the weight
+
+
+def test_grouped_auc_is_the_row_weighted_mean_of_each_groups_exact_auc():
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 200, 4000)
+    scores = np.round(rng.normal(size=4000), 1)  # many ties, inside groups too
+    labels = (rng.random(4000) < 0.3 + 0.2 * (scores > 0)).astype(np.float32)
+    gauc, counted = grouped_auc(scores, labels, groups)
+    per = [(auc_exact(scores[groups == g], labels[groups == g]), (groups == g).sum()) for g in np.unique(groups)]
+    per = [(a, n) for a, n in per if not np.isnan(a)]
+    assert counted == len(per) and abs(gauc - np.average([a for a, _ in per], weights=[n for _, n in per])) < 1e-12
+    # Telling groups apart earns nothing: a per-group offset leaves GAUC as it is, not AUC.
+    shifted = scores + 10.0 * groups
+    assert abs(grouped_auc(shifted, labels, groups)[0] - gauc) < 1e-12
+    assert abs(auc_exact(shifted, labels) - auc_exact(scores, labels)) > 0.01
+    assert np.isnan(grouped_auc(scores, np.ones(4000), groups)[0])  # no group with both classes
