@@ -122,7 +122,8 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
     - **ignore**: at most one distinct cell value (empty counts as a value), e.g. all empty;
     - **multi**: at least 2% of its non-empty cells contain the separator ``|``; or ``;`` or
       ``,``, when most values between them are in several distinct cells (a list, not a title);
-    - **numeric**: every non-empty cell parses as a finite float, unless it is a *code*: all
+    - **numeric**: every non-empty cell parses as a finite float (or has a decimal comma,
+      ``3,5``: ``decimal = ","``), unless it is a *code*: all
       integers and either at most 20 distinct values that repeat (no more than 5% of the
       non-empty cells: a rating, a position, an age bracket, a flag) or a name ending in ``id``
       (``shop_id``, ``zipId``) -> categorical;
@@ -209,6 +210,8 @@ def _count_column(cs: ColumnStats, col: pa.ChunkedArray, seen: set, cap: int) ->
     if cs.numeric and len(nonempty):
         values, bad = parse_floats(nonempty)
         cs.numeric = not (bad.any() or np.isinf(values).any())
+    if cs.comma_decimal and len(nonempty):
+        cs.comma_decimal = bool(pc.all(pc.match_substring_regex(nonempty, _COMMA_NUMBER)).as_py())
     if cs.integer and len(nonempty):
         cs.integer = bool(pc.all(pc.match_substring_regex(nonempty, INT_CELL)).as_py())
     cs.with_separator += int(pc.sum(pc.match_substring(col, "|")).as_py() or 0)
@@ -237,6 +240,7 @@ def _list_separator(cs: ColumnStats, cells: set) -> str:
 
 
 _DECIMAL_COMMA = re.compile(r"^\s*[+-]?[0-9]+,[0-9]+\s*$")
+_COMMA_NUMBER = r"^\s*[+-]?([0-9]+|[0-9]*,[0-9]+)\s*$"  # an integer, or a number with a decimal comma
 
 
 def _is_id_name(name: str) -> bool:
@@ -256,6 +260,8 @@ def _infer_column(cs: ColumnStats, items: int) -> ColumnSpec:
     code = cs.integer and (few or _is_id_name(cs.name))
     if cs.numeric and not code:
         return ColumnSpec(cs.name, "numeric", side)
+    if not cs.numeric and cs.comma_decimal and cs.with_other.get(",", 0):  # 3,5: a European export
+        return ColumnSpec(cs.name, "numeric", side, decimal=",")
     if (side == "item" and not cs.numeric and cs.with_space >= TEXT_SHARE * (cs.cells - cs.empty)
             and values >= TEXT_DISTINCT * items):
         return ColumnSpec(cs.name, "text", side)

@@ -187,6 +187,8 @@ def _encode_column(c: ColumnSpec, chunk: RawChunk, checks: RowChecks) -> Ragged 
         return Ragged(ids, np.ones(len(ids), np.int32))
     if c.kind == "multi":
         return multi_ids(c.name, col, c.separator)
+    if c.decimal != ".":  # 3,5 -> 3.5
+        col = pc.replace_substring(col, c.decimal, ".")
     values, bad = parse_floats(col)
     bad |= np.isinf(values)
     checks.add(bad, c.name, lambda i: f"{col[i].as_py()!r} is not a finite number")

@@ -48,6 +48,7 @@ class ColumnSpec:
     side: str = "item"
     pooling: str = "sum"  # multi only: how the model pools the bag ("sum" | "mean")
     separator: str = "|"  # multi only
+    decimal: str = "."  # numeric only: "," for decimal commas (European exports: 3,5)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -59,6 +60,8 @@ class ColumnSpec:
                                   f"(one of {', '.join(allowed)})")
         if not isinstance(self.separator, str) or not self.separator:
             raise SchemaError(f"column {self.name!r}: separator must be a non-empty string")
+        if self.decimal not in (".", ","):
+            raise SchemaError(f"column {self.name!r}: decimal must be \".\" or \",\", got {self.decimal!r}")
         if self.kind == "text" and self.side != "item":
             raise SchemaError(f"column {self.name!r}: a text column describes the item (side = \"item\")")
 
@@ -67,7 +70,7 @@ _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "posi
              "positive_values", "negatives", "negative_sampling", "items_file", "items_key")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
-_COLUMN_KEYS = ("kind", "side", "pooling", "separator")
+_COLUMN_KEYS = ("kind", "side", "pooling", "separator", "decimal")
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,8 @@ class LogSchema:
             if c.kind == "multi":
                 out.append(f"pooling = {_toml_value(c.pooling)}")
                 out.append(f"separator = {_toml_value(c.separator)}")
+            if c.kind == "numeric" and c.decimal != ".":
+                out.append(f"decimal = {_toml_value(c.decimal)}")
         return "\n".join(out) + "\n"
 
 
@@ -334,6 +339,7 @@ class ColumnStats:
     separator: str = ""  # the inferred list separator ("": not a multi-valued column)
     with_space: int = 0  # non-empty cells with a space between words (a title, a description)
     numeric: bool = True  # every non-empty cell parses as a finite float
+    comma_decimal: bool = True  # every non-empty cell is a number with a decimal comma, or an integer
     integer: bool = True  # every non-empty cell is an integer
     varies_within_item: bool = False
     varies_within_user: bool = False

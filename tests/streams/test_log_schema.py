@@ -107,13 +107,29 @@ def test_lists_separated_by_commas_or_semicolons_are_multi_valued_titles_and_dec
     assert (schema.column("genres").kind, schema.column("genres").separator) == ("multi", ",")
     assert (schema.column("tags").kind, schema.column("tags").separator) == ("multi", ";")
     assert schema.column("title").kind == "text"  # a comma inside a title is no list
-    assert schema.column("price").kind == "categorical"  # decimal commas are no list
+    assert (schema.column("price").kind, schema.column("price").decimal) == ("numeric", ",")  # no list
     from streams.log_reader import encode_log
 
     log = encode_log(path, schema)
     first = int(np.flatnonzero(log.item_id == 2)[0])  # item 2: "Drama, Horror, Romance"
     bag = log.sparse["genres"].take(np.array([first])).values.tolist()
     assert bag == feature_ids("genres", ["Drama", "Horror", "Romance"]).tolist()
+
+
+def test_a_european_export_with_decimal_commas_reads_like_its_decimal_point_twin(tmp_path):
+    rows = [(i % 9, i % 13, i % 2, 1_700_000_000 + i, f"{i % 17},{i % 10}" if i % 5 else str(i % 17))
+            for i in range(200)]
+    euro, plain = tmp_path / "euro.csv", tmp_path / "plain.csv"
+    euro.write_text("user_id;item_id;label;ts;price\n" + "".join(f"{u};{it};{y};{t};{p}\n" for u, it, y, t, p in rows))
+    plain.write_text("user_id,item_id,label,ts,price\n" + "".join(
+        f"{u},{it},{y},{t},{p.replace(',', '.')}\n" for u, it, y, t, p in rows))
+    schema, _ = infer_schema(euro)
+    assert (schema.column("price").kind, schema.column("price").decimal) == ("numeric", ",")
+    (tmp_path / "euro.toml").write_text(schema.to_toml())
+    assert LogSchema.from_toml(tmp_path / "euro.toml") == schema
+    from streams.log_reader import encode_log
+
+    np.testing.assert_array_equal(encode_log(euro, schema).dense, encode_log(plain, infer_schema(plain)[0]).dense)
 
 
 def test_schema_file_overrides_win_and_column_names_are_configurable(tmp_path, ratings):
