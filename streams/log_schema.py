@@ -400,6 +400,11 @@ def inspection_toml(schema: LogSchema, stats: LogStats) -> str:
     """The schema as editable TOML with the counts as comments (``headwater replay --inspect``)."""
     notes = {"": "Inferred by headwater replay --inspect; edit and pass back with --schema FILE.\n"
                  + stats.summary()}
+    if schema.implicit:
+        notes[""] += (f"\nno label column: every row is a positive, with {schema.negatives} sampled "
+                      "negatives (name the label column with --label-col if the log has one)")
+    if not schema.time_col:
+        notes[""] += "\nno time column: the rows are taken in file order (name it with --time-col if there is one)"
     for name, cs in stats.columns.items():
         notes[name] = cs.describe()
     reserved = "\n".join(f"{col}: {stats.columns[col].describe(sides=False)}" for col in schema.reserved()
