@@ -27,8 +27,9 @@ import pyarrow.compute as pc
 
 from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError, request_hash
 from streams.ids import row_example_ids
-from streams.log_schema import ColumnSpec, LogSchema, feature_ids
+from streams.log_schema import RECENT_SLOT, ColumnSpec, LogSchema, feature_ids
 from streams.log_items import log_columns, read_log_chunks
+from streams.log_history import recent_positives
 from streams.log_negatives import negative_plan
 from streams.log_formats import source_name
 from streams.log_cells import parse_floats
@@ -123,6 +124,8 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     dense = np.stack(dense_cols, 1).astype(np.float32) if dense_cols else np.zeros((n, 0), np.float32)
     truth = cat["truth"].astype(np.float32)[order]
     label, line = cat["label"].astype(np.float32)[order], cat["line"].astype(np.int64)[order]
+    if schema.recent_items:  # the user's last positives before each request (never the negatives)
+        sparse[RECENT_SLOT] = recent_positives(user, ts, item, label, starts, schema.recent_items)
     if schema.negatives:
         plan = negative_plan(item, label, starts, schema.negatives, schema.negative_sampling)
         u, i = plan.user_row, plan.item_row

@@ -67,7 +67,8 @@ class ColumnSpec:
 
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-             "positive_values", "negatives", "negative_sampling", "items_file", "items_key")
+             "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
+RECENT_SLOT = "recent_items"  # the user-side bag of a user's last positive items (``recent_items``)
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
 _COLUMN_KEYS = ("kind", "side", "pooling", "separator", "decimal")
@@ -86,6 +87,7 @@ class LogSchema:
     positive_values: tuple[str, ...] = ()  # an event-type label: these values are 1, any other 0
     negatives: int = 0  # sampled negatives added per positive row (a log of positives only)
     negative_sampling: str = "uniform"  # over the items seen before ("popularity": as often as seen)
+    recent_items: int = 0  # a user-side bag of the user's last N positive items before each request
     items_file: str = ""  # an item attributes table joined onto every row (streams.log_items)
     items_key: str = ""  # its item id column ("": the log's item_col)
     columns: tuple[ColumnSpec, ...] = ()
@@ -105,6 +107,10 @@ class LogSchema:
             raise SchemaError('a log without a label column (label_col = "") reads every row as a positive: '
                               "it needs sampled negatives (negatives = 4) and no positive_values or "
                               "positive_threshold")
+        if not isinstance(self.recent_items, int) or isinstance(self.recent_items, bool) or not 0 <= self.recent_items <= 1000:
+            raise SchemaError(f"recent_items must be an integer in [0, 1000], got {self.recent_items!r}")
+        if self.recent_items and any(c.name == RECENT_SLOT and c.kind not in ("ignore", "text") for c in self.columns):
+            raise SchemaError(f"column {RECENT_SLOT!r}: the slot name is taken by recent_items")
         reserved = self.reserved()
         if len(set(reserved)) != len(reserved):
             raise SchemaError(f"user/item/label/time/truth columns must differ, got {reserved}")
@@ -134,8 +140,9 @@ class LogSchema:
         return tuple(c.name for c in self.columns if c.kind in kinds and c.side == side)
 
     def user_slots(self) -> tuple[str, ...]:
-        """Categorical and multi columns of the user side, in schema order."""
-        return self._names(("categorical", "multi"), "user")
+        """Categorical and multi columns of the user side, in schema order; then ``recent_items``
+        when the schema asks for it."""
+        return self._names(("categorical", "multi"), "user") + ((RECENT_SLOT,) if self.recent_items else ())
 
     def item_slots(self) -> tuple[str, ...]:
         """Categorical and multi columns of the item side, in schema order."""
@@ -184,7 +191,7 @@ class LogSchema:
                     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 elif k == "positive_values":
                     ok = isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
-                elif k == "negatives":
+                elif k in ("negatives", "recent_items"):
                     ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 elif k in ("label_col", "time_col"):
                     ok = isinstance(v, str)  # "": no such column (positives only; file order)
@@ -224,6 +231,9 @@ class LogSchema:
             if k == "negatives":
                 out.append(f"negatives = {v}    # sampled negatives per positive row" if v else
                            "# negatives = 4    # sampled negatives per positive row (a log of positives only)")
+            elif k == "recent_items":
+                out.append(f"recent_items = {v}    # a user-side bag: the user's last {v} positive items" if v else
+                           "# recent_items = 10    # a user-side bag of the user's last 10 positive items before each request")
             elif k == "negative_sampling":
                 if self.negatives:
                     out.append(f"negative_sampling = {_toml_value(v)}    # or \"{NEGATIVE_SAMPLING[v == 'uniform']}\"")

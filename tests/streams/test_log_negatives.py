@@ -123,3 +123,38 @@ def test_a_named_label_column_that_is_missing_stays_an_error(tmp_path):
     path = _positives_only(tmp_path)
     with pytest.raises(SchemaError, match=r"missing columns \['clicked'\]"):
         log_schema(path, ReplayConfig(label_col="clicked"))
+
+
+def test_recent_items_are_the_users_last_positives_strictly_before_each_request(tmp_path):
+    path = write_real_shaped_csv(tmp_path / "log.csv", rows=300)
+    schema = log_schema(path, ReplayConfig())
+    from dataclasses import replace
+
+    schema = replace(schema, recent_items=3)
+    assert schema.user_slots()[-1] == "recent_items"
+    (tmp_path / "s.toml").write_text(schema.to_toml())
+    assert LogSchema.from_toml(tmp_path / "s.toml") == schema
+    log = encode_log(path, schema)
+    bags = log.sparse["recent_items"]
+    for r in range(len(log)):
+        earlier = [(t, i) for t, i, u, y in zip(log.ts_ms[:r + 1].tolist(), log.item_id[:r + 1].tolist(),
+                                                log.user_id[:r + 1].tolist(), log.label[:r + 1].tolist())
+                   if u == log.user_id[r] and y > 0 and t < log.ts_ms[r]]
+        want = [i for _, i in earlier[-3:]]
+        got = bags.values[bags.offsets[r]:bags.offsets[r + 1]].tolist()
+        assert got == want, r
+    # A request's negatives carry its bag, made of the log's own rows (never of sampled negatives).
+    plays = _positives_only(tmp_path)
+    implicit = encode_log(plays, replace(log_schema(plays, ReplayConfig()), recent_items=5))
+    starts = _request_starts(implicit)
+    rb = implicit.sparse["recent_items"]
+    real = implicit.label == 1
+    for s, e in zip(starts, list(starts[1:]) + [len(implicit)]):
+        rows = [rb.values[rb.offsets[r]:rb.offsets[r + 1]].tolist() for r in range(s, e)]
+        assert all(b == rows[0] for b in rows)
+        mine = real[:s] & (implicit.user_id[:s] == implicit.user_id[s]) & (implicit.ts_ms[:s] < implicit.ts_ms[s])
+        assert rows[0] == implicit.item_id[:s][mine][-5:].tolist()
+    # Every view carries it: the impressions' user side, the examples' slots.
+    imp, _ = next(iter(log_requests(implicit, "plays")))
+    assert "recent_items" in imp.user_sparse
+    assert "recent_items" in next(iter(log_examples(implicit, "plays"))).sparse

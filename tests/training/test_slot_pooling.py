@@ -92,6 +92,11 @@ def test_multi_valued_columns_that_pool_differently_get_per_slot_entries():
     # One mode for every multi-valued column: it becomes the model's one pooling.
     one = TrainerConfig().for_log(LogSchema(columns=(ColumnSpec("genres", "multi", "item", pooling="mean"),)))
     assert (one.pooling, one.slot_pooling) == ("mean", ())
+    # recent_items pools by sum, beside a column that pools by mean.
+    recent = TrainerConfig().for_log(LogSchema(recent_items=10, columns=(
+        ColumnSpec("genres", "multi", "item", pooling="mean"),)))
+    assert dict(e.split("=") for e in recent.slot_pooling) == {"genres": "mean", "recent_items": "sum"}
+    assert recent.crosses == ("user_id*genres",)  # a user-side slot: no cross with the user
 
 
 def test_the_learning_bench_pools_as_the_schema_file_says(tmp_path, capsys):
