@@ -36,6 +36,7 @@ class ServeConfig:
     stale_after_s: float = field(default=30.0, metadata={"help": "report degraded (hw_serve_degraded=1; gRPC health stays SERVING with the stale model) when no hw.params update arrived for this long"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
     items: bool = field(default=True, metadata={"help": "follow hw.items (item-side features per item) so Recommend fills each candidate's item-side slots and dense tail from it"})
+    recent_items: int = field(default=0, metadata={"help": "for a model with a recent_items slot (a log's schema recent_items = N; give the same N): a Recommend call that does not send the slot gets the user's last N interactions from a live history of hw.actions (0 = off: callers send it)"})
     max_catalog_items: int = field(default=1_000_000, metadata={"help": "items the hw.items catalog holds; beyond, the least recently used are evicted (hw_serve_item_catalog_evictions_total)"})
 
     def validate(self) -> None:
@@ -53,6 +54,8 @@ class ServeConfig:
             raise ValueError(f"ann_index must be ivf_sq8 or hnsw, got {self.ann_index!r}")
         if self.retrieve_k <= 0 or self.ann_min_items < 0:
             raise ValueError("retrieve_k must be positive and ann_min_items not negative")
+        if not 0 <= self.recent_items <= 64:
+            raise ValueError(f"recent_items must be in [0, 64] (the live history keeps 64 per user), got {self.recent_items}")
         if self.max_catalog_items <= 0:
             raise ValueError(f"max_catalog_items must be positive, got {self.max_catalog_items}")
         if self.processes < 1:

@@ -32,6 +32,7 @@ from serving.ann_retrieval import ItemRetriever, Retrieved
 from serving.config import ServeConfig
 from serving.microbatch import DeadlineExpired, MicroBatcher, Overloaded
 from serving.pb import pb2, pb2_grpc
+from serving.recent_items import fill_recent_items
 from serving.response_wire import encode_recommend_response
 from serving.rpc_guard import MalformedRequest
 from serving.scoring import ItemSource, RankJob, ServingModel, item_dense_width, score_examples, score_jobs
@@ -41,6 +42,7 @@ from training.model import bf16_supported
 
 if TYPE_CHECKING:  # the rerank stage (and the LLM engine under it) loads only with --llm
     from serving.rerank import RerankStage
+    from serving.user_history import UserHistory
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         self.pool = pool if pool is not None else ThreadPoolExecutor(max(cfg.workers, 1), thread_name_prefix="serve")
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and bf16_supported())
         self.rerank: RerankStage | None = None  # set by the server when an LLM is attached
+        self.history: UserHistory | None = None  # live history: fills recent_items (cfg.recent_items)
         # DLRM work marks itself in flight here (the LLM steps wait their turn); the micro-batcher
         # marks its jobs, the unbatched paths below mark their calls
         self.arbiter: Arbiter | None = None
@@ -245,6 +248,8 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         model = self._model()
         job, top_k = rank_job(request, model.slots, model.dense_dim, self.cfg.item_slot, self.limits,
                               item_dense_width(model, self.items))
+        if self.history is not None:
+            fill_recent_items(job, model.slots, self.history, self.cfg.recent_items)
         if self.cfg.item_slot not in model.slots:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model has no item slot {self.cfg.item_slot!r}")

@@ -152,7 +152,7 @@ class RecommendServer:
     """
 
     def __init__(self, cfg: ServeConfig, source: ModelSource, items: ItemSource | None = None,
-                 rerank: Any = None) -> None:
+                 rerank: Any = None, history: Any = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.source = source
@@ -163,6 +163,7 @@ class RecommendServer:
         self.service = RecommenderService(cfg, source, self.calibrator, pool=self.pool, items=items)
         if rerank is not None:  # a serving.runtime.LlmRuntime's stage and arbiter (``serve --llm``)
             self.service.rerank, self.service.arbiter = rerank.stage, rerank.arbiter
+        self.service.history = history  # a serving.user_history.UserHistory (fills recent_items)
         if cfg.batching:
             self.batcher = MicroBatcher(self.service.forward_jobs, BatcherConfig(
                 cfg.max_batch_rows, cfg.max_wait_ms, cfg.max_queue), on_batch=self._on_batch,

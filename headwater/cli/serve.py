@@ -119,7 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
     ps.start()
     catalog = _catalog(cfg, kafka)
     llm = _llm_runtime(args, cfg, kafka)
-    server = _server(cfg, ps, fleet, catalog, llm).start()
+    history, follower = _recent_history(cfg, kafka, llm)
+    server = _server(cfg, ps, fleet, catalog, llm, history).start()
     steady_gc()
     console = Console(stderr=True)
     what = f"shard {ps_cfg.shard_index}/{ps_cfg.num_shards}" if cfg.role == "ps" else cfg.role
@@ -146,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
         ps.stop()
         if catalog is not None:
             catalog.stop()
+        if follower is not None:
+            follower.stop()
         if fleet is not None:
             fleet.close()
     return 0
@@ -190,7 +193,24 @@ def _supervise(argv: list[str], cfg, state_dir: str) -> int:
     return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
 
 
-def _server(cfg, ps, fleet, catalog=None, llm=None):
+def _recent_history(cfg, kafka, llm):
+    """(history, its own follower or None) that fills recent_items (``--recent-items N``): the
+    LLM runtime's live history when there is one, else one of its own on hw.actions."""
+    if not cfg.recent_items or cfg.role == "ps":
+        return None, None
+    if llm is not None and llm.history is not None:
+        return llm.history, None
+    from serving.user_history import HistoryConfig, HistoryFollower, UserHistory
+    from streams.kafka_io import topic_names
+
+    hc = HistoryConfig()
+    history = UserHistory(hc.history_users, hc.history_per_user, hc.history_ttl_s)
+    follower = HistoryFollower(history, kafka.bootstrap_servers, topic_names(kafka.topic_prefix).actions,
+                               hc.history_ttl_s).start()
+    return history, follower
+
+
+def _server(cfg, ps, fleet, catalog=None, llm=None, history=None):
     """The gRPC front of this role: Recommender (all, recommender) or ParameterServer (ps)."""
     from serving.ps_service import PsServer, PsServerConfig
     from serving.remote_table import ShardedModelSource
@@ -198,4 +218,5 @@ def _server(cfg, ps, fleet, catalog=None, llm=None):
 
     if cfg.role == "ps":
         return PsServer(ps, PsServerConfig(host=cfg.host, port=cfg.port, workers=min(cfg.workers, 16)))
-    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet), items=catalog, rerank=llm)
+    return RecommendServer(cfg, ps if fleet is None else ShardedModelSource(ps, fleet), items=catalog, rerank=llm,
+                           history=history)

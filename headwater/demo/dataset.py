@@ -51,6 +51,7 @@ class DatasetPlan:
     crosses: tuple[str, ...] = ()  # crossed slots the trainer learns (user x item-side slots)
     pooling: str = "sum"  # the trainer's bag pooling, from the schema (TrainerConfig.for_log)
     slot_pooling: tuple[str, ...] = ()  # per-slot entries, when multi-valued columns disagree
+    recent_items: int = 0  # the schema's recent_items: serving fills the slot from its live history
     # The log's user and item ids, each once, in the order the replay first sends them: the
     # Recommend load's ids (headwater.demo.dataset_load).
     users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False, repr=False)
@@ -59,6 +60,10 @@ class DatasetPlan:
     def replay_args(self) -> list[str]:
         """``headwater replay`` flags beyond the file and the Kafka settings."""
         return ["--schema", str(self.schema_path), "--on-bad-row", self.on_bad_row]
+
+    def serve_args(self) -> list[str]:
+        """``headwater serve`` flags: the live history that fills recent_items, when the schema asks."""
+        return ["--recent-items", str(self.recent_items)] if self.recent_items else []
 
     def trainer_args(self) -> list[str]:
         """``headwater train`` flags of the model over this log: crosses and pooling."""
@@ -106,7 +111,7 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     users, items = log_entities(path, sch)
     return DatasetPlan(path, schema_path, on_bad_row, stats.rows, len(sch.dense_names()),
                        eval_window or max(1, examples // 10), model.crosses, model.pooling,
-                       model.slot_pooling, users, items)
+                       model.slot_pooling, sch.recent_items, users=users, items=items)
 
 
 def dataset_load(plan: DatasetPlan, target: str, qps: float, seed: int = 0) -> "DatasetLoadClient":

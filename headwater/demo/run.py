@@ -217,7 +217,8 @@ def plan(cfg: DemoConfig, bootstrap: str, grpc_port: int,
                         *(dataset.trainer_args() if dataset else [])])
     if cfg.serve and _have("serving.server"):
         add("serving", ["serve", *common, "--port", str(grpc_port),
-                        "--state-dir", str(cfg.data_dir / "serving"), *llm_args])
+                        "--state-dir", str(cfg.data_dir / "serving"), *llm_args,
+                        *(dataset.serve_args() if dataset else [])])
     if dataset is not None:
         out.append(Component(ChildSpec("replay", hw + ["replay", str(dataset.path), *common,
                                                        *dataset.replay_args()],

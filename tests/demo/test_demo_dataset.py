@@ -141,10 +141,13 @@ def test_demo_learns_a_log_of_positives_only_with_its_sampled_negatives(tmp_path
 
     full = write_real_shaped_csv(tmp_path / "full.csv", rows=ROWS)
     plays = without_column(full, tmp_path / "plays.csv")  # interactions only
-    proc, _ = _demo(tmp_path, "--dataset", str(plays), "--negatives", "2", timeout_s=170)
+    schema = tmp_path / "plays.toml"  # and the user's last 3 items as a feature (serving fills it)
+    schema.write_text("recent_items = 3\n")
+    proc, _ = _demo(tmp_path, "--dataset", str(plays), "--schema", str(schema), "--negatives", "2", timeout_s=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = encode_log(plays, log_schema(plays, ReplayConfig(negatives=2)))  # what every process encodes
+    expected = encode_log(plays, log_schema(plays, ReplayConfig(schema=str(schema), negatives=2)))
+    assert "recent_items" in expected.sparse  # what every process encodes
     assert ROWS < len(expected) <= 3 * ROWS
     assert summary["drained"] is True and summary["dead_letters"] == 0
     assert summary["examples"] == summary["trained"] == len(expected)  # each example once, negatives too

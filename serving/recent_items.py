@@ -1,0 +1,31 @@
+"""Fills a model's ``recent_items`` slot from serving's live history (``serve --recent-items N``).
+
+A model learned on a log with ``recent_items = N`` (:mod:`streams.log_history`) reads, per
+request, the item ids of the user's last N positive rows before it. A Recommend call may send
+them as context; when it does not, serving takes the user's last N interactions from its live
+history (:class:`~serving.user_history.UserHistory`, fed from ``hw.actions``, where the replay
+sends the log's positives as clicks), oldest first, as training made them: no train/serve skew.
+A user serving has no history of reads as one without history, as their first request did in
+training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.scoring_inputs import RankJob
+from serving.user_history import UserHistory
+
+__all__ = ["RECENT_SLOT", "fill_recent_items"]
+
+RECENT_SLOT = "recent_items"  # streams.log_schema.RECENT_SLOT: the slot the log's schema names
+
+
+def fill_recent_items(job: RankJob, slots: tuple[str, ...], history: UserHistory, n: int) -> None:
+    """Sets ``job.context[recent_items]`` to the user's last ``n`` interactions, unless the
+    model has no such slot or the call sent it."""
+    if RECENT_SLOT not in slots or RECENT_SLOT in job.context or n <= 0:
+        return
+    recent, _ = history.recent(job.user_id)
+    ids = np.fromiter((it.item_id for it in recent[-n:]), np.int64, min(n, len(recent)))
+    job.context = {**job.context, RECENT_SLOT: ids}
