@@ -11,6 +11,8 @@ training.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from serving.scoring_inputs import RankJob
@@ -19,12 +21,23 @@ from serving.user_history import UserHistory
 __all__ = ["RECENT_SLOT", "fill_recent_items"]
 
 RECENT_SLOT = "recent_items"  # streams.log_schema.RECENT_SLOT: the slot the log's schema names
+_WARNED = False
+log = logging.getLogger(__name__)
 
 
-def fill_recent_items(job: RankJob, slots: tuple[str, ...], history: UserHistory, n: int) -> None:
+def fill_recent_items(job: RankJob, slots: tuple[str, ...], history: UserHistory | None, n: int) -> None:
     """Sets ``job.context[recent_items]`` to the user's last ``n`` interactions, unless the
-    model has no such slot or the call sent it."""
-    if RECENT_SLOT not in slots or RECENT_SLOT in job.context or n <= 0:
+    model has no such slot or the call sent it. Without a history (``serve`` without
+    ``--recent-items``) such a call is scored as a user without history, with a warning once."""
+    if RECENT_SLOT not in slots or RECENT_SLOT in job.context:
+        return
+    if history is None or n <= 0:
+        global _WARNED
+        if not _WARNED:
+            _WARNED = True
+            log.warning("the model has a %s slot but serving fills it from no history (serve "
+                        "--recent-items N, the N of the log's schema): calls that do not send it "
+                        "score as users without history", RECENT_SLOT)
         return
     recent, _ = history.recent(job.user_id)
     ids = np.fromiter((it.item_id for it in recent[-n:]), np.int64, min(n, len(recent)))

@@ -248,8 +248,7 @@ class RecommenderService(pb2_grpc.RecommenderServicer):
         model = self._model()
         job, top_k = rank_job(request, model.slots, model.dense_dim, self.cfg.item_slot, self.limits,
                               item_dense_width(model, self.items))
-        if self.history is not None:
-            fill_recent_items(job, model.slots, self.history, self.cfg.recent_items)
+        fill_recent_items(job, model.slots, self.history, self.cfg.recent_items)
         if self.cfg.item_slot not in model.slots:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model has no item slot {self.cfg.item_slot!r}")

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_schema import (IMPLICIT_NEGATIVES, LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats,
+from streams.log_schema import (IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats,
                                 INT_CELL, feature_ids)
 from streams.log_items import log_columns, read_log_chunks
 from streams.log_cells import parse_floats
@@ -89,10 +89,11 @@ def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[
             and base.label_col not in header):
         # No label column of the default name and none named: a log of interactions only.
         base = replace(base, label_col="", negatives=given.pop("negatives", None) or base.negatives
-                       or IMPLICIT_NEGATIVES)
+                       or IMPLICIT_NEGATIVES, recent_items=base.recent_items or IMPLICIT_RECENT_ITEMS)
         log.warning("%s has no %r column and no other label column was named (--label-col, label_col "
-                    "in the schema): every row is read as a positive, with %d sampled negatives each",
-                    path, LogSchema.label_col, base.negatives)
+                    "in the schema): every row is read as a positive, with %d sampled negatives each "
+                    "and the user's last %d items as a feature", path, LogSchema.label_col, base.negatives,
+                    base.recent_items)
     if ("time_col" not in given and base.time_col == LogSchema.time_col
             and base.time_col not in header):
         base = replace(base, time_col="")

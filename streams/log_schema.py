@@ -71,6 +71,7 @@ _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "posi
 RECENT_SLOT = "recent_items"  # the user-side bag of a user's last positive items (``recent_items``)
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
+IMPLICIT_RECENT_ITEMS = 10  # ... and its recent_items (MovieLens as positives only: AUC 0.843 -> 0.868)
 _COLUMN_KEYS = ("kind", "side", "pooling", "separator", "decimal")
 
 
