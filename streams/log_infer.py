@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_schema import (IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, LABEL_VALUES, ColumnSpec, ColumnStats, LogSchema, LogStats,
-                                INT_CELL, feature_ids)
+from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CELL, ColumnSpec, LogSchema, feature_ids
+from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import log_columns, read_log_chunks
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
@@ -212,7 +212,7 @@ def _count_column(cs: ColumnStats, col: pa.ChunkedArray, seen: set, cap: int) ->
         values, bad = parse_floats(nonempty)
         cs.numeric = not (bad.any() or np.isinf(values).any())
     if cs.comma_decimal and len(nonempty):
-        cs.comma_decimal = bool(pc.all(pc.match_substring_regex(nonempty, _COMMA_NUMBER)).as_py())
+        cs.comma_decimal = bool(pc.all(pc.match_substring_regex(nonempty, _COMMA_NUMBER.pattern)).as_py())
     if cs.integer and len(nonempty):
         cs.integer = bool(pc.all(pc.match_substring_regex(nonempty, INT_CELL)).as_py())
     cs.with_separator += int(pc.sum(pc.match_substring(col, "|")).as_py() or 0)
@@ -231,17 +231,15 @@ def _list_separator(cs: ColumnStats, cells: set) -> str:
     for sep in OTHER_SEPARATORS:
         if cs.with_other.get(sep, 0) < MULTI_SHARE * nonempty:
             continue
-        listed = [v for v in cells if v and sep in v]
-        if sep == "," and all(_DECIMAL_COMMA.match(v) for v in listed):
-            continue
+        if sep == "," and all(_COMMA_NUMBER.match(v) for v in cells if v and sep in v):
+            continue  # 3,5: decimal commas
         cells_of = Counter(t for v in cells if v for t in {t.strip() for t in v.split(sep)} - {""})
         if cells_of and sum(n > 1 for n in cells_of.values()) >= LIST_TOKENS * len(cells_of):
             return sep
     return ""
 
 
-_DECIMAL_COMMA = re.compile(r"^\s*[+-]?[0-9]+,[0-9]+\s*$")
-_COMMA_NUMBER = r"^\s*[+-]?([0-9]+|[0-9]*,[0-9]+)\s*$"  # an integer, or a number with a decimal comma
+_COMMA_NUMBER = re.compile(r"^\s*[+-]?([0-9]+|[0-9]*,[0-9]+)\s*$")  # an integer, or a number with a decimal comma
 
 
 def _is_id_name(name: str) -> bool:

@@ -140,7 +140,8 @@ def _replay(args: argparse.Namespace) -> int:
     from streams.kafka_producer import BatchProducer
     from streams.log_reader import log_requests, source_name
     from streams.log_infer import infer_schema
-    from streams.log_schema import LogSchema, inspection_toml
+    from streams.log_schema import LogSchema
+    from streams.log_stats import inspection_toml
     from streams.replay import ReplayConfig, produce_dead_letters, produce_requests, read_log
 
     cfg = load_config(ReplayConfig, args, section="replay")

@@ -12,7 +12,8 @@ import xxhash
 
 from streams.events import SchemaError
 from streams.log_infer import infer_schema
-from streams.log_schema import ColumnSpec, LogSchema, entity_ids, feature_ids, inspection_toml
+from streams.log_schema import ColumnSpec, LogSchema, entity_ids, feature_ids
+from streams.log_stats import inspection_toml
 from tests.streams.log_fixtures import write_real_shaped_csv
 
 # A rating log joined with its user and item tables, as people export it: string ids, a
