@@ -13,8 +13,8 @@ overrides any part.
 
 Feature ids are a contract, the same in every process and run (Python's ``hash`` is not):
 ``xxh64(slot + b"\\x1f" + value, seed=0)`` viewed as int64, see :func:`feature_ids`. User and
-item columns keep integer cells as their own ids so integer logs and Recommend's int64 ids stay
-meaningful; other cells are hashed with the column name as the slot (:func:`entity_ids`).
+item columns keep canonical integer cells as their own ids so integer logs and Recommend's int64
+ids stay meaningful; other cells (``007`` among them) are hashed with the column name as the slot (:func:`entity_ids`).
 """
 
 from __future__ import annotations
@@ -310,18 +310,22 @@ def feature_ids(slot: str, values: Sequence[str] | np.ndarray | pa.Array) -> np.
 
 
 INT_CELL = r"^[+-]?[0-9]{1,19}$"
+# An id cell kept as its own int64 id: an integer written canonically. "007" (a zero-padded code)
+# or "+7" is a string id, hashed: it must not merge with "7".
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
 
 
 def entity_ids(column: str, values: Sequence[str] | np.ndarray | pa.Array) -> np.ndarray:
-    """int64 ids of user or item cells: an integer cell is its own id, any other cell
-    ``feature_ids(column, [cell])``. Empty cells are the caller's to reject."""
+    """int64 ids of user or item cells: an integer cell written canonically (no sign but ``-``,
+    no leading zero) is its own id, any other cell ``feature_ids(column, [cell])``. Empty cells
+    are the caller's to reject."""
     arr = _as_strings(values)
     if len(arr) == 0:
         return np.zeros(0, np.int64)
     enc = arr.dictionary_encode()
     uniques = enc.dictionary
     ids = np.empty(len(uniques), np.int64)
-    is_int = pc.match_substring_regex(uniques, INT_CELL).to_numpy(zero_copy_only=False)
+    is_int = pc.match_substring_regex(uniques, _CANONICAL_INT).to_numpy(zero_copy_only=False)
     as_int = np.zeros(len(uniques), bool)
     if is_int.any():
         cells = uniques.filter(pa.array(is_int)).to_pylist()

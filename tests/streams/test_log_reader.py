@@ -71,6 +71,15 @@ bob,10,0,1001,Comedy|Romance,3.5,M,web
 """
 
 
+def test_only_canonical_integer_ids_are_kept_so_zero_padded_codes_do_not_merge():
+    ids = entity_ids("item_id", ["7", "007", "0", "-5", "+5", "-0", "9223372036854775807",
+                                 "9223372036854775808"]).tolist()
+    assert ids[0] == 7 and ids[2] == 0 and ids[3] == -5 and ids[6] == 2**63 - 1  # their own ids
+    hashed = [int(feature_ids("item_id", [c])[0]) for c in ("007", "+5", "-0", "9223372036854775808")]
+    assert [ids[1], ids[4], ids[5], ids[7]] == hashed  # strings: "007" is not item 7
+    assert len(set(ids)) == len(ids)
+
+
 def test_ids_requests_and_sides_of_a_string_valued_log(tmp_path):
     f = write(tmp_path / "shop.csv", LOG)
     schema, _ = infer_schema(f)
