@@ -216,9 +216,10 @@ def test_a_live_generator_starts_its_event_clock_when_it_sends_and_keeps_to_it()
     imps = [(sent, e) for sent, e in rec.sent if isinstance(e, Impression)]
     assert len(imps) == 120
     assert t0 <= imps[0][1].event_time_ms <= t0 + 50
-    # Each impression goes out within ~100 ms (one block) of its event time, either way.
+    # Each impression goes out at most ~100 ms (one block) before its event time, and never
+    # seconds after it (late only by a stall: a loaded 2-core box has held this thread 455 ms).
     ahead = [e.event_time_ms - sent for sent, e in imps]
-    assert max(ahead) <= 110 and min(ahead) >= -150
+    assert max(ahead) <= 110 and min(ahead) >= -1000
 
 
 def test_a_live_generator_with_history_sends_the_past_at_once_then_keeps_to_the_clock():
