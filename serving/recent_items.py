@@ -17,10 +17,10 @@ import numpy as np
 
 from serving.scoring_inputs import RankJob
 from serving.user_history import UserHistory
+from streams.log_history import RECENT_SLOT
 
 __all__ = ["RECENT_SLOT", "fill_recent_items"]
 
-RECENT_SLOT = "recent_items"  # streams.log_schema.RECENT_SLOT: the slot the log's schema names
 _WARNED = False
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ import numpy as np
 
 from streams.events import Ragged
 
-__all__ = ["recent_positives"]
+__all__ = ["RECENT_SLOT", "recent_positives"]
+
+RECENT_SLOT = "recent_items"  # the slot's name, in the schema, the model and Recommend's context
 
 
 def recent_positives(user: np.ndarray, ts: np.ndarray, item: np.ndarray, label: np.ndarray,
@@ -26,7 +28,7 @@ def recent_positives(user: np.ndarray, ts: np.ndarray, item: np.ndarray, label: 
     the row's user's last ``k`` positive rows strictly earlier in event time, oldest first."""
     n = len(user)
     if n == 0 or k <= 0:
-        return Ragged(np.zeros(0, np.int64), np.zeros(n, np.int32))
+        return Ragged.empty(n)
     _, uidx = np.unique(user, return_inverse=True)
     _, trank = np.unique(ts, return_inverse=True)
     key = uidx.astype(np.int64) * (n + 1) + trank  # (user, time) in one sortable int64

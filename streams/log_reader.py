@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 
 from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError, request_hash
 from streams.ids import row_example_ids
-from streams.log_schema import RECENT_SLOT, ColumnSpec, LogSchema, feature_ids
+from streams.log_schema import ColumnSpec, LogSchema, feature_ids
 from streams.log_items import log_columns, read_log_chunks
-from streams.log_history import recent_positives
+from streams.log_history import RECENT_SLOT, recent_positives
 from streams.log_negatives import negative_plan
 from streams.log_formats import source_name
 from streams.log_cells import parse_floats

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from streams.log_history import RECENT_SLOT
 from streams.wire import SchemaError
 
 KINDS = ("categorical", "multi", "numeric", "text", "ignore")
@@ -69,7 +70,6 @@ class ColumnSpec:
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
              "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
-RECENT_SLOT = "recent_items"  # the user-side bag of a user's last positive items (``recent_items``)
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
 IMPLICIT_RECENT_ITEMS = 10  # ... and its recent_items (MovieLens as positives only: AUC 0.843 -> 0.868)

@@ -38,7 +38,6 @@ from streams.wire import SchemaError
 FILE_ORDER_EPOCH_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: line 0 of a log without times
 
 
-
 @dataclass
 class BadRow:
     """A row that cannot be used, with where and why (dead-lettered or raised)."""

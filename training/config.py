@@ -121,13 +121,14 @@ class TrainerConfig(ModelFields):
         and the per-slot entries stay empty; otherwise each gets its entry (serving pools every
         slot by ``pooling_of`` either way, as training does).
         """
+        from streams.log_history import RECENT_SLOT
         from training.model.crosses import user_item_crosses
 
         crosses = user_item_crosses(schema.item_slots()) if crosses is None else tuple(crosses)
         given = self.pooling_overrides()
         wanted = {c.name: c.pooling for c in schema.columns if c.kind == "multi" and c.name not in given}
-        if schema.recent_items and "recent_items" not in given:  # pooled by sum: its length says too
-            wanted["recent_items"] = "sum"  # how much the user did (MovieLens positives only: 0.870 vs 0.865 by mean)
+        if schema.recent_items and RECENT_SLOT not in given:  # pooled by sum: its length says too
+            wanted[RECENT_SLOT] = "sum"  # how much the user did (MovieLens positives only: 0.870 vs 0.865 by mean)
         modes = set(wanted.values())
         if not given and len(modes) == 1:
             return replace(self, crosses=crosses, pooling=modes.pop())
