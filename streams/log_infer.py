@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CELL, ColumnSpec, LogSchema, feature_ids
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import log_columns, read_log_chunks
+from streams.log_names import guess_label_rule, guess_reserved
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
 
@@ -77,14 +78,18 @@ def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat()
 
 
-def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[str, Any]) -> LogSchema:
-    """The reserved names: the schema file's, then the flags'; checked against the log's header."""
+def _names_schema(path: str | Path, overrides: LogSchema | None,
+                  names: Mapping[str, Any]) -> tuple[LogSchema, list[str]]:
+    """The reserved names: the schema file's, then the flags', else the usual names the header
+    has (:mod:`streams.log_names`); checked against the log's header. Also the notes saying
+    what was guessed."""
     given = {k: v for k, v in names.items() if v not in (None, "")}
     unknown = set(given) - set(_NAME_KEYS)
     if unknown:
         raise TypeError(f"unknown schema names {sorted(unknown)}")
     base = overrides or LogSchema()
     header = column_names(path)
+    base, notes = guess_reserved(header, base, set(given))
     if ("label_col" not in given and base.label_col == LogSchema.label_col
             and base.label_col not in header):
         # No label column of the default name and none named: a log of interactions only.
@@ -101,13 +106,14 @@ def _names_schema(path: str | Path, overrides: LogSchema | None, names: Mapping[
                     "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
     log_columns(path, base)  # checks the reserved and described columns are there
-    return base
+    base, label_notes = guess_label_rule(path, base)
+    return base, notes + label_notes
 
 
 def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: Any) -> LogSchema:
     """The schema to read ``path`` with: ``overrides`` as is when it describes every feature
     column of the log (no pass over the data), else inferred with ``overrides`` winning."""
-    base = _names_schema(path, overrides, names)
+    base, _ = _names_schema(path, overrides, names)
     described = {c.name for c in base.columns} | set(base.reserved())
     if all(c in described for c in log_columns(path, base)):
         return base
@@ -141,7 +147,10 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
     names are used. ``names`` sets ``user_col``/``item_col``/``label_col``/``time_col``/
     ``truth_col``/``positive_threshold`` directly (flags; they win over the file).
     """
-    return _infer(path, _names_schema(path, overrides, names), chunk_rows, distinct_cap)
+    base, notes = _names_schema(path, overrides, names)
+    schema, stats = _infer(path, base, chunk_rows, distinct_cap)
+    stats.notes = notes
+    return schema, stats
 
 
 def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int) -> tuple[LogSchema, LogStats]:

@@ -56,11 +56,13 @@ class LogStats:
     # column has at most LABEL_VALUES distinct cells): what positive_values or
     # positive_threshold should say.
     label_values: list[tuple[str, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was guessed (streams.log_names)
 
     def summary(self) -> str:
         lines = [f"rows {self.rows}, bad rows {self.bad_rows}, label rate {self.label_rate:.4f}",
                  f"time {self.time_min} .. {self.time_max}"]
         lines += [f"bad: {b}" for b in self.bad_examples]
+        lines += [f"guessed: {n}" for n in self.notes]
         if self.label_values:
             cells = ", ".join(f"{v!r} {n}" for v, n in self.label_values)
             numeric = all(_is_number(v) for v, _ in self.label_values)

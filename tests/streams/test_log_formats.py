@@ -193,12 +193,13 @@ def test_times_ending_in_utc_or_gmt_parse_as_bigquery_exports_write_them(tmp_pat
 
 def test_inspect_names_the_label_cells_and_what_to_set(tmp_path):
     events = tmp_path / "rr.csv"
-    events.write_text("timestamp,visitorid,event,itemid\n1,1,view,5\n2,1,addtocart,5\n3,2,view,6\n")
+    # (cells streams.log_names does not know: it reads view/addtocart/transaction by itself)
+    events.write_text("timestamp,visitorid,event,itemid\n1,1,seen,5\n2,1,kept,5\n3,2,seen,6\n")
     names = dict(user_col="visitorid", item_col="itemid", label_col="event", time_col="timestamp")
     _, stats = infer_schema(events, **names)
-    assert stats.label_values == [("view", 2), ("addtocart", 1)]
-    assert "label cells: 'view' 2, 'addtocart' 1: set positive_values" in stats.summary()
-    ratings = tmp_path / "r.csv"
-    ratings.write_text("user_id,item_id,label,ts\n1,4,4.5,6\n1,5,2,7\n")
+    assert stats.label_values == [("seen", 2), ("kept", 1)]
+    assert "label cells: 'seen' 2, 'kept' 1: set positive_values" in stats.summary()
+    ratings = tmp_path / "r.csv"  # a continuous score, no scale (a scale gets its threshold guessed)
+    ratings.write_text("user_id,item_id,label,ts\n" + "".join(f"1,{i},{i / 7:.3f},{i}\n" for i in range(2, 30)))
     assert "set positive_threshold" in infer_schema(ratings)[1].summary()
     assert infer_schema(write_real_shaped_csv(tmp_path / "ok.csv"))[1].label_values == []  # 0/1

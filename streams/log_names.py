@@ -1,0 +1,142 @@
+"""Which columns of a log are its user, item, time and label, and how its label reads, guessed
+where the schema does not say: what a log exported by someone else needs to run as it is.
+
+A log rarely names its columns ``user_id``, ``item_id``, ``label``, ``ts``: MovieLens writes
+``userId,movieId,rating,timestamp``, a shop ``visitorid,itemid,event,timestamp``. A reserved
+column whose default name is not in the header is looked for among the names such logs use
+(compared in lower case without ``_``/``-``/spaces, so ``userId``, ``user_id`` and ``User ID``
+are one name), in the order of the lists below; a column named for one role is never taken for
+another. A label that is not 0/1 is read the way such logs mean it:
+
+- a rating scale (at least 3 and at most :data:`SCALE_VALUES` distinct numbers, less than half
+  of the cells 0 or 1: a 0/1 label with a few stray cells stays 0/1, its stray cells bad rows): ``positive_threshold`` is the smallest value in the
+  top quarter of the scale (4 on 1-5 and on 0.5-5, 8 on 1-10);
+- event types (``view``, ``addtocart``, ``transaction``): ``positive_values`` are the cells that
+  name an engagement (:data:`POSITIVE_WORDS`), when every other cell names an exposure
+  (:data:`EXPOSURE_WORDS`).
+
+Anything else is left as it is (``--inspect`` lists the label's cells and says what to set).
+Each guess is logged and returned as a note for ``--inspect``; a name or rule the schema or a
+flag gives is never second-guessed. The label rule reads the first :data:`SAMPLE_ROWS` rows (a
+0/1 label: its first 65,536).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streams.log_cells import parse_floats
+from streams.log_schema import LogSchema
+from streams.log_source import read_chunks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["guess_label_rule", "guess_reserved", "EXPOSURE_WORDS", "POSITIVE_WORDS"]
+
+# Names per role, most specific first (normalised: lower case, letters and digits only).
+_NAMES: dict[str, tuple[str, ...]] = {
+    "user_col": ("userid", "user", "uid", "visitorid", "visitor", "customerid", "customer", "clientid",
+                 "memberid", "accountid", "viewerid", "readerid", "listenerid", "reviewerid", "buyerid",
+                 "personid", "profileid", "sessionid", "session"),
+    "item_col": ("itemid", "item", "iid", "productid", "product", "movieid", "movie", "sku", "articleid",
+                 "article", "trackid", "track", "songid", "song", "videoid", "video", "contentid", "content",
+                 "asin", "bookid", "book", "isbn", "docid", "documentid", "postid", "newsid", "businessid",
+                 "recipeid", "animeid", "gameid", "appid", "adid", "offerid", "listingid", "courseid",
+                 "artistid", "stockcode", "productcode", "itemcode"),
+    "time_col": ("ts", "timestamp", "time", "eventtime", "eventtimestamp", "datetime", "date", "createdat",
+                 "created", "eventdate", "timestamputc", "unixtime", "epoch", "clicktime"),
+    "label_col": ("label", "click", "clicked", "isclick", "clicks", "target", "y", "rating", "stars",
+                  "reward", "purchase", "purchased", "converted", "conversion", "liked", "like", "event",
+                  "eventtype", "action", "actiontype", "interaction", "behavior", "behaviour"),
+}
+SCALE_VALUES = 20  # a numeric label with at most this many distinct values is a rating scale
+SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
+SAMPLE_ROWS = 1 << 18
+BINARY_SHARE = 0.5  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)
+_BINARY = frozenset(("0", "1", "0.0", "1.0", "true", "false", "t", "f"))
+POSITIVE_WORDS = frozenset((
+    "click", "clicked", "purchase", "purchased", "buy", "bought", "transaction", "order", "ordered",
+    "checkout", "addtocart", "cart", "like", "liked", "favorite", "favourite", "fav", "play", "played",
+    "watch", "watched", "listen", "listened", "share", "shared", "convert", "converted", "conversion",
+    "download", "downloaded", "subscribe", "subscribed", "save", "saved", "yes", "positive", "pos"))
+EXPOSURE_WORDS = frozenset((
+    "view", "viewed", "pageview", "impression", "impressions", "show", "shown", "display", "displayed",
+    "expose", "exposure", "skip", "skipped", "dislike", "disliked", "ignore", "ignored", "no", "negative",
+    "neg", "none", "detail", "browse"))
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tuple[LogSchema, list[str]]:
+    """``schema`` with each reserved column the caller did not name (``given``) and whose current
+    name is not in ``header`` replaced by the header's column of a known name for the role; and
+    one note per guess. The label is guessed only where the schema still has a label column."""
+    taken = {c for c in schema.reserved() if c in header}
+    by_norm: dict[str, str] = {}
+    for col in header:
+        by_norm.setdefault(_norm(col), col)
+    changes: dict[str, str] = {}
+    notes: list[str] = []
+    for role, names in _NAMES.items():
+        current = getattr(schema, role)
+        if role in given or current in header or (role == "label_col" and schema.implicit):
+            continue
+        found = next((by_norm[n] for n in names if n in by_norm and by_norm[n] not in taken), None)
+        if found is None:
+            continue
+        taken.add(found)
+        changes[role] = found
+        notes.append(f"{role} = {found!r}: the log has no {current!r} column; {found!r} is a usual name for it")
+    for note in notes:
+        log.warning("reading %s", note)
+    return (replace(schema, **changes) if changes else schema), notes
+
+
+def guess_label_rule(path: str | Path, schema: LogSchema) -> tuple[LogSchema, list[str]]:
+    """``schema`` with ``positive_threshold`` or ``positive_values`` set from the label's cells
+    when they are a rating scale or event types (module docstring), and the note saying so;
+    unchanged where the label is 0/1, boolean, already has a rule, or is something else."""
+    if schema.implicit or schema.positive_threshold is not None or schema.positive_values:
+        return schema, []
+    counts: Counter[str] = Counter()
+    rows = 0
+    for chunk in read_chunks(path, 1 << 16):
+        if schema.label_col not in chunk.table.column_names:
+            return schema, []  # the label comes from elsewhere (an item table): not guessed here
+        column = pc.utf8_trim_whitespace(chunk.table.column(schema.label_col))
+        counts.update({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist() if c["values"]})
+        rows += chunk.table.num_rows
+        binary = sum(n for c, n in counts.items() if c.lower() in _BINARY)
+        if binary >= BINARY_SHARE * sum(counts.values()):
+            return schema, []  # 0/1 (or true/false): a few other cells are bad rows, not a scale
+        if rows >= SAMPLE_ROWS or len(counts) > 1000:
+            break
+    cells = set(counts)
+    values, bad = parse_floats(pa.array(sorted(cells), pa.string()))
+    note = None
+    scale = np.unique(values)
+    if cells and not bad.any() and np.isfinite(values).all() and 3 <= len(scale) <= SCALE_VALUES:
+        threshold = float(scale[scale >= scale[0] + SCALE_TOP * (scale[-1] - scale[0])][0])
+        schema = replace(schema, positive_threshold=threshold)
+        note = (f"positive_threshold = {threshold:g}: the label {schema.label_col!r} is a scale of "
+                f"{len(scale)} values from {scale[0]:g} to {scale[-1]:g}; a value >= {threshold:g} is a positive")
+    elif cells and all(c.lower() in POSITIVE_WORDS | EXPOSURE_WORDS for c in cells):
+        positive = tuple(sorted(c for c in cells if c.lower() in POSITIVE_WORDS))
+        if positive and len(positive) < len(cells):
+            schema = replace(schema, positive_values=positive)
+            note = (f"positive_values = {list(positive)}: the label {schema.label_col!r} names events "
+                    f"{sorted(cells)}; those that are an engagement are positives")
+    if note is None:
+        return schema, []
+    log.warning("reading %s", note)
+    return schema, [note]

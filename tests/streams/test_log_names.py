@@ -1,0 +1,151 @@
+"""A log exported by someone else runs as it is: its user, item, time and label columns found by
+their usual names, and a rating scale or event types read as the labels they mean."""
+
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from streams.events import SchemaError
+from streams.log_infer import infer_schema, schema_for
+from streams.log_reader import encode_log
+from streams.log_schema import LogSchema
+from streams.log_stats import inspection_toml
+
+# MovieLens' own spelling: camelCase ids, a half-star rating, epoch seconds.
+MOVIELENS = """\
+userId,movieId,rating,timestamp,genres
+1,31,2.5,1260759144,Drama
+1,1029,3.0,1260759179,Animation|Children
+1,1061,4.0,1260759182,Thriller
+2,31,5.0,1260759200,Drama
+2,1061,0.5,1260759210,Thriller
+3,1029,4.5,1260759220,Animation|Children
+3,31,3.5,1260759230,Drama
+"""
+
+# A shop's event log: who looked at what, put it in a cart, bought it.
+EVENTS = """\
+timestamp,visitorid,event,itemid,transactionid
+1433221332117,257597,view,355908,
+1433224214164,992329,view,248676,
+1433221999827,111016,addtocart,318965,
+1433221955914,483717,view,253185,
+1433221337106,951259,transaction,367447,4000
+1433223291897,257597,view,248676,
+"""
+
+
+def _write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_movielens_export_runs_as_it_is_with_rating_4_and_up_as_positives(tmp_path):
+    path = _write(tmp_path, "ratings.csv", MOVIELENS)
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.time_col, schema.label_col) == (
+        "userId", "movieId", "timestamp", "rating")
+    assert schema.positive_threshold == 4.0 and not schema.implicit
+    log = encode_log(path, schema)
+    assert len(log) == 7 and not log.bad_rows
+    by_line = dict(zip(log.source_line.tolist(), log.label.tolist()))
+    ratings = [2.5, 3.0, 4.0, 5.0, 0.5, 4.5, 3.5]
+    assert [by_line[i + 2] for i in range(7)] == [float(r >= 4) for r in ratings]  # line 1: the header
+    assert [c.name for c in schema.columns] == ["genres"]
+
+
+def test_inspect_says_what_it_guessed_and_the_toml_reads_back_to_the_same_schema(tmp_path):
+    path = _write(tmp_path, "ratings.csv", MOVIELENS)
+    schema, stats = infer_schema(path)
+    text = inspection_toml(schema, stats)
+    for line in ("guessed: user_col = 'userId'", "guessed: label_col = 'rating'",
+                 "guessed: positive_threshold = 4: the label 'rating' is a scale of 7 values from 0.5 to 5"):
+        assert line in text, text
+    assert stats.bad_rows == 0 and stats.label_rate == pytest.approx(3 / 7)
+    back = LogSchema.from_mapping(tomllib.loads(text))
+    assert back == schema
+    assert schema_for(path, back) == schema  # as a schema file: nothing left to guess
+
+
+@pytest.mark.parametrize("scale, threshold", [(range(1, 6), 4.0), (range(1, 11), 8.0), (range(0, 101, 10), 80.0)])
+def test_the_threshold_is_the_top_quarter_of_the_scale(tmp_path, scale, threshold):
+    rows = "\n".join(f"u{i % 3},i{i},{v},{1000 + i}" for i, v in enumerate(scale))
+    path = _write(tmp_path, "r.csv", "user_id,item_id,stars,ts\n" + rows + "\n")
+    assert schema_for(path).positive_threshold == threshold
+
+
+def test_event_types_make_engagements_positive_and_exposures_negative(tmp_path):
+    path = _write(tmp_path, "events.csv", EVENTS)
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.time_col, schema.label_col) == (
+        "visitorid", "itemid", "timestamp", "event")
+    assert schema.positive_values == ("addtocart", "transaction")
+    log = encode_log(path, schema)
+    by_line = dict(zip(log.source_line.tolist(), log.label.tolist()))
+    assert [by_line[i] for i in range(2, 8)] == [0, 0, 1, 0, 1, 0]
+
+
+def test_the_same_guesses_on_parquet_whose_rating_is_a_float_column(tmp_path):
+    table = pa.table({"UserID": ["a", "a", "b", "b"], "Product ID": ["p1", "p2", "p1", "p3"],
+                      "Rating": [1.0, 5.0, 4.0, 2.0], "event_time": [1, 2, 3, 4]})
+    pq.write_table(table, tmp_path / "r.parquet")
+    schema = schema_for(tmp_path / "r.parquet")
+    assert (schema.user_col, schema.item_col, schema.time_col, schema.label_col) == (
+        "UserID", "Product ID", "event_time", "Rating")
+    assert schema.positive_threshold == 4.0
+    assert encode_log(tmp_path / "r.parquet", schema).label.tolist() == [0, 1, 1, 0]
+
+
+def test_what_the_caller_names_is_never_second_guessed(tmp_path):
+    path = _write(tmp_path, "ratings.csv", MOVIELENS)
+    # a named label keeps its name and its given rule; a named user column is not replaced
+    schema = schema_for(path, label_col="rating", positive_threshold=3.0, user_col="userId")
+    assert schema.label_col == "rating" and schema.positive_threshold == 3.0
+    # a schema file's label_col = "" keeps the log implicit even though it has a rating column
+    implicit = schema_for(path, LogSchema(label_col="", negatives=4))
+    assert implicit.implicit and implicit.negatives == 4
+    assert "rating" in [c.name for c in implicit.columns]
+    with pytest.raises(SchemaError, match="missing columns"):
+        schema_for(path, user_col="customer")
+
+
+def test_labels_that_are_already_0_1_or_boolean_get_no_rule_and_unknown_words_none(tmp_path):
+    booleans = _write(tmp_path, "b.csv", "user,item,clicked,ts\nu,a,True,1\nu,b,false,2\nv,a,TRUE,3\n")
+    schema = schema_for(booleans)
+    assert schema.label_col == "clicked" and schema.positive_threshold is None and not schema.positive_values
+    assert encode_log(booleans, schema).label.tolist() == [1, 0, 1]
+    stray = _write(tmp_path, "s.csv", "user,item,label,ts\nu,a,0,1\nu,b,1,2\nv,a,3,3\nv,c,1,4\nw,a,0,5\n")
+    assert schema_for(stray).positive_threshold is None  # a 0/1 label with a typo is no scale of 0..3
+    assert [b.column for b in encode_log(stray, schema_for(stray), on_bad_row="dead-letter").bad_rows] == ["label"]
+    words = _write(tmp_path, "w.csv", "user,item,action,ts\nu,a,foo,1\nu,b,bar,2\n")
+    schema, stats = infer_schema(words)
+    assert schema.label_col == "action" and not schema.positive_values and schema.positive_threshold is None
+    assert stats.bad_rows == 2 and "positive_values" in stats.summary()  # says what to set
+
+
+def test_a_log_without_usual_names_still_says_which_columns_are_missing(tmp_path):
+    path = _write(tmp_path, "odd.csv", "who,what,when\n1,2,3\n")
+    with pytest.raises(SchemaError, match=r"missing columns \['user_id', 'item_id'\]"):
+        schema_for(path)
+    # a log of positives only with usual names stays one (no column looks like a label)
+    plain = _write(tmp_path, "plain.csv", "customer_id,sku,date\nc1,s1,2020-01-01\nc2,s1,2020-01-02\n")
+    schema = schema_for(plain)
+    assert (schema.user_col, schema.item_col, schema.time_col) == ("customer_id", "sku", "date")
+    assert schema.implicit
+
+
+def test_headwater_replay_inspect_reads_a_movielens_export_without_flags(tmp_path):
+    path = _write(tmp_path, "ratings.csv", MOVIELENS)
+    out = subprocess.run([sys.executable, "-m", "headwater", "replay", "--inspect", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    back = LogSchema.from_mapping(tomllib.loads(out.stdout))
+    assert (back.user_col, back.label_col, back.positive_threshold) == ("userId", "rating", 4.0)
+    assert "reading label_col = 'rating'" in out.stderr
+    assert np.isclose(float(out.stdout.split("label rate ")[1].split()[0]), 3 / 7, atol=1e-4)
