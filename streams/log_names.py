@@ -50,12 +50,14 @@ _NAMES: dict[str, tuple[str, ...]] = {
                  "article", "trackid", "track", "songid", "song", "videoid", "video", "contentid", "content",
                  "asin", "bookid", "book", "isbn", "docid", "documentid", "postid", "newsid", "businessid",
                  "recipeid", "animeid", "gameid", "appid", "adid", "offerid", "listingid", "courseid",
-                 "artistid", "stockcode", "productcode", "itemcode"),
+                 "artistid", "stockcode", "productcode", "itemcode", "parentasin", "showid", "episodeid", "podcastid"),
     "time_col": ("ts", "timestamp", "time", "eventtime", "eventtimestamp", "datetime", "date", "createdat",
-                 "created", "eventdate", "timestamputc", "unixtime", "epoch", "clicktime"),
+                 "created", "eventdate", "timestamputc", "unixtime", "epoch", "clicktime", "eventts", "unixreviewtime",
+                 "dateadded", "ratedat", "watchedat", "playedat", "purchasedat", "orderdate", "tdat"),
     "label_col": ("label", "click", "clicked", "isclick", "clicks", "target", "y", "rating", "stars",
-                  "reward", "purchase", "purchased", "converted", "conversion", "liked", "like", "event",
-                  "eventtype", "action", "actiontype", "interaction", "behavior", "behaviour"),
+                  "overall", "bookrating", "reward", "purchase", "purchased", "converted", "conversion", "liked",
+                  "like", "feedback", "event", "eventtype", "action", "actiontype", "interaction",
+                  "behavior", "behaviour", "behaviortype", "behaviourtype"),
 }
 SCALE_VALUES = 20  # a numeric label with at most this many distinct values is a rating scale
 SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
@@ -68,7 +70,7 @@ POSITIVE_WORDS = frozenset((
     "watch", "watched", "listen", "listened", "share", "shared", "convert", "converted", "conversion",
     "download", "downloaded", "subscribe", "subscribed", "save", "saved", "yes", "positive", "pos"))
 EXPOSURE_WORDS = frozenset((
-    "view", "viewed", "pageview", "impression", "impressions", "show", "shown", "display", "displayed",
+    "view", "viewed", "pageview", "pv", "imp", "impression", "impressions", "show", "shown", "display", "displayed",
     "expose", "exposure", "skip", "skipped", "dislike", "disliked", "ignore", "ignored", "no", "negative",
     "neg", "none", "detail", "browse"))
 

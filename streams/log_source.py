@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -85,6 +86,10 @@ def column_names(path: str | Path) -> list[str]:
     return header
 
 
+# A header cell that is a number: when half of them are, the first line is data (no header).
+_NUMBER_NAME = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
 def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:
     """The log's header (or ``header``: the columns it is read with, an item table's joined),
     after checking it has the reserved columns and the schema's columns."""
@@ -92,7 +97,11 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
     missing = [c for c in (schema.user_col, schema.item_col, schema.label_col, schema.time_col)
                if c and c not in header]
     if missing:
-        raise SchemaError(f"{path}: missing columns {missing} (the log has {header})")
+        hint = ""
+        if 2 * sum(bool(_NUMBER_NAME.fullmatch(c.strip())) for c in header) >= len(header):
+            hint = ("; its first line looks like data, not a header: add a header line naming the "
+                    "columns (user, item, label, time, ...)")
+        raise SchemaError(f"{path}: missing columns {missing} (the log has {header}){hint}")
     absent = [c.name for c in schema.columns if c.name not in header]
     if absent:
         raise SchemaError(f"{path}: the schema describes columns the log does not have: {absent}")

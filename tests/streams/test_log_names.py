@@ -149,3 +149,23 @@ def test_headwater_replay_inspect_reads_a_movielens_export_without_flags(tmp_pat
     assert (back.user_col, back.label_col, back.positive_threshold) == ("userId", "rating", 4.0)
     assert "reading label_col = 'rating'" in out.stderr
     assert np.isclose(float(out.stdout.split("label rate ")[1].split()[0]), 3 / 7, atol=1e-4)
+
+
+def test_a_log_without_a_header_line_is_told_so(tmp_path):
+    path = _write(tmp_path, "UserBehavior.csv", "1,2268318,2520377,pv,1511544070\n1,2333346,2520771,pv,1511561733\n")
+    with pytest.raises(SchemaError, match="its first line looks like data, not a header"):
+        schema_for(path)
+
+
+def test_taobao_and_amazon_spellings(tmp_path):
+    taobao = _write(tmp_path, "t.csv", "user_id,item_id,category_id,behavior_type,timestamp\n"
+                    "1,10,5,pv,1511544070\n1,11,5,cart,1511544071\n2,10,5,buy,1511544072\n2,12,6,fav,1511544073\n")
+    schema = schema_for(taobao)
+    assert schema.label_col == "behavior_type" and schema.positive_values == ("buy", "cart", "fav")
+    amazon = _write(tmp_path, "a.csv", "reviewerID,asin,overall,unixReviewTime,reviewTime\n"
+                    "A1,B01,5.0,1400000000,\"05 13, 2014\"\nA2,B01,3.0,1400000100,\"05 13, 2014\"\n"
+                    "A2,B02,1.0,1400000200,\"05 13, 2014\"\n")
+    schema = schema_for(amazon)
+    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
+        "reviewerID", "asin", "overall", "unixReviewTime")
+    assert schema.positive_threshold == 5.0  # a scale of 1, 3, 5: its top quarter
