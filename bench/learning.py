@@ -200,7 +200,8 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
                   on_progress=task("prequential", len(encoded)))
     out = {"bench": "learning", "dataset": str(args.dataset), **res.to_dict(),
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
-            "bad_rows": len(encoded.bad_rows), "batch_size": cfg.batch_size,
+            "bad_rows": len(encoded.bad_rows), "duplicate_rows": encoded.duplicate_rows,
+            "batch_size": cfg.batch_size,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],
             "crosses": list(cfg.crosses), "pooling": cfg.pooling,
             **({"slot_pooling": list(cfg.slot_pooling)} if cfg.slot_pooling else {}),

@@ -60,6 +60,7 @@ class EncodedLog:
     schema: LogSchema
     bad_rows: list[BadRow] = field(default_factory=list)  # dead-lettered, in file order
     item_text: dict[int, str] = field(default_factory=dict)  # item -> its text (text columns)
+    duplicate_rows: int = 0  # rows that repeated an earlier row's user, item and time (merged)
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -101,6 +102,9 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
                 value.take(keep) if isinstance(value, Ragged) else value[keep])
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     order = np.argsort(cat["ts"], kind="stable")
+    keep, merged_label = _once_each(cat["user"][order], cat["item"][order], cat["ts"][order], cat["label"][order])
+    duplicates = len(order) - len(keep)
+    order = order[keep]
     user, ts = cat["user"].astype(np.int64)[order], cat["ts"].astype(np.int64)[order]
     starts = _request_starts(user, ts)
     first_row = np.repeat(starts[:-1], np.diff(starts))  # each row's request's first row
@@ -123,7 +127,7 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     n = len(order)
     dense = np.stack(dense_cols, 1).astype(np.float32) if dense_cols else np.zeros((n, 0), np.float32)
     truth = cat["truth"].astype(np.float32)[order]
-    label, line = cat["label"].astype(np.float32)[order], cat["line"].astype(np.int64)[order]
+    label, line = merged_label.astype(np.float32), cat["line"].astype(np.int64)[order]
     if schema.recent_items:  # the user's last positives before each request (never the negatives)
         sparse[RECENT_SLOT] = recent_positives(user, ts, item, label, starts, schema.recent_items)
     if schema.negatives:
@@ -141,10 +145,34 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
         per_request = np.add.reduceat(unknown, starts[:-1]) > 0 if n else np.zeros(0, bool)
         truth[np.repeat(per_request, np.diff(starts))] = np.nan
     bad_rows.sort(key=lambda b: b.line)
+    if duplicates:
+        log.warning("%s: %d rows repeat an earlier row's user, item and time: each such event is "
+                    "learned once (a positive if any copy is)", path, duplicates)
     if bad_rows:
         log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
                     bad_rows[0].message(path))
-    return EncodedLog(user, item, label, ts, truth, sparse, dense, line, schema, bad_rows, texts.result())
+    return EncodedLog(user, item, label, ts, truth, sparse, dense, line, schema, bad_rows, texts.result(),
+                      duplicates)
+
+
+def _once_each(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to keep, their labels) of time-ordered rows where a row repeating an earlier row's
+    (user, item, time) is one event logged twice: only its first row is kept, with the largest
+    label of the copies (a view row and a click row of one showing are one clicked example)."""
+    n = len(user)
+    by_key = np.lexsort((np.arange(n), item, ts, user))  # copies together, in row order
+    first = np.ones(n, bool)
+    if n:
+        first[1:] = ((user[by_key][1:] != user[by_key][:-1]) | (item[by_key][1:] != item[by_key][:-1])
+                     | (ts[by_key][1:] != ts[by_key][:-1]))
+    if first.all():
+        return np.arange(n), label
+    heads = np.flatnonzero(first)
+    best = np.maximum.reduceat(label[by_key], heads)
+    keep = np.sort(by_key[heads])
+    merged = np.empty(n, label.dtype)
+    merged[by_key[heads]] = best
+    return keep, merged[keep]
 
 
 def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18

@@ -167,6 +167,19 @@ def test_dead_letter_mode_keeps_the_good_rows_and_lists_every_bad_one(tmp_path):
     assert enc.item_id.tolist() == [4, 7, 10] and enc.source_line.tolist() == [2, 5, 8]
 
 
+def test_a_row_logged_twice_is_one_example_and_a_view_row_with_its_click_row_one_positive(tmp_path):
+    f = write(tmp_path / "twice.csv", "user_id,item_id,label,ts,genre\n"
+              "1,10,1,100,a\n1,10,1,100,a\n1,11,0,100,b\n2,10,0,200,a\n2,10,1,200,a\n2,10,0,300,a\n")
+    enc = encode_log(f, infer_schema(f)[0])
+    assert enc.duplicate_rows == 2
+    assert enc.item_id.tolist() == [10, 11, 10, 10] and enc.label.tolist() == [1, 0, 1, 0]
+    assert enc.source_line.tolist() == [2, 4, 5, 7]  # the first copy's line; a later time is a new event
+    batch = next(iter(log_examples(enc, "t")))
+    assert len(set(batch.example_id.tolist())) == len(batch.example_id) == 4
+    assert [list(imp.items) for imp, _ in log_requests(enc, "t")] == [[10, 11], [10], [10]]
+    assert [len(acts) for _, acts in log_requests(enc, "t")] == [1, 1, 0]
+
+
 def joiner_examples(enc: EncodedLog, source: str) -> ExampleBatch:
     """What the joiner builds from the requests replay would send (wire maps, as it stores them)."""
     closed = [ClosedRequest(msgpack.unpackb(encode_impression(imp), raw=False),
@@ -199,14 +212,15 @@ def test_log_examples_are_what_the_joiner_builds_from_the_replayed_requests(tmp_
 
 
 def test_log_examples_match_the_joiner_on_repeated_items_and_truth(tmp_path):
-    # Item 5 shown twice in one request with the click on the second row: the joiner labels the
-    # item's first row. truth_p travels per impression (empty in one row: unknown for its request).
+    # Item 5 twice in one request, the click on the second row: one event (a view row and its
+    # click row), one positive example with the first row's cells. truth_p travels per
+    # impression (empty in one row: unknown for its request).
     f = write(tmp_path / "dup.csv", "user_id,item_id,label,ts,truth_p,brand\n"
               "1,5,0,100,0.2,x\n1,5,1,100,0.3,x\n1,6,0,100,0.1,y\n2,5,1,200,,x\n2,6,0,200,0.5,y\n")
     enc = encode_log(f, infer_schema(f)[0])
     mine = ExampleBatch.concat(list(log_examples(enc, "dup", batch_rows=2)))
-    assert mine.label.tolist() == [1, 0, 0, 1, 0]
-    assert np.isnan(mine.truth_p[3:]).all() and mine.truth_p[:3] == pytest.approx([0.2, 0.3, 0.1])
+    assert mine.label.tolist() == [1, 0, 1, 0]
+    assert np.isnan(mine.truth_p[2:]).all() and mine.truth_p[:2] == pytest.approx([0.2, 0.1])
     assert_same_examples(mine, joiner_examples(enc, "dup"))
 
 
