@@ -106,7 +106,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
                     "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
     log_columns(path, base)  # checks the reserved and described columns are there
-    base, label_notes = guess_label_rule(path, base)
+    base, label_notes = guess_label_rule(path, base, label_named="label_col" in given)
     return base, notes + label_notes
 
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.log_cells import parse_floats
-from streams.log_schema import LogSchema
+from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, LogSchema
 from streams.log_source import read_chunks
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,12 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tup
     return (replace(schema, **changes) if changes else schema), notes
 
 
-def guess_label_rule(path: str | Path, schema: LogSchema) -> tuple[LogSchema, list[str]]:
+def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = False) -> tuple[LogSchema, list[str]]:
     """``schema`` with ``positive_threshold`` or ``positive_values`` set from the label's cells
     when they are a rating scale or event types (module docstring), and the note saying so;
-    unchanged where the label is 0/1, boolean, already has a rule, or is something else."""
+    unchanged where the label is 0/1, boolean, already has a rule, or is something else. A label
+    the caller did not name (``label_named``) whose every cell is one positive (``1``, ``true``,
+    ``purchase``) marks a log of positives only: the schema becomes implicit."""
     if schema.implicit or schema.positive_threshold is not None or schema.positive_values:
         return schema, []
     counts: Counter[str] = Counter()
@@ -119,10 +121,18 @@ def guess_label_rule(path: str | Path, schema: LogSchema) -> tuple[LogSchema, li
         counts.update({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist() if c["values"]})
         rows += chunk.table.num_rows
         binary = sum(n for c, n in counts.items() if c.lower() in _BINARY)
-        if binary >= BINARY_SHARE * sum(counts.values()):
+        if len(counts) > 1 and binary >= BINARY_SHARE * sum(counts.values()):
             return schema, []  # 0/1 (or true/false): a few other cells are bad rows, not a scale
         if rows >= SAMPLE_ROWS or len(counts) > 1000:
             break
+    if len(counts) == 1 and not label_named:
+        (cell,) = counts
+        if cell.lower() in POSITIVE_WORDS | {"1", "1.0", "true", "t"}:
+            negatives, recent = schema.negatives or IMPLICIT_NEGATIVES, schema.recent_items or IMPLICIT_RECENT_ITEMS
+            note = (f'label_col = "": every cell of {schema.label_col!r} is {cell!r}, so the log holds positives '
+                    f"only: each row gets {negatives} sampled negatives and the user's last {recent} items")
+            log.warning("reading %s", note)
+            return replace(schema, label_col="", negatives=negatives, recent_items=recent), [note]
     cells = set(counts)
     values, bad = parse_floats(pa.array(sorted(cells), pa.string()))
     note = None

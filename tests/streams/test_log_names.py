@@ -169,3 +169,17 @@ def test_taobao_and_amazon_spellings(tmp_path):
     assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
         "reviewerID", "asin", "overall", "unixReviewTime")
     assert schema.positive_threshold == 5.0  # a scale of 1, 3, 5: its top quarter
+
+
+def test_a_label_column_with_one_positive_value_is_a_log_of_positives_only(tmp_path):
+    rows = "".join(f"c{i % 4},s{i % 7},purchase,2020-01-{1 + i:02d}\n" for i in range(20))
+    path = _write(tmp_path, "orders.csv", "customer_id,sku,event,date\n" + rows)
+    schema, stats = infer_schema(path)
+    assert schema.implicit and schema.negatives == 4 and schema.recent_items == 10
+    assert [c.name for c in schema.columns if c.kind != "ignore"] == []  # 'event' is constant
+    assert "every cell of 'event' is 'purchase'" in inspection_toml(schema, stats)
+    enc = encode_log(path, schema)
+    assert enc.label.sum() == 20 and len(enc) > 20  # the rows, and their sampled negatives
+    ones = _write(tmp_path, "ones.csv", "user,item,clicked,ts\nu,a,1,1\nv,b,1,2\n")
+    assert schema_for(ones).implicit
+    assert not schema_for(ones, label_col="clicked").implicit  # named: taken as it is
