@@ -1,15 +1,23 @@
 """Which format a log file is in (by its name, compression suffixes aside), and how a CSV one is
-laid out: its delimiter and a block size for about n rows. :mod:`streams.log_source` reads it."""
+laid out: its text encoding, its delimiter and a block size for about n rows.
+:mod:`streams.log_source` reads it."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import logging
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
 
-__all__ = ["csv_block_size", "csv_delimiter", "is_json_lines", "is_parquet", "source_name"]
+__all__ = ["csv_block_size", "csv_delimiter", "csv_encoding", "is_json_lines", "is_parquet", "source_name",
+           "text_encoding"]
+
+log = logging.getLogger(__name__)
+_ENCODING_SAMPLE = 1 << 20
 
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 
@@ -30,6 +38,35 @@ def is_json_lines(path: str | Path) -> bool:
     return _plain_name(path).endswith((".jsonl", ".ndjson", ".json"))
 
 
+def csv_encoding(path: str | Path) -> str:
+    """``utf-8``, unless the first MiB is not UTF-8: then the Western legacy encoding that
+    decodes it (``cp1252``, else ``latin-1``, which decodes any byte), as older exports and
+    spreadsheets write them (Book-Crossing's ``BX-Book-Ratings.csv``), with a warning."""
+    return _encoding(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _encoding(path: str, mtime_ns: int) -> str:  # noqa: ARG001 - mtime: a rewritten file is read again
+    try:
+        with pa.input_stream(path, compression="detect") as raw:
+            sample = raw.read(_ENCODING_SAMPLE)
+    except OSError:
+        return "utf-8"  # column_names reports it
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)  # a cut last character is fine
+        return "utf-8"
+    except UnicodeDecodeError as exc:
+        where = exc.start
+    for encoding in ("cp1252", "latin-1"):
+        try:
+            sample.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        log.warning("%s is not UTF-8 (byte 0x%02x at offset %d): read as %s", path, sample[where], where, encoding)
+        return encoding
+    return "latin-1"  # not reached: latin-1 decodes every byte
+
+
 def csv_delimiter(path: str | Path) -> str:
     """A tab for ``.tsv``/``.tab`` (compressed too); else what the first lines show (comma, tab
     or semicolon; a comma when they show nothing)."""
@@ -37,7 +74,7 @@ def csv_delimiter(path: str | Path) -> str:
         return "\t"
     try:
         with pa.input_stream(str(path), compression="detect") as raw:
-            sample = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="").read(1 << 14)
+            sample = io.TextIOWrapper(raw, encoding=text_encoding(path), newline="").read(1 << 14)
     except (OSError, UnicodeDecodeError):
         return ","  # column_names reports it
     lines = sample.splitlines()[:20]
@@ -66,3 +103,9 @@ def source_name(path: str | Path) -> str:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
     return name
+
+
+def text_encoding(path: str | Path) -> str:
+    """:func:`csv_encoding` as Python's text reader takes it (a UTF-8 byte-order mark skipped)."""
+    encoding = csv_encoding(path)
+    return "utf-8-sig" if encoding == "utf-8" else encoding

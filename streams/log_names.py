@@ -9,11 +9,14 @@ are one name), in the order of the lists below; a column named for one role is n
 another. A label that is not 0/1 is read the way such logs mean it:
 
 - a rating scale (at least 3 and at most :data:`SCALE_VALUES` distinct numbers, less than half
-  of the cells 0 or 1: a 0/1 label with a few stray cells stays 0/1, its stray cells bad rows): ``positive_threshold`` is the smallest value in the
-  top quarter of the scale (4 on 1-5 and on 0.5-5, 8 on 1-10);
+  of the cells 0 or 1: a 0/1 label with a few stray cells stays 0/1, those cells bad rows):
+  ``positive_threshold`` is the smallest value in the top quarter of the scale (4 on 1-5 and on
+  0.5-5, 8 on 1-10);
 - event types (``view``, ``addtocart``, ``transaction``): ``positive_values`` are the cells that
   name an engagement (:data:`POSITIVE_WORDS`), when every other cell names an exposure
-  (:data:`EXPOSURE_WORDS`).
+  (:data:`EXPOSURE_WORDS`);
+- one positive cell on every row (``1``, ``purchase``), in a label column the caller did not
+  name: a log of positives only (``label_col = ""``, sampled negatives).
 
 Anything else is left as it is (``--inspect`` lists the label's cells and says what to set).
 Each guess is logged and returned as a note for ``--inspect``; a name or rule the schema or a

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from streams.log_formats import csv_block_size, csv_delimiter, is_json_lines, is_parquet
+from streams.log_formats import csv_block_size, csv_delimiter, csv_encoding, is_json_lines, is_parquet, text_encoding
 from streams.log_cells import one_chunk, parse_floats, parse_labels, parse_times
 from streams.log_jsonl import cell_string, json_lines_chunks, json_lines_columns
 from streams.log_schema import LogSchema, entity_ids
@@ -75,7 +75,7 @@ def column_names(path: str | Path) -> list[str]:
             raise SchemaError(f"{path}: {exc}") from None
     try:
         with pa.input_stream(str(path), compression="detect") as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            text = io.TextIOWrapper(raw, encoding=text_encoding(path), newline="")
             header = next(csv.reader(text, delimiter=csv_delimiter(path)), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SchemaError(f"{path}: cannot read the header: {exc}") from None
@@ -146,7 +146,8 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
     try:
         reader = pa_csv.open_csv(
             str(path),
-            read_options=pa_csv.ReadOptions(use_threads=False, block_size=csv_block_size(path, chunk_rows)),
+            read_options=pa_csv.ReadOptions(use_threads=False, block_size=csv_block_size(path, chunk_rows),
+                                            encoding=csv_encoding(path)),
             parse_options=pa_csv.ParseOptions(delimiter=csv_delimiter(path), newlines_in_values=True,
                                               invalid_row_handler=on_invalid),
             convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},

@@ -11,7 +11,7 @@ import pytest
 
 from streams.events import SchemaError
 from streams.log_formats import csv_delimiter, is_json_lines, is_parquet, source_name
-from streams.log_infer import infer_schema
+from streams.log_infer import infer_schema, schema_for
 from streams.log_reader import encode_log
 from tests.streams.log_fixtures import write_real_shaped_csv
 from tests.streams.test_log_reader import assert_same_log
@@ -203,3 +203,18 @@ def test_inspect_names_the_label_cells_and_what_to_set(tmp_path):
     ratings.write_text("user_id,item_id,label,ts\n" + "".join(f"1,{i},{i / 7:.3f},{i}\n" for i in range(2, 30)))
     assert "set positive_threshold" in infer_schema(ratings)[1].summary()
     assert infer_schema(write_real_shaped_csv(tmp_path / "ok.csv"))[1].label_values == []  # 0/1
+
+
+def test_a_legacy_windows_1252_export_reads_like_its_utf8_twin(tmp_path, caplog):
+    # Book-Crossing's shape: semicolons, quoted cells, a Western legacy encoding (é = 0xe9).
+    text = ('"User-ID";"ISBN";"Book-Rating";"Title"\n"1";"034545104X";"5";"Café Society"\n'
+            '"2";"0155061224";"0";"Crème brûlée"\n"1";"0155061224";"1";"Crème brûlée"\n')
+    legacy, utf8 = tmp_path / "bx.csv", tmp_path / "bx-utf8.csv"
+    legacy.write_bytes(text.encode("cp1252"))
+    utf8.write_text(text, encoding="utf-8")
+    names = dict(user_col="User-ID", item_col="ISBN", label_col="Book-Rating", positive_threshold=5.0)
+    a, b = encode_log(legacy, schema_for(legacy, **names)), encode_log(utf8, schema_for(utf8, **names))
+    np.testing.assert_array_equal(a.item_id, b.item_id)
+    assert a.label.tolist() == b.label.tolist() == [1, 0, 0]
+    assert sorted(a.item_text.values()) == sorted(b.item_text.values()) == ["Café Society", "Crème brûlée"]
+    assert "is not UTF-8 (byte 0xe9 at offset" in caplog.text and "read as cp1252" in caplog.text
