@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CELL, ColumnSpec, LogSchema, feature_ids
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import log_columns, read_log_chunks
-from streams.log_names import guess_label_rule, guess_reserved
+from streams.log_names import guess_headerless, guess_label_rule, guess_reserved
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
 
@@ -90,6 +90,8 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
     base = overrides or LogSchema()
     header = column_names(path)
     base, notes = guess_reserved(header, base, set(given))
+    base, by_content = guess_headerless(path, header, base, set(given))
+    notes += by_content
     if ("label_col" not in given and base.label_col == LogSchema.label_col
             and base.label_col not in header):
         # No label column of the default name and none named: a log of interactions only.

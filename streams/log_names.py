@@ -36,13 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_cells import parse_floats
+from streams.log_cells import one_chunk, parse_floats, parse_times
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, LogSchema
-from streams.log_source import read_chunks
+from streams.log_source import HEADERLESS_PREFIX, read_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["guess_label_rule", "guess_reserved", "EXPOSURE_WORDS", "POSITIVE_WORDS"]
+__all__ = ["guess_headerless", "guess_label_rule", "guess_reserved", "EXPOSURE_WORDS", "POSITIVE_WORDS"]
 
 # Names per role, most specific first (normalised: lower case, letters and digits only).
 _NAMES: dict[str, tuple[str, ...]] = {
@@ -65,6 +65,8 @@ _NAMES: dict[str, tuple[str, ...]] = {
 SCALE_VALUES = 20  # a numeric label with at most this many distinct values is a rating scale
 SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
 SAMPLE_ROWS = 1 << 18
+CONTENT_ROWS = 1 << 16  # rows a headerless log's roles are guessed from
+_SINCE_MS = 631_152_000_000  # 1990-01-01: a column of times after it is a time, not small ids
 BINARY_SHARE = 0.5  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)
 _BINARY = frozenset(("0", "1", "0.0", "1.0", "true", "false", "t", "f"))
 POSITIVE_WORDS = frozenset((
@@ -105,6 +107,55 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tup
     for note in notes:
         log.warning("reading %s", note)
     return (replace(schema, **changes) if changes else schema), notes
+
+
+def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
+                     given: set[str]) -> tuple[LogSchema, list[str]]:
+    """For a CSV without a header line (every column ``column_N``): the roles the caller did not
+    name, from the first :data:`CONTENT_ROWS` rows, by the order such files keep (MovieLens'
+    ``u.data``: user, item, rating, time; Taobao's ``UserBehavior.csv``: user, item, category,
+    behaviour, time): the time is the first column of times since 1990 (epoch seconds or ms,
+    ISO-8601); the user and the item the first two other columns; the label the first later
+    column of at most :data:`SCALE_VALUES` distinct numbers within +-100 (not codes) or of event
+    words. Notes as
+    :func:`guess_reserved`'s."""
+    if not header or not all(c.startswith(HEADERLESS_PREFIX) for c in header):
+        return schema, []
+    table = next(iter(read_chunks(path, CONTENT_ROWS)), None)
+    if table is None or not table.table.num_rows:
+        return schema, []
+    cols = {c: pc.utf8_trim_whitespace(one_chunk(table.table.column(c))) for c in header}
+    changes: dict[str, str] = {}
+    time = next((c for c in header if _is_time(cols[c])), None)
+    if time is not None:
+        changes["time_col"] = time
+    rest = [c for c in header if c != time]
+    changes.update(zip(("user_col", "item_col"), rest))
+    label = next((c for c in rest[2:] if _is_label(cols[c])), None)
+    if label is not None and not schema.implicit:
+        changes["label_col"] = label
+    changes = {k: v for k, v in changes.items() if k not in given}
+    what = {"user_col": "user", "item_col": "item", "time_col": "time", "label_col": "label"}
+    notes = [f"{role} = {col!r}: the log has no header line; column {col.removeprefix(HEADERLESS_PREFIX)} "
+             f"reads as the {what[role]}" for role, col in sorted(changes.items(), key=lambda kv: header.index(kv[1]))]
+    for note in notes:
+        log.warning("reading %s", note)
+    return (replace(schema, **changes) if changes else schema), notes
+
+
+def _is_time(cells: pa.Array) -> bool:
+    ms, empty, bad = parse_times(cells)
+    return bool(len(ms)) and not bad.any() and not empty.all() and bool((ms[~empty] >= _SINCE_MS).all())
+
+
+def _is_label(cells: pa.Array) -> bool:
+    values = [v for v in pc.unique(cells).to_pylist() if v]
+    if not values or len(values) > SCALE_VALUES:
+        return False
+    if all(v.lower() in POSITIVE_WORDS | EXPOSURE_WORDS for v in values):
+        return True
+    numbers, bad = parse_floats(pa.array(values, pa.string()))
+    return not bad.any() and bool((np.abs(numbers) <= 100).all())  # a rating, not a category code
 
 
 def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = False) -> tuple[LogSchema, list[str]]:

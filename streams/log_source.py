@@ -61,8 +61,12 @@ class RawChunk:
     invalid: list[BadRow]  # rows of this stretch the CSV parser rejected (wrong number of cells)
 
 
+HEADERLESS_PREFIX = "column_"  # the names of a headerless CSV's columns: column_1, column_2, ...
+
+
 def column_names(path: str | Path) -> list[str]:
-    """The log's column names, from its header or Parquet schema, without reading the rows."""
+    """The log's column names, from its header or Parquet schema, without reading the rows; a CSV
+    whose first line is data (:func:`csv_has_header`) has ``column_1``, ``column_2``, ..."""
     if is_parquet(path):
         try:
             return list(pq.ParquetFile(path).schema_arrow.names)
@@ -73,21 +77,35 @@ def column_names(path: str | Path) -> list[str]:
             return json_lines_columns(path)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise SchemaError(f"{path}: {exc}") from None
-    try:
-        with pa.input_stream(str(path), compression="detect") as raw:
-            text = io.TextIOWrapper(raw, encoding=text_encoding(path), newline="")
-            header = next(csv.reader(text, delimiter=csv_delimiter(path)), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise SchemaError(f"{path}: cannot read the header: {exc}") from None
-    if not header:
-        raise SchemaError(f"{path}: the file is empty (no header line)")
+    header = _first_row(path)
+    if not csv_has_header(path):
+        return [f"{HEADERLESS_PREFIX}{i + 1}" for i in range(len(header))]
     if len(set(header)) != len(header):
         raise SchemaError(f"{path}: duplicate column names in the header {header}")
     return header
 
 
+def _first_row(path: str | Path) -> list[str]:
+    try:
+        with pa.input_stream(str(path), compression="detect") as raw:
+            text = io.TextIOWrapper(raw, encoding=text_encoding(path), newline="")
+            row = next(csv.reader(text, delimiter=csv_delimiter(path)), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SchemaError(f"{path}: cannot read the header: {exc}") from None
+    if not row:
+        raise SchemaError(f"{path}: the file is empty (no header line)")
+    return row
+
+
 # A header cell that is a number: when half of them are, the first line is data (no header).
 _NUMBER_NAME = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
+def csv_has_header(path: str | Path) -> bool:
+    """Whether a CSV's first line names its columns: not when half of its cells are numbers
+    (MovieLens' ``u.data``, Taobao's ``UserBehavior.csv`` start with their first row)."""
+    row = _first_row(path)
+    return 2 * sum(bool(_NUMBER_NAME.fullmatch(c.strip())) for c in row) < len(row)
 
 
 def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:
@@ -98,9 +116,9 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
                if c and c not in header]
     if missing:
         hint = ""
-        if 2 * sum(bool(_NUMBER_NAME.fullmatch(c.strip())) for c in header) >= len(header):
-            hint = ("; its first line looks like data, not a header: add a header line naming the "
-                    "columns (user, item, label, time, ...)")
+        if header and all(c.startswith(HEADERLESS_PREFIX) for c in header):
+            hint = ("; its first line is data, not a header: name the columns with --user-col "
+                    f"{HEADERLESS_PREFIX}1 ... (or add a header line)")
         raise SchemaError(f"{path}: missing columns {missing} (the log has {header}){hint}")
     absent = [c.name for c in schema.columns if c.name not in header]
     if absent:
@@ -143,11 +161,13 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
         invalid.append(BadRow(int(row.number or 0), column, why, row.text))
         return "skip"
 
+    first = 2 if csv_has_header(path) else 1  # the line of the first record
     try:
         reader = pa_csv.open_csv(
             str(path),
             read_options=pa_csv.ReadOptions(use_threads=False, block_size=csv_block_size(path, chunk_rows),
-                                            encoding=csv_encoding(path)),
+                                            encoding=csv_encoding(path),
+                                            column_names=None if first == 2 else names),
             parse_options=pa_csv.ParseOptions(delimiter=csv_delimiter(path), newlines_in_values=True,
                                               invalid_row_handler=on_invalid),
             convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
@@ -163,13 +183,13 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
             break
         except pa.ArrowInvalid as exc:
             raise SchemaError(f"{path}: {exc}") from None
-        # Record k (0-based, good rows only) sits at line k + 2 + (rejected lines before it).
-        # A rejected line at L had L - 2 - i good rows before it (i: rejected lines before it).
+        # Record k (0-based, good rows only) sits at line k + first + (rejected lines before it).
+        # A rejected line at L had L - first - i good rows before it (i: rejected lines before it).
         for bad in invalid:
-            skipped.append(bad.line - 2 - len(skipped))
+            skipped.append(bad.line - first - len(skipped))
         chunk_invalid, invalid[:] = list(invalid), []
         k = np.arange(good, good + batch.num_rows, dtype=np.int64)
-        lines = k + 2 + np.searchsorted(np.asarray(skipped, np.int64), k, side="right")
+        lines = k + first + np.searchsorted(np.asarray(skipped, np.int64), k, side="right")
         good += batch.num_rows
         yield RawChunk(pa.Table.from_batches([batch]), lines, chunk_invalid)
     if invalid:  # rejected rows after the last good one

@@ -151,10 +151,34 @@ def test_headwater_replay_inspect_reads_a_movielens_export_without_flags(tmp_pat
     assert np.isclose(float(out.stdout.split("label rate ")[1].split()[0]), 3 / 7, atol=1e-4)
 
 
-def test_a_log_without_a_header_line_is_told_so(tmp_path):
-    path = _write(tmp_path, "UserBehavior.csv", "1,2268318,2520377,pv,1511544070\n1,2333346,2520771,pv,1511561733\n")
-    with pytest.raises(SchemaError, match="its first line looks like data, not a header"):
-        schema_for(path)
+def test_movielens_u_data_without_a_header_line_reads_user_item_rating_time_by_position(tmp_path):
+    path = _write(tmp_path, "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n"
+                  "244\t51\t2\t880606923\n166\t346\t1\t886397596\n298\t474\t4\t884182806\n115\t265\t5\t881171488\n")
+    schema, stats = infer_schema(path)
+    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
+        "column_1", "column_2", "column_3", "column_4")
+    assert schema.positive_threshold == 4.0
+    assert "guessed: label_col = 'column_3': the log has no header line; column 3 reads as the label" in stats.summary()
+    enc = encode_log(path, schema)
+    assert sorted(enc.source_line.tolist()) == list(range(1, 8))  # no header: the first line is row 1
+    assert dict(zip(enc.source_line.tolist(), enc.label.tolist())) == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 1}
+    assert dict(zip(enc.source_line.tolist(), enc.user_id.tolist()))[1] == 196
+
+
+def test_taobao_user_behavior_without_a_header_and_its_bad_lines(tmp_path):
+    path = _write(tmp_path, "UserBehavior.csv", "1,2268318,2520377,pv,1511544070\n1,2333346,2520771,pv,1511561733\n"
+                  "1,2576651,149192\n2,3830808,4181361,buy,1511593493\n3,4365585,2520377,cart,1511596146\n")
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
+        "column_1", "column_2", "column_4", "column_5")
+    assert schema.positive_values == ("buy", "cart")
+    enc = encode_log(path, schema, on_bad_row="dead-letter")
+    assert [(b.line, b.column) for b in enc.bad_rows] == [(3, "column_4")]
+    assert sorted(zip(enc.source_line.tolist(), enc.label.tolist())) == [(1, 0), (2, 0), (4, 1), (5, 1)]
+    named = schema_for(path, user_col="column_3")  # what the caller names wins
+    assert (named.user_col, named.item_col) == ("column_3", "column_2")
+    with pytest.raises(SchemaError, match="its first line is data, not a header: name the columns"):
+        schema_for(_write(tmp_path, "one.csv", "1\n2\n"))
 
 
 def test_taobao_and_amazon_spellings(tmp_path):
