@@ -69,7 +69,8 @@ def _encoding(path: str, mtime_ns: int) -> str:  # noqa: ARG001 - mtime: a rewri
 
 def csv_delimiter(path: str | Path) -> str:
     """A tab for ``.tsv``/``.tab`` (compressed too); else what the first lines show (comma, tab
-    or semicolon; a comma when they show nothing)."""
+    or semicolon; ``:`` for MovieLens 1M's ``::``, whose empty columns between the cells are
+    ignored; a comma when they show nothing)."""
     if _plain_name(path).endswith((".tsv", ".tab")):
         return "\t"
     try:
@@ -83,7 +84,10 @@ def csv_delimiter(path: str | Path) -> str:
     try:
         return csv.Sniffer().sniff("\n".join(lines), delimiters=",\t;").delimiter
     except csv.Error:
-        return ","
+        pass
+    if lines and all("::" in line for line in lines):
+        return ":"  # MovieLens 1M/10M's "::": a ':' between every two cells, with empty columns between
+    return ","
 
 
 def csv_block_size(path: str | Path, chunk_rows: int) -> int:

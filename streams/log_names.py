@@ -129,7 +129,7 @@ def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
     time = next((c for c in header if _is_time(cols[c])), None)
     if time is not None:
         changes["time_col"] = time
-    rest = [c for c in header if c != time]
+    rest = [c for c in header if c != time and pc.any(pc.not_equal(cols[c], "")).as_py()]  # not all empty ("::")
     changes.update(zip(("user_col", "item_col"), rest))
     label = next((c for c in rest[2:] if _is_label(cols[c])), None)
     if label is not None and not schema.implicit:

@@ -207,3 +207,16 @@ def test_a_label_column_with_one_positive_value_is_a_log_of_positives_only(tmp_p
     ones = _write(tmp_path, "ones.csv", "user,item,clicked,ts\nu,a,1,1\nv,b,1,2\n")
     assert schema_for(ones).implicit
     assert not schema_for(ones, label_col="clicked").implicit  # named: taken as it is
+
+
+def test_movielens_1m_ratings_dat_with_its_double_colons(tmp_path):
+    rows = ["1::1193::5::978300760", "1::661::3::978302109", "1::914::1::978301968", "2::3408::4::978300275",
+            "2::2355::2::978824291", "3::1193::4::978300761"]
+    path = _write(tmp_path, "ratings.dat", "\n".join(rows) + "\n")
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
+        "column_1", "column_3", "column_5", "column_7")
+    assert schema.positive_threshold == 4.0
+    enc = encode_log(path, schema)
+    assert not enc.bad_rows and sorted(zip(enc.source_line.tolist(), enc.item_id.tolist(), enc.label.tolist())) == [
+        (1, 1193, 1), (2, 661, 0), (3, 914, 0), (4, 3408, 1), (5, 2355, 0), (6, 1193, 1)]
