@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-__all__ = ["csv_block_size", "csv_delimiter", "csv_encoding", "is_json_lines", "is_parquet", "source_name",
+__all__ = ["csv_block_size", "csv_delimiter", "csv_encoding", "is_json_lines", "is_parquet", "parquet_parts",
+           "source_name",
            "text_encoding"]
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,19 @@ def _plain_name(path: str | Path) -> str:
 
 
 def is_parquet(path: str | Path) -> bool:
+    """A ``.parquet``/``.pq`` file, or a directory of them (:func:`parquet_parts`)."""
+    if Path(path).is_dir():
+        return bool(parquet_parts(path))
     return _plain_name(path).endswith((".parquet", ".pq"))
+
+
+def parquet_parts(directory: str | Path) -> list[Path]:
+    """The Parquet files under ``directory``, at any depth, in path order: a Spark, Hive or
+    BigQuery export (``dt=2024-01-01/part-00000.parquet``); hidden and ``_`` files
+    (``_SUCCESS``, ``.crc``) are not data."""
+    root = Path(directory)
+    return sorted(p for p in root.rglob("*") if p.is_file() and _plain_name(p).endswith((".parquet", ".pq"))
+                  and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
 
 
 def is_json_lines(path: str | Path) -> bool:

@@ -6,12 +6,14 @@ CSV (``.csv``, ``.csv.gz`` and whatever else pyarrow detects by extension) strea
 ``pyarrow.csv.open_csv`` with every column read as a string, so an empty cell is explicit (null)
 and no column's type is guessed from its first block. Its delimiter is a tab for ``.tsv`` /
 ``.tab``, else sniffed from the first lines among comma, tab and semicolon (European exports).
-Parquet streams through ``ParquetFile.iter_batches``; its typed columns are turned into the same
+Parquet (a file, or a directory of them: a Spark/Hive export, read as one log in path order)
+streams through ``ParquetFile.iter_batches``; its typed columns are turned into the same
 strings (timestamps as ISO-8601, lists joined with ``|``), so one code path handles every
 format; JSON Lines likewise (:mod:`streams.log_jsonl`).
 
 Line numbers: a CSV row's number is its record number counting the header as 1 (the physical
-line unless a quoted cell holds a newline); a Parquet row's is its 1-based row index; a JSON
+line unless a quoted cell holds a newline); a Parquet row's is its 1-based row index (across
+a directory's files); a JSON
 Lines row's is its line.
 """
 
@@ -28,9 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from streams.log_formats import csv_block_size, csv_delimiter, csv_encoding, is_json_lines, is_parquet, text_encoding
+from streams.log_formats import (csv_block_size, csv_delimiter, csv_encoding, is_json_lines, is_parquet,
+                                 parquet_parts, text_encoding)
 from streams.log_cells import one_chunk, parse_floats, parse_labels, parse_times
 from streams.log_jsonl import cell_string, json_lines_chunks, json_lines_columns
 from streams.log_schema import LogSchema, entity_ids
@@ -69,9 +73,13 @@ def column_names(path: str | Path) -> list[str]:
     whose first line is data (:func:`csv_has_header`) has ``column_1``, ``column_2``, ..."""
     if is_parquet(path):
         try:
-            return list(pq.ParquetFile(path).schema_arrow.names)
+            return list(_parquet_dataset(path).schema.names if Path(path).is_dir()
+                        else pq.ParquetFile(path).schema_arrow.names)
         except (OSError, pa.ArrowException) as exc:
             raise SchemaError(f"{path}: cannot read the Parquet schema: {exc}") from None
+    if Path(path).is_dir():
+        raise SchemaError(f"{path} is a directory without Parquet files: a log is a file, or a directory "
+                          "of Parquet files (a Spark/Hive export)")
     if is_json_lines(path):
         try:
             return json_lines_columns(path)
@@ -196,10 +204,18 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
         yield RawChunk(pa.Table.from_batches([], reader.schema), np.zeros(0, np.int64), list(invalid))
 
 
+def _parquet_dataset(directory: str | Path) -> pads.Dataset:
+    """A directory's Parquet files as one dataset, in path order, with Hive partition columns
+    (``dt=2024-01-01/``) as columns of their own."""
+    return pads.dataset([str(p) for p in parquet_parts(directory)], format="parquet",
+                        partitioning="hive", partition_base_dir=str(directory))
+
+
 def _parquet_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
-    first = 1
+    first = 1  # a directory's rows are numbered across its files, in path order
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        batches = (_parquet_dataset(path).to_batches(batch_size=chunk_rows, use_threads=False)
+                   if Path(path).is_dir() else pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
     except (OSError, pa.ArrowException) as exc:
         raise SchemaError(f"{path}: {exc}") from None
     while True:

@@ -91,7 +91,7 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     from training.config import TrainerConfig
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a directory of Parquet files
         raise ConfigError(f"[demo] --dataset {path}: no such file")
     if schema is not None and not Path(schema).is_file():
         raise ConfigError(f"[demo] --schema {schema}: no such file")

@@ -218,3 +218,27 @@ def test_a_legacy_windows_1252_export_reads_like_its_utf8_twin(tmp_path, caplog)
     assert a.label.tolist() == b.label.tolist() == [1, 0, 0]
     assert sorted(a.item_text.values()) == sorted(b.item_text.values()) == ["Café Society", "Crème brûlée"]
     assert "is not UTF-8 (byte 0xe9 at offset" in caplog.text and "read as cp1252" in caplog.text
+
+
+def test_a_directory_of_hive_partitioned_parquet_files_is_one_log_in_path_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    export = tmp_path / "events"
+    for day, rows in (("2020-01-02", {"user_id": ["b", "a"], "item_id": ["y", "x"], "label": [0, 1], "ts": [300, 400]}),
+                      ("2020-01-01", {"user_id": ["a", "b"], "item_id": ["x", "z"], "label": [1, 0], "ts": [100, 200]})):
+        (export / f"dt={day}").mkdir(parents=True)
+        pq.write_table(pa.table(rows), export / f"dt={day}" / "part-00000.parquet")
+    (export / "_SUCCESS").write_text("")
+    (export / "dt=2020-01-01" / ".part-00000.parquet.crc").write_text("junk")
+    schema, stats = infer_schema(export)
+    assert stats.rows == 4 and stats.bad_rows == 0
+    assert [c.name for c in schema.columns] == ["dt"]  # the partition column
+    enc = encode_log(export, schema)
+    assert enc.ts_ms.tolist() == [100_000, 200_000, 300_000, 400_000]
+    assert enc.source_line.tolist() == [1, 2, 3, 4]  # rows numbered across the files, in path order
+    assert enc.label.tolist() == [1, 0, 0, 1]
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(SchemaError, match="a directory without Parquet files"):
+        infer_schema(empty)
