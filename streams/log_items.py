@@ -19,10 +19,11 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_schema import LogSchema
+from streams.log_schema import LogSchema, entity_ids
 from streams.log_source import RawChunk, check_columns, column_names, read_chunks
 from streams.wire import SchemaError
 
@@ -59,14 +60,21 @@ class ItemTable:
             raise SchemaError(f"item table {path}: item {first!r} is listed twice (lines {where[0]} "
                               f"and {where[1]}); {len(dup)} ids repeat")
         self.ids = ids
+        # Matched as ids, not text: "123.0" in one file is item 123 in the other (entity_ids).
+        keys = entity_ids("item", ids)
+        uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            twice = ids.take(pa.array(np.flatnonzero(keys == uniq[counts > 1][0]))).to_pylist()
+            raise SchemaError(f"item table {path}: {twice[0]!r} and {twice[1]!r} are one item, listed twice")
+        self.keys = pa.array(keys)
         self.columns = [n for n in names if n != key]
         self.table = table.select(self.columns).combine_chunks()
         log.info("item table %s: %d items, columns %s", path, len(ids), self.columns)
 
     def join(self, table: pa.Table, item_col: str) -> pa.Table:
         """``table`` with the item columns appended, matched on ``item_col``."""
-        at = pc.index_in(pc.utf8_trim_whitespace(table.column(item_col).combine_chunks()),
-                         value_set=self.ids)
+        cells = pc.utf8_trim_whitespace(table.column(item_col).combine_chunks())
+        at = pc.index_in(pa.array(entity_ids("item", pc.fill_null(cells, ""))), value_set=self.keys)
         out = table
         for name in self.columns:
             out = out.append_column(name, self.table.column(name).take(at))

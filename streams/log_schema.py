@@ -310,15 +310,16 @@ def feature_ids(slot: str, values: Sequence[str] | np.ndarray | pa.Array) -> np.
 
 
 INT_CELL = r"^[+-]?[0-9]{1,19}$"
-# An id cell kept as its own int64 id: an integer written canonically. "007" (a zero-padded code)
-# or "+7" is a string id, hashed: it must not merge with "7".
-_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
+# An id cell kept as its own int64 id: an integer written canonically, or as a float with a zero
+# fraction ("123.0": pandas writes an integer column holding an empty cell so). "007" (a
+# zero-padded code) or "+7" is a string id, hashed: it must not merge with "7".
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})(\.0+)?$"
 
 
 def entity_ids(column: str, values: Sequence[str] | np.ndarray | pa.Array) -> np.ndarray:
     """int64 ids of user or item cells: an integer cell written canonically (no sign but ``-``,
-    no leading zero) is its own id, any other cell ``feature_ids(column, [cell])``. Empty cells
-    are the caller's to reject."""
+    no leading zero; ``123.0`` too, as pandas writes integers beside an empty cell) is its own
+    id, any other cell ``feature_ids(column, [cell])``. Empty cells are the caller's to reject."""
     arr = _as_strings(values)
     if len(arr) == 0:
         return np.zeros(0, np.int64)
@@ -329,7 +330,7 @@ def entity_ids(column: str, values: Sequence[str] | np.ndarray | pa.Array) -> np
     as_int = np.zeros(len(uniques), bool)
     if is_int.any():
         cells = uniques.filter(pa.array(is_int)).to_pylist()
-        parsed = [int(c) for c in cells]
+        parsed = [int(c.partition(".")[0]) for c in cells]
         fits = np.array([-(2**63) <= v < 2**63 for v in parsed], bool)
         where = np.flatnonzero(is_int)
         ids[where[fits]] = np.array([v for v, f in zip(parsed, fits) if f], np.int64)

@@ -68,9 +68,23 @@ def test_an_item_missing_from_the_table_reads_empty_cells(tmp_path):
     assert brand[10] != brand[12] and brand[11] not in (brand[10], brand[12])  # the missing id
 
 
+def test_ids_match_as_ids_so_a_pandas_float_id_finds_its_row(tmp_path):
+    log = tmp_path / "e.csv"  # pandas wrote the log's item ids as floats (an empty cell elsewhere)
+    log.write_text("user_id,item_id,label,ts\n1,10.0,1,5\n1,12.0,0,6\n2,,0,7\n")
+    table = tmp_path / "items.csv"
+    table.write_text("item_id,brand\n10,acme\n12,bolt\n")
+    schema, _ = infer_schema(log, LogSchema(items_file=str(table)))
+    enc = encode_log(log, schema, on_bad_row="dead-letter")
+    assert enc.item_id.tolist() == [10, 12] and [b.line for b in enc.bad_rows] == [4]
+    plain = tmp_path / "plain.csv"
+    plain.write_text("user_id,item_id,label,ts,brand\n1,10,1,5,acme\n1,12,0,6,bolt\n")
+    assert enc.sparse["brand"].values.tolist() == encode_log(plain, infer_schema(plain)[0]).sparse["brand"].values.tolist()
+
+
 @pytest.mark.parametrize("text, error", [
     ("item_id,brand\n10,a\n10,b\n", "item '10' is listed twice (lines 2 and 3)"),
     ("item_id,brand\n10,a\n ,b\n", "line 3: empty 'item_id'"),
+    ("item_id,brand\n10,a\n10.0,b\n", "'10' and '10.0' are one item, listed twice"),
     ("sku,brand\n10,a\n", "no id column 'item_id'"),
     ("item_id,label\n10,1\n", "columns ['label'] are in the log"),
     ("item_id,brand\n10,a,extra\n", "line 2"),

@@ -78,6 +78,10 @@ def test_only_canonical_integer_ids_are_kept_so_zero_padded_codes_do_not_merge()
     hashed = [int(feature_ids("item_id", [c])[0]) for c in ("007", "+5", "-0", "9223372036854775808")]
     assert [ids[1], ids[4], ids[5], ids[7]] == hashed  # strings: "007" is not item 7
     assert len(set(ids)) == len(ids)
+    # pandas writes an integer column with an empty cell as floats: 123.0 is still user 123
+    floats = entity_ids("user_id", ["123.0", "123", "0.0", "-5.00", "123.5", "1e3", "007.0"]).tolist()
+    assert floats[:4] == [123, 123, 0, -5]
+    assert floats[4:] == [int(feature_ids("user_id", [c])[0]) for c in ("123.5", "1e3", "007.0")]
 
 
 def test_ids_requests_and_sides_of_a_string_valued_log(tmp_path):
