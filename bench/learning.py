@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-bad-row", choices=("error", "dead-letter"), default="error",
                    help="a bad row of --dataset stops the run (error) or is counted and skipped")
     p.add_argument("--no-vw", action="store_true", help="leave out the Vowpal Wabbit baseline")
+    p.add_argument("--vw-args", default="", help="more Vowpal Wabbit arguments for its baseline, e.g. "
+                   "'-q ui' (user x item pairs: a namespace is its slot's first letter) or '--lrq ui8'")
     p.add_argument("--counting-prior", type=float, default=10.0,
                    help="Beta prior strength (rows) of the counting baseline")
     p.add_argument("--events", type=int, default=300_000, help="generated events (shown items + clicks)")
@@ -133,7 +135,7 @@ def _baselines(args: argparse.Namespace) -> list:
 
     out: list = [CountingBaseline(prior=args.counting_prior)]
     if not args.no_vw:
-        out.append(VowpalWabbitBaseline())
+        out.append(VowpalWabbitBaseline(extra_args=args.vw_args))
     return out
 
 
@@ -201,6 +203,7 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     out = {"bench": "learning", "dataset": str(args.dataset), **res.to_dict(),
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
             "bad_rows": len(encoded.bad_rows), "duplicate_rows": encoded.duplicate_rows,
+            **({"vw_args": args.vw_args} if args.vw_args and not args.no_vw else {}),
             "batch_size": cfg.batch_size,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],
             "crosses": list(cfg.crosses), "pooling": cfg.pooling,

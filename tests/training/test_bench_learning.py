@@ -78,6 +78,15 @@ def test_bench_column_flags_name_the_reserved_columns(tmp_path, capsys):
     assert set(res["baselines"]) == {"counting"}
 
 
+def test_vw_args_reach_the_vowpal_wabbit_baseline(tmp_path, capsys):
+    path = write_real_shaped_csv(tmp_path / "r.csv", rows=1500)
+    plain = _bench(capsys, "--dataset", str(path))
+    crossed = _bench(capsys, "--dataset", str(path), "--vw-args", "-q ui")
+    assert crossed["vw_args"] == "-q ui" and "vw_args" not in plain
+    assert crossed["baselines"]["vw"]["logloss"] != plain["baselines"]["vw"]["logloss"]
+    assert crossed["baselines"]["counting"] == plain["baselines"]["counting"]
+
+
 def test_bench_on_the_generator_reports_truth_baselines_and_runs(capsys):
     res = _bench(capsys, "--events", "12000", "--seeds", "0,1", "--eval-window", "2000")
     _sane(res)
