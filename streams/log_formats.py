@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-__all__ = ["csv_block_size", "csv_delimiter", "csv_encoding", "is_json_lines", "is_parquet", "parquet_parts",
-           "source_name",
+__all__ = ["csv_block_size", "csv_delimiter", "csv_encoding", "data_files", "is_directory_log", "is_json_lines",
+           "is_parquet", "parquet_parts", "source_name",
            "text_encoding"]
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,24 @@ def parquet_parts(directory: str | Path) -> list[Path]:
     """The Parquet files under ``directory``, at any depth, in path order: a Spark, Hive or
     BigQuery export (``dt=2024-01-01/part-00000.parquet``); hidden and ``_`` files
     (``_SUCCESS``, ``.crc``) are not data."""
+    return [p for p in data_files(directory) if _plain_name(p).endswith((".parquet", ".pq"))]
+
+
+def data_files(directory: str | Path) -> list[Path]:
+    """The files under ``directory``, at any depth, in path order, but hidden and ``_`` ones."""
     root = Path(directory)
-    return sorted(p for p in root.rglob("*") if p.is_file() and _plain_name(p).endswith((".parquet", ".pq"))
+    return sorted(p for p in root.rglob("*") if p.is_file()
                   and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
 
 
 def is_json_lines(path: str | Path) -> bool:
     return _plain_name(path).endswith((".jsonl", ".ndjson", ".json"))
+
+
+def is_directory_log(path: str | Path) -> bool:
+    """A directory of CSV or JSON Lines files (one log, the files in path order); a directory of
+    Parquet files is read by pyarrow's dataset instead (:func:`is_parquet`)."""
+    return Path(path).is_dir() and not is_parquet(path)
 
 
 def csv_encoding(path: str | Path) -> str:

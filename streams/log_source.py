@@ -33,8 +33,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from streams.log_formats import (csv_block_size, csv_delimiter, csv_encoding, is_json_lines, is_parquet,
-                                 parquet_parts, text_encoding)
+from streams.log_formats import (csv_block_size, csv_delimiter, csv_encoding, data_files, is_directory_log,
+                                 is_json_lines, is_parquet, parquet_parts, text_encoding)
 from streams.log_cells import one_chunk, parse_floats, parse_labels, parse_times
 from streams.log_jsonl import cell_string, json_lines_chunks, json_lines_columns
 from streams.log_schema import LogSchema, entity_ids
@@ -77,9 +77,8 @@ def column_names(path: str | Path) -> list[str]:
                         else pq.ParquetFile(path).schema_arrow.names)
         except (OSError, pa.ArrowException) as exc:
             raise SchemaError(f"{path}: cannot read the Parquet schema: {exc}") from None
-    if Path(path).is_dir():
-        raise SchemaError(f"{path} is a directory without Parquet files: a log is a file, or a directory "
-                          "of Parquet files (a Spark/Hive export)")
+    if is_directory_log(path):
+        return column_names(_directory_files(path)[0])
     if is_json_lines(path):
         try:
             return json_lines_columns(path)
@@ -136,12 +135,45 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
 
 def read_chunks(path: str | Path, chunk_rows: int = 65536) -> Iterator[RawChunk]:
     """The log's rows in file order, about ``chunk_rows`` at a time (CSV splits by bytes)."""
-    if is_parquet(path):
+    if is_directory_log(path):
+        yield from _directory_chunks(path, chunk_rows)
+    elif is_parquet(path):
         yield from _parquet_chunks(path, chunk_rows)
     elif is_json_lines(path):
         yield from _json_lines_chunks(path, chunk_rows)
     else:
         yield from _csv_chunks(path, chunk_rows)
+
+
+def _directory_files(directory: str | Path) -> list[Path]:
+    files = data_files(directory)
+    if not files:
+        raise SchemaError(f"{directory} is an empty directory: a log is a file, or a directory of CSV, "
+                          "JSON Lines or Parquet files (an export in parts)")
+    kinds = {"json lines" if is_json_lines(f) else "csv" for f in files}
+    if len(kinds) > 1 or any(is_parquet(f) for f in files):
+        raise SchemaError(f"{directory} mixes formats ({', '.join(sorted({f.suffix for f in files}))}): "
+                          "a directory log is files of one format")
+    return files
+
+
+def _directory_chunks(directory: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
+    """A directory's CSV or JSON Lines files as one log, in path order, each with the first
+    file's columns; lines are numbered as if the files were concatenated (each bad row's
+    reason names its own file and line)."""
+    files = _directory_files(directory)
+    names = column_names(files[0])
+    offset = 0
+    for f in files:
+        if column_names(f) != names:
+            raise SchemaError(f"{f}: columns {column_names(f)} differ from {files[0].name}'s {names}")
+        last = 0
+        for chunk in read_chunks(f, chunk_rows):
+            last = max([last, *chunk.line[-1:].tolist(), *(b.line for b in chunk.invalid)])
+            bad = [BadRow(b.line + offset, b.column, f"{b.reason} ({f.name}, line {b.line})", b.raw)
+                   for b in chunk.invalid]
+            yield RawChunk(chunk.table, chunk.line + offset, bad)
+        offset += last
 
 
 def _json_lines_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:

@@ -238,7 +238,42 @@ def test_a_directory_of_hive_partitioned_parquet_files_is_one_log_in_path_order(
     assert enc.ts_ms.tolist() == [100_000, 200_000, 300_000, 400_000]
     assert enc.source_line.tolist() == [1, 2, 3, 4]  # rows numbered across the files, in path order
     assert enc.label.tolist() == [1, 0, 0, 1]
+
+
+def test_a_directory_of_csv_shards_is_one_log_with_lines_counted_across_its_files(tmp_path):
+    export = tmp_path / "bq"
+    export.mkdir()
+    (export / "events-000000000000.csv").write_text("user_id,item_id,label,ts\na,x,1,100\nb,z,0,200\n")
+    (export / "events-000000000001.csv").write_text("user_id,item_id,label,ts\nb,y,0,300\na,x,maybe,350\na,x,1,400\n")
+    (export / "_SUCCESS").write_text("")
+    enc = encode_log(export, infer_schema(export)[0], on_bad_row="dead-letter")
+    assert enc.ts_ms.tolist() == [100_000, 200_000, 300_000, 400_000]
+    assert enc.source_line.tolist() == [2, 3, 5, 7]  # as if concatenated, a header line each
+    assert [(b.line, b.column) for b in enc.bad_rows] == [(6, "label")]
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.csv").write_text("user_id,item_id,label,ts\na,x,1,100\n")
+    (short / "b.csv").write_text("user_id,item_id,label,ts\nb,y\n")
+    bad = encode_log(short, infer_schema(short)[0], on_bad_row="dead-letter").bad_rows
+    assert [(b.line, b.reason) for b in bad] == [(4, "2 cells, the header has 4 (no 'label') (b.csv, line 2)")]
+
+
+def test_a_directory_of_json_lines_and_what_a_directory_may_not_be(tmp_path):
+    export = tmp_path / "j"
+    export.mkdir()
+    (export / "part-1.jsonl").write_text('{"user_id": "a", "item_id": "x", "label": 1, "ts": 100}\n')
+    (export / "part-2.jsonl").write_text('{"user_id": "b", "item_id": "x", "label": 0, "ts": 200}\n')
+    assert encode_log(export, infer_schema(export)[0]).label.tolist() == [1, 0]
+    (export / "part-3.csv").write_text("user_id,item_id,label,ts\nc,x,1,300\n")
+    with pytest.raises(SchemaError, match="mixes formats"):
+        infer_schema(export)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.csv").write_text("user_id,item_id,label,ts\na,x,1,100\n")
+    (other / "b.csv").write_text("user,item_id,label,ts\na,x,1,100\n")
+    with pytest.raises(SchemaError, match="differ from a.csv's"):
+        infer_schema(other)
     empty = tmp_path / "nothing"
     empty.mkdir()
-    with pytest.raises(SchemaError, match="a directory without Parquet files"):
+    with pytest.raises(SchemaError, match="an empty directory"):
         infer_schema(empty)
