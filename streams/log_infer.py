@@ -90,7 +90,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
     base = overrides or LogSchema()
     header = column_names(path)
     base, notes = guess_reserved(header, base, set(given))
-    base, by_content = guess_headerless(path, header, base, set(given))
+    base, by_content = guess_headerless(path, header, base, given)
     notes += by_content
     if ("label_col" not in given and base.label_col == LogSchema.label_col
             and base.label_col not in header):

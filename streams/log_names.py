@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -110,28 +111,31 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tup
 
 
 def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
-                     given: set[str]) -> tuple[LogSchema, list[str]]:
+                     given: Mapping[str, Any]) -> tuple[LogSchema, list[str]]:
     """For a CSV without a header line (every column ``column_N``): the roles the caller did not
     name, from the first :data:`CONTENT_ROWS` rows, by the order such files keep (MovieLens'
     ``u.data``: user, item, rating, time; Taobao's ``UserBehavior.csv``: user, item, category,
     behaviour, time): the time is the first column of times since 1990 (epoch seconds or ms,
     ISO-8601); the user and the item the first two other columns; the label the first later
     column of at most :data:`SCALE_VALUES` distinct numbers within +-100 (not codes) or of event
-    words. Notes as
-    :func:`guess_reserved`'s."""
+    words; a column the caller names for a role (``given``: role -> column) is left out. Notes
+    as :func:`guess_reserved`'s."""
     if not header or not all(c.startswith(HEADERLESS_PREFIX) for c in header):
         return schema, []
     table = next(iter(read_chunks(path, CONTENT_ROWS)), None)
     if table is None or not table.table.num_rows:
         return schema, []
-    cols = {c: pc.utf8_trim_whitespace(one_chunk(table.table.column(c))) for c in header}
+    named = {v for k, v in given.items() if k in _NAMES}
+    free = [c for c in header if c not in named]
+    cols = {c: pc.utf8_trim_whitespace(one_chunk(table.table.column(c))) for c in free}
     changes: dict[str, str] = {}
-    time = next((c for c in header if _is_time(cols[c])), None)
+    time = next((c for c in free if _is_time(cols[c])), None)
     if time is not None:
         changes["time_col"] = time
-    rest = [c for c in header if c != time and pc.any(pc.not_equal(cols[c], "")).as_py()]  # not all empty ("::")
-    changes.update(zip(("user_col", "item_col"), rest))
-    label = next((c for c in rest[2:] if _is_label(cols[c])), None)
+    rest = [c for c in free if c != time and pc.any(pc.not_equal(cols[c], "")).as_py()]  # not all empty ("::")
+    ids = [role for role in ("user_col", "item_col") if role not in given]
+    changes.update(zip(ids, rest))
+    label = next((c for c in rest[len(ids):] if _is_label(cols[c])), None)
     if label is not None and not schema.implicit:
         changes["label_col"] = label
     changes = {k: v for k, v in changes.items() if k not in given}

@@ -175,8 +175,8 @@ def test_taobao_user_behavior_without_a_header_and_its_bad_lines(tmp_path):
     enc = encode_log(path, schema, on_bad_row="dead-letter")
     assert [(b.line, b.column) for b in enc.bad_rows] == [(3, "column_4")]
     assert sorted(zip(enc.source_line.tolist(), enc.label.tolist())) == [(1, 0), (2, 0), (4, 1), (5, 1)]
-    named = schema_for(path, user_col="column_3")  # what the caller names wins
-    assert (named.user_col, named.item_col) == ("column_3", "column_2")
+    named = schema_for(path, user_col="column_2")  # what the caller names wins, and is taken
+    assert (named.user_col, named.item_col, named.label_col) == ("column_2", "column_1", "column_4")
     with pytest.raises(SchemaError, match="its first line is data, not a header: name the columns"):
         schema_for(_write(tmp_path, "one.csv", "1\n2\n"))
 
