@@ -14,8 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 __all__ = ["csv_block_size", "csv_delimiter", "csv_encoding", "data_files", "is_directory_log", "is_json_lines",
-           "is_parquet", "parquet_parts", "source_name",
-           "text_encoding"]
+           "is_parquet", "parquet_parts", "source_name", "text_encoding"]
 
 log = logging.getLogger(__name__)
 _ENCODING_SAMPLE = 1 << 20

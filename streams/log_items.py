@@ -62,7 +62,7 @@ class ItemTable:
         self.ids = ids
         # Matched as ids, not text: "123.0" in one file is item 123 in the other (entity_ids).
         keys = entity_ids("item", ids)
-        uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        uniq, counts = np.unique(keys, return_counts=True)
         if (counts > 1).any():
             twice = ids.take(pa.array(np.flatnonzero(keys == uniq[counts > 1][0]))).to_pylist()
             raise SchemaError(f"item table {path}: {twice[0]!r} and {twice[1]!r} are one item, listed twice")

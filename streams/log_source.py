@@ -7,7 +7,8 @@ CSV (``.csv``, ``.csv.gz`` and whatever else pyarrow detects by extension) strea
 and no column's type is guessed from its first block. Its delimiter is a tab for ``.tsv`` /
 ``.tab``, else sniffed from the first lines among comma, tab and semicolon (European exports).
 Parquet (a file, or a directory of them: a Spark/Hive export, read as one log in path order)
-streams through ``ParquetFile.iter_batches``; its typed columns are turned into the same
+streams through ``ParquetFile.iter_batches`` (a directory: ``pyarrow.dataset``); a directory of
+CSV or JSON Lines parts is their concatenation. Parquet's typed columns are turned into the same
 strings (timestamps as ISO-8601, lists joined with ``|``), so one code path handles every
 format; JSON Lines likewise (:mod:`streams.log_jsonl`).
 
