@@ -13,9 +13,9 @@ strings (timestamps as ISO-8601, lists joined with ``|``), so one code path hand
 format; JSON Lines likewise (:mod:`streams.log_jsonl`).
 
 Line numbers: a CSV row's number is its record number counting the header as 1 (the physical
-line unless a quoted cell holds a newline); a Parquet row's is its 1-based row index (across
-a directory's files); a JSON
-Lines row's is its line.
+line unless a quoted cell holds a newline; without a header line the first record is 1); a
+Parquet row's is its 1-based row index (across a directory's files); a JSON Lines row's is its
+line.
 """
 
 from __future__ import annotations
