@@ -109,11 +109,17 @@ def _first_row(path: str | Path) -> list[str]:
 _NUMBER_NAME = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
 
 
+_DATE_NAME = re.compile(r"\d{4}[-/]\d{2}[-/]\d{2}([ T].*)?")  # a header cell is never a date
+
+
 def csv_has_header(path: str | Path) -> bool:
     """Whether a CSV's first line names its columns: not when half of its cells are numbers
-    (MovieLens' ``u.data``, Taobao's ``UserBehavior.csv`` start with their first row)."""
-    row = _first_row(path)
-    return 2 * sum(bool(_NUMBER_NAME.fullmatch(c.strip())) for c in row) < len(row)
+    (MovieLens' ``u.data``, Taobao's ``UserBehavior.csv`` start with their first row) or one
+    is a date (``alice,hat,1,2019-11-24T10:00:00Z``)."""
+    row = [c.strip() for c in _first_row(path)]
+    if any(_DATE_NAME.fullmatch(c) for c in row):
+        return False
+    return 2 * sum(bool(_NUMBER_NAME.fullmatch(c)) for c in row) < len(row)
 
 
 def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:

@@ -220,3 +220,13 @@ def test_movielens_1m_ratings_dat_with_its_double_colons(tmp_path):
     enc = encode_log(path, schema)
     assert not enc.bad_rows and sorted(zip(enc.source_line.tolist(), enc.item_id.tolist(), enc.label.tolist())) == [
         (1, 1193, 1), (2, 661, 0), (3, 914, 0), (4, 3408, 1), (5, 2355, 0), (6, 1193, 1)]
+
+
+def test_a_headerless_log_of_string_ids_and_iso_times(tmp_path):
+    path = _write(tmp_path, "shop.csv", "alice,hat,click,2019-11-24T10:00:00Z\nbob,cap,view,2019-11-24T10:05:00Z\n"
+                  "alice,cap,view,2019-11-24T10:06:00Z\n")
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
+        "column_1", "column_2", "column_3", "column_4")
+    assert schema.positive_values == ("click",)
+    assert encode_log(path, schema).label.tolist() == [1, 0, 0]
