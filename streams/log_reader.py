@@ -158,21 +158,28 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
 def _once_each(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows to keep, their labels) of time-ordered rows where a row repeating an earlier row's
     (user, item, time) is one event logged twice: only its first row is kept, with the largest
-    label of the copies (a view row and a click row of one showing are one clicked example)."""
+    label of the copies (a view row and a click row of one showing are one clicked example).
+    Only rows that share their time with a neighbour can repeat one: just those are sorted."""
     n = len(user)
-    by_key = np.lexsort((np.arange(n), item, ts, user))  # copies together, in row order
-    first = np.ones(n, bool)
-    if n:
-        first[1:] = ((user[by_key][1:] != user[by_key][:-1]) | (item[by_key][1:] != item[by_key][:-1])
-                     | (ts[by_key][1:] != ts[by_key][:-1]))
+    shared = np.zeros(n, bool)
+    if n > 1:
+        tie = ts[1:] == ts[:-1]
+        shared[1:] |= tie
+        shared[:-1] |= tie
+    cand = np.flatnonzero(shared)
+    by_key = cand[np.lexsort((cand, item[cand], ts[cand], user[cand]))]  # copies together, in row order
+    first = np.ones(len(by_key), bool)
+    first[1:] = ((user[by_key][1:] != user[by_key][:-1]) | (item[by_key][1:] != item[by_key][:-1])
+                 | (ts[by_key][1:] != ts[by_key][:-1]))
     if first.all():
         return np.arange(n), label
     heads = np.flatnonzero(first)
-    best = np.maximum.reduceat(label[by_key], heads)
-    keep = np.sort(by_key[heads])
-    merged = np.empty(n, label.dtype)
-    merged[by_key[heads]] = best
-    return keep, merged[keep]
+    merged = label.copy()
+    merged[by_key[heads]] = np.maximum.reduceat(label[by_key], heads)
+    keep = np.ones(n, bool)
+    keep[by_key[~first]] = False
+    keep_rows = np.flatnonzero(keep)
+    return keep_rows, merged[keep_rows]
 
 
 def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18

@@ -184,6 +184,26 @@ def test_a_row_logged_twice_is_one_example_and_a_view_row_with_its_click_row_one
     assert [len(acts) for _, acts in log_requests(enc, "t")] == [1, 1, 0]
 
 
+def test_once_each_keeps_the_first_copy_of_every_user_item_time_with_the_copies_largest_label():
+    from streams.log_reader import _once_each
+
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(0, 60))
+        ts = np.sort(rng.integers(0, 8, n))
+        user, item = rng.integers(0, 3, n), rng.integers(0, 3, n)
+        label = rng.integers(0, 2, n).astype(np.float32)
+        best: dict[tuple, float] = {}
+        firsts = []
+        for i, key in enumerate(zip(user.tolist(), item.tolist(), ts.tolist())):
+            if key not in best:
+                firsts.append(i)
+            best[key] = max(best.get(key, 0.0), float(label[i]))
+        keep, merged = _once_each(user, item, ts, label)
+        assert keep.tolist() == firsts
+        assert merged.tolist() == [best[(user[i], item[i], ts[i])] for i in firsts]
+
+
 def joiner_examples(enc: EncodedLog, source: str) -> ExampleBatch:
     """What the joiner builds from the requests replay would send (wire maps, as it stores them)."""
     closed = [ClosedRequest(msgpack.unpackb(encode_impression(imp), raw=False),
