@@ -89,9 +89,11 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
         raise TypeError(f"unknown schema names {sorted(unknown)}")
     base = overrides or LogSchema()
     header = column_names(path)
+    label_before = base.label_col
     base, notes = guess_reserved(header, base, set(given))
     base, by_content = guess_headerless(path, header, base, given)
     notes += by_content
+    label_guessed = base.label_col != label_before
     if ("label_col" not in given and base.label_col == LogSchema.label_col
             and base.label_col not in header):
         # No label column of the default name and none named: a log of interactions only.
@@ -108,7 +110,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
                     "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
     log_columns(path, base)  # checks the reserved and described columns are there
-    base, label_notes = guess_label_rule(path, base, label_named="label_col" in given)
+    base, label_notes = guess_label_rule(path, base, label_named="label_col" in given, label_guessed=label_guessed)
     return base, notes + label_notes
 
 

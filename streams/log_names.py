@@ -16,7 +16,8 @@ another. A label that is not 0/1 is read the way such logs mean it:
   name an engagement (:data:`POSITIVE_WORDS`), when every other cell names an exposure
   (:data:`EXPOSURE_WORDS`);
 - one positive cell on every row (``1``, ``purchase``), in a label column the caller did not
-  name: a log of positives only (``label_col = ""``, sampled negatives).
+  name, or a label column found by its name that is empty on most rows: a log of positives
+  only (``label_col = ""``, sampled negatives).
 
 Anything else is left as it is (``--inspect`` lists the label's cells and says what to set).
 Each guess is logged and returned as a note for ``--inspect``; a name or rule the schema or a
@@ -162,35 +163,42 @@ def _is_label(cells: pa.Array) -> bool:
     return not bad.any() and bool((np.abs(numbers) <= 100).all())  # a rating, not a category code
 
 
-def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = False) -> tuple[LogSchema, list[str]]:
+def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = False,
+                     label_guessed: bool = False) -> tuple[LogSchema, list[str]]:
     """``schema`` with ``positive_threshold`` or ``positive_values`` set from the label's cells
     when they are a rating scale or event types (module docstring), and the note saying so;
     unchanged where the label is 0/1, boolean, already has a rule, or is something else. A label
     the caller did not name (``label_named``) whose every cell is one positive (``1``, ``true``,
-    ``purchase``) marks a log of positives only: the schema becomes implicit."""
+    ``purchase``) marks a log of positives only: the schema becomes implicit; so does a label
+    column found by its name (``label_guessed``) that is empty on most rows (a rating beside
+    plays: as the label it would drop those rows)."""
     if schema.implicit or schema.positive_threshold is not None or schema.positive_values:
         return schema, []
     counts: Counter[str] = Counter()
-    rows = 0
+    rows = empty = 0
     for chunk in read_chunks(path, 1 << 16):
         if schema.label_col not in chunk.table.column_names:
             return schema, []  # the label comes from elsewhere (an item table): not guessed here
         column = pc.utf8_trim_whitespace(chunk.table.column(schema.label_col))
         counts.update({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist() if c["values"]})
         rows += chunk.table.num_rows
+        empty = rows - sum(counts.values())
         binary = sum(n for c, n in counts.items() if c.lower() in _BINARY)
         if len(counts) > 1 and binary >= BINARY_SHARE * sum(counts.values()):
             return schema, []  # 0/1 (or true/false): a few other cells are bad rows, not a scale
         if rows >= SAMPLE_ROWS or len(counts) > 1000:
             break
-    if len(counts) == 1 and not label_named:
-        (cell,) = counts
-        if cell.lower() in POSITIVE_WORDS | {"1", "1.0", "true", "t"}:
-            negatives, recent = schema.negatives or IMPLICIT_NEGATIVES, schema.recent_items or IMPLICIT_RECENT_ITEMS
-            note = (f'label_col = "": every cell of {schema.label_col!r} is {cell!r}, so the log holds positives '
-                    f"only: each row gets {negatives} sampled negatives and the user's last {recent} items")
-            log.warning("reading %s", note)
-            return replace(schema, label_col="", negatives=negatives, recent_items=recent), [note]
+    why = None
+    if len(counts) == 1 and not label_named and next(iter(counts)).lower() in POSITIVE_WORDS | {"1", "1.0", "true", "t"}:
+        why = f"every cell of {schema.label_col!r} is {next(iter(counts))!r}"
+    elif label_guessed and not label_named and 2 * empty > rows:
+        why = f"{schema.label_col!r} is empty on {empty} of its first {rows} rows, so it is no label"
+    if why is not None:
+        negatives, recent = schema.negatives or IMPLICIT_NEGATIVES, schema.recent_items or IMPLICIT_RECENT_ITEMS
+        note = (f'label_col = "": {why}; the log holds positives only: each row gets {negatives} sampled '
+                f"negatives and the user's last {recent} items")
+        log.warning("reading %s", note)
+        return replace(schema, label_col="", negatives=negatives, recent_items=recent), [note]
     cells = set(counts)
     values, bad = parse_floats(pa.array(sorted(cells), pa.string()))
     note = None

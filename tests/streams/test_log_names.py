@@ -204,6 +204,10 @@ def test_a_label_column_with_one_positive_value_is_a_log_of_positives_only(tmp_p
     assert "every cell of 'event' is 'purchase'" in inspection_toml(schema, stats)
     enc = encode_log(path, schema)
     assert enc.label.sum() == 20 and len(enc) > 20  # the rows, and their sampled negatives
+    plays = _write(tmp_path, "plays.csv", "user,item,rating,ts\nu,a,,1\nu,b,4,2\nv,a,,3\nv,c,,4\n")
+    schema, stats = infer_schema(plays)
+    assert schema.implicit and "'rating' is empty on 3 of its first 4 rows, so it is no label" in stats.summary()
+    assert [c.name for c in schema.columns] == ["rating"]  # a feature now
     ones = _write(tmp_path, "ones.csv", "user,item,clicked,ts\nu,a,1,1\nv,b,1,2\n")
     assert schema_for(ones).implicit
     assert not schema_for(ones, label_col="clicked").implicit  # named: taken as it is
