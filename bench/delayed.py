@@ -27,8 +27,9 @@ window, else 0), each impression once:
   a while; a trainer restored from a checkpoint never sees that start again.
 - ``serving_auc``, ``serving_logloss``, ``serving_calibration``: at the impression's own event
   time, by the model trained on what had been emitted by then (serving's view, publish delay
-  left out), over the second half of the stream (the first is warm-up): the freshness the
-  window costs counts here.
+  left out), over the second half of the stream (the first is warm-up) where every arm's
+  serving is open (its learner has trained and is past the cold-start hold, as the demo opens
+  serving; ``serving_probes`` of them): the freshness the window costs counts here.
 
 ``calibration`` = mean predicted probability / positive rate on those rows (1 = calibrated).
 ``cold_start_hold``: the hold's counts (:class:`~training.delayed_feedback.ColdStartHold`; null
@@ -175,15 +176,17 @@ def log_source(encoded: Any, name: str, window_ms: int, hold_ms: int, max_delay_
 
 
 def _serving(s: _Stream, times: np.ndarray, probes: ExampleBatch, probe_t: np.ndarray,
-             cfg: Any, chunk: int = 1024) -> dict:
+             cfg: Any, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Trains on ``s`` in emission order and scores each probe (an impression's item) at its
-    event time with the model trained on the rows emitted before it."""
+    event time with the model trained on the rows emitted before it. Returns the probabilities
+    and which probes serving would have answered: once the learner has trained and is past its
+    cold-start hold (the demo opens serving only then; before, the learner is the untrained
+    model, p = 1/2 for the generator's first ~40k rows under a 1 s hold)."""
     from training.learner import Learner
     from training.model.inference import score
-    from training.prequential import metrics_of
 
     learner: Learner | None = None
-    done, q = 0, []
+    done, q, open_ = 0, [], []
     for start in range(0, len(probes), chunk):
         idx = np.arange(start, min(len(probes), start + chunk))
         upto = int(np.searchsorted(times, probe_t[idx[0]], side="right"))
@@ -193,16 +196,27 @@ def _serving(s: _Stream, times: np.ndarray, probes: ExampleBatch, probe_t: np.nd
             learner.train(rows)
         done = max(done, upto)
         part = probes.take(idx)
+        serves = learner is not None and learner.examples_trained > 0 and not learner.cold_starting
+        open_.append(np.full(len(idx), serves))
         if learner is None:
             q.append(np.full(len(idx), 0.5))
             continue
         q.append(score(learner.table, learner.tower, part.sparse, part.dense, len(idx)).numpy())
-    half = len(probes) // 2  # after warm-up: a windowed model serves nothing for a window
-    p = np.clip(np.concatenate(q)[half:].astype(np.float64), 1e-7, 1 - 1e-7)
-    y = probes.label[half:].astype(np.float32)
+    return np.concatenate(q).astype(np.float64), np.concatenate(open_)
+
+
+def _serving_metrics(p: np.ndarray, y: np.ndarray, served: np.ndarray) -> dict:
+    """``serving_*`` over the probes ``served`` (every arm's serving open, second half)."""
+    from training.prequential import metrics_of
+
+    p = np.clip(p[served], 1e-7, 1 - 1e-7)
+    y = y[served].astype(np.float32)
+    if not len(y):
+        return {"serving_auc": None, "serving_logloss": None, "serving_calibration": None, "serving_probes": 0}
     m = metrics_of(np.log(p) - np.log1p(-p), y, np.ones(len(y))).to_dict()
     return {"serving_auc": m["auc_overall"], "serving_logloss": m["logloss"],
-            "serving_calibration": round(float(p.mean() / y.mean()), 4) if y.any() else None}
+            "serving_calibration": round(float(p.mean() / y.mean()), 4) if y.any() else None,
+            "serving_probes": int(len(y))}
 
 
 def _score(s: _Stream, cfg: Any) -> dict:
@@ -294,6 +308,8 @@ def run_arms(source: Source, cfg: Any, arms: tuple[str, ...], window_ms: int,
     :func:`log_source`), and early minus window deltas."""
     out: dict[str, Any] = {}
     streams: dict[str, _Stream] = {}
+    served: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    labels = np.zeros(0, np.float32)
     for arm in arms:
         progress(arm)
         emit = "window" if arm == "window" else "early"
@@ -306,9 +322,18 @@ def run_arms(source: Source, cfg: Any, arms: tuple[str, ...], window_ms: int,
             probes = streams.setdefault("window", streams.get("window") or source("window"))
             order = np.argsort(probes.times - window_ms, kind="stable")
             probe_batch = probes.batch.take(order)
-            probe_batch.label = probes.true_label[order]  # final labels, impression time order
-            out[arm].update(_serving(streams[emit], streams[emit].times, probe_batch,
-                                     (probes.times - window_ms)[order], arm_cfg))
+            served[arm] = _serving(streams[emit], streams[emit].times, probe_batch,
+                                   (probes.times - window_ms)[order], arm_cfg)
+            labels = probes.true_label[order]  # final labels, impression time order
+    if served:
+        # Every arm on the same probes: the second half (a windowed model serves nothing for a
+        # window), where every arm's serving is open.
+        common = np.ones(len(labels), bool)
+        common[: len(labels) // 2] = False
+        for _, open_ in served.values():
+            common &= open_
+        for arm, (p, _) in served.items():
+            out[arm].update(_serving_metrics(p, labels, common))
     if "window" in out:
         for arm in ARMS[1:]:
             if arm in out and out[arm]["auc_overall"] is not None:

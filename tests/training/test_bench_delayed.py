@@ -64,3 +64,25 @@ def test_with_the_cold_start_hold_every_impression_is_scored_once_and_the_hold_r
     assert out["rows_trained"] == len(early.batch) - hold["merged"]  # a merged copy: no row
     assert len(out["auc_by_tenth"]) == 10 and len(out["logloss_by_tenth"]) == 10
     assert _score(early, replace(cfg, early_warmup_examples=0))["cold_start_hold"] is None
+
+
+def test_the_serving_view_scores_every_arm_on_the_probes_where_all_of_them_serve():
+    from training.config import TrainerConfig
+
+    from bench.delayed import _serving, run_arms
+
+    # 6k events span ~2.5 s of event time: a 0.5 s label wait keeps the early learner cold a while
+    source = generator_source(WORLD, 6_000, window_ms=500, hold_ms=200)
+    cfg = TrainerConfig(publish=False, batch_size=128, early_label_wait_s=0.5, early_warmup_examples=1_000)
+    early, window = source("early"), source("window")
+    order = np.argsort(window.times - 500, kind="stable")
+    p, open_ = _serving(early, early.times, window.batch.take(order), (window.times - 500)[order], cfg)
+    # closed while the cold-start hold keeps the learner untrained (it would answer p = 1/2)
+    assert not open_[0] and open_[-1] and (np.diff(open_.astype(int)) >= 0).all()
+    assert np.allclose(p[~open_][:10], 0.5, atol=0.05)
+    out = run_arms(source, cfg, ("window", "early_fnw"), 500)
+    half = len(window.batch) - len(window.batch) // 2
+    n = out["window"]["serving_probes"]
+    assert n == out["early_fnw"]["serving_probes"] == int(open_[len(open_) // 2:].sum()) and 0 < n <= half
+    assert out["early_fnw"]["serving_auc_delta_vs_window"] == round(
+        out["early_fnw"]["serving_auc"] - out["window"]["serving_auc"], 4)
