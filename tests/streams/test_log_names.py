@@ -40,6 +40,10 @@ timestamp,visitorid,event,itemid,transactionid
 """
 
 
+def _roles(schema: LogSchema) -> tuple[str, str, str, str]:
+    return schema.user_col, schema.item_col, schema.label_col, schema.time_col
+
+
 def _write(tmp_path, name: str, text: str):
     path = tmp_path / name
     path.write_text(text)
@@ -49,8 +53,7 @@ def _write(tmp_path, name: str, text: str):
 def test_a_movielens_export_runs_as_it_is_with_rating_4_and_up_as_positives(tmp_path):
     path = _write(tmp_path, "ratings.csv", MOVIELENS)
     schema = schema_for(path)
-    assert (schema.user_col, schema.item_col, schema.time_col, schema.label_col) == (
-        "userId", "movieId", "timestamp", "rating")
+    assert _roles(schema) == ("userId", "movieId", "rating", "timestamp")
     assert schema.positive_threshold == 4.0 and not schema.implicit
     log = encode_log(path, schema)
     assert len(log) == 7 and not log.bad_rows
@@ -83,8 +86,7 @@ def test_the_threshold_is_the_top_quarter_of_the_scale(tmp_path, scale, threshol
 def test_event_types_make_engagements_positive_and_exposures_negative(tmp_path):
     path = _write(tmp_path, "events.csv", EVENTS)
     schema = schema_for(path)
-    assert (schema.user_col, schema.item_col, schema.time_col, schema.label_col) == (
-        "visitorid", "itemid", "timestamp", "event")
+    assert _roles(schema) == ("visitorid", "itemid", "event", "timestamp")
     assert schema.positive_values == ("addtocart", "transaction")
     log = encode_log(path, schema)
     by_line = dict(zip(log.source_line.tolist(), log.label.tolist()))
@@ -96,8 +98,7 @@ def test_the_same_guesses_on_parquet_whose_rating_is_a_float_column(tmp_path):
                       "Rating": [1.0, 5.0, 4.0, 2.0], "event_time": [1, 2, 3, 4]})
     pq.write_table(table, tmp_path / "r.parquet")
     schema = schema_for(tmp_path / "r.parquet")
-    assert (schema.user_col, schema.item_col, schema.time_col, schema.label_col) == (
-        "UserID", "Product ID", "event_time", "Rating")
+    assert _roles(schema) == ("UserID", "Product ID", "Rating", "event_time")
     assert schema.positive_threshold == 4.0
     assert encode_log(tmp_path / "r.parquet", schema).label.tolist() == [0, 1, 1, 0]
 
@@ -155,8 +156,7 @@ def test_movielens_u_data_without_a_header_line_reads_user_item_rating_time_by_p
     path = _write(tmp_path, "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n"
                   "244\t51\t2\t880606923\n166\t346\t1\t886397596\n298\t474\t4\t884182806\n115\t265\t5\t881171488\n")
     schema, stats = infer_schema(path)
-    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
-        "column_1", "column_2", "column_3", "column_4")
+    assert _roles(schema) == ("column_1", "column_2", "column_3", "column_4")
     assert schema.positive_threshold == 4.0
     assert "guessed: label_col = 'column_3': the log has no header line; column 3 reads as the label" in stats.summary()
     enc = encode_log(path, schema)
@@ -169,8 +169,7 @@ def test_taobao_user_behavior_without_a_header_and_its_bad_lines(tmp_path):
     path = _write(tmp_path, "UserBehavior.csv", "1,2268318,2520377,pv,1511544070\n1,2333346,2520771,pv,1511561733\n"
                   "1,2576651,149192\n2,3830808,4181361,buy,1511593493\n3,4365585,2520377,cart,1511596146\n")
     schema = schema_for(path)
-    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
-        "column_1", "column_2", "column_4", "column_5")
+    assert _roles(schema) == ("column_1", "column_2", "column_4", "column_5")
     assert schema.positive_values == ("buy", "cart")
     enc = encode_log(path, schema, on_bad_row="dead-letter")
     assert [(b.line, b.column) for b in enc.bad_rows] == [(3, "column_4")]
@@ -190,8 +189,7 @@ def test_taobao_and_amazon_spellings(tmp_path):
                     "A1,B01,5.0,1400000000,\"05 13, 2014\"\nA2,B01,3.0,1400000100,\"05 13, 2014\"\n"
                     "A2,B02,1.0,1400000200,\"05 13, 2014\"\n")
     schema = schema_for(amazon)
-    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
-        "reviewerID", "asin", "overall", "unixReviewTime")
+    assert _roles(schema) == ("reviewerID", "asin", "overall", "unixReviewTime")
     assert schema.positive_threshold == 5.0  # a scale of 1, 3, 5: its top quarter
 
 
@@ -218,8 +216,7 @@ def test_movielens_1m_ratings_dat_with_its_double_colons(tmp_path):
             "2::2355::2::978824291", "3::1193::4::978300761"]
     path = _write(tmp_path, "ratings.dat", "\n".join(rows) + "\n")
     schema = schema_for(path)
-    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
-        "column_1", "column_3", "column_5", "column_7")
+    assert _roles(schema) == ("column_1", "column_3", "column_5", "column_7")
     assert schema.positive_threshold == 4.0
     enc = encode_log(path, schema)
     assert not enc.bad_rows and sorted(zip(enc.source_line.tolist(), enc.item_id.tolist(), enc.label.tolist())) == [
@@ -230,7 +227,6 @@ def test_a_headerless_log_of_string_ids_and_iso_times(tmp_path):
     path = _write(tmp_path, "shop.csv", "alice,hat,click,2019-11-24T10:00:00Z\nbob,cap,view,2019-11-24T10:05:00Z\n"
                   "alice,cap,view,2019-11-24T10:06:00Z\n")
     schema = schema_for(path)
-    assert (schema.user_col, schema.item_col, schema.label_col, schema.time_col) == (
-        "column_1", "column_2", "column_3", "column_4")
+    assert _roles(schema) == ("column_1", "column_2", "column_3", "column_4")
     assert schema.positive_values == ("click",)
     assert encode_log(path, schema).label.tolist() == [1, 0, 0]
