@@ -41,7 +41,7 @@ def _bisect(arr: pa.Array, convert: Callable[[pa.Array], np.ndarray], fill: floa
 
 
 # What Arrow's string -> double cast accepts; a cell that fails it is never cast alone.
-_NUMBER = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:nan|inf|infinity)$"
+NUMBER = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:nan|inf|infinity)$"
 
 
 def _to_float(a: pa.Array) -> np.ndarray:
@@ -59,7 +59,7 @@ def parse_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return _to_float(arr), bad  # the common case: one call
     except (pa.ArrowInvalid, ValueError):
         pass
-    looks = pc.fill_null(pc.match_substring_regex(arr, _NUMBER), True).to_numpy(zero_copy_only=False)
+    looks = pc.fill_null(pc.match_substring_regex(arr, NUMBER), True).to_numpy(zero_copy_only=False)
     bad[~looks] = True
     where = np.flatnonzero(looks)
     if len(where):
@@ -107,6 +107,10 @@ def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ms, empty, bad
 
 
+TRUE_CELLS = ("true", "t")  # a boolean label as exports write it (any case)
+FALSE_CELLS = ("false", "f")
+
+
 def parse_labels(arr: pa.Array, threshold: float | None,
                  positive_values: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(float32 0/1 labels; mask of bad cells). With ``positive_values`` (an event-type column:
@@ -123,8 +127,8 @@ def parse_labels(arr: pa.Array, threshold: float | None,
     values, bad = parse_floats(arr)
     if threshold is None and bad.any():  # words, booleans among them: only then the extra passes
         word = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
-        arr = pc.if_else(pc.is_in(word, pa.array(["true", "t"])), "1",
-                         pc.if_else(pc.is_in(word, pa.array(["false", "f"])), "0", arr))
+        arr = pc.if_else(pc.is_in(word, pa.array(TRUE_CELLS)), "1",
+                         pc.if_else(pc.is_in(word, pa.array(FALSE_CELLS)), "0", arr))
         values, bad = parse_floats(arr)
     bad |= np.isnan(values) | np.isinf(values)
     if threshold is None:

@@ -59,7 +59,6 @@ class ItemTable:
             where = [lines[i] for i in pc.indices_nonzero(pc.equal(ids, first)).to_pylist()[:2]]
             raise SchemaError(f"item table {path}: item {first!r} is listed twice (lines {where[0]} "
                               f"and {where[1]}); {len(dup)} ids repeat")
-        self.ids = ids
         # Matched as ids, not text: "123.0" in one file is item 123 in the other (entity_ids).
         keys = entity_ids("item", ids)
         uniq, counts = np.unique(keys, return_counts=True)

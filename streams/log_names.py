@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_cells import one_chunk, parse_floats, parse_times
+from streams.log_cells import FALSE_CELLS, TRUE_CELLS, one_chunk, parse_floats, parse_times
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, LogSchema
 from streams.log_source import HEADERLESS_PREFIX, read_chunks
 
@@ -70,7 +70,8 @@ SAMPLE_ROWS = 1 << 18
 CONTENT_ROWS = 1 << 16  # rows a headerless log's roles are guessed from
 _SINCE_MS = 631_152_000_000  # 1990-01-01: a column of times after it is a time, not small ids
 BINARY_SHARE = 0.5  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)
-_BINARY = frozenset(("0", "1", "0.0", "1.0", "true", "false", "t", "f"))
+_ONES = frozenset(("1", "1.0", *TRUE_CELLS))
+_BINARY = _ONES | {"0", "0.0", *FALSE_CELLS}
 POSITIVE_WORDS = frozenset((
     "click", "clicked", "purchase", "purchased", "buy", "bought", "transaction", "order", "ordered",
     "checkout", "addtocart", "cart", "like", "liked", "favorite", "favourite", "fav", "play", "played",
@@ -189,7 +190,7 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
         if rows >= SAMPLE_ROWS or len(counts) > 1000:
             break
     why = None
-    if len(counts) == 1 and not label_named and next(iter(counts)).lower() in POSITIVE_WORDS | {"1", "1.0", "true", "t"}:
+    if len(counts) == 1 and not label_named and next(iter(counts)).lower() in POSITIVE_WORDS | _ONES:
         why = f"every cell of {schema.label_col!r} is {next(iter(counts))!r}"
     elif label_guessed and not label_named and 2 * empty > rows:
         why = f"{schema.label_col!r} is empty on {empty} of its first {rows} rows, so it is no label"

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from streams.log_formats import (csv_block_size, csv_delimiter, csv_encoding, data_files, is_directory_log,
                                  is_json_lines, is_parquet, parquet_parts, text_encoding)
-from streams.log_cells import one_chunk, parse_floats, parse_labels, parse_times
+from streams.log_cells import NUMBER, one_chunk, parse_floats, parse_labels, parse_times
 from streams.log_jsonl import cell_string, json_lines_chunks, json_lines_columns
 from streams.log_schema import LogSchema, entity_ids
 from streams.wire import SchemaError
@@ -86,7 +86,7 @@ def column_names(path: str | Path) -> list[str]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise SchemaError(f"{path}: {exc}") from None
     header = _first_row(path)
-    if not csv_has_header(path):
+    if _is_data(header):
         return [f"{HEADERLESS_PREFIX}{i + 1}" for i in range(len(header))]
     if len(set(header)) != len(header):
         raise SchemaError(f"{path}: duplicate column names in the header {header}")
@@ -105,21 +105,22 @@ def _first_row(path: str | Path) -> list[str]:
     return row
 
 
-# A header cell that is a number: when half of them are, the first line is data (no header).
-_NUMBER_NAME = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
-
-
-_DATE_NAME = re.compile(r"\d{4}[-/]\d{2}[-/]\d{2}([ T].*)?")  # a header cell is never a date
+_NUMBER_CELL = re.compile(NUMBER)
+_DATE_CELL = re.compile(r"\d{4}[-/]\d{2}[-/]\d{2}([ T].*)?")  # a header cell is never a date
 
 
 def csv_has_header(path: str | Path) -> bool:
-    """Whether a CSV's first line names its columns: not when half of its cells are numbers
-    (MovieLens' ``u.data``, Taobao's ``UserBehavior.csv`` start with their first row) or one
-    is a date (``alice,hat,1,2019-11-24T10:00:00Z``)."""
-    row = [c.strip() for c in _first_row(path)]
-    if any(_DATE_NAME.fullmatch(c) for c in row):
-        return False
-    return 2 * sum(bool(_NUMBER_NAME.fullmatch(c)) for c in row) < len(row)
+    """Whether a CSV's first line names its columns (:func:`_is_data`)."""
+    return not _is_data(_first_row(path))
+
+
+def _is_data(row: list[str]) -> bool:
+    """A first line that is a row, not a header: half of its cells numbers (MovieLens' ``u.data``,
+    Taobao's ``UserBehavior.csv``) or one a date (``alice,hat,1,2019-11-24T10:00:00Z``)."""
+    cells = [c.strip() for c in row]
+    if any(_DATE_CELL.fullmatch(c) for c in cells):
+        return True
+    return 2 * sum(bool(_NUMBER_CELL.fullmatch(c)) for c in cells) >= len(cells)
 
 
 def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:
