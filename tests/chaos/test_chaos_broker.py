@@ -89,9 +89,16 @@ def test_kill9_broker_on_s3_storage_loses_nothing_acknowledged(down_s):
             producing.join(90)
             assert producing.error is None, producing.error
             assert producing.acked > acked_before, "no progress after the broker came back"
-            assert resumed and resumed[0] == committed
+            records = read_topic(cfg, topic, idle_s=1.5)
+            # It resumes at the first record at or after the committed offset, which need not be
+            # the committed offset itself: offsets may skip, as in Kafka. One full-suite run in
+            # about six resumed at 14450 after committing 14400 (a 50-record batch, the one in
+            # flight at the kill, can take its offsets without its records landing; its retry,
+            # unacknowledged until then, takes new ones). Skipping a record still fails here.
+            assert resumed and resumed[0] == min(r.offset for r in records
+                                                 if r.offset >= committed)
 
-            values = [r.value for r in read_topic(cfg, topic, idle_s=1.5)]
+            values = [r.value for r in records]
             got = {int(v[1:]) for v in values}
             assert set(range(producing.acked)) <= got  # every acknowledged message survived
             # Retries across the crash may repeat a batch (at-least-once; consumers de-dup by id).
