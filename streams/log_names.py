@@ -8,16 +8,17 @@ column whose default name is not in the header is looked for among the names suc
 are one name), in the order of the lists below; a column named for one role is never taken for
 another. A label that is not 0/1 is read the way such logs mean it:
 
-- a rating scale (at least 3 and at most :data:`SCALE_VALUES` distinct numbers, less than half
-  of the cells 0 or 1: a 0/1 label with a few stray cells stays 0/1, those cells bad rows):
-  ``positive_threshold`` is the smallest value in the top quarter of the scale (4 on 1-5 and on
-  0.5-5, 8 on 1-10);
-- event types (``view``, ``addtocart``, ``transaction``): ``positive_values`` are the cells that
-  name an engagement (:data:`POSITIVE_WORDS`), when every other cell names an exposure
-  (:data:`EXPOSURE_WORDS`);
-- one positive cell on every row (``1``, ``purchase``), in a label column the caller did not
-  name, or a label column found by its name that is empty on most rows: a log of positives
-  only (``label_col = ""``, sampled negatives).
+- a rating scale (at least 3 and at most :data:`SCALE_VALUES` distinct numbers, less than
+  :data:`BINARY_SHARE` of the cells 0 or 1, and less than half unless at least
+  :data:`SCALE_OTHERS` other values: a 0/1 label with stray cells stays 0/1, those bad rows): ``positive_threshold`` is the smallest value in the top quarter of the scale
+  (4 on 1-5 and on 0.5-5, 8 on 1-10). A "not rated" cell below the scale (Goodreads' and
+  Book-Crossing's 0 on most rows, an anime list's -1) is part of the scale, so a negative;
+- event types (``view``, ``addtocart``, ``add_to_cart``, ``transaction``): ``positive_values``
+  are the cells that name an engagement (:data:`POSITIVE_WORDS`), when every other cell names
+  an exposure or a retraction (:data:`EXPOSURE_WORDS`: ``remove_from_cart``, ``skip``);
+- only positive cells (``1``, ``purchase``; ``purchase`` and ``play``), in a label column the
+  caller did not name, or a label column found by its name that is empty on most rows: a log
+  of positives only (``label_col = ""``, sampled negatives).
 
 Anything else is left as it is (``--inspect`` lists the label's cells and says what to set).
 Each guess is logged and returned as a note for ``--inspect``; a name or rule the schema or a
@@ -66,10 +67,12 @@ _NAMES: dict[str, tuple[str, ...]] = {
 }
 SCALE_VALUES = 20  # a numeric label with at most this many distinct values is a rating scale
 SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
+NOT_RATED_SHARE = 0.3  # a scale's lowest value on this share of the rows is "not rated" (noted)
 SAMPLE_ROWS = 1 << 18
 CONTENT_ROWS = 1 << 16  # rows a headerless log's roles are guessed from
 _SINCE_MS = 631_152_000_000  # 1990-01-01: a column of times after it is a time, not small ids
-BINARY_SHARE = 0.5  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)
+BINARY_SHARE = 0.95  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)...
+SCALE_OTHERS = 3  # ...or with half, unless it has this many other values (0 = "not rated", 1-5)
 _ONES = frozenset(("1", "1.0", *TRUE_CELLS))
 _BINARY = _ONES | {"0", "0.0", *FALSE_CELLS}
 POSITIVE_WORDS = frozenset((
@@ -80,11 +83,17 @@ POSITIVE_WORDS = frozenset((
 EXPOSURE_WORDS = frozenset((
     "view", "viewed", "pageview", "pv", "imp", "impression", "impressions", "show", "shown", "display", "displayed",
     "expose", "exposure", "skip", "skipped", "dislike", "disliked", "ignore", "ignored", "no", "negative",
-    "neg", "none", "detail", "browse"))
+    "neg", "none", "detail", "browse", "removefromcart", "removefromwishlist", "remove", "removed", "unlike",
+    "unfavorite", "unfavourite", "unsubscribe", "unsubscribed", "return", "returned", "refund", "hide", "hidden"))
 
 
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _is_word(cell: str, words: frozenset[str]) -> bool:
+    """Whether an event cell names one of ``words`` (``add_to_cart`` and ``AddToCart`` alike)."""
+    return _norm(cell) in words
 
 
 def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tuple[LogSchema, list[str]]:
@@ -118,12 +127,15 @@ def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
     name, from the first :data:`CONTENT_ROWS` rows, by the order such files keep (MovieLens'
     ``u.data``: user, item, rating, time; Taobao's ``UserBehavior.csv``: user, item, category,
     behaviour, time): the time is the first column of times since 1990 (epoch seconds or ms,
-    ISO-8601); the user and the item the first two other columns; the label the first later
+    ISO-8601); the user and the item the first two other columns with no empty cell (Last.fm's
+    artist id is empty on some rows, its name never); the label the first later
     column of at most :data:`SCALE_VALUES` distinct numbers within +-100 (not codes) or of event
-    words; a column the caller names for a role (``given``: role -> column) is left out. Notes
-    as :func:`guess_reserved`'s."""
+    words; a column the caller names for a role (``given``: role -> column, or the schema
+    naming one of the header's ``column_N``) is left out. Notes as :func:`guess_reserved`'s."""
     if not header or not all(c.startswith(HEADERLESS_PREFIX) for c in header):
         return schema, []
+    given = {**{role: getattr(schema, role) for role in _NAMES if getattr(schema, role) in header},
+             **{k: v for k, v in given.items() if k in _NAMES}}
     table = next(iter(read_chunks(path, CONTENT_ROWS)), None)
     if table is None or not table.table.num_rows:
         return schema, []
@@ -136,8 +148,11 @@ def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
         changes["time_col"] = time
     rest = [c for c in free if c != time and pc.any(pc.not_equal(cols[c], "")).as_py()]  # not all empty ("::")
     ids = [role for role in ("user_col", "item_col") if role not in given]
-    changes.update(zip(ids, rest))
-    label = next((c for c in rest[len(ids):] if _is_label(cols[c])), None)
+    complete = [c for c in rest if cols[c].null_count == 0 and not pc.any(pc.equal(cols[c], "")).as_py()]
+    id_cols = (complete if len(complete) >= len(ids) else rest)[:len(ids)]
+    changes.update(zip(ids, id_cols))
+    after = rest.index(id_cols[-1]) + 1 if id_cols else 0
+    label = next((c for c in rest[after:] if _is_label(cols[c])), None)
     if label is not None and not schema.implicit:
         changes["label_col"] = label
     changes = {k: v for k, v in changes.items() if k not in given}
@@ -158,7 +173,7 @@ def _is_label(cells: pa.Array) -> bool:
     values = [v for v in pc.unique(cells).to_pylist() if v]
     if not values or len(values) > SCALE_VALUES:
         return False
-    if all(v.lower() in POSITIVE_WORDS | EXPOSURE_WORDS for v in values):
+    if all(_is_word(v, POSITIVE_WORDS | EXPOSURE_WORDS) for v in values):
         return True
     numbers, bad = parse_floats(pa.array(values, pa.string()))
     return not bad.any() and bool((np.abs(numbers) <= 100).all())  # a rating, not a category code
@@ -185,13 +200,18 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
         rows += chunk.table.num_rows
         empty = rows - sum(counts.values())
         binary = sum(n for c, n in counts.items() if c.lower() in _BINARY)
-        if len(counts) > 1 and binary >= BINARY_SHARE * sum(counts.values()):
-            return schema, []  # 0/1 (or true/false): a few other cells are bad rows, not a scale
+        others = sum(c.lower() not in _BINARY for c in counts)
+        if len(counts) > 1 and (binary >= BINARY_SHARE * sum(counts.values())
+                                or (2 * binary >= sum(counts.values()) and others < SCALE_OTHERS)):
+            return schema, []  # 0/1 (or true/false): the other cells are bad rows, not a scale
         if rows >= SAMPLE_ROWS or len(counts) > 1000:
             break
     why = None
-    if len(counts) == 1 and not label_named and next(iter(counts)).lower() in POSITIVE_WORDS | _ONES:
+    if len(counts) == 1 and not label_named and (next(iter(counts)).lower() in _ONES
+                                                  or _is_word(next(iter(counts)), POSITIVE_WORDS)):
         why = f"every cell of {schema.label_col!r} is {next(iter(counts))!r}"
+    elif counts and not label_named and all(_is_word(c, POSITIVE_WORDS) for c in counts):
+        why = f"every cell of {schema.label_col!r} names an engagement ({', '.join(sorted(counts))})"
     elif label_guessed and not label_named and 2 * empty > rows:
         why = f"{schema.label_col!r} is empty on {empty} of its first {rows} rows, so it is no label"
     if why is not None:
@@ -209,8 +229,12 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
         schema = replace(schema, positive_threshold=threshold)
         note = (f"positive_threshold = {threshold:g}: the label {schema.label_col!r} is a scale of "
                 f"{len(scale)} values from {scale[0]:g} to {scale[-1]:g}; a value >= {threshold:g} is a positive")
-    elif cells and all(c.lower() in POSITIVE_WORDS | EXPOSURE_WORDS for c in cells):
-        positive = tuple(sorted(c for c in cells if c.lower() in POSITIVE_WORDS))
+        lowest = sum(counts[c] for c, v in zip(sorted(cells), values) if v == scale[0])
+        if lowest >= NOT_RATED_SHARE * sum(counts.values()):
+            note += (f" ({scale[0]:g}, on {lowest / sum(counts.values()):.0%} of the rows, likely "
+                     "'not rated', is a negative)")
+    elif cells and all(_is_word(c, POSITIVE_WORDS | EXPOSURE_WORDS) for c in cells):
+        positive = tuple(sorted(c for c in cells if _is_word(c, POSITIVE_WORDS)))
         if positive and len(positive) < len(cells):
             schema = replace(schema, positive_values=positive)
             note = (f"positive_values = {list(positive)}: the label {schema.label_col!r} names events "

@@ -230,3 +230,44 @@ def test_a_headerless_log_of_string_ids_and_iso_times(tmp_path):
     assert _roles(schema) == ("column_1", "column_2", "column_3", "column_4")
     assert schema.positive_values == ("click",)
     assert encode_log(path, schema).label.tolist() == [1, 0, 0]
+
+
+def test_a_rating_whose_not_rated_zero_fills_most_rows_is_still_a_scale(tmp_path):
+    # Goodreads' interactions: 0 = shelved, not rated, on most rows; 1-5 otherwise.
+    ratings = [0, 0, 5, 0, 3, 0, 4, 0, 2, 0, 1, 0]
+    rows = "".join(f"u{i % 3},b{i},1,{r},0\n" for i, r in enumerate(ratings))
+    path = _write(tmp_path, "goodreads.csv", "user_id,book_id,is_read,rating,is_reviewed\n" + rows)
+    schema, stats = infer_schema(path)
+    assert schema.positive_threshold == 4.0
+    assert "(0, on 58% of the rows, likely 'not rated', is a negative)" in stats.summary()
+    enc = encode_log(path, schema)
+    assert not enc.bad_rows and sorted(zip(enc.source_line.tolist(), enc.label.tolist())) == [
+        (i + 2, int(r >= 4)) for i, r in enumerate(ratings)]
+
+
+def test_event_words_as_shops_spell_them_and_retractions(tmp_path):
+    # REES46: remove_from_cart is an event, not an engagement; add_to_cart is addtocart.
+    path = _write(tmp_path, "rees.csv", "event_time,event_type,product_id,user_id\n"
+                  "2019-10-01 00:00:00 UTC,view,1,7\n2019-10-01 00:00:01 UTC,add_to_cart,1,7\n"
+                  "2019-10-01 00:00:02 UTC,remove_from_cart,1,7\n2019-10-01 00:00:03 UTC,purchase,2,8\n")
+    schema = schema_for(path)
+    assert schema.positive_values == ("add_to_cart", "purchase")
+    assert encode_log(path, schema).label.tolist() == [0, 1, 0, 1]
+    # Steam-200k: every row a purchase or a play, both engagements: a log of positives only.
+    steam = _write(tmp_path, "steam.csv", "151603712,The Elder Scrolls V,purchase,1.0\n"
+                   "151603712,The Elder Scrolls V,play,273.0\n151603712,Fallout 4,purchase,1.0\n")
+    schema, stats = infer_schema(steam)
+    assert schema.implicit and (schema.user_col, schema.item_col) == ("column_1", "column_2")
+    assert "every cell of 'column_3' names an engagement (play, purchase)" in stats.summary()
+
+
+def test_a_headerless_log_takes_complete_columns_as_ids_and_the_schemas_names(tmp_path):
+    # Last.fm 1K: user, time, artist id (empty on some rows), artist, track id, track.
+    path = _write(tmp_path, "lastfm.tsv",
+                  "user_000001\t2009-05-04T23:08:57Z\tf1b1cf71\tDeep Dish\t\tFuck Me Im Famous\n"
+                  "user_000001\t2009-05-04T13:54:10Z\t\tRyuichi Sakamoto\t\tComposition 0919\n"
+                  "user_000002\t2009-05-04T13:52:04Z\ta7f7df4a\tUnderworld\tb7ffd2af\tBoy, Boy, Boy\n")
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.time_col) == ("column_1", "column_4", "column_2")
+    from_file = schema_for(path, LogSchema(item_col="column_6"))  # a schema file naming the track wins
+    assert (from_file.user_col, from_file.item_col) == ("column_1", "column_6")
