@@ -101,6 +101,9 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
             (bags[name] if name in bags else raw[name]).append(
                 value.take(keep) if isinstance(value, Ragged) else value[keep])
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    if bad_rows and not len(cat["line"]):
+        raise SchemaError(f"every row of {path} is bad ({len(bad_rows)} rows; the first: "
+                          f"{bad_rows[0].message(path)}): check the schema --inspect prints")
     order = np.argsort(cat["ts"], kind="stable")
     keep, merged_label = _once_each(cat["user"][order], cat["item"][order], cat["ts"][order], cat["label"][order])
     duplicates = len(order) - len(keep)

@@ -347,7 +347,8 @@ def parse_core(chunk: RawChunk, schema: LogSchema, checks: RowChecks) -> CoreCol
                                         schema.positive_values)
         lab_text = t.column(schema.label_col)
         want = ("an event type" if schema.positive_values else
-                "0 or 1" if schema.positive_threshold is None else "a number")
+                "0 or 1 (a score or a rating? set positive_threshold)" if schema.positive_threshold is None
+                else "a number")
         checks.add(bad_label, schema.label_col, lambda i: f"label {lab_text[i].as_py() or ''!r} is not {want}")
     if not schema.time_col:  # no time column: the file's order
         ts = FILE_ORDER_EPOCH_MS + chunk.line.astype(np.int64) * 1000

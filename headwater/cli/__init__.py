@@ -14,6 +14,7 @@ import sys
 from headwater.cli.runtime import exit_on_sigterm, keep_freed_memory
 from headwater.config import ConfigError
 from headwater.logs import setup_logging
+from streams.wire import SchemaError
 
 COMMAND_MODULES = [
     "headwater.cli.config_cmd",
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
         parser.exit(2, f"headwater: {exc}\n")
+    except SchemaError as exc:  # a log or schema that cannot be read as asked: no traceback
+        parser.exit(2, f"headwater {args.command}: {exc}\n")
     except KeyboardInterrupt:
         return 130
 

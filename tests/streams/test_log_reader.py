@@ -171,6 +171,20 @@ def test_dead_letter_mode_keeps_the_good_rows_and_lists_every_bad_one(tmp_path):
     assert enc.item_id.tolist() == [4, 7, 10] and enc.source_line.tolist() == [2, 5, 8]
 
 
+def test_a_log_whose_every_row_is_bad_says_so_and_the_cli_prints_no_traceback(tmp_path):
+    # KuaiRec's watch_ratio named as the label with no threshold: a number on every row.
+    rows = "".join(f"{14 + i % 3},{148 + i},{1593878903.438 + i},{0.72 + 0.11 * i:.2f}\n" for i in range(25))
+    f = write(tmp_path / "kuai.csv", "user_id,video_id,timestamp,watch_ratio\n" + rows)
+    with pytest.raises(SchemaError, match=r"every row of .* is bad \(25 rows; the first: .*line 2, column "
+                       r"'watch_ratio': label '0.72' is not 0 or 1 \(a score or a rating\? set positive_threshold\)"):
+        encode_log(f, LogSchema(item_col="video_id", label_col="watch_ratio", time_col="timestamp"), "dead-letter")
+    out = subprocess.run([sys.executable, "-m", "headwater", "bench", "learning", "--json", "--no-vw",
+                          "--dataset", str(f), "--label-col", "watch_ratio", "--on-bad-row", "dead-letter"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "headwater bench: every row of" in out.stderr
+
+
 def test_a_row_logged_twice_is_one_example_and_a_view_row_with_its_click_row_one_positive(tmp_path):
     f = write(tmp_path / "twice.csv", "user_id,item_id,label,ts,genre\n"
               "1,10,1,100,a\n1,10,1,100,a\n1,11,0,100,b\n2,10,0,200,a\n2,10,1,200,a\n2,10,0,300,a\n")
