@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CELL, ColumnSpec, LogSchema, feature_ids
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import log_columns, read_log_chunks
+from streams.log_leaks import LeakSample
 from streams.log_names import guess_headerless, guess_label_rule, guess_reserved
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
@@ -153,7 +154,7 @@ def infer_schema(path: str | Path, overrides: LogSchema | None = None, *, chunk_
     """
     base, notes = _names_schema(path, overrides, names)
     schema, stats = _infer(path, base, chunk_rows, distinct_cap)
-    stats.notes = notes
+    stats.notes = notes + stats.notes
     return schema, stats
 
 
@@ -164,6 +165,8 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     stats = LogStats(columns={c: ColumnStats(c) for c in header})
     distinct: dict[str, set] = {c: set() for c in header}
     by_item, by_user = _Constancy(features), _Constancy(features)
+    given = {c.name: c for c in base.columns}
+    sample = LeakSample([c for c in features if c not in given])
     positives = good = 0
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     # The label column's cells, while they are few, for a label the schema does not define yet.
@@ -193,6 +196,7 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
             if c in features and (c not in by_item.varies or c not in by_user.varies):
                 hashed[c] = feature_ids(c, chunk.table.column(c))[ok]
         by_item.update(core.item_id[ok], hashed)
+        sample.add(chunk.table, core.item_id, core.label, ok)
         by_user.update(core.user_id[ok], hashed)
     for c in header:
         cs = stats.columns[c]
@@ -204,9 +208,13 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
         stats.label_values = labels.most_common(10)
     if good:
         stats.time_min, stats.time_max = _iso(t_min), _iso(t_max)
-    given = {c.name: c for c in base.columns}
     items = stats.columns[base.item_col].distinct
     specs = tuple(given.get(c) or _infer_column(stats.columns[c], items) for c in features)
+    left_out = sample.findings([s for s in specs if s.name not in given], base.implicit)
+    specs = tuple(replace(s, kind="ignore") if s.name in left_out else s for s in specs)
+    stats.notes = [f"{name} ignored: {why}" for name, why in left_out.items()]
+    for note in stats.notes:
+        log.warning("reading %s", note)
     log.info("inferred the schema of %s: %d rows, %d bad, %d feature columns", path, stats.rows,
              stats.bad_rows, len(specs))
     return replace(base, columns=specs), stats

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.log_cells import FALSE_CELLS, TRUE_CELLS, one_chunk, parse_floats, parse_times
-from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, LogSchema
+from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, ColumnSpec, LogSchema
 from streams.log_source import HEADERLESS_PREFIX, read_chunks
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,14 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
             return schema, []  # 0/1 (or true/false): the other cells are bad rows, not a scale
         if rows >= SAMPLE_ROWS or len(counts) > 1000:
             break
-    why = None
+    why, columns = None, schema.columns
     if len(counts) == 1 and not label_named and (next(iter(counts)).lower() in _ONES
                                                   or _is_word(next(iter(counts)), POSITIVE_WORDS)):
         why = f"every cell of {schema.label_col!r} is {next(iter(counts))!r}"
     elif counts and not label_named and all(_is_word(c, POSITIVE_WORDS) for c in counts):
         why = f"every cell of {schema.label_col!r} names an engagement ({', '.join(sorted(counts))})"
+        if schema.label_col not in {c.name for c in columns}:  # which engagement: an outcome, no feature
+            columns += (ColumnSpec(schema.label_col, "ignore", "user"),)
     elif label_guessed and not label_named and 2 * empty > rows:
         why = f"{schema.label_col!r} is empty on {empty} of its first {rows} rows, so it is no label"
     if why is not None:
@@ -219,7 +221,7 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
         note = (f'label_col = "": {why}; the log holds positives only: each row gets {negatives} sampled '
                 f"negatives and the user's last {recent} items")
         log.warning("reading %s", note)
-        return replace(schema, label_col="", negatives=negatives, recent_items=recent), [note]
+        return replace(schema, label_col="", negatives=negatives, recent_items=recent, columns=columns), [note]
     cells = set(counts)
     values, bad = parse_floats(pa.array(sorted(cells), pa.string()))
     note = None

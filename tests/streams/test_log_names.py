@@ -259,6 +259,7 @@ def test_event_words_as_shops_spell_them_and_retractions(tmp_path):
     schema, stats = infer_schema(steam)
     assert schema.implicit and (schema.user_col, schema.item_col) == ("column_1", "column_2")
     assert "every cell of 'column_3' names an engagement (play, purchase)" in stats.summary()
+    assert schema.column("column_3").kind == "ignore"  # a play or a purchase: unknown when serving
 
 
 def test_a_headerless_log_takes_complete_columns_as_ids_and_the_schemas_names(tmp_path):

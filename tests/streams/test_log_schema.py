@@ -101,7 +101,7 @@ def test_lists_separated_by_commas_or_semicolons_are_multi_valued_titles_and_dec
         g = ", ".join(genres[(item + k) % 6] for k in range(1 + item % 3))
         title = f"Movie {item}, The" if item % 3 == 0 else f"Movie {item}"
         rows.append(f'{i % 30},{item},{i % 2},{1000 + i},"{g}","{title}","{item},{item % 10}",'
-                    f'{genres[i % 6]};{genres[(i + 1) % 6]}')
+                    f'{genres[i // 2 % 6]};{genres[(i // 2 + 1) % 6]}')  # i // 2: the label (i % 2) is no function of it
     path = tmp_path / "lists.csv"
     path.write_text("\n".join(rows) + "\n")
     schema, _ = infer_schema(path)

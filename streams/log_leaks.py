@@ -1,0 +1,155 @@
+"""Feature columns of a log that a model must not learn from, found in a sample of its rows.
+
+Inference (:mod:`streams.log_infer`) gives every column a kind from its cells alone; three kinds
+of column are only seen beside the item and the label, and each is made an ``ignore`` column
+with a note saying why (a column the schema file describes is kept as it says):
+
+- **a row's own id** (a user-side categorical whose values almost never repeat: a review's id
+  or text, a per-row UUID, a time written as a string): nothing learned from one row carries to
+  another, and each value would take a row of the embedding table;
+- **an outcome** (a log with labels): a user-side cell value on a good share of the rows that
+  comes only with positives, or only with negatives (Goodreads' ``is_read = 0`` beside every
+  unrated book; a price of 0 on every line with a quantity of 0). Written when the label was, it
+  is unknown when serving, and the model learns the label from it instead of the user's taste;
+- **the item's own details in a log of positives only**: a user-side cell that says which item
+  the row is about (a track of the artist that is the item; the price the article sold at). A
+  sampled negative copies its positive's cells beside another item, so the pair alone tells
+  positives from negatives: a test AUC near 1 that serving never sees.
+
+Rules are on the first :data:`SAMPLE_ROWS` good rows and need :data:`MIN_CELLS` of them (and as
+many non-empty cells for a row id or an item detail), so a small log keeps every column.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streams.log_cells import parse_floats
+from streams.log_schema import ColumnSpec, feature_ids
+
+__all__ = ["LeakSample"]
+
+SAMPLE_ROWS = 1 << 17
+MIN_CELLS = 200  # no verdict on fewer non-empty cells
+ROW_ID_SHARE = 0.8  # distinct values per non-empty cell of a row's own id
+PURE_SHARE = 0.02  # an outcome: a value on this share of the rows (and PURE_ROWS of them)...
+PRESENCE_SHARE = 0.005  # ...or the cell's being empty, or not, on this share...
+PURE_ROWS = 50
+PURE_RATE = 0.005  # ...whose label rate is within this of 0 or 1...
+OTHER_RATE = 0.2  # ...while the other label is at least this common over the sample
+FOLLOWS_ITEM = 0.9  # an item detail: this share of a value's rows are about one item...
+FOLLOWS_ITEM_VARIANCE = 0.8  # ...or the item explains this share of a number's variance
+
+
+class LeakSample:
+    """The first :data:`SAMPLE_ROWS` good rows' items, labels and feature cells, fed chunk by
+    chunk during inference's pass; :meth:`findings` judges the columns."""
+
+    def __init__(self, columns: list[str], rows: int = SAMPLE_ROWS) -> None:
+        self.columns, self.room = columns, rows
+        self.items: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.cells: dict[str, list[pa.Array]] = {c: [] for c in columns}
+
+    def add(self, table: pa.Table, item_id: np.ndarray, label: np.ndarray, ok: np.ndarray) -> None:
+        if self.room <= 0 or not self.columns:
+            return
+        keep = np.flatnonzero(ok)[: self.room]
+        self.room -= len(keep)
+        self.items.append(item_id[keep])
+        self.labels.append(label[keep])
+        take = pa.array(keep, pa.int64())
+        for c in self.columns:
+            self.cells[c].append(pc.fill_null(table.column(c), "").take(take).combine_chunks())
+
+    def findings(self, specs: list[ColumnSpec], implicit: bool) -> dict[str, str]:
+        """Column name -> why it is left out, for the columns of ``specs`` that break a rule."""
+        if not self.items:
+            return {}
+        items, labels = np.concatenate(self.items), np.concatenate(self.labels).astype(np.float64)
+        out: dict[str, str] = {}
+        for spec in specs:
+            if spec.kind in ("ignore", "text") or spec.name not in self.cells:
+                continue
+            cells = pa.concat_arrays(self.cells[spec.name]).cast(pa.string())
+            empty = pc.equal(cells, "").to_numpy(zero_copy_only=False)
+            if len(cells) < MIN_CELLS:
+                continue
+            ids = feature_ids(spec.name, cells)
+            if spec.side != "user":  # the same on every row of its item: an item attribute
+                continue
+            why = _row_id(ids, empty) if spec.kind == "categorical" else None
+            if why is None and not implicit:
+                why = _outcome(ids, empty, labels)
+            if why is None and implicit:
+                why = (_follows_item_numeric(cells, empty, items) if spec.kind == "numeric"
+                       else _follows_item(ids, empty, items))
+            if why is not None:
+                out[spec.name] = why
+        return out
+
+
+def _row_id(ids: np.ndarray, empty: np.ndarray) -> str | None:
+    cells = int((~empty).sum())
+    distinct = len(np.unique(ids[~empty]))
+    if cells < MIN_CELLS or distinct < ROW_ID_SHARE * cells:
+        return None
+    return (f"its values almost never repeat ({distinct} distinct in {cells} cells): a row's own id "
+            "or text, from which nothing carries to another row")
+
+
+def _outcome(ids: np.ndarray, empty: np.ndarray, labels: np.ndarray) -> str | None:
+    n, rate = len(labels), float(labels.mean())
+    presence = max(PURE_ROWS, PRESENCE_SHARE * n)
+    states = [(name, rows, presence) for name, rows in (("empty", empty), ("non-empty", ~empty))]
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    big = max(PURE_ROWS, PURE_SHARE * n)
+    states += [(None, inverse == v, big) for v in np.flatnonzero(counts >= big)]
+    for name, rows, least in states:
+        count = int(rows.sum())
+        if count < least:
+            continue
+        r = float(labels[rows].mean())
+        if (r >= 1 - PURE_RATE and rate <= 1 - OTHER_RATE) or (r <= PURE_RATE and rate >= OTHER_RATE):
+            which = "positive" if r >= 0.5 else "negative"
+            what = f"{'an' if name == 'empty' else 'a'} {name} cell" if name else "one of its values"
+            return (f"{what} comes with a {which} label on {r if r >= 0.5 else 1 - r:.1%} of its "
+                    f"{count} rows (all rows: {rate:.1%} positive): an outcome of the event, "
+                    "unknown when serving")
+    return None
+
+
+def _follows_item(ids: np.ndarray, empty: np.ndarray, items: np.ndarray) -> str | None:
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    rows = ~empty & (counts[inverse] >= 2)  # a value seen once tells nothing of its item
+    if rows.sum() < MIN_CELLS:
+        return None
+    pairs = np.stack([inverse[rows], items[rows]], 1)
+    pair, per_pair = np.unique(pairs, axis=0, return_counts=True)
+    best = np.zeros(int(pair[:, 0].max()) + 1, np.int64)
+    np.maximum.at(best, pair[:, 0], per_pair)  # per value: the rows of its most frequent item
+    share = best.sum() / rows.sum()
+    if share < FOLLOWS_ITEM:
+        return None
+    return (f"in a log of positives only it names the row's item ({share:.0%} of a value's rows are "
+            "about one item): a sampled negative would carry its positive's value")
+
+
+def _follows_item_numeric(cells: pa.Array, empty: np.ndarray, items: np.ndarray) -> str | None:
+    values, bad = parse_floats(cells)
+    _, inverse, counts = np.unique(items, return_inverse=True, return_counts=True)
+    rows = ~empty & ~bad & np.isfinite(values) & (counts[inverse] >= 2)
+    if rows.sum() < MIN_CELLS:
+        return None
+    v, g = values[rows], inverse[rows]
+    total = float(((v - v.mean()) ** 2).sum())
+    if total <= 0:
+        return None
+    means = np.bincount(g, weights=v) / np.maximum(np.bincount(g), 1)
+    explained = 1 - float(((v - means[g]) ** 2).sum()) / total
+    if explained < FOLLOWS_ITEM_VARIANCE:
+        return None
+    return (f"in a log of positives only it follows the row's item (the item explains {explained:.0%} "
+            "of its variance): a sampled negative would carry its positive's value")
