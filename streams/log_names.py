@@ -10,8 +10,9 @@ another. A label that is not 0/1 is read the way such logs mean it:
 
 - a rating scale (at least 3 and at most :data:`SCALE_VALUES` distinct numbers, less than
   :data:`BINARY_SHARE` of the cells 0 or 1, and less than half unless at least
-  :data:`SCALE_OTHERS` other values: a 0/1 label with stray cells stays 0/1, those bad rows): ``positive_threshold`` is the smallest value in the top quarter of the scale
-  (4 on 1-5 and on 0.5-5, 8 on 1-10). A "not rated" cell below the scale (Goodreads' and
+  :data:`SCALE_OTHERS` other values: a 0/1 label with stray cells stays 0/1, those bad rows):
+  ``positive_threshold`` is the smallest value in the top quarter of the scale (4 on 1-5 and on
+  0.5-5, 8 on 1-10). A "not rated" cell below the scale (Goodreads' and
   Book-Crossing's 0 on most rows, an anime list's -1) is part of the scale, so a negative;
 - event types (``view``, ``addtocart``, ``add_to_cart``, ``transaction``): ``positive_values``
   are the cells that name an engagement (:data:`POSITIVE_WORDS`), when every other cell names
