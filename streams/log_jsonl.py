@@ -52,6 +52,7 @@ def json_lines_columns(path: str | Path, sample_lines: int = 10_000) -> list[str
     """The keys of the first ``sample_lines`` objects, in order of first appearance.
     ``ValueError`` for a file that is one JSON array or has no object in its sample."""
     seen: dict[str, None] = {}
+    first_error = ""
     for i, (_, line) in enumerate(_lines(path)):
         if i == 0 and line.lstrip().startswith("["):
             raise ValueError("a JSON array, not JSON Lines: write one object per line")
@@ -59,10 +60,13 @@ def json_lines_columns(path: str | Path, sample_lines: int = 10_000) -> list[str
             break
         try:
             seen.update(dict.fromkeys(_object(line)))
-        except ValueError:
+        except ValueError as exc:
+            first_error = first_error or f"line {i + 1}: {exc}"
             continue  # a bad line is reported when the rows are read
     if not seen:
-        raise ValueError("no JSON object in its first lines")
+        hint = ("; its lines look like Python dicts (single quotes), which JSON is not: write them "
+                "with json.dumps" if first_error and line.lstrip().startswith("{'") else "")
+        raise ValueError(f"no JSON object in its first lines ({first_error or 'no lines'}){hint}")
     return list(seen)
 
 

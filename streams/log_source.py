@@ -134,6 +134,10 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
         if header and all(c.startswith(HEADERLESS_PREFIX) for c in header):
             hint = ("; its first line is data, not a header: name the columns with --user-col "
                     f"{HEADERLESS_PREFIX}1 ... (or add a header line)")
+        elif len(header) == 1 and re.fullmatch(r"\d+:", header[0].strip()):
+            hint = ("; a first line 'ID:' is the Netflix Prize's block format (each 'movie_id:' line "
+                    "heads its 'customer_id,rating,date' rows): write one row per rating, with "
+                    "the movie id in a column")
         raise SchemaError(f"{path}: missing columns {missing} (the log has {header}){hint}")
     absent = [c.name for c in schema.columns if c.name not in header]
     if absent:

@@ -115,6 +115,21 @@ def test_a_json_array_file_is_refused_with_what_to_do(tmp_path):
         infer_schema(f)
 
 
+def test_python_dict_lines_are_refused_saying_what_they_are(tmp_path):
+    f = tmp_path / "australian_user_reviews.json"  # Steam's reviews, written with Python's repr
+    f.write_text("{'user_id': '76561197970982479', 'reviews': [{'item_id': '1250', 'recommend': True}]}\n")
+    with pytest.raises(SchemaError, match=r"no JSON object in its first lines \(line 1: not JSON: .*\); its "
+                       "lines look like Python dicts"):
+        infer_schema(f)
+
+
+def test_the_netflix_prize_block_format_is_refused_saying_what_it_is(tmp_path):
+    f = tmp_path / "combined_data_1.txt"
+    f.write_text("1:\n1488844,3,2005-09-06\n822109,5,2005-05-13\n2:\n2059652,4,2005-09-05\n")
+    with pytest.raises(SchemaError, match="a first line 'ID:' is the Netflix Prize's block format"):
+        infer_schema(f)
+
+
 def test_boolean_labels_as_exports_write_them(tmp_path):
     f = tmp_path / "b.csv"
     f.write_text("user_id,item_id,label,ts\n1,4,true,6\n1,5,FALSE,7.5\n2,6, t ,9\n2,7,f,10\n3,8,yes,11\n")
