@@ -33,6 +33,7 @@ LIST_TOKENS = 0.5  # this share of its values is in more than one distinct cell 
 CODE_DISTINCT = 20  # integer columns with at most this many distinct values are codes...
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
+GROUPED_RUNS = 1.05  # no time column, and at most this many runs of one user's rows per user: grouped
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
               "positive_values", "negatives", "items_file", "items_key")
@@ -168,6 +169,7 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     given = {c.name: c for c in base.columns}
     sample = LeakSample([c for c in features if c not in given])
     positives = good = 0
+    runs, last_user = 0, None  # runs of rows of one user, in file order
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     # The label column's cells, while they are few, for a label the schema does not define yet.
     labels: Counter[str] | None = (Counter() if not base.positive_values and not base.implicit
@@ -187,6 +189,10 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
                                for b in sorted(bad_rows, key=lambda b: b.line)][:5 - len(stats.bad_examples)]
         ok = ~checks.bad
         good += int(ok.sum())
+        users = core.user_id[ok]
+        if len(users):
+            runs += int((users[1:] != users[:-1]).sum()) + int(users[0] != last_user)
+            last_user = users[-1]
         positives += int(core.label[ok].sum())
         if ok.any():
             t_min, t_max = min(t_min, int(core.ts_ms[ok].min())), max(t_max, int(core.ts_ms[ok].max()))
@@ -204,6 +210,12 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
         cs.separator = _list_separator(cs, distinct[c])
         cs.varies_within_item, cs.varies_within_user = c in by_item.varies, c in by_user.varies
     stats.label_rate = positives / good if good else float("nan")
+    users = stats.columns[base.user_col].distinct
+    if (not base.time_col and not stats.columns[base.user_col].distinct_capped and good >= 2 * users
+            and runs <= GROUPED_RUNS * users):
+        stats.notes.append(f'time_col = "": the rows are grouped by user ({users} users, {runs} runs of '
+                           "rows): file order is no time order, so the progressive AUC says how fast each "
+                           "new user is learned; name the time column if the log has one")
     if labels and set(labels) - {"0", "1"}:
         stats.label_values = labels.most_common(10)
     if good:
@@ -212,7 +224,7 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     specs = tuple(given.get(c) or _infer_column(stats.columns[c], items) for c in features)
     left_out = sample.findings([s for s in specs if s.name not in given], base.implicit)
     specs = tuple(replace(s, kind="ignore") if s.name in left_out else s for s in specs)
-    stats.notes = [f"{name} ignored: {why}" for name, why in left_out.items()]
+    stats.notes += [f"{name} ignored: {why}" for name, why in left_out.items()]
     for note in stats.notes:
         log.warning("reading %s", note)
     log.info("inferred the schema of %s: %d rows, %d bad, %d feature columns", path, stats.rows,

@@ -272,3 +272,13 @@ def test_a_headerless_log_takes_complete_columns_as_ids_and_the_schemas_names(tm
     assert (schema.user_col, schema.item_col, schema.time_col) == ("column_1", "column_4", "column_2")
     from_file = schema_for(path, LogSchema(item_col="column_6"))  # a schema file naming the track wins
     assert (from_file.user_col, from_file.item_col) == ("column_1", "column_6")
+
+
+def test_a_log_without_times_whose_rows_are_grouped_by_user_says_what_its_order_measures(tmp_path):
+    grouped = "".join(f"{u},{(u * 7 + k) % 13},{(u + k) % 6}\n" for u in range(4) for k in range(10))
+    schema, stats = infer_schema(_write(tmp_path, "anime.csv", "user_id,anime_id,rating\n" + grouped))
+    assert schema.time_col == ""
+    assert "the rows are grouped by user (4 users, 4 runs of rows): file order is no time order" in stats.summary()
+    mixed = "".join(f"{k % 4},{(k * 7) % 13},{k % 6}\n" for k in range(40))
+    _, stats = infer_schema(_write(tmp_path, "mixed.csv", "user_id,anime_id,rating\n" + mixed))
+    assert "grouped by user" not in stats.summary()
