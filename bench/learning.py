@@ -203,6 +203,7 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     out = {"bench": "learning", "dataset": str(args.dataset), **res.to_dict(),
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
             "bad_rows": len(encoded.bad_rows), "duplicate_rows": encoded.duplicate_rows,
+            "folded_engagements": encoded.folded_engagements,
             **({"vw_args": args.vw_args} if args.vw_args and not args.no_vw else {}),
             "batch_size": cfg.batch_size,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],

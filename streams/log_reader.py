@@ -29,6 +29,7 @@ from streams.events import Action, ExampleBatch, Impression, Ragged, SchemaError
 from streams.ids import row_example_ids
 from streams.log_schema import ColumnSpec, LogSchema, feature_ids
 from streams.log_items import log_columns, read_log_chunks
+from streams.log_merge import engaged_views, once_each
 from streams.log_history import RECENT_SLOT, recent_positives
 from streams.log_negatives import negative_plan
 from streams.log_formats import source_name
@@ -61,6 +62,7 @@ class EncodedLog:
     bad_rows: list[BadRow] = field(default_factory=list)  # dead-lettered, in file order
     item_text: dict[int, str] = field(default_factory=dict)  # item -> its text (text columns)
     duplicate_rows: int = 0  # rows that repeated an earlier row's user, item and time (merged)
+    folded_engagements: int = 0  # engagement rows folded into the view they followed (streams.log_merge)
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -105,9 +107,14 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
         raise SchemaError(f"every row of {path} is bad ({len(bad_rows)} rows; the first: "
                           f"{bad_rows[0].message(path)}): check the schema --inspect prints")
     order = np.argsort(cat["ts"], kind="stable")
-    keep, merged_label = _once_each(cat["user"][order], cat["item"][order], cat["ts"][order], cat["label"][order])
+    keep, merged_label = once_each(cat["user"][order], cat["item"][order], cat["ts"][order], cat["label"][order])
     duplicates = len(order) - len(keep)
     order = order[keep]
+    engaged = 0
+    if schema.positive_values:  # an event log: a view and the engagements that followed it are one example
+        keep, merged_label = engaged_views(cat["user"][order], cat["item"][order], cat["ts"][order], merged_label)
+        engaged = len(order) - len(keep)
+        order = order[keep]
     user, ts = cat["user"].astype(np.int64)[order], cat["ts"].astype(np.int64)[order]
     starts = _request_starts(user, ts)
     first_row = np.repeat(starts[:-1], np.diff(starts))  # each row's request's first row
@@ -151,38 +158,14 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     if duplicates:
         log.warning("%s: %d rows repeat an earlier row's user, item and time: each such event is "
                     "learned once (a positive if any copy is)", path, duplicates)
+    if engaged:
+        log.info("%s: %d engagement rows folded into the view they followed (one positive example each)",
+                 path, engaged)
     if bad_rows:
         log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
                     bad_rows[0].message(path))
     return EncodedLog(user, item, label, ts, truth, sparse, dense, line, schema, bad_rows, texts.result(),
-                      duplicates)
-
-
-def _once_each(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows to keep, their labels) of time-ordered rows where a row repeating an earlier row's
-    (user, item, time) is one event logged twice: only its first row is kept, with the largest
-    label of the copies (a view row and a click row of one showing are one clicked example).
-    Only rows that share their time with a neighbour can repeat one: just those are sorted."""
-    n = len(user)
-    shared = np.zeros(n, bool)
-    if n > 1:
-        tie = ts[1:] == ts[:-1]
-        shared[1:] |= tie
-        shared[:-1] |= tie
-    cand = np.flatnonzero(shared)
-    by_key = cand[np.lexsort((cand, item[cand], ts[cand], user[cand]))]  # copies together, in row order
-    first = np.ones(len(by_key), bool)
-    first[1:] = ((user[by_key][1:] != user[by_key][:-1]) | (item[by_key][1:] != item[by_key][:-1])
-                 | (ts[by_key][1:] != ts[by_key][:-1]))
-    if first.all():
-        return np.arange(n), label
-    heads = np.flatnonzero(first)
-    merged = label.copy()
-    merged[by_key[heads]] = np.maximum.reduceat(label[by_key], heads)
-    keep = np.ones(n, bool)
-    keep[by_key[~first]] = False
-    keep_rows = np.flatnonzero(keep)
-    return keep_rows, merged[keep_rows]
+                      duplicates, engaged)
 
 
 def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18

@@ -199,7 +199,7 @@ def test_a_row_logged_twice_is_one_example_and_a_view_row_with_its_click_row_one
 
 
 def test_once_each_keeps_the_first_copy_of_every_user_item_time_with_the_copies_largest_label():
-    from streams.log_reader import _once_each
+    from streams.log_merge import once_each as _once_each
 
     rng = np.random.default_rng(7)
     for _ in range(50):
