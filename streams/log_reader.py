@@ -92,7 +92,8 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
         encoded = {c.name: _encode_column(c, chunk, checks) for c in features}
         found = sorted(chunk.invalid + checks.rows(), key=lambda b: b.line)
         if found and on_bad_row == "error":
-            raise SchemaError(found[0].message(path))
+            raise SchemaError(f"{found[0].message(path)} (--on-bad-row dead-letter sets bad rows aside, "
+                              "each with its reason, and reads the rest)")
         bad_rows += found
         keep = np.flatnonzero(~checks.bad)
         texts.add(chunk.table, core.item_id, core.ts_ms, chunk.line, keep)

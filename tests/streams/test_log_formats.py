@@ -169,7 +169,8 @@ def test_an_event_type_column_is_the_label_with_positive_values(tmp_path):
     from streams.log_schema import LogSchema
 
     f = tmp_path / "events.csv"  # RetailRocket's shape: timestamp, visitor, event, item
-    f.write_text("timestamp,visitorid,event,itemid\n1433221332117,1,view,5\n1433221332118,1,addtocart,5\n"
+    # (the cart is of another item than the view: a cart of the viewed item would be its label, test_log_merge)
+    f.write_text("timestamp,visitorid,event,itemid\n1433221332117,1,view,5\n1433221332118,1,addtocart,8\n"
                  "1433221332119,2, transaction ,6\n1433221332120,2,,7\n1433221332121,3,view,7\n")
     names = dict(user_col="visitorid", item_col="itemid", label_col="event", time_col="timestamp")
     schema = LogSchema(positive_values=("addtocart", "transaction"), **names)
