@@ -205,7 +205,7 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
             "bad_rows": len(encoded.bad_rows), "duplicate_rows": encoded.duplicate_rows,
             "folded_engagements": encoded.folded_engagements,
             **({"vw_args": args.vw_args} if args.vw_args and not args.no_vw else {}),
-            "batch_size": cfg.batch_size,
+            "batch_size": cfg.batch_size, "batch_warmup_rows": cfg.batch_warmup_rows,
             "slots": ["user_id", "item_id", *schema.user_slots(), *schema.item_slots()],
             "crosses": list(cfg.crosses), "pooling": cfg.pooling,
             **({"slot_pooling": list(cfg.slot_pooling)} if cfg.slot_pooling else {}),

@@ -25,6 +25,10 @@ class TrainerConfig(ModelFields):
     group_id: str = field(default="hw-trainer", metadata={"help": "consumer group on hw.examples"})
     # -- mini-batches
     batch_size: int = field(default=1024, metadata={"help": "examples per mini-batch"})
+    batch_warmup_rows: int = field(default=65536, metadata={
+        "help": "a new model's mini-batches grow from 64 rows to batch_size over its first this many "
+                "examples, while the trainer keeps up (a cold model gains most from frequent updates; "
+                "with a full batch pending it trains full ones; 0 = full batches at once)"})
     max_batch_wait_ms: int = field(default=50, metadata={"help": "train a partial batch once its oldest row waited this long"})
     fetch_max_wait_ms: int = field(default=20, metadata={"help": "longest the broker may hold a fetch waiting for data"})
     # -- model: the ModelFields (training.model.config) are inherited; only the data's slots here
@@ -136,8 +140,8 @@ class TrainerConfig(ModelFields):
         return replace(self, crosses=crosses, slot_pooling=entries + tuple(self.slot_pooling))
 
     def validate(self) -> None:
-        if self.batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+        if self.batch_size <= 0 or self.batch_warmup_rows < 0:
+            raise ValueError("batch_size must be positive and batch_warmup_rows >= 0")
         if self.ttl_clock not in ("event", "wall"):
             raise ValueError(f"ttl_clock must be event or wall, got {self.ttl_clock!r}")
         self.validate_fields()

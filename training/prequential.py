@@ -27,6 +27,7 @@ import torch
 
 from streams.events import ExampleBatch
 from streams.generator import GeneratorConfig, SyntheticStream
+from training.batching import warm_batch_rows
 from training.config import TrainerConfig
 from training.dedup import SeenFilter
 from training.evaluation import BinnedAUC, PrequentialEvaluator, grouped_auc
@@ -125,23 +126,27 @@ class StreamResult:
         return out
 
 
-def _rebatch(batches: Iterable[ExampleBatch], size: int) -> Iterator[ExampleBatch]:
-    """Batches of exactly ``size`` rows in stream order (the last one may be shorter)."""
+def _rebatch(batches: Iterable[ExampleBatch], size: int, warmup_rows: int = 0) -> Iterator[ExampleBatch]:
+    """Batches in stream order of the trainer's sizes: ``size`` rows, or fewer while the first
+    ``warmup_rows`` are fed (:func:`~training.batching.warm_batch_rows`); the last may be shorter."""
     pending: list[ExampleBatch] = []
-    rows = 0
+    rows = fed = 0
     for b in batches:
         if not len(b):
             continue
         pending.append(b)
         rows += len(b)
-        if rows < size:
+        want = warm_batch_rows(size, fed, warmup_rows)
+        if rows < want:
             continue
         batch = ExampleBatch.concat(pending) if len(pending) > 1 else pending[0]
-        full = len(batch) - len(batch) % size
-        for start in range(0, full, size):
-            yield batch.take(np.arange(start, start + size))
-        pending = [batch.take(np.arange(full, len(batch)))] if full < len(batch) else []
-        rows = len(batch) - full
+        start = 0
+        while len(batch) - start >= want:
+            yield batch.take(np.arange(start, start + want))
+            start, fed = start + want, fed + want
+            want = warm_batch_rows(size, fed, warmup_rows)
+        pending = [batch.take(np.arange(start, len(batch)))] if start < len(batch) else []
+        rows = len(batch) - start
     if rows:
         yield ExampleBatch.concat(pending)
 
@@ -186,7 +191,7 @@ def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
     scores: dict[str, list[np.ndarray]] = {b.name: [] for b in baselines}
     spent = {b.name: 0.0 for b in baselines}
     learner_s = 0.0
-    for batch in _rebatch(_tap(batches, on_batch), cfg.batch_size):
+    for batch in _rebatch(_tap(batches, on_batch), cfg.batch_size, cfg.batch_warmup_rows):
         keep = seen.filter_new(batch.example_id)
         if not keep.all():
             batch = batch.take(keep)

@@ -43,3 +43,23 @@ def test_empty_messages_still_advance_offsets():
     f.add(make_batch(0), "ex", 0, 3, now=0.0)
     (mb,) = f.pop_ready(now=0.0)
     assert len(mb) == 0 and mb.done_offsets == {("ex", 0): 4}
+
+
+def test_a_new_models_batches_grow_from_64_rows_to_the_batch_size():
+    from training.batching import warm_batch_rows
+
+    sizes = [warm_batch_rows(1024, t, 65536) for t in (0, 4096, 8192, 32768, 65535, 65536, 10**6)]
+    assert sizes == [64, 64, 128, 512, 1023, 1024, 1024]
+    assert warm_batch_rows(1024, 0, 0) == 1024  # off: full batches at once
+    assert warm_batch_rows(32, 0, 65536) == 32  # never above the batch size
+
+
+def test_the_prequential_stream_is_cut_as_the_trainer_cuts_it():
+    from training.prequential import _rebatch
+
+    parts = [make_batch(n) for n in (50, 300, 7, 2000, 1)]
+    sizes = [len(b) for b in _rebatch(iter(parts), 256, warmup_rows=1024)]
+    assert sum(sizes) == 2358 and sizes[:4] == [64, 64, 64, 64]
+    fed = np.cumsum([0] + sizes[:-1])
+    assert sizes[:-1] == [max(64, min(256, 256 * int(f) // 1024)) for f in fed[:-1]]
+    assert [len(b) for b in _rebatch(iter(parts), 256)][:9] == [256] * 9  # no warm-up: as before

@@ -121,3 +121,35 @@ def test_every_params_message_points_at_a_complete_snapshot_begin(kafka_topics):
     for off, m in msgs.items():
         if m.snapshot_offset >= 0:
             assert msgs[m.snapshot_offset].kind == SNAPSHOT_BEGIN and m.snapshot_offset <= off
+
+
+def test_a_cold_trainer_that_keeps_up_trains_small_batches_and_a_flooded_one_full_ones(kafka_topics):
+    sizes: list[int] = []
+    trickle = [encode_examples(b) for b in synthetic_examples(600, 200, slots=3, vocab=100, seed=4)]
+    trainer = OnlineTrainer(_cfg(batch_size=1024, publish=False), kafka_topics)
+    real_train = trainer._train
+    trainer._train = lambda mb: sizes.append(len(mb)) or real_train(mb)
+    try:
+        while not trainer.consumer.assignment():
+            trainer.step()
+        _produce(kafka_topics, trickle, gap_s=0.3)  # 200 rows at a time: never a full batch pending
+        deadline = time.monotonic() + 60
+        while sum(sizes) < 600 and time.monotonic() < deadline:
+            trainer.step()
+    finally:
+        trainer.close()
+    assert sum(sizes) == 600 and max(sizes) <= 64  # warming up: 64-row batches
+    sizes.clear()
+    flood = [encode_examples(b) for b in synthetic_examples(3000, 3000, slots=3, vocab=100, seed=5,
+                                                            first_example=10_000)]
+    trainer = OnlineTrainer(_cfg(batch_size=1024, publish=False), kafka_topics)
+    real_train = trainer._train
+    trainer._train = lambda mb: sizes.append(len(mb)) or real_train(mb)
+    _produce(kafka_topics, flood)  # a new group: the 600 rows above and 3000 more, at once: behind
+    try:
+        deadline = time.monotonic() + 60
+        while sum(sizes) < 3600 and time.monotonic() < deadline:
+            trainer.step()
+    finally:
+        trainer.close()
+    assert sum(sizes) == 3600 and sizes[:3] == [1024, 1024, 1024]
