@@ -125,16 +125,19 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
             continue
         rag = _concat(bags[c.name]).take(order)
         sparse[c.name] = rag.take(first_row) if c.side == "user" else rag
-    # Statistics are taken once per request (user side) or once per item, at its first
-    # appearance (item side): a request's user-side values agree with one Recommend call's
-    # dense vector, and an item's features stay what hw.items published for it.
+    # A user-side number is the request's (its first row's), as a user-side slot is: one Recommend
+    # call's dense vector, and a sampled negative's too (a row's own value beside its positive
+    # and the first row's beside the negatives told them apart). Statistics are taken once per
+    # request (user side) or once per item, at its first appearance (item side): an item's
+    # features stay what hw.items published for it.
     item = cat["item"].astype(np.int64)[order]
     _, first_of_item, item_inv = np.unique(item, return_index=True, return_inverse=True)
     ref = {"user": first_row, "item": first_of_item[item_inv]}
     dense_cols = []
     for name in schema.numeric_columns():
-        values = np.concatenate(raw[name]) if raw[name] else np.zeros(0)
-        dense_cols += list(standardise_online(values[order], ref[schema.column(name).side]))
+        values = (np.concatenate(raw[name]) if raw[name] else np.zeros(0))[order]
+        side = schema.column(name).side
+        dense_cols += list(standardise_online(values[first_row] if side == "user" else values, ref[side]))
     n = len(order)
     dense = np.stack(dense_cols, 1).astype(np.float32) if dense_cols else np.zeros((n, 0), np.float32)
     truth = cat["truth"].astype(np.float32)[order]

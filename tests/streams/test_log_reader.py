@@ -341,3 +341,20 @@ def test_numeric_features_are_constant_within_a_request_and_per_item(tmp_path):
         rows = item_part[log.item_id == i]
         assert (rows == rows[0]).all()
     assert np.abs(item_part[:, 0]).max() > 0  # standardised, not all zero
+
+
+def test_a_user_side_number_is_the_requests_so_a_sampled_negative_cannot_tell_its_positive(tmp_path):
+    # Diginetica: the time within a session (timeframe) differs on every view of one session-day,
+    # one request; a log of views only, so each row gets sampled negatives.
+    rng = np.random.default_rng(0)
+    rows = "".join(f"s{u},{rng.integers(1, 10**6)},{(u * 7 + k) % 40},2016-05-{1 + u % 9:02d}\n"
+                   for u in range(30) for k in range(3))
+    f = write(tmp_path / "views.csv", "sessionId,timeframe,itemId,eventdate\n" + rows)
+    schema = infer_schema(f, user_col="sessionId", item_col="itemId", time_col="eventdate")[0]
+    assert schema.implicit and schema.column("timeframe").kind == "numeric"
+    enc = encode_log(f, schema)
+    assert enc.label.sum() == 90 and len(enc) > 90  # the views and their negatives
+    value = enc.dense[:, schema.dense_names().index("timeframe")]
+    for key in set(zip(enc.user_id.tolist(), enc.ts_ms.tolist())):
+        rows_of = (enc.user_id == key[0]) & (enc.ts_ms == key[1])
+        assert len(set(value[rows_of].tolist())) == 1  # positives and negatives alike
