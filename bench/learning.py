@@ -179,6 +179,23 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return list(range(max(1, args.repeats)))
 
 
+def _check_both_labels(path: str, encoded) -> None:
+    """A log whose examples are all positives (or all negatives) has nothing to rank: say so
+    rather than print an AUC of null."""
+    from streams.wire import SchemaError
+
+    import numpy as np
+
+    labels = np.unique(encoded.label)
+    if len(encoded) and len(labels) == 1:
+        what = "positive" if labels[0] > 0 else "negative"
+        merged = (f"; {encoded.duplicate_rows} rows were merged as repeats of one user, item and time: is "
+                  f"{encoded.schema.item_col!r} the item?" if encoded.duplicate_rows else "")
+        raise SchemaError(f"{path}: every one of its {len(encoded)} examples is a {what}, so there is nothing "
+                          f"to rank (label {encoded.schema.label_col!r}){merged}; check what replay --inspect "
+                          "guessed")
+
+
 def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     from streams.log_infer import schema_for
     from streams.log_reader import encode_log, source_name
@@ -192,6 +209,7 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
                         label_col=args.label_col, time_col=args.time_col,
                         items_file=args.item_table, items_key=args.item_table_key, negatives=args.negatives)
     encoded = encode_log(args.dataset, schema, on_bad_row=args.on_bad_row)
+    _check_both_labels(args.dataset, encoded)
     # The trainer's defaults on a log: user x item-side crosses (unless --crosses is given), and
     # the schema's pooling of its multi-valued columns.
     cfg = cfg.for_log(schema, crosses=getattr(args, "tc_crosses", None))

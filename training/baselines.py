@@ -182,14 +182,26 @@ class VowpalWabbitBaseline:
         self.examples = 0
 
     def update(self, batch: ExampleBatch) -> np.ndarray:
+        """Rows one at a time; the rows of one request (one user at one event time) are all
+        predicted before any of them is learned, as counting and the learner score them: one
+        request's labels are not known while it is ranked (learned row by row, VW read the click
+        in a display of one click as "this user's rows are clicks" and ranked its other rows high)."""
         vw = self._vw
         lines = self.lines(batch)
         out = np.empty(len(lines), np.float64)
-        for k, line in enumerate(lines):
-            ex = vw.parse(line)
-            vw.learn(ex)
-            out[k] = ex.get_simplelabel_prediction()
-            vw.finish_example(ex)
+        for rows in _requests(np.asarray(batch.user_id, np.int64), np.asarray(batch.event_time_ms, np.int64)):
+            if len(rows) == 1:
+                ex = vw.parse(lines[rows[0]])
+                vw.learn(ex)
+                out[rows[0]] = ex.get_simplelabel_prediction()
+                vw.finish_example(ex)
+                continue
+            examples = [vw.parse(lines[r]) for r in rows]
+            for r, ex in zip(rows, examples):
+                out[r] = vw.predict(ex)
+            for ex in examples:
+                vw.learn(ex)
+                vw.finish_example(ex)
         self.examples += len(lines)
         return out
 
@@ -210,6 +222,15 @@ class VowpalWabbitBaseline:
         if batch.dense.ndim == 2 and batch.dense.shape[1]:
             parts.append(_dense_namespace(batch.dense))
         return [" |".join(row) for row in zip(*parts)]
+
+
+def _requests(user: np.ndarray, t: np.ndarray) -> list[list[int]]:
+    """The batch's rows grouped by request (user and event time), in order of each request's
+    first row; a request's rows in batch order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for r, key in enumerate(zip(user.tolist(), t.tolist())):
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
 
 
 def _namespace(slot: str, bag: Ragged, n: int) -> list[str]:

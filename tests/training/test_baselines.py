@@ -121,3 +121,11 @@ def test_counting_rows_of_one_moment_do_not_see_each_other():
     b = CountingBaseline().update(_batch([1, 1, 1], [10, 11, 12], [0, 0, 0], times=[5, 5, 6]))
     assert a[1] == b[1]
     assert a[2] > b[2]  # a later row does
+
+
+def test_vw_ranks_a_requests_rows_before_it_learns_any_of_them():
+    # One display of four ads to user 7 at one time, the first clicked; then one ad alone later.
+    vw = VowpalWabbitBaseline(bits=18)
+    p = vw.update(_batch([7, 7, 7, 7, 7], [1, 2, 3, 4, 5], [1, 0, 0, 0, 0], times=[5, 5, 5, 5, 9]))
+    assert p[0] == p[1] == p[2] == p[3] == 0.5  # nothing learned yet, nor from the request's click
+    assert p[4] != 0.5  # a later request is scored with what the first taught
