@@ -1,9 +1,11 @@
 """Feature columns of a log that a model must not learn from, found in a sample of its rows.
 
-Inference (:mod:`streams.log_infer`) gives every column a kind from its cells alone; three kinds
+Inference (:mod:`streams.log_infer`) gives every column a kind from its cells alone; four kinds
 of column are only seen beside the item and the label, and each is made an ``ignore`` column
 with a note saying why (a column the schema file describes is kept as it says):
 
+- **one more id of the item** (an item-side categorical with a value per item: an image URL, a
+  second code): it says nothing the item id does not, and is crossed with the user by default;
 - **a row's own id** (a user-side categorical whose values almost never repeat: a review's id
   or text, a per-row UUID, a time written as a string): nothing learned from one row carries to
   another, and each value would take a row of the embedding table;
@@ -39,6 +41,8 @@ PRESENCE_SHARE = 0.005  # ...or the cell's being empty, or not, on this share...
 PURE_ROWS = 50
 PURE_RATE = 0.005  # ...whose label rate is within this of 0 or 1...
 OTHER_RATE = 0.2  # ...while the other label is at least this common over the sample
+ITEM_TWIN_SHARE = 0.9  # an item-side categorical with this many values per item is another item id
+MIN_ITEMS = 50  # ...judged on at least this many items
 FOLLOWS_ITEM = 0.9  # an item detail: this share of a value's rows are about one item...
 FOLLOWS_ITEM_VARIANCE = 0.8  # ...or the item explains this share of a number's variance
 
@@ -78,7 +82,10 @@ class LeakSample:
             if len(cells) < MIN_CELLS:
                 continue
             ids = feature_ids(spec.name, cells)
-            if spec.side != "user":  # the same on every row of its item: an item attribute
+            if spec.side != "user":  # the same on every row of its item: an item attribute...
+                why = _item_id_twin(ids, empty, items) if spec.kind == "categorical" else None
+                if why is not None:  # ...unless it is one more name of the item
+                    out[spec.name] = why
                 continue
             why = _row_id(ids, empty) if spec.kind == "categorical" else None
             if why is None and not implicit:
@@ -89,6 +96,16 @@ class LeakSample:
             if why is not None:
                 out[spec.name] = why
         return out
+
+
+def _item_id_twin(ids: np.ndarray, empty: np.ndarray, items: np.ndarray) -> str | None:
+    n_items = len(np.unique(items[~empty]))
+    values = len(np.unique(ids[~empty]))
+    if n_items < MIN_ITEMS or values < ITEM_TWIN_SHARE * n_items:
+        return None
+    return (f"one value per item ({values} values for {n_items} items): one more id of the item (a URL, "
+            "a second code), which tells nothing the item id does not, and crossed with the user only "
+            "repeats user x item")
 
 
 def _row_id(ids: np.ndarray, empty: np.ndarray) -> str | None:

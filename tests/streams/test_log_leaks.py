@@ -67,3 +67,16 @@ def test_a_small_log_keeps_every_column(tmp_path):
     rows = [f"u{t % 7},i{t % 11},{t % 2},{1000 + t},r{t},{t % 2}" for t in range(120)]
     schema, _ = infer_schema(_write(tmp_path / "small.csv", "user_id,item_id,label,ts,review_id,flag", rows))
     assert _kinds(schema)["review_id"] == "categorical"
+
+
+def test_an_item_side_column_with_a_value_per_item_is_one_more_item_id(tmp_path):
+    # Book-Crossing's books: an image URL per book beside its publisher.
+    rng = np.random.default_rng(3)
+    rows = []
+    for t in range(1500):
+        book = int(rng.integers(120))
+        rows.append(f"u{rng.integers(40)},{book},{rng.integers(2)},{1000 + t},"
+                    f"http://images.amazon.com/images/P/{book:010d}.01.jpg,pub{book % 9}")
+    schema, stats = infer_schema(_write(tmp_path / "books.csv", "user_id,item_id,label,ts,image_url,publisher", rows))
+    assert _kinds(schema) == {"image_url": "ignore", "publisher": "categorical"}
+    assert "image_url ignored: one value per item (120 values for 120 items)" in stats.summary()

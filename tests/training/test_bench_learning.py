@@ -78,6 +78,18 @@ def test_bench_column_flags_name_the_reserved_columns(tmp_path, capsys):
     assert set(res["baselines"]) == {"counting"}
 
 
+def test_a_log_whose_examples_are_all_one_label_is_refused_saying_why(tmp_path, capsys):
+    from streams.wire import SchemaError
+
+    path = tmp_path / "clicks.csv"  # a display's rows read with the page as the item: one row each
+    path.write_text("user_id,item_id,label,ts\n" + "".join(f"u{k // 3 % 4},page,{int(k % 3 == 0)},{k // 3}\n"
+                                                          for k in range(60)))
+    with pytest.raises(SchemaError, match=r"every one of its 20 examples is a positive, so there is nothing "
+                       r"to rank \(label 'label'\); 40 rows were merged as repeats of one user, item and "
+                       r"time: is 'item_id' the item\?"):
+        _bench(capsys, "--dataset", str(path), "--no-vw")
+
+
 def test_vw_args_reach_the_vowpal_wabbit_baseline(tmp_path, capsys):
     path = write_real_shaped_csv(tmp_path / "r.csv", rows=1500)
     plain = _bench(capsys, "--dataset", str(path))
