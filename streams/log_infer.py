@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CELL, ColumnSpec, LogSchema, feature_ids
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
-from streams.log_items import log_columns, read_log_chunks
+from streams.log_items import item_table, log_columns, read_log_chunks
 from streams.log_leaks import LeakSample
 from streams.log_names import guess_headerless, guess_label_rule, guess_reserved
 from streams.log_cells import parse_floats
@@ -168,6 +168,8 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     by_item, by_user = _Constancy(features), _Constancy(features)
     given = {c.name: c for c in base.columns}
     sample = LeakSample([c for c in features if c not in given])
+    items_table = item_table(base)
+    joined_before = (items_table.joined, items_table.unmatched) if items_table else (0, 0)
     positives = good = 0
     runs, last_user = 0, None  # runs of rows of one user, in file order
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
@@ -216,6 +218,12 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
         stats.notes.append(f'time_col = "": the rows are grouped by user ({users} users, {runs} runs of '
                            "rows): file order is no time order, so the progressive AUC says how fast each "
                            "new user is learned; name the time column if the log has one")
+    if items_table is not None:
+        joined, unmatched = items_table.joined - joined_before[0], items_table.unmatched - joined_before[1]
+        if unmatched:
+            stats.notes.append(f"items_file: {unmatched} of the {joined} rows ({unmatched / max(joined, 1):.1%}) "
+                               f"name an item {Path(items_table.path).name} does not list (their item "
+                               "columns read empty)")
     if labels and set(labels) - {"0", "1"}:
         stats.label_values = labels.most_common(10)
     if good:

@@ -6,10 +6,12 @@ Logs often come as interactions plus an item table (MovieLens' ``ratings.csv`` a
 may have (CSV, TSV, Parquet, JSON Lines); ``items_key`` its id column (default: the log's item
 column). Each of its other columns becomes a column of the log, so inference, encoding and
 replay see a joined log: an item's attributes are constant per item (inferred
-``side = "item"``), an item the table does not list reads empty cells. Ids match as strings with surrounding spaces trimmed (``31`` is not
-``31.0``). The table is read whole (item tables are small beside their logs) and once per
-process; a duplicate id, an empty id, a bad row or a column name the log already has is an
-error naming the file.
+``side = "item"``), an item the table does not list reads empty cells (counted in
+``ItemTable.unmatched``). Ids match as ids, spaces trimmed (``10.0`` finds ``10``:
+:func:`~streams.log_schema.entity_ids`). The table is read whole (item tables are small beside
+their logs) and once per process; an id listed twice with different cells (a row repeated cell for cell is read once,
+with a warning), an empty id, a bad row or a column name the log already has is an error
+naming the file.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ItemTable:
         empty = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
         if empty.any():
             raise SchemaError(f"item table {path}, line {lines[int(empty.argmax())]}: empty {key!r}")
+        table, ids, lines = _copies_dropped(path, table, ids, lines)
         counts = pc.value_counts(ids)
         dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         if len(dup):
@@ -66,6 +69,7 @@ class ItemTable:
             twice = ids.take(pa.array(np.flatnonzero(keys == uniq[counts > 1][0]))).to_pylist()
             raise SchemaError(f"item table {path}: {twice[0]!r} and {twice[1]!r} are one item, listed twice")
         self.keys = pa.array(keys)
+        self.joined = self.unmatched = 0  # log rows joined so far, and those whose item it does not list
         self.columns = [n for n in names if n != key]
         self.table = table.select(self.columns).combine_chunks()
         log.info("item table %s: %d items, columns %s", path, len(ids), self.columns)
@@ -74,10 +78,31 @@ class ItemTable:
         """``table`` with the item columns appended, matched on ``item_col``."""
         cells = pc.utf8_trim_whitespace(table.column(item_col).combine_chunks())
         at = pc.index_in(pa.array(entity_ids("item", pc.fill_null(cells, ""))), value_set=self.keys)
+        self.joined += len(at)
+        self.unmatched += at.null_count
         out = table
         for name in self.columns:
             out = out.append_column(name, self.table.column(name).take(at))
         return out
+
+
+def _copies_dropped(path: str | Path, table: pa.Table, ids: pa.Array,
+                    lines: list[int]) -> tuple[pa.Table, pa.Array, list[int]]:
+    """The table without rows that repeat an earlier row cell for cell (catalog exports, Amazon's
+    metadata among them, list some items twice, identically): the item is read once, with a
+    warning. Rows of one id that differ are left for the caller to refuse."""
+    keys = pa.table({f"c{k}": pc.fill_null(table.column(k).cast(pa.string()), "\x00")
+                     for k in range(table.num_columns)})
+    keys = keys.append_column("row", pa.array(np.arange(table.num_rows), pa.int64()))
+    firsts = keys.group_by([f"c{k}" for k in range(table.num_columns)], use_threads=False).aggregate(
+        [("row", "min")]).column("row_min")
+    if len(firsts) == table.num_rows:
+        return table, ids, lines
+    keep = np.sort(firsts.to_numpy())
+    log.warning("item table %s: %d rows repeat an earlier row cell for cell: each such item is read once",
+                path, table.num_rows - len(keep))
+    at = pa.array(keep, pa.int64())
+    return table.take(at), ids.take(at), [lines[r] for r in keep]
 
 
 @functools.lru_cache(maxsize=4)

@@ -62,7 +62,8 @@ def test_an_item_missing_from_the_table_reads_empty_cells(tmp_path):
     log.write_text("user_id,item_id,label,ts\n1,10,1,5\n1,11,0,6\n2,12,0,7\n")
     table = tmp_path / "items.csv"
     table.write_text("item_id,brand,price\n10,acme,2.5\n12,bolt,\n")
-    schema, _ = infer_schema(log, LogSchema(items_file=str(table)))
+    schema, stats = infer_schema(log, LogSchema(items_file=str(table)))
+    assert "items_file: 1 of the 3 rows (33.3%) name an item items.csv does not list" in stats.summary()
     enc = encode_log(log, schema)
     brand = dict(zip(enc.item_id.tolist(), enc.sparse["brand"].values.tolist()))
     assert brand[10] != brand[12] and brand[11] not in (brand[10], brand[12])  # the missing id
@@ -99,3 +100,12 @@ def test_a_bad_item_table_is_an_error_naming_it(tmp_path, text, error):
     assert error in str(err.value)
     with pytest.raises(SchemaError, match="No such file"):
         infer_schema(log, LogSchema(items_file=str(tmp_path / "none.csv")))
+
+
+def test_an_item_listed_twice_identically_is_read_once(tmp_path):
+    from streams.log_items import ItemTable
+
+    table = tmp_path / "meta.csv"  # Amazon's metadata repeats some products, cell for cell
+    table.write_text("asin,brand,category\nB1,acme,Books|Fiction\nB2,zeta,Books\nB1,acme,Books|Fiction\n")
+    items = ItemTable(table, "asin")
+    assert len(items.keys) == 2 and items.table.column("brand").to_pylist() == ["acme", "zeta"]
