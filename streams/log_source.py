@@ -69,6 +69,11 @@ class RawChunk:
 HEADERLESS_PREFIX = "column_"  # the names of a headerless CSV's columns: column_1, column_2, ...
 
 
+# Cells that mean "no value": pyarrow's defaults (NULL, NA, N/A, NaN, null, ...) and MySQL's and
+# Hive's \N, as their exports write a NULL.
+NULL_CELLS = [*pa_csv.ConvertOptions().null_values, "\\N"]
+
+
 def column_names(path: str | Path) -> list[str]:
     """The log's column names, from its header or Parquet schema, without reading the rows; a CSV
     whose first line is data (:func:`csv_has_header`) has ``column_1``, ``column_2``, ..."""
@@ -223,7 +228,7 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
             parse_options=pa_csv.ParseOptions(delimiter=csv_delimiter(path), newlines_in_values=True,
                                               invalid_row_handler=on_invalid),
             convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                  strings_can_be_null=True))
+                                                  strings_can_be_null=True, null_values=NULL_CELLS))
     except (OSError, pa.ArrowInvalid) as exc:
         raise SchemaError(f"{path}: {exc}") from None
     good = 0  # good rows before this chunk

@@ -293,3 +293,12 @@ def test_a_directory_of_json_lines_and_what_a_directory_may_not_be(tmp_path):
     empty.mkdir()
     with pytest.raises(SchemaError, match="an empty directory"):
         infer_schema(empty)
+
+
+def test_a_mysql_null_is_an_empty_cell(tmp_path):
+    f = tmp_path / "export.csv"  # SELECT ... INTO OUTFILE writes NULL as \N
+    f.write_text("user_id,item_id,label,ts,price,platform\n1,4,0,6,2.5,\\N\n1,5,1,7,\\N,web\n2,4,1,8,3.0,app\n")
+    schema = infer_schema(f)[0]
+    assert schema.column("price").kind == "numeric"
+    enc = encode_log(f, schema)
+    assert not enc.bad_rows and enc.dense[:, schema.dense_names().index("price") + 1].tolist() == [0.0, 1.0, 0.0]
