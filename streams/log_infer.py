@@ -21,7 +21,7 @@ from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CE
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import item_table, log_columns, read_log_chunks
 from streams.log_leaks import LeakSample
-from streams.log_names import guess_headerless, guess_label_rule, guess_reserved
+from streams.log_names import empty_shares, guess_headerless, guess_label_rule, guess_reserved
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
 
@@ -92,7 +92,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
     base = overrides or LogSchema()
     header = column_names(path)
     label_before = base.label_col
-    base, notes = guess_reserved(header, base, set(given))
+    base, notes = guess_reserved(header, base, set(given), empty_shares(path))
     base, by_content = guess_headerless(path, header, base, given)
     notes += by_content
     label_guessed = base.label_col != label_before

@@ -34,7 +34,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,8 @@ from streams.log_source import HEADERLESS_PREFIX, read_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["guess_headerless", "guess_label_rule", "guess_reserved", "EXPOSURE_WORDS", "POSITIVE_WORDS"]
+__all__ = ["guess_headerless", "guess_label_rule", "guess_reserved", "empty_shares", "EXPOSURE_WORDS",
+           "POSITIVE_WORDS"]
 
 # Names per role, most specific first (normalised: lower case, letters and digits only).
 _NAMES: dict[str, tuple[str, ...]] = {
@@ -72,6 +73,7 @@ SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
 NOT_RATED_SHARE = 0.3  # a scale's lowest value on this share of the rows is "not rated" (noted)
 SAMPLE_ROWS = 1 << 18
 CONTENT_ROWS = 1 << 16  # rows a headerless log's roles are guessed from
+MOSTLY_EMPTY = 0.5  # a user or item column empty on more of its first rows gives way to the next name
 _SINCE_MS = 631_152_000_000  # 1990-01-01: a column of times after it is a time, not small ids
 BINARY_SHARE = 0.95  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)...
 SCALE_OTHERS = 3  # ...or with half, unless it has this many other values (0 = "not rated", 1-5)
@@ -98,10 +100,13 @@ def _is_word(cell: str, words: frozenset[str]) -> bool:
     return _norm(cell) in words
 
 
-def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tuple[LogSchema, list[str]]:
+def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
+                   empty_share: Callable[[str], float] | None = None) -> tuple[LogSchema, list[str]]:
     """``schema`` with each reserved column the caller did not name (``given``) and whose current
     name is not in ``header`` replaced by the header's column of a known name for the role; and
-    one note per guess. The label is guessed only where the schema still has a label column."""
+    one note per guess. The label is guessed only where the schema still has a label column. A
+    user or item column empty on most of the first rows (``empty_share``: Diginetica's ``userId``
+    beside its ``sessionId``) is passed over for the next name, if the header has one."""
     taken = {c for c in schema.reserved() if c in header}
     by_norm: dict[str, str] = {}
     for col in header:
@@ -112,15 +117,37 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str]) -> tup
         current = getattr(schema, role)
         if role in given or current in header or (role == "label_col" and schema.implicit):
             continue
-        found = next((by_norm[n] for n in names if n in by_norm and by_norm[n] not in taken), None)
-        if found is None:
+        candidates = [by_norm[n] for n in names if n in by_norm and by_norm[n] not in taken]
+        passed = []
+        while (len(candidates) > 1 and role in ("user_col", "item_col") and empty_share is not None
+               and empty_share(candidates[0]) > MOSTLY_EMPTY):
+            passed.append(f"; {candidates[0]!r} is empty on {empty_share(candidates.pop(0)):.0%} of its first rows")
+        if not candidates:
             continue
+        found = candidates[0]
         taken.add(found)
         changes[role] = found
-        notes.append(f"{role} = {found!r}: the log has no {current!r} column; {found!r} is a usual name for it")
+        notes.append(f"{role} = {found!r}: the log has no {current!r} column; {found!r} is a usual name for "
+                     f"it{''.join(passed)}")
     for note in notes:
         log.warning("reading %s", note)
     return (replace(schema, **changes) if changes else schema), notes
+
+
+def empty_shares(path: str | Path) -> Callable[[str], float]:
+    """A column's share of empty cells in the first :data:`CONTENT_ROWS` rows (read once, lazily)."""
+    first: list[pa.Table] = []
+
+    def share(column: str) -> float:
+        if not first:
+            chunk = next(iter(read_chunks(path, CONTENT_ROWS)), None)
+            first.append(chunk.table if chunk is not None else pa.table({}))
+        table = first[0]
+        if column not in table.column_names or not table.num_rows:
+            return 0.0
+        cells = pc.fill_null(pc.utf8_trim_whitespace(table.column(column)), "")
+        return float(pc.sum(pc.equal(cells, "")).as_py() or 0) / table.num_rows
+    return share
 
 
 def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,

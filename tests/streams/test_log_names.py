@@ -283,3 +283,14 @@ def test_a_log_without_times_whose_rows_are_grouped_by_user_says_what_its_order_
     mixed = "".join(f"{k % 4},{(k * 7) % 13},{k % 6}\n" for k in range(40))
     _, stats = infer_schema(_write(tmp_path, "mixed.csv", "user_id,anime_id,rating\n" + mixed))
     assert "grouped by user" not in stats.summary()
+
+
+def test_a_user_column_empty_on_most_rows_gives_way_to_the_session(tmp_path):
+    # Diginetica's train-item-views: userId only for logged-in sessions.
+    rows = "".join(f"{s};{'' if s % 4 else s // 4};{100 + (s * 3 + k) % 17};{k};2016-05-{1 + s % 9:02d}\n"
+                   for s in range(1, 13) for k in range(3))
+    path = _write(tmp_path, "train-item-views.csv", "sessionId;userId;itemId;timeframe;eventdate\n" + rows)
+    schema, stats = infer_schema(path)
+    assert (schema.user_col, schema.item_col, schema.time_col) == ("sessionId", "itemId", "eventdate")
+    assert "'userId' is empty on 75% of its first rows" in stats.summary()
+    assert not stats.bad_rows
