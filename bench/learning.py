@@ -182,9 +182,9 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 def _check_both_labels(path: str, encoded) -> None:
     """A log whose examples are all positives (or all negatives) has nothing to rank: say so
     rather than print an AUC of null."""
-    from streams.wire import SchemaError
-
     import numpy as np
+
+    from streams.wire import SchemaError
 
     labels = np.unique(encoded.label)
     if len(encoded) and len(labels) == 1:

@@ -33,8 +33,8 @@ LIST_TOKENS = 0.5  # this share of its values is in more than one distinct cell 
 CODE_DISTINCT = 20  # integer columns with at most this many distinct values are codes...
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
-GROUPED_RUNS = 1.05  # no time column, and at most this many runs of one user's rows per user: grouped
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
+GROUPED_RUNS = 1.05  # no time column, and at most this many runs of one user's rows per user: grouped
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
               "positive_values", "negatives", "items_file", "items_key")
 
