@@ -94,6 +94,15 @@ class BatchFormer:
             return float("inf")
         return max(0.0, self._queue[0].arrived + self.max_wait_s - now)
 
+    def warm_up(self, cfg: Any, trained: int) -> None:
+        """Sizes the next mini-batch (``cfg``: the trainer's ``batch_size`` and
+        ``batch_warmup_rows``): :func:`warm_batch_rows` for a model that has trained on
+        ``trained`` examples while the trainer keeps up; ``batch_size`` with a full batch pending
+        (behind, throughput comes first)."""
+        full = cfg.batch_size
+        behind = self.pending_rows >= full
+        self.batch_size = full if behind else warm_batch_rows(full, trained, cfg.batch_warmup_rows)
+
     def pop_ready(self, now: float, flush: bool = False, limit: int | None = None) -> list[MiniBatch]:
         """The mini-batches that are due (all pending rows when ``flush``), at most ``limit``."""
         out: list[MiniBatch] = []

@@ -32,7 +32,7 @@ from paramsync import ensure_params_partitions
 from streams.events import ExampleBatch, SchemaError, decode_examples, encode_examples
 from streams.kafka_consumer import GroupConsumer
 from streams.kafka_io import KafkaConfig, topic_names
-from training.batching import BatchFormer, MiniBatch, warm_batch_rows
+from training.batching import BatchFormer, MiniBatch
 from training.checkpoint import CheckpointManifest, CheckpointStore
 from training.config import TrainerConfig
 from training.learner import Learner
@@ -203,11 +203,7 @@ class OnlineTrainer:
         trained = 0
         deadline = time.perf_counter() + budget_s
         while time.perf_counter() < deadline:
-            # A cold model trains small batches while it keeps up; behind (a full batch pending), full ones.
-            behind = self.former.pending_rows >= self.cfg.batch_size
-            self.former.batch_size = (self.cfg.batch_size if behind else warm_batch_rows(
-                self.cfg.batch_size, self.learner.examples_trained if self.learner else 0,
-                self.cfg.batch_warmup_rows))
+            self.former.warm_up(self.cfg, self.learner.examples_trained if self.learner else 0)
             due = self.former.pop_ready(time.monotonic(), limit=1)
             if not due:
                 break
