@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", default=None, help="schema TOML of --dataset (see replay --inspect)")
     for name in ("user", "item", "label", "time"):
         p.add_argument(f"--{name}-col", default=None, help=f"{name} column of --dataset")
+    p.add_argument("--time-format", default=None, help="strptime format of the time column, e.g. "
+                   "'%%m/%%d/%%Y %%H:%%M' (default: the schema's, else epoch s/ms or ISO-8601, else guessed)")
     p.add_argument("--item-table", default=None, help="item attributes table of --dataset, joined on "
                    "the item id (see docs/real-logs.md)")
     p.add_argument("--item-table-key", default=None,
@@ -206,7 +208,7 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     done = task(f"reading {args.dataset}", None)
     overrides = LogSchema.from_toml(args.schema) if args.schema else None
     schema = schema_for(args.dataset, overrides, user_col=args.user_col, item_col=args.item_col,
-                        label_col=args.label_col, time_col=args.time_col,
+                        label_col=args.label_col, time_col=args.time_col, time_format=args.time_format,
                         items_file=args.item_table, items_key=args.item_table_key, negatives=args.negatives)
     encoded = encode_log(args.dataset, schema, on_bad_row=args.on_bad_row)
     _check_both_labels(args.dataset, encoded)

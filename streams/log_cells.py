@@ -69,17 +69,23 @@ def parse_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return out, bad
 
 
-def parse_times(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parse_times(arr: pa.Array, time_format: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int64 ms since the epoch; mask of empty cells; mask of cells that do not parse).
 
-    A number is epoch seconds below 1e11, else epoch milliseconds; anything else must be
-    ISO-8601 (``2019-11-24 00:00:34.762830+00:00``, ``2019-11-24T00:00:34Z``, ``2019-11-24``,
-    or year first with slashes, ``2019/11/24 00:00:34``); a time without a zone is UTC, and so
-    is one ending in `` UTC`` or `` GMT`` (``2019-11-24 00:00:34 UTC``, as BigQuery exports it).
+    With no ``time_format``, a number is epoch seconds below 1e11, else epoch milliseconds;
+    anything else must be ISO-8601 (``2019-11-24 00:00:34.762830+00:00``, ``2019-11-24T00:00:34Z``,
+    ``2019-11-24``, or year first with slashes, ``2019/11/24 00:00:34``); a time without a zone is
+    UTC, and so is one ending in `` UTC`` or `` GMT`` (``2019-11-24 00:00:34 UTC``, as BigQuery
+    exports it). A ``time_format`` is strptime's (``%m/%d/%Y %I:%M:%S %p``), its times UTC.
     """
     arr = one_chunk(arr)
     n = len(arr)
     empty = arr.is_null().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    if time_format:
+        parsed = pc.strptime(pc.utf8_trim_whitespace(arr), format=time_format, unit="ms", error_is_null=True)
+        ok = parsed.is_valid().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+        ms = pc.fill_null(parsed.cast(pa.int64()), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return ms, empty, ~empty & ~ok
     values, not_number = parse_floats(arr)
     ms = np.zeros(n, np.int64)
     num = ~empty & ~not_number & np.isfinite(values)
@@ -138,3 +144,37 @@ def parse_labels(arr: pa.Array, threshold: float | None,
         with np.errstate(invalid="ignore"):
             label = values >= threshold
     return label.astype(np.float32), bad
+
+
+# Formats :func:`time_format_of` tries on a time column that is neither epoch numbers nor ISO-8601:
+# US month first (MIND's ``11/9/2019 12:00:27 AM``, UCI Online Retail's ``12/1/2009 7:45``),
+# day first (``24/11/2019``, ``24.11.2019 18:30``), and calendar numbers (``20220408``, Avazu's
+# hour ``14102100``). Month first is tried first: a column whose every day is 12 or less reads
+# both ways, and US exports are the more common.
+_CLOCKS = (" %I:%M:%S %p", " %I:%M %p", " %H:%M:%S", " %H:%M", "")
+TIME_FORMATS = (
+    *(f"%m/%d/%Y{c}" for c in _CLOCKS), *(f"%d/%m/%Y{c}" for c in _CLOCKS),
+    *(f"%d.%m.%Y{c}" for c in _CLOCKS[2:]), *(f"%d-%m-%Y{c}" for c in _CLOCKS[2:]),
+    *(f"%m/%d/%y{c}" for c in _CLOCKS), "%Y%m%d%H%M%S", "%Y%m%d%H%M", "%Y%m%d", "%y%m%d%H",
+)
+SINCE_1990_MS = 631_152_000_000  # 1990-01-01 in epoch ms: a log's times are after it
+FORMAT_SHARE = 0.99  # a format that parses this share of a column's non-empty cells is its format
+
+
+def time_format_of(cells: pa.Array) -> str | None:
+    """How a time column's cells read: ``""`` as epoch seconds or ms after 1990 or ISO-8601
+    (:func:`parse_times`' default), else the first of :data:`TIME_FORMATS` that parses
+    :data:`FORMAT_SHARE` of the non-empty cells, else ``""`` for numbers (times before 1990:
+    still in order); None where nothing reads."""
+    cells = one_chunk(cells)
+    ms, empty, bad = parse_times(cells)
+    if empty.all():
+        return None
+    parsed = ~empty & ~bad
+    default = (~bad[~empty]).mean() >= FORMAT_SHARE
+    if default and not (parsed.any() and (ms[parsed] < SINCE_1990_MS).all()):
+        return ""
+    for fmt in TIME_FORMATS:
+        if (~parse_times(cells, fmt)[2][~empty]).mean() >= FORMAT_SHARE:
+            return fmt
+    return "" if default else None  # small numbers (Tmall's 0829): their order still holds

@@ -21,22 +21,26 @@ from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CE
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import item_table, log_columns, read_log_chunks
 from streams.log_leaks import LeakSample
-from streams.log_names import empty_shares, guess_headerless, guess_label_rule, guess_reserved
+from streams.log_impressions import guess_impressions, produced_columns
+from streams.log_names import (empty_shares, guess_headerless, guess_items_key, guess_label_rule, guess_reserved,
+                               guess_time_format)
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
 
 log = logging.getLogger(__name__)
 
 MULTI_SHARE = 0.02  # a column is multi-valued when this share of its non-empty cells has a "|"
-OTHER_SEPARATORS = (";", ",")  # ...or has one of these, and then its values repeat between cells:
+# ...or has one of these (a space: between ids, each with a digit, as MIND's history
+# "N123 N456"; not words), and then its values repeat between cells:
+OTHER_SEPARATORS = (";", ",", " ")
 LIST_TOKENS = 0.5  # this share of its values is in more than one distinct cell ("Comedy, Drama")
 CODE_DISTINCT = 20  # integer columns with at most this many distinct values are codes...
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
 GROUPED_RUNS = 1.05  # no time column, and at most this many runs of one user's rows per user: grouped
-_NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-              "positive_values", "negatives", "items_file", "items_key")
+_NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "time_format", "truth_col", "impressions_col",
+              "positive_threshold", "positive_values", "negatives", "items_file", "items_key")
 
 
 class _Constancy:
@@ -92,12 +96,15 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
     base = overrides or LogSchema()
     header = column_names(path)
     label_before = base.label_col
-    base, notes = guess_reserved(header, base, set(given), empty_shares(path))
-    base, by_content = guess_headerless(path, header, base, given)
-    notes += by_content
+    base, notes = guess_impressions(path, header, replace(base, **given), given)
+    produced = {role: getattr(base, role) for role in ("item_col", "label_col")
+                if getattr(base, role) in produced_columns(header, base)}
+    base, by_name = guess_reserved(header, base, set(given) | set(produced), empty_shares(path))
+    base, by_content = guess_headerless(path, header, base, {**produced, **given})
+    notes += by_name + by_content
     label_guessed = base.label_col != label_before
     if ("label_col" not in given and base.label_col == LogSchema.label_col
-            and base.label_col not in header):
+            and base.label_col not in header and not base.impressions_col):
         # No label column of the default name and none named: a log of interactions only.
         base = replace(base, label_col="", negatives=given.pop("negatives", None) or base.negatives
                        or IMPLICIT_NEGATIVES, recent_items=base.recent_items or IMPLICIT_RECENT_ITEMS)
@@ -111,9 +118,12 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
         log.warning("%s has no %r column and no other time column was named (--time-col, time_col in "
                     "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
+    base, key_notes = guess_items_key(base)
+    notes += key_notes
     log_columns(path, base)  # checks the reserved and described columns are there
+    base, time_notes = guess_time_format(path, base)
     base, label_notes = guess_label_rule(path, base, label_named="label_col" in given, label_guessed=label_guessed)
-    return base, notes + label_notes
+    return base, notes + time_notes + label_notes
 
 
 def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: Any) -> LogSchema:
@@ -204,7 +214,7 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
             if c in features and (c not in by_item.varies or c not in by_user.varies):
                 hashed[c] = feature_ids(c, chunk.table.column(c))[ok]
         by_item.update(core.item_id[ok], hashed)
-        sample.add(chunk.table, core.item_id, core.label, ok)
+        sample.add(chunk.table, core.item_id, core.label, ok, core.user_id, core.ts_ms)
         by_user.update(core.user_id[ok], hashed)
     for c in header:
         cs = stats.columns[c]
@@ -258,7 +268,8 @@ def _count_column(cs: ColumnStats, col: pa.ChunkedArray, seen: set, cap: int) ->
         cs.integer = bool(pc.all(pc.match_substring_regex(nonempty, INT_CELL)).as_py())
     cs.with_separator += int(pc.sum(pc.match_substring(col, "|")).as_py() or 0)
     for sep in OTHER_SEPARATORS:
-        cs.with_other[sep] = cs.with_other.get(sep, 0) + int(pc.sum(pc.match_substring(col, sep)).as_py() or 0)
+        has = pc.match_substring_regex(col, _ID_LIST) if sep == " " else pc.match_substring(col, sep)
+        cs.with_other[sep] = cs.with_other.get(sep, 0) + int(pc.sum(has).as_py() or 0)
     cs.with_space += int(pc.sum(pc.match_substring_regex(col, r"\S\s+\S")).as_py() or 0)
 
 
@@ -280,6 +291,9 @@ def _list_separator(cs: ColumnStats, cells: set) -> str:
     return ""
 
 
+# Ids separated by spaces, each letters then a digit then letters or digits ("N123 N456", "12 34";
+# not "2019-11-09 12:00:27").
+_ID_LIST = r"^\s*[A-Za-z_]*\d\w*(\s+[A-Za-z_]*\d\w*)+\s*$"
 _COMMA_NUMBER = re.compile(r"^\s*[+-]?([0-9]+|[0-9]*,[0-9]+)\s*$")  # an integer, or a number with a decimal comma
 
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.log_schema import LogSchema, entity_ids
+from streams.log_impressions import explode, produced_columns
 from streams.log_source import RawChunk, check_columns, column_names, read_chunks
 from streams.wire import SchemaError
 
@@ -123,9 +124,11 @@ def item_table(schema: LogSchema) -> ItemTable | None:
 
 
 def log_columns(path: str | Path, schema: LogSchema) -> list[str]:
-    """The log's columns as read with ``schema``: its header, then the item table's columns,
-    after checking the reserved and described columns are among them."""
+    """The log's columns as read with ``schema``: its header (less an impressions column), the
+    item and label columns an impressions column makes, then the item table's columns, after
+    checking the reserved and described columns are among them."""
     header = column_names(path)
+    header = header + produced_columns(header, schema)
     items = item_table(schema)
     if items is not None:
         clash = sorted(set(items.columns) & set(header))
@@ -134,13 +137,16 @@ def log_columns(path: str | Path, schema: LogSchema) -> list[str]:
                               "(rename them in one file, or drop them from the item table)")
         header = header + items.columns
     check_columns(path, schema, header)
-    return header
+    return [c for c in header if c != schema.impressions_col]
 
 
 def read_log_chunks(path: str | Path, schema: LogSchema, chunk_rows: int = 65536) -> Iterator[RawChunk]:
-    """:func:`streams.log_source.read_chunks` with the schema's item table joined on."""
+    """:func:`streams.log_source.read_chunks` with an impressions column read as a row per
+    listed item (:mod:`streams.log_impressions`), and the schema's item table joined on."""
     items = item_table(schema)
     for chunk in read_chunks(path, chunk_rows):
+        if schema.impressions_col:
+            chunk = explode(chunk, schema)
         if items is not None:
             chunk = RawChunk(items.join(chunk.table, schema.item_col), chunk.line, chunk.invalid)
         yield chunk

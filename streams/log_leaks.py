@@ -6,8 +6,8 @@ with a note saying why (a column the schema file describes is kept as it says):
 
 - **one more id of the item** (an item-side categorical with a value per item: an image URL, a
   second code): it says nothing the item id does not, and is crossed with the user by default;
-- **a row's own id** (a user-side categorical whose values almost never repeat: a review's id
-  or text, a per-row UUID, a time written as a string): nothing learned from one row carries to
+- **a row's own id** (a user-side categorical whose values almost never repeat, counted once
+  per request: a review's id or text, a per-row UUID, a time written as a string, a page's id): nothing learned from one row carries to
   another, and each value would take a row of the embedding table;
 - **an outcome** (a log with labels): a user-side cell value on a good share of the rows that
   comes only with positives, or only with negatives (Goodreads' ``is_read = 0`` beside every
@@ -55,15 +55,18 @@ class LeakSample:
         self.columns, self.room = columns, rows
         self.items: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.requests: list[np.ndarray] = []  # (user, time) per row: the rows of one request
         self.cells: dict[str, list[pa.Array]] = {c: [] for c in columns}
 
-    def add(self, table: pa.Table, item_id: np.ndarray, label: np.ndarray, ok: np.ndarray) -> None:
+    def add(self, table: pa.Table, item_id: np.ndarray, label: np.ndarray, ok: np.ndarray,
+            user_id: np.ndarray, ts_ms: np.ndarray) -> None:
         if self.room <= 0 or not self.columns:
             return
         keep = np.flatnonzero(ok)[: self.room]
         self.room -= len(keep)
         self.items.append(item_id[keep])
         self.labels.append(label[keep])
+        self.requests.append(np.stack([user_id[keep], ts_ms[keep]], 1))
         take = pa.array(keep, pa.int64())
         for c in self.columns:
             self.cells[c].append(pc.fill_null(table.column(c), "").take(take).combine_chunks())
@@ -73,6 +76,7 @@ class LeakSample:
         if not self.items:
             return {}
         items, labels = np.concatenate(self.items), np.concatenate(self.labels).astype(np.float64)
+        requests = np.unique(np.concatenate(self.requests), axis=0, return_inverse=True)[1].reshape(-1)
         out: dict[str, str] = {}
         for spec in specs:
             if spec.kind in ("ignore", "text") or spec.name not in self.cells:
@@ -87,7 +91,7 @@ class LeakSample:
                 if why is not None:  # ...unless it is one more name of the item
                     out[spec.name] = why
                 continue
-            why = _row_id(ids, empty) if spec.kind == "categorical" else None
+            why = _row_id(ids, empty, requests) if spec.kind == "categorical" else None
             if why is None and not implicit:
                 why = _outcome(ids, empty, labels)
             if why is None and implicit:
@@ -108,8 +112,9 @@ def _item_id_twin(ids: np.ndarray, empty: np.ndarray, items: np.ndarray) -> str 
             "repeats user x item")
 
 
-def _row_id(ids: np.ndarray, empty: np.ndarray) -> str | None:
-    cells = int((~empty).sum())
+def _row_id(ids: np.ndarray, empty: np.ndarray, requests: np.ndarray) -> str | None:
+    """Counted per request: a page's id, repeated on each of its items' rows, is a row id too."""
+    cells = len(np.unique(np.stack([requests[~empty], ids[~empty]], 1), axis=0))
     distinct = len(np.unique(ids[~empty]))
     if cells < MIN_CELLS or distinct < ROW_ID_SHARE * cells:
         return None

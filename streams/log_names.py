@@ -40,13 +40,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_cells import FALSE_CELLS, TRUE_CELLS, one_chunk, parse_floats, parse_times
+from streams.log_cells import (FALSE_CELLS, SINCE_1990_MS, TRUE_CELLS, one_chunk, parse_floats, parse_times,
+                               time_format_of)
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, ColumnSpec, LogSchema
-from streams.log_source import HEADERLESS_PREFIX, read_chunks
+from streams.log_source import HEADERLESS_PREFIX, column_names, read_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["guess_headerless", "guess_label_rule", "guess_reserved", "empty_shares", "EXPOSURE_WORDS",
+__all__ = ["guess_headerless", "guess_items_key", "guess_label_rule", "guess_reserved", "guess_time_format",
+           "empty_shares", "EXPOSURE_WORDS",
            "POSITIVE_WORDS"]
 
 # Names per role, most specific first (normalised: lower case, letters and digits only).
@@ -73,8 +75,8 @@ SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
 NOT_RATED_SHARE = 0.3  # a scale's lowest value on this share of the rows is "not rated" (noted)
 SAMPLE_ROWS = 1 << 18
 CONTENT_ROWS = 1 << 16  # rows a headerless log's roles are guessed from
+ROW_NUMBER_ROWS = 200  # a headerless column distinct on this many first rows or more numbers them
 MOSTLY_EMPTY = 0.5  # a user or item column empty on more of its first rows gives way to the next name
-_SINCE_MS = 631_152_000_000  # 1990-01-01: a column of times after it is a time, not small ids
 BINARY_SHARE = 0.95  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)...
 SCALE_OTHERS = 3  # ...or with half, unless it has this many other values (0 = "not rated", 1-5)
 _ONES = frozenset(("1", "1.0", *TRUE_CELLS))
@@ -134,6 +136,27 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
     return (replace(schema, **changes) if changes else schema), notes
 
 
+def guess_items_key(schema: LogSchema) -> tuple[LogSchema, list[str]]:
+    """``schema`` with its item table's id column (``items_key``) found by a usual item name
+    where the schema names none and the table has no column of the log's item column's name
+    (MIND's ``news_id`` beside the items an impressions column lists); the note."""
+    if not schema.items_file or schema.items_key:
+        return schema, []
+    header = column_names(schema.items_file)
+    if schema.item_col in header:
+        return schema, []
+    by_norm: dict[str, str] = {}
+    for col in header:
+        by_norm.setdefault(_norm(col), col)
+    found = next((by_norm[n] for n in _NAMES["item_col"] if n in by_norm), None)
+    if found is None:
+        return schema, []
+    note = (f"items_key = {found!r}: the item table has no {schema.item_col!r} column; {found!r} is a "
+            "usual name for the item")
+    log.warning("reading %s", note)
+    return replace(schema, items_key=found), [note]
+
+
 def empty_shares(path: str | Path) -> Callable[[str], float]:
     """A column's share of empty cells in the first :data:`CONTENT_ROWS` rows (read once, lazily)."""
     first: list[pa.Table] = []
@@ -177,6 +200,9 @@ def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
         changes["time_col"] = time
     rest = [c for c in free if c != time and pc.any(pc.not_equal(cols[c], "")).as_py()]  # not all empty ("::")
     ids = [role for role in ("user_col", "item_col") if role not in given]
+    # A column whose every cell differs (of enough rows) is a row's own number (MIND's impression
+    # id), no user or item.
+    rest = [c for c in rest if len(cols[c]) < ROW_NUMBER_ROWS or pc.count_distinct(cols[c]).as_py() < len(cols[c])]
     complete = [c for c in rest if cols[c].null_count == 0 and not pc.any(pc.equal(cols[c], "")).as_py()]
     id_cols = (complete if len(complete) >= len(ids) else rest)[:len(ids)]
     changes.update(zip(ids, id_cols))
@@ -193,9 +219,37 @@ def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
     return (replace(schema, **changes) if changes else schema), notes
 
 
+def guess_time_format(path: str | Path, schema: LogSchema) -> tuple[LogSchema, list[str]]:
+    """``schema`` with the ``time_format`` its time column's first :data:`CONTENT_ROWS` cells are
+    written in, where they are neither epoch numbers nor ISO-8601 and the schema names none
+    (:func:`streams.log_cells.time_format_of`: ``11/9/2019 12:00:27 AM``, ``20220408``); the note."""
+    if not schema.time_col or schema.time_format:
+        return schema, []
+    chunk = next(iter(read_chunks(path, CONTENT_ROWS)), None)
+    if chunk is None or schema.time_col not in chunk.table.column_names:
+        return schema, []
+    cells = one_chunk(chunk.table.column(schema.time_col))
+    fmt = time_format_of(cells)
+    if not fmt:
+        return schema, []
+    ms, empty, bad = parse_times(cells, fmt)
+    first = int(np.flatnonzero(~empty & ~bad)[0])
+    note = (f"time_format = {fmt!r}: the time {schema.time_col!r} is neither epoch numbers nor ISO-8601; "
+            f"{cells[first].as_py()!r} reads as {np.datetime64(int(ms[first]), 'ms')}")
+    if fmt.startswith("%m/%d") and time_format_of(pc.replace_substring_regex(
+            cells, r"^(\d+)/(\d+)/", r"\2/\1/")) == fmt:
+        note += " (every day in the first rows is 12 or less: if the log writes the day first, set %d/%m)"
+    log.warning("reading %s", note)
+    return replace(schema, time_format=fmt), [note]
+
+
 def _is_time(cells: pa.Array) -> bool:
-    ms, empty, bad = parse_times(cells)
-    return bool(len(ms)) and not bad.any() and not empty.all() and bool((ms[~empty] >= _SINCE_MS).all())
+    """Times after 1990 (not small ids), in any format :func:`time_format_of` knows."""
+    fmt = time_format_of(cells)
+    if fmt is None:
+        return False
+    ms, empty, bad = parse_times(cells, fmt)
+    return bool(len(ms)) and not bad.any() and not empty.all() and bool((ms[~empty] >= SINCE_1990_MS).all())
 
 
 def _is_label(cells: pa.Array) -> bool:

@@ -68,8 +68,8 @@ class ColumnSpec:
             raise SchemaError(f"column {self.name!r}: a text column describes the item (side = \"item\")")
 
 
-_TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "truth_col", "positive_threshold",
-             "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
+_TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "time_format", "truth_col", "impressions_col",
+             "positive_threshold", "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
 IMPLICIT_RECENT_ITEMS = 10  # ... and its recent_items (MovieLens as positives only: AUC 0.843 -> 0.868)
@@ -84,7 +84,9 @@ class LogSchema:
     item_col: str = "item_id"
     label_col: str = "label"
     time_col: str = "ts"  # "": none, the rows are in time order (file order)
+    time_format: str = ""  # strptime's codes ("%m/%d/%Y %H:%M"); "": epoch s or ms, or ISO-8601
     truth_col: str = "truth_p"  # optional known click probability; never a feature
+    impressions_col: str = ""  # a list of the items shown, read as a row each (streams.log_impressions)
     positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
     positive_values: tuple[str, ...] = ()  # an event-type label: these values are 1, any other 0
     negatives: int = 0  # sampled negatives added per positive row (a log of positives only)
@@ -102,6 +104,10 @@ class LogSchema:
             raise SchemaError(f"positive_values must be non-empty strings, got {list(self.positive_values)}")
         if not isinstance(self.negatives, int) or isinstance(self.negatives, bool) or self.negatives < 0:
             raise SchemaError(f"negatives must be an integer >= 0, got {self.negatives!r}")
+        if self.impressions_col and self.implicit:
+            raise SchemaError("an impressions column gives every listed item its label: label_col cannot be \"\"")
+        if self.time_format and "%" not in self.time_format:
+            raise SchemaError(f"time_format is strptime's codes (\"%m/%d/%Y %H:%M\"), got {self.time_format!r}")
         if self.negative_sampling not in NEGATIVE_SAMPLING:
             raise SchemaError(f"negative_sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
                               f"got {self.negative_sampling!r}")
@@ -127,8 +133,10 @@ class LogSchema:
             seen.add(c.name)
 
     def reserved(self) -> tuple[str, ...]:
-        """The reserved columns' names (no label column in an implicit log)."""
-        return tuple(c for c in (self.user_col, self.item_col, self.label_col, self.time_col, self.truth_col) if c)
+        """The reserved columns' names (no label column in an implicit log; the impressions
+        column, read into the item and label columns)."""
+        return tuple(c for c in (self.user_col, self.item_col, self.label_col, self.time_col, self.truth_col,
+                                 self.impressions_col) if c)
 
     @property
     def implicit(self) -> bool:
@@ -195,8 +203,8 @@ class LogSchema:
                     ok = isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
                 elif k in ("negatives", "recent_items"):
                     ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                elif k in ("label_col", "time_col"):
-                    ok = isinstance(v, str)  # "": no such column (positives only; file order)
+                elif k in ("label_col", "time_col", "time_format", "impressions_col"):
+                    ok = isinstance(v, str)  # "": none (positives only; file order; the default)
                 else:
                     ok = isinstance(v, str) and v
                 if not ok:
@@ -243,7 +251,10 @@ class LogSchema:
                 out.append('label_col = ""    # none: every row is a positive (interactions only)')
             elif k == "time_col" and not v:
                 out.append('time_col = ""    # none: the rows are in time order (file order, 1 s apart)')
-            elif k in ("items_file", "items_key", "positive_values"):
+            elif k == "time_format" and not v:
+                if self.time_col:
+                    out.append('# time_format = "%m/%d/%Y %H:%M"    # strptime codes (default: epoch s or ms, or ISO-8601)')
+            elif k in ("items_file", "items_key", "positive_values", "impressions_col"):
                 if k == "positive_values" and v:
                     out.append(f"{k} = [{', '.join(_toml_value(x) for x in v)}]")
                 elif v:  # written absolute: the demo's processes read the schema from elsewhere

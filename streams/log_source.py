@@ -111,7 +111,8 @@ def _first_row(path: str | Path) -> list[str]:
 
 
 _NUMBER_CELL = re.compile(NUMBER)
-_DATE_CELL = re.compile(r"\d{4}[-/]\d{2}[-/]\d{2}([ T].*)?")  # a header cell is never a date
+# A header cell is never a date: year first (2019-11-24T10:00), or month or day first (11/9/2019 12:00 AM).
+_DATE_CELL = re.compile(r"(\d{4}[-/]\d{2}[-/]\d{2}|\d{1,2}[/.]\d{1,2}[/.]\d{2}(\d{2})?)([ T].*)?")
 
 
 def csv_has_header(path: str | Path) -> bool:
@@ -362,11 +363,11 @@ def parse_core(chunk: RawChunk, schema: LogSchema, checks: RowChecks) -> CoreCol
     if not schema.time_col:  # no time column: the file's order
         ts = FILE_ORDER_EPOCH_MS + chunk.line.astype(np.int64) * 1000
     else:
-        ts, empty_ts, bad_ts = parse_times(t.column(schema.time_col))
+        ts, empty_ts, bad_ts = parse_times(t.column(schema.time_col), schema.time_format)
         time_text = t.column(schema.time_col)
+        want = f"as {schema.time_format!r}" if schema.time_format else "(epoch s, epoch ms or ISO-8601)"
         checks.add(empty_ts, schema.time_col, "empty time")
-        checks.add(bad_ts, schema.time_col, lambda i: f"time {time_text[i].as_py()!r} does not parse "
-                                                      "(epoch s, epoch ms or ISO-8601)")
+        checks.add(bad_ts, schema.time_col, lambda i: f"time {time_text[i].as_py()!r} does not parse {want}")
         checks.add(ts < 0, schema.time_col, "time before 1970")
     truth = np.full(n, np.nan, np.float32)
     if schema.truth_col in t.column_names:

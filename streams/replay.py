@@ -49,6 +49,9 @@ class ReplayConfig:
         "help": "label column, 0/1 (default: the schema's, else label)"})
     time_col: str = field(default="", metadata={
         "help": "event-time column: epoch s, epoch ms or ISO-8601 (default: the schema's, else ts)"})
+    time_format: str = field(default="", metadata={
+        "help": "strptime format of the time column, e.g. '%%m/%%d/%%Y %%H:%%M' (default: the schema's, "
+                "else epoch s/ms or ISO-8601, else guessed from the first cells)"})
     item_table: str = field(default="", metadata={
         "help": "item attributes table (CSV, TSV, Parquet, JSON Lines) joined onto every row by "
                 "item id; its other columns become item features (default: the schema's items_file)"})
@@ -69,6 +72,7 @@ class ReplayConfig:
         """The reserved-column names given as flags (empty ones are left to the schema)."""
         return {k: v for k, v in (("user_col", self.user_col), ("item_col", self.item_col),
                                   ("label_col", self.label_col), ("time_col", self.time_col),
+                                  ("time_format", self.time_format),
                                   ("items_file", self.item_table), ("items_key", self.item_table_key),
                                   ("negatives", self.negatives)) if v}
 

@@ -86,7 +86,7 @@ def test_ids_match_as_ids_so_a_pandas_float_id_finds_its_row(tmp_path):
     ("item_id,brand\n10,a\n10,b\n", "item '10' is listed twice (lines 2 and 3)"),
     ("item_id,brand\n10,a\n ,b\n", "line 3: empty 'item_id'"),
     ("item_id,brand\n10,a\n10.0,b\n", "'10' and '10.0' are one item, listed twice"),
-    ("sku,brand\n10,a\n", "no id column 'item_id'"),
+    ("code,brand\n10,a\n", "no id column 'item_id'"),  # no usual item name either (sku would be taken)
     ("item_id,label\n10,1\n", "columns ['label'] are in the log"),
     ("item_id,brand\n10,a,extra\n", "line 2"),
 ])
