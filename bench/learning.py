@@ -222,7 +222,8 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
                   on_progress=task("prequential", len(encoded)))
     out = {"bench": "learning", "dataset": str(args.dataset), **res.to_dict(),
             "seconds": round(time.perf_counter() - t0, 2), "read_seconds": round(read_s, 2),
-            "bad_rows": len(encoded.bad_rows), "duplicate_rows": encoded.duplicate_rows,
+            "bad_rows": len(encoded.bad_rows), "skipped_rows": encoded.skipped_rows,
+            "duplicate_rows": encoded.duplicate_rows,
             "folded_engagements": encoded.folded_engagements,
             **({"vw_args": args.vw_args} if args.vw_args and not args.no_vw else {}),
             "batch_size": cfg.batch_size, "batch_warmup_rows": cfg.batch_warmup_rows,

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.log_cells import one_chunk
+from streams.log_names import usual_name
 from streams.log_schema import LogSchema
 from streams.log_source import RawChunk, read_chunks
 
@@ -109,9 +110,13 @@ def guess_impressions(path: str | Path, header: list[str], schema: LogSchema,
             found, why = col, (f"{share:.0%} of its cells are lists of ITEM-1/ITEM-0 (shown items, "
                                "1 where clicked)")
             break
-    if found is None and schema.item_col in header and "label_col" not in given and schema.label_col not in header:
-        found = next((c for c in header if _norm(c) in NAMES and c != schema.item_col), None)
-        why = f"its name says so, and {schema.item_col!r} names the item engaged with among them"
+    item = schema.item_col if schema.item_col in header or "item_col" in given else usual_name(header, "item_col")
+    if found is None and item in header and "label_col" not in given and schema.label_col not in header:
+        found = next((c for c in header if _norm(c) in NAMES and c != item), None)
+        why = f"its name says so, and {item!r} names the item engaged with among them"
+        if found is not None and item != schema.item_col:
+            why += f" (item_col = {item!r}: a usual name for it)"
+            schema = replace(schema, item_col=item)
     if found is None:
         return schema, []
     note = (f"impressions_col = {found!r}: {why}; each row is read as one row per listed item, "

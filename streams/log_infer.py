@@ -22,7 +22,7 @@ from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import item_table, log_columns, read_log_chunks
 from streams.log_leaks import LeakSample
 from streams.log_impressions import guess_impressions, produced_columns
-from streams.log_names import (empty_shares, guess_headerless, guess_items_key, guess_label_rule, guess_reserved,
+from streams.log_names import (FirstRows, guess_headerless, guess_items_key, guess_label_rule, guess_reserved,
                                guess_time_format)
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
@@ -38,6 +38,8 @@ CODE_DISTINCT = 20  # integer columns with at most this many distinct values are
 CODE_SHARE = 0.05  # ...when they also repeat: at most this share of their non-empty cells
 TEXT_SHARE = 0.5  # an item-side string column is text when this share of its cells has words...
 TEXT_DISTINCT = 0.5  # ...and it has at least this many distinct values per distinct item
+EMPTY_IDS_SHARE = 0.01  # a user or item column empty on this share of the first rows...
+EMPTY_IDS_ROWS = 20  # ...and this many of them: such rows are skipped
 GROUPED_RUNS = 1.05  # no time column, and at most this many runs of one user's rows per user: grouped
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "time_format", "truth_col", "impressions_col",
               "positive_threshold", "positive_values", "negatives", "items_file", "items_key")
@@ -99,7 +101,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
     base, notes = guess_impressions(path, header, replace(base, **given), given)
     produced = {role: getattr(base, role) for role in ("item_col", "label_col")
                 if getattr(base, role) in produced_columns(header, base)}
-    base, by_name = guess_reserved(header, base, set(given) | set(produced), empty_shares(path))
+    base, by_name = guess_reserved(header, base, set(given) | set(produced), FirstRows(path))
     base, by_content = guess_headerless(path, header, base, {**produced, **given})
     notes += by_name + by_content
     label_guessed = base.label_col != label_before
@@ -122,8 +124,35 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
     notes += key_notes
     log_columns(path, base)  # checks the reserved and described columns are there
     base, time_notes = guess_time_format(path, base)
+    base, skip_notes = _guess_skip_empty_ids(path, base)
+    time_notes += skip_notes
     base, label_notes = guess_label_rule(path, base, label_named="label_col" in given, label_guessed=label_guessed)
     return base, notes + time_notes + label_notes
+
+
+def _guess_skip_empty_ids(path: str | Path, schema: LogSchema) -> tuple[LogSchema, list[str]]:
+    """``schema`` with ``skip_empty_ids`` where the user or item column is empty on
+    :data:`EMPTY_IDS_SHARE` of the first rows (guests' purchases beside signed-in ones, page
+    views beside product views, a search log's actions beside its result pages): such rows are
+    skipped and counted, not bad rows. Fewer stay bad rows: a stray empty id is a fault to see."""
+    if schema.skip_empty_ids:
+        return schema, []
+    chunk = next(iter(read_log_chunks(path, schema, 1 << 16)), None)
+    if chunk is None or not chunk.table.num_rows:
+        return schema, []
+    notes = []
+    for col in (schema.user_col, schema.item_col):
+        cells = pc.utf8_trim_whitespace(pc.fill_null(chunk.table.column(col), ""))
+        empty = pc.sum(pc.equal(cells, "")).as_py() or 0
+        share = empty / chunk.table.num_rows
+        if share >= EMPTY_IDS_SHARE and empty >= EMPTY_IDS_ROWS:
+            notes.append(f"skip_empty_ids = true: {col!r} is empty on {share:.1%} of the first "
+                         f"{chunk.table.num_rows} rows (a guest's, a page view): such rows are skipped "
+                         "and counted, not bad rows")
+    if not notes:
+        return schema, []
+    log.warning("reading %s", notes[0])
+    return replace(schema, skip_empty_ids=True), notes[:1]
 
 
 def schema_for(path: str | Path, overrides: LogSchema | None = None, **names: Any) -> LogSchema:
@@ -197,6 +226,7 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
         core = parse_core(chunk, base, checks)
         bad_rows = chunk.invalid + checks.rows()
         stats.bad_rows += len(bad_rows)
+        stats.skipped_rows += checks.skipped
         stats.bad_examples += [f"line {b.line}, column {b.column!r}: {b.reason}"
                                for b in sorted(bad_rows, key=lambda b: b.line)][:5 - len(stats.bad_examples)]
         ok = ~checks.bad
@@ -283,8 +313,9 @@ def _list_separator(cs: ColumnStats, cells: set) -> str:
     for sep in OTHER_SEPARATORS:
         if cs.with_other.get(sep, 0) < MULTI_SHARE * nonempty:
             continue
-        if sep == "," and all(_COMMA_NUMBER.match(v) for v in cells if v and sep in v):
-            continue  # 3,5: decimal commas
+        if (sep == "," and all(_COMMA_NUMBER.match(v) for v in cells if v and sep in v)
+                and not _LIST_NAME.search(re.sub(r"[^a-z]", "", cs.name.lower()))):
+            continue  # 3,5: decimal commas (but KuaiRand's tag "19,59" is two tags)
         cells_of = Counter(t for v in cells if v for t in {t.strip() for t in v.split(sep)} - {""})
         if cells_of and sum(n > 1 for n in cells_of.values()) >= LIST_TOKENS * len(cells_of):
             return sep
@@ -294,6 +325,8 @@ def _list_separator(cs: ColumnStats, cells: set) -> str:
 # Ids separated by spaces, each letters then a digit then letters or digits ("N123 N456", "12 34";
 # not "2019-11-09 12:00:27").
 _ID_LIST = r"^\s*[A-Za-z_]*\d\w*(\s+[A-Za-z_]*\d\w*)+\s*$"
+# A column so named holds lists: "19,59" is two tags, not a decimal comma.
+_LIST_NAME = re.compile(r"(tags?|genres?|categories|keywords|topics|ids)$")
 _COMMA_NUMBER = re.compile(r"^\s*[+-]?([0-9]+|[0-9]*,[0-9]+)\s*$")  # an integer, or a number with a decimal comma
 
 

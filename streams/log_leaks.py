@@ -9,8 +9,9 @@ with a note saying why (a column the schema file describes is kept as it says):
 - **a row's own id** (a user-side categorical whose values almost never repeat, counted once
   per request: a review's id or text, a per-row UUID, a time written as a string, a page's id): nothing learned from one row carries to
   another, and each value would take a row of the embedding table;
-- **an outcome** (a log with labels): a user-side cell value on a good share of the rows that
-  comes only with positives, or only with negatives (Goodreads' ``is_read = 0`` beside every
+- **an outcome** (a log with labels): a column named for an engagement (KuaiRand's
+  ``is_follow``, Tenrec's ``share`` beside its ``click``), or a user-side cell value on a good
+  share of the rows that comes only with positives, or only with negatives (Goodreads' ``is_read = 0`` beside every
   unrated book; a price of 0 on every line with a quantity of 0). Written when the label was, it
   is unknown when serving, and the model learns the label from it instead of the user's taste;
 - **the item's own details in a log of positives only**: a user-side cell that says which item
@@ -24,16 +25,25 @@ many non-empty cells for a row id or an item detail), so a small log keeps every
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.log_cells import parse_floats
+from streams.log_names import POSITIVE_WORDS
 from streams.log_schema import ColumnSpec, feature_ids
 
 __all__ = ["LeakSample"]
 
 SAMPLE_ROWS = 1 << 17
+# An engagement's name (less "is_"/"has_"): a column so named beside the label is an outcome.
+OUTCOME_WORDS = POSITIVE_WORDS | frozenset((
+    "follow", "followed", "comment", "commented", "forward", "forwarded", "hate", "hated", "dislike",
+    "disliked", "skip", "skipped", "longview", "finish", "finished", "complete", "completed", "profileenter",
+    "reply", "replied", "retweet", "retweeted", "vote", "voted", "bookmark", "bookmarked", "reorder",
+    "reordered"))
 MIN_CELLS = 200  # no verdict on fewer non-empty cells
 ROW_ID_SHARE = 0.8  # distinct values per non-empty cell of a row's own id
 PURE_SHARE = 0.02  # an outcome: a value on this share of the rows (and PURE_ROWS of them)...
@@ -93,7 +103,7 @@ class LeakSample:
                 continue
             why = _row_id(ids, empty, requests) if spec.kind == "categorical" else None
             if why is None and not implicit:
-                why = _outcome(ids, empty, labels)
+                why = _outcome_by_name(spec.name) or _outcome(ids, empty, labels)
             if why is None and implicit:
                 why = (_follows_item_numeric(cells, empty, items) if spec.kind == "numeric"
                        else _follows_item(ids, empty, items))
@@ -120,6 +130,17 @@ def _row_id(ids: np.ndarray, empty: np.ndarray, requests: np.ndarray) -> str | N
         return None
     return (f"its values almost never repeat ({distinct} distinct in {cells} cells): a row's own id "
             "or text, from which nothing carries to another row")
+
+
+def _outcome_by_name(name: str) -> str | None:
+    """A column named for an engagement beside the label (KuaiRand's ``is_like``,
+    ``is_follow``; Tenrec's ``share`` beside ``click``): another outcome of the same event."""
+    norm = re.sub(r"[^a-z0-9]", "", name.lower())
+    word = re.sub(r"^(is|has|did)", "", norm)
+    if word not in OUTCOME_WORDS and norm not in OUTCOME_WORDS:
+        return None
+    return (f"its name is an engagement's ({name!r}): another outcome of the event, as the label is, "
+            "unknown when serving")
 
 
 def _outcome(ids: np.ndarray, empty: np.ndarray, labels: np.ndarray) -> str | None:

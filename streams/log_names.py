@@ -34,7 +34,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +48,7 @@ from streams.log_source import HEADERLESS_PREFIX, column_names, read_chunks
 log = logging.getLogger(__name__)
 
 __all__ = ["guess_headerless", "guess_items_key", "guess_label_rule", "guess_reserved", "guess_time_format",
-           "empty_shares", "EXPOSURE_WORDS",
+           "FirstRows", "usual_name", "EXPOSURE_WORDS",
            "POSITIVE_WORDS"]
 
 # Names per role, most specific first (normalised: lower case, letters and digits only).
@@ -61,13 +61,16 @@ _NAMES: dict[str, tuple[str, ...]] = {
                  "asin", "bookid", "book", "isbn", "adid", "adgroupid", "creativeid",  # an ad, not the page it is on
                  "docid", "documentid", "postid", "newsid", "businessid", "recipeid", "animeid", "gameid", "appid",
                  "offerid", "listingid", "courseid", "artistid", "stockcode", "productcode", "itemcode", "parentasin",
-                 "showid", "episodeid", "podcastid"),
-    "time_col": ("ts", "timestamp", "time", "eventtime", "eventtimestamp", "datetime", "date", "createdat",
+                 "productsku", "showid", "episodeid", "podcastid",
+                 "reference"),  # last: a search log's clicked result (Trivago)
+    "time_col": ("ts", "timestamp", "time", "eventtime", "eventtimestamp", "datetime", "timems", "timestampms",
+                 "tsms", "eventtimems", "servertimestamp", "invoicedate", "transactiondate", "transactiondt",
+                 "transactiontime", "purchasedate", "orderdatetime", "date", "createdat",
                  "created", "eventdate", "timestamputc", "unixtime", "epoch", "clicktime", "eventts", "unixreviewtime",
                  "dateadded", "ratedat", "watchedat", "playedat", "purchasedat", "orderdate", "tdat"),
     "label_col": ("label", "click", "clicked", "isclick", "clicks", "clk", "isclk", "target", "y", "rating", "stars",
                   "overall", "bookrating", "reward", "purchase", "purchased", "converted", "conversion", "liked",
-                  "like", "feedback", "event", "eventtype", "action", "actiontype", "interaction",
+                  "like", "feedback", "event", "eventtype", "action", "actiontype", "productaction", "interaction",
                   "behavior", "behaviour", "behaviortype", "behaviourtype"),
 }
 SCALE_VALUES = 20  # a numeric label with at most this many distinct values is a rating scale
@@ -83,7 +86,7 @@ _ONES = frozenset(("1", "1.0", *TRUE_CELLS))
 _BINARY = _ONES | {"0", "0.0", *FALSE_CELLS}
 POSITIVE_WORDS = frozenset((
     "click", "clicked", "purchase", "purchased", "buy", "bought", "transaction", "order", "ordered",
-    "checkout", "addtocart", "cart", "like", "liked", "favorite", "favourite", "fav", "play", "played",
+    "checkout", "addtocart", "cart", "add", "added", "like", "liked", "favorite", "favourite", "fav", "play", "played",
     "watch", "watched", "listen", "listened", "share", "shared", "convert", "converted", "conversion",
     "download", "downloaded", "subscribe", "subscribed", "save", "saved", "yes", "positive", "pos"))
 EXPOSURE_WORDS = frozenset((
@@ -97,22 +100,35 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+_DRESS = re.compile(r"^(hashed)|(hash|hashed|epochms|epochs|epoch)$")
+
+
+def _variants(name: str) -> list[str]:
+    """A column's name less what exports add to it: a hash or epoch suffix (Coveo's
+    ``session_id_hash``, ``server_timestamp_epoch_ms``), a nested object's path
+    (``properties.product_id``)."""
+    out = [_DRESS.sub("", _norm(name))]
+    if "." in name:
+        out.append(_norm(name.rsplit(".", 1)[1]))
+    return [v for v in out if v and v != _norm(name)]
+
+
 def _is_word(cell: str, words: frozenset[str]) -> bool:
     """Whether an event cell names one of ``words`` (``add_to_cart`` and ``AddToCart`` alike)."""
     return _norm(cell) in words
 
 
 def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
-                   empty_share: Callable[[str], float] | None = None) -> tuple[LogSchema, list[str]]:
+                   first: FirstRows | None = None) -> tuple[LogSchema, list[str]]:
     """``schema`` with each reserved column the caller did not name (``given``) and whose current
     name is not in ``header`` replaced by the header's column of a known name for the role; and
-    one note per guess. The label is guessed only where the schema still has a label column. A
-    user or item column empty on most of the first rows (``empty_share``: Diginetica's ``userId``
-    beside its ``sessionId``) is passed over for the next name, if the header has one."""
+    one note per guess. The label is guessed only where the schema still has a label column. Given
+    the log's ``first`` rows: a user or item column empty on most of them (Diginetica's ``userId``
+    beside its ``sessionId``) is passed over for the next name, if the header has one; so is a
+    label column whose cells do not read as a label when a later one's do (Coveo's
+    ``event_type`` beside its ``product_action``)."""
     taken = {c for c in schema.reserved() if c in header}
-    by_norm: dict[str, str] = {}
-    for col in header:
-        by_norm.setdefault(_norm(col), col)
+    by_norm = _by_name(header)
     changes: dict[str, str] = {}
     notes: list[str] = []
     for role, names in _NAMES.items():
@@ -121,9 +137,15 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
             continue
         candidates = [by_norm[n] for n in names if n in by_norm and by_norm[n] not in taken]
         passed = []
-        while (len(candidates) > 1 and role in ("user_col", "item_col") and empty_share is not None
-               and empty_share(candidates[0]) > MOSTLY_EMPTY):
-            passed.append(f"; {candidates[0]!r} is empty on {empty_share(candidates.pop(0)):.0%} of its first rows")
+        while (len(candidates) > 1 and role in ("user_col", "item_col") and first is not None
+               and first.empty_share(candidates[0]) > MOSTLY_EMPTY):
+            passed.append(f"; {candidates[0]!r} is empty on {first.empty_share(candidates.pop(0)):.0%} of its "
+                          "first rows")
+        if role == "label_col" and first is not None and len(candidates) > 1:
+            readable = [c for c in candidates if first.reads_as_label(c)]
+            if readable and readable[0] != candidates[0]:
+                passed.append(f"; {candidates[0]!r} holds neither numbers nor known event words")
+                candidates = readable
         if not candidates:
             continue
         found = candidates[0]
@@ -145,10 +167,7 @@ def guess_items_key(schema: LogSchema) -> tuple[LogSchema, list[str]]:
     header = column_names(schema.items_file)
     if schema.item_col in header:
         return schema, []
-    by_norm: dict[str, str] = {}
-    for col in header:
-        by_norm.setdefault(_norm(col), col)
-    found = next((by_norm[n] for n in _NAMES["item_col"] if n in by_norm), None)
+    found = usual_name(header, "item_col")
     if found is None:
         return schema, []
     note = (f"items_key = {found!r}: the item table has no {schema.item_col!r} column; {found!r} is a "
@@ -157,20 +176,54 @@ def guess_items_key(schema: LogSchema) -> tuple[LogSchema, list[str]]:
     return replace(schema, items_key=found), [note]
 
 
-def empty_shares(path: str | Path) -> Callable[[str], float]:
-    """A column's share of empty cells in the first :data:`CONTENT_ROWS` rows (read once, lazily)."""
-    first: list[pa.Table] = []
+def _by_name(header: list[str]) -> dict[str, str]:
+    """Normalised name -> column: each column's own name, then its :func:`_variants`."""
+    by_norm: dict[str, str] = {}
+    for col in header:
+        by_norm.setdefault(_norm(col), col)
+    for col in header:  # then as exports dress names: session_id_hash, properties.product_id
+        for variant in _variants(col):
+            by_norm.setdefault(variant, col)
+    return by_norm
 
-    def share(column: str) -> float:
-        if not first:
-            chunk = next(iter(read_chunks(path, CONTENT_ROWS)), None)
-            first.append(chunk.table if chunk is not None else pa.table({}))
-        table = first[0]
-        if column not in table.column_names or not table.num_rows:
-            return 0.0
-        cells = pc.fill_null(pc.utf8_trim_whitespace(table.column(column)), "")
-        return float(pc.sum(pc.equal(cells, "")).as_py() or 0) / table.num_rows
-    return share
+
+def usual_name(header: list[str], role: str) -> str | None:
+    """The header's first column of a usual name for ``role`` (``"item_col"``)."""
+    by_norm = _by_name(header)
+    return next((by_norm[n] for n in _NAMES[role] if n in by_norm), None)
+
+
+class FirstRows:
+    """A log's first :data:`CONTENT_ROWS` rows, read once when first asked: what a guess by
+    name checks against the content."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path, self._table = path, None
+
+    def _column(self, column: str) -> pa.Array | None:
+        if self._table is None:
+            chunk = next(iter(read_chunks(self.path, CONTENT_ROWS)), None)
+            self._table = chunk.table if chunk is not None else pa.table({})
+        if column not in self._table.column_names or not self._table.num_rows:
+            return None
+        return pc.fill_null(pc.utf8_trim_whitespace(one_chunk(self._table.column(column))), "")
+
+    def empty_share(self, column: str) -> float:
+        cells = self._column(column)
+        return 0.0 if cells is None else float(pc.sum(pc.equal(cells, "")).as_py() or 0) / len(cells)
+
+    def reads_as_label(self, column: str) -> bool:
+        """Whether its cells are 0/1, numbers, or known event words (Coveo's ``product_action``;
+        not its ``event_type``, ``event_product`` beside ``pageview``)."""
+        cells = self._column(column)
+        if cells is None:
+            return False
+        values = [v for v in pc.unique(cells).to_pylist() if v]
+        if not values or len(values) > 1000:
+            return False
+        if all(v.lower() in _BINARY or _is_word(v, POSITIVE_WORDS | EXPOSURE_WORDS) for v in values):
+            return True
+        return not parse_floats(pa.array(values, pa.string()))[1].any()
 
 
 def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,

@@ -63,6 +63,7 @@ class EncodedLog:
     item_text: dict[int, str] = field(default_factory=dict)  # item -> its text (text columns)
     duplicate_rows: int = 0  # rows that repeated an earlier row's user, item and time (merged)
     folded_engagements: int = 0  # engagement rows folded into the view they followed (streams.log_merge)
+    skipped_rows: int = 0  # rows without a user or item, skipped by the schema's skip_empty_ids
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -86,9 +87,11 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     bags: dict[str, list[Ragged]] = {c.name: [] for c in features if c.kind != "numeric"}
     raw: dict[str, list[np.ndarray]] = {c.name: [] for c in features if c.kind == "numeric"}
     bad_rows: list[BadRow] = []
+    skipped = 0
     for chunk in read_log_chunks(path, schema, chunk_rows):
         checks = RowChecks(chunk)
         core = parse_core(chunk, schema, checks)
+        skipped += checks.skipped
         encoded = {c.name: _encode_column(c, chunk, checks) for c in features}
         found = sorted(chunk.invalid + checks.rows(), key=lambda b: b.line)
         if found and on_bad_row == "error":
@@ -104,7 +107,9 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
             (bags[name] if name in bags else raw[name]).append(
                 value.take(keep) if isinstance(value, Ragged) else value[keep])
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    if bad_rows and not len(cat["line"]):
+    if (bad_rows or skipped) and not len(cat["line"]):
+        if not bad_rows:
+            raise SchemaError(f"every row of {path} lacks a user or an item ({skipped} rows skipped)")
         raise SchemaError(f"every row of {path} is bad ({len(bad_rows)} rows; the first: "
                           f"{bad_rows[0].message(path)}): check the schema --inspect prints")
     order = np.argsort(cat["ts"], kind="stable")
@@ -168,8 +173,10 @@ def encode_log(path: str | Path, schema: LogSchema, on_bad_row: str = "error",
     if bad_rows:
         log.warning("%s: %d bad rows dead-lettered (first: %s)", path, len(bad_rows),
                     bad_rows[0].message(path))
+    if skipped:
+        log.info("%s: %d rows without a user or item skipped", path, skipped)
     return EncodedLog(user, item, label, ts, truth, sparse, dense, line, schema, bad_rows, texts.result(),
-                      duplicates, engaged)
+                      duplicates, engaged, skipped)
 
 
 def log_entities(path: str | Path, schema: LogSchema, chunk_rows: int = 1 << 18

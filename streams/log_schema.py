@@ -69,7 +69,7 @@ class ColumnSpec:
 
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "time_format", "truth_col", "impressions_col",
-             "positive_threshold", "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
+             "skip_empty_ids", "positive_threshold", "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
 IMPLICIT_RECENT_ITEMS = 10  # ... and its recent_items (MovieLens as positives only: AUC 0.843 -> 0.868)
@@ -87,6 +87,7 @@ class LogSchema:
     time_format: str = ""  # strptime's codes ("%m/%d/%Y %H:%M"); "": epoch s or ms, or ISO-8601
     truth_col: str = "truth_p"  # optional known click probability; never a feature
     impressions_col: str = ""  # a list of the items shown, read as a row each (streams.log_impressions)
+    skip_empty_ids: bool = False  # a row without a user or item is skipped (counted), not a bad row
     positive_threshold: float | None = None  # None: label must be 0/1; else label = value >= it
     positive_values: tuple[str, ...] = ()  # an event-type label: these values are 1, any other 0
     negatives: int = 0  # sampled negatives added per positive row (a log of positives only)
@@ -201,6 +202,8 @@ class LogSchema:
                     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 elif k == "positive_values":
                     ok = isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+                elif k == "skip_empty_ids":
+                    ok = isinstance(v, bool)
                 elif k in ("negatives", "recent_items"):
                     ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 elif k in ("label_col", "time_col", "time_format", "impressions_col"):
@@ -251,6 +254,9 @@ class LogSchema:
                 out.append('label_col = ""    # none: every row is a positive (interactions only)')
             elif k == "time_col" and not v:
                 out.append('time_col = ""    # none: the rows are in time order (file order, 1 s apart)')
+            elif k == "skip_empty_ids":
+                out.append(f"skip_empty_ids = {'true' if v else 'false'}    # a row without a user or item "
+                           f"(a guest's, a page view) is {'skipped, counted' if v else 'a bad row'}")
             elif k == "time_format" and not v:
                 if self.time_col:
                     out.append('# time_format = "%m/%d/%Y %H:%M"    # strptime codes (default: epoch s or ms, or ISO-8601)')

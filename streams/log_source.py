@@ -320,8 +320,14 @@ class RowChecks:
 
     def __init__(self, chunk: RawChunk) -> None:
         self.chunk = chunk
-        self.bad = np.zeros(chunk.table.num_rows, bool)
+        self.bad = np.zeros(chunk.table.num_rows, bool)  # left out: bad or skipped
         self.found: list[tuple[int, str, str]] = []
+        self.skipped = 0  # rows left out by the schema's rule, not bad (no user or item)
+
+    def skip(self, mask: np.ndarray) -> None:
+        new = mask & ~self.bad
+        self.bad |= new
+        self.skipped += int(new.sum())
 
     def add(self, mask: np.ndarray, column: str, reason: str | Callable[[int], str]) -> None:
         new = np.flatnonzero(mask & ~self.bad)
@@ -348,7 +354,10 @@ def parse_core(chunk: RawChunk, schema: LogSchema, checks: RowChecks) -> CoreCol
     for name in (schema.user_col, schema.item_col):
         arr = one_chunk(t.column(name))
         empty = pc.equal(pc.fill_null(arr, ""), "").to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
-        checks.add(empty, name, "empty id")
+        if schema.skip_empty_ids:  # a guest's purchase, a page view: not about a user and an item
+            checks.skip(empty)
+        else:
+            checks.add(empty, name, "empty id")
         cols[name] = entity_ids(name, arr)
     if schema.implicit:  # interactions only: every row is a positive
         label = np.ones(n, np.float32)

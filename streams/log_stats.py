@@ -47,6 +47,7 @@ class LogStats:
 
     rows: int = 0
     bad_rows: int = 0
+    skipped_rows: int = 0  # without a user or item, skipped (skip_empty_ids)
     bad_examples: list[str] = field(default_factory=list)  # the first few, "line N, column C: why"
     columns: dict[str, ColumnStats] = field(default_factory=dict)
     time_min: str | None = None  # ISO-8601, UTC
@@ -59,7 +60,8 @@ class LogStats:
     notes: list[str] = field(default_factory=list)  # what was guessed (streams.log_names)
 
     def summary(self) -> str:
-        lines = [f"rows {self.rows}, bad rows {self.bad_rows}, label rate {self.label_rate:.4f}",
+        skipped = f", skipped {self.skipped_rows} (no user or item)" if self.skipped_rows else ""
+        lines = [f"rows {self.rows}, bad rows {self.bad_rows}{skipped}, label rate {self.label_rate:.4f}",
                  f"time {self.time_min} .. {self.time_max}"]
         lines += [f"bad: {b}" for b in self.bad_examples]
         lines += [f"guessed: {n}" for n in self.notes]

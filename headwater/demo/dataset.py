@@ -104,7 +104,7 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
                           "--on-bad-row dead-letter replays the rest")
     schema_path = data_dir / "dataset-schema.toml"
     schema_path.write_text(sch.to_toml())  # every column described: no reader infers again
-    good = stats.rows - stats.bad_rows
+    good = stats.rows - stats.bad_rows - stats.skipped_rows
     examples = good + sch.negatives * (round(stats.label_rate * good) if good else 0)  # about: draws may drop
     log.info("%s: %d rows (%d bad), schema in %s", path, stats.rows, stats.bad_rows, schema_path)
     model = TrainerConfig().for_log(sch)
