@@ -82,7 +82,10 @@ def parse_times(arr: pa.Array, time_format: str = "") -> tuple[np.ndarray, np.nd
     n = len(arr)
     empty = arr.is_null().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
     if time_format:
-        parsed = pc.strptime(pc.utf8_trim_whitespace(arr), format=time_format, unit="ms", error_is_null=True)
+        cells = pc.utf8_trim_whitespace(arr)
+        if time_format == MONTH_DAY:  # no year: 2000's (a leap year, so 0229 reads); 829 is 0829
+            cells, time_format = pc.binary_join_element_wise("2000", pc.utf8_lpad(cells, 4, "0"), ""), "%Y%m%d"
+        parsed = pc.strptime(cells, format=time_format, unit="ms", error_is_null=True)
         ok = parsed.is_valid().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
         ms = pc.fill_null(parsed.cast(pa.int64()), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         return ms, empty, ~empty & ~ok
@@ -157,6 +160,7 @@ TIME_FORMATS = (
     *(f"%d.%m.%Y{c}" for c in _CLOCKS[2:]), *(f"%d-%m-%Y{c}" for c in _CLOCKS[2:]),
     *(f"%m/%d/%y{c}" for c in _CLOCKS), "%Y%m%d%H%M%S", "%Y%m%d%H%M", "%Y%m%d", "%y%m%d%H",
 )
+MONTH_DAY = "%m%d"  # a month and day with no year (Tmall's 0829): read in 2000
 SINCE_1990_MS = 631_152_000_000  # 1990-01-01 in epoch ms: a log's times are after it
 FORMAT_SHARE = 0.99  # a format that parses this share of a column's non-empty cells is its format
 

@@ -22,7 +22,8 @@ from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
 from streams.log_items import item_table, log_columns, read_log_chunks
 from streams.log_leaks import LeakSample
 from streams.log_impressions import guess_impressions, produced_columns
-from streams.log_names import (FirstRows, guess_headerless, guess_items_key, guess_label_rule, guess_reserved,
+from streams.log_headerless import guess_headerless
+from streams.log_names import (FirstRows, guess_items_key, guess_label_rule, guess_reserved,
                                guess_time_format)
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
@@ -120,7 +121,7 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
         log.warning("%s has no %r column and no other time column was named (--time-col, time_col in "
                     "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
-    base, key_notes = guess_items_key(base)
+    base, key_notes = guess_items_key(base, header, given)
     notes += key_notes
     log_columns(path, base)  # checks the reserved and described columns are there
     base, time_notes = guess_time_format(path, base)
@@ -331,8 +332,14 @@ _COMMA_NUMBER = re.compile(r"^\s*[+-]?([0-9]+|[0-9]*,[0-9]+)\s*$")  # an integer
 
 
 def _is_id_name(name: str) -> bool:
+    """A name that says its integers are codes: an id, or a code, class or category (Ta-Feng's
+    ``PRODUCT_SUBCLASS`` and ``PIN_CODE``, ``brand``, ``zip``)."""
     low = name.lower()
-    return low == "id" or low.endswith(("_id", "-id", " id")) or name.endswith(("Id", "ID"))
+    return (low == "id" or low.endswith(("_id", "-id", " id")) or name.endswith(("Id", "ID"))
+            or re.sub(r"[^a-z]", "", low).endswith(_CODE_WORDS))
+
+
+_CODE_WORDS = ("code", "class", "category", "categ", "cat", "group", "brand", "zip")
 
 
 def _infer_column(cs: ColumnStats, items: int) -> ColumnSpec:

@@ -75,15 +75,20 @@ class ItemTable:
         self.table = table.select(self.columns).combine_chunks()
         log.info("item table %s: %d items, columns %s", path, len(ids), self.columns)
 
+    def names_beside(self, header: list[str]) -> list[str]:
+        """Its columns' names beside a log of columns ``header``: one the log has too (a review's
+        ``title`` beside the product's) is ``item.NAME``."""
+        return [f"item.{n}" if n in header else n for n in self.columns]
+
     def join(self, table: pa.Table, item_col: str) -> pa.Table:
-        """``table`` with the item columns appended, matched on ``item_col``."""
+        """``table`` with the item columns appended (:meth:`names_beside`), matched on ``item_col``."""
         cells = pc.utf8_trim_whitespace(table.column(item_col).combine_chunks())
         at = pc.index_in(pa.array(entity_ids("item", pc.fill_null(cells, ""))), value_set=self.keys)
         self.joined += len(at)
         self.unmatched += at.null_count
         out = table
-        for name in self.columns:
-            out = out.append_column(name, self.table.column(name).take(at))
+        for name, as_name in zip(self.columns, self.names_beside(table.column_names)):
+            out = out.append_column(as_name, self.table.column(name).take(at))
         return out
 
 
@@ -127,17 +132,17 @@ def log_columns(path: str | Path, schema: LogSchema) -> list[str]:
     """The log's columns as read with ``schema``: its header (less an impressions column), the
     item and label columns an impressions column makes, then the item table's columns, after
     checking the reserved and described columns are among them."""
-    header = column_names(path)
-    header = header + produced_columns(header, schema)
+    raw = column_names(path)
+    header = [c for c in raw + produced_columns(raw, schema) if c != schema.impressions_col]
     items = item_table(schema)
     if items is not None:
         clash = sorted(set(items.columns) & set(header))
         if clash:
-            raise SchemaError(f"item table {items.path}: columns {clash} are in the log {path} too "
-                              "(rename them in one file, or drop them from the item table)")
-        header = header + items.columns
-    check_columns(path, schema, header)
-    return [c for c in header if c != schema.impressions_col]
+            log.warning("item table %s: columns %s are in the log %s too: read as %s", items.path, clash, path,
+                        [f"item.{c}" for c in clash])
+        header = header + items.names_beside(header)
+    check_columns(path, schema, header + ([schema.impressions_col] if schema.impressions_col else []))
+    return header
 
 
 def read_log_chunks(path: str | Path, schema: LogSchema, chunk_rows: int = 65536) -> Iterator[RawChunk]:

@@ -7,7 +7,13 @@ in the next, as event logs have), and it cannot set one malformed line aside. He
 decoded on its own: a line that is not a JSON object is a bad row (dead-lettered or raised like
 a CSV row), and every value becomes the string a CSV cell would hold: ``null`` and ``""`` an
 empty cell, ``true``/``false`` ``1``/``0`` (Parquet booleans read the same), lists joined with
-``|`` (a multi-valued cell), nested objects as compact JSON (one categorical value).
+``|`` (a multi-valued cell).
+
+Nested objects are flattened, as ``pandas.json_normalize`` does, into columns named by their
+path (a Segment event's ``properties.product_id``), to :data:`NEST_DEPTH` levels (deeper: compact
+JSON, one categorical value). A top-level list of objects is the log's rows (OTTO's session
+``{"session": 12, "events": [{"aid": 5, "ts": ..., "type": "clicks"}, ...]}``): each object is a
+row, its keys ``events.aid``, ... beside the line's other cells, on the line's number.
 
 Columns are the keys of the first ``sample_lines`` lines, in order of first appearance; a key
 seen only later is not a column (it is counted and logged once per read).
@@ -25,7 +31,9 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cell_string", "json_lines_columns", "json_lines_chunks"]
+__all__ = ["cell_string", "json_lines_columns", "json_lines_chunks", "rows_key"]
+
+NEST_DEPTH = 3  # levels of nested objects flattened into columns (properties.product_id)
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -48,18 +56,61 @@ def _object(line: str) -> dict[str, Any]:
     return obj
 
 
+def _flat(obj: dict[str, Any], prefix: str = "", depth: int = 1) -> dict[str, Any]:
+    """``obj`` with its nested objects' keys as ``a.b`` paths, to :data:`NEST_DEPTH` levels."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict) and depth < NEST_DEPTH:  # {}: its keys' cells are empty
+            out.update(_flat(value, f"{prefix}{key}.", depth + 1))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _rows(obj: dict[str, Any], key: str | None) -> list[dict[str, Any]]:
+    """The flat rows of one line: one, or one per object of its ``key`` list."""
+    if key is None or not _is_rows(obj.get(key)):
+        return [_flat(obj)]
+    parent = _flat({k: v for k, v in obj.items() if k != key})
+    return [{**parent, **_flat(element, f"{key}.")} for element in obj[key]]
+
+
+def rows_key(path: str | Path, sample_lines: int = 10_000) -> str | None:
+    """The top-level key whose value is a list of objects on most sampled lines that have it: the
+    log's rows (OTTO's ``events``); None when there is none."""
+    lists: dict[str, int] = {}
+    present: dict[str, int] = {}
+    for i, (_, line) in enumerate(_lines(path)):
+        if i >= sample_lines:
+            break
+        try:
+            obj = _object(line)
+        except ValueError:
+            continue
+        for key, value in obj.items():
+            present[key] = present.get(key, 0) + 1
+            lists[key] = lists.get(key, 0) + _is_rows(value)
+    return next((k for k, n in lists.items() if n and 2 * n >= present[k]), None)
+
+
 def json_lines_columns(path: str | Path, sample_lines: int = 10_000) -> list[str]:
-    """The keys of the first ``sample_lines`` objects, in order of first appearance.
+    """The (flattened) keys of the first ``sample_lines`` objects, in order of first appearance.
     ``ValueError`` for a file that is one JSON array or has no object in its sample."""
     seen: dict[str, None] = {}
     first_error = ""
+    key = rows_key(path, sample_lines)
     for i, (_, line) in enumerate(_lines(path)):
         if i == 0 and line.lstrip().startswith("["):
             raise ValueError("a JSON array, not JSON Lines: write one object per line")
         if i >= sample_lines:
             break
         try:
-            seen.update(dict.fromkeys(_object(line)))
+            for row in _rows(_object(line), key):
+                seen.update(dict.fromkeys(row))
         except ValueError as exc:
             first_error = first_error or f"line {i + 1}: {exc}"
             continue  # a bad line is reported when the rows are read
@@ -85,10 +136,10 @@ def cell_string(v: Any) -> str | None:
     return json.dumps(v, separators=(",", ":"), sort_keys=True, default=str)
 
 
-def json_lines_chunks(path: str | Path, names: list[str], chunk_rows: int
+def json_lines_chunks(path: str | Path, names: list[str], chunk_rows: int, key: str | None = None
                       ) -> Iterator[tuple[pa.Table, list[int], list[tuple[int, str, str]]]]:
-    """Per about ``chunk_rows`` lines: (string columns ``names``, each row's line number, the
-    bad lines as (line, reason, text))."""
+    """Per about ``chunk_rows`` rows: (string columns ``names``, each row's line number, the
+    bad lines as (line, reason, text)); a line's ``key`` list of objects is its rows."""
     want = set(names)
     unknown: dict[str, int] = {}
     cols: dict[str, list[str | None]] = {n: [] for n in names}
@@ -110,11 +161,12 @@ def json_lines_chunks(path: str | Path, names: list[str], chunk_rows: int
         except ValueError as exc:
             bad.append((number, str(exc), line.rstrip("\r\n")))
             continue
-        for key in obj.keys() - want:
-            unknown[key] = unknown.get(key, 0) + 1
-        for n in names:
-            cols[n].append(cell_string(obj.get(n)))
-        numbers.append(number)
+        for row in _rows(obj, key):
+            for k in row.keys() - want:
+                unknown[k] = unknown.get(k, 0) + 1
+            for n in names:
+                cols[n].append(cell_string(row.get(n)))
+            numbers.append(number)
         if len(numbers) >= chunk_rows:
             yield flush()
     if numbers or bad:

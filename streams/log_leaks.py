@@ -1,9 +1,11 @@
 """Feature columns of a log that a model must not learn from, found in a sample of its rows.
 
-Inference (:mod:`streams.log_infer`) gives every column a kind from its cells alone; four kinds
-of column are only seen beside the item and the label, and each is made an ``ignore`` column
+Inference (:mod:`streams.log_infer`) gives every column a kind from its cells alone; these kinds
+of column are only seen beside the item and the label (or by their names), and each is made an ``ignore`` column
 with a note saying why (a column the schema file describes is kept as it says):
 
+- **a figure over the item's interactions** (an item attribute named ``average_rating``,
+  ``review_count``, ``stars``, ``popularity``): taken over the whole log, later rows too;
 - **one more id of the item** (an item-side categorical with a value per item: an image URL, a
   second code): it says nothing the item id does not, and is crossed with the user by default;
 - **a row's own id** (a user-side categorical whose values almost never repeat, counted once
@@ -97,7 +99,9 @@ class LeakSample:
                 continue
             ids = feature_ids(spec.name, cells)
             if spec.side != "user":  # the same on every row of its item: an item attribute...
-                why = _item_id_twin(ids, empty, items) if spec.kind == "categorical" else None
+                why = _aggregate_by_name(spec.name)
+                if why is None and spec.kind == "categorical":
+                    why = _item_id_twin(ids, empty, items)
                 if why is not None:  # ...unless it is one more name of the item
                     out[spec.name] = why
                 continue
@@ -130,6 +134,23 @@ def _row_id(ids: np.ndarray, empty: np.ndarray, requests: np.ndarray) -> str | N
         return None
     return (f"its values almost never repeat ({distinct} distinct in {cells} cells): a row's own id "
             "or text, from which nothing carries to another row")
+
+
+# Words of an item's figure over the interactions themselves: average_rating, rating_number,
+# review_count, stars (Yelp's business table), vote_average, popularity.
+AGGREGATE_WORDS = frozenset(("rating", "ratings", "review", "reviews", "stars", "vote", "votes", "popularity",
+                             "likes", "plays", "purchases", "sales", "favorites", "favourites"))
+
+
+def _aggregate_by_name(name: str) -> str | None:
+    """An item attribute named for a figure over the interactions (Amazon's ``average_rating``,
+    ``rating_number``; Yelp's ``stars``, ``review_count``): computed over the whole log, later
+    rows too, it tells the model how the item fared before it did."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", name.rsplit(".", 1)[-1]).lower()
+    if not AGGREGATE_WORDS & set(re.split(r"[^a-z]+", words)):
+        return None
+    return (f"its name says it sums up the item's interactions ({name!r}): taken over the whole log, "
+            "later rows too, it is an outcome, unknown when serving")
 
 
 def _outcome_by_name(name: str) -> str | None:

@@ -40,28 +40,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.log_cells import (FALSE_CELLS, SINCE_1990_MS, TRUE_CELLS, one_chunk, parse_floats, parse_times,
+from streams.log_cells import (FALSE_CELLS, MONTH_DAY, SINCE_1990_MS, TRUE_CELLS, one_chunk, parse_floats, parse_times,
                                time_format_of)
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, ColumnSpec, LogSchema
-from streams.log_source import HEADERLESS_PREFIX, column_names, read_chunks
+from streams.log_source import column_names, read_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["guess_headerless", "guess_items_key", "guess_label_rule", "guess_reserved", "guess_time_format",
+__all__ = ["ROLE_NAMES", "event_kind", "guess_items_key", "guess_label_rule", "guess_reserved", "guess_time_format",
            "FirstRows", "usual_name", "EXPOSURE_WORDS",
            "POSITIVE_WORDS"]
 
 # Names per role, most specific first (normalised: lower case, letters and digits only).
-_NAMES: dict[str, tuple[str, ...]] = {
+ROLE_NAMES: dict[str, tuple[str, ...]] = {
     "user_col": ("userid", "user", "uid", "visitorid", "visitor", "customerid", "customer", "clientid",
                  "memberid", "accountid", "viewerid", "readerid", "listenerid", "reviewerid", "buyerid",
-                 "personid", "profileid", "sessionid", "session", "uuid"),
+                 "personid", "profileid", "sessionid", "session", "uuid", "anonymousid", "anonid"),
     "item_col": ("itemid", "item", "iid", "productid", "product", "movieid", "movie", "sku", "articleid",
                  "article", "trackid", "track", "songid", "song", "videoid", "video", "contentid", "content",
                  "asin", "bookid", "book", "isbn", "adid", "adgroupid", "creativeid",  # an ad, not the page it is on
                  "docid", "documentid", "postid", "newsid", "businessid", "recipeid", "animeid", "gameid", "appid",
                  "offerid", "listingid", "courseid", "artistid", "stockcode", "productcode", "itemcode", "parentasin",
-                 "productsku", "showid", "episodeid", "podcastid",
+                 "productsku", "showid", "episodeid", "podcastid", "aid",
                  "reference"),  # last: a search log's clicked result (Trivago)
     "time_col": ("ts", "timestamp", "time", "eventtime", "eventtimestamp", "datetime", "timems", "timestampms",
                  "tsms", "eventtimems", "servertimestamp", "invoicedate", "transactiondate", "transactiondt",
@@ -78,7 +78,6 @@ SCALE_TOP = 0.75  # its positives: values at or above this point of the scale
 NOT_RATED_SHARE = 0.3  # a scale's lowest value on this share of the rows is "not rated" (noted)
 SAMPLE_ROWS = 1 << 18
 CONTENT_ROWS = 1 << 16  # rows a headerless log's roles are guessed from
-ROW_NUMBER_ROWS = 200  # a headerless column distinct on this many first rows or more numbers them
 MOSTLY_EMPTY = 0.5  # a user or item column empty on more of its first rows gives way to the next name
 BINARY_SHARE = 0.95  # a label with this share of 0/1 cells is 0/1 (the rest are bad cells)...
 SCALE_OTHERS = 3  # ...or with half, unless it has this many other values (0 = "not rated", 1-5)
@@ -92,7 +91,7 @@ POSITIVE_WORDS = frozenset((
 EXPOSURE_WORDS = frozenset((
     "view", "viewed", "pageview", "pv", "imp", "impression", "impressions", "show", "shown", "display", "displayed",
     "expose", "exposure", "skip", "skipped", "dislike", "disliked", "ignore", "ignored", "no", "negative",
-    "neg", "none", "detail", "browse", "removefromcart", "removefromwishlist", "remove", "removed", "unlike",
+    "neg", "none", "detail", "browse", "search", "searched", "removefromcart", "removefromwishlist", "remove", "removed", "unlike",
     "unfavorite", "unfavourite", "unsubscribe", "unsubscribed", "return", "returned", "refund", "hide", "hidden"))
 
 
@@ -113,9 +112,23 @@ def _variants(name: str) -> list[str]:
     return [v for v in out if v and v != _norm(name)]
 
 
-def _is_word(cell: str, words: frozenset[str]) -> bool:
-    """Whether an event cell names one of ``words`` (``add_to_cart`` and ``AddToCart`` alike)."""
-    return _norm(cell) in words
+def event_kind(cell: str) -> str | None:
+    """``"positive"`` where an event cell names an engagement, ``"exposure"`` an exposure or a
+    retraction, else None: compared as names are (``add_to_cart`` and ``AddToCart`` alike), in
+    the singular (OTTO's ``clicks``, ``carts``, ``orders``); a phrase by its last known word
+    (Segment's ``Product Viewed``, ``Product Added to Wishlist``, ``Order Completed``)."""
+    def kind(word: str) -> str | None:
+        for w in (word, word[:-1] if word.endswith("s") else ""):
+            if w in POSITIVE_WORDS:
+                return "positive"
+            if w in EXPOSURE_WORDS:
+                return "exposure"
+        return None
+    found = kind(_norm(cell))
+    if found is None:
+        words = [w for w in re.split(r"[^a-z0-9]+", cell.lower()) if w]
+        found = next((k for k in map(kind, reversed(words)) if k is not None), None) if len(words) > 1 else None
+    return found
 
 
 def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
@@ -131,16 +144,18 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
     by_norm = _by_name(header)
     changes: dict[str, str] = {}
     notes: list[str] = []
-    for role, names in _NAMES.items():
+    for role, names in ROLE_NAMES.items():
         current = getattr(schema, role)
         if role in given or current in header or (role == "label_col" and schema.implicit):
             continue
         candidates = [by_norm[n] for n in names if n in by_norm and by_norm[n] not in taken]
         passed = []
-        while (len(candidates) > 1 and role in ("user_col", "item_col") and first is not None
-               and first.empty_share(candidates[0]) > MOSTLY_EMPTY):
-            passed.append(f"; {candidates[0]!r} is empty on {first.empty_share(candidates.pop(0)):.0%} of its "
-                          "first rows")
+        if len(candidates) > 1 and role in ("user_col", "item_col") and first is not None:
+            # Passed over for the first that is filled mostly; if none is, none is passed over.
+            filled = next((c for c in candidates if first.empty_share(c) <= MOSTLY_EMPTY), candidates[0])
+            passed = [f"; {c!r} is empty on {first.empty_share(c):.0%} of its first rows"
+                      for c in candidates[:candidates.index(filled)]]
+            candidates = candidates[candidates.index(filled):]
         if role == "label_col" and first is not None and len(candidates) > 1:
             readable = [c for c in candidates if first.reads_as_label(c)]
             if readable and readable[0] != candidates[0]:
@@ -158,22 +173,30 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
     return (replace(schema, **changes) if changes else schema), notes
 
 
-def guess_items_key(schema: LogSchema) -> tuple[LogSchema, list[str]]:
+def guess_items_key(schema: LogSchema, header: list[str], given: Mapping[str, Any]) -> tuple[LogSchema, list[str]]:
     """``schema`` with its item table's id column (``items_key``) found by a usual item name
     where the schema names none and the table has no column of the log's item column's name
-    (MIND's ``news_id`` beside the items an impressions column lists); the note."""
+    (MIND's ``news_id`` beside the items an impressions column lists); where the log (of columns
+    ``header``) has that column too and the caller named no item column, it is the log's item
+    (Amazon 2023's reviews carry ``asin`` and ``parent_asin``; its metadata lists parents). The note."""
     if not schema.items_file or schema.items_key:
         return schema, []
-    header = column_names(schema.items_file)
-    if schema.item_col in header:
+    table = column_names(schema.items_file)
+    if schema.item_col in table:
         return schema, []
-    found = usual_name(header, "item_col")
+    found = usual_name(table, "item_col")
     if found is None:
         return schema, []
-    note = (f"items_key = {found!r}: the item table has no {schema.item_col!r} column; {found!r} is a "
-            "usual name for the item")
+    if found in header and "item_col" not in given:
+        note = (f"item_col = {found!r}: the item table lists its items by {found!r}, a column of the log too "
+                f"(not {schema.item_col!r})")
+        schema = replace(schema, item_col=found)
+    else:
+        note = (f"items_key = {found!r}: the item table has no {schema.item_col!r} column; {found!r} is a "
+                "usual name for the item")
+        schema = replace(schema, items_key=found)
     log.warning("reading %s", note)
-    return replace(schema, items_key=found), [note]
+    return schema, [note]
 
 
 def _by_name(header: list[str]) -> dict[str, str]:
@@ -190,7 +213,7 @@ def _by_name(header: list[str]) -> dict[str, str]:
 def usual_name(header: list[str], role: str) -> str | None:
     """The header's first column of a usual name for ``role`` (``"item_col"``)."""
     by_norm = _by_name(header)
-    return next((by_norm[n] for n in _NAMES[role] if n in by_norm), None)
+    return next((by_norm[n] for n in ROLE_NAMES[role] if n in by_norm), None)
 
 
 class FirstRows:
@@ -221,55 +244,9 @@ class FirstRows:
         values = [v for v in pc.unique(cells).to_pylist() if v]
         if not values or len(values) > 1000:
             return False
-        if all(v.lower() in _BINARY or _is_word(v, POSITIVE_WORDS | EXPOSURE_WORDS) for v in values):
+        if all(v.lower() in _BINARY or event_kind(v) is not None for v in values):
             return True
         return not parse_floats(pa.array(values, pa.string()))[1].any()
-
-
-def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
-                     given: Mapping[str, Any]) -> tuple[LogSchema, list[str]]:
-    """For a CSV without a header line (every column ``column_N``): the roles the caller did not
-    name, from the first :data:`CONTENT_ROWS` rows, by the order such files keep (MovieLens'
-    ``u.data``: user, item, rating, time; Taobao's ``UserBehavior.csv``: user, item, category,
-    behaviour, time): the time is the first column of times since 1990 (epoch seconds or ms,
-    ISO-8601); the user and the item the first two other columns with no empty cell (Last.fm's
-    artist id is empty on some rows, its name never); the label the first later
-    column of at most :data:`SCALE_VALUES` distinct numbers within +-100 (not codes) or of event
-    words; a column the caller names for a role (``given``: role -> column, or the schema
-    naming one of the header's ``column_N``) is left out. Notes as :func:`guess_reserved`'s."""
-    if not header or not all(c.startswith(HEADERLESS_PREFIX) for c in header):
-        return schema, []
-    given = {**{role: getattr(schema, role) for role in _NAMES if getattr(schema, role) in header},
-             **{k: v for k, v in given.items() if k in _NAMES}}
-    table = next(iter(read_chunks(path, CONTENT_ROWS)), None)
-    if table is None or not table.table.num_rows:
-        return schema, []
-    named = {v for k, v in given.items() if k in _NAMES}
-    free = [c for c in header if c not in named]
-    cols = {c: pc.utf8_trim_whitespace(one_chunk(table.table.column(c))) for c in free}
-    changes: dict[str, str] = {}
-    time = next((c for c in free if _is_time(cols[c])), None)
-    if time is not None:
-        changes["time_col"] = time
-    rest = [c for c in free if c != time and pc.any(pc.not_equal(cols[c], "")).as_py()]  # not all empty ("::")
-    ids = [role for role in ("user_col", "item_col") if role not in given]
-    # A column whose every cell differs (of enough rows) is a row's own number (MIND's impression
-    # id), no user or item.
-    rest = [c for c in rest if len(cols[c]) < ROW_NUMBER_ROWS or pc.count_distinct(cols[c]).as_py() < len(cols[c])]
-    complete = [c for c in rest if cols[c].null_count == 0 and not pc.any(pc.equal(cols[c], "")).as_py()]
-    id_cols = (complete if len(complete) >= len(ids) else rest)[:len(ids)]
-    changes.update(zip(ids, id_cols))
-    after = rest.index(id_cols[-1]) + 1 if id_cols else 0
-    label = next((c for c in rest[after:] if _is_label(cols[c])), None)
-    if label is not None and not schema.implicit:
-        changes["label_col"] = label
-    changes = {k: v for k, v in changes.items() if k not in given}
-    what = {"user_col": "user", "item_col": "item", "time_col": "time", "label_col": "label"}
-    notes = [f"{role} = {col!r}: the log has no header line; column {col.removeprefix(HEADERLESS_PREFIX)} "
-             f"reads as the {what[role]}" for role, col in sorted(changes.items(), key=lambda kv: header.index(kv[1]))]
-    for note in notes:
-        log.warning("reading %s", note)
-    return (replace(schema, **changes) if changes else schema), notes
 
 
 def guess_time_format(path: str | Path, schema: LogSchema) -> tuple[LogSchema, list[str]]:
@@ -283,36 +260,22 @@ def guess_time_format(path: str | Path, schema: LogSchema) -> tuple[LogSchema, l
         return schema, []
     cells = one_chunk(chunk.table.column(schema.time_col))
     fmt = time_format_of(cells)
+    if fmt == "":  # numbers: a month and day with no year (Tmall's 829, 1103) if all read so and none is a time
+        ms, empty, bad = parse_times(cells)
+        if (ms[~empty] < SINCE_1990_MS).all() and (~parse_times(cells, MONTH_DAY)[2][~empty]).all():
+            fmt = MONTH_DAY
     if not fmt:
         return schema, []
     ms, empty, bad = parse_times(cells, fmt)
     first = int(np.flatnonzero(~empty & ~bad)[0])
     note = (f"time_format = {fmt!r}: the time {schema.time_col!r} is neither epoch numbers nor ISO-8601; "
-            f"{cells[first].as_py()!r} reads as {np.datetime64(int(ms[first]), 'ms')}")
+            f"{cells[first].as_py()!r} reads as {np.datetime64(int(ms[first]), 'ms')}"
+            + (" (no year: 2000 is taken)" if fmt == MONTH_DAY else ""))
     if fmt.startswith("%m/%d") and time_format_of(pc.replace_substring_regex(
             cells, r"^(\d+)/(\d+)/", r"\2/\1/")) == fmt:
         note += " (every day in the first rows is 12 or less: if the log writes the day first, set %d/%m)"
     log.warning("reading %s", note)
     return replace(schema, time_format=fmt), [note]
-
-
-def _is_time(cells: pa.Array) -> bool:
-    """Times after 1990 (not small ids), in any format :func:`time_format_of` knows."""
-    fmt = time_format_of(cells)
-    if fmt is None:
-        return False
-    ms, empty, bad = parse_times(cells, fmt)
-    return bool(len(ms)) and not bad.any() and not empty.all() and bool((ms[~empty] >= SINCE_1990_MS).all())
-
-
-def _is_label(cells: pa.Array) -> bool:
-    values = [v for v in pc.unique(cells).to_pylist() if v]
-    if not values or len(values) > SCALE_VALUES:
-        return False
-    if all(_is_word(v, POSITIVE_WORDS | EXPOSURE_WORDS) for v in values):
-        return True
-    numbers, bad = parse_floats(pa.array(values, pa.string()))
-    return not bad.any() and bool((np.abs(numbers) <= 100).all())  # a rating, not a category code
 
 
 def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = False,
@@ -331,9 +294,12 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
     for chunk in read_chunks(path, 1 << 16):
         if schema.label_col not in chunk.table.column_names:
             return schema, []  # the label comes from elsewhere (an item table): not guessed here
-        column = pc.utf8_trim_whitespace(chunk.table.column(schema.label_col))
+        column = one_chunk(pc.utf8_trim_whitespace(chunk.table.column(schema.label_col)))
+        if schema.item_col in chunk.table.column_names:  # rows about no item (a search, a page) are no example
+            items = pc.fill_null(pc.utf8_trim_whitespace(one_chunk(chunk.table.column(schema.item_col))), "")
+            column = column.filter(pc.not_equal(items, ""))
         counts.update({c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist() if c["values"]})
-        rows += chunk.table.num_rows
+        rows += len(column)
         empty = rows - sum(counts.values())
         binary = sum(n for c, n in counts.items() if c.lower() in _BINARY)
         others = sum(c.lower() not in _BINARY for c in counts)
@@ -344,9 +310,9 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
             break
     why, columns = None, schema.columns
     if len(counts) == 1 and not label_named and (next(iter(counts)).lower() in _ONES
-                                                  or _is_word(next(iter(counts)), POSITIVE_WORDS)):
+                                                  or event_kind(next(iter(counts))) == "positive"):
         why = f"every cell of {schema.label_col!r} is {next(iter(counts))!r}"
-    elif counts and not label_named and all(_is_word(c, POSITIVE_WORDS) for c in counts):
+    elif counts and not label_named and all(event_kind(c) == "positive" for c in counts):
         why = f"every cell of {schema.label_col!r} names an engagement ({', '.join(sorted(counts))})"
         if schema.label_col not in {c.name for c in columns}:  # which engagement: an outcome, no feature
             columns += (ColumnSpec(schema.label_col, "ignore", "user"),)
@@ -371,8 +337,8 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
         if lowest >= NOT_RATED_SHARE * sum(counts.values()):
             note += (f" ({scale[0]:g}, on {lowest / sum(counts.values()):.0%} of the rows, likely "
                      "'not rated', is a negative)")
-    elif cells and all(_is_word(c, POSITIVE_WORDS | EXPOSURE_WORDS) for c in cells):
-        positive = tuple(sorted(c for c in cells if _is_word(c, POSITIVE_WORDS)))
+    elif cells and all(event_kind(c) is not None for c in cells):
+        positive = tuple(sorted(c for c in cells if event_kind(c) == "positive"))
         if positive and len(positive) < len(cells):
             schema = replace(schema, positive_values=positive)
             note = (f"positive_values = {list(positive)}: the label {schema.label_col!r} names events "

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from streams.log_formats import (csv_block_size, csv_delimiter, csv_encoding, data_files, is_directory_log,
                                  is_json_lines, is_parquet, parquet_parts, text_encoding)
 from streams.log_cells import NUMBER, one_chunk, parse_floats, parse_labels, parse_times
-from streams.log_jsonl import cell_string, json_lines_chunks, json_lines_columns
+from streams.log_jsonl import NEST_DEPTH, cell_string, json_lines_chunks, json_lines_columns, rows_key
 from streams.log_schema import LogSchema, entity_ids
 from streams.wire import SchemaError
 
@@ -79,8 +79,8 @@ def column_names(path: str | Path) -> list[str]:
     whose first line is data (:func:`csv_has_header`) has ``column_1``, ``column_2``, ..."""
     if is_parquet(path):
         try:
-            return list(_parquet_dataset(path).schema.names if Path(path).is_dir()
-                        else pq.ParquetFile(path).schema_arrow.names)
+            schema = _parquet_dataset(path).schema if Path(path).is_dir() else pq.ParquetFile(path).schema_arrow
+            return _flat_struct(schema.empty_table()).column_names
         except (OSError, pa.ArrowException) as exc:
             raise SchemaError(f"{path}: cannot read the Parquet schema: {exc}") from None
     if is_directory_log(path):
@@ -111,6 +111,7 @@ def _first_row(path: str | Path) -> list[str]:
 
 
 _NUMBER_CELL = re.compile(NUMBER)
+_HASH_CELL = re.compile(r"(?=.*\d)[0-9a-f]{8,}")  # a hashed value; no column's name
 # A header cell is never a date: year first (2019-11-24T10:00), or month or day first (11/9/2019 12:00 AM).
 _DATE_CELL = re.compile(r"(\d{4}[-/]\d{2}[-/]\d{2}|\d{1,2}[/.]\d{1,2}[/.]\d{2}(\d{2})?)([ T].*)?")
 
@@ -121,12 +122,13 @@ def csv_has_header(path: str | Path) -> bool:
 
 
 def _is_data(row: list[str]) -> bool:
-    """A first line that is a row, not a header: half of its cells numbers (MovieLens' ``u.data``,
-    Taobao's ``UserBehavior.csv``) or one a date (``alice,hat,1,2019-11-24T10:00:00Z``)."""
+    """A first line that is a row, not a header: half of its cells numbers or hashes (MovieLens'
+    ``u.data``, Taobao's ``UserBehavior.csv``, Criteo's ``68fd1e64``) or one a date
+    (``alice,hat,1,2019-11-24T10:00:00Z``)."""
     cells = [c.strip() for c in row]
     if any(_DATE_CELL.fullmatch(c) for c in cells):
         return True
-    return 2 * sum(bool(_NUMBER_CELL.fullmatch(c)) for c in cells) >= len(cells)
+    return 2 * sum(bool(_NUMBER_CELL.fullmatch(c) or _HASH_CELL.fullmatch(c)) for c in cells) >= len(cells)
 
 
 def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:
@@ -197,7 +199,7 @@ def _directory_chunks(directory: str | Path, chunk_rows: int) -> Iterator[RawChu
 def _json_lines_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
     names = column_names(path)
     try:
-        for table, lines, bad in json_lines_chunks(path, names, chunk_rows):
+        for table, lines, bad in json_lines_chunks(path, names, chunk_rows, rows_key(path)):
             yield RawChunk(table, np.asarray(lines, np.int64),
                            [BadRow(n, "(line)", why, text) for n, why, text in bad])
     except (OSError, UnicodeDecodeError) as exc:
@@ -275,11 +277,21 @@ def _parquet_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
             break
         except (OSError, pa.ArrowException) as exc:
             raise SchemaError(f"{path}, row {first}: {exc}") from None
-        table = pa.Table.from_batches([batch])
+        table = _flat_struct(pa.Table.from_batches([batch]))
         cols = [_as_string_column(table.column(i)) for i in range(table.num_columns)]
         lines = np.arange(first, first + table.num_rows, dtype=np.int64)
         first += table.num_rows
         yield RawChunk(pa.table(cols, names=table.column_names), lines, [])
+
+
+def _flat_struct(table: pa.Table) -> pa.Table:
+    """Struct columns as columns of their fields (``properties.product_id``), to the depth JSON
+    Lines objects are flattened to; deeper, one JSON value."""
+    for _ in range(NEST_DEPTH - 1):
+        if not any(pa.types.is_struct(f.type) for f in table.schema):
+            break
+        table = table.flatten()
+    return table
 
 
 def _as_string_column(col: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -89,3 +89,81 @@ def test_a_search_log_clickout_among_its_impressions_runs_without_flags(tmp_path
     clickouts = sum(r[2] == "clickout item" for r in rows)
     assert len(log) == 4 * clickouts and log.label.sum() == clickouts
     assert log.skipped_rows == len(rows) - clickouts
+
+
+def test_otto_sessions_of_nested_events_are_read_as_a_row_per_event(tmp_path):
+    import json
+
+    lines = [{"session": s, "events": [{"aid": 100 + (s * 7 + k) % 30, "ts": 1_659_304_800 + 60 * s + k,
+                                        "type": ["clicks", "carts", "orders"][k % 3]} for k in range(1 + s % 4)]}
+             for s in range(80)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    schema = schema_for(path)
+    assert (schema.user_col, schema.item_col, schema.time_col) == ("session", "events.aid", "events.ts")
+    assert schema.implicit  # clicks, carts, orders: all engagements, a log of positives
+    log = encode_log(path, schema)
+    assert (log.label == 1).sum() == sum(1 + s % 4 for s in range(80))
+    assert set(log.source_line[log.label == 1].tolist()) == set(range(1, 81))  # each event on its session's line
+
+
+def test_segment_track_events_read_their_nested_properties_and_event_phrases(tmp_path):
+    import json
+
+    lines = []
+    for i in range(300):
+        anon, user = f"anon-{i % 20}", (f"u{i % 20}" if i % 5 == 0 else None)
+        if i % 3 == 0:
+            lines.append({"type": "page", "anonymousId": anon, "userId": user, "name": "Home",
+                          "timestamp": f"2024-03-01T00:{i // 60:02d}:{i % 60:02d}.000Z", "properties": {"path": "/"}})
+        else:
+            event = ["Product Viewed", "Product Added", "Product Viewed", "Product Removed"][i % 4]
+            lines.append({"type": "track", "event": event, "anonymousId": anon, "userId": user,
+                          "timestamp": f"2024-03-01T00:{i // 60:02d}:{i % 60:02d}.000Z",
+                          "properties": {"product_id": f"sku-{i % 13}", "price": 9.5}})
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    schema, stats = infer_schema(path)
+    assert (schema.user_col, schema.item_col, schema.label_col) == ("anonymousId", "properties.product_id", "event")
+    assert schema.positive_values == ("Product Added",) and schema.skip_empty_ids
+    assert stats.skipped_rows == 100 and stats.bad_rows == 0
+
+
+def test_month_day_times_without_a_year_read_in_2000(tmp_path):
+    rows = [[i % 30, i % 40, 0, 1, 2, f"{5 + i // 60}{(1 + i % 28):02d}", i % 4] for i in range(300)]
+    path = _write(tmp_path / "user_log_format1.csv",
+                  ["user_id", "item_id", "cat_id", "seller_id", "brand_id", "time_stamp", "action_type"], rows)
+    schema, stats = infer_schema(path)
+    assert schema.time_col == "time_stamp" and schema.time_format == "%m%d"
+    assert any("(no year: 2000 is taken)" in n for n in stats.notes)
+    assert stats.time_min.startswith("2000-05-01")
+
+
+def test_headerless_exports_of_many_columns_or_hashes_are_not_guessed_into_a_user_and_item(tmp_path):
+    import pytest
+
+    from streams.events import SchemaError
+
+    rng = np.random.default_rng(3)
+    criteo = tmp_path / "train.txt"  # label, 13 counts, 26 hashed categories: no user, no item
+    criteo.write_text("".join("\t".join([str(int(rng.random() < 0.25))] + [str(rng.integers(5)) for _ in range(13)]
+                                        + [f"{rng.integers(1 << 31):08x}" for _ in range(26)]) + "\n"
+                              for _ in range(300)))
+    with pytest.raises(SchemaError, match="missing columns.*first line is data"):
+        schema_for(criteo)
+    jester = tmp_path / "jester.csv"  # one row per user, a rating (99: none) per joke
+    jester.write_text("".join(",".join([str(rng.integers(20, 101))] + [
+        f"{rng.uniform(-10, 10):.2f}" if rng.random() < 0.7 else "99" for _ in range(100)]) + "\n" for _ in range(300)))
+    with pytest.raises(SchemaError, match="missing columns"):
+        schema_for(jester)
+
+
+def test_item_attributes_named_for_its_interactions_are_outcomes_and_codes_are_categories(tmp_path):
+    rows = [[f"u{i % 30}", f"b{i % 50}", int((i * 7) % 5 == 0), 1_700_000_000 + i, round(3 + (i % 50) / 25, 2),
+             10 * (i % 50), 100 + (i * 13) % 97] for i in range(600)]
+    path = _write(tmp_path / "log.csv", ["user_id", "business_id", "label", "ts", "stars", "review_count",
+                                         "PRODUCT_SUBCLASS"], rows)
+    schema, stats = infer_schema(path)
+    assert schema.column("stars").kind == "ignore" and schema.column("review_count").kind == "ignore"
+    assert any(n.startswith("stars ignored: its name says it sums up the item's interactions") for n in stats.notes)
+    assert schema.column("PRODUCT_SUBCLASS").kind == "categorical"

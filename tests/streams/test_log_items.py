@@ -87,7 +87,6 @@ def test_ids_match_as_ids_so_a_pandas_float_id_finds_its_row(tmp_path):
     ("item_id,brand\n10,a\n ,b\n", "line 3: empty 'item_id'"),
     ("item_id,brand\n10,a\n10.0,b\n", "'10' and '10.0' are one item, listed twice"),
     ("code,brand\n10,a\n", "no id column 'item_id'"),  # no usual item name either (sku would be taken)
-    ("item_id,label\n10,1\n", "columns ['label'] are in the log"),
     ("item_id,brand\n10,a,extra\n", "line 2"),
 ])
 def test_a_bad_item_table_is_an_error_naming_it(tmp_path, text, error):
@@ -109,3 +108,19 @@ def test_an_item_listed_twice_identically_is_read_once(tmp_path):
     table.write_text("asin,brand,category\nB1,acme,Books|Fiction\nB2,zeta,Books\nB1,acme,Books|Fiction\n")
     items = ItemTable(table, "asin")
     assert len(items.keys) == 2 and items.table.column("brand").to_pylist() == ["acme", "zeta"]
+
+
+def test_an_item_table_column_the_log_has_too_is_read_as_item_dot_name(tmp_path):
+    """Amazon 2023's reviews and metadata both have a ``title``: the product's is ``item.title``."""
+    log = tmp_path / "reviews.csv"
+    log.write_text("user_id,parent_asin,asin,label,ts,title\n" + "".join(
+        f"u{i % 5},P{i % 7},A{i % 11},{i % 2},{1_700_000_000 + i},review {i % 3}\n" for i in range(60)))
+    meta = tmp_path / "meta.csv"
+    meta.write_text("parent_asin,title,store\n" + "".join(f"P{i},product {i},s{i % 2}\n" for i in range(7)))
+    schema, stats = infer_schema(log, LogSchema(items_file=str(meta)))
+    # The metadata lists parents: the log's item is its parent_asin (not asin, the usual name's first).
+    assert schema.item_col == "parent_asin" and not schema.items_key
+    assert any(n.startswith("item_col = 'parent_asin'") for n in stats.notes)
+    assert schema.column("item.title").side == "item" and schema.column("title").side == "user"
+    enc = encode_log(log, schema)
+    assert len(enc) == 60 and "store" in enc.sparse
