@@ -255,8 +255,8 @@ class LogSchema:
             elif k == "time_col" and not v:
                 out.append('time_col = ""    # none: the rows are in time order (file order, 1 s apart)')
             elif k == "skip_empty_ids":
-                out.append(f"skip_empty_ids = {'true' if v else 'false'}    # a row without a user or item "
-                           f"(a guest's, a page view) is {'skipped, counted' if v else 'a bad row'}")
+                out.append(("" if v else "# ") + "skip_empty_ids = true    # a row without a user or item "
+                           "(a guest's, a page view) is skipped and counted, not a bad row")
             elif k == "time_format" and not v:
                 if self.time_col:
                     out.append('# time_format = "%m/%d/%Y %H:%M"    # strptime codes (default: epoch s or ms, or ISO-8601)')

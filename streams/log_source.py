@@ -135,10 +135,10 @@ def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None 
     """The log's header (or ``header``: the columns it is read with, an item table's joined),
     after checking it has the reserved columns and the schema's columns."""
     header = column_names(path) if header is None else header
-    missing = [c for c in (schema.user_col, schema.item_col, schema.label_col, schema.time_col)
-               if c and c not in header]
+    roles = {"user": schema.user_col, "item": schema.item_col, "label": schema.label_col, "time": schema.time_col}
+    missing = [c for c in roles.values() if c and c not in header]
     if missing:
-        hint = ""
+        hint = "; name the column with " + ", ".join(f"--{r}-col" for r, c in roles.items() if c in missing)
         if header and all(c.startswith(HEADERLESS_PREFIX) for c in header):
             hint = ("; its first line is data, not a header: name the columns with --user-col "
                     f"{HEADERLESS_PREFIX}1 ... (or add a header line)")

@@ -132,7 +132,8 @@ def test_labels_that_are_already_0_1_or_boolean_get_no_rule_and_unknown_words_no
 
 def test_a_log_without_usual_names_still_says_which_columns_are_missing(tmp_path):
     path = _write(tmp_path, "odd.csv", "who,what,when\n1,2,3\n")
-    with pytest.raises(SchemaError, match=r"missing columns \['user_id', 'item_id'\]"):
+    with pytest.raises(SchemaError, match=r"missing columns \['user_id', 'item_id'\].*name the column with "
+                                          r"--user-col, --item-col"):
         schema_for(path)
     # a log of positives only with usual names stays one (no column looks like a label)
     plain = _write(tmp_path, "plain.csv", "customer_id,sku,date\nc1,s1,2020-01-01\nc2,s1,2020-01-02\n")
