@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the item id (see docs/real-logs.md)")
     p.add_argument("--item-table-key", default=None,
                    help="the --item-table's id column (default: the item column)")
+    p.add_argument("--user-table", default=None, help="user attributes table of --dataset, joined on "
+                   "the user id (see docs/real-logs.md)")
+    p.add_argument("--user-table-key", default=None,
+                   help="the --user-table's id column (default: the user column)")
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per positive row, for a log of positives only (purchases, plays); default: the schema's, 4 for a log without a label column")
     p.add_argument("--on-bad-row", choices=("error", "dead-letter"), default="error",
                    help="a bad row of --dataset stops the run (error) or is counted and skipped")
@@ -209,7 +213,8 @@ def _run_dataset(args: argparse.Namespace, cfg: Any, task: Callable) -> dict:
     overrides = LogSchema.from_toml(args.schema) if args.schema else None
     schema = schema_for(args.dataset, overrides, user_col=args.user_col, item_col=args.item_col,
                         label_col=args.label_col, time_col=args.time_col, time_format=args.time_format,
-                        items_file=args.item_table, items_key=args.item_table_key, negatives=args.negatives)
+                        items_file=args.item_table, items_key=args.item_table_key, users_file=args.user_table,
+                        users_key=args.user_table_key, negatives=args.negatives)
     encoded = encode_log(args.dataset, schema, on_bad_row=args.on_bad_row)
     _check_both_labels(args.dataset, encoded)
     # The trainer's defaults on a log: user x item-side crosses (unless --crosses is given), and

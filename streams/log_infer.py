@@ -19,11 +19,11 @@ import pyarrow.compute as pc
 
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, INT_CELL, ColumnSpec, LogSchema, feature_ids
 from streams.log_stats import LABEL_VALUES, ColumnStats, LogStats
-from streams.log_items import item_table, log_columns, read_log_chunks
+from streams.log_items import item_table, log_columns, read_log_chunks, user_table
 from streams.log_leaks import LeakSample
 from streams.log_impressions import guess_impressions, produced_columns
 from streams.log_headerless import guess_headerless
-from streams.log_names import (FirstRows, guess_items_key, guess_label_rule, guess_reserved,
+from streams.log_names import (FirstRows, guess_table_key, guess_label_rule, guess_reserved,
                                guess_time_format)
 from streams.log_cells import parse_floats
 from streams.log_source import RowChecks, column_names, parse_core
@@ -43,7 +43,8 @@ EMPTY_IDS_SHARE = 0.01  # a user or item column empty on this share of the first
 EMPTY_IDS_ROWS = 20  # ...and this many of them: such rows are skipped
 GROUPED_RUNS = 1.05  # no time column, and at most this many runs of one user's rows per user: grouped
 _NAME_KEYS = ("user_col", "item_col", "label_col", "time_col", "time_format", "truth_col", "impressions_col",
-              "positive_threshold", "positive_values", "negatives", "items_file", "items_key")
+              "positive_threshold", "positive_values", "negatives", "items_file", "items_key", "users_file",
+              "users_key")
 
 
 class _Constancy:
@@ -121,8 +122,9 @@ def _names_schema(path: str | Path, overrides: LogSchema | None,
         log.warning("%s has no %r column and no other time column was named (--time-col, time_col in "
                     "the schema): its rows are taken to be in time order (file order)", path, LogSchema.time_col)
     base = replace(base, **given) if given else base
-    base, key_notes = guess_items_key(base, header, given)
-    notes += key_notes
+    for side in ("item", "user"):
+        base, key_notes = guess_table_key(base, header, given, side)
+        notes += key_notes
     log_columns(path, base)  # checks the reserved and described columns are there
     base, time_notes = guess_time_format(path, base)
     base, skip_notes = _guess_skip_empty_ids(path, base)
@@ -208,8 +210,8 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     by_item, by_user = _Constancy(features), _Constancy(features)
     given = {c.name: c for c in base.columns}
     sample = LeakSample([c for c in features if c not in given])
-    items_table = item_table(base)
-    joined_before = (items_table.joined, items_table.unmatched) if items_table else (0, 0)
+    tables = [t for t in (item_table(base), user_table(base)) if t is not None]
+    joined_before = [(t.joined, t.unmatched) for t in tables]
     positives = good = 0
     runs, last_user = 0, None  # runs of rows of one user, in file order
     t_min, t_max = np.iinfo(np.int64).max, np.iinfo(np.int64).min
@@ -259,12 +261,12 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
         stats.notes.append(f'time_col = "": the rows are grouped by user ({users} users, {runs} runs of '
                            "rows): file order is no time order, so the progressive AUC says how fast each "
                            "new user is learned; name the time column if the log has one")
-    if items_table is not None:
-        joined, unmatched = items_table.joined - joined_before[0], items_table.unmatched - joined_before[1]
+    for table, (joined, unmatched) in zip(tables, joined_before):
+        joined, unmatched = table.joined - joined, table.unmatched - unmatched
         if unmatched:
-            stats.notes.append(f"items_file: {unmatched} of the {joined} rows ({unmatched / max(joined, 1):.1%}) "
-                               f"name an item {Path(items_table.path).name} does not list (their item "
-                               "columns read empty)")
+            stats.notes.append(f"{table.side}s_file: {unmatched} of the {joined} rows ({unmatched / max(joined, 1):.1%}) "
+                               f"name {'an' if table.side == 'item' else 'a'} {table.side} {Path(table.path).name} "
+                               f"does not list (their {table.side} columns read empty)")
     if labels and set(labels) - {"0", "1"}:
         stats.label_values = labels.most_common(10)
     if good:

@@ -1,4 +1,6 @@
-"""An item attributes table beside the log: joined onto every row by item id as it is read.
+"""An item attributes table beside the log: joined onto every row by item id as it is read;
+and, the same way, a user attributes table by user id (``users_file``, ``--user-table``: H&M's
+``customers.csv``, MovieLens 1M's ``users.dat``, Book-Crossing's ``BX-Users.csv``).
 
 Logs often come as interactions plus an item table (MovieLens' ``ratings.csv`` and
 ``movies.csv``, a shop's events and its catalog export). ``items_file`` in the schema (or
@@ -32,58 +34,60 @@ from streams.wire import SchemaError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ItemTable", "item_table", "log_columns", "read_log_chunks"]
+__all__ = ["ItemTable", "item_table", "log_columns", "read_log_chunks", "user_table"]
 
 
 class ItemTable:
-    """The item file's columns as strings, and where each item id's row is."""
+    """An attributes file's columns as strings, and where each id's row is: of items, or (``side
+    = "user"``) of users."""
 
-    def __init__(self, path: str | Path, key: str) -> None:
-        self.path, self.key = str(path), key
+    def __init__(self, path: str | Path, key: str, side: str = "item") -> None:
+        self.path, self.key, self.side = str(path), key, side
+        what = f"{side} table"
         tables, lines = [], []
         for chunk in read_chunks(path):
             if chunk.invalid:
                 b = chunk.invalid[0]
-                raise SchemaError(f"item table {b.message(path)}")
+                raise SchemaError(f"{what} {b.message(path)}")
             tables.append(chunk.table)
             lines.extend(chunk.line.tolist())
         names = column_names(path)
         if key not in names:
-            raise SchemaError(f"item table {path}: no id column {key!r} (columns: {names})")
+            raise SchemaError(f"{what} {path}: no id column {key!r} (columns: {names})")
         table = pa.concat_tables(tables) if tables else pa.table({n: pa.array([], pa.string()) for n in names})
         ids = pc.utf8_trim_whitespace(table.column(key).combine_chunks())
         empty = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
         if empty.any():
-            raise SchemaError(f"item table {path}, line {lines[int(empty.argmax())]}: empty {key!r}")
+            raise SchemaError(f"{what} {path}, line {lines[int(empty.argmax())]}: empty {key!r}")
         table, ids, lines = _copies_dropped(path, table, ids, lines)
         counts = pc.value_counts(ids)
         dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         if len(dup):
             first = dup[0].as_py()
             where = [lines[i] for i in pc.indices_nonzero(pc.equal(ids, first)).to_pylist()[:2]]
-            raise SchemaError(f"item table {path}: item {first!r} is listed twice (lines {where[0]} "
+            raise SchemaError(f"{what} {path}: {side} {first!r} is listed twice (lines {where[0]} "
                               f"and {where[1]}); {len(dup)} ids repeat")
         # Matched as ids, not text: "123.0" in one file is item 123 in the other (entity_ids).
-        keys = entity_ids("item", ids)
+        keys = entity_ids(side, ids)
         uniq, counts = np.unique(keys, return_counts=True)
         if (counts > 1).any():
             twice = ids.take(pa.array(np.flatnonzero(keys == uniq[counts > 1][0]))).to_pylist()
-            raise SchemaError(f"item table {path}: {twice[0]!r} and {twice[1]!r} are one item, listed twice")
+            raise SchemaError(f"{what} {path}: {twice[0]!r} and {twice[1]!r} are one {side}, listed twice")
         self.keys = pa.array(keys)
         self.joined = self.unmatched = 0  # log rows joined so far, and those whose item it does not list
         self.columns = [n for n in names if n != key]
         self.table = table.select(self.columns).combine_chunks()
-        log.info("item table %s: %d items, columns %s", path, len(ids), self.columns)
+        log.info("%s %s: %d %ss, columns %s", what, path, len(ids), side, self.columns)
 
     def names_beside(self, header: list[str]) -> list[str]:
         """Its columns' names beside a log of columns ``header``: one the log has too (a review's
-        ``title`` beside the product's) is ``item.NAME``."""
-        return [f"item.{n}" if n in header else n for n in self.columns]
+        ``title`` beside the product's) is ``item.NAME`` (``user.NAME``)."""
+        return [f"{self.side}.{n}" if n in header else n for n in self.columns]
 
-    def join(self, table: pa.Table, item_col: str) -> pa.Table:
-        """``table`` with the item columns appended (:meth:`names_beside`), matched on ``item_col``."""
-        cells = pc.utf8_trim_whitespace(table.column(item_col).combine_chunks())
-        at = pc.index_in(pa.array(entity_ids("item", pc.fill_null(cells, ""))), value_set=self.keys)
+    def join(self, table: pa.Table, id_col: str) -> pa.Table:
+        """``table`` with the table's columns appended (:meth:`names_beside`), matched on ``id_col``."""
+        cells = pc.utf8_trim_whitespace(table.column(id_col).combine_chunks())
+        at = pc.index_in(pa.array(entity_ids(self.side, pc.fill_null(cells, ""))), value_set=self.keys)
         self.joined += len(at)
         self.unmatched += at.null_count
         out = table
@@ -112,20 +116,29 @@ def _copies_dropped(path: str | Path, table: pa.Table, ids: pa.Array,
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str, key: str, mtime_ns: int) -> ItemTable:
-    return ItemTable(path, key)
+def _load(path: str, key: str, side: str, mtime_ns: int) -> ItemTable:
+    return ItemTable(path, key, side)
+
+
+def _table(file: str, key: str, side: str) -> ItemTable | None:
+    if not file:
+        return None
+    path = Path(file)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise SchemaError(f"{side} table {path}: {exc.strerror or exc}") from None
+    return _load(str(path), key, side, mtime)
 
 
 def item_table(schema: LogSchema) -> ItemTable | None:
     """The schema's item table (read once per process and file version), or None."""
-    if not schema.items_file:
-        return None
-    path = Path(schema.items_file)
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError as exc:
-        raise SchemaError(f"item table {path}: {exc.strerror or exc}") from None
-    return _load(str(path), schema.items_key or schema.item_col, mtime)
+    return _table(schema.items_file, schema.items_key or schema.item_col, "item")
+
+
+def user_table(schema: LogSchema) -> ItemTable | None:
+    """The schema's user table (H&M's ``customers.csv``, MovieLens 1M's ``users.dat``), or None."""
+    return _table(schema.users_file, schema.users_key or schema.user_col, "user")
 
 
 def log_columns(path: str | Path, schema: LogSchema) -> list[str]:
@@ -134,24 +147,27 @@ def log_columns(path: str | Path, schema: LogSchema) -> list[str]:
     checking the reserved and described columns are among them."""
     raw = column_names(path)
     header = [c for c in raw + produced_columns(raw, schema) if c != schema.impressions_col]
-    items = item_table(schema)
-    if items is not None:
-        clash = sorted(set(items.columns) & set(header))
+    for table in (item_table(schema), user_table(schema)):
+        if table is None:
+            continue
+        clash = sorted(set(table.columns) & set(header))
         if clash:
-            log.warning("item table %s: columns %s are in the log %s too: read as %s", items.path, clash, path,
-                        [f"item.{c}" for c in clash])
-        header = header + items.names_beside(header)
+            log.warning("%s table %s: columns %s are in the log %s too: read as %s", table.side, table.path, clash,
+                        path, [f"{table.side}.{c}" for c in clash])
+        header = header + table.names_beside(header)
     check_columns(path, schema, header + ([schema.impressions_col] if schema.impressions_col else []))
     return header
 
 
 def read_log_chunks(path: str | Path, schema: LogSchema, chunk_rows: int = 65536) -> Iterator[RawChunk]:
     """:func:`streams.log_source.read_chunks` with an impressions column read as a row per
-    listed item (:mod:`streams.log_impressions`), and the schema's item table joined on."""
-    items = item_table(schema)
+    listed item (:mod:`streams.log_impressions`), and the schema's item and user tables joined on."""
+    items, users = item_table(schema), user_table(schema)
     for chunk in read_chunks(path, chunk_rows):
         if schema.impressions_col:
             chunk = explode(chunk, schema)
         if items is not None:
             chunk = RawChunk(items.join(chunk.table, schema.item_col), chunk.line, chunk.invalid)
+        if users is not None:
+            chunk = RawChunk(users.join(chunk.table, schema.user_col), chunk.line, chunk.invalid)
         yield chunk

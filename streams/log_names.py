@@ -47,7 +47,7 @@ from streams.log_source import column_names, read_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROLE_NAMES", "event_kind", "guess_items_key", "guess_label_rule", "guess_reserved", "guess_time_format",
+__all__ = ["ROLE_NAMES", "event_kind", "guess_table_key", "guess_label_rule", "guess_reserved", "guess_time_format",
            "FirstRows", "usual_name", "EXPOSURE_WORDS",
            "POSITIVE_WORDS"]
 
@@ -173,28 +173,31 @@ def guess_reserved(header: list[str], schema: LogSchema, given: set[str],
     return (replace(schema, **changes) if changes else schema), notes
 
 
-def guess_items_key(schema: LogSchema, header: list[str], given: Mapping[str, Any]) -> tuple[LogSchema, list[str]]:
-    """``schema`` with its item table's id column (``items_key``) found by a usual item name
-    where the schema names none and the table has no column of the log's item column's name
-    (MIND's ``news_id`` beside the items an impressions column lists); where the log (of columns
-    ``header``) has that column too and the caller named no item column, it is the log's item
-    (Amazon 2023's reviews carry ``asin`` and ``parent_asin``; its metadata lists parents). The note."""
-    if not schema.items_file or schema.items_key:
+def guess_table_key(schema: LogSchema, header: list[str], given: Mapping[str, Any],
+                    side: str = "item") -> tuple[LogSchema, list[str]]:
+    """``schema`` with its item (or ``side = "user"``: user) table's id column (``items_key``)
+    found by a usual item name where the schema names none and the table has no column of the
+    log's item column's name (MIND's ``news_id`` beside the items an impressions column lists);
+    where the log (of columns ``header``) has that column too and the caller named no item
+    column, it is the log's item (Amazon 2023's reviews carry ``asin`` and ``parent_asin``; its
+    metadata lists parents). The note."""
+    file, key, role = getattr(schema, f"{side}s_file"), f"{side}s_key", f"{side}_col"
+    if not file or getattr(schema, key):
         return schema, []
-    table = column_names(schema.items_file)
-    if schema.item_col in table:
+    table = column_names(file)
+    if getattr(schema, role) in table:
         return schema, []
-    found = usual_name(table, "item_col")
+    found = usual_name(table, role)
     if found is None:
         return schema, []
-    if found in header and "item_col" not in given:
-        note = (f"item_col = {found!r}: the item table lists its items by {found!r}, a column of the log too "
-                f"(not {schema.item_col!r})")
-        schema = replace(schema, item_col=found)
+    if found in header and role not in given:
+        note = (f"{role} = {found!r}: the {side} table lists its {side}s by {found!r}, a column of the log too "
+                f"(not {getattr(schema, role)!r})")
+        schema = replace(schema, **{role: found})
     else:
-        note = (f"items_key = {found!r}: the item table has no {schema.item_col!r} column; {found!r} is a "
-                "usual name for the item")
-        schema = replace(schema, items_key=found)
+        note = (f"{key} = {found!r}: the {side} table has no {getattr(schema, role)!r} column; {found!r} is a "
+                f"usual name for the {side}")
+        schema = replace(schema, **{key: found})
     log.warning("reading %s", note)
     return schema, [note]
 

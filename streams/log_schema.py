@@ -69,7 +69,8 @@ class ColumnSpec:
 
 
 _TOP_KEYS = ("user_col", "item_col", "label_col", "time_col", "time_format", "truth_col", "impressions_col",
-             "skip_empty_ids", "positive_threshold", "positive_values", "negatives", "negative_sampling", "recent_items", "items_file", "items_key")
+             "skip_empty_ids", "positive_threshold", "positive_values", "negatives", "negative_sampling",
+             "recent_items", "items_file", "items_key", "users_file", "users_key")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IMPLICIT_NEGATIVES = 4  # sampled negatives per row of a log without a label column
 IMPLICIT_RECENT_ITEMS = 10  # ... and its recent_items (MovieLens as positives only: AUC 0.843 -> 0.868)
@@ -95,6 +96,8 @@ class LogSchema:
     recent_items: int = 0  # a user-side bag of the user's last N positive items before each request
     items_file: str = ""  # an item attributes table joined onto every row (streams.log_items)
     items_key: str = ""  # its item id column ("": the log's item_col)
+    users_file: str = ""  # a user attributes table joined onto every row (streams.log_items)
+    users_key: str = ""  # its user id column ("": the log's user_col)
     columns: tuple[ColumnSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -184,8 +187,9 @@ class LogSchema:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SchemaError(f"{path}: {exc}") from None
-        if isinstance(data.get("items_file"), str) and data["items_file"]:  # relative to the file
-            data["items_file"] = str((Path(path).parent / data["items_file"]).resolve())
+        for k in ("items_file", "users_file"):
+            if isinstance(data.get(k), str) and data[k]:  # relative to the file
+                data[k] = str((Path(path).parent / data[k]).resolve())
         return cls.from_mapping(data, str(path))
 
     @classmethod
@@ -260,11 +264,11 @@ class LogSchema:
             elif k == "time_format" and not v:
                 if self.time_col:
                     out.append('# time_format = "%m/%d/%Y %H:%M"    # strptime codes (default: epoch s or ms, or ISO-8601)')
-            elif k in ("items_file", "items_key", "positive_values", "impressions_col"):
+            elif k in ("items_file", "items_key", "users_file", "users_key", "positive_values", "impressions_col"):
                 if k == "positive_values" and v:
                     out.append(f"{k} = [{', '.join(_toml_value(x) for x in v)}]")
                 elif v:  # written absolute: the demo's processes read the schema from elsewhere
-                    out.append(f"{k} = {_toml_value(str(Path(v).resolve()) if k == 'items_file' else v)}")
+                    out.append(f"{k} = {_toml_value(str(Path(v).resolve()) if k.endswith('_file') else v)}")
             elif v is None:
                 if not self.implicit:
                     out.append(f"# {k} = 4.0    # label = value >= threshold (default: label is 0/1)")

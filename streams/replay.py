@@ -57,6 +57,11 @@ class ReplayConfig:
                 "item id; its other columns become item features (default: the schema's items_file)"})
     item_table_key: str = field(default="", metadata={
         "help": "the item table's id column (default: the schema's, else the log's item column)"})
+    user_table: str = field(default="", metadata={
+        "help": "user attributes table joined onto every row by user id; its other columns become "
+                "user features (default: the schema's users_file)"})
+    user_table_key: str = field(default="", metadata={
+        "help": "the user table's id column (default: the schema's, else the log's user column)"})
     negatives: int = field(default=0, metadata={"help": "sampled negatives per positive row, for a log of positives only (purchases, plays); default: the schema's, 4 for a log without a label column"})
     on_bad_row: str = field(default="error", metadata={
         "help": "a bad row (cell count, label, time, empty id): 'error' stops before anything is "
@@ -74,6 +79,7 @@ class ReplayConfig:
                                   ("label_col", self.label_col), ("time_col", self.time_col),
                                   ("time_format", self.time_format),
                                   ("items_file", self.item_table), ("items_key", self.item_table_key),
+                                  ("users_file", self.user_table), ("users_key", self.user_table_key),
                                   ("negatives", self.negatives)) if v}
 
 

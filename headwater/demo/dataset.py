@@ -76,7 +76,8 @@ class DatasetPlan:
 
 
 def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_window: int,
-                    data_dir: Path, item_table: Path | None = None, negatives: int = 0) -> DatasetPlan:
+                    data_dir: Path, item_table: Path | None = None, negatives: int = 0,
+                    user_table: Path | None = None) -> DatasetPlan:
     """One pass over the log: its schema (``schema``'s, inference for the columns it omits),
     saved under ``data_dir`` for every reader, and its row counts; see the module docstring.
 
@@ -98,6 +99,8 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     overrides = LogSchema.from_toml(schema) if schema is not None else None
     if item_table is not None:  # the flag wins over the schema file's items_file
         overrides = replace(overrides or LogSchema(), items_file=str(Path(item_table).resolve()))
+    if user_table is not None:
+        overrides = replace(overrides or LogSchema(), users_file=str(Path(user_table).resolve()))
     sch, stats = infer_schema(path, overrides, negatives=negatives or None)
     if stats.bad_rows and on_bad_row == "error":
         raise SchemaError(f"{path}: {stats.bad_rows} bad rows ({'; '.join(stats.bad_examples)}); "

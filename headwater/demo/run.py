@@ -61,6 +61,9 @@ class DemoConfig:
     item_table: Path | None = field(default=None, metadata={
         "help": "with --dataset: an item attributes table joined onto the log by item id (any log "
                 "format; default: the schema's items_file)"})
+    user_table: Path | None = field(default=None, metadata={
+        "help": "with --dataset: a user attributes table joined onto the log by user id (any log "
+                "format; default: the schema's users_file)"})
     negatives: int = field(default=0, metadata={"help": "with --dataset: sampled negatives per positive row, for a log of positives only (purchases, plays); default: the schema's, 4 for a log without a label column"})
     on_bad_row: str = field(default="dead-letter", metadata={
         "help": "with --dataset: a bad row is an error (error) or goes to the dead-letter topic "
@@ -251,7 +254,7 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     """
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     dataset = prepare_dataset(cfg.dataset, cfg.schema, cfg.on_bad_row, cfg.eval_window,
-                              cfg.data_dir, cfg.item_table, cfg.negatives) if cfg.dataset is not None else None
+                              cfg.data_dir, cfg.item_table, cfg.negatives, cfg.user_table) if cfg.dataset is not None else None
     broker = None
     bootstrap = cfg.bootstrap_servers
     if not bootstrap:

@@ -124,3 +124,30 @@ def test_an_item_table_column_the_log_has_too_is_read_as_item_dot_name(tmp_path)
     assert schema.column("item.title").side == "item" and schema.column("title").side == "user"
     enc = encode_log(log, schema)
     assert len(enc) == 60 and "store" in enc.sparse
+
+
+def test_a_user_table_joins_user_attributes_by_user_id(tmp_path):
+    """H&M's transactions beside its customers.csv: the customer's age and status are user features."""
+    log = tmp_path / "transactions_train.csv"
+    log.write_text("t_dat,customer_id,article_id,price\n" + "".join(
+        f"2020-09-{1 + i // 40:02d},c{i % 23},{100 + i % 31},0.0{i % 9 + 1}\n" for i in range(400)))
+    customers = tmp_path / "customers.csv"
+    customers.write_text("customer_id,age,club_member_status,price\n" + "".join(
+        f"c{i},{20 + i},{'ACTIVE' if i % 3 else 'PRE-CREATE'},{i}\n" for i in range(20)))  # c20..c22 unlisted
+    schema, stats = infer_schema(log, LogSchema(users_file=str(customers)))
+    assert schema.user_col == "customer_id" and schema.users_file == str(customers)
+    assert schema.column("age").side == "user" and schema.column("club_member_status").side == "user"
+    assert schema.column("user.price") is not None  # the log has a price too
+    assert any(n.startswith("users_file: 51 of the 400 rows") for n in stats.notes)
+    enc = encode_log(log, schema)
+    assert "club_member_status" in enc.sparse and (enc.label == 1).sum() == 400
+    # A customer's status is the same on each of its rows, and differs between ACTIVE and PRE-CREATE ones.
+    status = enc.sparse["club_member_status"]
+    first = {}
+    for row, user in enumerate(enc.user_id.tolist()):
+        first.setdefault(user, status.values[status.offsets[row]])
+        assert status.values[status.offsets[row]] == first[user]
+    assert len(set(first.values())) == 3  # ACTIVE, PRE-CREATE, and the unlisted customers' empty cell
+    toml = tmp_path / "s.toml"
+    toml.write_text(schema.to_toml())
+    assert LogSchema.from_toml(toml) == schema
