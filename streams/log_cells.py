@@ -151,14 +151,16 @@ def parse_labels(arr: pa.Array, threshold: float | None,
 
 # Formats :func:`time_format_of` tries on a time column that is neither epoch numbers nor ISO-8601:
 # US month first (MIND's ``11/9/2019 12:00:27 AM``, UCI Online Retail's ``12/1/2009 7:45``),
-# day first (``24/11/2019``, ``24.11.2019 18:30``), and calendar numbers (``20220408``, Avazu's
-# hour ``14102100``). Month first is tried first: a column whose every day is 12 or less reads
+# day first (``24/11/2019``, ``24.11.2019 18:30``), calendar numbers (``20220408``, Avazu's
+# hour ``14102100``), and with month names (``Tue Apr 03 18:00:09 +0000 2012``, ``01-Jan-1995``). Month first is tried first: a column whose every day is 12 or less reads
 # both ways, and US exports are the more common.
 _CLOCKS = (" %I:%M:%S %p", " %I:%M %p", " %H:%M:%S", " %H:%M", "")
 TIME_FORMATS = (
     *(f"%m/%d/%Y{c}" for c in _CLOCKS), *(f"%d/%m/%Y{c}" for c in _CLOCKS),
     *(f"%d.%m.%Y{c}" for c in _CLOCKS[2:]), *(f"%d-%m-%Y{c}" for c in _CLOCKS[2:]),
     *(f"%m/%d/%y{c}" for c in _CLOCKS), "%Y%m%d%H%M%S", "%Y%m%d%H%M", "%Y%m%d", "%y%m%d%H",
+    "%a %b %d %H:%M:%S %z %Y", "%a, %d %b %Y %H:%M:%S %z",  # Twitter's and Foursquare's; e-mail's
+    "%d-%b-%Y", "%d %b %Y", "%b %d, %Y", "%m %d, %Y",  # MovieLens' 01-Jan-1995; Amazon's "09 13, 2009"
 )
 MONTH_DAY = "%m%d"  # a month and day with no year (Tmall's 0829): read in 2000
 SINCE_1990_MS = 631_152_000_000  # 1990-01-01 in epoch ms: a log's times are after it
