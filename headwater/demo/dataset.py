@@ -46,6 +46,7 @@ class DatasetPlan:
     schema_path: Path  # given with --schema, or inferred and saved under the data directory
     on_bad_row: str  # "error" | "dead-letter"
     rows: int  # data rows in the file, bad ones (cell count, label, time, empty id) included
+    skipped_rows: int  # rows without a user or item, not sent (the schema's skip_empty_ids)
     dense_dim: int  # width of an impression's dense features (the joiner checks it)
     eval_window: int  # examples per trainer AUC window
     crosses: tuple[str, ...] = ()  # crossed slots the trainer learns (user x item-side slots)
@@ -112,7 +113,7 @@ def prepare_dataset(path: Path, schema: Path | None, on_bad_row: str, eval_windo
     log.info("%s: %d rows (%d bad), schema in %s", path, stats.rows, stats.bad_rows, schema_path)
     model = TrainerConfig().for_log(sch)
     users, items = log_entities(path, sch)
-    return DatasetPlan(path, schema_path, on_bad_row, stats.rows, len(sch.dense_names()),
+    return DatasetPlan(path, schema_path, on_bad_row, stats.rows, stats.skipped_rows, len(sch.dense_names()),
                        eval_window or max(1, examples // 10), model.crosses, model.pooling,
                        model.slot_pooling, sch.recent_items, users=users, items=items)
 
@@ -169,6 +170,7 @@ def dataset_summary(plan: DatasetPlan, last: dict, dead_letters: int | None, dra
         **({"examples": examples} if examples is not None else {}),  # else the joiner's count
         "dataset": str(plan.path),
         "rows": plan.rows,
+        "skipped_rows": plan.skipped_rows,
         "drained": drained,
         "dead_letters": dead_letters,
         "auc_overall": _number(last.get("auc_overall")),
