@@ -152,7 +152,8 @@ def parse_labels(arr: pa.Array, threshold: float | None,
 # Formats :func:`time_format_of` tries on a time column that is neither epoch numbers nor ISO-8601:
 # US month first (MIND's ``11/9/2019 12:00:27 AM``, UCI Online Retail's ``12/1/2009 7:45``),
 # day first (``24/11/2019``, ``24.11.2019 18:30``), calendar numbers (``20220408``, Avazu's
-# hour ``14102100``), and with month names (``Tue Apr 03 18:00:09 +0000 2012``, ``01-Jan-1995``). Month first is tried first: a column whose every day is 12 or less reads
+# hour ``14102100``), and with month names (``Tue Apr 03 18:00:09 +0000 2012``, ``01-Jan-1995``).
+# Month first is tried first: a column whose every day is 12 or less reads
 # both ways, and US exports are the more common.
 _CLOCKS = (" %I:%M:%S %p", " %I:%M %p", " %H:%M:%S", " %H:%M", "")
 TIME_FORMATS = (

@@ -264,7 +264,8 @@ def _infer(path: str | Path, base: LogSchema, chunk_rows: int, distinct_cap: int
     for table, (joined, unmatched) in zip(tables, joined_before):
         joined, unmatched = table.joined - joined, table.unmatched - unmatched
         if unmatched:
-            stats.notes.append(f"{table.side}s_file: {unmatched} of the {joined} rows ({unmatched / max(joined, 1):.1%}) "
+            stats.notes.append(f"{table.side}s_file: {unmatched} of the {joined} rows "
+                               f"({unmatched / max(joined, 1):.1%}) "
                                f"name {'an' if table.side == 'item' else 'a'} {table.side} {Path(table.path).name} "
                                f"does not list (their {table.side} columns read empty)")
     if labels and set(labels) - {"0", "1"}:

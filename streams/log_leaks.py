@@ -9,8 +9,9 @@ with a note saying why (a column the schema file describes is kept as it says):
 - **one more id of the item** (an item-side categorical with a value per item: an image URL, a
   second code): it says nothing the item id does not, and is crossed with the user by default;
 - **a row's own id** (a user-side categorical whose values almost never repeat, counted once
-  per request: a review's id or text, a per-row UUID, a time written as a string, a page's id): nothing learned from one row carries to
-  another, and each value would take a row of the embedding table;
+  per request: a review's id or text, a per-row UUID, a time written as a string, a page's id):
+  nothing learned from one row carries to another, and each value would take a row of the
+  embedding table;
 - **an outcome** (a log with labels): a column named for an engagement (KuaiRand's
   ``is_follow``, Tenrec's ``share`` beside its ``click``), or a user-side cell value on a good
   share of the rows that comes only with positives, or only with negatives (Goodreads' ``is_read = 0`` beside every

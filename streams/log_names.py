@@ -85,13 +85,15 @@ _ONES = frozenset(("1", "1.0", *TRUE_CELLS))
 _BINARY = _ONES | {"0", "0.0", *FALSE_CELLS}
 POSITIVE_WORDS = frozenset((
     "click", "clicked", "purchase", "purchased", "buy", "bought", "transaction", "order", "ordered",
-    "checkout", "addtocart", "cart", "add", "added", "like", "liked", "favorite", "favourite", "fav", "play", "played",
+    "checkout", "addtocart", "cart", "add", "added", "like", "liked", "favorite", "favourite", "fav", "play",
+    "played",
     "watch", "watched", "listen", "listened", "share", "shared", "convert", "converted", "conversion",
     "download", "downloaded", "subscribe", "subscribed", "save", "saved", "yes", "positive", "pos"))
 EXPOSURE_WORDS = frozenset((
     "view", "viewed", "pageview", "pv", "imp", "impression", "impressions", "show", "shown", "display", "displayed",
     "expose", "exposure", "skip", "skipped", "dislike", "disliked", "ignore", "ignored", "no", "negative",
-    "neg", "none", "detail", "browse", "search", "searched", "removefromcart", "removefromwishlist", "remove", "removed", "unlike",
+    "neg", "none", "detail", "browse", "search", "searched", "removefromcart", "removefromwishlist", "remove",
+    "removed", "unlike",
     "unfavorite", "unfavourite", "unsubscribe", "unsubscribed", "return", "returned", "refund", "hide", "hidden"))
 
 

@@ -263,7 +263,8 @@ class LogSchema:
                            "(a guest's, a page view) is skipped and counted, not a bad row")
             elif k == "time_format" and not v:
                 if self.time_col:
-                    out.append('# time_format = "%m/%d/%Y %H:%M"    # strptime codes (default: epoch s or ms, or ISO-8601)')
+                    out.append('# time_format = "%m/%d/%Y %H:%M"    '
+                               '# strptime codes (default: epoch s or ms, or ISO-8601)')
             elif k in ("items_file", "items_key", "users_file", "users_key", "positive_values", "impressions_col"):
                 if k == "positive_values" and v:
                     out.append(f"{k} = [{', '.join(_toml_value(x) for x in v)}]")

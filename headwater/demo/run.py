@@ -254,7 +254,8 @@ def run_demo(cfg: DemoConfig, stop: threading.Event, on_sample=None) -> dict:
     """
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     dataset = prepare_dataset(cfg.dataset, cfg.schema, cfg.on_bad_row, cfg.eval_window,
-                              cfg.data_dir, cfg.item_table, cfg.negatives, cfg.user_table) if cfg.dataset is not None else None
+                              cfg.data_dir, cfg.item_table, cfg.negatives,
+                              cfg.user_table) if cfg.dataset is not None else None
     broker = None
     bootstrap = cfg.bootstrap_servers
     if not bootstrap:
