@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from streams.log_cells import (FALSE_CELLS, MONTH_DAY, SINCE_1990_MS, TRUE_CELLS, one_chunk, parse_floats, parse_times,
                                time_format_of)
 from streams.log_schema import IMPLICIT_NEGATIVES, IMPLICIT_RECENT_ITEMS, ColumnSpec, LogSchema
-from streams.log_source import column_names, read_chunks
+from streams.log_source import HEADERLESS_PREFIX, column_names, read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,21 @@ def guess_table_key(schema: LogSchema, header: list[str], given: Mapping[str, An
                     side: str = "item") -> tuple[LogSchema, list[str]]:
     """``schema`` with its item (or ``side = "user"``: user) table's id column (``items_key``)
     found by a usual item name where the schema names none and the table has no column of the
-    log's item column's name (MIND's ``news_id`` beside the items an impressions column lists);
-    where the log (of columns ``header``) has that column too and the caller named no item
-    column, it is the log's item (Amazon 2023's reviews carry ``asin`` and ``parent_asin``; its
-    metadata lists parents). The note."""
+    log's item column's name (MIND's ``news_id`` beside the items an impressions column lists),
+    or its first column where it has no header line (MovieLens 100K's ``u.item``); where the log
+    (of columns ``header``) has that column too and the caller named no item column, it is the
+    log's item (Amazon 2023's reviews carry ``asin`` and ``parent_asin``; its metadata lists
+    parents). The note."""
     file, key, role = getattr(schema, f"{side}s_file"), f"{side}s_key", f"{side}_col"
     if not file or getattr(schema, key):
         return schema, []
     table = column_names(file)
+    if table and all(c.startswith(HEADERLESS_PREFIX) for c in table):  # MovieLens 100K's u.item: ids first
+        if getattr(schema, role) == table[0]:
+            return schema, []
+        note = f"{key} = {table[0]!r}: the {side} table has no header line; its first column is the {side}"
+        log.warning("reading %s", note)
+        return replace(schema, **{key: table[0]}), [note]
     if getattr(schema, role) in table:
         return schema, []
     found = usual_name(table, role)

@@ -34,9 +34,10 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from streams.log_formats import (csv_block_size, csv_delimiter, csv_encoding, data_files, is_directory_log,
-                                 is_json_lines, is_parquet, parquet_parts, text_encoding)
-from streams.log_cells import NUMBER, one_chunk, parse_floats, parse_labels, parse_times
+from streams.log_formats import (DOUBLE_COLON, csv_block_size, csv_delimiter, csv_encoding, csv_source, data_files,
+                                 is_data_row, is_directory_log, is_json_lines, is_parquet, parquet_parts,
+                                 text_encoding)
+from streams.log_cells import one_chunk, parse_floats, parse_labels, parse_times
 from streams.log_jsonl import NEST_DEPTH, cell_string, json_lines_chunks, json_lines_columns, rows_key
 from streams.log_schema import LogSchema, entity_ids
 from streams.wire import SchemaError
@@ -68,7 +69,6 @@ class RawChunk:
 
 HEADERLESS_PREFIX = "column_"  # the names of a headerless CSV's columns: column_1, column_2, ...
 
-
 # Cells that mean "no value": pyarrow's defaults (NULL, NA, N/A, NaN, null, ...) and MySQL's and
 # Hive's \N, as their exports write a NULL.
 NULL_CELLS = [*pa_csv.ConvertOptions().null_values, "\\N"]
@@ -91,7 +91,7 @@ def column_names(path: str | Path) -> list[str]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise SchemaError(f"{path}: {exc}") from None
     header = _first_row(path)
-    if _is_data(header):
+    if is_data_row(path, header):
         return [f"{HEADERLESS_PREFIX}{i + 1}" for i in range(len(header))]
     if len(set(header)) != len(header):
         raise SchemaError(f"{path}: duplicate column names in the header {header}")
@@ -102,7 +102,9 @@ def _first_row(path: str | Path) -> list[str]:
     try:
         with pa.input_stream(str(path), compression="detect") as raw:
             text = io.TextIOWrapper(raw, encoding=text_encoding(path), newline="")
-            row = next(csv.reader(text, delimiter=csv_delimiter(path)), None)
+            delimiter = csv_delimiter(path)
+            lines = (line.replace("::", DOUBLE_COLON) for line in text) if delimiter == DOUBLE_COLON else text
+            row = next(csv.reader(lines, delimiter=delimiter), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SchemaError(f"{path}: cannot read the header: {exc}") from None
     if not row:
@@ -110,25 +112,9 @@ def _first_row(path: str | Path) -> list[str]:
     return row
 
 
-_NUMBER_CELL = re.compile(NUMBER)
-_HASH_CELL = re.compile(r"(?=.*\d)[0-9a-f]{8,}")  # a hashed value; no column's name
-# A header cell is never a date: year first (2019-11-24T10:00), or month or day first (11/9/2019 12:00 AM).
-_DATE_CELL = re.compile(r"(\d{4}[-/]\d{2}[-/]\d{2}|\d{1,2}[/.]\d{1,2}[/.]\d{2}(\d{2})?)([ T].*)?")
-
-
 def csv_has_header(path: str | Path) -> bool:
-    """Whether a CSV's first line names its columns (:func:`_is_data`)."""
-    return not _is_data(_first_row(path))
-
-
-def _is_data(row: list[str]) -> bool:
-    """A first line that is a row, not a header: half of its cells numbers or hashes (MovieLens'
-    ``u.data``, Taobao's ``UserBehavior.csv``, Criteo's ``68fd1e64``) or one a date
-    (``alice,hat,1,2019-11-24T10:00:00Z``)."""
-    cells = [c.strip() for c in row]
-    if any(_DATE_CELL.fullmatch(c) for c in cells):
-        return True
-    return 2 * sum(bool(_NUMBER_CELL.fullmatch(c) or _HASH_CELL.fullmatch(c)) for c in cells) >= len(cells)
+    """Whether a CSV's first line names its columns (:func:`streams.log_formats.is_data_row`)."""
+    return not is_data_row(path, _first_row(path))
 
 
 def check_columns(path: str | Path, schema: LogSchema, header: list[str] | None = None) -> list[str]:
@@ -224,7 +210,7 @@ def _csv_chunks(path: str | Path, chunk_rows: int) -> Iterator[RawChunk]:
     first = 2 if csv_has_header(path) else 1  # the line of the first record
     try:
         reader = pa_csv.open_csv(
-            str(path),
+            csv_source(path),
             read_options=pa_csv.ReadOptions(use_threads=False, block_size=csv_block_size(path, chunk_rows),
                                             encoding=csv_encoding(path),
                                             column_names=None if first == 2 else names),

@@ -151,3 +151,30 @@ def test_a_user_table_joins_user_attributes_by_user_id(tmp_path):
     toml = tmp_path / "s.toml"
     toml.write_text(schema.to_toml())
     assert LogSchema.from_toml(toml) == schema
+
+
+def test_movielens_1m_and_100k_attribute_tables_without_header_lines(tmp_path):
+    """ML-1M's movies.dat ("::", a title's own colon kept) and users.dat; ML-100K's pipe-separated
+    u.item: keyed by their first column, joined onto a headerless log."""
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("".join(f"{1 + i % 9}::{1 + i % 6}::{1 + i % 5}::{978300000 + i}\n" for i in range(240)))
+    movies = tmp_path / "movies.dat"
+    genres = ["Action|Sci-Fi", "Comedy", "Drama|Comedy"]
+    movies.write_bytes("".join(f"{m}::Star Wars: Episode {m} (197{m})::{genres[m % 3]}\n" for m in range(1, 7))
+                       .replace("Episode 3", "Caf\u00e9 3").encode("latin-1"))
+    users = tmp_path / "users.dat"
+    users.write_text("".join(f"{u}::{'MF'[u % 2]}::{18 + u}::{u % 4}::0{u}000\n" for u in range(1, 10)))
+    schema, stats = infer_schema(ratings, LogSchema(items_file=str(movies), users_file=str(users)))
+    assert (schema.user_col, schema.item_col) == ("column_1", "column_2") and schema.items_key == "column_1"
+    assert schema.column("item.column_3").kind == "multi"  # the genres
+    assert schema.column("user.column_2").side == "user" and stats.bad_rows == 0
+    enc = encode_log(ratings, schema)
+    assert len(enc) == 240 and "item.column_3" in enc.sparse
+    u_item = tmp_path / "u.item"
+    u_item.write_text("".join(f"{m}|Movie {m} (1995)|01-Jan-1995||http://imdb/{m}|{m % 2}|{1 - m % 2}\n"
+                              for m in range(1, 7)))
+    u_data = tmp_path / "u.data"
+    u_data.write_text("".join(f"{1 + i % 9}\t{1 + i % 6}\t{1 + i % 5}\t{881250949 + i}\n" for i in range(240)))
+    schema, _ = infer_schema(u_data, LogSchema(items_file=str(u_item)))
+    assert schema.items_key == "column_1" and schema.column("column_6").side == "item"
+    assert len(encode_log(u_data, schema)) == 240

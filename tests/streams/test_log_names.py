@@ -217,7 +217,7 @@ def test_movielens_1m_ratings_dat_with_its_double_colons(tmp_path):
             "2::2355::2::978824291", "3::1193::4::978300761"]
     path = _write(tmp_path, "ratings.dat", "\n".join(rows) + "\n")
     schema = schema_for(path)
-    assert _roles(schema) == ("column_1", "column_3", "column_5", "column_7")
+    assert _roles(schema) == ("column_1", "column_2", "column_3", "column_4")  # "::" is one delimiter
     assert schema.positive_threshold == 4.0
     enc = encode_log(path, schema)
     assert not enc.bad_rows and sorted(zip(enc.source_line.tolist(), enc.item_id.tolist(), enc.label.tolist())) == [
