@@ -105,6 +105,7 @@ class StreamResult:
     positives_rate: float
     evaluator: PrequentialEvaluator  # the learner's, with its eval_window windows
     gauc_requests: int = 0  # requests holding a positive and a negative: what gauc averages over
+    unscored_first_sightings: int = 0  # rows trained on, not scored: an item's first row (run_stream)
 
     @property
     def examples_per_s(self) -> float:
@@ -118,7 +119,7 @@ class StreamResult:
                "baseline_examples_per_s": {k: round(self.examples / s, 1) if s > 0 else None
                                            for k, s in self.baseline_seconds.items()},
                "positives_rate": round(self.positives_rate, 5), "seconds": round(self.seconds, 2),
-               "gauc_requests": self.gauc_requests}
+               "gauc_requests": self.gauc_requests, "unscored_first_sightings": self.unscored_first_sightings}
         if self.truth is not None:
             out["auc_truth_overall"] = self.truth.to_dict()["auc_overall"]
             out["auc_truth_last_window"] = self.truth.to_dict()["auc_last_window"]
@@ -153,18 +154,23 @@ def _rebatch(batches: Iterable[ExampleBatch], size: int, warmup_rows: int = 0) -
 
 def run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
                baselines: Sequence["OnlineBaseline"] = (),
-               on_batch: Callable[[ExampleBatch], None] | None = None) -> StreamResult:
+               on_batch: Callable[[ExampleBatch], None] | None = None,
+               score_first_sightings: bool = True) -> StreamResult:
     """Feeds every example of ``batches`` once, in order, to a fresh learner and ``baselines``.
 
     Duplicate example ids are dropped here, once, before any model sees the batch (the
     learner's own de-dup then finds nothing to drop), so every model is scored on exactly the
-    same rows. ``on_batch`` is called with each source batch as it is read (progress).
+    same rows. ``on_batch`` is called with each source batch as it is read (progress). Without
+    ``score_first_sightings`` (a log of positives only, its negatives sampled among the items
+    seen before), a row whose item was never seen before is trained on but not scored, by any
+    model: such a row can only be a positive, so "a new item is a positive" would count as
+    learning (0.74 AUC on a log of random users and items, whose truth is 0.5).
     """
     threads = torch.get_num_threads()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        return _run_stream(batches, cfg, baselines, on_batch)
+        return _run_stream(batches, cfg, baselines, on_batch, score_first_sightings)
     finally:
         torch.set_num_threads(threads)
 
@@ -177,9 +183,19 @@ def _tap(batches: Iterable[ExampleBatch], fn: Callable[[ExampleBatch], None] | N
         yield b
 
 
+def _first_sightings(items: np.ndarray, seen: set[int]) -> np.ndarray:
+    """bool per row: its item's first row in the stream (``seen``: items of earlier rows, updated)."""
+    _, first = np.unique(items, return_index=True)
+    new = np.zeros(len(items), bool)
+    new[first] = [int(i) not in seen for i in items[first].tolist()]
+    seen.update(items[first].tolist())
+    return new
+
+
 def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
                 baselines: Sequence["OnlineBaseline"],
-                on_batch: Callable[[ExampleBatch], None] | None) -> StreamResult:
+                on_batch: Callable[[ExampleBatch], None] | None,
+                score_first_sightings: bool = True) -> StreamResult:
     t0 = time.perf_counter()
     seen = SeenFilter(cfg.dedup_capacity, generations=2)
     learner: Learner | None = None
@@ -188,6 +204,8 @@ def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
     weights: list[np.ndarray] = []
     truth: list[np.ndarray] = []
     request: list[np.ndarray] = []  # (user, event time) of each row: its request
+    first_sighting: list[np.ndarray] = []  # rows whose item no earlier row had
+    items_seen: set[int] = set()
     scores: dict[str, list[np.ndarray]] = {b.name: [] for b in baselines}
     spent = {b.name: 0.0 for b in baselines}
     learner_s = 0.0
@@ -216,18 +234,27 @@ def _run_stream(batches: Iterable[ExampleBatch], cfg: TrainerConfig,
         labels.append(np.asarray(batch.label, np.float32))
         weights.append(1.0 / np.clip(np.asarray(batch.sample_rate, np.float64), 1e-6, None))
         truth.append(np.asarray(batch.truth_p, np.float32))
+        first_sighting.append(_first_sightings(np.asarray(batch.item_id, np.int64), items_seen))
         request.append(np.stack([np.asarray(batch.user_id, np.int64), np.asarray(batch.event_time_ms, np.int64)], 1))
     if learner is None:
         raise ValueError("the stream held no examples")
     y, w, tp = np.concatenate(labels), np.concatenate(weights), np.concatenate(truth)
     req = np.unique(np.concatenate(request), axis=0, return_inverse=True)[1].reshape(-1)
-    truth_m = (metrics_of(_logit(tp), y, w, requests=req) if len(tp) and not np.isnan(tp).any() else None)
+    unscored = np.concatenate(first_sighting) if not score_first_sightings else np.zeros(len(y), bool)
+    on = ~unscored  # the rows every model is measured on
+
+    def measured(logits: np.ndarray) -> Metrics:
+        return metrics_of(logits[on], y[on], w[on], requests=req[on])
+
+    truth_m = measured(_logit(tp)) if len(tp) and not np.isnan(tp).any() else None
     return StreamResult(
-        examples=len(y), learner=metrics_of(np.concatenate(recorder.logits), y, w, requests=req), truth=truth_m,
-        baselines={k: metrics_of(np.concatenate(v), y, w, requests=req) for k, v in scores.items()},
+        examples=len(y), learner=measured(np.concatenate(recorder.logits)), truth=truth_m,
+        baselines={k: measured(np.concatenate(v)) for k, v in scores.items()},
         learner_seconds=learner_s, baseline_seconds=spent, seconds=time.perf_counter() - t0,
         positives_rate=float((w * y).sum() / w.sum()), evaluator=recorder,
-        gauc_requests=int(((np.bincount(req, weights=y) > 0) & (np.bincount(req, weights=1 - y) > 0)).sum()))
+        gauc_requests=int(((np.bincount(req[on], weights=y[on]) > 0)
+                           & (np.bincount(req[on], weights=1 - y[on]) > 0)).sum()),
+        unscored_first_sightings=int(unscored.sum()))
 
 
 def run_log(log: "EncodedLog", source: str, cfg: TrainerConfig,
@@ -235,7 +262,8 @@ def run_log(log: "EncodedLog", source: str, cfg: TrainerConfig,
             on_progress: Callable[[int], None] | None = None) -> StreamResult:
     """Every row of an encoded log, in event-time order, through :func:`run_stream`, as the
     examples the joiner would build from it (:func:`streams.log_reader.log_examples`);
-    ``on_progress`` gets the rows read so far."""
+    ``on_progress`` gets the rows read so far. A log of positives only is scored without its
+    items' first rows (:func:`run_stream`)."""
     from streams.log_reader import log_examples
 
     read = 0
@@ -246,7 +274,8 @@ def run_log(log: "EncodedLog", source: str, cfg: TrainerConfig,
         if on_progress is not None:
             on_progress(read)
 
-    return run_stream(log_examples(log, source, cfg.batch_size), cfg, baselines, count)
+    return run_stream(log_examples(log, source, cfg.batch_size), cfg, baselines, count,
+                      score_first_sightings=not log.schema.implicit)
 
 
 @dataclass

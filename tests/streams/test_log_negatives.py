@@ -158,3 +158,25 @@ def test_recent_items_are_the_users_last_positives_strictly_before_each_request(
     imp, _ = next(iter(log_requests(implicit, "plays")))
     assert "recent_items" in imp.user_sparse
     assert "recent_items" in next(iter(log_examples(implicit, "plays"))).sparse
+
+
+def test_a_log_of_random_users_and_items_scores_an_item_first_row_nowhere(tmp_path):
+    """An item's first row can only be a positive (negatives are drawn among items seen before):
+    scored, "a new item is a positive" reads as learning on a log with nothing to learn."""
+    from training.config import TrainerConfig
+    from training.prequential import run_log
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "noise.csv"
+    path.write_text("user_id,item_id,ts\n" + "".join(
+        f"{u},{i},{1_600_000_000 + 60 * t}\n" for t, (u, i) in enumerate(zip(rng.integers(0, 800, 6000),
+                                                                            rng.integers(0, 3000, 6000)))))
+    log = encode_log(path, infer_schema(path)[0])
+    fair = run_log(log, "noise", TrainerConfig())
+    assert fair.unscored_first_sightings > 1000 and fair.to_dict()["unscored_first_sightings"] > 1000
+    assert abs(fair.learner.gauc - 0.5) < 0.05
+    from streams.log_reader import log_examples
+    from training.prequential import run_stream
+
+    naive = run_stream(log_examples(log, "noise", 1024), TrainerConfig())  # every row scored
+    assert naive.learner.auc_overall > fair.learner.auc_overall + 0.05
