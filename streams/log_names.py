@@ -290,6 +290,18 @@ def guess_time_format(path: str | Path, schema: LogSchema) -> tuple[LogSchema, l
     return replace(schema, time_format=fmt), [note]
 
 
+COUNT_VALUES = 10  # a label of whole numbers from 1, 1 the most common, with more values is a count
+
+
+def _counts(counts: Counter[str]) -> bool:
+    """Cells that count (the Million Song Dataset's and Last.fm's plays): whole numbers from 1, 1
+    the most common, more than :data:`COUNT_VALUES` values (a rating scale has fewer)."""
+    if len(counts) <= COUNT_VALUES or not all(c.isdigit() for c in counts):
+        return False
+    values = {int(c): n for c, n in counts.items()}
+    return min(values) == 1 and max(values, key=values.get) == 1
+
+
 def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = False,
                      label_guessed: bool = False) -> tuple[LogSchema, list[str]]:
     """``schema`` with ``positive_threshold`` or ``positive_values`` set from the label's cells
@@ -330,6 +342,11 @@ def guess_label_rule(path: str | Path, schema: LogSchema, label_named: bool = Fa
             columns += (ColumnSpec(schema.label_col, "ignore", "user"),)
     elif label_guessed and not label_named and 2 * empty > rows:
         why = f"{schema.label_col!r} is empty on {empty} of its first {rows} rows, so it is no label"
+    elif not label_named and _counts(counts):
+        why = (f"{schema.label_col!r} counts (whole numbers from 1, 1 the most common, "
+               f"{len(counts)} values): plays or purchases, each row a positive")
+        if schema.label_col not in {c.name for c in columns}:  # a count is known after the fact: no feature
+            columns += (ColumnSpec(schema.label_col, "ignore", "user"),)
     if why is not None:
         negatives, recent = schema.negatives or IMPLICIT_NEGATIVES, schema.recent_items or IMPLICIT_RECENT_ITEMS
         note = (f'label_col = "": {why}; the log holds positives only: each row gets {negatives} sampled '

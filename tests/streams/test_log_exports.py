@@ -167,3 +167,16 @@ def test_item_attributes_named_for_its_interactions_are_outcomes_and_codes_are_c
     assert schema.column("stars").kind == "ignore" and schema.column("review_count").kind == "ignore"
     assert any(n.startswith("stars ignored: its name says it sums up the item's interactions") for n in stats.notes)
     assert schema.column("PRODUCT_SUBCLASS").kind == "categorical"
+
+
+def test_play_counts_in_a_headerless_extract_are_positives_not_a_rating_scale(tmp_path):
+    rng = np.random.default_rng(4)
+    plays = np.minimum(rng.geometric(0.45, 900), 23)  # 1 the most common, a long tail
+    path = tmp_path / "train_triplets.txt"
+    users = [f"{rng.integers(1 << 60):016x}" for _ in range(60)]
+    path.write_text("".join(f"{users[rng.integers(60)]}\tSO{rng.integers(400):06d}\t{p}\n" for p in plays))
+    schema, stats = infer_schema(path)
+    assert schema.implicit and schema.positive_threshold is None
+    plays_spec = schema.column("column_3")
+    assert plays_spec is None or plays_spec.kind == "ignore"  # known after the fact: no feature
+    assert "column_3" not in schema.dense_names() and any("'column_3' counts" in n for n in stats.notes)
