@@ -32,9 +32,11 @@ def guess_headerless(path: str | Path, header: list[str], schema: LogSchema,
     """For a CSV without a header line (every column ``column_N``): the roles the caller did not
     name, from the first :data:`CONTENT_ROWS` rows, by the order such files keep (MovieLens'
     ``u.data``: user, item, rating, time; Taobao's ``UserBehavior.csv``: user, item, category,
-    behaviour, time): the time is the first column of times since 1990 (epoch seconds or ms,
-    ISO-8601); the user and the item the first two other columns with no empty cell (Last.fm's
-    artist id is empty on some rows, its name never); the label the first later
+    behaviour, time): the time is the first column of times from 1990 to 2100 (epoch seconds or
+    ms, ISO-8601, a format :func:`~streams.log_cells.time_format_of` knows); the user and the item
+    the first two other columns with no empty cell (Last.fm's artist id is empty on some rows, its
+    name never), none of fractions, two values or a distinct value per row, and none guessed
+    among more than :data:`HEADERLESS_COLUMNS` columns; the label the first later
     column of at most :data:`SCALE_VALUES` distinct numbers within +-100 (not codes) or of event
     words; a column the caller names for a role (``given``: role -> column, or the schema
     naming one of the header's ``column_N``) is left out. Notes as :func:`guess_reserved`'s."""
@@ -86,10 +88,10 @@ def _is_time(cells: pa.Array) -> bool:
 
 
 def _fractions(cells: pa.Array) -> bool:
-    """Numbers, some with a fraction (-7.82): ratings or measures, no ids."""
+    """Numbers (empty cells aside), some with a fraction (-7.82): ratings or measures, no ids."""
     values, bad = parse_floats(cells)
-    good = ~bad & np.isfinite(values)
-    return bool(good.all() and (values[good] != np.round(values[good])).any())
+    values = values[np.isfinite(values)]
+    return bool(not bad.any() and (values != np.round(values)).any())
 
 
 def _is_label(cells: pa.Array) -> bool:
