@@ -19,7 +19,6 @@ label, and an empty list an empty item: bad rows, with their line, as any other.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streams.log_cells import one_chunk
-from streams.log_names import usual_name
+from streams.log_names import norm_name, usual_name
 from streams.log_schema import LogSchema
 from streams.log_source import RawChunk, read_chunks
 
@@ -78,10 +77,6 @@ def explode(chunk: RawChunk, schema: LogSchema) -> RawChunk:
     return RawChunk(out, chunk.line[parent.to_numpy(zero_copy_only=False)], chunk.invalid)
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 def _labelled_share(cells: pa.Array) -> float:
     """The share of non-empty cells that are lists of ``ITEM-0``/``ITEM-1``; 0 unless most
     hold several (one ``SKU-1`` per cell is an id)."""
@@ -112,7 +107,7 @@ def guess_impressions(path: str | Path, header: list[str], schema: LogSchema,
             break
     item = schema.item_col if schema.item_col in header or "item_col" in given else usual_name(header, "item_col")
     if found is None and item in header and "label_col" not in given and schema.label_col not in header:
-        found = next((c for c in header if _norm(c) in NAMES and c != item), None)
+        found = next((c for c in header if norm_name(c) in NAMES and c != item), None)
         why = f"its name says so, and {item!r} names the item engaged with among them"
         if found is not None and item != schema.item_col:
             why += f" (item_col = {item!r}: a usual name for it)"

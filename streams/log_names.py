@@ -47,7 +47,7 @@ from streams.log_source import HEADERLESS_PREFIX, column_names, read_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROLE_NAMES", "event_kind", "guess_table_key", "guess_label_rule", "guess_reserved", "guess_time_format",
+__all__ = ["ROLE_NAMES", "event_kind", "norm_name", "guess_table_key", "guess_label_rule", "guess_reserved", "guess_time_format",
            "FirstRows", "usual_name", "EXPOSURE_WORDS",
            "POSITIVE_WORDS"]
 
@@ -97,7 +97,8 @@ EXPOSURE_WORDS = frozenset((
     "unfavorite", "unfavourite", "unsubscribe", "unsubscribed", "return", "returned", "refund", "hide", "hidden"))
 
 
-def _norm(name: str) -> str:
+def norm_name(name: str) -> str:
+    """A column name as names are compared: lower case, letters and digits only."""
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
@@ -108,10 +109,10 @@ def _variants(name: str) -> list[str]:
     """A column's name less what exports add to it: a hash or epoch suffix (Coveo's
     ``session_id_hash``, ``server_timestamp_epoch_ms``), a nested object's path
     (``properties.product_id``)."""
-    out = [_DRESS.sub("", _norm(name))]
+    out = [_DRESS.sub("", norm_name(name))]
     if "." in name:
-        out.append(_norm(name.rsplit(".", 1)[1]))
-    return [v for v in out if v and v != _norm(name)]
+        out.append(norm_name(name.rsplit(".", 1)[1]))
+    return [v for v in out if v and v != norm_name(name)]
 
 
 def event_kind(cell: str) -> str | None:
@@ -126,7 +127,7 @@ def event_kind(cell: str) -> str | None:
             if w in EXPOSURE_WORDS:
                 return "exposure"
         return None
-    found = kind(_norm(cell))
+    found = kind(norm_name(cell))
     if found is None:
         words = [w for w in re.split(r"[^a-z0-9]+", cell.lower()) if w]
         found = next((k for k in map(kind, reversed(words)) if k is not None), None) if len(words) > 1 else None
@@ -215,7 +216,7 @@ def _by_name(header: list[str]) -> dict[str, str]:
     """Normalised name -> column: each column's own name, then its :func:`_variants`."""
     by_norm: dict[str, str] = {}
     for col in header:
-        by_norm.setdefault(_norm(col), col)
+        by_norm.setdefault(norm_name(col), col)
     for col in header:  # then as exports dress names: session_id_hash, properties.product_id
         for variant in _variants(col):
             by_norm.setdefault(variant, col)
